@@ -62,3 +62,37 @@ def linear_logprobs_reference(
     return token_logprobs_reference(
         z, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
     )
+
+
+def linear_logprobs_stats_reference(
+    hidden,
+    weight,
+    labels,
+    *,
+    bias=None,
+    temperature=1.0,
+    logit_scale=1.0,
+    softcap=None,
+    ignore_index=-100,
+):
+    """Materialised ``linear_logprobs(..., return_stats=True)``: returns the tuple
+    ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1, lse)`` (TRL's definitions:
+    ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties, ``logsumexp(z)``).
+    Ignored positions give 0 (``False`` for ``is_top1``); ``logp`` and ``entropy`` carry autograd."""
+    cd = _compute_dtype(hidden.dtype)
+    logits = hidden.to(cd) @ weight.to(cd).T
+    if bias is not None:
+        logits = logits + bias.to(cd)
+    z = transform_logits(logits, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    logsm = z - lse.unsqueeze(-1)
+    p = logsm.exp()
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    zero = torch.zeros_like(lse)
+    logp = torch.where(valid, logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), zero)
+    entropy = torch.where(valid, -(p * logsm).sum(-1), zero)
+    log_sum_sq_probs = torch.where(valid, (p * p).sum(-1).log(), zero).detach()
+    mean_logit = torch.where(valid, z.mean(-1), zero).detach()
+    is_top1 = (z.argmax(-1) == safe) & valid
+    return logp, entropy, log_sum_sq_probs, mean_logit, is_top1, torch.where(valid, lse, zero).detach()

@@ -134,3 +134,28 @@ def token_logprobs_bwd_kernel(
         dz += tl.where(cols == label, g_logp, 0.0)
         dlogits = tl.where(is_ignored, 0.0, dz * inv_temperature)
         tl.store(grad_row_ptr + cols, dlogits.to(grad_logits_ptr.dtype.element_ty), mask=in_row)
+
+
+def _compile_cases():
+    """Every (kernel, signature, constexprs, num_warps) the launcher can produce, for the cubin test."""
+    cases = []
+    for dtype in ("fp32", "bf16", "fp16"):
+        rows = dict(V="i32", rows_per_outer="i64", stride_outer="i64", stride_inner="i64",
+                    inv_temperature="fp32", ignore_index="i32")  # fmt: skip
+        for block_v, num_warps in TOKEN_LOGPROBS_CONFIGS:
+            fwd_sig = dict(logits_ptr=f"*{dtype}", labels_ptr="*i64", logp_ptr="*fp32", lse_ptr="*fp32",
+                           entropy_ptr="*fp32", **rows, BLOCK_V="constexpr")  # fmt: skip
+            cases.append(dict(kernel=token_logprobs_fwd_kernel, signature=fwd_sig,
+                              constexprs=dict(BLOCK_V=block_v), num_warps=num_warps))  # fmt: skip
+            for has_logp, has_entropy in ((True, False), (True, True), (False, True)):
+                bwd_sig = dict(logits_ptr=f"*{dtype}", labels_ptr="*i64", lse_ptr="*fp32", entropy_ptr="*fp32",
+                               grad_logp_ptr="*fp32", grad_entropy_ptr="*fp32", grad_logits_ptr=f"*{dtype}",
+                               **rows, HAS_GRAD_LOGP="constexpr", HAS_GRAD_ENTROPY="constexpr",
+                               BLOCK_V="constexpr")  # fmt: skip
+                cases.append(dict(kernel=token_logprobs_bwd_kernel, signature=bwd_sig,
+                                  constexprs=dict(HAS_GRAD_LOGP=has_logp, HAS_GRAD_ENTROPY=has_entropy,
+                                                  BLOCK_V=block_v), num_warps=num_warps))  # fmt: skip
+    return cases
+
+
+COMPILE_CASES = _compile_cases()

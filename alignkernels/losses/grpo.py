@@ -1,0 +1,533 @@
+"""GRPO family losses on per-token log-probs, with the exact semantics of TRL 1.16.
+
+Everything here follows ``trl.trainer.grpo_trainer.GRPOTrainer._compute_loss`` (TRL 1.16.0)
+line by line -- loss types ``grpo``, ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``,
+``luspo``, ``vespo``; token- and sequence-level (GSPO) importance sampling; two-sided ``delta``
+clipping (INTELLECT-2); k3 KL with ``beta`` and ``use_bias_correction_kl``; the vLLM
+importance-sampling correction; off-policy sequence masking (DeepSeek-V3.2); top-entropy token
+masking; the entropy bonus; every aggregation including ``num_items_in_batch``,
+``max_completion_length`` and gradient-accumulation scaling -- and the advantage computation of
+``GRPOTrainer._generate_and_score_completions`` (``group_advantages``). Tests pin each path
+against TRL's own ``_compute_loss`` called on plain tensors.
+
+Conventions: inputs are ``[B, T]`` (advantages ``[B]`` or ``[B, T]``); the mask may be bool,
+integer or float. All math runs in fp32 (fp64 for fp64 inputs). Masked positions are replaced by
+0 before any exp/log, so garbage or ``-inf`` there never produces NaN in the loss or gradient,
+and a fully masked batch gives a finite loss with zero gradients. Metrics are detached 0-d
+tensors (no host sync) named as TRL logs them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .._utils import check_same_device, check_tensor
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+SCALE_REWARDS = ("group", "batch", "none")
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers (each mirrors one TRL helper; cited)
+# --------------------------------------------------------------------------------------------
+def _nanstd(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
+    """Bessel-corrected std ignoring NaNs; NaN where fewer than 2 values (trl.trainer.utils.nanstd)."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
+    std = torch.sqrt(variance * correction)
+    if keepdim:
+        return std
+    return std.squeeze(dim) if dim is not None else std.reshape(())
+
+
+def _nanmin(x: torch.Tensor) -> torch.Tensor:
+    """min ignoring NaNs, NaN if all are NaN (trl.trainer.utils.nanmin), without a host sync."""
+    keep = ~torch.isnan(x)
+    smallest = torch.where(keep, x, torch.full_like(x, float("inf"))).min()
+    return torch.where(keep.any(), smallest, torch.full_like(smallest, float("nan")))
+
+
+def _nanmax(x: torch.Tensor) -> torch.Tensor:
+    """max ignoring NaNs, NaN if all are NaN (trl.trainer.utils.nanmax), without a host sync."""
+    keep = ~torch.isnan(x)
+    largest = torch.where(keep, x, torch.full_like(x, float("-inf"))).max()
+    return torch.where(keep.any(), largest, torch.full_like(largest, float("nan")))
+
+
+@torch.no_grad()
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Bool mask of valid tokens whose entropy is >= the ``threshold`` quantile of the valid
+    tokens' entropies (GRPOTrainer.get_high_entropy_mask, single process)."""
+    valid = mask.bool()
+    local = entropy[valid].float()
+    if local.numel() == 0:
+        return torch.zeros_like(entropy, dtype=torch.bool)
+    entropy_threshold = torch.quantile(local, threshold)
+    return ((entropy * mask.to(entropy.dtype)) >= entropy_threshold) & valid
+
+
+@torch.no_grad()
+def off_policy_mask(advantages, logp, sampling_logp, mask, threshold: float) -> torch.Tensor:
+    """Off-policy sequence mask of DeepSeek-V3.2 (GRPOTrainer.get_off_policy_mask): keep a
+    sequence if its advantage is >= 0 or its mean KL(sampler || policy) is <= ``threshold``."""
+    kl_div = torch.nan_to_num(sampling_logp - logp.detach(), nan=0.0)
+    avg_seq_kl = (kl_div * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+    return ((advantages >= 0) | (avg_seq_kl <= threshold)).to(mask.dtype)
+
+
+@torch.no_grad()
+def vespo_gamma_weights(
+    advantages, log_ratio_per_token, mask, importance_sampling_ratio=None,
+    k_pos=2.0, lambda_pos=3.0, k_neg=3.0, lambda_neg=2.0,
+):  # fmt: skip
+    """VESPO sequence weights ``phi(w) = e^lam * w^k * e^(-lam*w)`` in log space, detached
+    (GRPOTrainer.get_gamma_weights). Returns ``[B, 1]``."""
+    lower_clamp = math.log(1e-8)
+    log_ratio_clamped = torch.clamp(log_ratio_per_token, -20.0, 20.0)
+    seq_log_ratio = torch.sum(log_ratio_clamped * mask, dim=-1, keepdim=True)
+    if importance_sampling_ratio is not None:
+        log_is_ratio = torch.clamp(torch.log(importance_sampling_ratio), lower_clamp, 20.0)
+        # TRL sums over all positions; its padded ratios are exactly 1 (log 0). Masking here gives
+        # the same numbers and ignores whatever a caller leaves at padded positions.
+        seq_log_ratio = seq_log_ratio + torch.sum(log_is_ratio * mask, dim=-1, keepdim=True)
+    log_w_seq = torch.clamp(seq_log_ratio, lower_clamp, 20.0)
+    w_seq = torch.exp(log_w_seq)
+    is_nonneg_adv = advantages >= 0
+    k_seq = torch.where(is_nonneg_adv, k_pos, k_neg)
+    lambda_seq = torch.where(is_nonneg_adv, lambda_pos, lambda_neg).clamp(min=1e-4)
+    log_phi = lambda_seq + k_seq * log_w_seq - lambda_seq * w_seq
+    return torch.exp(log_phi).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+@torch.no_grad()
+def vllm_importance_sampling_ratio(
+    old_logp, sampling_logp, mask, *, mode="sequence_mask", clip_min=None, clip_max=3.0
+):  # fmt: skip
+    """The vLLM importance-sampling correction ``pi_old / pi_sampler`` that TRL computes in
+    ``_generate_and_score_completions`` (``vllm_importance_sampling_mode``, ``_clip_min``,
+    ``_clip_max``; TRL's defaults). Returns ``[B, T]`` (token modes) or ``[B, 1]`` (sequence
+    modes), to pass as ``grpo_loss(importance_sampling_ratio=...)``."""
+    if mode not in VLLM_IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {VLLM_IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# group_advantages
+# --------------------------------------------------------------------------------------------
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    *,
+    scale="group",
+    reward_weights=None,
+    multi_objective_aggregation: str = "sum_then_normalize",
+    return_stats: bool = False,
+):
+    """Group-relative advantages exactly as ``GRPOTrainer._generate_and_score_completions``
+    (TRL 1.16) computes them.
+
+    Args:
+        rewards: ``[B]`` (one reward function) or ``[B, K]`` (K reward functions), rows ordered
+            so that each consecutive run of ``group_size`` rows are completions of one prompt.
+            NaN marks a reward function that did not score a completion; a row that is NaN for
+            every function is "unscorable" and gets advantage 0.
+        group_size: completions per prompt (TRL ``num_generations``); must divide ``B``.
+        scale: ``"group"`` (or True): divide by the group std; ``"batch"``: by the std of the
+            whole batch; ``"none"`` (or False): no scaling (Dr. GRPO). Std is Bessel-corrected,
+            NaN-aware, and the divisor is ``std + 1e-4``.
+        reward_weights: ``[K]`` weights of the reward functions (default all 1).
+        multi_objective_aggregation: ``"sum_then_normalize"`` (weighted NaN-sum, then the group
+            normalisation above) or ``"normalize_then_sum"`` (GDPO: normalise each function within
+            its group, weighted sum, then normalise over the batch; ``scale`` is not used).
+        return_stats: also return ``{"reward", "reward_std", "frac_reward_zero_std"}`` as logged
+            by TRL.
+
+    Returns:
+        ``advantages`` ``[B]`` fp32 (fp64 for fp64 rewards), or ``(advantages, stats)``.
+    """
+    check_tensor("rewards", rewards, floating=True, ndim_min=1)
+    if rewards.dim() > 2:
+        raise ValueError(f"rewards must be [B] or [B, K], got shape {tuple(rewards.shape)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    B = rewards.shape[0]
+    if B % group_size != 0:
+        raise ValueError(f"group_size={group_size} must divide the batch size B={B}")
+    if scale is True:
+        scale = "group"
+    elif scale is False:
+        scale = "none"
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"scale must be one of {SCALE_REWARDS} (or True/False), got {scale!r}")
+    if multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
+        raise ValueError(
+            f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
+            f"got {multi_objective_aggregation!r}"
+        )
+    cd = _compute_dtype(rewards.dtype)
+    rewards_per_func = rewards.to(cd).reshape(B, -1)
+    K = rewards_per_func.shape[1]
+    if reward_weights is None:
+        weights = torch.ones(K, dtype=cd, device=rewards.device)
+    else:
+        weights = torch.as_tensor(reward_weights, dtype=cd, device=rewards.device).reshape(-1)
+        if weights.numel() != K:
+            raise ValueError(f"reward_weights has {weights.numel()} entries but rewards has K={K} columns")
+
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    if multi_objective_aggregation == "sum_then_normalize":
+        summed = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        summed = summed.masked_fill(unscorable, float("nan"))
+        mean_grouped = torch.nanmean(summed.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
+        if scale in ("group", "none"):
+            if group_size > 1:
+                std = _nanstd(summed.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
+            else:
+                std = torch.zeros_like(summed)
+        else:
+            std = _nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+        advantages = summed - mean_grouped
+        if scale != "none":
+            advantages = advantages / (std + 1e-4)
+    else:
+        grouped = rewards_per_func.view(-1, group_size, K)
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = _nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
+        reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, K)
+        summed = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+        summed = summed.masked_fill(unscorable, float("nan"))
+        std = _nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+        advantages = (summed - torch.nanmean(summed)) / (std + 1e-4)
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+    if not return_stats:
+        return advantages
+    is_std_zero = torch.isclose(std, torch.zeros_like(std))
+    logged = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).masked_fill(unscorable, float("nan"))
+    stats = {
+        "reward": torch.nanmean(logged),
+        "reward_std": _nanstd(logged),
+        "frac_reward_zero_std": is_std_zero.to(cd).mean(),
+    }
+    return advantages, stats
+
+
+# --------------------------------------------------------------------------------------------
+# grpo_loss
+# --------------------------------------------------------------------------------------------
+def _check_bt(name, t, shape, allow_seq_column=False):
+    if t is None:
+        return
+    check_tensor(name, t, floating=True)
+    ok = tuple(t.shape) == tuple(shape) or (allow_seq_column and tuple(t.shape) == (shape[0], 1))
+    if not ok:
+        extra = f" or {(shape[0], 1)}" if allow_seq_column else ""
+        raise ValueError(f"{name} must have shape {tuple(shape)}{extra}, got {tuple(t.shape)}")
+
+
+def grpo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    delta: float | None = None,
+    loss_type: str = "dapo",
+    importance_sampling_level: str = "token",
+    max_completion_length: int | None = None,
+    num_items_in_batch=None,
+    entropy: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
+    importance_sampling_weight: torch.Tensor | None = None,
+    use_bias_correction_kl: bool = True,
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
+    off_policy_mask_threshold: float | None = None,
+    sampling_logp: torch.Tensor | None = None,
+    top_entropy_quantile: float = 1.0,
+    entropy_coef: float = 0.0,
+    gradient_accumulation_steps: int = 1,
+    steps_per_generation: int | None = None,
+    num_processes: int = 1,
+    training: bool = True,
+):
+    """GRPO-family policy loss on per-token log-probs, as ``GRPOTrainer._compute_loss`` (TRL 1.16).
+
+    Args:
+        logp: ``[B, T]`` log-probs of the sampled tokens under the current policy (differentiable).
+        old_logp: ``[B, T]`` log-probs under the sampling-time policy, or None for on-policy
+            (``logp.detach()``, ratio 1 with gradient of ``logp``).
+        ref_logp: ``[B, T]`` reference-model log-probs; required when ``beta != 0``.
+        advantages: ``[B]`` (one per completion) or ``[B, T]`` (per token).
+        mask: ``[B, T]`` completion mask (TRL: ``completion_mask`` times ``tool_mask``).
+        beta: weight of the per-token k3 KL ``exp(ref - logp) - (ref - logp) - 1``.
+        epsilon_low, epsilon_high: clip range ``[1 - eps_low, 1 + eps_high]`` of the ratio
+            (``epsilon_high=None`` means ``epsilon_low``, TRL's rule). For ``cispo``,
+            ``epsilon_high`` is the upper bound of the clamped (detached) ratio.
+        delta: two-sided clipping (INTELLECT-2): the unclipped ratio is capped at ``delta``.
+        loss_type: one of ``GRPO_LOSS_TYPES``. Aggregation over valid tokens:
+            ``grpo``/``sapo``: mean over sequences of each sequence's token mean, ``/ GA``;
+            ``bnpo``: token mean over the batch, ``/ GA``; ``dr_grpo``: sum ``/ (B *
+            max_completion_length)``, ``/ GA``; ``dapo``/``cispo``/``vespo``: sum ``/
+            (num_items_in_batch / num_processes * GA / steps_per_generation)`` (training) or
+            ``/ (num_items_in_batch / num_processes)`` (eval); ``luspo``: mean over sequences of
+            each sequence's token sum, ``/ GA``. (GA = ``gradient_accumulation_steps`` in
+            training, 1 in eval.)
+        importance_sampling_level: ``"token"`` (per-token ratio) or ``"sequence"`` (GSPO: one ratio
+            per sequence, ``exp(mean over valid tokens of logp - old_logp)``).
+        max_completion_length: required by ``dr_grpo``.
+        num_items_in_batch: number of valid completion tokens in the whole generation batch
+            (all processes); default: ``mask.sum()`` (this batch is the generation batch).
+        entropy: ``[B, T]`` per-token entropies: logged as ``entropy``; needed by
+            ``top_entropy_quantile < 1`` and ``entropy_coef != 0`` (then differentiable).
+        importance_sampling_ratio: the vLLM correction ``[B, T]`` or ``[B, 1]`` (see
+            ``vllm_importance_sampling_ratio``); multiplies the per-token loss (``vespo``: enters
+            the gamma weights instead, token-level only). ``importance_sampling_weight`` is an alias.
+        use_bias_correction_kl: multiply the KL by the importance ratio (TRL's default: True).
+        sapo_temperature_pos/neg: SAPO gate temperatures for positive / non-positive advantages.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO gamma parameters.
+        off_policy_mask_threshold: drop negative-advantage sequences whose mean
+            ``sampling_logp - logp`` exceeds it (``sampling_logp`` defaults to ``old_logp``).
+        top_entropy_quantile: keep in the policy loss only valid tokens with entropy >= the
+            ``1 - q`` quantile (q = 1 keeps all).
+        entropy_coef: entropy bonus ``loss -= coef * mean entropy / GA`` over the kept tokens
+            (TRL's static coefficient; for adaptive control pass the current coefficient).
+        gradient_accumulation_steps, steps_per_generation (default = GA), num_processes,
+            training: the trainer state TRL's normalisation reads.
+
+    Returns:
+        ``(loss, metrics)``: 0-d fp32 loss (fp64 for fp64 ``logp``); metrics dict of detached
+        0-d tensors with TRL's names: ``kl`` (beta != 0), ``entropy`` (entropy given),
+        ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
+        ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped loss types), ``cispo_clip_ratio``,
+        ``vespo/phi_seq_mean``, ``policy_loss`` (entropy bonus on).
+    """
+    # ---- validation ------------------------------------------------------------------------
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r}; valid loss types: {', '.join(GRPO_LOSS_TYPES)}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
+        )
+    check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    shape = tuple(logp.shape)
+    B = shape[0]
+    check_tensor("mask", mask)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")
+    _check_bt("old_logp", old_logp, shape)
+    _check_bt("ref_logp", ref_logp, shape)
+    _check_bt("entropy", entropy, shape)
+    _check_bt("sampling_logp", sampling_logp, shape)
+    check_tensor("advantages", advantages, floating=True)
+    if tuple(advantages.shape) not in ((B,), (B, 1), shape):
+        raise ValueError(f"advantages must have shape ({B},) or {shape}, got {tuple(advantages.shape)}")
+    if importance_sampling_weight is not None:
+        if importance_sampling_ratio is not None:
+            raise ValueError("pass importance_sampling_ratio or its alias importance_sampling_weight, not both")
+        importance_sampling_ratio = importance_sampling_weight
+    _check_bt("importance_sampling_ratio", importance_sampling_ratio, shape, allow_seq_column=True)
+    check_same_device(
+        logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask, entropy=entropy,
+        sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
+    )  # fmt: skip
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0")
+    if loss_type == "dr_grpo" and max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL normalises by B * max_completion_length)")
+    if loss_type == "vespo" and importance_sampling_ratio is not None and importance_sampling_ratio.shape[-1] == 1 and shape[1] != 1:
+        raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
+    if not 0.0 <= top_entropy_quantile <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
+    if entropy is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
+        raise ValueError("entropy is required when top_entropy_quantile < 1 or entropy_coef != 0")
+    if epsilon_high is None:
+        epsilon_high = epsilon_low
+    if steps_per_generation is None:
+        steps_per_generation = gradient_accumulation_steps
+
+    # ---- inputs in the compute dtype, masked positions neutralised -------------------------
+    cd = _compute_dtype(logp.dtype)
+    valid = mask != 0
+    maskf = valid.to(cd)
+    zero = logp.new_zeros((), dtype=cd)
+    per_token_logps = torch.where(valid, logp.to(cd), zero)
+    if old_logp is None:
+        old_per_token_logps = per_token_logps.detach()
+    else:
+        old_per_token_logps = torch.where(valid, old_logp.detach().to(cd), zero)
+    adv = advantages.to(cd)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    ent = None if entropy is None else torch.where(valid, entropy.to(cd), zero)
+    is_ratio = None if importance_sampling_ratio is None else importance_sampling_ratio.detach().to(cd)
+
+    entropy_mask = None
+    if top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(ent.detach(), maskf, 1 - top_entropy_quantile)
+
+    if off_policy_mask_threshold is not None:
+        samp = old_per_token_logps if sampling_logp is None else torch.where(valid, sampling_logp.detach().to(cd), zero)
+        keep_seq = off_policy_mask(adv, per_token_logps, samp, maskf, off_policy_mask_threshold)
+
+    # ---- importance ratios ------------------------------------------------------------------
+    log_ratio = per_token_logps - old_per_token_logps
+    if importance_sampling_level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+
+    if beta != 0.0:
+        ref = torch.where(valid, ref_logp.detach().to(cd), zero)
+        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+        if use_bias_correction_kl:
+            per_token_kl = per_token_kl * coef_1
+
+    # ---- per-token loss by loss type ------------------------------------------------------
+    if loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()
+        per_token_loss = -clamped_ratios * adv * per_token_logps
+    elif loss_type in _CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif loss_type == "sapo":
+        temperatures = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        per_token_loss = -soft_coef_1 * adv
+    else:  # vespo
+        phi_seq = vespo_gamma_weights(
+            adv, log_ratio, maskf, is_ratio,
+            k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg,
+        )  # fmt: skip
+        per_token_loss = -phi_seq * adv * per_token_logps
+
+    if off_policy_mask_threshold is not None:
+        per_token_loss = per_token_loss * keep_seq
+    if entropy_mask is not None:
+        per_token_loss = per_token_loss * entropy_mask
+    if is_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_ratio
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+
+    # ---- aggregation ------------------------------------------------------------------------
+    accumulation = gradient_accumulation_steps if training else 1.0
+    if loss_type in ("grpo", "sapo"):
+        loss = ((per_token_loss * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).mean()
+        policy_loss = loss.detach()
+        loss = loss / accumulation
+    elif loss_type == "bnpo":
+        loss = (per_token_loss * maskf).sum() / maskf.sum().clamp(min=1.0)
+        policy_loss = loss.detach()
+        loss = loss / accumulation
+    elif loss_type == "dr_grpo":
+        loss = (per_token_loss * maskf).sum() / (per_token_loss.size(0) * max_completion_length)
+        policy_loss = loss.detach()
+        loss = loss / accumulation
+    elif loss_type in ("cispo", "dapo", "vespo"):
+        if num_items_in_batch is None:
+            n_items = maskf.sum()
+        else:
+            n_items = torch.as_tensor(num_items_in_batch, dtype=cd, device=logp.device)
+        normalizer = n_items.clamp(min=1.0) / num_processes
+        if training:
+            normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
+        loss = (per_token_loss * maskf).sum() / normalizer
+        policy_loss = loss.detach()
+    else:  # luspo
+        loss = (per_token_loss * maskf).sum(-1).mean()
+        policy_loss = loss.detach()
+        loss = loss / accumulation
+
+    metrics = {}
+    if entropy_coef != 0.0:
+        effective_mask = maskf if entropy_mask is None else maskf * entropy_mask
+        entropy_loss = (ent * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
+        loss = loss - entropy_coef * entropy_loss
+        metrics["policy_loss"] = policy_loss
+
+    # ---- metrics (TRL's names and reductions, one process) ---------------------------------
+    with torch.no_grad():
+        count = maskf.sum()
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:  # sequence-level: one value per sequence
+                return x.sum() / max(float(x.shape[0]), 1.0)
+            return (x * maskf).sum() / count.clamp(min=1.0)
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:
+                return x.squeeze(1)
+            return (x * maskf).sum(-1) / maskf.sum(-1)  # NaN for empty rows, as TRL (nan-skipped below)
+
+        if beta != 0.0:
+            metrics["kl"] = global_masked_mean(per_token_kl.detach())
+        if ent is not None:
+            metrics["entropy"] = global_masked_mean(ent.detach())
+        if loss_type in _CLIPPED_LOSS_TYPES:
+            c1 = coef_1.detach()
+            is_low = ((c1 < 1 - epsilon_low) & (adv < 0)).to(cd)
+            is_high = ((c1 > 1 + epsilon_high) & (adv > 0)).to(cd)
+            is_region = torch.maximum(is_low, is_high)
+            metrics["clip_ratio/low_mean"] = global_masked_mean(is_low)
+            metrics["clip_ratio/high_mean"] = global_masked_mean(is_high)
+            metrics["clip_ratio/region_mean"] = global_masked_mean(is_region)
+            metrics["clip_ratio/low_min"] = _nanmin(masked_seq_mean(is_low))
+            metrics["clip_ratio/high_max"] = _nanmax(masked_seq_mean(is_high))
+        elif loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1.detach() > epsilon_high) & (adv > 0)).to(cd))
+        elif loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = global_masked_mean(phi_seq)
+    return loss, metrics
+
+
+class GRPOLoss(nn.Module):
+    """``nn.Module`` wrapper of ``grpo_loss``: configuration at construction, tensors in
+    ``forward``; keyword arguments of ``forward`` override the configuration for one call."""
+
+    def __init__(self, **config):
+        super().__init__()
+        loss_type = config.get("loss_type", "dapo")
+        if loss_type not in GRPO_LOSS_TYPES:
+            raise ValueError(f"Unknown loss_type {loss_type!r}; valid loss types: {', '.join(GRPO_LOSS_TYPES)}")
+        self.config = dict(config)
+
+    def forward(self, logp, old_logp, ref_logp, advantages, mask, **overrides):
+        return grpo_loss(logp, old_logp, ref_logp, advantages, mask, **{**self.config, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

@@ -1,0 +1,56 @@
+"""Every Triton kernel, at every config its launcher can choose, compiles to cubin for sm_80
+(A100) and sm_90 (H100) -- no GPU needed. Each module in ``alignkernels.kernels`` lists its
+launchable configs in ``COMPILE_CASES``; ``compile_worker.py`` compiles them all in one
+subprocess (outside the interpreter) and each case is reported as its own test."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from compile_worker import iter_cases  # noqa: E402
+
+CCS = (80, 90)
+CASE_IDS = [case_id for case_id, _ in iter_cases()]
+
+
+@pytest.fixture(scope="module")
+def compile_results():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    worker = Path(__file__).with_name("compile_worker.py")
+    proc = subprocess.run(
+        [sys.executable, str(worker), *map(str, CCS)], capture_output=True, text=True, env=env, timeout=1800
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout)
+
+
+def test_every_kernel_module_declares_compile_cases():
+    import importlib
+    import pkgutil
+
+    import alignkernels.kernels as kernels_pkg
+
+    for info in pkgutil.iter_modules(kernels_pkg.__path__):
+        module = importlib.import_module(f"alignkernels.kernels.{info.name}")
+        public_kernels = {
+            name for name, obj in vars(module).items() if name.endswith("_kernel") and hasattr(obj, "fn")
+        }
+        covered = {case["kernel"].__name__ for case in getattr(module, "COMPILE_CASES", ())}
+        assert public_kernels <= covered, f"{info.name}: kernels without COMPILE_CASES: {public_kernels - covered}"
+
+
+def test_compile_cases_exist():
+    assert any(case_id.startswith("token_logprobs-") for case_id in CASE_IDS)
+
+
+@pytest.mark.parametrize("cc", CCS, ids=[f"sm{cc}" for cc in CCS])
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_kernel_compiles_to_cubin(compile_results, case_id, cc):
+    result = compile_results[f"{case_id}@sm{cc}"]
+    assert result["ok"], result["error"]
+    assert result["cubin_bytes"] > 0

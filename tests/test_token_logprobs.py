@@ -1,0 +1,262 @@
+"""token_logprobs: every backend against the eager reference, values and gradients."""
+import pytest
+import torch
+
+import alignkernels
+from alignkernels.reference import token_logprobs_reference
+from conftest import HAS_CUDA, TRITON_DEVICE
+
+# (rtol, atol) for values and gradients, per input dtype. Outputs are accumulated in fp32 in
+# every backend; half-precision inputs only change the gradient's rounding (it is written in the
+# logits' dtype), so the gradient tolerance is one or two ulps of that dtype.
+VALUE_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 2e-5), torch.float16: (1e-5, 2e-5)}
+# Gradient atol is relative to the gradient's scale (max |grad|): entries far below the row's
+# largest are absolute-error dominated (fp32 cancellation in p·(z - Σp·z)).
+GRAD_TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1.6e-2, 4e-3), torch.float16: (2e-3, 1e-3)}
+
+BACKENDS = ["torch", "triton"]
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else ("cuda" if HAS_CUDA else "cpu")
+
+
+def _make(shape, V, dtype, device, ignore_frac=0.25, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*shape, V, generator=g) * scale).to(dtype).to(device)
+    labels = torch.randint(0, V, shape, generator=g)
+    labels[torch.rand(shape, generator=g) < ignore_frac] = -100
+    return logits, labels.to(device)
+
+
+def _check(backend, logits, labels, temperature=1.0, dtype=torch.float32, with_entropy=True):
+    x = logits.detach().clone().requires_grad_()
+    x_ref = logits.detach().clone().requires_grad_()
+    logp, ent = alignkernels.token_logprobs(x, labels, temperature=temperature, return_entropy=True, backend=backend)
+    # The truth: the eager reference evaluated in fp64 (the fp32 reference itself is ~1e-5 off at V=152k).
+    logp_r, ent_r = token_logprobs_reference(x_ref.double(), labels, temperature=temperature, return_entropy=True)
+    logp_r, ent_r = logp_r.float(), ent_r.float()
+    rtol, atol = VALUE_TOL[dtype]
+    assert logp.dtype == torch.float32 and logp.shape == labels.shape
+    torch.testing.assert_close(logp, logp_r, rtol=rtol, atol=atol)
+    torch.testing.assert_close(ent, ent_r, rtol=rtol, atol=atol)
+    g = torch.Generator().manual_seed(1)
+    g_logp = torch.randn(labels.shape, generator=g).to(logp.device)
+    g_ent = torch.randn(labels.shape, generator=g).to(logp.device)
+    if with_entropy:
+        (logp * g_logp + ent * g_ent).sum().backward()
+        (logp_r * g_logp + ent_r * g_ent).sum().backward()
+    else:
+        (logp * g_logp).sum().backward()
+        (logp_r * g_logp).sum().backward()
+    rtol, atol = GRAD_TOL[dtype]
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+    scale = x_ref.grad.abs().max().item() or 1.0
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), rtol=rtol, atol=atol * scale)
+    return logp, ent, x.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape,V",
+    [((1,), 7), ((5,), 1000), ((2, 3), 50257), ((3,), 4096), ((2,), 4097), ((4, 5), 300)],
+    ids=["N1-V7", "N5-V1000", "B2T3-V50257", "V4096", "V4097", "B4T5-V300"],
+)
+def test_matches_reference(backend, dtype, shape, V):
+    logits, labels = _make(shape, V, dtype, _device(backend))
+    _check(backend, logits, labels, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_vocab_few_rows(backend):
+    logits, labels = _make((2,), 151936, torch.float32, _device(backend), ignore_frac=0.0)
+    _check(backend, logits, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1.5])
+def test_temperature(backend, temperature):
+    logits, labels = _make((3, 4), 513, torch.float32, _device(backend))
+    _check(backend, logits, labels, temperature=temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logp_only_gradient(backend):
+    logits, labels = _make((6,), 777, torch.float32, _device(backend))
+    _check(backend, logits, labels, with_entropy=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_entropy_only_gradient(backend):
+    logits, labels = _make((6,), 777, torch.float32, _device(backend))
+    x = logits.clone().requires_grad_()
+    _, ent = alignkernels.token_logprobs(x, labels, return_entropy=True, backend=backend)
+    ent.sum().backward()
+    x_ref = logits.clone().requires_grad_()
+    _, ent_r = token_logprobs_reference(x_ref, labels, return_entropy=True)
+    ent_r.sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_positions_ignored(backend):
+    logits, labels = _make((3, 4), 129, torch.float32, _device(backend))
+    labels[:] = -100
+    logp, ent, grad = _check(backend, logits, labels)
+    assert torch.all(logp == 0) and torch.all(ent == 0)
+    assert torch.all(grad == 0) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_huge_logits_stay_finite(backend):
+    # An ignored row never has its lse computed by the kernel: its gradient must still be 0, not NaN.
+    logits, labels = _make((4,), 100, torch.float32, _device(backend))
+    logits[1] = 1e4
+    labels[1] = -100
+    _, _, grad = _check(backend, logits, labels)
+    assert torch.all(grad[1] == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_slice_is_read_in_place(backend):
+    # logits[:, :-1] -- the usual causal-LM shift -- is strided in the leading dims.
+    logits, labels = _make((3, 6), 257, torch.float32, _device(backend))
+    sliced = logits[:, :-1]
+    assert not sliced.is_contiguous()
+    _check(backend, sliced, labels[:, 1:].contiguous())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_other_strided_layouts(backend):
+    logits, labels = _make((4, 3, 5), 64, torch.float32, _device(backend))
+    _check(backend, logits[:, 1:, ::2], labels[:, 1:, ::2])  # non-mergeable leading dims -> copy path
+    _check(backend, logits.transpose(0, 1), labels.transpose(0, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.int32, torch.int64])
+def test_label_dtypes(backend, label_dtype):
+    logits, labels = _make((5,), 333, torch.float32, _device(backend))
+    _check(backend, logits, labels.to(label_dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index(backend):
+    logits, labels = _make((8,), 50, torch.float32, _device(backend), ignore_frac=0.0)
+    labels[::2] = 0
+    logp = alignkernels.token_logprobs(logits, labels, ignore_index=0, backend=backend)
+    assert torch.all(logp[::2] == 0) and torch.all(logp[1::2] < 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_out_of_range_label_is_nan_not_a_crash(backend):
+    logits, labels = _make((3,), 40, torch.float32, _device(backend), ignore_frac=0.0)
+    labels[1] = 40
+    logp = alignkernels.token_logprobs(logits, labels, backend=backend, check_labels=False)
+    assert torch.isnan(logp[1]) and torch.isfinite(logp[[0, 2]]).all()
+
+
+def test_backends_agree_bitwise_with_themselves():
+    logits, labels = _make((4, 3), 999, torch.float32, TRITON_DEVICE)
+    a = alignkernels.token_logprobs(logits, labels, backend="triton")
+    b = alignkernels.token_logprobs(logits, labels, backend="triton")
+    assert torch.equal(a, b)
+
+
+def test_torch_backend_gradcheck_fp64():
+    logits, labels = _make((3, 2), 11, torch.float64, "cpu", ignore_frac=0.2, scale=1.0)
+    labels[0, 0] = -100
+    x = logits.clone().requires_grad_()
+
+    def f(t):
+        return alignkernels.token_logprobs(t, labels, temperature=0.8, return_entropy=True, backend="torch")
+
+    assert torch.autograd.gradcheck(f, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_torch_backend_chunks_many_rows(monkeypatch):
+    # Force many small chunks so chunk boundaries (including inside a [B, T] slice) are exercised.
+    import alignkernels.ops.token_logprobs as op
+
+    monkeypatch.setattr(op, "_TORCH_CHUNK_ELEMENTS", 3 * 97)
+    logits, labels = _make((4, 7), 97, torch.float32, "cpu")
+    _check("torch", logits, labels)
+    _check("torch", logits[:, :-1], labels[:, 1:].contiguous())
+
+
+def test_reference_backend_and_auto():
+    logits, labels = _make((2, 3), 31, torch.float32, "cpu")
+    ref = token_logprobs_reference(logits, labels)
+    torch.testing.assert_close(alignkernels.token_logprobs(logits, labels, backend="reference"), ref)
+    torch.testing.assert_close(alignkernels.token_logprobs(logits, labels), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_env_var_forces_backend(monkeypatch):
+    import alignkernels.ops.token_logprobs as op
+
+    logits, labels = _make((2,), 31, torch.float32, "cpu")
+    seen = []
+    original = op._IMPLS["torch"]
+    monkeypatch.setitem(op._IMPLS, "torch", (lambda *a: seen.append(1) or original[0](*a), original[1]))
+    monkeypatch.setenv("ALIGNKERNELS_BACKEND", "reference")
+    alignkernels.token_logprobs(logits, labels)
+    assert not seen
+    monkeypatch.setenv("ALIGNKERNELS_BACKEND", "torch")
+    alignkernels.token_logprobs(logits, labels)
+    assert seen
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: clear errors naming the argument
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "make_args,exc,match",
+    [
+        (lambda x, y: (x, y[:, :-1]), ValueError, "labels must have shape"),
+        (lambda x, y: (x, y.float()), TypeError, "labels must be an integer"),
+        (lambda x, y: (x.long(), y), TypeError, "logits must be a floating"),
+        (lambda x, y: (x, torch.full_like(y, 50)), ValueError, r"labels must be in \[0, 50\)"),
+        (lambda x, y: (x, torch.full_like(y, -1)), ValueError, "found -1"),
+        (lambda x, y: (x.numpy(), y), TypeError, "logits must be a torch.Tensor"),
+        (lambda x, y: (x, y.to("meta")), ValueError, "same device"),
+    ],
+    ids=["shape", "float-labels", "int-logits", "label-too-big", "negative-label", "numpy", "device"],
+)
+def test_bad_input_errors(make_args, exc, match):
+    logits, labels = _make((2, 3), 50, torch.float32, "cpu")
+    with pytest.raises(exc, match=match):
+        alignkernels.token_logprobs(*make_args(logits, labels))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_temperature(temperature):
+    logits, labels = _make((2,), 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="temperature"):
+        alignkernels.token_logprobs(logits, labels, temperature=temperature)
+
+
+def test_bad_backend_name():
+    logits, labels = _make((2,), 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        alignkernels.token_logprobs(logits, labels, backend="cudnn")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only behaviour")
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logits, labels = _make((2,), 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        alignkernels.token_logprobs(logits, labels, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# Real GPU
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("V", [32000, 128256, 151936])
+def test_gpu_realistic_sizes(dtype, V):
+    logits, labels = _make((4, 512), V, dtype, "cuda")
+    _check("triton", logits, labels, temperature=0.9, dtype=dtype)
+    _check("torch", logits, labels, temperature=0.9, dtype=dtype)
