@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("triton")
 
-from compile_worker import iter_cases  # noqa: E402
+from alignkernels.kernel_report import iter_compile_cases  # noqa: E402
 
 CCS = (80, 90)
-CASE_IDS = [case_id for case_id, _ in iter_cases()]
+CASE_IDS = [case_id for case_id, _ in iter_compile_cases()]
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,15 @@ def test_kernel_compiles_to_cubin(compile_results, case_id, cc):
     result = compile_results[f"{case_id}@sm{cc}"]
     assert result["ok"], result["error"]
     assert result["cubin_bytes"] > 0
+
+
+@pytest.mark.parametrize("cc", CCS, ids=[f"sm{cc}" for cc in CCS])
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_kernel_config_does_not_spill(compile_results, case_id, cc):
+    """Register spills go to local memory: a config the launcher can choose must have none."""
+    result = compile_results[f"{case_id}@sm{cc}"]
+    if not result["ok"]:
+        pytest.fail(f"did not compile: {result['error']}")
+    assert result["registers"] > 0
+    assert result["local_bytes"] == 0, f"{result['local_bytes']} bytes of local memory (spills) per thread"
+    assert result["occupancy"] > 0, "the config cannot even fit one block per SM"
