@@ -329,7 +329,7 @@ def grpo_loss(
         0-d tensors with TRL's names: ``kl`` (beta != 0), ``entropy`` (entropy given),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
         ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped loss types), ``cispo_clip_ratio``,
-        ``vespo/phi_seq_mean``, ``policy_loss`` (entropy bonus on).
+        ``vespo/phi_seq_mean``, ``policy_loss`` and ``entropy_coef`` (entropy bonus on).
     """
     # ---- validation ------------------------------------------------------------------------
     if loss_type not in GRPO_LOSS_TYPES:
@@ -479,6 +479,8 @@ def grpo_loss(
         entropy_loss = (ent * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
         loss = loss - entropy_coef * entropy_loss
         metrics["policy_loss"] = policy_loss
+        if training:  # TRL logs the coefficient at train optimizer steps
+            metrics["entropy_coef"] = torch.tensor(float(entropy_coef), dtype=cd, device=logp.device)
 
     # ---- metrics (TRL's names and reductions, one process) ---------------------------------
     with torch.no_grad():
