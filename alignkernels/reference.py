@@ -96,3 +96,177 @@ def linear_logprobs_stats_reference(
     mean_logit = torch.where(valid, z.mean(-1), zero).detach()
     is_top1 = (z.argmax(-1) == safe) & valid
     return logp, entropy, log_sum_sq_probs, mean_logit, is_top1, torch.where(valid, lse, zero).detach()
+
+
+# ============================================================================================
+# GRPO / PPO references (appended by the GRPO/PPO engineer)
+# ============================================================================================
+def group_advantages_reference(rewards_per_func, num_generations, scale_rewards="group", reward_weights=None,
+                               multi_objective_aggregation="sum_then_normalize"):
+    """Line-by-line transcription of TRL 1.16 ``GRPOTrainer._generate_and_score_completions``
+    (the advantage block, one process). ``rewards_per_func`` is ``[B, K]``."""
+
+    def nanstd(tensor, dim=None, keepdim=False):  # trl.trainer.utils.nanstd
+        mean = torch.nanmean(tensor, dim=dim, keepdim=True)
+        variance = torch.nanmean((tensor - mean) ** 2, dim=dim, keepdim=True)
+        count = torch.sum(~torch.isnan(tensor), dim=dim, keepdim=True)
+        correction = count / (count - 1)
+        correction = torch.where(count > 1, correction, torch.full_like(correction, float("nan")))
+        variance *= correction
+        std = torch.sqrt(variance)
+        if keepdim:
+            return std
+        return std.squeeze(dim) if dim is not None else std.squeeze()
+
+    K = rewards_per_func.shape[1]
+    weights = torch.ones(K) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
+    weights = weights.to(rewards_per_func.device)
+    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    if multi_objective_aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
+        mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
+        if scale_rewards in ["group", "none"]:
+            if num_generations > 1:
+                std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
+                std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
+            else:
+                std_rewards = torch.zeros_like(rewards)
+        elif scale_rewards == "batch":
+            if rewards.numel() > 1:
+                std_rewards = nanstd(rewards).expand_as(rewards)
+            else:
+                std_rewards = torch.zeros_like(rewards)
+        advantages = rewards - mean_grouped_rewards
+        if scale_rewards != "none":
+            advantages = advantages / (std_rewards + 1e-4)
+    else:
+        grouped = rewards_per_func.view(-1, num_generations, K)
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
+        reward_k = (grouped - mean_k) / (std_k + 1e-4)
+        reward_k = reward_k.view(-1, K)
+        rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
+        rewards[unscorable_mask] = torch.nan
+        std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
+
+
+def gae_reference(rewards, values, mask, *, gamma=1.0, lam=0.95):
+    """GAE as a Python loop over time: verl ``core_algos.compute_gae_advantage_return`` (masked
+    positions skipped), outputs zeroed at masked positions. fp32 (fp64 for fp64 inputs)."""
+    cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    r, v = rewards.to(cd), values.to(cd)
+    m = (mask != 0).to(cd)
+    nextvalues = torch.zeros_like(r[:, 0])
+    lastgaelam = torch.zeros_like(r[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(r.shape[1])):
+        delta = r[:, t] + gamma * nextvalues - v[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = v[:, t] * m[:, t] + (1 - m[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * m[:, t] + (1 - m[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    adv = torch.stack(advantages_reversed[::-1], dim=1) if advantages_reversed else torch.zeros_like(r)
+    return adv * m, (adv + v) * m
+
+
+def trl_ppo_rollout_reference(logprobs, ref_logprobs, values, scores, sequence_lengths, *, kl_coef=0.05,
+                              kl_estimator="k1", whiten_rewards=False, gamma=1.0, lam=0.95):
+    """TRL 0.x ``PPOTrainer.train`` rollout post-processing, line by line (masks from
+    ``sequence_lengths`` = index of the last response token; steps 4-6: KL rewards, score at
+    ``sequence_lengths_p1``, optional reward whitening, GAE loop, advantage whitening).
+    Returns ``(rewards, advantages, returns, padding_mask, padding_mask_p1)``."""
+    INVALID_LOGPROB = 1.0
+
+    def masked_mean(values, mask, axis=None):
+        if axis is not None:
+            return (values * mask).sum(axis=axis) / mask.sum(axis=axis)
+        return (values * mask).sum() / mask.sum()
+
+    def masked_var(values, mask, unbiased=True):
+        mean = masked_mean(values, mask)
+        variance = masked_mean((values - mean) ** 2, mask)
+        if unbiased:
+            mask_sum = mask.sum()
+            variance = variance * (mask_sum / (mask_sum - 1))
+        return variance
+
+    def masked_whiten(values, mask, shift_mean=True):
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+        whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+        if not shift_mean:
+            whitened += mean
+        return whitened
+
+    response_idxs = torch.arange(logprobs.shape[1], device=logprobs.device).repeat(logprobs.shape[0], 1)
+    padding_mask = response_idxs > sequence_lengths.unsqueeze(1)
+    logprobs = torch.masked_fill(logprobs, padding_mask, INVALID_LOGPROB)
+    ref_logprobs = torch.masked_fill(ref_logprobs, padding_mask, INVALID_LOGPROB)
+    sequence_lengths_p1 = sequence_lengths + 1
+    padding_mask_p1 = response_idxs > (sequence_lengths_p1.unsqueeze(1))
+    values = torch.masked_fill(values, padding_mask_p1, 0)
+    logr = ref_logprobs - logprobs
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    actual_start = torch.arange(rewards.size(0), device=rewards.device)
+    actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
+    rewards[[actual_start, actual_end]] += scores
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask=~padding_mask_p1, shift_mean=False)
+        rewards = torch.masked_fill(rewards, padding_mask_p1, 0)
+    lastgaelam = 0
+    advantages_reversed = []
+    gen_length = logprobs.shape[1]
+    for t in reversed(range(gen_length)):
+        nextvalues = values[:, t + 1] if t < gen_length - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], axis=1)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, ~padding_mask)
+    advantages = torch.masked_fill(advantages, padding_mask, 0)
+    return rewards, advantages, returns, padding_mask, padding_mask_p1
+
+
+def trl_ppo_loss_reference(new_logprobs, mb_logprobs, mb_advantage, padding_mask, vpred, mb_values, mb_return,
+                           padding_mask_p1, *, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1):
+    """TRL 0.x ``PPOTrainer.train`` minibatch loss, line by line (padded log-probs are
+    ``INVALID_LOGPROB``, padded values 0). Returns ``(loss, stats)``."""
+    INVALID_LOGPROB = 1.0
+
+    def masked_mean(values, mask):
+        return (values * mask).sum() / mask.sum()
+
+    new_logprobs = torch.masked_fill(new_logprobs, padding_mask, INVALID_LOGPROB)
+    mb_logprobs = torch.masked_fill(mb_logprobs, padding_mask, INVALID_LOGPROB)
+    vpred = torch.masked_fill(vpred, padding_mask_p1, 0)
+    vpredclipped = torch.clamp(vpred, mb_values - cliprange_value, mb_values + cliprange_value)
+    vf_losses1 = torch.square(vpred - mb_return)
+    vf_losses2 = torch.square(vpredclipped - mb_return)
+    vf_loss_max = torch.max(vf_losses1, vf_losses2)
+    vf_loss = 0.5 * masked_mean(vf_loss_max, ~padding_mask_p1)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), ~padding_mask_p1)
+    logprobs_diff = new_logprobs - mb_logprobs
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -mb_advantage * ratio
+    pg_losses2 = -mb_advantage * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    pg_loss = masked_mean(pg_loss_max, ~padding_mask)
+    loss = pg_loss + vf_coef * vf_loss
+    with torch.no_grad():
+        pg_clipfrac = masked_mean((pg_losses2 > pg_losses).float(), ~padding_mask)
+        approxkl = 0.5 * (logprobs_diff**2).mean()
+    stats = {
+        "policy/approxkl_avg": approxkl,
+        "policy/clipfrac_avg": pg_clipfrac,
+        "loss/policy_avg": pg_loss.detach(),
+        "loss/value_avg": vf_loss.detach(),
+        "val/clipfrac_avg": vf_clipfrac,
+        "val/ratio": ratio.mean().detach(),
+    }
+    return loss, stats
