@@ -1,0 +1,425 @@
+"""PPO for LLMs: clipped policy loss, clipped value loss, KL-penalty rewards, GAE, whitening.
+
+TRL 1.16 ships no PPO trainer. Semantics follow TRL's last one (``trl/trainer/ppo_trainer.py``,
+``PPOTrainer.train`` in TRL 0.12-0.2x, the former PPOv2) and verl's
+``verl/trainer/ppo/core_algos.py`` (``compute_gae_advantage_return``, ``compute_policy_loss``
+"vanilla" with dual clip, ``agg_loss``, ``compute_value_loss``); each function cites the lines
+it follows. Differences, all confined to degenerate inputs: empty masks give 0 instead of NaN
+(TRL's ``masked_mean`` divides by ``mask.sum()``) and ``masked_var`` of one element is 0
+instead of NaN/raise.
+
+``gae`` is never a Python loop over time: a Triton reverse affine scan on CUDA
+(``alignkernels.kernels.gae``), a vectorised log-depth scan in PyTorch elsewhere, and the loop
+itself only in ``alignkernels.reference.gae_reference``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._utils import check_same_device, check_tensor, resolve_backend
+
+KL_ESTIMATORS = ("k1", "k3")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+SCORE_POSITIONS = ("last", "after_last")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_same_shape(ref_name, ref, **tensors):
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check_tensor(name, t)
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Masked statistics (TRL 0.x trl/trainer/utils.py masked_mean / masked_var / masked_whiten)
+# --------------------------------------------------------------------------------------------
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis=None) -> torch.Tensor:
+    """``(values * mask).sum() / mask.sum()`` (TRL ``masked_mean``); 0 where the mask is empty."""
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum() if axis is None else (values * mask).sum(axis)
+    count = mask.sum() if axis is None else mask.sum(axis)
+    return total / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance over the masked elements, Bessel-corrected (TRL ``masked_var``). With fewer than
+    two elements the correction is skipped (TRL raises / returns NaN there)."""
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(values.dtype).sum()
+        variance = variance * torch.where(n > 1, n / (n - 1).clamp(min=1.0), torch.ones_like(n))
+    return variance
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """``(values - mean) * rsqrt(var + 1e-8)`` over the masked elements, mean added back when
+    ``shift_mean=False`` (TRL ``masked_whiten``; verl ``masked_whiten`` is the same)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened
+
+
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last nonzero of each row of ``mask`` ``[B, T]`` (-1 for an empty row)."""
+    T = mask.shape[-1]
+    pos = torch.arange(T, device=mask.device).expand_as(mask)
+    return torch.where(mask != 0, pos, torch.full_like(pos, -1)).amax(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# KL-penalty rewards
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def kl_penalty_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    kl_coef: float = 0.05,
+    kl_estimator: str = "k1",
+    score_at: str = "last",
+    whiten_rewards: bool = False,
+):
+    """Per-token PPO rewards: ``-kl_coef * KL_t`` at every valid token plus the sequence score at
+    the end (TRL PPOTrainer.train, steps "4. compute rewards" and "5. whiten rewards").
+
+    ``logr = ref_logp - logp``; ``k1``: ``KL = -logr``; ``k3``: ``KL = (exp(logr) - 1) - logr``
+    (http://joschu.net/blog/kl-approx.html). KL is 0 at masked positions (TRL fills both
+    log-prob tensors with ``INVALID_LOGPROB`` there).
+
+    ``score_at="last"`` adds ``scores`` at the last valid token of each row (empty rows get no
+    score). ``score_at="after_last"`` reproduces TRL exactly: TRL adds the score one position
+    past the last response token (``sequence_lengths_p1``) when that position exists, else at the
+    last token, and whitens over that extended mask (``padding_mask_p1``); pass the same
+    extension to ``gae`` as its mask (``gae_mask`` in the returned dict).
+
+    Returns a dict: ``rewards`` ``[B, T]``, ``non_score_reward`` ``[B, T]``, ``kl`` ``[B, T]``,
+    ``gae_mask`` (the mask the rewards live on: ``mask``, or its one-token extension).
+    """
+    check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    _check_same_shape("logp", logp, ref_logp=ref_logp, mask=mask)
+    check_tensor("scores", scores, floating=True)
+    if tuple(scores.shape) != (logp.shape[0],):
+        raise ValueError(f"scores must have shape ({logp.shape[0]},), got {tuple(scores.shape)}")
+    check_same_device(logp=logp, ref_logp=ref_logp, scores=scores, mask=mask)
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if score_at not in SCORE_POSITIONS:
+        raise ValueError(f"score_at must be one of {SCORE_POSITIONS}, got {score_at!r}")
+    cd = _compute_dtype(logp.dtype)
+    valid = mask != 0
+    zero = logp.new_zeros((), dtype=cd)
+    logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
+    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    B, T = logp.shape
+    last = last_valid_index(mask)
+    rows = torch.arange(B, device=logp.device)
+    gae_mask = valid
+    if score_at == "after_last":
+        end = torch.where(last + 1 < T, last + 1, last)
+        # TRL: an empty response has sequence_length -1, so its score lands at position 0,
+        # which padding_mask_p1 keeps.
+        end = end.clamp(min=0)
+        gae_mask = valid.clone()
+        gae_mask[rows, end] = True
+    else:
+        end = last
+    has_token = end >= 0
+    score_add = torch.zeros_like(rewards)
+    score_add[rows, end.clamp(min=0)] = torch.where(has_token, scores.to(cd), zero)
+    rewards = rewards + score_add
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, gae_mask, shift_mean=False)
+        rewards = rewards.masked_fill(~gae_mask, 0.0)
+    return {"rewards": rewards, "non_score_reward": non_score_reward, "kl": kl, "gae_mask": gae_mask}
+
+
+# --------------------------------------------------------------------------------------------
+# GAE
+# --------------------------------------------------------------------------------------------
+def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All ``x_t = a_t * x_{t+1} + b_t`` (``x_T = 0``) along the last dim in log2(T) vectorised
+    doubling steps (Hillis-Steele scan of affine maps on the reversed sequence). Only products of
+    the ``a``'s appear (no division), so it is stable for any ``a`` including 0."""
+    a = a.flip(-1)
+    b = b.flip(-1)
+    T = a.shape[-1]
+    d = 1
+    while d < T:
+        # element s absorbs the composite map ending at s - d: x_s = a_s (a' x + b') + b_s
+        b = torch.cat([b[..., :d], a[..., d:] * b[..., :-d] + b[..., d:]], dim=-1)
+        a = torch.cat([a[..., :d], a[..., d:] * a[..., :-d]], dim=-1)
+        d *= 2
+    return b.flip(-1)
+
+
+def _gae_torch(rewards, values, maskf, gamma, lam):
+    # c_t: value of the next valid token at or after t; A_t: GAE (verl masked recursion).
+    c = _reverse_affine_scan(1.0 - maskf, maskf * values)
+    c_next = torch.cat([c[..., 1:], torch.zeros_like(c[..., :1])], dim=-1)
+    delta = rewards + gamma * c_next - values
+    adv = _reverse_affine_scan(maskf * (gamma * lam) + (1.0 - maskf), maskf * delta)
+    return maskf * adv, maskf * (adv + values)
+
+
+def _gae_triton(rewards, values, maskf, gamma, lam):
+    from ..kernels.gae import gae_fwd_kernel, pick_config
+
+    if values.dtype != rewards.dtype:
+        values = values.to(rewards.dtype)
+    rewards = rewards if rewards.stride(-1) == 1 else rewards.contiguous()
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    maskf = maskf.to(torch.float32).contiguous()
+    B, T = rewards.shape
+    adv = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
+    ret = torch.empty_like(adv)
+    if B and T:
+        block_t, num_warps = pick_config(T)
+        gae_fwd_kernel[(B,)](
+            rewards, values, maskf, adv, ret,
+            T, rewards.stride(0), values.stride(0), maskf.stride(0), adv.stride(0),
+            float(gamma), float(gamma * lam),
+            BLOCK_T=block_t, num_warps=num_warps,
+        )  # fmt: skip
+    return adv, ret
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten: bool = False,
+    whiten_mask: torch.Tensor | None = None,
+    backend: str = "auto",
+):
+    """Generalized Advantage Estimation over ``[B, T]`` token rewards and values.
+
+    Recursion (verl ``compute_gae_advantage_return``; for right padding it equals TRL
+    PPOTrainer's loop, whose padded rewards and values are 0), from the end of each row:
+    ``delta_t = r_t + gamma * V_next - V_t``, ``A_t = delta_t + gamma * lam * A_next``, where
+    ``V_next``/``A_next`` belong to the next position with ``mask != 0`` (0 past the end).
+    Masked positions are skipped: they contribute neither reward nor value (holes such as tool
+    outputs are bridged). ``returns = A + V`` (before whitening, as both TRL and verl do).
+
+    Args:
+        rewards, values: ``[B, T]`` floating (e.g. ``kl_penalty_rewards(...)["rewards"]``).
+        mask: ``[B, T]`` positions that are steps of the trajectory. To reproduce TRL PPO exactly
+            use its ``~padding_mask_p1`` here (``kl_penalty_rewards(score_at="after_last")``
+            returns it as ``gae_mask``) and ``whiten_mask=~padding_mask``.
+        gamma, lam: discount and GAE lambda (TRL defaults 1.0 and 0.95).
+        whiten: whiten the advantages over ``whiten_mask`` (default ``mask``) with
+            ``masked_whiten`` and zero them outside it (TRL: always on; verl: always on).
+        backend: ``"auto"`` (Triton on CUDA, vectorised torch scan elsewhere), ``"triton"``,
+            ``"torch"``, ``"reference"`` (the Python loop).
+
+    Returns:
+        ``(advantages, returns)``, ``[B, T]`` fp32 (fp64 for fp64 inputs), 0 at masked
+        positions. Not differentiable (computed under ``no_grad``, as in TRL and verl).
+    """
+    check_tensor("rewards", rewards, floating=True)
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [B, T], got shape {tuple(rewards.shape)}")
+    check_tensor("values", values, floating=True)
+    _check_same_shape("rewards", rewards, values=values, mask=mask, whiten_mask=whiten_mask)
+    check_same_device(rewards=rewards, values=values, mask=mask, whiten_mask=whiten_mask)
+    be = resolve_backend(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
+    cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    if be == "triton":
+        adv, ret = _gae_triton(rewards, values, mask != 0, float(gamma), float(lam))
+    elif be == "reference":
+        from ..reference import gae_reference
+
+        adv, ret = gae_reference(rewards, values, mask, gamma=gamma, lam=lam)
+    else:  # torch (and "cuda": no CUDA C++ GAE; the torch scan runs on CUDA tensors too)
+        maskf = (mask != 0).to(cd)
+        adv, ret = _gae_torch(rewards.to(cd), values.to(cd), maskf, float(gamma), float(lam))
+    if whiten:
+        wm = (mask if whiten_mask is None else whiten_mask) != 0
+        adv = masked_whiten(adv, wm).masked_fill(~wm, 0.0)
+    return adv, ret
+
+
+# --------------------------------------------------------------------------------------------
+# Loss aggregation (verl core_algos.agg_loss)
+# --------------------------------------------------------------------------------------------
+def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str = "token-mean") -> torch.Tensor:
+    """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``). ``token-mean`` is TRL PPO's
+    ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token sums / means; empty
+    sequences count as 0."""
+    if loss_agg_mode == "token-mean":
+        return masked_mean(loss_mat, loss_mask)
+    m = loss_mask.to(loss_mat.dtype)
+    seq_sum = (loss_mat * m).sum(-1)
+    if loss_agg_mode == "seq-mean-token-sum":
+        return seq_sum.mean()
+    if loss_agg_mode == "seq-mean-token-mean":
+        return (seq_sum / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return seq_sum.sum() / loss_mat.shape[-1]
+    raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+
+
+# --------------------------------------------------------------------------------------------
+# PPO loss
+# --------------------------------------------------------------------------------------------
+def ppo_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    *,
+    cliprange: float = 0.2,
+    cliprange_value: float | None = 0.2,
+    vf_coef: float = 0.1,
+    value_mask: torch.Tensor | None = None,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+    clip_ratio_c: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+):
+    """PPO clipped policy loss (+ clipped value loss), as TRL PPOTrainer.train's minibatch step.
+
+    Policy (TRL; verl ``compute_policy_loss`` "vanilla"): ``ratio = exp(logp - old_logp)``,
+    ``pg = max(-A * ratio, -A * clamp(ratio, 1 - low, 1 + high))`` aggregated over ``mask``
+    (``low``/``high`` default to ``cliprange``). ``clip_ratio_c`` enables verl's dual clip: for
+    ``A < 0`` the loss is capped at ``-A * clip_ratio_c``.
+    Value (TRL): ``vclip = clamp(values, old_values - cliprange_value, old_values +
+    cliprange_value)``, ``vf = 0.5 * masked_mean(max((values - R)^2, (vclip - R)^2),
+    value_mask)``; no clipping when ``old_values`` or ``cliprange_value`` is None.
+    ``loss = pg + vf_coef * vf - entropy_coef * agg(entropy)``.
+
+    Args:
+        logp, old_logp, advantages, mask: ``[B, T]``; ``advantages`` also ``[B]``.
+        values, old_values, returns: ``[B, T]`` value predictions (differentiable), rollout
+            values, and targets (``gae``'s returns). ``returns`` is required with ``values``.
+        value_mask: mask of the value loss (TRL: ``~padding_mask_p1``); default ``mask``.
+        loss_agg_mode: verl's modes, ``"token-mean"`` (TRL) by default; applies to the policy
+            term and the entropy term (the value loss is TRL's token mean).
+        entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
+
+    Returns:
+        ``(loss, metrics)`` with TRL PPO's metric names: ``loss/policy_avg``,
+        ``policy/clipfrac_avg``, ``policy/approxkl_avg`` (``0.5 * mean((logp - old)^2)`` over all
+        ``B*T`` positions, masked ones counting 0 as in TRL), ``val/ratio`` (mean ratio over all
+        positions, masked ones counting 1 as in TRL), and with values ``loss/value_avg``,
+        ``val/clipfrac_avg``; ``policy/entropy_avg`` (masked mean) with ``entropy``;
+        ``policy/clipfrac_lower`` (verl ``pg_clipfrac_lower``) with ``clip_ratio_c``.
+    """
+    check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    check_tensor("old_logp", old_logp, floating=True)
+    _check_same_shape("logp", logp, old_logp=old_logp, mask=mask, values=values, old_values=old_values,
+                      returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
+    check_tensor("advantages", advantages, floating=True)
+    B, T = logp.shape
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
+    check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
+                      old_values=old_values, returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
+    if values is not None and returns is None:
+        raise ValueError("returns is required when values is given (the value loss regresses values on returns)")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 (dual clip), got {clip_ratio_c}")
+    if entropy is None and entropy_coef != 0.0:
+        raise ValueError("entropy is required when entropy_coef != 0")
+    low = cliprange if cliprange_low is None else cliprange_low
+    high = cliprange if cliprange_high is None else cliprange_high
+
+    cd = _compute_dtype(logp.dtype)
+    valid = mask != 0
+    maskf = valid.to(cd)
+    zero = logp.new_zeros((), dtype=cd)
+    adv = advantages.detach().to(cd)
+    if adv.dim() == 1:
+        adv = adv.unsqueeze(1)
+    logprobs_diff = torch.where(valid, logp.to(cd) - old_logp.detach().to(cd), zero)
+    ratio = torch.exp(logprobs_diff)
+    pg_losses = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+    pg_loss_max = torch.max(pg_losses, pg_losses2)
+    metrics = {}
+    if clip_ratio_c is not None:
+        pg_losses3 = -adv * clip_ratio_c
+        with torch.no_grad():
+            lower = ((pg_loss_max > pg_losses3) & (adv < 0)).to(cd)
+            metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
+        pg_loss_max = torch.where(adv < 0, torch.min(pg_losses3, pg_loss_max), pg_loss_max)
+    pg_loss = agg_loss(pg_loss_max, maskf, loss_agg_mode)
+    loss = pg_loss
+
+    with torch.no_grad():
+        metrics["loss/policy_avg"] = pg_loss.detach()
+        metrics["policy/clipfrac_avg"] = masked_mean((pg_losses2 > pg_losses).to(cd), maskf)
+        metrics["policy/approxkl_avg"] = 0.5 * (logprobs_diff.detach() ** 2).mean()
+        metrics["val/ratio"] = ratio.detach().mean()
+
+    if values is not None:
+        vmask = valid if value_mask is None else value_mask != 0
+        vmaskf = vmask.to(cd)
+        vpred = torch.where(vmask, values.to(cd), zero)
+        ret = torch.where(vmask, returns.detach().to(cd), zero)
+        vf_losses1 = torch.square(vpred - ret)
+        if old_values is not None and cliprange_value is not None:
+            ov = torch.where(vmask, old_values.detach().to(cd), zero)
+            vpredclipped = torch.clamp(vpred, ov - cliprange_value, ov + cliprange_value)
+            vf_losses2 = torch.square(vpredclipped - ret)
+            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), vmaskf)
+            vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).to(cd), vmaskf)
+        else:
+            vf_loss = 0.5 * masked_mean(vf_losses1, vmaskf)
+            vf_clipfrac = torch.zeros((), dtype=cd, device=logp.device)
+        loss = loss + vf_coef * vf_loss
+        metrics["loss/value_avg"] = vf_loss.detach()
+        metrics["val/clipfrac_avg"] = vf_clipfrac.detach()
+
+    if entropy is not None:
+        ent = torch.where(valid, entropy.to(cd), zero)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * agg_loss(ent, maskf, loss_agg_mode)
+        metrics["policy/entropy_avg"] = masked_mean(ent.detach(), maskf)
+    return loss, metrics
+
+
+class PPOLoss(nn.Module):
+    """``nn.Module`` wrapper of ``ppo_loss``: configuration at construction, tensors in
+    ``forward``; keyword arguments of ``forward`` override the configuration for one call."""
+
+    def __init__(self, **config):
+        super().__init__()
+        mode = config.get("loss_agg_mode", "token-mean")
+        if mode not in LOSS_AGG_MODES:
+            raise ValueError(f"Unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+        self.config = dict(config)
+
+    def forward(self, logp, old_logp, advantages, mask, values=None, old_values=None, returns=None, **overrides):
+        return ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, **{**self.config, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
