@@ -337,11 +337,12 @@ def dpo_loss(
     pc, pr = policy_chosen_logps.to(cd), policy_rejected_logps.to(cd)
     rc, rr = ref_chosen_logps.to(cd), ref_rejected_logps.to(cd)
 
-    need_chosen_len = any(t in LENGTH_LOSS_TYPES for t in loss_types) or (use_weighting and pair_weights is None)
-    need_rejected_len = any(t in ("ipo", "sigmoid_norm") for t in loss_types) or (use_weighting and pair_weights is None)
-    for name, t, needed in (("chosen_lengths", chosen_lengths, need_chosen_len), ("rejected_lengths", rejected_lengths, need_rejected_len)):
-        if needed and t is None:
-            users = [x for x in loss_types if x in LENGTH_LOSS_TYPES] or ["use_weighting"]
+    wpo_needs = ["use_weighting"] if use_weighting and pair_weights is None else []
+    for name, t, users in (
+        ("chosen_lengths", chosen_lengths, [x for x in loss_types if x in LENGTH_LOSS_TYPES] + wpo_needs),
+        ("rejected_lengths", rejected_lengths, [x for x in loss_types if x in ("ipo", "sigmoid_norm")] + wpo_needs),
+    ):
+        if users and t is None:
             raise ValueError(f"{name} ([B] completion token counts) is required by {users}")
     clen = _check_lengths("chosen_lengths", chosen_lengths, shape, device, cd) if chosen_lengths is not None else None
     rlen = _check_lengths("rejected_lengths", rejected_lengths, shape, device, cd) if rejected_lengths is not None else None
