@@ -11,9 +11,7 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-os.environ.pop("TRITON_INTERPRET", None)
-
-from alignkernels.kernel_report import compile_case, iter_compile_cases  # noqa: E402
+from alignkernels.kernel_report import compile_case, iter_compile_cases
 
 
 def _run(job):
@@ -29,4 +27,6 @@ def main(ccs):
 
 
 if __name__ == "__main__":
+    # Before any kernel module is imported (kernel_report imports them lazily).
+    os.environ.pop("TRITON_INTERPRET", None)
     main([int(a) for a in sys.argv[1:]] or [80, 90])
