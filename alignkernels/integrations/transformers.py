@@ -157,14 +157,15 @@ def _lm_head(model):
     return head
 
 
-def check_supported(model, *, allow_unknown_models: bool = False) -> None:
+def check_supported(model, *, allow_unknown_models: bool = False, require_lm_head: bool = True) -> None:
     """Raise :class:`UnsupportedModelError` unless the fused head reproduces ``model``'s logits exactly.
 
     Checked: the model family is in :data:`SUPPORTED_MODEL_TYPES` (skip with
     ``allow_unknown_models=True`` once you have checked that the family's ``forward`` computes
     ``transform(lm_head(hidden))``); the ``lm_head`` carries no PEFT adapter (LoRA / DoRA / IA3 on
     the head: its update would be ignored); the head weight is a floating ``[V, H]`` matrix (not a
-    quantized one) and the bias, if any, is ``[V]``.
+    quantized one) and the bias, if any, is ``[V]``. ``require_lm_head=False`` checks the family
+    only (sequence-classification models).
     """
     base = _unwrap(model)
     model_type = _model_type(base)
@@ -175,6 +176,8 @@ def check_supported(model, *, allow_unknown_models: bool = False) -> None:
             "transform(lm_head(last_hidden_state)) with the transform read from the config "
             "(logit_scale / logits_scaling / final_logit_softcapping), pass allow_unknown_models=True"
         )
+    if not require_lm_head:
+        return
     head = _lm_head(base)
     if hasattr(head, "base_layer") or hasattr(head, "lora_A") or hasattr(head, "ia3_l"):
         raise UnsupportedModelError(
@@ -324,7 +327,9 @@ def head_logprobs(
         with _zero3_gather(*gather_params):
             outputs = compute(hidden, weight, bias)
     if return_stats:
-        return outputs
+        from alignkernels.ops.linear_logprobs import LinearLogprobsOutput
+
+        return LinearLogprobsOutput(*outputs)
     return outputs[0], outputs[1]
 
 

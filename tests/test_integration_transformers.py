@@ -1,0 +1,275 @@
+"""patch_causal_lm: per-token log-probs of tiny random HF causal LMs vs their own logits.
+
+Every family runs the model's ordinary forward (full ``[B, T, V]`` logits, the model's own
+logit_scale / softcap code) and ``log_softmax`` in fp32 as the reference, and the patched forward
+(backbone + ``alignkernels.linear_logprobs``) as the candidate. fp32 tolerance: 2e-5 absolute on
+log-probs / entropy / loss, 1e-4 relative on gradients.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+
+from alignkernels.integrations.transformers import (  # noqa: E402
+    SUPPORTED_MODEL_TYPES,
+    UnsupportedModelError,
+    causal_lm_logprobs,
+    check_supported,
+    logit_transform,
+    patch_causal_lm,
+    unpatch_causal_lm,
+)
+
+V = 97  # not a power of two
+H = 32
+
+_COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
+_DECODER = dict(_COMMON, intermediate_size=48, num_key_value_heads=1)
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DECODER)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DECODER)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DECODER, head_dim=16)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DECODER)),
+    # softcap 30 is barely active on a random model; 2.0 makes tanh bite
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(_DECODER, head_dim=16, final_logit_softcapping=2.0)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_DECODER, head_dim=16, final_logit_softcapping=3.0)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=V, n_embd=H, n_layer=1, n_head=2, n_positions=64)),
+    "phi": ("PhiConfig", "PhiForCausalLM", dict(_DECODER)),  # lm_head has a bias
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(_DECODER, logit_scale=0.5)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_DECODER, logits_scaling=4.0)),
+}
+
+
+def tiny_causal_lm(family, seed=0, **overrides):
+    config_name, model_name, kwargs = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).float().eval()
+    # random init leaves logits near 0; scale the head so the softmax is far from uniform
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+        if getattr(model.get_output_embeddings(), "bias", None) is not None:
+            model.get_output_embeddings().bias.normal_(0, 1.0)
+    return model
+
+
+def batch(seed=1, B=3, T=11):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, V, (B, T), generator=g)
+    attention_mask = torch.ones(B, T, dtype=torch.long)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, -2:] = 0  # right padding
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[0, :4] = -100  # a prompt
+    return input_ids, attention_mask, labels
+
+
+def reference_logprobs(model, input_ids, attention_mask, labels, temperature=1.0):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logsm = F.log_softmax(logits, dim=-1)
+    logp = logsm.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+    entropy = -(logsm.exp() * logsm).sum(-1) * mask
+    return logp, entropy, mask
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_forward_matches_model_logits(family):
+    model = tiny_causal_lm(family)
+    assert model.config.model_type in SUPPORTED_MODEL_TYPES
+    input_ids, attention_mask, labels = batch()
+    temperature = 0.7
+    ref_logp, ref_entropy, mask = reference_logprobs(model, input_ids, attention_mask, labels, temperature)
+    patch_causal_lm(model, temperature=temperature)
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    assert out.logprobs.dtype == torch.float32 and out.logprobs.shape == labels[:, 1:].shape
+    torch.testing.assert_close(out.logprobs, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, ref_entropy, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out.label_mask, mask)
+    assert bool((out.logprobs[~mask] == 0).all()) and bool((out.entropy[~mask] == 0).all())
+    # the unpatched path of the patched model is the original forward
+    plain = model(input_ids=input_ids, attention_mask=attention_mask)
+    assert plain.logits.shape == (*input_ids.shape, V)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi", "gpt2", "cohere"])
+def test_gradients_match_model_logits(family):
+    """softcap (gemma2), lm_head bias (phi), tied embeddings (gpt2), logit_scale (cohere)."""
+    input_ids, attention_mask, labels = batch(seed=2)
+    ref_model = tiny_causal_lm(family, seed=3)
+    model = tiny_causal_lm(family, seed=3)
+    patch_causal_lm(model, temperature=1.3)
+    logp, entropy, mask = reference_logprobs(ref_model, input_ids, attention_mask, labels, 1.3)
+    (logp.sum() + 0.3 * entropy.sum()).backward()
+    out = model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    (out.logprobs.sum() + 0.3 * out.entropy.sum()).backward()
+    n_checked = 0
+    for (name, p_ref), (_, p) in zip(ref_model.named_parameters(), model.named_parameters()):
+        if p_ref.grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        n_checked += 1
+    assert n_checked >= 5
+    head = model.get_output_embeddings()
+    assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    if family in ("gpt2", "cohere"):  # tied: the head is the embedding matrix
+        assert head.weight is model.get_input_embeddings().weight
+    if family == "phi":
+        assert head.bias is not None and head.bias.grad.abs().sum() > 0
+
+
+def test_loss_equals_model_loss_and_shift_labels():
+    model = tiny_causal_lm("qwen2")
+    input_ids, attention_mask, labels = batch(seed=4)
+    hf_loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    patch_causal_lm(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    torch.testing.assert_close(out.loss, hf_loss, atol=2e-5, rtol=1e-5)
+    # pre-shifted labels score every position: same numbers at the shifted positions
+    shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    out2 = causal_lm_logprobs(model, input_ids, shift_labels=shift, attention_mask=attention_mask)
+    torch.testing.assert_close(out2.logprobs[:, :-1], out.logprobs, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="exactly one of labels"):
+        causal_lm_logprobs(model, input_ids, labels, shift_labels=shift)
+
+
+def test_unpatch_restores_forward():
+    model = tiny_causal_lm("llama")
+    input_ids, attention_mask, labels = batch()
+    patch_causal_lm(model)
+    patch_causal_lm(model)  # idempotent
+    assert "forward" in model.__dict__
+    unpatch_causal_lm(model)
+    assert "forward" not in model.__dict__
+    out = model(input_ids, attention_mask=attention_mask, labels=labels)
+    assert out.logits.shape == (*input_ids.shape, V) and not hasattr(out, "logprobs")
+
+
+def test_logit_transform_reads_config_like_trl():
+    assert logit_transform(transformers.CohereConfig(logit_scale=0.25)).logit_scale == 0.25
+    assert logit_transform(transformers.GraniteConfig(logits_scaling=8.0)).logit_scale == 1 / 8
+    t = logit_transform(transformers.Gemma2Config(final_logit_softcapping=30.0))
+    assert t.softcap == 30.0 and t.logit_scale == 1.0
+    assert logit_transform(transformers.LlamaConfig()).softcap is None
+
+
+def test_recompute_in_backward_path_matches():
+    """The ZeRO-3 path (gather again + recompute in backward) gives the same gradients.
+
+    DeepSpeed itself is not installed here; this forces the recompute path on plain tensors.
+    """
+    from alignkernels.integrations.transformers import head_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    bias = torch.randn(V, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (2, 5), generator=g)
+    targets[0, 0] = -100
+    grads = []
+    for recompute in (False, True):
+        logp, ent = head_logprobs(hidden, weight, bias, targets, temperature=0.9, recompute_in_backward=recompute)
+        (logp.sum() * 2 - ent.sum()).backward()
+        grads.append([t.grad.clone() for t in (hidden, weight, bias)])
+        for t in (hidden, weight, bias):
+            t.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+class _FakeLoraLinear(torch.nn.Module):
+    """The attribute layout of a PEFT LoRA layer (``base_layer``, ``lora_A``) around a Linear."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base_layer = base
+        self.lora_A = torch.nn.ModuleDict({"default": torch.nn.Linear(base.in_features, 2, bias=False)})
+        self.lora_B = torch.nn.ModuleDict({"default": torch.nn.Linear(2, base.out_features, bias=False)})
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B["default"](self.lora_A["default"](x))
+
+
+def test_unsupported_configs_raise_at_patch_time():
+    model = tiny_causal_lm("llama")
+    model.lm_head = _FakeLoraLinear(model.lm_head)
+    with pytest.raises(UnsupportedModelError, match="PEFT adapter"):
+        patch_causal_lm(model)
+    assert "forward" not in model.__dict__  # nothing was patched
+
+    model = tiny_causal_lm("llama")
+    model.config.model_type = "my_custom_family"
+    with pytest.raises(UnsupportedModelError, match="allow_unknown_models"):
+        check_supported(model)
+    patch_causal_lm(model, allow_unknown_models=True)  # explicit opt-in works
+
+    model = tiny_causal_lm("llama")
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros(V, H, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        patch_causal_lm(model)
+    with pytest.raises(ValueError, match="temperature"):
+        patch_causal_lm(tiny_causal_lm("llama"), temperature=0.0)
+
+
+class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor any aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.shapes.append(tuple(t.shape))
+        return out
+
+
+def _vocab_sized(shapes, n_tokens):
+    # anything with a vocab-sized dim and >= n_tokens rows of it would be (a large share of) the logits
+    return [s for s in shapes if V in s and len(s) >= 2 and (torch.Size(s).numel() // V) >= n_tokens]
+
+
+def test_patched_forward_never_allocates_full_logits():
+    model = tiny_causal_lm("qwen2")
+    patch_causal_lm(model)
+    input_ids = torch.randint(0, V, (4, 40), generator=torch.Generator().manual_seed(5))
+    labels = input_ids.clone()
+    n_tokens = input_ids.numel() // 4  # a quarter of B*T (> H, so the [V, H] weight does not count)
+    assert n_tokens > H
+    recorder = _ShapeRecorder()
+    with recorder:
+        out = causal_lm_logprobs(model, input_ids, labels, chunk_size=8)
+        (out.logprobs.sum() + out.entropy.sum()).backward()
+    assert recorder.shapes, "dispatch mode recorded nothing"
+    assert not _vocab_sized(recorder.shapes, n_tokens), _vocab_sized(recorder.shapes, n_tokens)[:5]
+    # the detector does fire on the model's ordinary forward
+    recorder = _ShapeRecorder()
+    with recorder, torch.no_grad():
+        model(input_ids=input_ids)
+    assert _vocab_sized(recorder.shapes, n_tokens)
+
+
+@pytest.mark.gpu
+def test_patched_forward_bf16_autocast_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny_causal_lm("qwen2").cuda()
+    input_ids, attention_mask, labels = (t.cuda() for t in batch())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref_logp, ref_entropy, mask = reference_logprobs(model, input_ids, attention_mask, labels)
+        patch_causal_lm(model)
+        out = model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    torch.testing.assert_close(out.logprobs, ref_logp, atol=0.15, rtol=0.02)
+    torch.testing.assert_close(out.entropy, ref_entropy, atol=0.15, rtol=0.02)
