@@ -270,3 +270,46 @@ def trl_ppo_loss_reference(new_logprobs, mb_logprobs, mb_advantage, padding_mask
         "val/ratio": ratio.mean().detach(),
     }
     return loss, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Sequence pooling (gather_last / last_token_index / sequence_logprobs): plain loops, row by row
+# --------------------------------------------------------------------------------------------
+def last_token_index_reference(valid_rows):
+    """Loop over rows: the rightmost position where the row is truthy, 0 if none
+    (``transformers`` ``GenericForSequenceClassification``: argmax of ``arange * non_pad``)."""
+    out = []
+    for row in valid_rows.tolist():
+        last = 0
+        for t, v in enumerate(row):
+            if v:
+                last = t
+        out.append(last)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def gather_last_reference(x, valid_rows=None, cu_seqlens=None):
+    """Loop over rows (padded ``x[B, T, ...]`` + ``valid_rows[B, T]``) or over packed sequences
+    (``x[N, ...]`` + ``cu_seqlens``; an empty sequence reads its start, clamped into range)."""
+    if cu_seqlens is not None:
+        cu = cu_seqlens.tolist()
+        n = x.shape[0]
+        rows = []
+        for s in range(len(cu) - 1):
+            idx = cu[s + 1] - 1 if cu[s + 1] > cu[s] else cu[s]
+            rows.append(x[min(max(idx, 0), n - 1)])
+        return torch.stack(rows) if rows else x[:0]
+    index = last_token_index_reference(valid_rows)
+    return torch.stack([x[b, int(index[b])] for b in range(x.shape[0])])
+
+
+def sequence_logprobs_reference(logp, mask, average=False):
+    """Loop over rows: sum (or mean) of ``logp`` where ``mask`` is non-zero; empty rows give 0."""
+    flat_logp = logp.reshape(-1, logp.shape[-1]).double()
+    flat_mask = mask.reshape(-1, mask.shape[-1]) != 0
+    out = []
+    for lp, m in zip(flat_logp, flat_mask):
+        total = sum((float(v) for v, keep in zip(lp.tolist(), m.tolist()) if keep), 0.0)
+        count = int(m.sum())
+        out.append(total / max(count, 1) if average else total)
+    return torch.tensor(out, dtype=torch.float64).reshape(logp.shape[:-1])
