@@ -98,17 +98,18 @@ def linear_logprobs_fwd_kernel(
         in_tile = cols < n_cols
         z = _load_transformed(row_ptr, bias_ptr, cols, in_tile, vocab_start, logit_scale, softcap,
                               inv_temperature, has_bias)  # fmt: skip
-        z = tl.where(in_tile, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        z = tl.where(in_tile, z, 0.0)  # finite everywhere: products below never see 0·inf
+        z_or_ninf = tl.where(in_tile, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z_or_ninf, axis=0))
         alpha = tl.exp(m - m_new)  # rescales sums kept relative to the old max (0 on the first block)
-        e = tl.exp(z - m_new)  # 0 on masked lanes
+        e = tl.exp(z_or_ninf - m_new)  # 0 on masked lanes
         s = s * alpha + tl.sum(e, axis=0)
-        t = t * alpha + tl.sum(tl.where(in_tile, e * z, 0.0), axis=0)
+        t = t * alpha + tl.sum(e * z, axis=0)
         if compute_stats:
             q = q * alpha * alpha + tl.sum(e * e, axis=0)
-            zs += tl.sum(tl.where(in_tile, z, 0.0), axis=0)
+            zs += tl.sum(z, axis=0)
             # first-argmax semantics: a tie with an earlier token means the label is not top-1
-            mb = tl.maximum(mb, tl.max(tl.where(cols < local_label, z, float("-inf")), axis=0))
+            mb = tl.maximum(mb, tl.max(tl.where(cols < local_label, z_or_ninf, float("-inf")), axis=0))
         m = m_new
     tl.store(max_ptr + row, m)
     tl.store(sum_exp_ptr + row, s)

@@ -102,9 +102,12 @@ def _cuda_mixed_mm_supported(device) -> bool:
     return _MIXED_MM_OK[key]
 
 
-def _mm_into(out, a, b):
-    """``out = a @ b`` where ``out`` may be wider (fp32) than ``a`` and ``b``."""
-    if a.dtype == out.dtype:
+def _mm_into(out, a, b, bias=None):
+    """``out = a @ b (+ bias)`` where ``out`` may be wider (fp32) than ``a`` and ``b``; ``bias``
+    (only with same-dtype operands) is added by the GEMM itself, for free."""
+    if bias is not None:
+        torch.addmm(bias, a, b, out=out)
+    elif a.dtype == out.dtype:
         torch.mm(a, b, out=out)
     elif a.is_cuda and _cuda_mixed_mm_supported(a.device):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
@@ -162,6 +165,11 @@ def _torch_transform_(x, bias_block, tr: _Transform, keep_tanh=False):
     return (x, tanh) if keep_tanh else x
 
 
+def _row_dots(a, b):
+    """Σ_v a[r, v] b[r, v] per row in one pass and no temporary (batched BLAS dot)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
 def _torch_fold_forward(tile, work, bias_block, labels, state: _ForwardState, vocab_start, tr, want_entropy,
                         want_stats):  # fmt: skip
     z = _torch_transform_(tile, bias_block, tr)
@@ -171,14 +179,14 @@ def _torch_fold_forward(tile, work, bias_block, labels, state: _ForwardState, vo
     alpha = (state.max - new_max).exp_()  # 0 on the first block (old max = -inf)
     e = torch.sub(z, new_max[:, None], out=work).exp_()
     if want_stats:
-        state.sum_sq_exp.mul_(alpha * alpha).add_(torch.linalg.vecdot(e, e))
+        state.sum_sq_exp.mul_(alpha * alpha).add_(_row_dots(e, e))
         state.sum_z.add_(z.sum(1))
         before_label = torch.arange(n_cols, device=z.device)[None, :] < local[:, None]
         block_max_before = z.masked_fill(~before_label, float("-inf")).amax(1)
         torch.maximum(state.max_before_label, block_max_before, out=state.max_before_label)
     state.sum_exp.mul_(alpha).add_(e.sum(1))
     if want_entropy:
-        state.sum_z_exp.mul_(alpha).add_(e.mul_(z).sum(1))
+        state.sum_z_exp.mul_(alpha).add_(_row_dots(e, z))
     state.max.copy_(new_max)
     in_block = (local >= 0) & (local < n_cols)
     z_at_label = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
@@ -190,22 +198,21 @@ def _torch_tile_to_dx(tile, work, dx, bias_block, labels, lse, mean_z, g_logp, g
     ``work``. ``g_logp``/``g_entropy`` are per-row upstream gradients or None."""
     z, tanh = _torch_transform_(tile, bias_block, tr, keep_tanh=True)
     p = torch.sub(z, lse[:, None], out=work).exp_()
-    # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z) = -p_v [g_logp + g_H (z_v - Σ p·z)] + g_logp onehot_v
+    # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z) = p_v (a + b z_v) + g_logp onehot_v
+    # with per-row a = g_H Σ p·z - g_logp, b = -g_H; the chain rule to the raw logit x
+    # (z = T⁻¹ softcap(logit_scale (x + b))) multiplies by k = logit_scale / T (and 1 - tanh²).
+    k = tr.logit_scale / tr.temperature
     if g_entropy is not None:
-        coef = z.sub_(mean_z[:, None]).mul_(g_entropy[:, None])
-        if g_logp is not None:
-            coef.add_(g_logp[:, None])
-        dz = p.mul_(coef).neg_()
+        a = g_entropy * mean_z - g_logp if g_logp is not None else g_entropy * mean_z
+        dz = p.mul_(torch.addcmul((a * k)[:, None], z, (g_entropy * -k)[:, None], out=z))
     else:
-        dz = p.mul_(g_logp[:, None].neg())
+        dz = p.mul_((g_logp * -k)[:, None])
     if g_logp is not None:
         local = labels - vocab_start
         in_block = (local >= 0) & (local < dz.shape[1])
-        dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1)[:, None], torch.where(in_block, g_logp, 0.0)[:, None])
-    # chain rule to the raw logit x: z = T⁻¹ · softcap(logit_scale (x + b)); softcap' = 1 - tanh²
-    dz.mul_(tr.logit_scale / tr.temperature)
-    if tanh is not None:
-        dz.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+        dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1)[:, None], torch.where(in_block, g_logp * k, 0.0)[:, None])
+    if tanh is not None:  # softcap' = 1 - tanh²
+        dz.mul_(torch.addcmul(torch.ones((), dtype=tanh.dtype), tanh, tanh, value=-1.0, out=tanh))
     if dx is not dz:
         dx.copy_(dz)
     return dx
@@ -283,12 +290,13 @@ def _chunked_forward(hidden, weight, bias, labels, tr: _Transform, plan: _Plan, 
             for r0, r1 in chunks:
                 shape = (r1 - r0, v1 - v0)
                 tile = tile_buf[: shape[0] * shape[1]].view(shape)
-                _mm_into(tile, h[r0:r1], w_blk.t())
                 if plan.backend == "torch":
+                    _mm_into(tile, h[r0:r1], w_blk.t(), bias=bias_cd[v0:v1] if bias is not None else None)
                     work = work_buf[: shape[0] * shape[1]].view(shape)
-                    _torch_fold_forward(tile, work, bias_cd[v0:v1] if bias is not None else None, labels[r0:r1],
+                    _torch_fold_forward(tile, work, None, labels[r0:r1],
                                         state.rows(r0, r1), v0, tr, want_entropy, want_stats)  # fmt: skip
                 else:
+                    _mm_into(tile, h[r0:r1], w_blk.t())
                     _triton_fold_forward(tile, None, None, labels[r0:r1], state.rows(r0, r1), v0, tr,
                                          want_entropy, want_stats, bias=bias, weight=weight)  # fmt: skip
     lse = state.max + state.sum_exp.log()
@@ -342,14 +350,14 @@ def _chunked_backward(hidden, weight, bias, labels, lse, entropy, g_logp, g_entr
             shape = (r1 - r0, v1 - v0)
             tile = tile_buf[: shape[0] * shape[1]].view(shape)
             dx = dx_buf[: shape[0] * shape[1]].view(shape)
-            _mm_into(tile, h[r0:r1], w_blk.t())
+            bias_blk = bias_cd[v0:v1] if bias is not None and plan.backend == "torch" else None
+            _mm_into(tile, h[r0:r1], w_blk.t(), bias=bias_blk)  # Triton adds the bias in its kernel
             rows = slice(r0, r1)
             gl = g_logp[rows] if g_logp is not None else None
             ge = g_entropy[rows] if g_entropy is not None else None
             if plan.backend == "torch":
                 work = work_buf[: shape[0] * shape[1]].view(shape)
-                dx = _torch_tile_to_dx(tile, work, work, bias_cd[v0:v1] if bias is not None else None,
-                                       labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)  # fmt: skip
+                dx = _torch_tile_to_dx(tile, work, work, None, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)  # fmt: skip
             else:
                 _triton_tile_to_dx(tile, None, dx, None, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr,
                                    bias=bias, weight=weight)  # fmt: skip
