@@ -34,7 +34,8 @@ METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rew
 # --------------------------------------------------------------------------------------------
 def trl_compute_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected, *, loss_type, loss_weights=None,
                      beta=0.1, label_smoothing=0.0, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-                     discopop_tau=0.05, ld_alpha=None, use_weighting=False, log_sum_sq_probs=None):  # fmt: skip
+                     discopop_tau=0.05, ld_alpha=None, use_weighting=False, log_sum_sq_probs=None,
+                     entropy=None, mean_logits=None, is_top1=None):  # fmt: skip
     """TRL ``DPOTrainer._compute_loss`` on a [2B, T-1] per-token log-prob tensor
     (batch is [chosen; rejected], as TRL's collator builds it). Returns (loss, metrics)."""
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
@@ -61,9 +62,9 @@ def trl_compute_loss(per_token_logps, completion_mask, ref_chosen, ref_rejected,
     def model(**kwargs):
         return SimpleNamespace(
             log_probs=per_token_logps,
-            entropy=zeros,
-            mean_logits=zeros,
-            is_top1=zeros.bool(),
+            entropy=zeros if entropy is None else entropy,
+            mean_logits=zeros if mean_logits is None else mean_logits,
+            is_top1=zeros.bool() if is_top1 is None else is_top1,
             log_sum_sq_probs=log_sum_sq_probs,
         )
 
@@ -253,6 +254,38 @@ def test_empty_completion_row_vs_trl(loss_type):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("empty_chosen_row", [False, True])
+def test_token_metrics_vs_trl(empty_chosen_row):
+    """entropy, logits/chosen, logits/rejected, mean_token_accuracy from per-token statistics."""
+    per_token, cmask, rc, rr, lssp = make_batch(seed=15, empty_chosen_row=empty_chosen_row)
+    g = torch.Generator().manual_seed(16)
+    entropy = torch.rand(per_token.shape, generator=g) * 3
+    mean_logits = torch.randn(per_token.shape, generator=g)
+    is_top1 = torch.rand(per_token.shape, generator=g) < 0.4
+    _, m_trl = trl_compute_loss(per_token, cmask, rc, rr, loss_type="sigmoid", entropy=entropy,
+                                mean_logits=mean_logits, is_top1=is_top1)  # fmt: skip
+    B, mask = rc.shape[0], cmask[:, 1:]
+    _, m = dpo_loss_from_token_logps(
+        per_token[:B], per_token[B:], rc, rr, mask[:B], mask[B:],
+        chosen_entropy=entropy[:B], rejected_entropy=entropy[B:], chosen_mean_logits=mean_logits[:B],
+        rejected_mean_logits=mean_logits[B:], chosen_is_top1=is_top1[:B],
+    )  # fmt: skip
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        assert math.isclose(m[name].item(), m_trl[name], rel_tol=RTOL, abs_tol=ATOL), name
+
+
+def test_token_metrics_no_tokens_are_zero():
+    B, T = 2, 3
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    nan = torch.full((B, T), float("nan"))
+    _, m = dpo_loss_from_token_logps(
+        nan, nan, torch.zeros(B), torch.zeros(B), mask, mask, chosen_entropy=nan, rejected_entropy=nan,
+        chosen_mean_logits=nan, rejected_mean_logits=nan, chosen_is_top1=torch.ones(B, T, dtype=torch.bool),
+    )  # fmt: skip
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy"):
+        assert m[name].item() == 0.0, name
+
+
 # --------------------------------------------------------------------------------------------
 # Sequence-level API agrees with the token-level one (and hence with TRL)
 # --------------------------------------------------------------------------------------------
@@ -428,3 +461,6 @@ def test_errors():
         dpo_loss_from_token_logps(torch.zeros(B, 4), torch.zeros(B, 4), x, x, torch.ones(B, 3), torch.ones(B, 4))
     with pytest.raises(ValueError, match="aot"):
         DPOLoss(loss_type="aot_unpaired", use_weighting=True)
+    with pytest.raises(ValueError, match="chosen_entropy"):
+        dpo_loss_from_token_logps(torch.zeros(B, 4), torch.zeros(B, 4), x, x, torch.ones(B, 4), torch.ones(B, 4),
+                                  chosen_entropy=torch.zeros(B, 3), rejected_entropy=torch.zeros(B, 4))  # fmt: skip

@@ -429,6 +429,11 @@ def dpo_loss_from_token_logps(
     ld_alpha: float | None = None,
     chosen_log_sum_sq_probs: torch.Tensor | None = None,
     rejected_log_sum_sq_probs: torch.Tensor | None = None,
+    chosen_entropy: torch.Tensor | None = None,
+    rejected_entropy: torch.Tensor | None = None,
+    chosen_mean_logits: torch.Tensor | None = None,
+    rejected_mean_logits: torch.Tensor | None = None,
+    chosen_is_top1: torch.Tensor | None = None,
     **kwargs,
 ):
     """:func:`dpo_loss` from per-token log-probs: does the sequence sums, lengths, LD-DPO
@@ -443,10 +448,15 @@ def dpo_loss_from_token_logps(
         ld_alpha: LD-DPO α in [0, 1]: tokens past the shorter response's length count α.
         chosen_log_sum_sq_probs, rejected_log_sum_sq_probs: per-token ``log Σ_v π(v)²`` (``[B, T]``)
             for WPO; needed when ``use_weighting=True``.
+        chosen_entropy, rejected_entropy, chosen_mean_logits, rejected_mean_logits, chosen_is_top1:
+            optional per-token statistics (``[B, T]``, e.g. ``linear_logprobs(..., return_stats=True)``)
+            for TRL's token metrics: ``entropy`` (both entropies), ``logits/chosen``,
+            ``logits/rejected``, ``mean_token_accuracy`` (masked means; 0 when no token).
         **kwargs: forwarded to :func:`dpo_loss` (beta, loss_type, loss_weights, ...).
 
     Returns:
-        ``(loss, metrics)`` as :func:`dpo_loss`. Masked positions get exactly zero gradient.
+        ``(loss, metrics)`` as :func:`dpo_loss` (plus the token metrics above when their inputs
+        are given). Masked positions get exactly zero gradient.
     """
     from ..ops.gather import sequence_logprobs
 
@@ -504,12 +514,55 @@ def dpo_loss_from_token_logps(
             sequence_logprobs(rejected_log_sum_sq_probs.detach(), rmask).to(cd),
             clen.to(cd), rlen.to(cd),
         )  # fmt: skip
-    return dpo_loss(
+    loss, metrics = dpo_loss(
         pc, pr, rc, rr,
         chosen_lengths=clen, rejected_lengths=rlen,
         sft_chosen_logps=plain_c, pair_weights=pair_weights,
         **kwargs,
     )  # fmt: skip
+    metrics.update(
+        dpo_token_metrics(
+            cmask, rmask, chosen_entropy=chosen_entropy, rejected_entropy=rejected_entropy,
+            chosen_mean_logits=chosen_mean_logits, rejected_mean_logits=rejected_mean_logits,
+            chosen_is_top1=chosen_is_top1,
+        )
+    )  # fmt: skip
+    return loss, metrics
+
+
+def _masked_mean(values, mask):
+    """Mean of ``values`` over ``mask`` (one or several (values, mask) pairs), 0 with no token; no host sync."""
+    pairs = values if isinstance(values, list) else [(values, mask)]
+    total = sum(torch.where(m, v.detach().float(), 0.0).sum() for v, m in pairs)
+    count = sum(m.sum() for _, m in pairs)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+def dpo_token_metrics(chosen_mask, rejected_mask, *, chosen_entropy=None, rejected_entropy=None,
+                      chosen_mean_logits=None, rejected_mean_logits=None, chosen_is_top1=None):  # fmt: skip
+    """TRL DPOTrainer's per-token metrics (``entropy``, ``logits/chosen``, ``logits/rejected``,
+    ``mean_token_accuracy``) from whichever statistics are given; masks are bool ``[B, T]``."""
+    for name, t, mask in (
+        ("chosen_entropy", chosen_entropy, chosen_mask),
+        ("rejected_entropy", rejected_entropy, rejected_mask),
+        ("chosen_mean_logits", chosen_mean_logits, chosen_mask),
+        ("rejected_mean_logits", rejected_mean_logits, rejected_mask),
+        ("chosen_is_top1", chosen_is_top1, chosen_mask),
+    ):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(mask.shape)):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a per-token tensor of shape {tuple(mask.shape)}, got {got}")
+    metrics = {}
+    with torch.no_grad():
+        if chosen_entropy is not None and rejected_entropy is not None:
+            metrics["entropy"] = _masked_mean([(chosen_entropy, chosen_mask), (rejected_entropy, rejected_mask)], None)
+        if chosen_mean_logits is not None:
+            metrics["logits/chosen"] = _masked_mean(chosen_mean_logits, chosen_mask)
+        if rejected_mean_logits is not None:
+            metrics["logits/rejected"] = _masked_mean(rejected_mean_logits, rejected_mask)
+        if chosen_is_top1 is not None:
+            metrics["mean_token_accuracy"] = _masked_mean(chosen_is_top1.bool(), chosen_mask)
+    return metrics
 
 
 class DPOLoss(nn.Module):

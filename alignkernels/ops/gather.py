@@ -121,12 +121,26 @@ def _triton_gather_last_padded(x3: torch.Tensor, valid: torch.Tensor):
     return out, index
 
 
+def _cuda_gather_last_padded(x3: torch.Tensor, valid: torch.Tensor):
+    """CUDA C++ extension (``csrc/gather_last.cu``): index in torch, copy in the extension."""
+    from .._cuda_backend import gather_last_cuda
+
+    index = _rightmost_valid(valid)
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    return gather_last_cuda(x3, index), index
+
+
+_PADDED_IMPLS = {"triton": _triton_gather_last_padded, "cuda": _cuda_gather_last_padded}
+
+
 class _GatherLastFunction(torch.autograd.Function):
-    """Triton forward (index + copy in one program per row); backward scatters into zeros."""
+    """Kernel forward (Triton: index + copy in one program per row; CUDA extension: copy);
+    backward scatters the incoming gradient into zeros (d x[b, index[b]] = d out[b])."""
 
     @staticmethod
-    def forward(ctx, x3, valid):
-        out, index = _triton_gather_last_padded(x3, valid)
+    def forward(ctx, x3, valid, backend):
+        out, index = _PADDED_IMPLS[backend](x3, valid)
         ctx.save_for_backward(index)
         ctx.x_shape, ctx.x_dtype = x3.shape, x3.dtype
         ctx.mark_non_differentiable(index)
@@ -139,7 +153,7 @@ class _GatherLastFunction(torch.autograd.Function):
         grad_x = torch.zeros((B, T, D), dtype=ctx.x_dtype, device=grad_out.device)
         if B:
             grad_x[torch.arange(B, device=grad_out.device), index] = grad_out.to(ctx.x_dtype)
-        return grad_x, None
+        return grad_x, None, None
 
 
 def gather_last(
@@ -168,7 +182,8 @@ def gather_last(
             sequence start).
         return_index: also return the int64 index used (see :func:`last_token_index`).
         backend: ``"auto"`` (Triton on CUDA for the padded form, PyTorch indexing elsewhere),
-            ``"triton"``, ``"torch"`` or ``"reference"`` (same as ``"torch"``).
+            ``"triton"``, ``"cuda"`` (the C++ extension's copy kernel), ``"torch"`` or
+            ``"reference"`` (same as ``"torch"``). Packed inputs always use PyTorch indexing.
 
     Returns:
         ``[B, *rest]`` (``[S, *rest]`` packed), dtype of ``x``; differentiable w.r.t. ``x``
@@ -219,12 +234,12 @@ def gather_last(
         return (out, index) if return_index else out
 
     backend = resolve_backend(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
-    if backend == "triton" and x.dtype.is_floating_point and x.dtype != torch.float64:
+    if backend in _PADDED_IMPLS and x.dtype.is_floating_point and x.dtype != torch.float64:
         x3 = x.reshape(B, T, -1) if x.dim() != 3 else x
         if x3.dim() == 3 and x3.shape[-1] > 0 and x3.stride(-1) != 1:
             x3 = x3.contiguous()
         if x3.shape[-1] > 0:
-            out, index = _GatherLastFunction.apply(x3, valid)
+            out, index = _GatherLastFunction.apply(x3, valid, backend)
             out = out.view((B,) + tuple(x.shape[2:]))
         else:
             index = _rightmost_valid(valid)
