@@ -26,7 +26,9 @@ trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 
 # fp32: our math and TRL's are the same formulas in a different association order.
 RTOL, ATOL = 1e-5, 1e-6
-METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+METRIC_NAMES = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,8 +91,9 @@ def trl_finite_difference_grad(per_token, cmask, rc, rr, lssp, kwargs, h=1e-6):
         for i, j in (cmask[:, 1:] != 0).nonzero().tolist():
             step = torch.zeros_like(base)
             step[i, j] = h
-            lp, _ = trl_compute_loss(base + step, cmask, rc.double(), rr.double(), log_sum_sq_probs=lssp + step, **kwargs)
-            lm, _ = trl_compute_loss(base - step, cmask, rc.double(), rr.double(), log_sum_sq_probs=lssp - step, **kwargs)
+            ref = (rc.double(), rr.double())
+            lp, _ = trl_compute_loss(base + step, cmask, *ref, log_sum_sq_probs=lssp + step, **kwargs)
+            lm, _ = trl_compute_loss(base - step, cmask, *ref, log_sum_sq_probs=lssp - step, **kwargs)
             grad[i, j] = (lp - lm) / (2 * h)
     return grad
 
@@ -185,9 +188,15 @@ def test_label_smoothing_vs_trl(loss_type, label_smoothing):
     check_against_trl(seed=1, loss_type=loss_type, label_smoothing=label_smoothing)
 
 
+def test_robust_outside_recommended_range_warns_and_matches_trl():
+    with pytest.warns(UserWarning, match="robust"):
+        check_against_trl(seed=17, loss_type="robust", label_smoothing=0.6)
+
+
 @pytest.mark.parametrize(
     "f_div,coef",
-    [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 1.0), ("alpha_divergence", 1.7)],
+    [("forward_kl", 0.5), ("js_divergence", 0.5), ("alpha_divergence", 0.5), ("alpha_divergence", 1.0),
+     ("alpha_divergence", 1.7)],  # fmt: skip
     ids=["forward_kl", "js", "alpha0.5", "alpha1", "alpha1.7"],
 )
 @pytest.mark.parametrize("loss_type", F_DIVERGENCE_LOSS_TYPES)
@@ -250,7 +259,8 @@ def test_wpo_sft_formula():
 @pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES if t != "sft"])
 def test_empty_completion_row_vs_trl(loss_type):
     """A pair whose chosen completion has no token: TRL and we agree, loss finite."""
-    loss, _ = check_against_trl(seed=8, empty_chosen_row=True, loss_type=loss_type, label_smoothing=_needs_smoothing(loss_type))
+    smoothing = _needs_smoothing(loss_type)
+    loss, _ = check_against_trl(seed=8, empty_chosen_row=True, loss_type=loss_type, label_smoothing=smoothing)
     assert torch.isfinite(loss)
 
 
@@ -297,7 +307,8 @@ def test_sequence_level_matches_token_level(loss_type):
     kw = dict(loss_type=loss_type, beta=0.2, label_smoothing=_needs_smoothing(loss_type))
     loss_tok, m_tok = ours_from_tokens(per_token, cmask, rc, rr, lssp, **kw)
     sums, lengths = alignkernels.sequence_logprobs(per_token, mask), mask.sum(1)
-    loss_seq, m_seq = dpo_loss(sums[:B], sums[B:], rc, rr, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:], **kw)
+    lens = dict(chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])
+    loss_seq, m_seq = dpo_loss(sums[:B], sums[B:], rc, rr, **lens, **kw)
     torch.testing.assert_close(loss_seq, loss_tok, rtol=1e-6, atol=1e-7)
     for k in m_tok:
         torch.testing.assert_close(m_seq[k], m_tok[k])
@@ -376,7 +387,8 @@ def test_bf16_inputs(loss_type):
 def test_fp64_inputs_stay_fp64_and_gradcheck():
     g = torch.Generator().manual_seed(12)
     B = 4
-    pc, pr = (-torch.rand(B, generator=g, dtype=torch.float64) * 5).requires_grad_(), (-torch.rand(B, generator=g, dtype=torch.float64) * 5).requires_grad_()
+    pc = (-torch.rand(B, generator=g, dtype=torch.float64) * 5).requires_grad_()
+    pr = (-torch.rand(B, generator=g, dtype=torch.float64) * 5).requires_grad_()
     rc, rr = -torch.rand(B, generator=g, dtype=torch.float64) * 5, -torch.rand(B, generator=g, dtype=torch.float64) * 5
     lengths = torch.tensor([3, 1, 5, 2])
     for lt in ["sigmoid", "ipo", "exo_pair", "discopop", "apo_down", "sigmoid_norm"]:
@@ -456,7 +468,8 @@ def test_errors():
     with pytest.raises(ValueError, match="B >= 1"):
         dpo_loss(torch.zeros(0), torch.zeros(0), torch.zeros(0), torch.zeros(0))
     with pytest.raises(ValueError, match="ld_alpha"):
-        dpo_loss_from_token_logps(torch.zeros(B, 4), torch.zeros(B, 4), x, x, torch.ones(B, 4), torch.ones(B, 4), ld_alpha=1.5)
+        tok, mask = torch.zeros(B, 4), torch.ones(B, 4)
+        dpo_loss_from_token_logps(tok, tok, x, x, mask, mask, ld_alpha=1.5)
     with pytest.raises(ValueError, match="chosen_mask"):
         dpo_loss_from_token_logps(torch.zeros(B, 4), torch.zeros(B, 4), x, x, torch.ones(B, 3), torch.ones(B, 4))
     with pytest.raises(ValueError, match="aot"):

@@ -122,7 +122,8 @@ def test_strided_input_and_no_mask():
     mask = right_padded([7, 2, 4], 7)
     for backend in BACKENDS:
         device = _device(backend)
-        assert torch.equal(gather_last(view.to(device), mask.to(device), backend=backend).cpu(), gather_last_reference(view, mask != 0))
+        got = gather_last(view.to(device), mask.to(device), backend=backend).cpu()
+        assert torch.equal(got, gather_last_reference(view, mask != 0))
     assert torch.equal(gather_last(x), x[:, -1])
 
 
@@ -141,7 +142,9 @@ def test_zero_empty_rows(backend):
 # --------------------------------------------------------------------------------------------
 # gather_last, packed
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("cu", [[0, 3, 4, 9], [0, 0, 2, 2, 6], [0, 1, 2, 3], [0, 5, 5]], ids=["plain", "empties", "singletons", "trailing_empty"])
+@pytest.mark.parametrize(
+    "cu", [[0, 3, 4, 9], [0, 0, 2, 2, 6], [0, 1, 2, 3], [0, 5, 5]], ids=["plain", "empties", "singletons", "trailing_empty"]
+)
 def test_gather_last_packed_vs_loop(cu):
     cu = torch.tensor(cu, dtype=torch.int32)
     N = int(cu[-1])
@@ -219,7 +222,8 @@ def test_sequence_logprobs_vs_loop(name, average):
     logp = (-torch.rand(mask.shape, generator=g) * 4).requires_grad_()
     out = sequence_logprobs(logp, mask, average=average)
     assert out.dtype == torch.float32 and out.shape == mask.shape[:1]
-    torch.testing.assert_close(out.double(), sequence_logprobs_reference(logp.detach(), mask, average), rtol=1e-6, atol=1e-6)
+    expected = sequence_logprobs_reference(logp.detach(), mask, average)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
     out.sum().backward()
     counts = (mask != 0).sum(-1, keepdim=True).clamp(min=1)
     expected = (mask != 0).float() / (counts if average else 1)

@@ -30,7 +30,8 @@ def trl_reward_loss(logits, margin=None, center_rewards_coefficient=None):
         _total_train_tokens=0,
         _tp_size=1,
     )
-    inputs = {"input_ids": torch.zeros(logits.shape[0], 3, dtype=torch.long), "attention_mask": torch.ones(logits.shape[0], 3)}
+    n = logits.shape[0]
+    inputs = {"input_ids": torch.zeros(n, 3, dtype=torch.long), "attention_mask": torch.ones(n, 3)}
     if margin is not None:
         inputs["margin"] = margin
     loss = trl_reward.RewardTrainer.compute_loss(stub, lambda **kw: SimpleNamespace(logits=logits), inputs)

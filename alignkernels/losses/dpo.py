@@ -13,7 +13,7 @@ f-divergence's f'(·) ("scores" s_c, s_r; identity for reverse KL), then ``Δ = 
     sigmoid       −logσ(βΔ)
     hinge         relu(1 − βΔ)
     ipo           (s_c/|c| − s_r/|r| − 1/(2β))²                        (lengths clamp ≥ 1)
-    exo_pair      σ(βΔ)(logσ(βΔ) − log(1−ε)) + σ(−βΔ)(logσ(−βΔ) − log ε)     (ε = label_smoothing > 0)
+    exo_pair      σ(βΔ)(logσ(βΔ) − log(1−ε)) + σ(−βΔ)(logσ(−βΔ) − log ε)   (ε = label_smoothing > 0)
     nca_pair      −logσ(β rc) − ½logσ(−β rc) − ½logσ(−β rr)
     robust        [−(1−ε)logσ(βΔ) + ε logσ(−βΔ)] / (1 − 2ε)
     bco_pair      −logσ(β rc) − logσ(−β rr)
@@ -158,7 +158,8 @@ def dpo_per_pair_losses(
     if loss_type == "apo_zero":
         return (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
     if loss_type == "apo_down":
-        return torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * (chosen_logratios - rejected_logratios)))
+        margin = chosen_logratios - rejected_logratios
+        return torch.sigmoid(beta * chosen_logratios) + (1 - torch.sigmoid(beta * margin))
     if loss_type == "discopop":
         logits = delta * beta
         modulation = torch.sigmoid(logits / discopop_tau)
@@ -173,7 +174,9 @@ def dpo_per_pair_losses(
     raise ValueError(f"unknown DPO loss_type {loss_type!r}; valid loss types: {list(DPO_LOSS_TYPES)}")
 
 
-def wpo_pair_weights(chosen_logps, rejected_logps, chosen_log_sum_sq_probs, rejected_log_sum_sq_probs, chosen_lengths, rejected_lengths):
+def wpo_pair_weights(
+    chosen_logps, rejected_logps, chosen_log_sum_sq_probs, rejected_log_sum_sq_probs, chosen_lengths, rejected_lengths
+):
     """WPO weight per pair (Eq. 2 of the WPO paper, TRL ``use_weighting``), no gradient:
     ``exp((Σ_t log π(y_t) − Σ_t log Σ_v π(v)²)/|y|)`` for chosen times the same for rejected.
     Inputs are masked sums over the completion (``[B]``) and token counts (clamped ≥ 1)."""
@@ -208,7 +211,9 @@ def _normalize_loss_types(loss_type, loss_weights):
     return loss_types, weights
 
 
-def _check_config(loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting):
+def _check_config(
+    loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting
+):
     beta = float(beta)
     if not (beta > 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
@@ -345,7 +350,9 @@ def dpo_loss(
         if users and t is None:
             raise ValueError(f"{name} ([B] completion token counts) is required by {users}")
     clen = _check_lengths("chosen_lengths", chosen_lengths, shape, device, cd) if chosen_lengths is not None else None
-    rlen = _check_lengths("rejected_lengths", rejected_lengths, shape, device, cd) if rejected_lengths is not None else None
+    rlen = None
+    if rejected_lengths is not None:
+        rlen = _check_lengths("rejected_lengths", rejected_lengths, shape, device, cd)
 
     sft_pc = pc
     if sft_chosen_logps is not None:
@@ -464,7 +471,10 @@ def dpo_loss_from_token_logps(
         check_tensor(name, t, floating=True)
         if t.dim() != 2:
             raise ValueError(f"{name} must be [B, T] per-token log-probs, got shape {tuple(t.shape)}")
-    for name, t, ref in (("chosen_mask", chosen_mask, policy_chosen_logps), ("rejected_mask", rejected_mask, policy_rejected_logps)):
+    for name, t, ref in (
+        ("chosen_mask", chosen_mask, policy_chosen_logps),
+        ("rejected_mask", rejected_mask, policy_rejected_logps),
+    ):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape {tuple(ref.shape)}, got {got}")
@@ -586,7 +596,9 @@ class DPOLoss(nn.Module):
     ):
         super().__init__()
         loss_types, weights = _normalize_loss_types(loss_type, loss_weights)
-        _check_config(loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting)
+        _check_config(
+            loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting
+        )
         self.config = dict(
             beta=beta,
             loss_type=loss_types,

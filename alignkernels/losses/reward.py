@@ -88,7 +88,9 @@ def bradley_terry_loss(
             elif margin.dim() == 0:
                 m = margin
             else:
-                raise ValueError(f"margin must be a float, [B] = [{B}] or [B, K] = [{B}, {K}], got {tuple(margin.shape)}")
+                raise ValueError(
+                    f"margin must be a float, [B] = [{B}] or [B, K] = [{B}, {K}], got {tuple(margin.shape)}"
+                )
             m = m.detach().to(cd)
         else:
             m = float(margin)

@@ -30,7 +30,9 @@ def _rightmost_valid(valid: torch.Tensor) -> torch.Tensor:
     """``max_t t * valid[..., t]`` as int64: rightmost valid position, 0 for an all-invalid row."""
     T = valid.shape[-1]
     positions = torch.arange(T, device=valid.device, dtype=torch.int64)
-    return torch.where(valid, positions, 0).amax(dim=-1) if T > 0 else valid.new_zeros(valid.shape[:-1], dtype=torch.int64)
+    if T == 0:
+        return torch.zeros(valid.shape[:-1], dtype=torch.int64, device=valid.device)
+    return torch.where(valid, positions, 0).amax(dim=-1)
 
 
 def _packed_last(cu_seqlens: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,9 @@ def _check_mask(name, mask, leading_shape=None):
     if mask.dim() < 1:
         raise ValueError(f"{name} must have at least 1 dimension [..., T], got a scalar")
     if leading_shape is not None and tuple(mask.shape) != tuple(leading_shape):
-        raise ValueError(f"{name} must have shape {tuple(leading_shape)} (x.shape[:{len(leading_shape)}]), got {tuple(mask.shape)}")
+        raise ValueError(
+            f"{name} must have shape {tuple(leading_shape)} (x.shape[:{len(leading_shape)}]), got {tuple(mask.shape)}"
+        )
 
 
 def last_token_index(
@@ -79,7 +83,8 @@ def last_token_index(
             Returns ``[S]`` = ``cu_seqlens[1:] - 1`` (an empty sequence gets ``cu_seqlens[s]``,
             clamped to ``[0, total - 1]``).
     """
-    given = [n for n, v in (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens), ("input_ids", input_ids)) if v is not None]
+    candidates = (("attention_mask", attention_mask), ("cu_seqlens", cu_seqlens), ("input_ids", input_ids))
+    given = [name for name, value in candidates if value is not None]
     if len(given) != 1:
         raise ValueError(
             "last_token_index needs exactly one of attention_mask, cu_seqlens or input_ids (+ pad_token_id); "
