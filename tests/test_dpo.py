@@ -264,6 +264,30 @@ def test_empty_completion_row_vs_trl(loss_type):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_empty_prompt_lengths_override_vs_trl(loss_type):
+    """With an empty prompt the first token is a completion token: TRL's ipo / sigmoid_norm then
+    count the unshifted completion mask (one more than the log-probs cover); passing those
+    counts as chosen_lengths / rejected_lengths reproduces TRL."""
+    per_token, cmask, rc, rr, _ = make_batch(seed=18)
+    cmask[0, 0] = 1  # chosen 0 has an empty prompt ...
+    cmask[0, 1:] = 0
+    cmask[0, 1:4] = 1  # ... and completion tokens 0..3
+    B, mask = rc.shape[0], cmask[:, 1:]
+    per_token = per_token * mask
+    x_trl, x = per_token.clone().requires_grad_(), per_token.clone().requires_grad_()
+    loss_trl, _ = trl_compute_loss(x_trl, cmask, rc, rr, loss_type=loss_type)
+    lengths = cmask.sum(1)
+    loss, _ = dpo_loss_from_token_logps(x[:B], x[B:], rc, rr, mask[:B], mask[B:], loss_type=loss_type,
+                                        chosen_lengths=lengths[:B], rejected_lengths=lengths[B:])  # fmt: skip
+    torch.testing.assert_close(loss, loss_trl, rtol=RTOL, atol=ATOL)
+    default, _ = dpo_loss_from_token_logps(x[:B], x[B:], rc, rr, mask[:B], mask[B:], loss_type=loss_type)
+    assert not torch.allclose(default, loss_trl)  # the override matters here
+    (g_trl,) = torch.autograd.grad(loss_trl, x_trl)
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g[mask != 0], g_trl[mask != 0], rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("empty_chosen_row", [False, True])
 def test_token_metrics_vs_trl(empty_chosen_row):
     """entropy, logits/chosen, logits/rejected, mean_token_accuracy from per-token statistics."""

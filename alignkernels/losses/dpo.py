@@ -451,7 +451,9 @@ def dpo_loss_from_token_logps(
             of the completion tokens (aligned with the masks: TRL's ``shift_completion_mask``).
         ref_chosen_logps, ref_rejected_logps: ``[B]`` (precomputed sums, already LD-weighted if
             ``ld_alpha`` is used) or per-token ``[B, Tc]`` / ``[B, Tr]`` (summed here like the policy).
-        chosen_mask, rejected_mask: ``[B, Tc]`` / ``[B, Tr]``, non-zero = completion token.
+        chosen_mask, rejected_mask: ``[B, Tc]`` / ``[B, Tr]``, non-zero = completion token. Their
+            row sums are the token counts of ``ipo`` / ``sigmoid_norm`` / ``sft`` / WPO unless
+            ``chosen_lengths`` / ``rejected_lengths`` are passed explicitly.
         ld_alpha: LD-DPO α in [0, 1]: tokens past the shorter response's length count α.
         chosen_log_sum_sq_probs, rejected_log_sum_sq_probs: per-token ``log Σ_v π(v)²`` (``[B, T]``)
             for WPO; needed when ``use_weighting=True``.
@@ -524,9 +526,11 @@ def dpo_loss_from_token_logps(
             sequence_logprobs(rejected_log_sum_sq_probs.detach(), rmask).to(cd),
             clen.to(cd), rlen.to(cd),
         )  # fmt: skip
+    # Token counts default to the masks' sums. TRL's ipo / sigmoid_norm count the unshifted
+    # completion mask, equal to this except for an empty prompt: pass the counts to override.
     loss, metrics = dpo_loss(
         pc, pr, rc, rr,
-        chosen_lengths=clen, rejected_lengths=rlen,
+        chosen_lengths=kwargs.pop("chosen_lengths", clen), rejected_lengths=kwargs.pop("rejected_lengths", rlen),
         sft_chosen_logps=plain_c, pair_weights=pair_weights,
         **kwargs,
     )  # fmt: skip
