@@ -28,6 +28,8 @@ H = 32
 
 _COMMON = dict(vocab_size=V, hidden_size=H, num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64)
 _DECODER = dict(_COMMON, intermediate_size=48, num_key_value_heads=1)
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # defaults point outside the tiny vocab
+_MOE = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16)
 
 FAMILIES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DECODER)),
@@ -41,7 +43,15 @@ FAMILIES = {
     "phi": ("PhiConfig", "PhiForCausalLM", dict(_DECODER)),  # lm_head has a bias
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(_DECODER, logit_scale=0.5)),
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(_DECODER, logits_scaling=4.0)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DECODER, head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER, **_IDS)),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(_DECODER, **_IDS)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(_DECODER, **_IDS)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_DECODER, num_local_experts=2, num_experts_per_tok=1)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(_DECODER, **_MOE, shared_expert_intermediate_size=16)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_DECODER, **_MOE, head_dim=16)),
 }
+assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)  # every family we allow is checked here
 
 
 def tiny_causal_lm(family, seed=0, **overrides):

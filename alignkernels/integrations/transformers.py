@@ -42,26 +42,26 @@ __all__ = [
 ]
 
 # Model families whose causal-LM forward is `transform(lm_head(last_hidden_state))` with the
-# transform read by `logit_transform`; each is checked against the model's own logits in
-# tests/test_integration_transformers.py (the ones marked * by a tiny random model there).
+# transform read by `logit_transform`; every one is checked against the model's own logits by a
+# tiny random model in tests/test_integration_transformers.py.
 SUPPORTED_MODEL_TYPES = frozenset(
     {
-        "llama",  # *
-        "mistral",  # *
+        "llama",
+        "mistral",
         "mixtral",
-        "qwen2",  # *
+        "qwen2",
         "qwen2_moe",
-        "qwen3",  # *
+        "qwen3",
         "qwen3_moe",
         "gemma",
-        "gemma2",  # * final_logit_softcapping
-        "gemma3_text",  # * tied embeddings
-        "gpt2",  # * tied embeddings, base_model_prefix "transformer"
-        "phi",  # * lm_head bias
+        "gemma2",  # final_logit_softcapping
+        "gemma3_text",  # final_logit_softcapping, tied embeddings
+        "gpt2",  # tied embeddings, base_model_prefix "transformer"
+        "phi",  # lm_head bias
         "phi3",
         "olmo2",
-        "cohere",  # * logit_scale
-        "granite",  # * logits_scaling (divides)
+        "cohere",  # logit_scale, tied embeddings
+        "granite",  # logits_scaling (divides)
         "starcoder2",
     }
 )
@@ -288,6 +288,7 @@ def head_logprobs(
     compute_dtype=None,
     gather_params=(),
     recompute_in_backward=None,
+    check_labels=None,
 ):
     """``linear_logprobs`` of an ``lm_head``: ``(logp, entropy)`` or the full ``LinearLogprobsOutput``.
 
@@ -315,6 +316,7 @@ def head_logprobs(
             return_stats=return_stats,
             chunk_size=chunk_size,
             backend=backend,
+            check_labels=check_labels,
         )
         return tuple(out)
 
