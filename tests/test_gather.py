@@ -128,6 +128,16 @@ def test_strided_input_and_no_mask():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch_and_integer_values(backend):
+    device = _device(backend)
+    out = gather_last(torch.randn(0, 5, 3, device=device), torch.ones(0, 5, device=device), backend=backend)
+    assert out.shape == (0, 3)
+    ids = torch.arange(12, device=device).view(2, 6)  # gathering token ids (not a float tensor)
+    mask = right_padded([4, 6], 6).to(device)
+    assert gather_last(ids, mask, backend=backend).tolist() == [3, 11]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zero_empty_rows(backend):
     device = _device(backend)
     mask = MASKS["with_empty_row"].to(device)

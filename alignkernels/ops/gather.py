@@ -232,6 +232,10 @@ def gather_last(
         valid = None
     if T == 0:
         raise ValueError("gather_last: x has an empty sequence dimension (T = 0)")
+    if B == 0:
+        empty = x[:, 0]
+        index = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return (empty, index) if return_index else empty
 
     if valid is None:  # no padding: the last position of every row
         out = x[:, -1]
@@ -239,16 +243,13 @@ def gather_last(
         return (out, index) if return_index else out
 
     backend = resolve_backend(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
-    if backend in _PADDED_IMPLS and x.dtype.is_floating_point and x.dtype != torch.float64:
+    use_kernel = backend in _PADDED_IMPLS and x.dtype.is_floating_point and x.dtype != torch.float64
+    if use_kernel and x[0, 0].numel() > 0:  # B >= 1 here; a kernel needs a non-empty row to copy
         x3 = x.reshape(B, T, -1) if x.dim() != 3 else x
-        if x3.dim() == 3 and x3.shape[-1] > 0 and x3.stride(-1) != 1:
+        if x3.stride(-1) != 1:
             x3 = x3.contiguous()
-        if x3.shape[-1] > 0:
-            out, index = _GatherLastFunction.apply(x3, valid, backend)
-            out = out.view((B,) + tuple(x.shape[2:]))
-        else:
-            index = _rightmost_valid(valid)
-            out = x[torch.arange(B, device=x.device), index]
+        out, index = _GatherLastFunction.apply(x3, valid, backend)
+        out = out.view((B,) + tuple(x.shape[2:]))
     else:
         index = _rightmost_valid(valid)
         out = x[torch.arange(B, device=x.device), index]
