@@ -146,6 +146,23 @@ def archs_label(archs: list[tuple[str, bool]]) -> str:
     return ";".join(parts)
 
 
+def covers(archs: list[tuple[str, bool]], capability: tuple[int, int]) -> bool:
+    """Whether a device of compute ``capability`` can run a build for ``archs``: SASS sm_XY runs
+    on X.y with y >= Y (not on arch-specific ``a`` targets of another chip); PTX compute_XY is
+    JIT-compiled on any device >= X.Y."""
+    major, minor = capability
+    for number, ptx in archs:
+        digits = number.rstrip("abcdefghijklmnopqrstuvwxyz")
+        arch_major, arch_minor = int(digits[:-1]), int(digits[-1])
+        if ptx and (major, minor) >= (arch_major, arch_minor):
+            return True
+        if digits == number and major == arch_major and minor >= arch_minor:
+            return True
+        if digits != number and (major, minor) == (arch_major, arch_minor):
+            return True
+    return False
+
+
 def _python_include() -> str:
     return sysconfig.get_paths()["include"]
 
@@ -303,6 +320,9 @@ Builder = Callable[[Path, Path], None]
 
 def _default_builder(archs) -> Builder:
     def build(build_dir: Path, output: Path) -> None:
+        label = archs_label(parse_archs(archs) if not isinstance(archs, list) else archs)
+        print(f"alignkernels: compiling the CUDA extension for {label} into {build_dir.parent} "
+              "(once per source version; about a minute)", file=sys.stderr)  # fmt: skip
         compile_extension(output, build_dir=build_dir, archs=archs)
 
     return build

@@ -34,10 +34,18 @@ _NAN_FILL = {
 # ---------------------------------------------------------------------------------------------
 def extension():
     """The loaded ``alignkernels._C`` module (built on first use). ``RuntimeError`` if impossible."""
+    import os
+
     from . import _build
 
+    archs = None
+    if not os.environ.get("ALIGNKERNELS_CUDA_ARCHS") and torch.cuda.is_available():
+        # A GPU the default targets cannot run (e.g. sm_75) gets its own SASS in the cached build.
+        capability = torch.cuda.get_device_capability()
+        if not _build.covers(_build.parse_archs(_build.DEFAULT_ARCHS), capability):
+            archs = f"{_build.DEFAULT_ARCHS};{capability[0]}{capability[1]}"
     try:
-        return _build.load_extension()
+        return _build.load_extension(archs=archs)
     except Exception as exc:  # ExtensionBuildError, ImportError, filelock.Timeout, ...
         raise RuntimeError(
             "backend='cuda' needs the CUDA extension alignkernels._C, which is not built and could not be "

@@ -109,6 +109,15 @@ def test_parse_archs():
         _build.parse_archs(" ; ")
 
 
+def test_covers():
+    default = _build.parse_archs(_build.DEFAULT_ARCHS)
+    for capability in ((8, 0), (8, 6), (8, 9), (9, 0), (10, 0), (12, 0)):
+        assert _build.covers(default, capability), capability
+    assert not _build.covers(default, (7, 5))
+    assert not _build.covers(_build.parse_archs("90a"), (10, 0)) and _build.covers(_build.parse_archs("90a"), (9, 0))
+    assert not _build.covers(_build.parse_archs("80"), (9, 0))
+
+
 def test_build_plan_and_ninja_file(tmp_path):
     plan = _build.make_plan(tmp_path, tmp_path / "_C.so", archs="80;90", nvcc="/opt/cuda/bin/nvcc", cxx="g++")
     by_rule = {}
@@ -267,7 +276,7 @@ def test_missing_nvcc_gives_clear_error(tmp_path, monkeypatch):
         _build.build_cached(tmp_path, archs="80")
     # ... and the backend turns it into a RuntimeError that says what to do.
     monkeypatch.setattr(_build, "_loaded", None)
-    monkeypatch.setattr(_build, "load_extension", lambda: _build.build_cached(tmp_path, archs="80"))
+    monkeypatch.setattr(_build, "load_extension", lambda archs=None: _build.build_cached(tmp_path, archs="80"))
     with pytest.raises(RuntimeError, match="ALIGNKERNELS_BUILD_CUDA=1"):
         _cuda_backend.extension()
 
