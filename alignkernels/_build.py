@@ -328,13 +328,14 @@ def _default_builder(archs) -> Builder:
     return build
 
 
-def _import_from(path: Path):
+def _import_from(path: Path, register: bool = True):
     spec = importlib.util.spec_from_file_location(MODULE_NAME, str(path))
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot load the CUDA extension from {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    sys.modules[MODULE_NAME] = module
+    if register:
+        sys.modules[MODULE_NAME] = module
     return module
 
 

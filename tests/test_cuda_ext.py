@@ -45,7 +45,7 @@ def built_extension(tmp_path_factory):
     seconds = time.perf_counter() - start
     print(f"\n[test_cuda_ext] nvcc build of alignkernels._C for {_build.DEFAULT_ARCHS}: {seconds:.1f} s")
     assert built and path.is_file()
-    module = _build._import_from(path)
+    module = _build._import_from(path, register=False)
     previous = _build._loaded
     _build._loaded = module  # _cuda_backend.extension() now returns this build
     yield path, module
@@ -192,7 +192,7 @@ CHILD = textwrap.dedent(
     while time.time() < float(start_at):
         time.sleep(0.005)
     path, built = _build.build_cached(Path(cache), archs="80;90", builder=stub_builder)
-    module = _build._import_from(path)
+    module = _build._import_from(path, register=False)
     print(json.dumps({"built": built, "answer": module.answer(), "path": str(path)}))
     """
 )
@@ -244,7 +244,7 @@ def test_interrupted_build_leaves_nothing_that_passes_for_a_module(tmp_path, stu
     (stale / artifact.name).write_bytes(b"\x7fELF truncated")
     path, built = _build.build_cached(tmp_path, archs="80;90", builder=_copy_builder(stub_module))
     assert built and path == artifact and not stale.exists()
-    assert _build._import_from(path).answer() == 42
+    assert _build._import_from(path, register=False).answer() == 42
     # Once published, nobody rebuilds.
     path2, built2 = _build.build_cached(tmp_path, archs="80;90", builder=lambda b, o: pytest.fail("rebuilt"))
     assert path2 == path and not built2
