@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .._utils import check_same_device, check_tensor
+from .._utils import check_same_device, check_tensor, resolve_backend
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -279,6 +279,7 @@ def grpo_loss(
     steps_per_generation: int | None = None,
     num_processes: int = 1,
     training: bool = True,
+    backend: str = "auto",
 ):
     """GRPO-family policy loss on per-token log-probs, as ``GRPOTrainer._compute_loss`` (TRL 1.16).
 
@@ -323,6 +324,10 @@ def grpo_loss(
             (TRL's static coefficient; for adaptive control pass the current coefficient).
         gradient_accumulation_steps, steps_per_generation (default = GA), num_processes,
             training: the trainer state TRL's normalisation reads.
+        backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` (the fused
+            kernels of ``alignkernels.kernels.grpo``: one pass over ``[B, T]`` forward, one
+            backward; ``vespo`` always runs in PyTorch), ``"torch"``/``"reference"`` (the PyTorch
+            transcription of TRL). All give the same numbers (tests compare them).
 
     Returns:
         ``(loss, metrics)``: 0-d fp32 loss (fp64 for fp64 ``logp``); metrics dict of detached
@@ -401,75 +406,56 @@ def grpo_loss(
         samp = old_per_token_logps if sampling_logp is None else torch.where(valid, sampling_logp.detach().to(cd), zero)
         keep_seq = off_policy_mask(adv, per_token_logps, samp, maskf, off_policy_mask_threshold)
 
-    # ---- importance ratios ------------------------------------------------------------------
-    log_ratio = per_token_logps - old_per_token_logps
-    if importance_sampling_level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
-
-    if beta != 0.0:
-        ref = torch.where(valid, ref_logp.detach().to(cd), zero)
-        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-        if use_bias_correction_kl:
-            per_token_kl = per_token_kl * coef_1
-
-    # ---- per-token loss by loss type ------------------------------------------------------
-    if loss_type == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()
-        per_token_loss = -clamped_ratios * adv * per_token_logps
-    elif loss_type in _CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
-    elif loss_type == "sapo":
-        temperatures = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
-        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
-        per_token_loss = -soft_coef_1 * adv
-    else:  # vespo
-        phi_seq = vespo_gamma_weights(
-            adv, log_ratio, maskf, is_ratio,
-            k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg,
-        )  # fmt: skip
-        per_token_loss = -phi_seq * adv * per_token_logps
-
+    # ---- per-row sums of the per-token loss (Triton kernel or PyTorch) -------------------
+    token_weight = None  # off-policy sequence mask x top-entropy mask: scale the policy term only
     if off_policy_mask_threshold is not None:
-        per_token_loss = per_token_loss * keep_seq
+        token_weight = keep_seq.expand(B, shape[1])
     if entropy_mask is not None:
-        per_token_loss = per_token_loss * entropy_mask
-    if is_ratio is not None and loss_type != "vespo":
-        per_token_loss = per_token_loss * is_ratio
-    if beta != 0.0:
-        per_token_loss = per_token_loss + beta * per_token_kl
+        token_weight = entropy_mask.to(cd) if token_weight is None else token_weight * entropy_mask
+    be = resolve_backend(backend, logp.device, logp.dtype)
+    phi_seq = None
+    if be == "triton" and loss_type != "vespo":
+        rows = _grpo_rows_triton(
+            logp, old_logp, ref_logp if beta != 0.0 else None, adv, mask, token_weight, is_ratio,
+            loss_type=loss_type, sequence=importance_sampling_level == "sequence", beta=beta,
+            bias=use_bias_correction_kl, eps_low=epsilon_low, eps_high=epsilon_high, delta=delta,
+            tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg,
+        )  # fmt: skip
+    else:
+        rows, phi_seq = _grpo_rows_torch(
+            per_token_logps, old_per_token_logps, ref_logp, adv, maskf, valid, token_weight, is_ratio,
+            loss_type=loss_type, level=importance_sampling_level, beta=beta, bias=use_bias_correction_kl,
+            eps_low=epsilon_low, eps_high=epsilon_high, delta=delta, tau_pos=sapo_temperature_pos,
+            tau_neg=sapo_temperature_neg, vespo=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+        )  # fmt: skip
+    loss_sum, count = rows["loss_sum"], rows["count"]
 
-    # ---- aggregation ------------------------------------------------------------------------
+    # ---- aggregation (GRPOTrainer._compute_loss, loss type by loss type) --------------------
     accumulation = gradient_accumulation_steps if training else 1.0
     if loss_type in ("grpo", "sapo"):
-        loss = ((per_token_loss * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).mean()
+        loss = (loss_sum / count.clamp(min=1.0)).mean()
         policy_loss = loss.detach()
         loss = loss / accumulation
     elif loss_type == "bnpo":
-        loss = (per_token_loss * maskf).sum() / maskf.sum().clamp(min=1.0)
+        loss = loss_sum.sum() / count.sum().clamp(min=1.0)
         policy_loss = loss.detach()
         loss = loss / accumulation
     elif loss_type == "dr_grpo":
-        loss = (per_token_loss * maskf).sum() / (per_token_loss.size(0) * max_completion_length)
+        loss = loss_sum.sum() / (B * max_completion_length)
         policy_loss = loss.detach()
         loss = loss / accumulation
     elif loss_type in ("cispo", "dapo", "vespo"):
         if num_items_in_batch is None:
-            n_items = maskf.sum()
+            n_items = count.sum()
         else:
             n_items = torch.as_tensor(num_items_in_batch, dtype=cd, device=logp.device)
         normalizer = n_items.clamp(min=1.0) / num_processes
         if training:
             normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
-        loss = (per_token_loss * maskf).sum() / normalizer
+        loss = loss_sum.sum() / normalizer
         policy_loss = loss.detach()
     else:  # luspo
-        loss = (per_token_loss * maskf).sum(-1).mean()
+        loss = loss_sum.mean()
         policy_loss = loss.detach()
         loss = loss / accumulation
 
@@ -484,37 +470,195 @@ def grpo_loss(
 
     # ---- metrics (TRL's names and reductions, one process) ---------------------------------
     with torch.no_grad():
-        count = maskf.sum()
-
-        def global_masked_mean(x):
-            if x.shape[1] == 1:  # sequence-level: one value per sequence
-                return x.sum() / max(float(x.shape[0]), 1.0)
-            return (x * maskf).sum() / count.clamp(min=1.0)
-
-        def masked_seq_mean(x):
-            if x.shape[1] == 1:
-                return x.squeeze(1)
-            return (x * maskf).sum(-1) / maskf.sum(-1)  # NaN for empty rows, as TRL (nan-skipped below)
-
+        count = count.detach()
+        total = count.sum().clamp(min=1.0)
+        # TRL reduces a [B, 1] metric (sequence-level ratio with one advantage per sequence)
+        # per sequence, a [B, T] one over valid tokens.
+        per_sequence = importance_sampling_level == "sequence" and adv.shape[1] == 1
         if beta != 0.0:
-            metrics["kl"] = global_masked_mean(per_token_kl.detach())
+            metrics["kl"] = rows["kl_sum"].sum() / total
         if ent is not None:
-            metrics["entropy"] = global_masked_mean(ent.detach())
+            metrics["entropy"] = (ent * maskf).sum() / total
+        if per_sequence:
+            c1 = rows["coef"] if delta is None or loss_type not in _CLIPPED_LOSS_TYPES else rows["coef"].clamp(max=delta)
+            a = adv[:, 0]
+            seq_low = ((c1 < 1 - epsilon_low) & (a < 0)).to(cd)
+            seq_high = ((c1 > 1 + epsilon_high) & (a > 0)).to(cd)
+            seq_region = torch.maximum(seq_low, seq_high)
+            seq_cispo = ((rows["coef"] > epsilon_high) & (a > 0)).to(cd)
+            n_seq = max(float(B), 1.0)
+            low_mean, high_mean, region_mean = seq_low.sum() / n_seq, seq_high.sum() / n_seq, seq_region.sum() / n_seq
+            cispo_mean = seq_cispo.sum() / n_seq
+        else:
+            low_mean, high_mean = rows["low_sum"].sum() / total, rows["high_sum"].sum() / total
+            region_mean, cispo_mean = rows["region_sum"].sum() / total, rows["cispo_sum"].sum() / total
+            seq_low = rows["low_sum"] / count  # NaN for empty rows, as TRL (skipped by nanmin)
+            seq_high = rows["high_sum"] / count
         if loss_type in _CLIPPED_LOSS_TYPES:
-            c1 = coef_1.detach()
-            is_low = ((c1 < 1 - epsilon_low) & (adv < 0)).to(cd)
-            is_high = ((c1 > 1 + epsilon_high) & (adv > 0)).to(cd)
-            is_region = torch.maximum(is_low, is_high)
-            metrics["clip_ratio/low_mean"] = global_masked_mean(is_low)
-            metrics["clip_ratio/high_mean"] = global_masked_mean(is_high)
-            metrics["clip_ratio/region_mean"] = global_masked_mean(is_region)
-            metrics["clip_ratio/low_min"] = _nanmin(masked_seq_mean(is_low))
-            metrics["clip_ratio/high_max"] = _nanmax(masked_seq_mean(is_high))
+            metrics["clip_ratio/low_mean"] = low_mean
+            metrics["clip_ratio/high_mean"] = high_mean
+            metrics["clip_ratio/region_mean"] = region_mean
+            metrics["clip_ratio/low_min"] = _nanmin(seq_low)
+            metrics["clip_ratio/high_max"] = _nanmax(seq_high)
         elif loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = global_masked_mean(((coef_1.detach() > epsilon_high) & (adv > 0)).to(cd))
+            metrics["cispo_clip_ratio"] = cispo_mean
         elif loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"] = global_masked_mean(phi_seq)
+            metrics["vespo/phi_seq_mean"] = phi_seq.sum() / max(float(B), 1.0)
     return loss, metrics
+
+
+def _grpo_rows_torch(
+    per_token_logps, old_per_token_logps, ref_logp, adv, maskf, valid, token_weight, is_ratio, *,
+    loss_type, level, beta, bias, eps_low, eps_high, delta, tau_pos, tau_neg, vespo,
+):  # fmt: skip
+    """Per-token GRPO loss in PyTorch, transcribing GRPOTrainer._compute_loss, reduced per row.
+
+    Returns ``({"loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum",
+    "coef"}, phi_seq)``: per-row sums over valid tokens (``loss_sum`` differentiable), the
+    sequence-level ratio per row (``coef``, sequence level), VESPO's weights (vespo)."""
+    cd = per_token_logps.dtype
+    zero = per_token_logps.new_zeros(())
+    log_ratio = per_token_logps - old_per_token_logps
+    if level == "token":
+        log_importance_weights = log_ratio
+    else:
+        log_importance_weights = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(log_importance_weights)
+
+    if beta != 0.0:
+        ref = torch.where(valid, ref_logp.detach().to(cd), zero)
+        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+        if bias:
+            per_token_kl = per_token_kl * coef_1
+
+    phi_seq = None
+    if loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=eps_high).detach()
+        per_token_loss = -clamped_ratios * adv * per_token_logps
+    elif loss_type in _CLIPPED_LOSS_TYPES:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    elif loss_type == "sapo":
+        temperatures = torch.where(adv > 0, tau_pos, tau_neg)
+        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
+        per_token_loss = -soft_coef_1 * adv
+    else:  # vespo
+        k_pos, lambda_pos, k_neg, lambda_neg = vespo
+        phi_seq = vespo_gamma_weights(
+            adv, log_ratio, maskf, is_ratio, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg
+        )
+        per_token_loss = -phi_seq * adv * per_token_logps
+
+    if token_weight is not None:
+        per_token_loss = per_token_loss * token_weight
+    if is_ratio is not None and loss_type != "vespo":
+        per_token_loss = per_token_loss * is_ratio
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+
+    rows = {"loss_sum": (per_token_loss * maskf).sum(-1), "count": maskf.sum(-1)}
+    with torch.no_grad():
+        B, T = maskf.shape
+        c1 = coef_1.detach()
+        rows["kl_sum"] = (per_token_kl.detach() * maskf).sum(-1) if beta != 0.0 else None
+        low = ((c1 < 1 - eps_low) & (adv < 0)).to(cd).expand(B, T)
+        high = ((c1 > 1 + eps_high) & (adv > 0)).to(cd).expand(B, T)
+        rows["low_sum"] = (low * maskf).sum(-1)
+        rows["high_sum"] = (high * maskf).sum(-1)
+        rows["region_sum"] = (torch.maximum(low, high) * maskf).sum(-1)
+        rows["cispo_sum"] = (((c1 > eps_high) & (adv > 0)).to(cd).expand(B, T) * maskf).sum(-1)
+        rows["coef"] = torch.exp(log_importance_weights.detach()[:, 0]) if level == "sequence" else None
+    return rows, phi_seq
+
+
+# --------------------------------------------------------------------------------------------
+# Triton backend: launcher + autograd Function over the per-row sums
+# --------------------------------------------------------------------------------------------
+def _rows_view(t, B, T):
+    """fp32 ``[B, T]`` view with a contiguous last dim, plus (row stride, token stride)."""
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if t.shape[-1] == 1 and T != 1:  # [B, 1]: broadcast along T with token stride 0
+        t = t.reshape(B, 1).contiguous()
+        return t, t.stride(0), 0
+    t = t.expand(B, T)
+    if t.stride(-1) != 1:
+        t = t.contiguous()
+    return t, t.stride(0), 1
+
+
+class _GRPORowsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logp, old, ref, adv, maskf, weight, is_ratio, flags, scalars):
+        from ..kernels.grpo import N_ROW_STATS, grpo_fwd_kernel, pick_config
+
+        B, T = logp.shape
+        stats = torch.empty((B, N_ROW_STATS), dtype=torch.float32, device=logp.device)
+        args = _GRPORowsFunction._args(logp, old, ref, adv, maskf, weight, is_ratio)
+        block_t, num_warps = pick_config(T)
+        if B:
+            grpo_fwd_kernel[(B,)](*args["ptrs"], stats, T, *args["strides"], *args["flags"](flags), *scalars,
+                                  BLOCK_T=block_t, num_warps=num_warps)  # fmt: skip
+        ctx.save_for_backward(*args["tensors"])
+        ctx.strides, ctx.has, ctx.flags, ctx.scalars = args["strides"], args["has"], flags, scalars
+        loss_sum, other = stats[:, 0].clone(), stats[:, 1:]
+        ctx.mark_non_differentiable(other)  # counts and metric sums carry no gradient
+        return loss_sum, other
+
+    @staticmethod
+    def _args(logp, old, ref, adv, maskf, weight, is_ratio):
+        B, T = logp.shape
+        lp, s_lp, _ = _rows_view(logp.detach(), B, T)
+        present = {"old": old, "ref": ref, "w": weight, "is": is_ratio}
+        views = {}
+        for name, t in present.items():
+            views[name] = _rows_view(t.detach(), B, T) if t is not None else (lp, s_lp, 1)
+        a, s_a_row, s_a_t = _rows_view(adv.detach(), B, T)
+        m, s_m, _ = _rows_view(maskf, B, T)
+        has = tuple(int(present[k] is not None) for k in ("old", "ref", "w", "is"))
+        tensors = (lp, views["old"][0], views["ref"][0], a, m, views["w"][0], views["is"][0])
+        strides = (s_lp, views["old"][1], views["ref"][1], s_a_row, s_a_t, s_m, views["w"][1],
+                   views["is"][1], views["is"][2])  # fmt: skip
+        return {
+            "tensors": tensors, "ptrs": tensors, "strides": strides, "has": has,
+            "flags": lambda flags: has + tuple(flags),
+        }  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_loss_sum, _grad_other):
+        from ..kernels.grpo import grpo_bwd_kernel, pick_config
+
+        tensors = ctx.saved_tensors
+        lp = tensors[0]
+        B, T = lp.shape
+        grad_rows = grad_loss_sum.contiguous().to(torch.float32)
+        grad_logp = torch.empty((B, T), dtype=torch.float32, device=lp.device)
+        block_t, num_warps = pick_config(T)
+        if B and T:
+            grpo_bwd_kernel[(B,)](*tensors, grad_rows, grad_logp, T, *ctx.strides, *ctx.has, *ctx.flags,
+                                  *ctx.scalars, BLOCK_T=block_t, num_warps=num_warps)  # fmt: skip
+        return grad_logp, None, None, None, None, None, None, None, None
+
+
+def _grpo_rows_triton(logp, old_logp, ref_logp, adv, mask, token_weight, is_ratio, *, loss_type, sequence, beta,
+                      bias, eps_low, eps_high, delta, tau_pos, tau_neg):  # fmt: skip
+    from ..kernels.grpo import LOSS_KINDS
+
+    kind = LOSS_KINDS["cispo" if loss_type == "cispo" else "sapo" if loss_type == "sapo" else "clipped"]
+    maskf = (mask != 0).to(torch.float32)
+    flags = (kind, int(sequence), int(bool(bias)))
+    scalars = (float(beta), float(eps_low), float(eps_high), float("inf") if delta is None else float(delta),
+               float(tau_pos), float(tau_neg))  # fmt: skip
+    loss_sum, other = _GRPORowsFunction.apply(
+        logp, old_logp, ref_logp, adv, maskf, token_weight, is_ratio, flags, scalars
+    )
+    cd = _compute_dtype(logp.dtype)
+    names = ("count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
+    rows = {name: other[:, i].to(cd) for i, name in enumerate(names)}
+    rows["loss_sum"] = loss_sum.to(cd)
+    return rows
 
 
 class GRPOLoss(nn.Module):
