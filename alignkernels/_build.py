@@ -207,7 +207,8 @@ def make_plan(build_dir: Path, output: Path, *, archs=None, nvcc: str | None = N
     opt = ["-O0", "-g"] if debug else ["-O3"]
     includes = [f"-I{csrc}"]
     nvcc_flags = [
-        "-std=c++17", *opt, "--threads", "2", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+        "-std=c++17", *opt, "--threads", "2", "--expt-relaxed-constexpr",
+        "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
         f"-DALIGNKERNELS_ARCHS=\"{archs_label(archs)}\"", *gencode_flags(archs), *includes,
     ]
     cxx_flags = [

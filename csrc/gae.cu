@@ -35,7 +35,9 @@ struct Affine {  // x -> a + m·x
 };
 
 // f ∘ g: apply g (the maps to the right) first, then f.
-__device__ __forceinline__ Affine compose(const Affine& f, const Affine& g) { return Affine{f.a + f.m * g.a, f.m * g.m}; }
+__device__ __forceinline__ Affine compose(const Affine& f, const Affine& g) {
+  return Affine{f.a + f.m * g.a, f.m * g.m};
+}
 
 __device__ __forceinline__ Affine identity_map() { return Affine{0.f, 1.f}; }
 

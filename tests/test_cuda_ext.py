@@ -135,6 +135,29 @@ def test_build_plan_and_ninja_file(tmp_path):
     assert text.count("\nbuild ") == len(plan.steps) and "rule link" in text
 
 
+@pytest.mark.parametrize("use_ninja", [True, False])
+def test_run_plan_with_and_without_ninja(tmp_path, monkeypatch, use_ninja):
+    """The same plan runs through build.ninja or, without ninja, command by command."""
+    if use_ninja and _build.find_ninja() is None:
+        pytest.skip("ninja not installed")
+    if not use_ninja:
+        monkeypatch.setattr(_build, "find_ninja", lambda: None)
+    src, obj, out = tmp_path / "a b.txt", tmp_path / "obj:1.o", tmp_path / "_C.so"  # odd characters
+    src.write_text("kernel")
+    plan = _build.BuildPlan(output=out)
+    upper = ["sh", "-c", 'tr a-z A-Z < "$0" > "$1"', str(src), str(obj)]
+    plan.steps.append(_build.BuildStep(obj, [src], upper, "nvcc"))
+    plan.steps.append(_build.BuildStep(out, [obj], ["cp", str(obj), str(out)], "link"))
+    _build.run_plan(plan, tmp_path / "build", verbose=False)
+    assert out.read_text() == "KERNEL"
+    assert (tmp_path / "build" / "build.ninja").is_file() == use_ninja
+    failing = _build.BuildPlan(output=tmp_path / "never.so")
+    fail = ["sh", "-c", "echo 'error: boom' >&2; exit 3"]
+    failing.steps.append(_build.BuildStep(tmp_path / "never.so", [src], fail, "nvcc"))
+    with pytest.raises(_build.ExtensionBuildError, match="boom"):
+        _build.run_plan(failing, tmp_path / "build2", verbose=False)
+
+
 def test_build_key_tracks_sources_and_targets(tmp_path, monkeypatch):
     key = _build.build_key("80;90")
     assert key == _build.build_key("80;90") and key != _build.build_key("80")
