@@ -9,10 +9,12 @@ it follows. Differences, all confined to degenerate inputs: empty masks give 0 i
 instead of NaN/raise.
 
 ``gae`` is never a Python loop over time: a Triton reverse affine scan on CUDA
-(``alignkernels.kernels.gae``), a vectorised log-depth scan in PyTorch elsewhere, and the loop
+(``alignkernels.kernels.gae``), a vectorised blocked scan in PyTorch elsewhere, and the loop
 itself only in ``alignkernels.reference.gae_reference``.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -153,19 +155,39 @@ def kl_penalty_rewards(
 # GAE
 # --------------------------------------------------------------------------------------------
 def _reverse_affine_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """All ``x_t = a_t * x_{t+1} + b_t`` (``x_T = 0``) along the last dim in log2(T) vectorised
-    doubling steps (Hillis-Steele scan of affine maps on the reversed sequence). Only products of
-    the ``a``'s appear (no division), so it is stable for any ``a`` including 0."""
-    a = a.flip(-1)
-    b = b.flip(-1)
+    """All ``x_t = a_t * x_{t+1} + b_t`` (``x_T = 0``) along the last dim, as a blocked scan.
+
+    The row is cut into ``nb`` blocks of ``K ~ sqrt(T)`` steps. (1) Within every block at once
+    (vectorised over rows and blocks), a K-step loop builds the block-local result ``x_loc``
+    (carry-in 0) and ``p`` = the product of the ``a``'s from each step to the block end. (2) An
+    ``nb``-step loop over rows computes the carry entering each block from its right,
+    ``carry_j = x_loc[j+1, 0] + p[j+1, 0] * carry_{j+1}``. (3) ``x = x_loc + p * carry``.
+    About ``2 sqrt(T)`` small vectorised steps instead of T; only products of the ``a``'s appear
+    (no division), so it is stable for any ``a`` including 0."""
     T = a.shape[-1]
-    d = 1
-    while d < T:
-        # element s absorbs the composite map ending at s - d: x_s = a_s (a' x + b') + b_s
-        b = torch.cat([b[..., :d], a[..., d:] * b[..., :-d] + b[..., d:]], dim=-1)
-        a = torch.cat([a[..., :d], a[..., d:] * a[..., :-d]], dim=-1)
-        d *= 2
-    return b.flip(-1)
+    lead = a.shape[:-1]
+    if T == 0:
+        return b.clone()
+    K = max(1, math.isqrt(T))
+    nb = -(-T // K)
+    pad = nb * K - T
+    if pad:  # identity steps at the end: a = 1, b = 0 keep the carry-in (0) unchanged
+        a = torch.cat([a, a.new_ones(*lead, pad)], dim=-1)
+        b = torch.cat([b, b.new_zeros(*lead, pad)], dim=-1)
+    a = a.reshape(*lead, nb, K)
+    b = b.reshape(*lead, nb, K)
+    x = torch.empty_like(b)
+    p = torch.empty_like(a)
+    x[..., K - 1] = b[..., K - 1]
+    p[..., K - 1] = a[..., K - 1]
+    for k in range(K - 2, -1, -1):
+        torch.addcmul(b[..., k], a[..., k], x[..., k + 1], out=x[..., k])
+        torch.mul(a[..., k], p[..., k + 1], out=p[..., k])
+    carry = torch.zeros_like(x[..., 0])
+    x_first, p_first = x[..., 0], p[..., 0]
+    for j in range(nb - 2, -1, -1):
+        torch.addcmul(x_first[..., j + 1], p_first[..., j + 1], carry[..., j + 1], out=carry[..., j])
+    return torch.addcmul(x, p, carry.unsqueeze(-1)).reshape(*lead, nb * K)[..., :T]
 
 
 def _gae_torch(rewards, values, maskf, gamma, lam):
@@ -228,7 +250,7 @@ def gae(
         gamma, lam: discount and GAE lambda (TRL defaults 1.0 and 0.95).
         whiten: whiten the advantages over ``whiten_mask`` (default ``mask``) with
             ``masked_whiten`` and zero them outside it (TRL: always on; verl: always on).
-        backend: ``"auto"`` (Triton on CUDA, vectorised torch scan elsewhere), ``"triton"``,
+        backend: ``"auto"`` (Triton on CUDA, vectorised blocked torch scan elsewhere), ``"triton"``,
             ``"torch"``, ``"reference"`` (the Python loop).
 
     Returns:
