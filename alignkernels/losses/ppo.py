@@ -283,21 +283,27 @@ def gae(
 # --------------------------------------------------------------------------------------------
 # Loss aggregation (verl core_algos.agg_loss)
 # --------------------------------------------------------------------------------------------
+def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str) -> torch.Tensor:
+    """``agg_loss`` from per-row sums over valid tokens (``loss_sum``, ``count``: ``[B]``); every
+    backend reduces rows first and calls this."""
+    if loss_agg_mode == "token-mean":
+        total = count.sum()
+        return loss_sum.sum() / torch.where(total > 0, total, torch.ones_like(total))
+    if loss_agg_mode == "seq-mean-token-sum":
+        return loss_sum.mean()
+    if loss_agg_mode == "seq-mean-token-mean":
+        return (loss_sum / count.clamp(min=1.0)).mean()
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        return loss_sum.sum() / seq_len
+    raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+
+
 def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str = "token-mean") -> torch.Tensor:
     """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``). ``token-mean`` is TRL PPO's
-    ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token sums / means; empty
-    sequences count as 0."""
-    if loss_agg_mode == "token-mean":
-        return masked_mean(loss_mat, loss_mask)
+    ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token sums / means
+    (``-sum-norm``: total sum / T); empty sequences count as 0."""
     m = loss_mask.to(loss_mat.dtype)
-    seq_sum = (loss_mat * m).sum(-1)
-    if loss_agg_mode == "seq-mean-token-sum":
-        return seq_sum.mean()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (seq_sum / m.sum(-1).clamp(min=1.0)).mean()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return seq_sum.sum() / loss_mat.shape[-1]
-    raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    return agg_rows((loss_mat * m).sum(-1), m.sum(-1), loss_mat.shape[-1], loss_agg_mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,6 +328,7 @@ def ppo_loss(
     loss_agg_mode: str = "token-mean",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
+    backend: str = "auto",
 ):
     """PPO clipped policy loss (+ clipped value loss), as TRL PPOTrainer.train's minibatch step.
 
@@ -342,6 +349,9 @@ def ppo_loss(
         loss_agg_mode: verl's modes, ``"token-mean"`` (TRL) by default; applies to the policy
             term and the entropy term (the value loss is TRL's token mean).
         entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
+        backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the policy term runs in the
+            fused GRPO kernels, ``alignkernels.kernels.grpo``; dual clip stays in PyTorch),
+            ``"torch"``/``"reference"``.
 
     Returns:
         ``(loss, metrics)`` with TRL PPO's metric names: ``loss/policy_avg``,
@@ -382,25 +392,41 @@ def ppo_loss(
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
     logprobs_diff = torch.where(valid, logp.to(cd) - old_logp.detach().to(cd), zero)
-    ratio = torch.exp(logprobs_diff)
-    pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-    pg_loss_max = torch.max(pg_losses, pg_losses2)
     metrics = {}
-    if clip_ratio_c is not None:
-        pg_losses3 = -adv * clip_ratio_c
-        with torch.no_grad():
-            lower = ((pg_loss_max > pg_losses3) & (adv < 0)).to(cd)
-            metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
-        pg_loss_max = torch.where(adv < 0, torch.min(pg_losses3, pg_loss_max), pg_loss_max)
-    pg_loss = agg_loss(pg_loss_max, maskf, loss_agg_mode)
+    be = resolve_backend(backend, logp.device, logp.dtype)
+    if be == "triton" and clip_ratio_c is None:
+        # The clipped PPO policy term is GRPO's clipped per-token loss at token level with no
+        # delta / KL: max(-A r, -A clamp(r)) = -min(A r, A clamp(r)); pg_losses2 > pg_losses is
+        # exactly GRPO's "region" clip indicator. One fused pass (alignkernels.kernels.grpo).
+        from .grpo import _grpo_rows_triton
+
+        rows = _grpo_rows_triton(
+            logp, old_logp, None, adv, mask, None, None, loss_type="grpo", sequence=False, beta=0.0, bias=False,
+            eps_low=low, eps_high=high, delta=None, tau_pos=1.0, tau_neg=1.0,
+        )  # fmt: skip
+        pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
+        clipped_sum = rows["region_sum"]
+    else:
+        ratio = torch.exp(logprobs_diff)
+        pg_losses = -adv * ratio
+        pg_losses2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
+        pg_loss_max = torch.max(pg_losses, pg_losses2)
+        if clip_ratio_c is not None:
+            pg_losses3 = -adv * clip_ratio_c
+            with torch.no_grad():
+                lower = ((pg_loss_max > pg_losses3) & (adv < 0)).to(cd)
+                metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
+            pg_loss_max = torch.where(adv < 0, torch.min(pg_losses3, pg_loss_max), pg_loss_max)
+        pg_loss = agg_loss(pg_loss_max, maskf, loss_agg_mode)
+        clipped_sum = ((pg_losses2 > pg_losses).to(cd) * maskf).sum(-1).detach()
     loss = pg_loss
 
     with torch.no_grad():
         metrics["loss/policy_avg"] = pg_loss.detach()
-        metrics["policy/clipfrac_avg"] = masked_mean((pg_losses2 > pg_losses).to(cd), maskf)
-        metrics["policy/approxkl_avg"] = 0.5 * (logprobs_diff.detach() ** 2).mean()
-        metrics["val/ratio"] = ratio.detach().mean()
+        metrics["policy/clipfrac_avg"] = agg_rows(clipped_sum, maskf.sum(-1), T, "token-mean")
+        d = logprobs_diff.detach()
+        metrics["policy/approxkl_avg"] = 0.5 * (d**2).mean()
+        metrics["val/ratio"] = torch.exp(d).mean()
 
     if values is not None:
         vmask = valid if value_mask is None else value_mask != 0
