@@ -313,3 +313,67 @@ def sequence_logprobs_reference(logp, mask, average=False):
         count = int(m.sum())
         out.append(total / max(count, 1) if average else total)
     return torch.tensor(out, dtype=torch.float64).reshape(logp.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Process reward models (gather_steps / prm_loss / aggregate_step_scores): loops and the eager
+# per-token head that transformers' AutoModelForTokenClassification + TRL's PRM trainer run
+# --------------------------------------------------------------------------------------------
+def step_positions_reference(step_flags, cu_seqlens=None):
+    """Loop: ``[(seq, token_in_seq, flat_index), ...]`` of the non-zero flags, row-major.
+    Padded: ``step_flags[B, T]``; packed: ``step_flags[N]`` + ``cu_seqlens`` (tokens outside
+    ``[cu[0], cu[-1])`` are not steps)."""
+    out = []
+    if cu_seqlens is None:
+        rows = step_flags.tolist()
+        T = len(rows[0]) if rows else 0
+        for b, row in enumerate(rows):
+            for t, v in enumerate(row):
+                if v:
+                    out.append((b, t, b * T + t))
+        return out
+    flags = step_flags.reshape(-1).tolist()
+    cu = cu_seqlens.tolist()
+    for s in range(len(cu) - 1):
+        for n in range(cu[s], cu[s + 1]):
+            if flags[n]:
+                out.append((s, n - cu[s], n))
+    return out
+
+
+def token_classification_loss_reference(hidden, weight, bias, labels, ignore_index=-100):
+    """Eager per-token head + loss, as ``transformers``' ``GenericForTokenClassification`` with
+    ``ForTokenClassification`` (what TRL's PRM trainer optimises): ``[B, T, K]`` logits for every
+    token, upcast to fp32, mean cross-entropy over labels != ignore_index (NaN if there are none)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    K = logits.shape[-1]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, K).float(), labels.reshape(-1), ignore_index=ignore_index
+    )
+
+
+def aggregate_step_scores_reference(scores_per_sequence, how="min", empty_value=0.0):
+    """Loop over sequences: ``scores_per_sequence`` is a list of 1-D lists (steps in order)."""
+    out = []
+    for steps in scores_per_sequence:
+        steps = [float(v) for v in steps]
+        if not steps:
+            out.append(float(empty_value))
+        elif how == "min":
+            out.append(min(steps))
+        elif how == "max":
+            out.append(max(steps))
+        elif how == "mean":
+            out.append(sum(steps) / len(steps))
+        elif how == "sum":
+            out.append(sum(steps))
+        elif how == "last":
+            out.append(steps[-1])
+        elif how == "prod":
+            p = 1.0
+            for v in steps:
+                p *= v
+            out.append(p)
+        else:
+            raise ValueError(f"unknown aggregation {how!r}")
+    return torch.tensor(out, dtype=torch.float64)
