@@ -145,6 +145,12 @@ def test_loss_equals_model_loss_and_shift_labels():
     shift = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     out2 = causal_lm_logprobs(model, input_ids, shift_labels=shift, attention_mask=attention_mask)
     torch.testing.assert_close(out2.logprobs[:, :-1], out.logprobs, atol=1e-6, rtol=0)
+    # logits_to_keep=k: the last k tokens only, same numbers
+    out3 = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, logits_to_keep=4, return_token_logprobs=True)
+    assert out3.logprobs.shape == (input_ids.shape[0], 4)
+    torch.testing.assert_close(out3.logprobs, out.logprobs[:, -4:], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        causal_lm_logprobs(model, input_ids, labels, logits_to_keep=input_ids.shape[1])
     with pytest.raises(ValueError, match="exactly one of labels"):
         causal_lm_logprobs(model, input_ids, labels, shift_labels=shift)
 

@@ -282,6 +282,7 @@ def head_logprobs(
     temperature=1.0,
     transform: LogitTransform = LogitTransform(),
     ignore_index=-100,
+    return_entropy=True,
     return_stats=False,
     chunk_size=None,
     backend="auto",
@@ -292,7 +293,8 @@ def head_logprobs(
 ):
     """``linear_logprobs`` of an ``lm_head``: ``(logp, entropy)`` or the full ``LinearLogprobsOutput``.
 
-    The one call both drop-ins make. ``compute_dtype`` (the autocast dtype) casts hidden, weight
+    The one call both drop-ins make. ``entropy`` is ``None`` when neither ``return_entropy`` nor
+    ``return_stats`` asks for it (it is then not computed). ``compute_dtype`` (the autocast dtype) casts hidden, weight
     and bias before the matmul, differentiably. ``gather_params`` are the head's parameters as
     modules hold them; when they are ZeRO-3 partitioned (or ``recompute_in_backward=True``) the
     call goes through :class:`_RegatherHeadInBackward` so backward gathers them again.
@@ -312,13 +314,15 @@ def head_logprobs(
             logit_scale=transform.logit_scale,
             softcap=transform.softcap,
             ignore_index=ignore_index,
-            return_entropy=True,
+            return_entropy=return_entropy,
             return_stats=return_stats,
             chunk_size=chunk_size,
             backend=backend,
             check_labels=check_labels,
         )
-        return tuple(out)
+        if return_stats:
+            return tuple(out)
+        return tuple(out) if return_entropy else (out, None)
 
     if recompute_in_backward is None:
         recompute_in_backward = _is_zero3_partitioned(*gather_params)
@@ -341,6 +345,7 @@ def causal_lm_logprobs(
     labels=None,
     *,
     shift_labels=None,
+    logits_to_keep: int | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = True,
@@ -353,7 +358,9 @@ def causal_lm_logprobs(
 
     ``labels`` ``[B, T]`` are next-token shifted here (``hidden[:, :-1]`` scores ``labels[:, 1:]``)
     as in Hugging Face's causal-LM loss; pass pre-shifted ``shift_labels`` ``[B, T]`` instead to
-    score every position. ``temperature`` divides the transformed logits. ``backbone_kwargs``
+    score every position. ``logits_to_keep=k`` (with ``labels``) scores only the last ``k`` tokens
+    (``labels[:, -k:]``, e.g. a GRPO completion) and returns ``[B, k]``. ``temperature`` divides the
+    transformed logits. ``backbone_kwargs``
     (``attention_mask``, ``position_ids``, ``inputs_embeds``, ...) go to the backbone. The head runs
     through :func:`alignkernels.linear_logprobs`: ``[B, T, V]`` logits are never materialised, and
     only scored positions cost FLOPs. Call it on the unwrapped model only outside DDP/FSDP; under
@@ -369,8 +376,16 @@ def causal_lm_logprobs(
     outputs = backbone(input_ids, **backbone_kwargs) if input_ids is not None else backbone(**backbone_kwargs)
     hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
     if shift_labels is None:
-        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        if logits_to_keep:
+            k = int(logits_to_keep)
+            if not 0 < k < labels.shape[1]:
+                raise ValueError(f"logits_to_keep must be in [1, T-1]={labels.shape[1] - 1}, got {k}")
+            hidden, targets = hidden[:, -(k + 1) : -1], labels[:, -k:]
+        else:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
     else:
+        if logits_to_keep:
+            raise ValueError("logits_to_keep applies to labels, not shift_labels")
         hidden, targets = hidden, shift_labels
     head = _lm_head(base)
     weight, bias = _head_tensors(head)
@@ -388,13 +403,12 @@ def causal_lm_logprobs(
         temperature=temperature,
         transform=transform,
         ignore_index=ignore_index,
+        return_entropy=return_entropy,
         chunk_size=chunk_size,
         backend=backend,
         compute_dtype=compute_dtype,
         gather_params=(head.weight, getattr(head, "bias", None)),
     )
-    if not return_entropy:
-        entropy = None
     mask = targets != ignore_index
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -logprobs.sum() / denom

@@ -127,7 +127,9 @@ class LinearLogprobsAdapter:
             compute_dtype = hidden.dtype
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
-        stats = head_logprobs(
+        wanted = set(outputs or ())
+        want_stats = bool(wanted & {"log_sum_sq_probs", "mean_logits", "is_top1"})
+        result = head_logprobs(
             hidden,
             weight,
             bias,
@@ -137,7 +139,8 @@ class LinearLogprobsAdapter:
                 logit_scale=1.0 if logit_scale is None else float(logit_scale),
                 softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
             ),
-            return_stats=True,
+            return_entropy="entropy" in wanted,
+            return_stats=want_stats,
             chunk_size=_Options.chunk_size,
             backend=_Options.backend,
             compute_dtype=compute_dtype,
@@ -145,7 +148,9 @@ class LinearLogprobsAdapter:
             recompute_in_backward=_is_zero3_partitioned(weight, bias),
             check_labels=False,  # TRL passes only valid labels (compacted, or clamped to 0): skip the host sync
         )
-        wanted = set(outputs or ())
+        if not want_stats:  # (logp, entropy or None): the statistics are not computed at all
+            return result[0], result[1], None, None, None
+        stats = result
         return (
             stats.logp,
             stats.entropy if "entropy" in wanted else None,
