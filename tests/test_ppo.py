@@ -77,7 +77,8 @@ def _loss_batch(B=6, T=10, seed=0):
     idx = torch.arange(T)[None, :]
     padding_mask = idx > seq_len[:, None]
     padding_mask_p1 = idx > (seq_len + 1)[:, None]
-    return new_logprobs, logprobs, adv, vpred, values.masked_fill(padding_mask_p1, 0), returns, padding_mask, padding_mask_p1
+    old_values = values.masked_fill(padding_mask_p1, 0)
+    return new_logprobs, logprobs, adv, vpred, old_values, returns, padding_mask, padding_mask_p1
 
 
 @pytest.mark.parametrize("cliprange,cliprange_value,vf_coef", [(0.2, 0.2, 0.1), (0.1, 0.5, 1.0)])
@@ -85,8 +86,10 @@ def test_loss_matches_trl_ppo(cliprange, cliprange_value, vf_coef):
     new_lp, old_lp, adv, vpred, old_values, returns, padding_mask, padding_mask_p1 = _loss_batch()
     a = new_lp.clone().requires_grad_(True)
     av = vpred.clone().requires_grad_(True)
-    t_loss, t_stats = trl_ppo_loss_reference(a, old_lp, adv, padding_mask, av, old_values, returns, padding_mask_p1,
-                                             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef)  # fmt: skip
+    t_loss, t_stats = trl_ppo_loss_reference(
+        a, old_lp, adv, padding_mask, av, old_values, returns, padding_mask_p1,
+        cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef,
+    )  # fmt: skip
     t_loss.backward()
     b = new_lp.clone().requires_grad_(True)
     bv = vpred.clone().requires_grad_(True)

@@ -370,8 +370,11 @@ def grpo_loss(
     if beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0")
     if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length (TRL normalises by B * max_completion_length)")
-    if loss_type == "vespo" and importance_sampling_ratio is not None and importance_sampling_ratio.shape[-1] == 1 and shape[1] != 1:
+        raise ValueError(
+            "loss_type='dr_grpo' needs max_completion_length (TRL normalises by B * max_completion_length)"
+        )
+    is_seq_ratio = importance_sampling_ratio is not None and importance_sampling_ratio.shape[-1] == 1
+    if loss_type == "vespo" and is_seq_ratio and shape[1] != 1:
         raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
     if not 0.0 <= top_entropy_quantile <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
@@ -480,7 +483,9 @@ def grpo_loss(
         if ent is not None:
             metrics["entropy"] = (ent * maskf).sum() / total
         if per_sequence:
-            c1 = rows["coef"] if delta is None or loss_type not in _CLIPPED_LOSS_TYPES else rows["coef"].clamp(max=delta)
+            c1 = rows["coef"]
+            if delta is not None and loss_type in _CLIPPED_LOSS_TYPES:
+                c1 = c1.clamp(max=delta)  # TRL's metrics read coef_1 after the delta cap
             a = adv[:, 0]
             seq_low = ((c1 < 1 - epsilon_low) & (a < 0)).to(cd)
             seq_high = ((c1 > 1 + epsilon_high) & (a > 0)).to(cd)
