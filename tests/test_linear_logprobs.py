@@ -367,6 +367,13 @@ def ours():
 
 
 fn = eager if mode == "eager" else ours
+# Warm-up on a tiny problem first: lazy imports (the dispatch mode pulls in a few modules) must not
+# count as the op's memory.
+tiny = (hidden[:2].detach().requires_grad_(), weight[:64].detach().requires_grad_(), labels[:2] % 64)
+with FillInsteadOfMatmul():
+    (torch.log_softmax(tiny[0] @ tiny[1].T, -1).sum() + linear_logprobs(*tiny, backend="torch").sum()).backward()
+(torch.log_softmax(tiny[0] @ tiny[1].T, -1).sum() + linear_logprobs(*tiny, backend="torch").sum()).backward()
+del tiny
 baseline = status_kb("VmRSS")
 try:  # reset the high-water mark VmHWM to the current RSS (Linux >= 4.0)
     with open("/proc/self/clear_refs", "w") as f:
@@ -395,6 +402,17 @@ def _peak_extra_mb(mode, shape, real_matmul):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_memory_measurement_with_filled_gemms_matches_real_gemms():
+    """The memory test below replaces GEMMs by writes of their outputs; on a shape where real GEMMs
+    are cheap, both give the same peak (real GEMMs add only BLAS packing buffers)."""
+    shape = (1024, 256, 16384)
+    for mode in ("eager", "ours"):
+        filled = _peak_extra_mb(mode, shape, real_matmul=False)["extra_mb"]
+        real = _peak_extra_mb(mode, shape, real_matmul=True)["extra_mb"]
+        assert abs(filled - real) <= 0.1 * real + 16, (mode, filled, real)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_cpu_memory_vs_eager():
     """N=4096, H=512, V=131072 fp32, forward + backward (grads for hidden and weight): peak extra
     memory of the torch path vs eager. GEMMs are replaced by writes of their outputs unless
@@ -407,7 +425,7 @@ def test_cpu_memory_vs_eager():
     print(f"\nCPU peak extra memory N=4096 H=512 V=131072 fp32 fwd+bwd: eager {eager['extra_mb']:.0f} MB, "
           f"linear_logprobs(torch) {ours['extra_mb']:.0f} MB -> {ratio:.1f}x less "
           f"(eager {eager['seconds']:.1f}s, ours {ours['seconds']:.1f}s, real GEMMs: {real})")  # fmt: skip
-    assert eager["extra_mb"] > 4 * 2048  # sanity: eager really holds several [N, V] fp32 tensors
+    assert eager["extra_mb"] > 2 * 2048  # sanity: eager really holds several 2 GB [N, V] fp32 tensors
     assert ratio >= 5.0
 
 

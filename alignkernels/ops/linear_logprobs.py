@@ -103,16 +103,20 @@ def _cuda_mixed_mm_supported(device) -> bool:
 
 
 def _mm_into(out, a, b, bias=None):
-    """``out = a @ b (+ bias)`` where ``out`` may be wider (fp32) than ``a`` and ``b``; ``bias``
-    (only with same-dtype operands) is added by the GEMM itself, for free."""
-    if bias is not None:
-        torch.addmm(bias, a, b, out=out)
-    elif a.dtype == out.dtype:
-        torch.mm(a, b, out=out)
-    elif a.is_cuda and _cuda_mixed_mm_supported(a.device):
+    """``out = a @ b (+ bias)`` where ``out`` may be wider (fp32) than ``a`` and ``b``. With
+    same-dtype operands the GEMM adds the bias itself (``addmm``), for free."""
+    if a.dtype == out.dtype:
+        if bias is not None:
+            torch.addmm(bias, a, b, out=out)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    if a.is_cuda and _cuda_mixed_mm_supported(a.device):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:  # older torch: the product is rounded to the input dtype before widening
         out.copy_(torch.mm(a, b))
+    if bias is not None:
+        out.add_(bias)
 
 
 def _addmm_into(acc, a, b):
@@ -149,11 +153,10 @@ class _ForwardState(NamedTuple):
         return _ForwardState(*(x[r0:r1] for x in self))
 
 
-def _torch_transform_(x, bias_block, tr: _Transform, keep_tanh=False):
-    """In place: x -> z = T⁻¹ · softcap·tanh(logit_scale·(x + b) / softcap). With ``keep_tanh``
-    returns ``(z, tanh)`` (backward needs 1 - tanh²; ``tanh`` is a new tensor), else ``z``."""
-    if bias_block is not None:
-        x.add_(bias_block)
+def _torch_transform_(x, tr: _Transform, keep_tanh=False):
+    """In place: x -> z = T⁻¹ · softcap·tanh(logit_scale·x / softcap) (``x`` already includes the
+    bias: the GEMM adds it). With ``keep_tanh`` returns ``(z, tanh)`` (backward needs 1 - tanh²;
+    ``tanh`` is a new tensor), else ``z``."""
     tanh = None
     if tr.softcap is not None:
         x.mul_(tr.logit_scale / tr.softcap).tanh_()
@@ -170,9 +173,10 @@ def _row_dots(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _torch_fold_forward(tile, work, bias_block, labels, state: _ForwardState, vocab_start, tr, want_entropy,
-                        want_stats):  # fmt: skip
-    z = _torch_transform_(tile, bias_block, tr)
+def _torch_fold_forward(tile, work, labels, state: _ForwardState, vocab_start, tr, want_entropy, want_stats):
+    """Fold the raw logits ``tile`` (bias included; overwritten) into ``state``; ``work`` is a
+    scratch buffer of the tile's shape."""
+    z = _torch_transform_(tile, tr)
     n_cols = z.shape[1]
     local = labels - vocab_start
     new_max = torch.maximum(state.max, z.amax(1))
@@ -193,10 +197,10 @@ def _torch_fold_forward(tile, work, bias_block, labels, state: _ForwardState, vo
     torch.where(in_block, z_at_label, state.label_z, out=state.label_z)
 
 
-def _torch_tile_to_dx(tile, work, dx, bias_block, labels, lse, mean_z, g_logp, g_entropy, vocab_start, tr):
-    """tile (raw logits) -> dx. ``work`` is a scratch buffer of the tile's shape; ``dx`` may be
-    ``work``. ``g_logp``/``g_entropy`` are per-row upstream gradients or None."""
-    z, tanh = _torch_transform_(tile, bias_block, tr, keep_tanh=True)
+def _torch_tile_to_dx(tile, work, labels, lse, mean_z, g_logp, g_entropy, vocab_start, tr):
+    """Raw logits ``tile`` (bias included; overwritten) -> dx, returned in the scratch buffer
+    ``work``. ``g_logp``/``g_entropy`` are per-row upstream gradients or None (not both)."""
+    z, tanh = _torch_transform_(tile, tr, keep_tanh=True)
     p = torch.sub(z, lse[:, None], out=work).exp_()
     # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z) = p_v (a + b z_v) + g_logp onehot_v
     # with per-row a = g_H Σ p·z - g_logp, b = -g_H; the chain rule to the raw logit x
@@ -213,13 +217,12 @@ def _torch_tile_to_dx(tile, work, dx, bias_block, labels, lse, mean_z, g_logp, g
         dz.scatter_add_(1, local.clamp(0, dz.shape[1] - 1)[:, None], torch.where(in_block, g_logp * k, 0.0)[:, None])
     if tanh is not None:  # softcap' = 1 - tanh²
         dz.mul_(torch.addcmul(torch.ones((), dtype=tanh.dtype), tanh, tanh, value=-1.0, out=tanh))
-    if dx is not dz:
-        dx.copy_(dz)
-    return dx
+    return dz
 
 
-def _triton_fold_forward(tile, work, bias_block, labels, state: _ForwardState, vocab_start, tr, want_entropy,
-                         want_stats, bias=None, weight=None):  # fmt: skip
+def _triton_fold_forward(tile, bias, weight, labels, state: _ForwardState, vocab_start, tr, want_stats):
+    """Launch ``linear_logprobs_fwd_kernel`` (one program per tile row; the kernel adds the bias
+    and always accumulates the entropy sum: one FMA per logit)."""
     from ..kernels.linear_logprobs import linear_logprobs_fwd_kernel, pick_config
 
     n_rows, n_cols = tile.shape
@@ -234,13 +237,13 @@ def _triton_fold_forward(tile, work, bias_block, labels, state: _ForwardState, v
     )  # fmt: skip
 
 
-def _triton_tile_to_dx(tile, work, dx, bias_block, labels, lse, mean_z, g_logp, g_entropy, vocab_start, tr,
-                       bias=None, weight=None):  # fmt: skip
+def _triton_tile_to_dx(tile, dx, bias, weight, labels, lse, mean_z, g_logp, g_entropy, vocab_start, tr):
+    """Launch ``linear_logprobs_bwd_kernel``: raw logits ``tile`` -> ``dx`` (may alias ``tile``)."""
     from ..kernels.linear_logprobs import linear_logprobs_bwd_kernel, pick_config
 
     n_rows, n_cols = tile.shape
     block_v, num_warps = pick_config(n_cols)
-    linear_logprobs_bwd_kernel[(n_rows, triton_cdiv(n_cols, block_v))](
+    linear_logprobs_bwd_kernel[(n_rows, -(-n_cols // block_v))](
         tile, tile.stride(0), dx, dx.stride(0), bias if bias is not None else weight, labels,
         lse, mean_z, g_logp, g_entropy,
         vocab_start, n_cols,
@@ -248,10 +251,6 @@ def _triton_tile_to_dx(tile, work, dx, bias_block, labels, lse, mean_z, g_logp, 
         BLOCK_V=block_v, num_warps=num_warps,
     )  # fmt: skip
     return dx
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,12 +292,12 @@ def _chunked_forward(hidden, weight, bias, labels, tr: _Transform, plan: _Plan, 
                 if plan.backend == "torch":
                     _mm_into(tile, h[r0:r1], w_blk.t(), bias=bias_cd[v0:v1] if bias is not None else None)
                     work = work_buf[: shape[0] * shape[1]].view(shape)
-                    _torch_fold_forward(tile, work, None, labels[r0:r1],
-                                        state.rows(r0, r1), v0, tr, want_entropy, want_stats)  # fmt: skip
+                    _torch_fold_forward(tile, work, labels[r0:r1], state.rows(r0, r1), v0, tr, want_entropy,
+                                        want_stats)  # fmt: skip
                 else:
                     _mm_into(tile, h[r0:r1], w_blk.t())
-                    _triton_fold_forward(tile, None, None, labels[r0:r1], state.rows(r0, r1), v0, tr,
-                                         want_entropy, want_stats, bias=bias, weight=weight)  # fmt: skip
+                    _triton_fold_forward(tile, bias, weight, labels[r0:r1], state.rows(r0, r1), v0, tr,
+                                         want_stats)  # fmt: skip
     lse = state.max + state.sum_exp.log()
     logp = state.label_z - lse
     entropy = lse - state.sum_z_exp / state.sum_exp if want_entropy else None
@@ -357,10 +356,9 @@ def _chunked_backward(hidden, weight, bias, labels, lse, entropy, g_logp, g_entr
             ge = g_entropy[rows] if g_entropy is not None else None
             if plan.backend == "torch":
                 work = work_buf[: shape[0] * shape[1]].view(shape)
-                dx = _torch_tile_to_dx(tile, work, work, None, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)  # fmt: skip
+                dx = _torch_tile_to_dx(tile, work, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)
             else:
-                _triton_tile_to_dx(tile, None, dx, None, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr,
-                                   bias=bias, weight=weight)  # fmt: skip
+                _triton_tile_to_dx(tile, dx, bias, weight, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)
             dx_gemm = dx if dx.dtype == gemm_dtype else dx.to(gemm_dtype)
             if need_h:
                 _addmm_into(grad_hidden[rows], dx_gemm, w_blk)  # grad_h[chunk] += dx @ W[block]
@@ -392,6 +390,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return logp, entropy, *stats, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
