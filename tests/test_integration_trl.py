@@ -209,7 +209,17 @@ def dpo_factory(tmp_path, model, **config):
     return make
 
 
-@pytest.mark.parametrize("config", [dict(loss_type=["sigmoid"]), dict(loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5])])
+DPO_CONFIGS = [
+    dict(loss_type=["sigmoid"]),
+    dict(loss_type=["ipo", "sft"], loss_weights=[1.0, 0.5]),
+    # WPO weights read the fused op's log_sum_sq_probs; LD-DPO splits the per-token log-probs
+    dict(loss_type=["sigmoid"], use_weighting=True, ld_alpha=0.5),
+    # reference log-probs computed once before training, through the fused head too
+    dict(loss_type=["hinge"], precompute_ref_log_probs=True),
+]
+
+
+@pytest.mark.parametrize("config", DPO_CONFIGS, ids=["sigmoid", "ipo+sft", "wpo+ld", "hinge-precomputed-ref"])
 def test_dpo_stock_vs_patched(tmp_path, config):
     model = tiny_causal_lm(seed=1)
     INITIAL.clear()
