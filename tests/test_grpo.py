@@ -361,6 +361,8 @@ def test_group_advantages_single_reward_and_stats():
     assert torch.equal(adv[4:], torch.zeros(4))  # constant group -> 0 advantages
     assert float(stats["frac_reward_zero_std"]) == 0.5
     assert float(stats["reward"]) == pytest.approx(0.75)
+    assert float(stats["rewards/0/mean"]) == pytest.approx(0.75)
+    assert float(stats["reward_std"]) == pytest.approx(float(rewards.std()), rel=1e-6)
 
 
 def test_group_advantages_errors():

@@ -161,8 +161,9 @@ def group_advantages(
         multi_objective_aggregation: ``"sum_then_normalize"`` (weighted NaN-sum, then the group
             normalisation above) or ``"normalize_then_sum"`` (GDPO: normalise each function within
             its group, weighted sum, then normalise over the batch; ``scale`` is not used).
-        return_stats: also return ``{"reward", "reward_std", "frac_reward_zero_std"}`` as logged
-            by TRL.
+        return_stats: also return the statistics TRL logs: ``reward``, ``reward_std``,
+            ``frac_reward_zero_std`` and ``rewards/<k>/mean``, ``rewards/<k>/std`` per reward
+            function ``k`` (TRL uses the function's name in place of ``k``).
 
     Returns:
         ``advantages`` ``[B]`` fp32 (fp64 for fp64 rewards), or ``(advantages, stats)``.
@@ -225,11 +226,13 @@ def group_advantages(
         return advantages
     is_std_zero = torch.isclose(std, torch.zeros_like(std))
     logged = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).masked_fill(unscorable, float("nan"))
-    stats = {
-        "reward": torch.nanmean(logged),
-        "reward_std": _nanstd(logged),
-        "frac_reward_zero_std": is_std_zero.to(cd).mean(),
-    }
+    stats = {}
+    for k in range(K):  # TRL names them by reward function: rewards/<func_name>/mean|std
+        stats[f"rewards/{k}/mean"] = torch.nanmean(rewards_per_func[:, k])
+        stats[f"rewards/{k}/std"] = _nanstd(rewards_per_func[:, k])
+    stats["reward"] = torch.nanmean(logged)
+    stats["reward_std"] = _nanstd(logged)
+    stats["frac_reward_zero_std"] = is_std_zero.to(cd).mean()
     return advantages, stats
 
 
