@@ -172,6 +172,30 @@ def test_rloo_stock_vs_patched(tmp_path):
     compare_runs(run(make, patched=False), run(make, patched=True))
 
 
+def test_kto_stock_vs_patched(tmp_path):
+    """KTO: policy, reference and the mismatched-pair KL passes all go through the fused head."""
+    model = tiny_causal_lm(seed=9)
+    INITIAL.clear()
+    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
+    g = torch.Generator().manual_seed(9)
+    dataset = datasets.Dataset.from_dict(
+        {
+            "prompt": [words(g, 4) for _ in range(12)],
+            "completion": [" " + words(g, 3 + i % 3) for i in range(12)],
+            "label": [True, False, True] * 4,
+        }
+    )
+
+    def make():
+        args = trl.KTOConfig(**common_args(output_dir=str(tmp_path)), per_device_train_batch_size=4)
+        return trl.KTOTrainer(
+            model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+            processing_class=tiny_tokenizer(),
+        )  # fmt: skip
+
+    compare_runs(run(make, patched=False), run(make, patched=True), min_compared=6)
+
+
 def test_sft_stock_vs_patched(tmp_path):
     model = tiny_causal_lm(seed=8)
     INITIAL.clear()
