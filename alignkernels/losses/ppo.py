@@ -271,7 +271,11 @@ def gae(
         from ..reference import gae_reference
 
         adv, ret = gae_reference(rewards, values, mask, gamma=gamma, lam=lam)
-    else:  # torch (and "cuda": no CUDA C++ GAE; the torch scan runs on CUDA tensors too)
+    elif be == "cuda":  # the CUDA C++ reverse scan (csrc/gae.cu), same semantics, fp32
+        from .._cuda_backend import gae_cuda
+
+        adv, ret = gae_cuda(rewards, values, mask, float(gamma), float(lam))
+    else:  # torch
         maskf = (mask != 0).to(cd)
         adv, ret = _gae_torch(rewards.to(cd), values.to(cd), maskf, float(gamma), float(lam))
     if whiten:
