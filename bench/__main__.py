@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input dtype (default: bf16 on CUDA, fp32 on CPU; GAE always fp32)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="device (default: CUDA if available, else CPU)")
-    p.add_argument("--repeats", type=int, help="timed calls per case (default: 20 on CUDA, 5 on CPU, 2 with --quick)")
+    p.add_argument("--repeats", type=int, help="timed calls per case (default: 20 on CUDA, 3 on CPU, 2 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed warm-up calls per case (default: 3 on CUDA, 1 on CPU)")
     p.add_argument("--quick", action="store_true", help="CI-sized run: tiny shapes, 2 repeats, seconds")
     p.add_argument("--providers", help="comma-separated provider names to keep (e.g. eager,alignkernels:torch,trl)")

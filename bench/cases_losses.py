@@ -109,6 +109,7 @@ def grpo_fused(inputs):
     return call_mapped(
         alignkernels.fused_linear_grpo_loss, inputs, ALIASES,
         beta=GRPO_BETA, epsilon_low=GRPO_EPS_LOW, epsilon_high=GRPO_EPS_HIGH, loss_type="dapo",
+        use_bias_correction_kl=False,
     )
 
 
@@ -120,6 +121,7 @@ def grpo_composed(inputs):
     return call_mapped(
         alignkernels.grpo_loss, values, {**ALIASES, "logp": ("logp", "per_token_logps", "logps")},
         beta=GRPO_BETA, epsilon_low=GRPO_EPS_LOW, epsilon_high=GRPO_EPS_HIGH, loss_type="dapo",
+        use_bias_correction_kl=False,
     )
 
 
@@ -202,17 +204,22 @@ def dpo_eager(inputs):
 
 
 def dpo_fused(inputs):
+    """``fused_linear_dpo_loss`` computes the reference log-probs itself (no grad) from ``ref_hidden``
+    through the same head, as Liger does; older signatures get them precomputed."""
+    import inspect
+
     import alignkernels
 
-    B, labels, weight = inputs["num_pairs"], inputs["labels"], inputs["weight"]
+    fn = alignkernels.fused_linear_dpo_loss
+    B, labels, weight, hidden = inputs["num_pairs"], inputs["labels"], inputs["weight"], inputs["hidden"]
+    values = dict(chosen_hidden=hidden[:B], rejected_hidden=hidden[B:], chosen_labels=labels[:B],
+                  rejected_labels=labels[B:], **inputs)
+    if "ref_hidden" in inspect.signature(fn).parameters:
+        return call_mapped(fn, values, {**ALIASES, "ref_hidden": ("ref_hidden",)}, beta=DPO_BETA, loss_type="sigmoid")
     with torch.no_grad():
         ref = alignkernels.linear_logprobs(inputs["ref_hidden"], weight.detach(), labels).sum(-1)
-    hidden = inputs["hidden"]
-    values = dict(
-        inputs, ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:],
-        chosen_hidden=hidden[:B], rejected_hidden=hidden[B:], chosen_labels=labels[:B], rejected_labels=labels[B:],
-    )
-    return call_mapped(alignkernels.fused_linear_dpo_loss, values, ALIASES, beta=DPO_BETA, loss_type="sigmoid")
+    values.update(ref_chosen_logps=ref[:B], ref_rejected_logps=ref[B:])
+    return call_mapped(fn, values, ALIASES, beta=DPO_BETA, loss_type="sigmoid")
 
 
 def dpo_liger(inputs):

@@ -163,12 +163,15 @@ def call_mapped(fn: Callable, values: dict[str, Any], aliases: dict[str, tuple[s
 
     ``aliases`` maps a canonical key of ``values`` to the parameter names it may be called by
     (``"hidden": ("hidden", "hidden_states", "_input")``). Parameters in ``fixed`` are passed as
-    given when ``fn`` accepts them. A required parameter that matches nothing raises TypeError
+    given when ``fn`` accepts them (by name, or through ``**kwargs``). A required parameter that matches nothing raises TypeError
     naming it (the provider is then reported as not comparable rather than crashing the run).
     """
     sig = inspect.signature(fn)
     args, kwargs = [], {}
     name_to_key = {name: key for key, names in aliases.items() for name in names}
+    accepts_var_kwargs = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    if accepts_var_kwargs:  # e.g. fused_linear_grpo_loss(..., **grpo_kwargs): forward the fixed options
+        kwargs.update({k: v for k, v in fixed.items() if k not in sig.parameters})
     for pname, param in sig.parameters.items():
         if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
@@ -575,7 +578,7 @@ def default_repeats(cfg: RunConfig) -> tuple[int, int]:
     elif cfg.device.type == "cuda":
         repeats, warmup = 20, 3
     else:
-        repeats, warmup = 5, 1
+        repeats, warmup = 3, 1
     return (cfg.repeats or repeats), (cfg.warmup if cfg.warmup is not None else warmup)
 
 

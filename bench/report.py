@@ -260,3 +260,22 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(path)
     return written
+
+
+def main(argv=None) -> int:
+    """``python -m bench.report RESULTS.json``: print a saved run's tables as markdown (for the README)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    parser.add_argument("results", type=Path, help="a results.json written by python -m bench")
+    args = parser.parse_args(argv)
+    results = json.loads(args.results.read_text())
+    meta = results["meta"]
+    print(f"Device: {meta['device_name']}; torch {meta['torch']}, triton {meta['triton']}; "
+          f"commit {(meta.get('git_commit') or '?')[:10]}; {meta['timestamp']}\n")
+    print(markdown_tables(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

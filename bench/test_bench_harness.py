@@ -138,6 +138,11 @@ def test_call_mapped_binds_by_alias_and_names_missing_parameters():
     with pytest.raises(TypeError, match="lm_head_weight"):
         call_mapped(f, {"hidden": 1}, aliases)
 
+    def g(hidden, *, backend="auto", **loss_kwargs):
+        return hidden, backend, loss_kwargs
+
+    assert call_mapped(g, {"hidden": 1}, aliases, beta=0.5, backend="torch") == (1, "torch", {"beta": 0.5})
+
 
 def test_shapes_presets_and_cli_parsing():
     from bench.registry import build_ops
