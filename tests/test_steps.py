@@ -138,7 +138,8 @@ def test_gather_steps_packed(backend, triton_device):
 def test_gather_steps_no_steps_and_empty_batch(backend, triton_device):
     device = triton_device if backend == "triton" else "cpu"
     x = torch.randn(2, 9, 5, device=device, requires_grad=True)
-    out, pos = gather_steps(x, torch.zeros(2, 9, dtype=torch.bool, device=device), return_positions=True, backend=backend)
+    no_steps = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    out, pos = gather_steps(x, no_steps, return_positions=True, backend=backend)
     assert out.shape == (0, 5) and pos.counts.tolist() == [0, 0] and pos.offsets.tolist() == [0, 0, 0]
     (out.sum() * 1.0).backward()
     assert x.grad is not None and torch.count_nonzero(x.grad) == 0

@@ -194,9 +194,13 @@ def fused_linear_prm_loss(
     """
     _check_head(hidden, weight, bias)
     if cu_seqlens is None and hidden.dim() != 3:
-        raise ValueError(f"hidden must be [B, T, H] (or packed [N, H] with cu_seqlens), got shape {tuple(hidden.shape)}")
+        raise ValueError(
+            f"hidden must be [B, T, H] (or packed [N, H] with cu_seqlens), got shape {tuple(hidden.shape)}"
+        )
     if (labels is None) == (step_labels is None):
-        raise ValueError("fused_linear_prm_loss needs exactly one of labels (token-aligned, TRL format) or step_labels ([P])")
+        raise ValueError(
+            "fused_linear_prm_loss needs exactly one of labels (token-aligned, TRL format) or step_labels ([P])"
+        )
     located_by_labels = step_mask is None and input_ids is None
     if step_labels is not None and located_by_labels:
         raise ValueError("step_labels needs step_mask or input_ids + separator_id to say where the steps are")
@@ -318,9 +322,12 @@ def aggregate_step_scores(
     check_tensor("scores", scores, floating=True, ndim_min=1)
     if how not in AGGREGATIONS:
         raise ValueError(f"how must be one of {AGGREGATIONS}, got {how!r}")
-    given = [n for n, v in (("step_mask", step_mask), ("seq_index", seq_index), ("positions", positions)) if v is not None]
+    ways = (("step_mask", step_mask), ("seq_index", seq_index), ("positions", positions))
+    given = [name for name, value in ways if value is not None]
     if len(given) != 1:
-        raise ValueError(f"aggregate_step_scores needs exactly one of step_mask, seq_index, positions; got {given or 'none'}")
+        raise ValueError(
+            f"aggregate_step_scores needs exactly one of step_mask, seq_index, positions; got {given or 'none'}"
+        )
     cd = torch.float64 if scores.dtype == torch.float64 else torch.float32
 
     if step_mask is not None:

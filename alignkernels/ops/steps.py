@@ -223,7 +223,7 @@ def _triton_gather_steps(x3: torch.Tensor, flags_flat: torch.Tensor, seg_start: 
     if P == 0 or D == 0:
         return out, index, offsets
     block_t, sub_t, block_d, num_warps = pick_config(D)
-    grid = (S, triton_cdiv(D, block_d))
+    grid = (S, _cdiv(D, block_d))
     gather_steps_fwd_kernel[grid](
         x3, flags_flat.to(torch.uint8), seg_start, offsets, out, index,
         T, D, x3.stride(0), x3.stride(1),
@@ -232,7 +232,7 @@ def _triton_gather_steps(x3: torch.Tensor, flags_flat: torch.Tensor, seg_start: 
     return out, index, offsets
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
