@@ -203,3 +203,21 @@ def test_compile_cases_describe_every_kernel_argument():
     assert configs == set(kernel_module.GATHER_STEPS_CONFIGS)
     for D in (1, 128, 129, 512, 4096, 10**6):
         assert kernel_module.pick_config(D) in kernel_module.GATHER_STEPS_CONFIGS
+
+
+@pytest.mark.gpu
+def test_gather_steps_kernel_at_benchmark_size_on_gpu():
+    # B=16, T=4096, H=4096 bf16, ~20 steps per row: the benchmark shape
+    B, T, H = 16, 4096, 4096
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    flags = torch.rand(B, T, device="cuda", generator=g) < 20 / T
+    ours, pos = gather_steps(x, flags, backend="triton", return_positions=True)
+    ref, ref_pos = gather_steps(x, flags, backend="torch", return_positions=True)
+    assert torch.equal(ours, ref)
+    for a, b in zip(pos, ref_pos):
+        assert torch.equal(a, b)
+    grad = torch.randn_like(ours)
+    (g_ours,) = torch.autograd.grad(ours, x, grad)
+    (g_ref,) = torch.autograd.grad(ref, x, grad)
+    assert torch.equal(g_ours, g_ref)
