@@ -29,6 +29,14 @@ _EXPORTS = {
     "fused_linear_dpo_loss": "alignkernels.losses.fused",
     "fused_linear_grpo_loss": "alignkernels.losses.fused",
     "fused_linear_ppo_loss": "alignkernels.losses.fused",
+    "gather_steps": "alignkernels.ops.steps",
+    "step_positions": "alignkernels.ops.steps",
+    "StepPositions": "alignkernels.ops.steps",
+    "prm_loss": "alignkernels.losses.prm",
+    "fused_linear_prm_loss": "alignkernels.losses.prm",
+    "prm_step_scores": "alignkernels.losses.prm",
+    "aggregate_step_scores": "alignkernels.losses.prm",
+    "fused_linear_bradley_terry_loss": "alignkernels.losses.prm",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
