@@ -26,11 +26,21 @@ kernel has to be re-tuned per GPU and usually trails cuBLAS by 10-30 % on sm_90.
 split is one extra write+read of the fp32 tile per GEMM (4 bytes/logit, ~10 % of a GEMM's time at
 H = 4096) -- and the Triton folds stay simple, exact and testable under the interpreter.
 
+On the CPU (``torch`` backend) the same tiles are folded with fused, row-cached ATen kernels:
+``log_softmax`` over each vocab block gives the block's log-sum-exp (and ``softmax`` over it, with
+that saved per-block lse, gives ``p`` in backward), so the op is GEMM-bound: 4 GEMMs (forward,
+recompute, two gradients) against eager's 3, and a few MB of tile instead of ``[N, V]`` tensors.
+
 Backends: ``triton`` (matmul tiles + the kernels in ``alignkernels.kernels.linear_logprobs``;
 CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``), ``torch`` (the same tiles folded with
 PyTorch ops; CPU, fp64, anywhere), ``reference`` (materialised logits, autograd through
 ``log_softmax``). ``cuda`` has no hand-written kernel for this op: the heavy part is GEMMs, so it
 runs the ``triton`` path (cuBLAS tiles).
+
+Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two on CPU, plus a
+weight-dtype ``dx`` tile for half inputs in backward), a ``[block, H]`` fp32 grad_weight
+accumulator for half weights, a ``[valid rows, H]`` fp32 grad_hidden accumulator, and O(rows)
+statistics. Nothing scales with ``N x V``.
 """
 from __future__ import annotations
 
