@@ -1,0 +1,511 @@
+"""Vocab-parallel log-probs on ``torch.distributed``: logits or an lm_head weight sharded over the
+vocabulary (tensor parallel, Megatron-style), every rank gets the full log-prob and entropy.
+
+Layout: a process group of ``W`` ranks; rank ``k`` holds the vocabulary slice
+``[vocab_start_k, vocab_start_k + V_k)`` -- logits ``[..., V_k]`` or weight rows ``[V_k, H]`` --
+and the slices tile ``[0, V)``. Labels (global ids) and, for the linear form, hidden states are
+replicated: identical on every rank.
+
+Algorithm (no new kernels; every rank runs the single-device backends on its shard):
+1. Local pass (``token_logprobs`` / ``linear_logprobs`` forward on the shard): per row
+   ``lse_k = log Σ_{v∈k} e^{z_v}`` and ``H_k`` (the shard-local entropy), so
+   ``Σ_{v∈k} e^{z_v} = e^{lse_k}`` and ``Σ_{v∈k} e^{z_v} z_v = e^{lse_k} (lse_k - H_k)``.
+   A label outside the shard is handed to the backend as an out-of-range id that is not
+   ``ignore_index`` (its local logp is NaN and unused; lse/entropy stay exact; the backward's
+   one-hot never matches), so ignored rows stay ignored.
+2. Combine: ``M = allreduce_max(lse_k)``; ``[S, P, zl] = allreduce_sum([e^{lse_k-M},
+   e^{lse_k-M}(lse_k-H_k), z_label if owned else 0])``; then ``lse = M + log S``,
+   ``Σp·z = P / S``, ``entropy = lse - Σp·z``, ``logp = zl - lse``. 4 fp32 numbers per row
+   (3 without entropy) -- O(N) per rank, never O(N·V).
+3. Backward is local: the backend's backward with the GLOBAL ``lse`` and ``entropy`` gives
+   ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)`` for the shard's columns (``p = e^{z - lse}``,
+   ``Σp·z = lse - entropy``), one-hot only on the rank owning the label. For the linear form
+   ``grad_weight``/``grad_bias`` stay local and ``grad_hidden`` (a partial sum over the shard's
+   vocabulary) is all-reduced (SUM, fp32) across the group: ``N_valid x H`` floats.
+
+Every rank must compute the same downstream loss (so the upstream gradients agree), as in
+Megatron-LM; each call and each backward is a collective (every rank calls it, same order).
+
+Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
+call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the
+same labels (a fingerprint) and the same ``requires_grad`` for ``hidden``, and that no rank
+rejected its inputs -- every rank raises the same ``ValueError`` instead of one rank raising and
+the others hanging in the next collective. It costs one host sync.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .._utils import (
+    check_label_range,
+    check_same_device,
+    check_temperature,
+    check_tensor,
+    labels_checking_enabled,
+    output_dtype,
+    resolve_backend,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Group plumbing and the cross-rank consistency check
+# --------------------------------------------------------------------------------------------
+def _group_size(process_group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "vocab-parallel log-probs need torch.distributed to be initialised "
+            "(torch.distributed.init_process_group) before the call"
+        )
+    return dist.get_world_size(process_group)
+
+
+def _collective_device(process_group, *tensors):
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return t.device
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _out_of_shard_label(ignore_index: int) -> int:
+    """The local label of rows whose label lives on another rank: out of range, not ignore_index."""
+    return -1 if ignore_index != -1 else -2
+
+
+def _labels_fingerprint(labels: torch.Tensor) -> torch.Tensor:
+    """An int64 checksum of the label sequence (position-weighted, wraps on overflow)."""
+    flat = labels.reshape(-1).long()
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) % 1021 + 1
+    return (flat * weights).sum()
+
+
+# Columns of the per-rank record gathered by _agree
+_ERR, _START, _SIZE, _VOCAB, _ROWS, _FINGERPRINT, _GRAD = range(7)
+
+
+def _agree(process_group, device, local_error, vocab_start, shard_size, vocab_size, labels, requires_grad):
+    """One all-gather of ``[error, start, size, V, rows, label fingerprint, requires_grad]`` per rank;
+    every rank runs the same checks on the same table, so every rank raises the same error."""
+    world = dist.get_world_size(process_group)
+    record = torch.zeros(7, dtype=torch.int64, device=device)
+    if local_error is None:
+        record[_START], record[_SIZE], record[_VOCAB] = vocab_start, shard_size, vocab_size
+        record[_ROWS] = labels.numel()
+        record[_FINGERPRINT] = _labels_fingerprint(labels)
+        record[_GRAD] = int(requires_grad)
+    else:
+        record[_ERR] = 1
+    table = [torch.empty_like(record) for _ in range(world)]
+    dist.all_gather(table, record, group=process_group)
+    table = torch.stack(table).tolist()  # host sync
+
+    if local_error is not None:
+        raise local_error
+    bad = [r for r, row in enumerate(table) if row[_ERR]]
+    if bad:
+        raise ValueError(f"vocab-parallel call: rank(s) {bad} of the process group rejected their inputs "
+                         "(see the error raised on those ranks)")  # fmt: skip
+    vocabs = sorted({row[_VOCAB] for row in table})
+    if len(vocabs) != 1:
+        raise ValueError(f"vocab_size must be the same on every rank, got {[row[_VOCAB] for row in table]}")
+    rows = [row[_ROWS] for row in table]
+    if len(set(rows)) != 1:
+        raise ValueError(f"every rank must hold the same tokens (labels.numel() per rank: {rows}); "
+                         "vocab-parallel shards split the vocabulary, not the batch")  # fmt: skip
+    if len({row[_FINGERPRINT] for row in table}) != 1:
+        raise ValueError("labels differ across ranks: vocab-parallel inputs need identical (replicated) "
+                         "labels on every rank of the process group")  # fmt: skip
+    if len({row[_GRAD] for row in table}) != 1:
+        raise ValueError("hidden.requires_grad differs across ranks: the backward all-reduce of grad_hidden "
+                         "needs every rank to take part")  # fmt: skip
+    slices = sorted((row[_START], row[_SIZE], r) for r, row in enumerate(table))
+    expected = 0
+    for start, size, rank in slices:
+        if start != expected:
+            what = "overlaps the previous slice" if start < expected else f"leaves [{expected}, {start}) uncovered"
+            desc = ", ".join(f"rank {r}: [{s}, {s + n})" for s, n, r in slices)
+            raise ValueError(f"vocabulary shards do not tile [0, {vocabs[0]}): rank {rank}'s slice starting at "
+                             f"{start} {what} ({desc})")  # fmt: skip
+        expected = start + size
+    if expected != vocabs[0]:
+        desc = ", ".join(f"rank {r}: [{s}, {s + n})" for s, n, r in slices)
+        raise ValueError(f"vocabulary shards do not tile [0, {vocabs[0]}): they end at {expected} ({desc})")
+
+
+def _run_checked(validate, process_group, check_shards, device_candidates, vocab_start, shard_size, vocab_size,
+                 labels, requires_grad):  # fmt: skip
+    """Validate locally; with ``check_shards`` share the verdict (and the layout) with every rank."""
+    local_error, result = None, None
+    try:
+        result = validate()
+    except (ValueError, TypeError) as exc:
+        if not check_shards:
+            raise
+        local_error = exc
+    if check_shards:
+        device = _collective_device(process_group, *device_candidates)
+        _agree(process_group, device, local_error, vocab_start, shard_size, vocab_size, labels, requires_grad)
+    return result
+
+
+def _check_vocab_args(vocab_start, vocab_size, shard_size):
+    for name, value in (("vocab_start", vocab_start), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if vocab_size <= 0:
+        raise ValueError(f"vocab_size (the global vocabulary size) must be > 0, got {vocab_size}")
+    if vocab_start < 0 or vocab_start + shard_size > vocab_size:
+        raise ValueError(f"this rank's vocabulary slice [vocab_start, vocab_start + shard) = [{vocab_start}, "
+                         f"{vocab_start + shard_size}) must lie inside [0, vocab_size={vocab_size})")  # fmt: skip
+
+
+def _local_labels(labels, vocab_start, shard_size, ignore_index):
+    """Global labels -> (labels local to this shard, bool "this rank owns the label"). Rows whose
+    label is elsewhere get an out-of-range id that is not ignore_index; ignored rows keep it."""
+    local = labels.long() - vocab_start
+    owned = (local >= 0) & (local < shard_size) & (labels != ignore_index)
+    other = torch.where(labels == ignore_index, ignore_index, _out_of_shard_label(ignore_index))
+    return torch.where(owned, local, other), owned
+
+
+# --------------------------------------------------------------------------------------------
+# The combine step: the one place where shard statistics become global log-probs and entropies
+# --------------------------------------------------------------------------------------------
+def _combine_shards(lse_k, entropy_k, z_label, owned, valid, process_group):
+    """Per row: shard ``lse_k``, shard entropy ``entropy_k`` (None: not needed), the label's logit
+    where this rank owns it. Returns global ``(logp, lse, entropy | None)`` on every rank.
+
+    Two all-reduces: MAX of ``lse_k`` (N floats) so every exponent is <= 0, then one SUM of the
+    packed ``[e^{lse_k-M}, e^{lse_k-M}·Σ_k p·z, z_label·owned]`` (2-3 N floats)."""
+    zero = torch.zeros((), dtype=lse_k.dtype, device=lse_k.device)
+    lse_k = torch.where(valid, lse_k, zero)  # ignored rows: finite dummies (backends may leave 0/garbage)
+    m = lse_k.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
+    w = torch.exp(lse_k - m)  # Σ_{v∈k} e^{z_v - M}
+    parts = [w]
+    if entropy_k is not None:
+        # Σ_{v∈k} e^{z_v - M} z_v = e^{lse_k - M} (lse_k - H_k); a shard of all -inf logits gives 0, not NaN
+        mean_z_k = torch.where(valid, lse_k - entropy_k, zero)
+        parts.append(torch.where(w > 0, w * mean_z_k, zero))
+    parts.append(torch.where(owned, z_label, zero))  # exactly one rank owns each valid label
+    packed = torch.stack(parts)
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+    lse = m + torch.log(packed[0])
+    logp = packed[-1] - lse
+    entropy = lse - packed[1] / packed[0] if entropy_k is not None else None
+    return logp, lse, entropy
+
+
+# --------------------------------------------------------------------------------------------
+# Logits form
+# --------------------------------------------------------------------------------------------
+class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
+    """Autograd over a logits shard ``[..., V_k]``; ``local_labels``/``owned``/``valid`` are flat
+    ``[N]``. Saves the shard, the local labels and the GLOBAL lse and entropy."""
+
+    @staticmethod
+    def forward(ctx, logits, local_labels, owned, valid, temperature, ignore_index, backend, want_entropy,
+                process_group):  # fmt: skip
+        from .token_logprobs import _IMPLS
+
+        fwd, _ = _IMPLS[backend]
+        _, lse_k, entropy_k = fwd(logits, local_labels, temperature, ignore_index)
+        idx = torch.where(owned, local_labels, 0).view(*logits.shape[:-1], 1)
+        z_label = logits.gather(-1, idx).reshape(-1).to(lse_k.dtype) / temperature
+        logp, lse, entropy = _combine_shards(lse_k, entropy_k if want_entropy else None, z_label, owned, valid,
+                                             process_group)  # fmt: skip
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        # Without entropy the backward never reads it (g_entropy = 0): pass lse so Σp·z = 0 is finite.
+        ctx.save_for_backward(logits, local_labels, lse, entropy if entropy is not None else lse)
+        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        ctx.set_materialize_grads(False)
+        logp = torch.where(valid, logp, zero)
+        entropy = torch.where(valid, entropy, zero) if entropy is not None else torch.zeros_like(logp)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        none = (None,) * 8
+        if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
+            return (None, *none)
+        from .token_logprobs import _IMPLS
+
+        logits, local_labels, lse, entropy = ctx.saved_tensors
+        _, bwd = _IMPLS[ctx.backend]
+        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+        # The backend's backward with the global lse/entropy is exactly d(global logp, entropy)/d(shard)
+        grad_logits = bwd(logits, local_labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
+                          ctx.ignore_index)  # fmt: skip
+        if grad_logp is not None and ctx.backend == "torch" and _torch_backward_puts_onehot_at_column0():
+            # That backend's one-hot lands on column 0 for out-of-range labels: take it back off.
+            foreign = (local_labels != ctx.ignore_index) & ((local_labels < 0) | (local_labels >= logits.shape[-1]))
+            rows = grad_logits.view(-1, logits.shape[-1])
+            rows[:, 0] -= torch.where(foreign, grad_logp.reshape(-1).to(rows.dtype) / ctx.temperature, 0.0)
+        return (grad_logits, *none)
+
+
+_TORCH_BWD_ONEHOT_AT_0: list = []
+
+
+def _torch_backward_puts_onehot_at_column0() -> bool:
+    """Whether ``token_logprobs``' torch backward adds ``g_logp`` at column 0 for a label outside
+    ``[0, V)`` (it clamps such labels to 0). Probed once on a 1 x 2 problem, so this module stays
+    right whether or not that backend masks out-of-range labels."""
+    if not _TORCH_BWD_ONEHOT_AT_0:
+        from .token_logprobs import _IMPLS
+
+        z = torch.zeros(1, 2)
+        lse = torch.full((1,), float(torch.log(torch.tensor(2.0))))
+        g = _IMPLS["torch"][1](z, torch.tensor([-1]), lse, lse, torch.ones(1), None, 1.0, -100)
+        _TORCH_BWD_ONEHOT_AT_0.append(bool(g[0, 0] != g[0, 1]))
+    return _TORCH_BWD_ONEHOT_AT_0[0]
+
+
+def vocab_parallel_token_logprobs(
+    logits_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    process_group=None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    backend: str = "auto",
+    check_labels: bool | None = None,
+    check_shards: bool = True,
+):
+    """``token_logprobs`` for logits sharded over the vocabulary across ``process_group``.
+
+    Rank ``k`` holds the logits columns ``[vocab_start, vocab_start + logits_shard.shape[-1])`` of
+    the global ``[..., vocab_size]`` logits (e.g. the output of a column-parallel lm_head); the
+    slices of all ranks must tile ``[0, vocab_size)``. Every rank gets the full result, equal to
+    ``token_logprobs`` on the concatenated logits. Communication per call: two all-reduces of
+    ``N`` and ``3N`` (``2N`` without entropy) fp32 numbers, plus the small consistency all-gather.
+
+    Args:
+        logits_shard: ``[..., V_k]`` this rank's logits slice (dtypes and layouts as
+            ``token_logprobs``).
+        labels: ``[...]`` = ``logits_shard.shape[:-1]``, GLOBAL token ids in ``[0, vocab_size)`` or
+            ``ignore_index``; identical on every rank.
+        vocab_start: first global vocabulary id of this rank's slice.
+        vocab_size: the global vocabulary size ``V`` (sum of all shards).
+        process_group: the tensor-parallel group (``None``: the default group).
+        temperature, ignore_index, return_entropy: as ``token_logprobs``.
+        backend: the single-device backend each rank runs on its shard: ``"auto"``, ``"triton"``,
+            ``"cuda"``, ``"torch"``; ``"reference"`` runs ``"torch"`` (the eager reference cannot be
+            split over ranks).
+        check_labels: range check of the global labels (as ``token_logprobs``).
+        check_shards: verify the layout across ranks (one small all-gather and a host sync; see the
+            module docstring). Turn off once a training loop's layout is known to be right.
+
+    Returns:
+        ``logp`` (fp32; fp64 for fp64 logits; shape of ``labels``) or ``(logp, entropy)``, the same
+        on every rank. Differentiable w.r.t. ``logits_shard``: the gradient of this rank's slice,
+        computed locally (every rank must backpropagate the same downstream loss).
+    """
+    _group_size(process_group)
+
+    def validate():
+        check_tensor("logits_shard", logits_shard, floating=True, ndim_min=1)
+        check_tensor("labels", labels, integer=True)
+        check_same_device(logits_shard=logits_shard, labels=labels)
+        if tuple(labels.shape) != tuple(logits_shard.shape[:-1]):
+            raise ValueError(f"labels must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
+                             f"got {tuple(labels.shape)}")  # fmt: skip
+        if logits_shard.shape[-1] == 0:
+            raise ValueError("logits_shard must have a non-empty last (vocabulary) dimension")
+        _check_vocab_args(vocab_start, vocab_size, logits_shard.shape[-1])
+        t = check_temperature(temperature)
+        if labels_checking_enabled(check_labels):
+            check_label_range(labels, vocab_size, ignore_index)
+        b = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
+        return t, ("torch" if b == "reference" else b)
+
+    shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
+    t, impl = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start, shard,
+                           vocab_size, labels, False)  # fmt: skip
+    flat_labels = labels.reshape(-1)
+    local_labels, owned = _local_labels(flat_labels, vocab_start, shard, int(ignore_index))
+    valid = flat_labels != ignore_index
+    logp, entropy = VocabParallelTokenLogprobsFunction.apply(
+        logits_shard, local_labels.contiguous(), owned, valid, t, int(ignore_index), impl, bool(return_entropy),
+        process_group,
+    )  # fmt: skip
+    logp = logp.view(labels.shape)
+    return (logp, entropy.view(labels.shape)) if return_entropy else logp
+
+
+# --------------------------------------------------------------------------------------------
+# Hidden-states form (column-parallel lm_head)
+# --------------------------------------------------------------------------------------------
+class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
+    """Autograd over the compact (valid-only) rows: ``hidden [n, H]`` (replicated), ``weight_shard
+    [V_k, H]``, ``bias_shard [V_k] | None``, ``local_labels [n]`` int64. Reuses the chunked
+    single-device forward/backward of ``linear_logprobs`` on the shard."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, want_entropy, process_group):
+        from .linear_logprobs import _chunked_forward
+
+        ctx.set_materialize_grads(False)
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = _chunked_forward(hidden, weight, bias, local_labels, tr, plan, want_entropy, False)
+        logp_k, entropy_k, lse_k = out[:3]
+        # the torch fold also returns per-block lse of the shard (its backward rescales them by the
+        # GLOBAL lse: p = softmax_block(z) e^(lse_b - lse)); None/absent for the Triton fold
+        block_lse = out[4] if len(out) > 4 else None
+        z_label = logp_k + lse_k  # the label's logit on the owning shard (logp_k = z_label - lse_k)
+        valid = torch.ones_like(owned)
+        logp, lse, entropy = _combine_shards(lse_k, entropy_k, z_label, owned, valid, process_group)
+        ctx.save_for_backward(hidden, weight, bias, local_labels, lse, entropy if entropy is not None else lse,
+                              block_lse)  # fmt: skip
+        ctx.has_block_lse = len(out) > 4
+        ctx.tr, ctx.plan, ctx.has_entropy, ctx.process_group = tr, plan, entropy is not None, process_group
+        return logp, entropy if entropy is not None else torch.zeros_like(logp)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_entropy):
+        from .linear_logprobs import _chunked_backward
+
+        hidden, weight, bias, local_labels, lse, entropy, block_lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        none = (None,) * 6
+        if not ctx.has_entropy:
+            grad_entropy = None
+        cd = lse.dtype
+        if grad_logp is None and grad_entropy is None:
+            grad_logp = torch.zeros_like(lse)  # keep the grad_hidden all-reduce collective on every rank
+        g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
+        g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
+        grad_hidden = grad_weight = grad_bias = None
+        if any(needs):
+            with torch.autocast(hidden.device.type, enabled=False):
+                lse_args = (lse, entropy, block_lse) if ctx.has_block_lse else (lse, entropy)
+                grad_hidden, grad_weight, grad_bias = _chunked_backward(
+                    hidden, weight, bias, local_labels, *lse_args, g_logp, g_entropy, ctx.tr, ctx.plan, needs
+                )
+        if needs[0]:
+            # grad_hidden = Σ_k dz_k @ W_k: this rank holds one term of the sum (fp32 accumulator)
+            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
+            grad_hidden = grad_hidden.to(hidden.dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
+        return (grad_hidden, grad_weight, grad_bias, *none)
+
+
+def vocab_parallel_linear_logprobs(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    vocab_start: int,
+    vocab_size: int,
+    process_group=None,
+    bias_shard: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    vocab_block_size: int | None = None,
+    backend: str = "auto",
+    check_labels: bool | None = None,
+    check_shards: bool = True,
+):
+    """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
+    (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
+
+    Rank ``k`` holds the weight rows ``[vocab_start, vocab_start + weight_shard.shape[0])`` (and
+    the matching ``bias_shard``); the slices must tile ``[0, vocab_size)``. ``hidden`` and
+    ``labels`` are replicated. Each rank runs the chunked ``linear_logprobs`` algorithm on its
+    shard, then the shard statistics are combined as in :func:`vocab_parallel_token_logprobs`.
+    Every rank gets the full result, equal to ``linear_logprobs`` with the concatenated weight.
+
+    Args:
+        hidden: ``[..., H]`` hidden states, identical on every rank.
+        weight_shard: ``[V_k, H]`` this rank's lm_head rows, ``hidden``'s dtype.
+        labels: ``[...]`` = ``hidden.shape[:-1]``, GLOBAL ids in ``[0, vocab_size)`` or
+            ``ignore_index``; identical on every rank. Ignored rows cost no FLOPs.
+        vocab_start, vocab_size, process_group: as :func:`vocab_parallel_token_logprobs`.
+        bias_shard: optional ``[V_k]`` slice of the lm_head bias.
+        temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size,
+            vocab_block_size, check_labels: as ``linear_logprobs`` (the logit transform is
+            elementwise, so it applies per shard unchanged).
+        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (= triton here), ``"torch"``; ``"reference"``
+            runs ``"torch"``.
+        check_shards: verify the layout across ranks (see :func:`vocab_parallel_token_logprobs`).
+
+    Returns:
+        ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
+        same on every rank. Gradients: ``weight_shard``/``bias_shard`` get their own slice
+        (local), ``hidden`` gets the full gradient (all-reduced SUM over the group in fp32:
+        ``N_valid x H`` numbers per backward -- the only O(N·H) communication).
+    """
+    from .linear_logprobs import _check_positive_int, _make_plan
+    from .linear_logprobs import _validate as _validate_linear
+
+    _group_size(process_group)
+
+    def validate():
+        tr = _validate_linear(hidden, weight_shard, labels, bias_shard, temperature, logit_scale, softcap)
+        _check_vocab_args(vocab_start, vocab_size, weight_shard.shape[0])
+        cs = _check_positive_int("chunk_size", chunk_size)
+        vb = _check_positive_int("vocab_block_size", vocab_block_size)
+        if labels_checking_enabled(check_labels):
+            check_label_range(labels, vocab_size, ignore_index)
+        b = resolve_backend(backend, hidden.device, hidden.dtype)
+        return tr, {"reference": "torch", "cuda": "triton"}.get(b, b), cs, vb
+
+    shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
+    requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
+    tr, impl, cs, vb = _run_checked(validate, process_group, check_shards, (hidden, weight_shard, labels),
+                                    vocab_start, shard, vocab_size, labels, requires_grad)  # fmt: skip
+    H = weight_shard.shape[1]
+    flat_hidden = hidden.reshape(-1, H)
+    flat_labels = labels.reshape(-1)
+    n_total = flat_labels.numel()
+    rows = (flat_labels != ignore_index).nonzero().squeeze(1)  # host sync; same rows on every rank
+    if rows.numel() == n_total:
+        rows = None
+        compact_hidden, compact_labels = flat_hidden.contiguous(), flat_labels
+    else:
+        compact_hidden, compact_labels = flat_hidden.index_select(0, rows), flat_labels.index_select(0, rows)
+    local_labels, owned = _local_labels(compact_labels, vocab_start, shard, int(ignore_index))
+    plan = _make_plan(impl, hidden.device, compact_labels.numel(), shard, cs, vb)
+    logp, entropy = VocabParallelLinearLogprobsFunction.apply(
+        compact_hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
+        local_labels.contiguous(), owned, tr, plan, bool(return_entropy), process_group,
+    )  # fmt: skip
+
+    def expand(x):
+        if rows is not None:
+            x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, rows, x)
+        return x.view(labels.shape)
+
+    return (expand(logp), expand(entropy)) if return_entropy else expand(logp)
+
+
+# --------------------------------------------------------------------------------------------
+# FSDP2: a DTensor lm_head gathered once per call
+# --------------------------------------------------------------------------------------------
+def gather_lm_head(weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """Return ``(weight, bias)`` as plain tensors: a DTensor (FSDP2 ``Shard(0)`` / ``Replicate``
+    parameter) is all-gathered once with ``full_tensor()`` -- autograd carries the gradient back
+    to the sharded parameter -- so the chunked ``linear_logprobs`` slices a plain tensor instead
+    of issuing DTensor ops (and re-gathers) per chunk. Plain tensors pass through untouched."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return weight, bias
+    if isinstance(weight, DTensor):
+        weight = weight.full_tensor()
+    if isinstance(bias, DTensor):
+        bias = bias.full_tensor()
+    return weight, bias

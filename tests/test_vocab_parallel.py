@@ -1,0 +1,376 @@
+"""Vocab-parallel log-probs on torch.distributed (gloo, CPU, several processes on one machine).
+
+One ``torch.multiprocessing`` spawn per world size runs every check (spawning is the slow part);
+each rank records pass/fail per check and the pytest functions below assert on the records.
+Every check compares against the single-process op on the full (concatenated) tensors, which
+each rank also computes from the same seed.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+import traceback
+
+import pytest
+import torch
+
+# Uneven vocabulary slices (V = 103, not a power of two) for each world size
+SHARD_BOUNDS = {2: [0, 40, 103], 4: [0, 17, 50, 71, 103]}
+V = 103
+FP32 = dict(rtol=2e-5, atol=2e-5)
+SPAWN_TIMEOUT_S = 150
+
+
+# --------------------------------------------------------------------------------------------
+# Worker side
+# --------------------------------------------------------------------------------------------
+def _labels_in_every_shard(shape, bounds, ignore_index, gen):
+    """Random global labels with each shard's first and last id present and a few ignored rows."""
+    labels = torch.randint(0, bounds[-1], shape, generator=gen)
+    flat = labels.view(-1)
+    special = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        special += [a, b - 1]
+    flat[: len(special)] = torch.tensor(special)
+    flat[len(special)] = ignore_index
+    flat[-1] = ignore_index
+    return labels
+
+
+def _shard(bounds, rank):
+    return bounds[rank], bounds[rank + 1] - bounds[rank]
+
+
+def _close(name, got, want, **tol):
+    torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}", **(tol or FP32))
+
+
+def check_token_logprobs(rank, world, group=None, bounds=None, backend="torch", dtype=torch.float32,
+                         ignore_index=-100, strided=False, with_entropy=True, shape=(3, 7)):  # fmt: skip
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_token_logprobs
+
+    bounds = bounds or SHARD_BOUNDS[world]
+    gen = torch.Generator().manual_seed(1234)
+    full = (torch.randn(*shape[:-1], shape[-1] + int(strided), bounds[-1], generator=gen) * 3).to(dtype)
+    if strided:
+        full = full[..., :-1, :]  # logits[:, :-1]: leading dims strided
+    labels = _labels_in_every_shard(full.shape[:-1], bounds, ignore_index, gen)
+    g_logp = torch.randn(labels.shape, generator=gen, dtype=dtype)
+    g_ent = torch.randn(labels.shape, generator=gen, dtype=dtype)
+    temperature = 0.7
+    kw = dict(temperature=temperature, ignore_index=ignore_index, return_entropy=with_entropy)
+
+    ref_logits = full.clone().requires_grad_(True)
+    ref = alignkernels.token_logprobs(ref_logits, labels, backend="torch", **kw)
+    ref = ref if with_entropy else (ref,)
+    loss = (ref[0] * g_logp).sum() + ((ref[1] * g_ent).sum() if with_entropy else 0)
+    loss.backward()
+
+    rank_in_group = torch.distributed.get_rank(group)
+    start, size = _shard(bounds, rank_in_group)
+    if strided:  # keep the strided leading layout: the shard is a slice of a padded parent
+        parent = torch.zeros(*shape[:-1], shape[-1] + 1, size, dtype=dtype)
+        parent[..., :-1, :] = full[..., start : start + size]
+        parent.requires_grad_(True)
+        shard = parent[..., :-1, :]
+    else:
+        parent = shard = full[..., start : start + size].detach().requires_grad_(True)
+    got = vocab_parallel_token_logprobs(shard, labels, vocab_start=start, vocab_size=bounds[-1], process_group=group,
+                                        backend=backend, **kw)  # fmt: skip
+    got = got if with_entropy else (got,)
+    loss = (got[0] * g_logp).sum() + ((got[1] * g_ent).sum() if with_entropy else 0)
+    loss.backward()
+    tol = FP32 if dtype != torch.float64 else dict(rtol=1e-10, atol=1e-10)
+    _close("logp", got[0], ref[0].detach(), **tol)
+    if with_entropy:
+        _close("entropy", got[1], ref[1].detach(), **tol)
+    ignored = labels == ignore_index
+    assert bool((got[0][ignored] == 0).all()), "ignored rows must give logp 0"
+    assert torch.isfinite(got[0]).all()
+    grad = parent.grad[..., :-1, :] if strided else parent.grad
+    _close("grad_logits", grad, ref_logits.grad[..., start : start + size], **tol)
+    assert bool((grad[ignored] == 0).all()), "ignored rows must get zero gradient"
+
+
+def check_linear_logprobs(rank, world, group=None, bounds=None, backend="torch", with_bias=True, softcap=30.0,
+                          with_entropy=True, shape=(2, 9), H=16, only_logp_grad=False):  # fmt: skip
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+    bounds = bounds or SHARD_BOUNDS[world]
+    gen = torch.Generator().manual_seed(99)
+    hidden = torch.randn(*shape, H, generator=gen)
+    weight = torch.randn(bounds[-1], H, generator=gen) * 0.5
+    bias = torch.randn(bounds[-1], generator=gen) if with_bias else None
+    labels = _labels_in_every_shard(shape, bounds, -100, gen)
+    g_logp = torch.randn(shape, generator=gen)
+    g_ent = torch.zeros(shape) if only_logp_grad else torch.randn(shape, generator=gen)
+    kw = dict(temperature=0.8, logit_scale=1.3, softcap=softcap, return_entropy=with_entropy, chunk_size=5,
+              vocab_block_size=16)  # fmt: skip
+
+    def run(fn, h, w, b, **extra):
+        out = fn(h, w, labels, **extra, **kw)
+        out = out if with_entropy else (out,)
+        loss = (out[0] * g_logp).sum() + ((out[1] * g_ent).sum() if with_entropy else 0)
+        loss.backward()
+        return [o.detach() for o in out]
+
+    h_ref = hidden.clone().requires_grad_(True)
+    w_ref = weight.clone().requires_grad_(True)
+    b_ref = bias.clone().requires_grad_(True) if with_bias else None
+    ref = run(alignkernels.linear_logprobs, h_ref, w_ref, None, bias=b_ref, backend="torch")
+
+    start, size = _shard(bounds, torch.distributed.get_rank(group))
+    h = hidden.clone().requires_grad_(True)
+    w = weight[start : start + size].clone().requires_grad_(True)
+    b = bias[start : start + size].clone().requires_grad_(True) if with_bias else None
+    got = run(vocab_parallel_linear_logprobs, h, w, None, bias_shard=b, vocab_start=start, vocab_size=bounds[-1],
+              process_group=group, backend=backend)  # fmt: skip
+    _close("logp", got[0], ref[0])
+    if with_entropy:
+        _close("entropy", got[1], ref[1])
+    assert bool((got[0][labels == -100] == 0).all())
+    _close("grad_hidden", h.grad, h_ref.grad)
+    _close("grad_weight", w.grad, w_ref.grad[start : start + size])
+    if with_bias:
+        _close("grad_bias", b.grad, b_ref.grad[start : start + size])
+
+
+def _expect_error(fn, match):
+    import re
+
+    try:
+        fn()
+    except (ValueError, TypeError) as exc:
+        assert re.search(match, str(exc)), f"error {exc!r} does not match {match!r}"
+        return
+    raise AssertionError(f"no ValueError/TypeError raised (expected one matching {match!r})")
+
+
+def check_inconsistent_shards(rank, world):
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    bounds = SHARD_BOUNDS[world]
+    start, size = _shard(bounds, rank)
+    labels = torch.arange(6) % V
+    logits = torch.randn(6, size)
+
+    def call(lg=logits, lb=labels, vs=start, vocab=V):
+        return vocab_parallel_token_logprobs(lg, lb, vocab_start=vs, vocab_size=vocab)
+
+    call()  # consistent layout works
+    # a gap: the last rank's slice starts one id late
+    _expect_error(lambda: call(vs=start + 1 if rank == world - 1 and size > 1 else start,
+                               lg=logits[:, :-1] if rank == world - 1 else logits), r"do not tile.*uncovered")  # fmt: skip
+    # an overlap: rank 1 starts one id early (its slice still inside [0, V))
+    _expect_error(lambda: call(vs=start - 1 if rank == 1 else start), r"do not tile.*overlaps")
+    # shards that stop short of V
+    _expect_error(lambda: call(vocab=V + 5), r"do not tile.*end at 103")
+    # different N across ranks
+    _expect_error(lambda: call(lg=logits[: 6 - (rank == 0)], lb=labels[: 6 - (rank == 0)]), r"same tokens")
+    # labels differ across ranks
+    _expect_error(lambda: call(lb=(labels + rank) % V), r"labels differ")
+    # one rank's bad input: it raises its own error, every other rank a clear one (no hang)
+    bad = rank == world - 1
+    if bad:
+        _expect_error(lambda: call(lg=logits.long()), r"logits_shard must be a floating")
+    else:
+        _expect_error(call, r"rank\(s\) \[%d\].*rejected" % (world - 1))
+    # a label outside the global vocabulary: every rank raises the range error
+    _expect_error(lambda: call(lb=torch.full((6,), V)), r"labels must be in \[0, 103\)")
+    # the linear form: different hidden.requires_grad
+    h = torch.randn(6, 4).requires_grad_(rank == 0)
+    w = torch.randn(size, 4)
+    _expect_error(lambda: vocab_parallel_linear_logprobs(h, w, labels, vocab_start=start, vocab_size=V),
+                  r"requires_grad differs")  # fmt: skip
+    # and the group still works afterwards (no collective left dangling)
+    call()
+
+
+def check_data_parallel_grpo(rank, world):
+    """DDP over ``world`` ranks of the fused GRPO loss (dapo, num_items_in_batch = global token
+    count) equals the single-process loss and gradients on the concatenated batch."""
+    import alignkernels
+    from torch.nn.parallel import DistributedDataParallel
+
+    gen = torch.Generator().manual_seed(7)
+    B, T, H, vocab = 2 * world, 6, 8, 37
+    hidden = torch.randn(B, T, H, generator=gen)
+    weight = torch.randn(vocab, H, generator=gen) * 0.5
+    ids = torch.randint(0, vocab, (B, T), generator=gen)
+    mask = (torch.rand(B, T, generator=gen) > 0.3).long()
+    mask[0, :] = 0  # a fully masked completion
+    mask[-1, :] = 1  # ranks hold different token counts
+    adv = torch.randn(B, generator=gen)
+    old_logp = -torch.rand(B, T, generator=gen) * 3
+    n_items = int(mask.sum())
+    kw = dict(old_logp=old_logp, loss_type="dapo", num_items_in_batch=n_items, epsilon_low=0.2, epsilon_high=0.28,
+              backend="torch")  # fmt: skip
+
+    w_ref = weight.clone().requires_grad_(True)
+    h_ref = hidden.clone().requires_grad_(True)
+    ref_loss, _ = alignkernels.fused_linear_grpo_loss(h_ref, w_ref, ids, adv, mask, **kw)
+    ref_loss.backward()
+
+    rows = slice(rank * B // world, (rank + 1) * B // world)
+    local = {k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() == 2 else v) for k, v in kw.items()}
+
+    # (a) TRL's convention: normaliser num_items_in_batch / num_processes, DDP averages gradients
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(weight.clone())
+
+        def forward(self, h, i, a, m):
+            return alignkernels.fused_linear_grpo_loss(h, self.weight, i, a, m, num_processes=world, **local)[0]
+
+    ddp = DistributedDataParallel(Head())
+    loss = ddp(hidden[rows], ids[rows], adv[rows], mask[rows])
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    torch.distributed.all_reduce(mean_loss)
+    mean_loss /= world
+    _close("ddp mean loss", mean_loss, ref_loss.detach())
+    _close("ddp grad_weight", ddp.module.weight.grad, w_ref.grad)
+
+    # (b) plain torch.distributed: per-rank loss with num_processes=1, gradients all-reduced (summed)
+    w = weight.clone().requires_grad_(True)
+    h = hidden[rows].clone().requires_grad_(True)
+    loss, _ = alignkernels.fused_linear_grpo_loss(h, w, ids[rows], adv[rows], mask[rows], **local)
+    loss.backward()
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total)
+    torch.distributed.all_reduce(w.grad)
+    _close("summed loss", total, ref_loss.detach())
+    _close("summed grad_weight", w.grad, w_ref.grad)
+    _close("grad_hidden (local rows)", h.grad, h_ref.grad[rows])
+
+
+def check_tp_dp_subgroups(rank, world):
+    """4 ranks as 2 tensor-parallel groups x 2 data-parallel replicas: each TP group shards the
+    vocabulary of its own batch, through ``process_group``."""
+    assert world == 4
+    groups = [torch.distributed.new_group([0, 1]), torch.distributed.new_group([2, 3])]
+    group = groups[rank // 2]
+    bounds = [0, 61, 103]
+    check_linear_logprobs(rank, world, group=group, bounds=bounds, shape=(3, 4))
+    check_token_logprobs(rank, world, group=group, bounds=bounds, shape=(2, 5))
+
+
+def check_fsdp2_dtensor_head(rank, world):
+    """An lm_head held as a DTensor (FSDP2's Shard(0) parameter) gathered once by gather_lm_head
+    gives the plain-tensor result; the gradient reaches the sharded parameter."""
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import gather_lm_head
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(10, 8, generator=gen)
+    weight = torch.randn(V, 8, generator=gen)
+    labels = torch.randint(0, V, (10,), generator=gen)
+    w_ref = weight.clone().requires_grad_(True)
+    ref = alignkernels.linear_logprobs(hidden, w_ref, labels, backend="torch", chunk_size=4, vocab_block_size=16)
+    ref.sum().backward()
+    w_dt = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(0)]))
+    w_full, _ = gather_lm_head(w_dt)
+    assert not isinstance(w_full, DTensor)
+    got = alignkernels.linear_logprobs(hidden, w_full, labels, backend="torch", chunk_size=4, vocab_block_size=16)
+    got.sum().backward()
+    _close("logp", got.detach(), ref.detach())
+    # every rank computed the same loss on the same data: its shard of the gradient is the local one
+    assert isinstance(w_dt.grad, DTensor)
+    _close("grad_weight", w_dt.grad.full_tensor(), w_ref.grad)
+
+
+def _checks_for(world):
+    checks = {
+        "token_fp32": lambda r: check_token_logprobs(r, world),
+        "token_fp64_strided_no_entropy": lambda r: check_token_logprobs(r, world, dtype=torch.float64, strided=True,
+                                                                        with_entropy=False),  # fmt: skip
+        "token_ignore_index_minus_one": lambda r: check_token_logprobs(r, world, ignore_index=-1),
+        "token_triton": lambda r: check_token_logprobs(r, world, backend="triton", shape=(2, 5)),
+        "linear_fp32": lambda r: check_linear_logprobs(r, world),
+        "linear_no_bias_no_softcap_logp_only": lambda r: check_linear_logprobs(r, world, with_bias=False, softcap=None,
+                                                                               with_entropy=False),  # fmt: skip
+        "linear_triton": lambda r: check_linear_logprobs(r, world, backend="triton", shape=(2, 6), H=8),
+        "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
+    }
+    if world == 2:
+        checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)
+        checks["fsdp2_dtensor_head"] = lambda r: check_fsdp2_dtensor_head(r, world)
+    if world == 4:
+        checks["tp_dp_subgroups"] = lambda r: check_tp_dp_subgroups(r, world)
+    return checks
+
+
+def _worker(rank, world, tmpdir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=60))  # fmt: skip
+    results = {}
+    try:
+        for name, check in _checks_for(world).items():
+            t0 = time.perf_counter()
+            try:
+                check(rank)
+                results[name] = {"ok": True}
+            except Exception:  # recorded and reported by the pytest side
+                results[name] = {"ok": False, "error": traceback.format_exc()}
+            results[name]["seconds"] = time.perf_counter() - t0
+            torch.distributed.barrier()
+    finally:
+        with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        torch.distributed.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# pytest side: one spawn per world size
+# --------------------------------------------------------------------------------------------
+_RESULTS: dict = {}
+
+
+def _run_world(world, tmp_path_factory):
+    if world not in _RESULTS:
+        import torch.multiprocessing as mp
+
+        tmpdir = str(tmp_path_factory.mktemp(f"vocab_parallel_{world}"))
+        ctx = mp.start_processes(_worker, args=(world, tmpdir), nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                pytest.fail(f"vocab-parallel workers (world size {world}) did not finish in {SPAWN_TIMEOUT_S} s")
+        per_rank = []
+        for r in range(world):
+            with open(os.path.join(tmpdir, f"rank{r}.json")) as f:
+                per_rank.append(json.load(f))
+        _RESULTS[world] = per_rank
+    return _RESULTS[world]
+
+
+CHECK_NAMES = {w: list(_checks_for(w)) for w in (2, 4)}
+
+
+@pytest.mark.parametrize("world,check", [(w, c) for w in (2, 4) for c in CHECK_NAMES[w]])
+def test_vocab_parallel(world, check, tmp_path_factory):
+    per_rank = _run_world(world, tmp_path_factory)
+    failures = [f"rank {r}:\n{res[check]['error']}" for r, res in enumerate(per_rank) if not res[check]["ok"]]
+    assert not failures, "\n".join(failures)
+
+
+def test_needs_initialised_group():
+    import torch.distributed as dist
+    from alignkernels.ops.vocab_parallel import vocab_parallel_token_logprobs
+
+    if dist.is_initialized():
+        pytest.skip("a default process group exists in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), vocab_start=0, vocab_size=5)
