@@ -101,10 +101,13 @@ def linear_logprobs_fwd_kernel(
         z = tl.where(in_tile, z, 0.0)  # finite everywhere: products below never see 0·inf
         z_or_ninf = tl.where(in_tile, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z_or_ninf, axis=0))
-        alpha = tl.exp(m - m_new)  # rescales sums kept relative to the old max (0 on the first block)
-        e = tl.exp(z_or_ninf - m_new)  # 0 on masked lanes
+        # m stays -inf while every z so far is -inf (a -inf bias masks tokens): shift by 0 then,
+        # never by -inf (exp(-inf - -inf) = NaN)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_shift)  # rescales sums kept relative to the old max (0 on the first block)
+        e = tl.exp(z_or_ninf - m_shift)  # 0 on masked lanes and at z = -inf
         s = s * alpha + tl.sum(e, axis=0)
-        t = t * alpha + tl.sum(e * z, axis=0)
+        t = t * alpha + tl.sum(tl.where(e == 0, 0.0, e * z), axis=0)  # no 0·(-inf) at z = -inf (NaN stays)
         if compute_stats:
             q = q * alpha * alpha + tl.sum(e * e, axis=0)
             zs += tl.sum(z, axis=0)
@@ -169,7 +172,7 @@ def linear_logprobs_bwd_kernel(
     p = tl.exp(z - lse)
     # d logp / dz_v = onehot_v - p_v;  d H / dz_v = -p_v (z_v - Σ p·z)
     # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z)
-    dz = -p * (g_logp + g_entropy * (z - mean_z))
+    dz = tl.where(p == 0, 0.0, -p * (g_logp + g_entropy * (z - mean_z)))  # p = 0 at z = -inf: no 0·inf
     dz += tl.where(cols == tl.load(labels_ptr + row) - vocab_start, g_logp, 0.0)
     # chain rule back to the raw logit x: z = T⁻¹ · softcap(logit_scale · (x + b))
     dx = dz * (inv_temperature * logit_scale) * dz_dy

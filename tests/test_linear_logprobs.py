@@ -158,6 +158,37 @@ def test_one_output_alone(backend):
         _assert_close(a.grad, r.grad, 1e-5, f"entropy-only grad_{name}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_masks_tokens(backend):
+    """A -inf bias entry removes a token (even a whole vocab block): finite logp, entropy and
+    gradients, equal to the reference with those tokens dropped from the vocabulary."""
+    hidden, weight, bias, labels = _inputs(9, 12, 300)
+    masked = torch.zeros(300, dtype=torch.bool)
+    masked[0:128] = True  # the whole first vocab block
+    masked[200:210] = True
+    bias[masked] = float("-inf")
+    labels[(labels >= 0) & masked[labels.clamp(min=0)]] = 250
+    ours = _run(hidden, weight, bias, labels, backend=backend, vocab_block_size=128, chunk_size=4)
+    keep = ~masked
+    remap = torch.cumsum(keep.long(), 0) - 1
+    kept_labels = torch.where(labels == -100, labels, remap[labels.clamp(min=0)])
+    ref = _run(hidden, weight[keep], bias[keep], kept_labels, backend="reference")
+    _compare(ours[:3], ref[:3], 1e-5, 1e-5)
+    assert (ours[3][masked] == 0).all() and (ours[4][masked] == 0).all()
+    _assert_close(ours[3][keep], ref[3], 1e-5, "grad_weight")
+    _assert_close(ours[4][keep], ref[4], 1e-5, "grad_bias")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_out_of_range_label_is_nan_in_its_row(backend):
+    hidden, weight, _, labels = _inputs(5, 8, 40, bias=False, ignore_every=0)
+    labels[1], labels[3] = 40, -7
+    logp = linear_logprobs(hidden, weight, labels, backend=backend, check_labels=False)
+    assert torch.isnan(logp[[1, 3]]).all()
+    keep = [0, 2, 4]
+    _assert_close(logp[keep], linear_logprobs_reference(hidden[keep], weight, labels[keep]), 1e-5, "logp")
+
+
 def test_frozen_weight_grad_hidden_only():
     hidden, weight, _, labels = _inputs(9, 12, 200, bias=False)
     h = hidden.clone().requires_grad_()

@@ -64,6 +64,9 @@ _GPU_CHUNK_ROWS = 4096
 _GPU_TILE_ELEMENTS = 1 << 26  # 64M fp32 = 256 MB (+ 128 MB bf16 dx buffer in backward)
 _CPU_CHUNK_ROWS = 256
 _CPU_TILE_ELEMENTS = 1 << 22  # 4M fp32 = 16 MB: stays cache-friendly, memory flat
+# ATen's fused CPU (log_)softmax sums a row in fp32 vector lanes: over 256k columns that drifts by
+# ~3e-5 relative; blocks of <= 16k columns keep it ~1e-6 (blocks then merge as online sums).
+_CPU_MAX_BLOCK = 1 << 14
 _BLOCK_ALIGN = 128  # vocab blocks are multiples of this (GEMM- and vector-friendly widths)
 
 
@@ -161,7 +164,9 @@ class _ForwardState(NamedTuple):
     @classmethod
     def empty(cls, n, dtype, device):
         inf = float("-inf")
-        fills = (inf, 0, 0, 0, 0, inf, 0, inf)
+        # label_z starts as NaN: a label outside [0, V) (possible only with check_labels=False) is
+        # never found in a tile and gives NaN in its row, never a plausible number
+        fills = (inf, 0, 0, 0, 0, inf, float("nan"), inf)
         return cls(*(torch.full((n,), fill, dtype=dtype, device=device) for fill in fills))
 
     def rows(self, r0, r1):
@@ -188,61 +193,77 @@ def _row_dots(a, b):
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-def _torch_fold_forward(tile, work, labels, state: _ForwardState, vocab_start, tr, want_entropy, want_stats):
+def _torch_fold_forward(tile, work, labels, state: _ForwardState, vocab_start, tr, want_entropy, want_stats,
+                        masked_cols=None):  # fmt: skip
     """Fold the raw logits ``tile`` (bias included; overwritten) into ``state``; ``work`` is a
     scratch buffer of the tile's shape. Returns the per-row log-sum-exp of this block.
 
     CPU-friendly form of the Triton kernel's math: ``log_softmax`` over the block is one fused,
     row-cached ATen kernel (3-4x faster than separate max / sub / exp / sum passes over a tile
-    that does not fit in cache). It gives the block's ``lse_b`` (= z_0 - log_softmax(z)_0) and,
-    after one ``exp``, the in-block probabilities ``p_b`` for Σ p_b·z and Σ p_b². Blocks merge as
-    online sums with shift ``m``: block b contributes ``e^(lse_b - m)`` to s, ``e^(lse_b - m) Σ p_b z``
-    to t and ``e^(2(lse_b - m)) Σ p_b²`` to q.
+    that does not fit in cache). With the block max ``m_b`` at column ``j`` it gives the block's
+    ``lse_b = m_b - log_softmax(z)_j`` and, after one ``exp``, the in-block probabilities ``p_b``
+    for Σ p_b·z and Σ p_b². Blocks merge as online sums with shift ``m``: block b contributes
+    ``e^(lse_b - m)`` to s, ``e^(lse_b - m) Σ p_b z`` to t and ``e^(2(lse_b - m)) Σ p_b²`` to q.
+    ``masked_cols`` (bool ``[cols]`` or None) marks columns whose bias is -inf (z = -inf, p = 0).
     """
     z = _torch_transform_(tile, tr)
     n_cols = z.shape[1]
     local = labels - vocab_start
-    log_p_block = torch._log_softmax(z, 1, False, out=work)
-    block_lse = z[:, 0] - log_p_block[:, 0]
-    new_shift = torch.maximum(state.shift, block_lse)
-    alpha = (state.shift - new_shift).exp_()  # rescales the old sums (0 on the first block)
-    beta = (block_lse - new_shift).exp_()  # this block's Σ e^(z - m)
-    state.sum_exp.mul_(alpha).add_(beta)
-    if want_entropy or want_stats:
-        p_block = log_p_block.exp_()
-        state.sum_z_exp.mul_(alpha).add_(_row_dots(p_block, z).mul_(beta))
-    if want_stats:
-        state.sum_sq_exp.mul_(alpha * alpha).add_(_row_dots(p_block, p_block).mul_(beta * beta))
-        state.sum_z.add_(z.sum(1))
-        torch.maximum(state.max_z, z.amax(1), out=state.max_z)
-        before_label = torch.arange(n_cols, device=z.device)[None, :] < local[:, None]
-        block_max_before = z.masked_fill(~before_label, float("-inf")).amax(1)
-        torch.maximum(state.max_before_label, block_max_before, out=state.max_before_label)
-    state.shift.copy_(new_shift)
     in_block = (local >= 0) & (local < n_cols)
     z_at_label = z.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
     torch.where(in_block, z_at_label, state.label_z, out=state.label_z)
+
+    block_max, block_argmax = z.max(1)
+    log_p_block = torch._log_softmax(z, 1, False, out=work)
+    block_lse = block_max - log_p_block.gather(1, block_argmax[:, None]).squeeze(1)
+    block_lse = torch.where(block_max == float("-inf"), float("-inf"), block_lse)  # fully masked block
+    new_shift = torch.maximum(state.shift, block_lse)
+    safe_shift = torch.where(new_shift == float("-inf"), 0.0, new_shift)  # no (-inf) - (-inf)
+    alpha = (state.shift - safe_shift).exp_()  # rescales the old sums (0 on the first block)
+    beta = (block_lse - safe_shift).exp_()  # this block's Σ e^(z - m)
+    state.sum_exp.mul_(alpha).add_(beta)
+    if want_stats:
+        state.sum_z.add_(z.sum(1))
+        torch.maximum(state.max_z, block_max, out=state.max_z)
+        before_label = torch.arange(n_cols, device=z.device)[None, :] < local[:, None]
+        block_max_before = z.masked_fill(~before_label, float("-inf")).amax(1)
+        torch.maximum(state.max_before_label, block_max_before, out=state.max_before_label)
+    if want_entropy or want_stats:
+        p_block = log_p_block.exp_()
+        if want_stats:  # Σ p_b² (pairwise-summed)
+            sq = torch.linalg.vecdot(p_block, p_block).mul_(beta * beta)
+            state.sum_sq_exp.mul_(alpha * alpha).add_(torch.where(beta > 0, sq, 0.0))
+        if masked_cols is not None:
+            z.masked_fill_(masked_cols[None, :], 0.0)  # p = 0 there: keep 0·(-inf) out of Σ p·z
+        # Σ p_b·z with torch's pairwise summation (a BLAS dot loses ~1e-4 over 256k terms)
+        t_block = p_block.mul_(z).sum(1).mul_(beta)
+        state.sum_z_exp.mul_(alpha).add_(torch.where(beta > 0, t_block, 0.0))
+    state.shift.copy_(new_shift)
     return block_lse
 
 
-def _torch_tile_to_dx(tile, work, labels, block_lse, lse, mean_z, g_logp, g_entropy, vocab_start, tr):
+def _torch_tile_to_dx(tile, work, labels, block_lse, lse, mean_z, g_logp, g_entropy, vocab_start, tr,
+                      masked_cols=None):  # fmt: skip
     """Raw logits ``tile`` (bias included; overwritten) -> dx, returned in the scratch buffer
     ``work``. ``block_lse`` is this block's per-row log-sum-exp from the forward, so
     ``p = softmax_block(z) · e^(lse_b - lse)`` comes from one fused softmax.
     ``g_logp``/``g_entropy`` are per-row upstream gradients or None (not both)."""
     z, tanh = _torch_transform_(tile, tr, keep_tanh=True)
     p_block = torch._softmax(z, 1, False, out=work)
-    # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z) = p_v (a + b z_v) + g_logp onehot_v
-    # with per-row a = g_H Σ p·z - g_logp, b = -g_H; the chain rule to the raw logit x
+    # dz_v = g_logp (onehot_v - p_v) - g_H p_v (z_v - Σ p·z); the chain rule to the raw logit x
     # (z = T⁻¹ softcap(logit_scale (x + b))) multiplies by k = logit_scale / T (and 1 - tanh²).
-    # p_v = p_block_v · c with the per-row c = e^(lse_b - lse), folded into a and b.
+    # p_v = p_block_v · c with the per-row c = e^(lse_b - lse), folded into the row factors.
+    # (z - Σ p·z) is formed first: expanding it as a + b·z cancels badly when |z| is large.
     k = tr.logit_scale / tr.temperature
-    ck = (block_lse - lse).exp_().mul_(k)
+    ck = torch.where(block_lse == float("-inf"), 0.0, (block_lse - lse).exp()).mul_(k)
     if g_entropy is not None:
-        a = g_entropy * mean_z - g_logp if g_logp is not None else g_entropy * mean_z
-        dz = p_block.mul_(torch.addcmul((a * ck)[:, None], z, (g_entropy * -ck)[:, None], out=z))
+        centred = z.sub_(mean_z[:, None])
+        g_l = g_logp if g_logp is not None else torch.zeros_like(g_entropy)
+        dz = p_block.mul_(torch.addcmul((g_l * -ck)[:, None], centred, (g_entropy * -ck)[:, None], out=z))
     else:
         dz = p_block.mul_((g_logp * -ck)[:, None])
+    if masked_cols is not None:  # -inf bias: p = 0 and 0·(-inf) = NaN there; the gradient is 0
+        dz.masked_fill_(masked_cols[None, :], 0.0)
     if g_logp is not None:
         local = labels - vocab_start
         in_block = (local >= 0) & (local < dz.shape[1])
@@ -296,6 +317,18 @@ def _tiles(n_rows, vocab, plan: _Plan):
         yield v0, v1, [(r0, min(r0 + plan.chunk_rows, n_rows)) for r0 in range(0, n_rows, plan.chunk_rows)]
 
 
+def _has_neg_inf(bias):
+    """A -inf bias entry removes a token from the vocabulary (one host sync per call)."""
+    return bias is not None and bool(torch.isneginf(bias).any())
+
+
+def _masked_cols(bias, v0, v1, tr, neg_inf_bias):
+    """Columns of block [v0, v1) where z = -inf because the bias is -inf (softcap keeps z finite)."""
+    if not neg_inf_bias or tr.softcap is not None:
+        return None
+    return torch.isneginf(bias[v0:v1])
+
+
 def _gemm_operands(hidden, weight, cd):
     """On CUDA, GEMMs take the inputs' dtype (tensor cores) and write fp32; elsewhere everything is
     widened to the compute dtype once (CPU has no mixed-precision GEMM)."""
@@ -318,6 +351,7 @@ def _chunked_forward(hidden, weight, bias, labels, tr: _Transform, plan: _Plan, 
     if n_rows:
         h = _gemm_operands(hidden, weight, cd)
         bias_cd = bias.to(cd) if bias is not None else None
+        neg_inf_bias = _has_neg_inf(bias_cd) if plan.backend == "torch" else False
         buf_elems = min(plan.chunk_rows, n_rows) * min(plan.block_cols, vocab)
         tile_buf = torch.empty(buf_elems, dtype=cd, device=hidden.device)
         work_buf = torch.empty(buf_elems, dtype=cd, device=hidden.device) if plan.backend == "torch" else None
@@ -330,7 +364,8 @@ def _chunked_forward(hidden, weight, bias, labels, tr: _Transform, plan: _Plan, 
                     _mm_into(tile, h[r0:r1], w_blk.t(), bias=bias_cd[v0:v1] if bias is not None else None)
                     work = work_buf[: shape[0] * shape[1]].view(shape)
                     block_lse[v0 // plan.block_cols, r0:r1] = _torch_fold_forward(
-                        tile, work, labels[r0:r1], state.rows(r0, r1), v0, tr, want_entropy, want_stats
+                        tile, work, labels[r0:r1], state.rows(r0, r1), v0, tr, want_entropy, want_stats,
+                        masked_cols=_masked_cols(bias_cd, v0, v1, tr, neg_inf_bias),
                     )
                 else:
                     _mm_into(tile, h[r0:r1], w_blk.t())
@@ -369,6 +404,7 @@ def _chunked_backward(hidden, weight, bias, labels, lse, entropy, block_lse, g_l
         g_entropy = g_entropy if g_entropy is not None else torch.zeros_like(lse)
     h = _gemm_operands(hidden, weight, cd)
     bias_cd = bias.to(cd) if bias is not None else None
+    neg_inf_bias = _has_neg_inf(bias_cd) if plan.backend == "torch" else False
     buf_elems = min(plan.chunk_rows, n_rows) * min(plan.block_cols, vocab)
     tile_buf = torch.empty(buf_elems, dtype=cd, device=device)
     work_buf = torch.empty(buf_elems, dtype=cd, device=device) if plan.backend == "torch" else None
@@ -396,7 +432,8 @@ def _chunked_backward(hidden, weight, bias, labels, lse, entropy, block_lse, g_l
             if plan.backend == "torch":
                 work = work_buf[: shape[0] * shape[1]].view(shape)
                 dx = _torch_tile_to_dx(tile, work, labels[rows], block_lse[v0 // plan.block_cols, rows], lse[rows],
-                                       mean_z[rows], gl, ge, v0, tr)  # fmt: skip
+                                       mean_z[rows], gl, ge, v0, tr,
+                                       masked_cols=_masked_cols(bias_cd, v0, v1, tr, neg_inf_bias))  # fmt: skip
             else:
                 _triton_tile_to_dx(tile, dx, bias, weight, labels[rows], lse[rows], mean_z[rows], gl, ge, v0, tr)
             dx_gemm = dx if dx.dtype == gemm_dtype else dx.to(gemm_dtype)
@@ -508,6 +545,8 @@ def _make_plan(backend, device, n_rows, vocab, chunk_size, vocab_block_size) -> 
     if vocab_block_size is None:
         budget = _GPU_TILE_ELEMENTS if on_gpu else _CPU_TILE_ELEMENTS
         vocab_block_size = max(_BLOCK_ALIGN, budget // chunk // _BLOCK_ALIGN * _BLOCK_ALIGN)
+        if backend == "torch":
+            vocab_block_size = min(vocab_block_size, _CPU_MAX_BLOCK)
     return _Plan(backend, chunk, min(vocab_block_size, vocab))
 
 
