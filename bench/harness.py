@@ -633,6 +633,7 @@ def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print)
             log(f"[{row['status']}] {op.name} {row['shape_str']} {p.name}: {row['note']}")
         if progress is not None:
             progress.advance(task)
+    rows.sort(key=lambda r: cfg.ops.index(r["op"]))  # stable: cases keep their order within an op
     annotate_vs_eager(rows)
     meta = environment_meta(cfg.device)
     meta.update({"repeats": repeats, "warmup": warmup, "quick": cfg.quick, "device_peaks": peaks,
