@@ -37,7 +37,6 @@ import gc
 import importlib
 import inspect
 import json
-import math
 import os
 import signal
 import statistics
@@ -639,7 +638,3 @@ def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print)
     meta.update({"repeats": repeats, "warmup": warmup, "quick": cfg.quick, "device_peaks": peaks,
                  "ops": cfg.ops, "preset": cfg.preset})
     return {"meta": meta, "rows": rows, "notes": notes}
-
-
-def isfinite_or_none(x):
-    return x is None or (isinstance(x, (int, float)) and math.isfinite(x))
