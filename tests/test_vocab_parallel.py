@@ -261,8 +261,9 @@ def check_tp_dp_subgroups(rank, world):
 
 
 def check_fsdp2_dtensor_head(rank, world):
-    """An lm_head held as a DTensor (FSDP2's Shard(0) parameter) gathered once by gather_lm_head
-    gives the plain-tensor result; the gradient reaches the sharded parameter."""
+    """An lm_head held as a DTensor (FSDP2's Shard(0) parameter), gathered once by gather_lm_head,
+    gives the plain-tensor result, and the gradient reaches the sharded parameter reduced as asked:
+    averaged / summed over data-parallel ranks, or kept local when every rank has the same data."""
     import alignkernels
     from alignkernels.ops.vocab_parallel import gather_lm_head
     from torch.distributed.device_mesh import init_device_mesh
@@ -270,21 +271,90 @@ def check_fsdp2_dtensor_head(rank, world):
 
     mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(5)
-    hidden = torch.randn(10, 8, generator=gen)
     weight = torch.randn(V, 8, generator=gen)
-    labels = torch.randint(0, V, (10,), generator=gen)
-    w_ref = weight.clone().requires_grad_(True)
-    ref = alignkernels.linear_logprobs(hidden, w_ref, labels, backend="torch", chunk_size=4, vocab_block_size=16)
-    ref.sum().backward()
-    w_dt = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(0)]))
-    w_full, _ = gather_lm_head(w_dt)
-    assert not isinstance(w_full, DTensor)
-    got = alignkernels.linear_logprobs(hidden, w_full, labels, backend="torch", chunk_size=4, vocab_block_size=16)
-    got.sum().backward()
-    _close("logp", got.detach(), ref.detach())
-    # every rank computed the same loss on the same data: its shard of the gradient is the local one
-    assert isinstance(w_dt.grad, DTensor)
-    _close("grad_weight", w_dt.grad.full_tensor(), w_ref.grad)
+    bias = torch.randn(V, generator=gen)
+    batches = [(torch.randn(10, 8, generator=gen), torch.randint(0, V, (10,), generator=gen)) for _ in range(world)]
+    kw = dict(backend="torch", chunk_size=4, vocab_block_size=16)
+
+    refs = []
+    for hidden, labels in batches:
+        w_ref, b_ref = weight.clone().requires_grad_(True), bias.clone().requires_grad_(True)
+        logp = alignkernels.linear_logprobs(hidden, w_ref, labels, bias=b_ref, **kw)
+        logp.sum().backward()
+        refs.append((logp.detach(), w_ref.grad, b_ref.grad))
+
+    for mode, own_batch in (("avg", rank), ("sum", rank), (None, 0)):
+        w_dt = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, [Shard(0)]))
+        b_dt = torch.nn.Parameter(distribute_tensor(bias.clone(), mesh, [Shard(0)]))
+        w_full, b_full = gather_lm_head(w_dt, b_dt, grad_reduce=mode)
+        assert not isinstance(w_full, DTensor) and not isinstance(b_full, DTensor)
+        hidden, labels = batches[own_batch]
+        logp = alignkernels.linear_logprobs(hidden, w_full, labels, bias=b_full, **kw)
+        logp.sum().backward()
+        _close(f"logp ({mode})", logp.detach(), refs[own_batch][0])
+        assert isinstance(w_dt.grad, DTensor)
+        if mode is None:
+            want_w, want_b = refs[0][1], refs[0][2]
+        else:
+            want_w, want_b = sum(r[1] for r in refs), sum(r[2] for r in refs)
+            if mode == "avg":
+                want_w, want_b = want_w / world, want_b / world
+        _close(f"grad_weight ({mode})", w_dt.grad.full_tensor(), want_w)
+        _close(f"grad_bias ({mode})", b_dt.grad.full_tensor(), want_b)
+    plain = torch.randn(3, 2)
+    assert gather_lm_head(plain)[0] is plain
+
+
+def check_communication_volume(rank, world):
+    """What crosses the wire, counted at the torch.distributed calls: O(N) numbers forward (N for
+    the max, 3N -- 2N without entropy -- for the sums, plus a 7-int64 layout record), nothing in
+    the logits backward, N_valid x H for grad_hidden in the linear backward. Never O(N·V)."""
+    import alignkernels.ops.vocab_parallel as vp
+
+    calls = []
+
+    class CountingDist:
+        def __getattr__(self, name):
+            return getattr(torch.distributed, name)
+
+        def all_reduce(self, t, **kw):
+            calls.append(("all_reduce", t.numel(), t.dtype))
+            return torch.distributed.all_reduce(t, **kw)
+
+        def all_gather(self, out, t, **kw):
+            calls.append(("all_gather", t.numel(), t.dtype))
+            return torch.distributed.all_gather(out, t, **kw)
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    n, H = 12, 8
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[:3] = -100
+    original = vp.dist
+    vp.dist = CountingDist()
+    try:
+        logits = torch.randn(n, size, requires_grad=True)
+        logp, ent = vp.vocab_parallel_token_logprobs(logits, labels, vocab_start=start, vocab_size=V,
+                                                     return_entropy=True)  # fmt: skip
+        assert calls == [("all_gather", 7, torch.int64), ("all_reduce", n, torch.float32),
+                         ("all_reduce", 3 * n, torch.float32)], calls  # fmt: skip
+        calls.clear()
+        (logp.sum() + ent.sum()).backward()
+        assert calls == [], calls
+        vp.vocab_parallel_token_logprobs(logits, labels, vocab_start=start, vocab_size=V, check_shards=False)
+        assert calls == [("all_reduce", n, torch.float32), ("all_reduce", 2 * n, torch.float32)], calls
+        calls.clear()
+        hidden = torch.randn(n, H, requires_grad=True)
+        logp, ent = vp.vocab_parallel_linear_logprobs(hidden, torch.randn(size, H, requires_grad=True), labels,
+                                                      vocab_start=start, vocab_size=V, return_entropy=True)  # fmt: skip
+        n_valid = n - 3
+        assert calls == [("all_gather", 7, torch.int64), ("all_reduce", n_valid, torch.float32),
+                         ("all_reduce", 3 * n_valid, torch.float32)], calls  # fmt: skip
+        calls.clear()
+        (logp.sum() + ent.sum()).backward()
+        assert calls == [("all_reduce", n_valid * H, torch.float32)], calls
+    finally:
+        vp.dist = original
 
 
 def _checks_for(world):
@@ -299,6 +369,7 @@ def _checks_for(world):
                                                                                with_entropy=False),  # fmt: skip
         "linear_triton": lambda r: check_linear_logprobs(r, world, backend="triton", shape=(2, 6), H=8),
         "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
+        "communication_volume": lambda r: check_communication_volume(r, world),
     }
     if world == 2:
         checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)

@@ -495,17 +495,32 @@ def vocab_parallel_linear_logprobs(
 # --------------------------------------------------------------------------------------------
 # FSDP2: a DTensor lm_head gathered once per call
 # --------------------------------------------------------------------------------------------
-def gather_lm_head(weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """Return ``(weight, bias)`` as plain tensors: a DTensor (FSDP2 ``Shard(0)`` / ``Replicate``
-    parameter) is all-gathered once with ``full_tensor()`` -- autograd carries the gradient back
-    to the sharded parameter -- so the chunked ``linear_logprobs`` slices a plain tensor instead
-    of issuing DTensor ops (and re-gathers) per chunk. Plain tensors pass through untouched."""
+def gather_lm_head(weight: torch.Tensor, bias: torch.Tensor | None = None, *, grad_reduce: str | None = "avg"):
+    """Return ``(weight, bias)`` as plain tensors, all-gathering a DTensor (an FSDP2 ``Shard(0)``
+    parameter, or any DTensor placement) once with ``full_tensor()``, so the chunked
+    ``linear_logprobs`` slices a plain tensor instead of issuing DTensor ops (and gathers) per
+    chunk. Plain tensors pass through untouched (inside an FSDP2 module's forward the parameters
+    are already unsharded plain tensors and FSDP2 reduces their gradients itself).
+
+    ``grad_reduce`` says how the gradient of the gathered tensor returns to the DTensor, i.e. what
+    the ranks' gradients mean:
+    - ``"avg"`` (default) / ``"sum"``: data parallel (every rank has its own batch): the gradient is
+      reduce-scattered (``Partial(avg|sum)`` -> the DTensor's placements), averaged like FSDP2's
+      and DDP's default or summed. One all-gather forward, one reduce-scatter backward.
+    - ``None``: every rank computed the same loss on the same data; each rank keeps its own slice
+      of its (identical) gradient, no communication (``full_tensor()``'s default).
+    """
+    if grad_reduce not in ("avg", "sum", None):
+        raise ValueError(f"grad_reduce must be 'avg', 'sum' or None, got {grad_reduce!r}")
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor, Partial
     except ImportError:  # pragma: no cover - torch without DTensor
         return weight, bias
-    if isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-    if isinstance(bias, DTensor):
-        bias = bias.full_tensor()
-    return weight, bias
+
+    def gather(t):
+        if not isinstance(t, DTensor):
+            return t
+        placements = None if grad_reduce is None else [Partial(grad_reduce)] * t.device_mesh.ndim
+        return t.full_tensor(grad_placements=placements)
+
+    return gather(weight), gather(bias)
