@@ -163,8 +163,9 @@ def check_inconsistent_shards(rank, world):
 
     call()  # consistent layout works
     # a gap: the last rank's slice starts one id late
-    _expect_error(lambda: call(vs=start + 1 if rank == world - 1 and size > 1 else start,
-                               lg=logits[:, :-1] if rank == world - 1 else logits), r"do not tile.*uncovered")  # fmt: skip
+    last = rank == world - 1
+    _expect_error(lambda: call(vs=start + 1 if last else start, lg=logits[:, :-1] if last else logits),
+                  r"do not tile.*uncovered")  # fmt: skip
     # an overlap: rank 1 starts one id early (its slice still inside [0, V))
     _expect_error(lambda: call(vs=start - 1 if rank == 1 else start), r"do not tile.*overlaps")
     # shards that stop short of V
@@ -357,6 +358,39 @@ def check_communication_volume(rank, world):
         vp.dist = original
 
 
+def check_edge_cases(rank, world):
+    """Every row ignored (finite zeros, zero gradients, empty collectives); bf16 logits (fp32
+    math on both sides); the default group passed explicitly as ``group.WORLD``."""
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(11)
+    ignored = torch.full((2, 3), -100)
+    logits = torch.randn(2, 3, size, generator=gen).requires_grad_(True)
+    logp, ent = vocab_parallel_token_logprobs(logits, ignored, vocab_start=start, vocab_size=V, return_entropy=True)
+    (logp.sum() + ent.sum()).backward()
+    assert bool((logp == 0).all() and (ent == 0).all() and (logits.grad == 0).all())
+    hidden = torch.randn(2, 3, 4, generator=gen).requires_grad_(True)
+    weight = torch.randn(size, 4, generator=gen).requires_grad_(True)
+    logp, ent = vocab_parallel_linear_logprobs(hidden, weight, ignored, vocab_start=start, vocab_size=V,
+                                               return_entropy=True)  # fmt: skip
+    (logp.sum() + ent.sum()).backward()
+    assert bool((logp == 0).all() and (ent == 0).all())
+    assert bool((hidden.grad == 0).all() and (weight.grad == 0).all())
+
+    gen = torch.Generator().manual_seed(12)  # same draws on every rank
+    full = torch.randn(5, V, generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, V, (5,), generator=gen)
+    ref_logp, ref_ent = alignkernels.token_logprobs(full, labels, backend="torch", return_entropy=True)
+    world_group = torch.distributed.group.WORLD
+    logp, ent = vocab_parallel_token_logprobs(full[:, start : start + size], labels, vocab_start=start, vocab_size=V,
+                                              process_group=world_group, return_entropy=True)  # fmt: skip
+    assert logp.dtype == torch.float32
+    _close("bf16 logp", logp, ref_logp)
+    _close("bf16 entropy", ent, ref_ent)
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -370,6 +404,7 @@ def _checks_for(world):
         "linear_triton": lambda r: check_linear_logprobs(r, world, backend="triton", shape=(2, 6), H=8),
         "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
         "communication_volume": lambda r: check_communication_volume(r, world),
+        "edge_cases": lambda r: check_edge_cases(r, world),
     }
     if world == 2:
         checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)
