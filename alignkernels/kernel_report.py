@@ -131,3 +131,27 @@ def roofline_seconds(cost: dict, device: str, phase: str = "fwd_bwd") -> float:
     """Lower bound on time: max(bytes / bandwidth, FLOPs / bf16 peak)."""
     peak = DEVICE_PEAKS[device]
     return max(cost[f"{phase}_bytes"] / peak["bytes_per_s"], cost[f"{phase}_flops"] / peak["bf16_flops"])
+
+
+def _compile_job(job):
+    case_id, cc = job
+    return f"{case_id}@sm{cc}", compile_case(dict(iter_compile_cases())[case_id], cc)
+
+
+def compile_all(ccs=(80, 90), workers=None) -> dict:
+    """``{"<case_id>@sm<cc>": report}`` for every case, compiled in a process pool."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(case_id, cc) for case_id, _ in iter_compile_cases() for cc in ccs]
+    with ProcessPoolExecutor(max(1, min(len(jobs), workers or os.cpu_count() or 1))) as pool:
+        return dict(pool.map(_compile_job, jobs, chunksize=4))
+
+
+if __name__ == "__main__":
+    # python -m alignkernels.kernel_report [80 90] -> JSON on stdout. TRITON_INTERPRET must be unset
+    # before any kernel module is imported (they are imported lazily, inside iter_compile_cases).
+    import json
+    import sys
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    json.dump(compile_all([int(a) for a in sys.argv[1:]] or [80, 90]), sys.stdout)

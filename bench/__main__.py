@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         except ImportError:
             console.print("--static: the static kernel report (bench/static.py) is not available yet.")
             return 0
-        return static.main([]) if hasattr(static, "main") else 0
+        return static.main(sys.argv[sys.argv.index("--static") + 1:] if "--static" in sys.argv else [])
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

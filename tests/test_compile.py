@@ -1,12 +1,11 @@
 """Every Triton kernel, at every config its launcher can choose, compiles to cubin for sm_80
 (A100) and sm_90 (H100) -- no GPU needed. Each module in ``alignkernels.kernels`` lists its
-launchable configs in ``COMPILE_CASES``; ``compile_worker.py`` compiles them all in one
+launchable configs in ``COMPILE_CASES``; ``python -m alignkernels.kernel_report`` compiles them all in one
 subprocess (outside the interpreter) and each case is reported as its own test."""
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,9 +20,9 @@ CASE_IDS = [case_id for case_id, _ in iter_compile_cases()]
 @pytest.fixture(scope="module")
 def compile_results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    worker = Path(__file__).with_name("compile_worker.py")
     proc = subprocess.run(
-        [sys.executable, str(worker), *map(str, CCS)], capture_output=True, text=True, env=env, timeout=1800
+        [sys.executable, "-m", "alignkernels.kernel_report", *map(str, CCS)],
+        capture_output=True, text=True, env=env, timeout=1800,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)

@@ -260,3 +260,23 @@ def test_gpu_realistic_sizes(dtype, V):
     logits, labels = _make((4, 512), V, dtype, "cuda")
     _check("triton", logits, labels, temperature=0.9, dtype=dtype)
     _check("torch", logits, labels, temperature=0.9, dtype=dtype)
+
+
+def test_process_group_needs_the_shard_layout():
+    logits, labels = _make((2,), 5, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="vocab_start= and vocab_size="):
+        alignkernels.token_logprobs(logits, labels, process_group=object())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_label_gradient_has_no_onehot(backend):
+    # With the check off, a label outside [0, V) (e.g. a label owned by another vocab shard) gets
+    # no one-hot term in the gradient: d logits = -g * p, identically on every backend.
+    logits, labels = _make((3,), 40, torch.float32, _device(backend), ignore_frac=0.0)
+    labels[1] = -1
+    x = logits.clone().requires_grad_()
+    _, ent = alignkernels.token_logprobs(x, labels, return_entropy=True, backend=backend, check_labels=False)
+    logp = alignkernels.token_logprobs(x, labels, backend=backend, check_labels=False)
+    torch.autograd.backward([logp[1]], [torch.ones(())])
+    p = torch.softmax(logits[1].double(), -1).float()
+    torch.testing.assert_close(x.grad[1], -p, rtol=1e-5, atol=1e-7)

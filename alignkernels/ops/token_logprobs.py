@@ -126,7 +126,9 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
     g_logp = torch.where(valid, grad_logp.to(cd), 0.0) if grad_logp is not None else zeros
     g_entropy = torch.where(valid, grad_entropy.to(cd), 0.0) if grad_entropy is not None else zeros
     V = logits.shape[-1]
-    safe_labels = torch.where((labels >= 0) & (labels < V), labels, 0).long()
+    in_range = (labels >= 0) & (labels < V)
+    safe_labels = torch.where(in_range, labels, 0).long()
+    g_onehot = torch.where(in_range, g_logp, 0.0)  # an out-of-range label has no one-hot column
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     grad_rows = grad_logits.view(-1, V)
     mean_z = lse - entropy
@@ -136,7 +138,7 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
         # dz = g_logp (onehot - p) - g_H p (z - Σp·z)  =  -p (g_logp + g_H (z - Σp·z)) + g_logp onehot
         coef = (z - mean_z[r0:r1, None]).mul_(g_entropy[r0:r1, None]).add_(g_logp[r0:r1, None])
         dz = p.mul_(coef).neg_()
-        dz.scatter_add_(1, safe_labels[r0:r1, None], g_logp[r0:r1, None])
+        dz.scatter_add_(1, safe_labels[r0:r1, None], g_onehot[r0:r1, None])
         if temperature != 1.0:
             dz.div_(temperature)
         grad_rows[r0:r1] = dz
@@ -222,6 +224,9 @@ def token_logprobs(
     return_entropy: bool = False,
     backend: str = "auto",
     check_labels: bool | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the
     entropy of that distribution, without materialising the softmax.
@@ -243,11 +248,26 @@ def token_logprobs(
             and one host-device sync per call. ``None`` (default) follows the environment variable
             ``ALIGNKERNELS_CHECK_LABELS`` (on unless set to ``0``). With the check off, an
             out-of-range label gives ``NaN`` for that position, never an out-of-bounds read.
+        process_group, vocab_start, vocab_size: vocab-parallel logits (tensor parallel): this
+            rank holds ``logits[..., vocab_start:vocab_start + logits.shape[-1]]`` of a global
+            vocabulary of ``vocab_size``; labels are global ids. Two O(N) all-reduces give every
+            rank the full log-prob and entropy; backward is local. See
+            ``alignkernels.ops.vocab_parallel`` and ``docs/DISTRIBUTED.md``.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.
         Differentiable w.r.t. ``logits`` through both outputs.
     """
+    if process_group is not None:
+        from .vocab_parallel import vocab_parallel_token_logprobs
+
+        if vocab_start is None or vocab_size is None:
+            raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
+        return vocab_parallel_token_logprobs(
+            logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
+            temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
+            check_labels=check_labels,
+        )  # fmt: skip
     temperature = _validate(logits, labels, temperature, check_labels, ignore_index)
     backend = resolve_backend(backend, logits.device, logits.dtype)
     if backend == "reference":
