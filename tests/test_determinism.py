@@ -86,8 +86,8 @@ def _grpo_run(backend, loss_type, level):
     ref = (logp.detach() + torch.randn(4, 33, generator=g).to(d) * 0.2)
     adv = torch.randn(4, generator=g).to(d)
     mask = (torch.rand(4, 33, generator=g) > 0.2).float().to(d)
-    loss, metrics = ak.grpo_loss(logp, old, ref, adv, mask, beta=0.04, loss_type=loss_type,
-                                 importance_sampling_level=level, max_completion_length=33, backend=backend)  # fmt: skip
+    kw = dict(beta=0.04, loss_type=loss_type, importance_sampling_level=level, max_completion_length=33)
+    loss, metrics = ak.grpo_loss(logp, old, ref, adv, mask, backend=backend, **kw)
     (grad,) = torch.autograd.grad(loss, logp)
     return (loss, grad, *[metrics[k] for k in sorted(metrics)])
 
@@ -155,9 +155,9 @@ _CROSS_PROCESS = textwrap.dedent(
     import conftest  # sets TRITON_INTERPRET=1 without a GPU, before any kernel import
     import test_determinism as t
     out = {}
-    for name, fn in (("token-torch", lambda: t._token_run("torch")), ("token-triton", lambda: t._token_run("triton")),
-                     ("linear-torch", lambda: t._linear_run("torch")), ("linear-triton", lambda: t._linear_run("triton"))):
-        out[name] = t._digest(fn())
+    for op, run in (("token", t._token_run), ("linear", t._linear_run)):
+        for backend in ("torch", "triton"):
+            out[op + "-" + backend] = t._digest(run(backend))
     print(json.dumps(out))
     """
 )

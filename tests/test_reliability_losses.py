@@ -43,7 +43,8 @@ def _grpo(**over):
     args = dict(logp=logp, old_logp=old, ref_logp=ref, advantages=adv, mask=mask)
     kw = {k: v for k, v in over.items() if k not in args}
     args.update({k: v for k, v in over.items() if k in args})
-    return lambda: ak.grpo_loss(args["logp"], args["old_logp"], args["ref_logp"], args["advantages"], args["mask"], **kw)
+    names = ("logp", "old_logp", "ref_logp", "advantages", "mask")
+    return lambda: ak.grpo_loss(*(args[n] for n in names), **kw)
 
 
 def _ppo(**over):
@@ -113,9 +114,11 @@ BAD_INPUTS = [
     ("grpo_loss", "logp-3d", _grpo(logp=torch.zeros(B, T, 1)), ValueError, r"logp must be \[B, T\]"),
     ("grpo_loss", "mask-shape", _grpo(mask=torch.ones(B, T + 1)), ValueError, "mask must have the shape"),
     ("grpo_loss", "old-shape", _grpo(old_logp=torch.zeros(B, T - 1)), ValueError, "old_logp must have shape"),
-    ("grpo_loss", "int-old", _grpo(old_logp=torch.zeros(B, T, dtype=torch.long)), TypeError, "old_logp must be a floating"),
+    ("grpo_loss", "int-old", _grpo(old_logp=torch.zeros(B, T, dtype=torch.long)), TypeError,
+     "old_logp must be a floating"),
     ("grpo_loss", "adv-shape", _grpo(advantages=torch.zeros(B + 1)), ValueError, "advantages must have shape"),
-    ("grpo_loss", "int-adv", _grpo(advantages=torch.zeros(B, dtype=torch.long)), TypeError, "advantages must be a floating"),
+    ("grpo_loss", "int-adv", _grpo(advantages=torch.zeros(B, dtype=torch.long)), TypeError,
+     "advantages must be a floating"),
     ("grpo_loss", "mask-meta", _grpo(mask=torch.ones(B, T, device="meta")), ValueError, "same device"),
     ("grpo_loss", "ref-meta", _grpo(ref_logp=torch.ones(B, T, device="meta")), ValueError, "same device"),
     ("grpo_loss", "loss_type", _grpo(loss_type="ppo"), ValueError, "valid loss types"),
@@ -146,7 +149,8 @@ BAD_INPUTS = [
     pytest.param(("ppo_loss", "cliprange<0", _ppo(cliprange=-0.2), ValueError, "cliprange"),
                  marks=_xf("negative cliprange accepted silently")),
     # ---- dpo_loss
-    ("dpo_loss", "int-logps", _dpo(policy_chosen_logps=torch.zeros(4, dtype=torch.long)), TypeError, "must be a floating"),
+    ("dpo_loss", "int-logps", _dpo(policy_chosen_logps=torch.zeros(4, dtype=torch.long)), TypeError,
+     "must be a floating"),
     ("dpo_loss", "2d-logps", _dpo(policy_chosen_logps=torch.zeros(4, 2)), ValueError, r"must be 1-D \[B\]"),
     ("dpo_loss", "shape", _dpo(ref_rejected_logps=torch.zeros(5)), ValueError, "must have shape"),
     ("dpo_loss", "meta", _dpo(ref_rejected_logps=torch.zeros(4, device="meta")), ValueError, "is on meta"),
@@ -160,7 +164,8 @@ BAD_INPUTS = [
     ("dpo_loss", "robust-0.5", _dpo(loss_type="robust", label_smoothing=0.5), ValueError, "label_smoothing"),
     ("dpo_loss", "f-div", _dpo(f_divergence_type="tv"), ValueError, "f_divergence_type"),
     # ---- bradley_terry_loss
-    ("bradley_terry_loss", "int", _bt(chosen_rewards=torch.zeros(4, dtype=torch.long)), TypeError, "must be a floating"),
+    ("bradley_terry_loss", "int", _bt(chosen_rewards=torch.zeros(4, dtype=torch.long)), TypeError,
+     "must be a floating"),
     ("bradley_terry_loss", "3d", _bt(chosen_rewards=torch.zeros(4, 1, 1), rejected_rewards=torch.zeros(4, 1, 1)),
      ValueError, r"\[B\] or \[B, K\]"),
     ("bradley_terry_loss", "shape", _bt(rejected_rewards=torch.zeros(5)), ValueError, "same shape"),
@@ -193,13 +198,16 @@ BAD_INPUTS = [
     pytest.param(("group_advantages", "B=0", lambda: ak.group_advantages(torch.zeros(0), 2), ValueError, "rewards"),
                  marks=_xf("B=0 crashes in reshape(B, -1) with an unrelated RuntimeError")),
     # ---- gather_last / last_token_index / sequence_logprobs
-    ("gather_last", "mask-shape", lambda: ak.gather_last(X3, torch.ones(2, 4)), ValueError, "attention_mask must have shape"),
+    ("gather_last", "mask-shape", lambda: ak.gather_last(X3, torch.ones(2, 4)), ValueError,
+     "attention_mask must have shape"),
     ("gather_last", "two-masks", lambda: ak.gather_last(X3, torch.ones(2, 3), cu_seqlens=torch.tensor([0, 3])),
      ValueError, "at most one"),
-    ("gather_last", "numpy", lambda: ak.gather_last(X3.numpy(), torch.ones(2, 3)), TypeError, "x must be a torch.Tensor"),
+    ("gather_last", "numpy", lambda: ak.gather_last(X3.numpy(), torch.ones(2, 3)), TypeError,
+     "x must be a torch.Tensor"),
     ("gather_last", "1d-x", lambda: ak.gather_last(torch.zeros(3), torch.ones(3)), ValueError, r"\[B, T, \.\.\.\]"),
     ("gather_last", "T=0", lambda: ak.gather_last(torch.zeros(2, 0, 4), torch.ones(2, 0)), ValueError, "T = 0"),
-    ("gather_last", "meta-mask", lambda: ak.gather_last(X3, torch.ones(2, 3, device="meta")), ValueError, "same device"),
+    ("gather_last", "meta-mask", lambda: ak.gather_last(X3, torch.ones(2, 3, device="meta")), ValueError,
+     "same device"),
     ("gather_last", "ids-no-pad", lambda: ak.gather_last(X3, input_ids=torch.ones(2, 3, dtype=torch.long)), ValueError,
      "pad_token_id"),
     ("gather_last", "float-cu", lambda: ak.gather_last(X3[0], cu_seqlens=torch.tensor([0.0, 3.0])), TypeError,
@@ -303,7 +311,8 @@ def test_dpo_fully_masked_sequences_give_log2():
     from alignkernels.losses.dpo import dpo_loss_from_token_logps
 
     z = torch.zeros(2, 4, requires_grad=True)
-    loss, _ = dpo_loss_from_token_logps(z, z, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4))
+    zeros = torch.zeros(2, 4)
+    loss, _ = dpo_loss_from_token_logps(z, z, zeros, zeros, zeros, zeros)
     assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
 
 

@@ -104,7 +104,8 @@ BAD_INPUTS = [
     ("T=nan", lambda x, y: ((x, y), {"temperature": float("nan")}), ValueError, "temperature"),
     ("T=inf", lambda x, y: ((x, y), {"temperature": float("inf")}), ValueError, "temperature"),
     pytest.param(("T=str", lambda x, y: ((x, y), {"temperature": "hot"}), (TypeError, ValueError), "temperature"),
-                 marks=pytest.mark.xfail(strict=True, reason="check_temperature: float('hot') error names no argument")),
+                 marks=pytest.mark.xfail(strict=True,
+                                         reason="check_temperature: float('hot') error names no argument")),
     ("backend-unknown", lambda x, y: ((x, y), {"backend": "cudnn"}), ValueError, "backend must be one of"),
     ("backend-cuda-on-cpu", lambda x, y: ((x, y), {"backend": "cuda"}), ValueError, "needs CUDA tensors"),
     ("fp64-triton", lambda x, y: ((x.double(), y), {"backend": "triton"}), TypeError, "float16/bfloat16/float32"),
@@ -219,7 +220,8 @@ def test_huge_vocab_262144_few_rows(backend):
 @pytest.mark.parametrize("where", ["middle", "label", "first", "last"])
 def test_nan_or_inf_poisons_only_its_row(backend, bad, where, request):
     if backend == "torch" and math.isinf(bad) and where != "label":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="torch backend: logp = z - logsumexp = -inf, not NaN"))
+        reason = "torch backend: logp = z - logsumexp = -inf, not NaN"
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     logits, labels = _make((5,), 300, device=_device(backend), seed=2)
     col = {"middle": 150, "label": int(labels[2]), "first": 0, "last": 299}[where]
     logits[2, col] = bad
@@ -253,7 +255,8 @@ def test_nan_in_ignored_row_leaks_nowhere(backend, request):
     torch.testing.assert_close(grad[[0, 2]].double(), t_grad, rtol=1e-5, atol=1e-7)
 
 
-_NEG_INF_GRAD = _xfail_for(["torch", "triton"], "0*(-inf) in backward: dz = -p*(g_logp + g_H*(z - Σpz)) is NaN at z=-inf")
+_NEG_INF_GRAD = _xfail_for(["torch", "triton"],
+                           "0*(-inf) in backward: dz = -p*(g_logp + g_H*(z - Σpz)) is NaN at z=-inf")
 _NEG_INF_ENT = _xfail_for(BACKENDS, "entropy accumulates e*z = 0*(-inf) = NaN at z=-inf")
 
 
@@ -324,7 +327,8 @@ def test_argmax_label_at_temperature_near_zero(backend):
     torch.testing.assert_close(grad.double() * T, t_grad, rtol=1e-3, atol=1e-3 * t_grad.abs().max().item())
 
 
-_OFFSET = _xfail_for(["torch"], "torch backend: Σp·z in fp32 with |z|~1e4 -> entropy off by ~5 (shift by the row max)")
+_OFFSET = _xfail_for(["torch"],
+                     "torch backend: Σp·z in fp32 with |z|~1e4 -> entropy off by ~5 (shift by the row max)")
 
 
 @pytest.mark.parametrize("backend", _params(_OFFSET))
@@ -443,7 +447,8 @@ _TTIR_SCRIPT = textwrap.dedent(
             continue
         seen.add(name)
         src = ASTSource(fn=case["kernel"], signature=case["signature"], constexprs=case["constexprs"])
-        ttir = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": case["num_warps"]}).asm["ttir"]
+        options = {"num_warps": case["num_warps"]}
+        ttir = triton.compile(src, target=GPUTarget("cuda", 80, 32), options=options).asm["ttir"]
         pid = re.findall(r"(%[\\w.]+) = tt.get_program_id x : i32", ttir)
         uses = [l.strip() for l in ttir.splitlines() for p in pid
                 if re.search(re.escape(p) + r"\\b", l) and "tt.get_program_id" not in l]
