@@ -85,9 +85,10 @@ def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, 
 
 
 def check_temperature(temperature) -> float:
-    if isinstance(temperature, torch.Tensor):
-        temperature = float(temperature.item())
-    temperature = float(temperature)
+    try:
+        temperature = float(temperature.item() if isinstance(temperature, torch.Tensor) else temperature)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"temperature must be a number, got {temperature!r}") from None
     if not temperature > 0.0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     return temperature

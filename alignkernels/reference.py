@@ -27,7 +27,7 @@ def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-1
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    entropy = -(logsm.exp() * logsm).sum(-1)
+    entropy = -(logsm.exp() * logsm.masked_fill(logsm == float("-inf"), 0.0)).sum(-1)  # 0·log 0 := 0
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
 

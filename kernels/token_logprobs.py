@@ -11,8 +11,11 @@ vocabulary in BLOCK_V tiles with an online log-sum-exp that also carries Σ z·e
 
     m  = running max of z                   (z = logits / T)
     s  = Σ e^(z - m)                        -> lse = m + log s
-    t  = Σ z · e^(z - m)                    -> Σ p·z = t / s
-    entropy H = -Σ p log p = lse - Σ p·z    (no p·log p term, no second pass)
+    t  = Σ (z - m) · e^(z - m)              -> Σ p·(z - m) = t / s
+    entropy H = -Σ p log p = lse - Σ p·z = log s - t / s     (no p·log p term, no second pass)
+
+t is carried relative to the running max so that neither t nor H loses digits when all logits
+sit far from 0 (e.g. +1e4): on a max update m -> m', t' = e^(m - m') · (t + s·(m - m')).
 
 Row addressing supports a leading [outer, inner] layout with independent strides, so
 ``logits[:, :-1, :]`` (the usual shifted slice) is read in place, without a copy. All row
@@ -69,19 +72,22 @@ def token_logprobs_fwd_kernel(
         in_row = cols < V
         z = tl.load(row_ptr + cols, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        alpha = tl.exp(m - m_new)  # rescales the running sums to the new max
-        e = tl.exp(z - m_new)  # 0 on masked lanes (z = -inf)
+        alpha = tl.exp(m - m_new)  # rescales the running sums to the new max (0 on the first tile)
+        e = tl.exp(z - m_new)  # 0 on masked lanes and at z = -inf
+        # Re-centre t on m_new (guards: s = 0 and alpha = 0 on the first tile, where m = -inf).
+        t = tl.where(alpha > 0, (t + tl.where(s > 0, s * (m - m_new), 0.0)) * alpha, 0.0)
+        t += tl.sum(tl.where(e == 0.0, 0.0, e * (z - m_new)), axis=0)  # 0·(-inf) would be NaN
         s = s * alpha + tl.sum(e, axis=0)
-        t = t * alpha + tl.sum(tl.where(in_row, e * z, 0.0), axis=0)
         m = m_new
 
-    lse = m + tl.log(s)
-    entropy = lse - t / s  # H = lse - Σ p·z
+    log_s = tl.log(s)
+    lse = m + log_s
+    entropy = log_s - t / s  # H = lse - Σ p·z = log s - Σ p·(z - m)
     # A label outside [0, V) (only possible with the range check disabled) yields NaN, never
     # an out-of-bounds read.
     label_in_range = (label >= 0) & (label < V)
     z_label = tl.load(row_ptr + label, mask=label_in_range & ~is_ignored, other=float("nan")).to(tl.float32)
-    logp = z_label * inv_temperature - lse
+    logp = (z_label * inv_temperature - m) - log_s
 
     tl.store(logp_ptr + row, tl.where(is_ignored, 0.0, logp))
     tl.store(lse_ptr + row, tl.where(is_ignored, 0.0, lse))
@@ -130,7 +136,7 @@ def token_logprobs_bwd_kernel(
         # d logp / dz_i = onehot_i - p_i
         # d H    / dz_i = -p_i (z_i - Σ p·z)
         # dz_i = g_logp (onehot_i - p_i) - g_H p_i (z_i - Σ p·z);   d logits = dz / T
-        dz = -p * (g_logp + g_entropy * (z - mean_z))
+        dz = tl.where(p == 0.0, 0.0, -p * (g_logp + g_entropy * (z - mean_z)))  # z = -inf: p = 0, no NaN
         dz += tl.where(cols == label, g_logp, 0.0)
         dlogits = tl.where(is_ignored, 0.0, dz * inv_temperature)
         tl.store(grad_row_ptr + cols, dlogits.to(grad_logits_ptr.dtype.element_ty), mask=in_row)

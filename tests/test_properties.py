@@ -89,9 +89,7 @@ def test_token_logprobs_properties(case, backend):
     atol = 1e-5 + 4e-7 * zmax  # one fp32 ulp of the largest logit, a few times over
     assert logp.shape == labels.shape and logp.dtype == torch.float32
     torch.testing.assert_close(logp.double(), t_logp, rtol=1e-5, atol=atol)
-    # The torch backend's entropy loses ~eps·|z|² (Σp·z of unshifted z; pinned by the strict xfail
-    # test_logits_offset_by_1e4[torch]): held to that looser bound until the fix lands.
-    ent_atol = atol + (2e-7 * zmax**2 if backend == "torch" else 0.0)
+    ent_atol = atol
     torch.testing.assert_close(ent.double(), t_ent, rtol=1e-5, atol=ent_atol)
     assert (logp <= atol).all(), "log-probabilities are <= 0"
     assert (ent >= -ent_atol).all() and (ent <= math.log(V) + 1e-5).all(), "0 <= entropy <= log V"
@@ -197,11 +195,7 @@ def test_linear_logprobs_properties(case, backend):
 )
 def test_token_logprobs_shift_invariance(V, n, shift, backend, seed):
     """softmax(z + c) = softmax(z): adding a per-row constant changes nothing beyond the rounding
-    of the shifted fp32 inputs themselves. (The torch backend loses ~eps·c² in the entropy at large
-    shifts -- pinned by the strict xfail ``test_logits_offset_by_1e4[torch]`` -- so it is held to
-    the property only for |c| <= 10 here.)"""
-    if backend == "torch" and abs(shift) > 10:
-        shift = 10.0
+    of the shifted fp32 inputs themselves."""
     _count("shift_invariance")
     d = _device(backend)
     g = torch.Generator().manual_seed(seed)

@@ -107,15 +107,20 @@ def _torch_forward(logits, labels, temperature, ignore_index):
     nan = torch.tensor(float("nan"), dtype=cd, device=logits.device)
     for r0, r1, x in _row_chunks(logits, _chunk_rows(logits.shape[-1])):
         z = x.to(cd) / temperature if temperature != 1.0 else x.to(cd)
-        lse_c = torch.logsumexp(z, dim=-1)
-        p = torch.exp(z - lse_c[:, None])
-        # Σ p·z. (torch.einsum("rv,rv->r") is ~1e-4 relative off on CPU for long rows; vecdot is exact.)
-        mean_z = torch.linalg.vecdot(p, z)
-        z_label = z.gather(1, safe_labels[r0:r1, None]).squeeze(1)
+        # Work relative to the row max (like the kernels' running max): z_m = z - m <= 0, so
+        # neither Σ p·z_m nor logp loses digits when all logits sit far from 0.
+        m = z.amax(dim=-1, keepdim=True)
+        z_m = z - m
+        log_s = torch.logsumexp(z_m, dim=-1)
+        p = torch.exp(z_m - log_s[:, None])
+        z_m_label = z_m.gather(1, safe_labels[r0:r1, None]).squeeze(1)
+        # Σ p·(z - m), with 0·(-inf) := 0 at z = -inf. (torch.einsum("rv,rv->r") is ~1e-4 relative
+        # off on CPU for long rows; vecdot is exact.)
+        mean_z_m = torch.linalg.vecdot(p, z_m.masked_fill_(p == 0, 0.0))
         v = valid[r0:r1]
-        logp[r0:r1] = torch.where(v, torch.where(in_range[r0:r1], z_label - lse_c, nan), 0.0)
-        lse[r0:r1] = lse_c  # kept for every row so backward never sees exp(z - 0)
-        entropy[r0:r1] = lse_c - mean_z
+        logp[r0:r1] = torch.where(v, torch.where(in_range[r0:r1], z_m_label - log_s, nan), 0.0)
+        lse[r0:r1] = m.squeeze(1) + log_s  # kept for every row so backward never sees exp(z - 0)
+        entropy[r0:r1] = log_s - mean_z_m  # H = lse - Σ p·z = log s - Σ p·(z - m)
     return logp, lse, entropy
 
 
@@ -135,9 +140,10 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
     for r0, r1, x in _row_chunks(logits, _chunk_rows(V)):
         z = x.to(cd) / temperature if temperature != 1.0 else x.to(cd)
         p = torch.exp(z - lse[r0:r1, None])
+        no_mass = (p == 0) | ~valid[r0:r1, None]  # z = -inf (p = 0) or an ignored row: exactly 0
         # dz = g_logp (onehot - p) - g_H p (z - Σp·z)  =  -p (g_logp + g_H (z - Σp·z)) + g_logp onehot
         coef = (z - mean_z[r0:r1, None]).mul_(g_entropy[r0:r1, None]).add_(g_logp[r0:r1, None])
-        dz = p.mul_(coef).neg_()
+        dz = p.mul_(coef).neg_().masked_fill_(no_mass, 0.0)
         dz.scatter_add_(1, safe_labels[r0:r1, None], g_onehot[r0:r1, None])
         if temperature != 1.0:
             dz.div_(temperature)
