@@ -160,8 +160,8 @@ def gae_reference(rewards, values, mask, *, gamma=1.0, lam=0.95):
     cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
     r, v = rewards.to(cd), values.to(cd)
     m = (mask != 0).to(cd)
-    nextvalues = torch.zeros_like(r[:, 0])
-    lastgaelam = torch.zeros_like(r[:, 0])
+    nextvalues = r.new_zeros(r.shape[0])
+    lastgaelam = r.new_zeros(r.shape[0])
     advantages_reversed = []
     for t in reversed(range(r.shape[1])):
         delta = r[:, t] + gamma * nextvalues - v[:, t]
@@ -214,7 +214,7 @@ def trl_ppo_rollout_reference(logprobs, ref_logprobs, values, scores, sequence_l
     rewards = non_score_reward.clone()
     actual_start = torch.arange(rewards.size(0), device=rewards.device)
     actual_end = torch.where(sequence_lengths_p1 < rewards.size(1), sequence_lengths_p1, sequence_lengths)
-    rewards[[actual_start, actual_end]] += scores
+    rewards[(actual_start, actual_end)] += scores  # TRL indexes with a list; a tuple is the same
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask=~padding_mask_p1, shift_mean=False)
         rewards = torch.masked_fill(rewards, padding_mask_p1, 0)

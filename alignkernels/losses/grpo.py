@@ -174,6 +174,8 @@ def group_advantages(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     B = rewards.shape[0]
+    if B == 0:
+        raise ValueError("rewards must hold at least one completion (B >= 1), got an empty batch")
     if B % group_size != 0:
         raise ValueError(f"group_size={group_size} must divide the batch size B={B}")
     if scale is True:
@@ -351,6 +353,15 @@ def grpo_loss(
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
     shape = tuple(logp.shape)
     B = shape[0]
+    if B == 0:
+        raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
+    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("delta", delta)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
+        raise ValueError(f"num_items_in_batch must be > 0 (a token count), got {num_items_in_batch}")
     check_tensor("mask", mask)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")

@@ -263,6 +263,13 @@ def gae(
     check_tensor("values", values, floating=True)
     _check_same_shape("rewards", rewards, values=values, mask=mask, whiten_mask=whiten_mask)
     check_same_device(rewards=rewards, values=values, mask=mask, whiten_mask=whiten_mask)
+    for name, value in (("gamma", gamma), ("lam", lam)):
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    # Masked steps contribute neither reward nor value: whatever they hold (NaN padding included)
+    # must not reach the recurrence on any backend.
+    rewards = rewards.masked_fill(mask == 0, 0.0)
+    values = values.masked_fill(mask == 0, 0.0)
     be = resolve_backend(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
     cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
     if be == "triton":
@@ -381,6 +388,10 @@ def ppo_loss(
         raise ValueError("returns is required when values is given (the value loss regresses values on returns)")
     if loss_agg_mode not in LOSS_AGG_MODES:
         raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    for name, value in (("cliprange", cliprange), ("cliprange_value", cliprange_value),
+                        ("cliprange_low", cliprange_low), ("cliprange_high", cliprange_high)):  # fmt: skip
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual clip), got {clip_ratio_c}")
     if entropy is None and entropy_coef != 0.0:
