@@ -502,3 +502,9 @@ def test_gpu_realistic_size_bf16_vs_reference_in_chunks():
         _assert_close(entropy[rows], ent.detach(), 1e-4, "entropy")
         _assert_close(h.grad[rows], h_ref.grad, 2e-2, "grad_hidden")
     _assert_close(w.grad, grad_w_ref, 2e-2, "grad_weight")
+
+
+def test_process_group_needs_the_shard_layout():
+    hidden, weight, labels = torch.randn(3, 8), torch.randn(11, 8), torch.randint(0, 11, (3,))
+    with pytest.raises(ValueError, match="vocab_start= and vocab_size="):
+        linear_logprobs(hidden, weight, labels, process_group=object())

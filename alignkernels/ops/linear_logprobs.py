@@ -566,6 +566,9 @@ def linear_logprobs(
     vocab_block_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    process_group=None,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -598,6 +601,10 @@ def linear_logprobs(
             op), ``"torch"`` or ``"reference"`` (materialised logits).
         check_labels: verify every label is in range (one reduction + one host sync). ``None``
             follows ``ALIGNKERNELS_CHECK_LABELS`` (on unless ``0``).
+        process_group, vocab_start, vocab_size: vocab-parallel lm_head (tensor parallel): this
+            rank holds rows ``[vocab_start, vocab_start + weight.shape[0])`` of a ``[vocab_size, H]``
+            head (``bias`` its slice); labels are global ids. Two O(N) all-reduces forward, local
+            backward plus one ``grad_hidden`` all-reduce. See ``alignkernels.ops.vocab_parallel``.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -610,6 +617,19 @@ def linear_logprobs(
     ``O(valid rows x H)`` fp32 for the hidden-gradient accumulator, whatever ``V``. One host sync
     to find the valid rows (and one for the label check).
     """
+    if process_group is not None:
+        from .vocab_parallel import vocab_parallel_linear_logprobs
+
+        if vocab_start is None or vocab_size is None:
+            raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
+        if return_stats:
+            raise ValueError("return_stats=True is not supported with process_group=")
+        return vocab_parallel_linear_logprobs(
+            hidden, weight, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
+            bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
+            vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels,
+        )  # fmt: skip
     tr = _validate(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     vocab_block_size = _check_positive_int("vocab_block_size", vocab_block_size)

@@ -240,29 +240,9 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         # The backend's backward with the global lse/entropy is exactly d(global logp, entropy)/d(shard)
         grad_logits = bwd(logits, local_labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
                           ctx.ignore_index)  # fmt: skip
-        if grad_logp is not None and ctx.backend == "torch" and _torch_backward_puts_onehot_at_column0():
-            # That backend's one-hot lands on column 0 for out-of-range labels: take it back off.
-            foreign = (local_labels != ctx.ignore_index) & ((local_labels < 0) | (local_labels >= logits.shape[-1]))
-            rows = grad_logits.view(-1, logits.shape[-1])
-            rows[:, 0] -= torch.where(foreign, grad_logp.reshape(-1).to(rows.dtype) / ctx.temperature, 0.0)
+        # (Every backend's backward gives an out-of-range -- foreign-shard -- label no one-hot
+        # column: pinned by tests/test_token_logprobs.py::test_out_of_range_label_gradient_has_no_onehot.)
         return (grad_logits, *none)
-
-
-_TORCH_BWD_ONEHOT_AT_0: list = []
-
-
-def _torch_backward_puts_onehot_at_column0() -> bool:
-    """Whether ``token_logprobs``' torch backward adds ``g_logp`` at column 0 for a label outside
-    ``[0, V)`` (it clamps such labels to 0). Probed once on a 1 x 2 problem, so this module stays
-    right whether or not that backend masks out-of-range labels."""
-    if not _TORCH_BWD_ONEHOT_AT_0:
-        from .token_logprobs import _IMPLS
-
-        z = torch.zeros(1, 2)
-        lse = torch.full((1,), float(torch.log(torch.tensor(2.0))))
-        g = _IMPLS["torch"][1](z, torch.tensor([-1]), lse, lse, torch.ones(1), None, 1.0, -100)
-        _TORCH_BWD_ONEHOT_AT_0.append(bool(g[0, 0] != g[0, 1]))
-    return _TORCH_BWD_ONEHOT_AT_0[0]
 
 
 def vocab_parallel_token_logprobs(
