@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per CPU case before it is recorded as timeout")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--markdown", action="store_true", help="also print the tables as GitHub markdown")
+    p.add_argument("--e2e", action="store_true",
+                   help="one GRPO/DPO training step of a small Qwen2-style model: eager vs stock TRL vs "
+                        "alignkernels.integrations.trl.apply() (options after --e2e: see python -m bench.e2e -h)")
     p.add_argument("--static", action="store_true",
                    help="static kernel report (registers, spills, occupancy) without a GPU, when bench.static exists")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help=argparse.SUPPRESS)
@@ -127,20 +130,27 @@ def memory_profile(cfg: RunConfig, out_dir: Path, console) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.e2e or args.static):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that the tables never wrap
         console = Console(width=max(console.width, 200))
+    if args.e2e:
+        from . import e2e
+
+        return e2e.main(extra)
     if args.static:
         try:
             from . import static  # noqa: F401
         except ImportError:
             console.print("--static: the static kernel report (bench/static.py) is not available yet.")
             return 0
-        return static.main(sys.argv[sys.argv.index("--static") + 1:] if "--static" in sys.argv else [])
+        return static.main(extra)
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
