@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one GRPO/DPO training step of a small Qwen2-style model: eager vs stock TRL vs "
                         "alignkernels.integrations.trl.apply() (options after --e2e: see python -m bench.e2e -h)")
     p.add_argument("--static", action="store_true",
-                   help="static kernel report (registers, spills, occupancy) without a GPU, when bench.static exists")
+                   help="static kernel report without a GPU: registers, spills, occupancy per kernel config, analytic roofline (options after --static: see python -m bench.static -h)")
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help=argparse.SUPPRESS)
     return p
 
@@ -130,28 +130,20 @@ def memory_profile(cfg: RunConfig, out_dir: Path, console) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and not (args.e2e or args.static):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    raw = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--e2e", "--static"):  # sub-commands with their own options (see their --help)
+        if flag in raw:
+            import importlib
+
+            rest = [a for a in raw if a != flag]
+            return importlib.import_module(f"bench.{flag.lstrip('-')}").main(rest)
+    args = build_parser().parse_args(raw)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console()
     if not console.is_terminal:  # logs and pipes: wide enough that the tables never wrap
         console = Console(width=max(console.width, 200))
-    if args.e2e:
-        from . import e2e
-
-        return e2e.main(extra)
-    if args.static:
-        try:
-            from . import static  # noqa: F401
-        except ImportError:
-            console.print("--static: the static kernel report (bench/static.py) is not available yet.")
-            return 0
-        return static.main(extra)
-
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
