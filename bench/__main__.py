@@ -173,7 +173,11 @@ def main(argv=None) -> int:
     print_tables(results, console)
     if args.markdown:
         console.print(markdown_tables(results), markup=False, highlight=False)
-    json_path = write_json(results, Path(out_dir) / "results.json")
+    # A partial run (--ops subset) into the default folder gets its own file instead of
+    # overwriting the full suite's results.json.
+    partial = args.out is None and not set(ops) >= set(DEFAULT_OPS)
+    name = f"results-{'+'.join(ops)}.json" if partial else "results.json"
+    json_path = write_json(results, Path(out_dir) / name)
     pngs = [] if args.no_plots else plot(results, out_dir)
     console.print(f"wrote {json_path}" + "".join(f"\nwrote {p}" for p in pngs))
     if args.memory_profile:
