@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._utils import output_dtype
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
@@ -19,7 +18,7 @@ def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-1
 
     Ignored positions (``labels == ignore_index``) give 0 in both outputs.
     """
-    z = logits.to(_compute_dtype(logits.dtype)) / temperature
+    z = logits.to(output_dtype(logits.dtype)) / temperature
     logsm = F.log_softmax(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -54,7 +53,7 @@ def linear_logprobs_reference(
     return_entropy=False,
 ):
     """Materialise ``logits = hidden @ weight.T (+ bias)`` in fp32, transform, then log-softmax."""
-    cd = _compute_dtype(hidden.dtype)
+    cd = output_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).T
     if bias is not None:
         logits = logits + bias.to(cd)
@@ -79,7 +78,7 @@ def linear_logprobs_stats_reference(
     ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1, lse)`` (TRL's definitions:
     ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties, ``logsumexp(z)``).
     Ignored positions give 0 (``False`` for ``is_top1``); ``logp`` and ``entropy`` carry autograd."""
-    cd = _compute_dtype(hidden.dtype)
+    cd = output_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).T
     if bias is not None:
         logits = logits + bias.to(cd)
@@ -157,7 +156,7 @@ def group_advantages_reference(rewards_per_func, num_generations, scale_rewards=
 def gae_reference(rewards, values, mask, *, gamma=1.0, lam=0.95):
     """GAE as a Python loop over time: verl ``core_algos.compute_gae_advantage_return`` (masked
     positions skipped), outputs zeroed at masked positions. fp32 (fp64 for fp64 inputs)."""
-    cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    cd = output_dtype(torch.promote_types(rewards.dtype, values.dtype))
     r, v = rewards.to(cd), values.to(cd)
     m = (mask != 0).to(cd)
     nextvalues = r.new_zeros(r.shape[0])

@@ -86,6 +86,12 @@ def weighted_sum(logp, entropy, inputs) -> torch.Tensor:
     return loss
 
 
+def weighted_logp_entropy_loss(out, inputs) -> torch.Tensor:
+    """``to_loss`` of the log-prob ops: per-token weights on logp and (when returned) entropy."""
+    logp, entropy = split_outputs(out)
+    return weighted_sum(logp, entropy, inputs)
+
+
 def split_outputs(out):
     """(logp, entropy-or-None) from whatever a provider returned."""
     if isinstance(out, (tuple, list)):

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .cases_common import ours_check, package_check, split_outputs, weighted_sum
+from .cases_common import ours_check, package_check, weighted_logp_entropy_loss
 from .harness import OpBench, Provider
 
 MODEL_SHAPES = ((4096, 128256), (3584, 152064))  # (H, V): Llama-3-8B, Qwen2.5-7B
@@ -36,11 +36,6 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
         "w_logp": torch.randn(N, device=device),
         "w_entropy": torch.randn(N, device=device),
     }
-
-
-def to_loss(out, inputs):
-    logp, entropy = split_outputs(out)
-    return weighted_sum(logp, entropy, inputs)
 
 
 def cost(shape: dict, dtype: torch.dtype) -> dict:
@@ -145,7 +140,7 @@ def build() -> OpBench:
         },
         shape_keys=("N", "H", "V", "softcap"),
         x_axis="N",
-        to_loss=to_loss,
+        to_loss=weighted_logp_entropy_loss,
         cost=cost,
         roofline="matmul",
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .cases_common import needs_cuda, ours_check, package_check, split_outputs, weighted_sum
+from .cases_common import needs_cuda, ours_check, package_check, weighted_logp_entropy_loss
 from .harness import OpBench, Provider
 
 VOCABS = (32000, 128256, 151936)
@@ -29,11 +29,6 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
         "w_logp": torch.randn(N, device=device),
         "w_entropy": torch.randn(N, device=device),
     }
-
-
-def to_loss(out, inputs):
-    logp, entropy = split_outputs(out)
-    return weighted_sum(logp, entropy, inputs)
 
 
 def cost(shape: dict, dtype: torch.dtype) -> dict:
@@ -112,7 +107,7 @@ def build() -> OpBench:
         },
         shape_keys=("N", "V"),
         x_axis="N",
-        to_loss=to_loss,
+        to_loss=weighted_logp_entropy_loss,
         cost=cost,
         roofline="bandwidth",
     )

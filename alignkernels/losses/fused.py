@@ -28,8 +28,11 @@ def _masked_labels(labels, mask, ignore_index):
     return labels.masked_fill(~mask.bool(), ignore_index)
 
 
-def _reference_token_logps(ref_hidden, ref_weight, labels, *, ref_bias, head, ignore_index):
-    """Per-token log-probs of the reference model from its hidden states (no gradient)."""
+def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, head, ignore_index):
+    """Per-token log-probs of the reference model from its hidden states (no gradient). Without
+    ``ref_weight`` the reference shares the policy's head (weight and bias)."""
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
     with torch.no_grad():
         kwargs = {k: v for k, v in head.items() if k != "bias"}
         return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
@@ -86,11 +89,8 @@ def fused_linear_grpo_loss(
     labels = _masked_labels(completion_ids, completion_mask, ignore_index)
     logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
     if ref_logp is None and ref_hidden is not None:
-        ref_logp = _reference_token_logps(
-            ref_hidden, weight if ref_weight is None else ref_weight, labels,
-            ref_bias=bias if ref_weight is None and ref_bias is None else ref_bias, head=head,
-            ignore_index=ignore_index,
-        )  # fmt: skip
+        ref_logp = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
+                                          head=head, ignore_index=ignore_index)  # fmt: skip
     return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
 
 
@@ -149,11 +149,8 @@ def fused_linear_dpo_loss(
     if ref_chosen_logps is None:
         if ref_hidden is None:
             raise ValueError("fused_linear_dpo_loss needs ref_chosen_logps/ref_rejected_logps or ref_hidden")
-        ref = _reference_token_logps(
-            ref_hidden, weight if ref_weight is None else ref_weight, labels,
-            ref_bias=bias if ref_weight is None and ref_bias is None else ref_bias, head=head,
-            ignore_index=ignore_index,
-        )  # fmt: skip
+        ref = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
+                                          head=head, ignore_index=ignore_index)  # fmt: skip
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
     return dpo_loss_from_token_logps(
         out.logp[:B], out.logp[B:], ref_chosen_logps, ref_rejected_logps, mask[:B], mask[B:],

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import nn
 
-from .._utils import check_same_device, check_tensor, resolve_backend
+from .._utils import check_same_device, check_tensor, output_dtype, resolve_backend
 
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -33,9 +33,6 @@ VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_trun
 
 _CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,7 +186,7 @@ def group_advantages(
             f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
             f"got {multi_objective_aggregation!r}"
         )
-    cd = _compute_dtype(rewards.dtype)
+    cd = output_dtype(rewards.dtype)
     rewards_per_func = rewards.to(cd).reshape(B, -1)
     K = rewards_per_func.shape[1]
     if reward_weights is None:
@@ -400,7 +397,7 @@ def grpo_loss(
         steps_per_generation = gradient_accumulation_steps
 
     # ---- inputs in the compute dtype, masked positions neutralised -------------------------
-    cd = _compute_dtype(logp.dtype)
+    cd = output_dtype(logp.dtype)
     valid = mask != 0
     maskf = valid.to(cd)
     zero = logp.new_zeros((), dtype=cd)
@@ -673,7 +670,7 @@ def _grpo_rows_triton(logp, old_logp, ref_logp, adv, mask, token_weight, is_rati
     loss_sum, other = _GRPORowsFunction.apply(
         logp, old_logp, ref_logp, adv, maskf, token_weight, is_ratio, flags, scalars
     )
-    cd = _compute_dtype(logp.dtype)
+    cd = output_dtype(logp.dtype)
     names = ("count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
     rows = {name: other[:, i].to(cd) for i, name in enumerate(names)}
     rows["loss_sum"] = loss_sum.to(cd)

@@ -19,15 +19,12 @@ import math
 import torch
 from torch import nn
 
-from .._utils import check_same_device, check_tensor, resolve_backend
+from .._utils import check_same_device, check_tensor, output_dtype, resolve_backend
 
 KL_ESTIMATORS = ("k1", "k3")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_POSITIONS = ("last", "after_last")
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_same_shape(ref_name, ref, **tensors):
@@ -121,7 +118,7 @@ def kl_penalty_rewards(
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if score_at not in SCORE_POSITIONS:
         raise ValueError(f"score_at must be one of {SCORE_POSITIONS}, got {score_at!r}")
-    cd = _compute_dtype(logp.dtype)
+    cd = output_dtype(logp.dtype)
     valid = mask != 0
     zero = logp.new_zeros((), dtype=cd)
     logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
@@ -271,7 +268,7 @@ def gae(
     rewards = rewards.masked_fill(mask == 0, 0.0)
     values = values.masked_fill(mask == 0, 0.0)
     be = resolve_backend(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
-    cd = _compute_dtype(torch.promote_types(rewards.dtype, values.dtype))
+    cd = output_dtype(torch.promote_types(rewards.dtype, values.dtype))
     if be == "triton":
         adv, ret = _gae_triton(rewards, values, mask != 0, float(gamma), float(lam))
     elif be == "reference":
@@ -399,7 +396,7 @@ def ppo_loss(
     low = cliprange if cliprange_low is None else cliprange_low
     high = cliprange if cliprange_high is None else cliprange_high
 
-    cd = _compute_dtype(logp.dtype)
+    cd = output_dtype(logp.dtype)
     valid = mask != 0
     maskf = valid.to(cd)
     zero = logp.new_zeros((), dtype=cd)
