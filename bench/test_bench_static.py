@@ -1,4 +1,4 @@
-"""The static report's aggregation and cost rows (the compile step itself is tests/test_compile.py)."""
+"""The static report's aggregation and cost rows (the compile step itself is tests/kernels/test_compile.py)."""
 from bench.static import cost_rows, summarize_triton
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import alignkernels as ak
-from conftest import HAS_CUDA, TRITON_DEVICE
+from helpers import HAS_CUDA, TRITON_DEVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,7 +152,7 @@ _CROSS_PROCESS = textwrap.dedent(
     """
     import hashlib, json, os, sys
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
-    import conftest  # sets TRITON_INTERPRET=1 without a GPU, before any kernel import
+    import helpers  # sets TRITON_INTERPRET=1 without a GPU, before any kernel import
     import test_determinism as t
     out = {}
     for op, run in (("token", t._token_run), ("linear", t._linear_run)):

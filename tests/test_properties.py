@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import alignkernels  # noqa: E402
-from conftest import HAS_CUDA, TRITON_DEVICE  # noqa: E402
+from helpers import HAS_CUDA, TRITON_DEVICE  # noqa: E402
 
 BACKENDS = ("torch", "triton", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

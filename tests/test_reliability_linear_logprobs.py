@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import alignkernels
-from conftest import HAS_CUDA, TRITON_DEVICE
+from helpers import HAS_CUDA, TRITON_DEVICE
 
 BACKENDS = ["torch", "triton", "reference"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import alignkernels as ak
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE
 
 GRPO_LOSS_TYPES = ["grpo", "dapo", "bnpo", "dr_grpo", "luspo", "cispo", "sapo"]
 B, T = 3, 5

@@ -22,7 +22,7 @@ import torch
 
 import alignkernels
 from alignkernels.reference import token_logprobs_reference
-from conftest import HAS_CUDA, TRITON_DEVICE
+from helpers import HAS_CUDA, TRITON_DEVICE
 
 BACKENDS = ["torch", "triton", "reference"]
 FAST_BACKENDS = ["torch", "triton"]  # the autograd-Function backends (kernel or chunked torch)

@@ -28,7 +28,7 @@ from alignkernels import _build, _cuda_backend
 HAS_CUDA = torch.cuda.is_available()
 NVCC = _build.find_nvcc()
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA extension cannot be compiled here")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------

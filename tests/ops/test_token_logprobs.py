@@ -4,7 +4,7 @@ import torch
 
 import alignkernels
 from alignkernels.reference import token_logprobs_reference
-from conftest import HAS_CUDA, TRITON_DEVICE
+from helpers import HAS_CUDA, TRITON_DEVICE
 
 # (rtol, atol) for values and gradients, per input dtype. Outputs are accumulated in fp32 in
 # every backend; half-precision inputs only change the gradient's rounding (it is written in the

@@ -11,7 +11,7 @@ from alignkernels.reference import (
     last_token_index_reference,
     sequence_logprobs_reference,
 )
-from conftest import HAS_CUDA, TRITON_DEVICE
+from helpers import HAS_CUDA, TRITON_DEVICE
 
 BACKENDS = ["torch", "triton"]
 

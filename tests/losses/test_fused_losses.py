@@ -10,7 +10,7 @@ import torch
 import alignkernels
 from alignkernels.losses.dpo import dpo_loss_from_token_logps
 from alignkernels.reference import token_logprobs_reference, transform_logits
-from conftest import TRITON_DEVICE
+from helpers import TRITON_DEVICE
 
 BACKENDS = ["torch", "triton"]
 B, T, H, V = 4, 7, 24, 301

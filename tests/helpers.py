@@ -1,0 +1,16 @@
+"""Shared test helpers (imported by test modules; ``conftest.py`` only wires pytest hooks).
+
+Without a GPU, Triton kernels run in the interpreter on CPU tensors. ``TRITON_INTERPRET`` is read
+when ``@triton.jit`` decorates a function, so it is set here, on first import, before any kernel
+module is imported (``conftest.py`` imports this module first thing).
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The device the "triton" backend runs on in this session: real GPU, or the CPU interpreter.
+TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
