@@ -1,9 +1,7 @@
 """Shared plumbing for every op: backend choice and argument validation.
 
-Every public op takes ``backend="auto" | "triton" | "cuda" | "torch" | "reference"``.
-``auto`` reads ``ALIGNKERNELS_BACKEND`` first, then picks Triton for CUDA tensors and the
-chunked PyTorch path for anything else. ``triton`` on CPU tensors is allowed only when
-``TRITON_INTERPRET=1`` (that is how the tests run the kernels without a GPU).
+Every public op takes ``backend="auto" | "triton" | "cuda" | "torch" | "reference"`` and resolves
+it with ``OpBackends.resolve`` -- the one dispatch rule, documented there.
 """
 from __future__ import annotations
 
@@ -20,27 +18,104 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Turn ``backend`` (possibly ``"auto"``) into a concrete backend for tensors on ``device``."""
-    if backend == "auto":
-        backend = os.environ.get("ALIGNKERNELS_BACKEND", "auto").strip().lower() or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        if device.type == "cuda" and (dtype is None or dtype in KERNEL_DTYPES):
+_CUDA_ON_CPU = {"allowed": False}
+
+
+def allow_cuda_backend_on_cpu(allowed: bool) -> None:
+    """Let ``backend="cuda"`` take CPU tensors (test infrastructure only: the CUDA execution-model
+    emulator in ``tests/cuemu`` runs ``csrc/`` on the host, CPU data pointers standing in for
+    device pointers)."""
+    _CUDA_ON_CPU["allowed"] = bool(allowed)
+
+
+def cuda_backend_on_cpu_allowed() -> bool:
+    return _CUDA_ON_CPU["allowed"]
+
+
+class OpBackends:
+    """The backends one public op has, and the one rule that picks among them.
+
+    Every op declares itself once at module level (``TOKEN_LOGPROBS = OpBackends("token_logprobs",
+    ("triton", "cuda", "torch", "reference"))``) and calls ``.resolve(backend, device, dtype)``.
+
+    The rule, for every op:
+
+    1. ``backend`` must be one of ``BACKENDS``; anything else is a ``ValueError``.
+    2. ``"auto"`` first reads ``ALIGNKERNELS_BACKEND``. A backend named there is used by every op
+       that has it; ops that lack it fall through to step 3 (so ``ALIGNKERNELS_BACKEND=cuda`` moves
+       the ops with CUDA kernels and leaves the rest alone).
+    3. ``"auto"`` then picks by device: ``triton`` for CUDA tensors of a kernel dtype (fp16 / bf16 /
+       fp32) when the op has it, else ``torch``; ``torch`` on any other device; ``reference`` only
+       for an op that has nothing else.
+    4. An explicit backend the op lacks raises one ``ValueError`` naming the op and the backends it
+       has -- never a silent fallback.
+    5. ``triton`` needs CUDA tensors (or ``TRITON_INTERPRET=1``, how the tests run kernels on CPU)
+       and a kernel dtype; ``cuda`` needs CUDA tensors (or the test emulator, see
+       ``allow_cuda_backend_on_cpu``).
+    """
+
+    registry: dict[str, "OpBackends"] = {}
+
+    def __init__(self, op: str, backends: tuple[str, ...]):
+        unknown = [b for b in backends if b not in BACKENDS or b == "auto"]
+        if unknown:
+            raise ValueError(f"{op}: unknown backends {unknown}")
+        self.op = op
+        self.backends = tuple(backends)
+        OpBackends.registry[op] = self
+
+    def __repr__(self) -> str:
+        return f"OpBackends({self.op!r}, {self.backends})"
+
+    def auto_choice(self, device_type: str, dtype: torch.dtype | None = None) -> str:
+        """What ``auto`` picks for tensors on ``device_type`` (without the environment variable)."""
+        if device_type == "cuda" and "triton" in self.backends and (dtype is None or dtype in KERNEL_DTYPES):
             return "triton"
-        return "torch"
-    if backend == "triton":
-        if device.type != "cuda" and not triton_interpreting():
+        if "torch" in self.backends:
+            return "torch"
+        return self.backends[0] if self.backends[0] != "triton" or device_type == "cuda" else "reference"
+
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"{self.op}: backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "auto":
+            env = os.environ.get("ALIGNKERNELS_BACKEND", "auto").strip().lower() or "auto"
+            if env not in BACKENDS:
+                raise ValueError(f"ALIGNKERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+            if env != "auto" and env in self.backends and self._usable(env, device, dtype):
+                return env
+            return self.auto_choice(device.type, dtype)
+        if backend not in self.backends:
             raise ValueError(
-                "backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-                f"got tensors on {device}. Use backend='torch' or 'auto' on CPU."
+                f"{self.op} has no backend={backend!r}; its backends are {self.backends} (or 'auto')"
             )
-        if dtype is not None and dtype not in KERNEL_DTYPES:
-            raise TypeError(f"backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    return backend
+        self._check_usable(backend, device, dtype)
+        return backend
+
+    def _usable(self, backend, device, dtype) -> bool:
+        try:
+            self._check_usable(backend, device, dtype)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    def _check_usable(self, backend, device, dtype) -> None:
+        if backend == "triton":
+            if device.type != "cuda" and not triton_interpreting():
+                raise ValueError(
+                    f"{self.op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                    f"tensors); got tensors on {device}. Use backend='torch' or 'auto' on CPU."
+                )
+            if dtype is not None and dtype not in KERNEL_DTYPES:
+                raise TypeError(f"{self.op}: backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
+        if backend == "cuda" and device.type != "cuda" and not cuda_backend_on_cpu_allowed():
+            raise ValueError(f"{self.op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+
+
+def backend_table() -> list[tuple[str, tuple[str, ...], str, str]]:
+    """``(op, backends, auto on CUDA, auto on CPU)`` for every declared op (the README's table)."""
+    return [(o.op, o.backends, o.auto_choice("cuda"), o.auto_choice("cpu"))
+            for o in sorted(OpBackends.registry.values(), key=lambda o: o.op)]  # fmt: skip
 
 
 def check_tensor(name: str, t, *, floating: bool | None = None, integer: bool = False, ndim_min: int = 0):
