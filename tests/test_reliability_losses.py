@@ -181,7 +181,7 @@ BAD_INPUTS = [
      "rewards must be a floating"),
     ("group_advantages", "3d", lambda: ak.group_advantages(torch.zeros(4, 2, 1), 2), ValueError, r"\[B\] or \[B, K\]"),
     ("group_advantages", "group=0", lambda: ak.group_advantages(torch.zeros(4), 0), ValueError, "group_size"),
-    ("group_advantages", "group=1.5", lambda: ak.group_advantages(torch.zeros(4), 1.5), ValueError, "group_size"),
+    ("group_advantages", "group=1.5", lambda: ak.group_advantages(torch.zeros(4), 1.5), TypeError, "group_size"),
     ("group_advantages", "not-divisible", lambda: ak.group_advantages(torch.zeros(5), 2), ValueError, "must divide"),
     ("group_advantages", "scale", lambda: ak.group_advantages(torch.zeros(4), 2, scale="prompt"), ValueError, "scale"),
     ("group_advantages", "weights", lambda: ak.group_advantages(torch.zeros(4, 2), 2, reward_weights=[1.0]),

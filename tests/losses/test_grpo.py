@@ -7,10 +7,10 @@ from collections import defaultdict
 import pytest
 import torch
 
+from alignkernels.losses.advantages import nanmax, nanmin, nanstd
 from alignkernels.losses.grpo import (
     GRPO_LOSS_TYPES,
     GRPOLoss,
-    _nanstd,
     group_advantages,
     grpo_loss,
     vllm_importance_sampling_ratio,
@@ -324,15 +324,29 @@ def test_bad_inputs_raise():
 # ---------------------------------------------------------------------------------------------
 # group_advantages
 # ---------------------------------------------------------------------------------------------
-def test_nanstd_matches_trl():
-    from trl.trainer.utils import nanstd
+def test_nan_statistics_match_trl():
+    """Our host-sync-free nanstd / nanmin / nanmax against TRL's own functions."""
+    from trl.trainer import utils as trl_utils
 
     x = torch.randn(6, 5)
     x[0, 1] = float("nan")
     x[2] = float("nan")
     x[3, 1:] = float("nan")
-    torch.testing.assert_close(_nanstd(x, dim=1), nanstd(x, dim=1), equal_nan=True)
-    torch.testing.assert_close(_nanstd(x), nanstd(x), equal_nan=True)
+    torch.testing.assert_close(nanstd(x, dim=1), trl_utils.nanstd(x, dim=1), equal_nan=True)
+    torch.testing.assert_close(nanstd(x, dim=0, keepdim=True), trl_utils.nanstd(x, dim=0, keepdim=True),
+                               equal_nan=True)  # fmt: skip
+    torch.testing.assert_close(nanstd(x), trl_utils.nanstd(x), equal_nan=True)
+    for row in (x[0], x[2], x[3], torch.tensor([float("nan")])):
+        torch.testing.assert_close(nanmin(row), trl_utils.nanmin(row), equal_nan=True)
+        torch.testing.assert_close(nanmax(row), trl_utils.nanmax(row), equal_nan=True)
+
+
+def test_group_advantages_reference_is_the_math():
+    """The oracle itself, on numbers worked by hand: group [1, 2, 3] has mean 2 and sample std 1."""
+    rewards = torch.tensor([[1.0], [2.0], [3.0], [5.0], [5.0], [float("nan")]])
+    got = group_advantages_reference(rewards, 3, "group")
+    expected = torch.tensor([-1 / (1 + 1e-4), 0.0, 1 / (1 + 1e-4), 0.0, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("scale", ["group", "batch", "none", True, False])
