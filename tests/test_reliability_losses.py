@@ -55,6 +55,13 @@ def _ppo(**over):
     return lambda: ak.ppo_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], **kw)
 
 
+def _vllm_ratio(**kw):
+    from alignkernels.losses.grpo import vllm_importance_sampling_ratio
+
+    logp, old, _, _, mask = _grpo_inputs()
+    return vllm_importance_sampling_ratio(old, logp, mask, **kw)
+
+
 def _dpo(**over):
     pc, pr, rc, rr = _dpo_inputs()
     args = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr)
@@ -148,6 +155,8 @@ BAD_INPUTS = [
     ("ppo_loss", "vf_coef-str", _ppo(vf_coef="0.1"), TypeError, "vf_coef must be a number"),
     ("ppo_loss", "cliprange-str", _ppo(cliprange="0.2"), TypeError, "cliprange must be a number"),
     ("ppo_loss", "backend-cuda", _ppo(backend="cuda"), ValueError, r"ppo_loss has no backend='cuda'"),
+    ("vllm_importance_sampling_ratio", "clip-str", lambda: _vllm_ratio(clip_max="3"), TypeError,
+     "clip_max must be a number"),
     # ---- dpo_loss
     ("dpo_loss", "int-logps", _dpo(policy_chosen_logps=torch.zeros(4, dtype=torch.long)), TypeError,
      "must be a floating"),
@@ -285,6 +294,12 @@ def bad_input_counts():
 # zero gave an infinite or zero loss, a negative one a sign-flipped loss, a bool or float was
 # used as a number -- all without an error.
 # ==============================================================================================
+def _agg_rows(*args):
+    from alignkernels.losses.ppo import agg_rows
+
+    return agg_rows(*args)
+
+
 def _prm_loss(**kw):
     g = _g(20)
     return lambda: ak.prm_loss(torch.randn(5, 2, generator=g), torch.tensor([0, 1, 1, -100, 0]), **kw)
@@ -312,6 +327,7 @@ COUNT_ARGUMENTS = [
     ("prm_loss", "num_items_in_batch", lambda v: _prm_loss(num_items_in_batch=v), 1),
     ("aggregate_step_scores", "num_sequences", lambda v: _aggregate(num_sequences=v), 0),
     ("prm_step_scores", "positive_class", lambda v: _prm_scores(positive_class=v), 0),
+    ("agg_rows", "seq_len", lambda v: lambda: _agg_rows(torch.ones(2), torch.ones(2), v, "seq-mean-token-sum-norm"), 1),
 ]
 BAD_COUNTS = [  # (id, value, exception)
     ("zero", 0, ValueError), ("negative", -2, ValueError), ("bool", True, TypeError), ("float", 2.5, TypeError),

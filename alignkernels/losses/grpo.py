@@ -106,6 +106,8 @@ def vllm_importance_sampling_ratio(
     modes), to pass as ``grpo_loss(importance_sampling_ratio=...)``."""
     if mode not in VLLM_IMPORTANCE_SAMPLING_MODES:
         raise ValueError(f"mode must be one of {VLLM_IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    clip_min = check_number("clip_min", clip_min, allow_none=True)
+    clip_max = check_number("clip_max", clip_max, allow_none=True)
     diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=-1, keepdim=True)

@@ -23,7 +23,7 @@ from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .._cuda_backend import gae_cuda
 from ..reference import gae_reference
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
-from .validation import check_number
+from .validation import check_count, check_number
 
 # "reference" is the same eager transcription of TRL/verl as "torch" for the loss; for gae it is
 # the Python loop over time (alignkernels.reference.gae_reference).
@@ -130,7 +130,7 @@ def kl_penalty_rewards(
     zero = logp.new_zeros((), dtype=cd)
     logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
     kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
-    non_score_reward = -kl_coef * kl
+    non_score_reward = -check_number("kl_coef", kl_coef) * kl
     rewards = non_score_reward.clone()
     B, T = logp.shape
     last = last_valid_index(mask)
@@ -297,6 +297,7 @@ def gae(
 def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str) -> torch.Tensor:
     """``agg_loss`` from per-row sums over valid tokens (``loss_sum``, ``count``: ``[B]``); every
     backend reduces rows first and calls this."""
+    seq_len = check_count("seq_len", seq_len, minimum=1 if loss_agg_mode == "seq-mean-token-sum-norm" else 0)
     if loss_agg_mode == "token-mean":
         total = count.sum()
         return loss_sum.sum() / torch.where(total > 0, total, torch.ones_like(total))
