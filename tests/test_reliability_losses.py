@@ -374,6 +374,17 @@ def test_num_items_in_batch_int_or_scalar_tensor_give_one_loss():
     assert torch.equal(prm[0], prm[1]) and torch.equal(prm[0], prm[2])
 
 
+def test_num_items_zero_is_trl_for_a_fully_masked_batch_only():
+    """TRL passes 0 when every completion is masked and clamps it at 1: loss 0, gradient 0. With
+    valid tokens present the same 0 is an error (test_bad_count_... above)."""
+    logp, old, ref, adv, mask = _grpo_inputs()
+    lp = logp.requires_grad_()
+    for zero in (0, torch.tensor(0), torch.tensor(0.0)):
+        loss, _ = ak.grpo_loss(lp, old, ref, adv, torch.zeros_like(mask), beta=0.1, num_items_in_batch=zero)
+        (grad,) = torch.autograd.grad(loss, lp)
+        assert loss.item() == 0.0 and torch.all(grad == 0)
+
+
 def test_valid_counts_still_scale_the_loss_as_trl():
     """The validated values keep TRL's arithmetic: dapo divides by num_items / num_processes * GA / steps."""
     base, _ = _grpo(num_items_in_batch=12)()

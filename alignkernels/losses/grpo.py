@@ -303,7 +303,16 @@ def grpo_loss(
     maskf = valid.to(cd)
     zero = logp.new_zeros((), dtype=cd)
     if num_items_in_batch is not None:
-        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd)
+        # TRL clamps the count at 1: a count of 0 is what it passes when every completion of the
+        # generation batch is masked (e.g. mask_truncated_completions) -- right only if this batch
+        # has no valid token either.
+        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd,
+                                             minimum=0)  # fmt: skip
+        if float(num_items_in_batch) == 0.0 and bool(valid.any()):
+            raise ValueError(
+                f"num_items_in_batch is 0 but mask has {int(valid.sum())} valid tokens: it must count the valid "
+                "completion tokens of the whole generation batch (all processes)"
+            )
     per_token_logps = torch.where(valid, logp.to(cd), zero)
     old_per_token_logps = None if old_logp is None else torch.where(valid, old_logp.detach().to(cd), zero)
     on_policy_old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps

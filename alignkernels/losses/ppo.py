@@ -420,7 +420,7 @@ def ppo_loss(
         # exactly GRPO's "region" clip indicator. One fused pass (clipped_policy / kernels.grpo).
         old = torch.where(valid, old_logp.detach().to(cd), zero)
         inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
-        rows = policy_rows_triton(inputs, PolicyTerm("clipped", eps_low=low, eps_high=high))
+        rows = policy_rows_triton(inputs, PolicyTerm("clipped", eps_low=low, eps_high=high, bias_correction=False))
         pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
         clipped_sum = rows["region_sum"]
     else:

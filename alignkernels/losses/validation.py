@@ -26,21 +26,21 @@ def check_count(name: str, value, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_num_items(name: str, value, *, device, dtype) -> torch.Tensor:
-    """A token count given as a positive int or a positive finite numeric scalar tensor, returned
-    as a 0-d tensor of ``dtype`` on ``device``."""
+def check_num_items(name: str, value, *, device, dtype, minimum: int = 1) -> torch.Tensor:
+    """A token count given as an int ``>= minimum`` or a finite numeric scalar tensor ``>=
+    minimum`` (one host sync), returned as a 0-d tensor of ``dtype`` on ``device``."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise TypeError(
-                f"{name} must be a positive int or a numeric scalar tensor, got a {value.dtype} tensor of "
+                f"{name} must be an int or a numeric scalar tensor (a token count), got a {value.dtype} tensor of "
                 f"shape {tuple(value.shape)}"
             )
         count = value.detach().reshape(()).to(device=device, dtype=dtype)
-        number = float(count.item())  # one host sync: a zero / negative / NaN count is an error, not a loss
-        if not (number > 0 and math.isfinite(number)):
-            raise ValueError(f"{name} must be > 0 (a token count), got {number}")
+        number = float(count.item())  # one host sync: a bad count is an error, not a wrong loss
+        if not (number >= minimum and math.isfinite(number)):
+            raise ValueError(f"{name} must be a token count >= {minimum}, got {number}")
         return count
-    number = check_count(name, value)
+    number = check_count(name, value, minimum=minimum)
     return torch.tensor(float(number), dtype=dtype, device=device)
 
 
