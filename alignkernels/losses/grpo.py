@@ -191,9 +191,11 @@ def grpo_loss(
             training, 1 in eval.)
         importance_sampling_level: ``"token"`` (per-token ratio) or ``"sequence"`` (GSPO: one ratio
             per sequence, ``exp(mean over valid tokens of logp - old_logp)``).
-        max_completion_length: required by ``dr_grpo``.
+        max_completion_length: required by ``dr_grpo``; an int >= 1.
         num_items_in_batch: number of valid completion tokens in the whole generation batch
-            (all processes); default: ``mask.sum()`` (this batch is the generation batch).
+            (all processes), an int or a numeric scalar tensor (TRL's); default: ``mask.sum()``
+            (this batch is the generation batch). 0 only for a fully masked batch (TRL clamps it
+            at 1); checking a tensor costs one host sync.
         entropy: ``[B, T]`` per-token entropies: logged as ``entropy``; needed by
             ``top_entropy_quantile < 1`` and ``entropy_coef != 0`` (then differentiable).
         importance_sampling_ratio: the vLLM correction ``[B, T]`` or ``[B, 1]`` (see
@@ -209,11 +211,14 @@ def grpo_loss(
         entropy_coef: entropy bonus ``loss -= coef * mean entropy / GA`` over the kept tokens
             (TRL's static coefficient; for adaptive control pass the current coefficient).
         gradient_accumulation_steps, steps_per_generation (default = GA), num_processes,
-            training: the trainer state TRL's normalisation reads.
-        backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` (the fused
-            kernels of ``alignkernels.kernels.grpo``: one pass over ``[B, T]`` forward, one
-            backward; ``vespo`` always runs in PyTorch), ``"torch"``/``"reference"`` (the PyTorch
-            transcription of TRL). All give the same numbers (tests compare them).
+            training: the trainer state TRL's normalisation reads; the counts are ints >= 1 (a
+            bool, float or str is a ``TypeError``, 0 or less a ``ValueError``, naming the argument).
+        backend: ``GRPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere),
+            ``"triton"`` (the fused kernels of ``alignkernels.kernels.grpo``: one pass over
+            ``[B, T]`` forward, one backward, not twice differentiable; ``vespo`` always runs in
+            PyTorch), ``"torch"``/``"reference"`` (the PyTorch transcription of TRL, twice
+            differentiable). All give the same numbers (tests compare them). ``"cuda"`` is a
+            ``ValueError`` (no CUDA C++ kernel for this loss).
 
     Returns:
         ``(loss, metrics)``: 0-d fp32 loss (fp64 for fp64 ``logp``); metrics dict of detached

@@ -361,9 +361,10 @@ def ppo_loss(
         loss_agg_mode: verl's modes, ``"token-mean"`` (TRL) by default; applies to the policy
             term and the entropy term (the value loss is TRL's token mean).
         entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
-        backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the policy term runs in the
-            fused GRPO kernels, ``alignkernels.kernels.grpo``; dual clip stays in PyTorch),
-            ``"torch"``/``"reference"``.
+        backend: ``PPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the
+            policy term runs in the fused clipped-policy kernels, ``alignkernels.kernels.grpo``,
+            not twice differentiable; dual clip stays in PyTorch), ``"torch"``/``"reference"``
+            (eager, twice differentiable). ``"cuda"`` is a ``ValueError``.
 
     Returns:
         ``(loss, metrics)`` with TRL PPO's metric names: ``loss/policy_avg``,
