@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import check_same_device, check_tensor
+from ..ops.gather import sequence_logprobs
 from .validation import check_length_tensor, check_number
 
 DPO_LOSS_TYPES = (
@@ -478,8 +479,6 @@ def dpo_loss_from_token_logps(
         ``(loss, metrics)`` as :func:`dpo_loss` (plus the token metrics above when their inputs
         are given). Masked positions get exactly zero gradient.
     """
-    from ..ops.gather import sequence_logprobs
-
     for name, t in (("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)):
         check_tensor(name, t, floating=True)
         if t.dim() != 2:

@@ -204,6 +204,8 @@ def _gae_torch(rewards, values, maskf, gamma, lam):
 
 
 def _gae_triton(rewards, values, maskf, gamma, lam):
+    # imported on first launch: Triton is optional off Linux, and TRITON_INTERPRET is read when
+    # the kernels are decorated
     from ..kernels.gae import gae_fwd_kernel, pick_config
 
     if values.dtype != rewards.dtype:

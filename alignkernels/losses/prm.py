@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import check_label_range, check_same_device, check_tensor
+from ..ops.gather import gather_last
 from ..ops.steps import StepPositions, gather_steps
 from .reward import bradley_terry_loss
 from .validation import check_count, check_num_items
@@ -420,8 +421,6 @@ def fused_linear_bradley_terry_loss(
         ``(loss, metrics)`` of :func:`alignkernels.bradley_terry_loss` (per-head metrics
         ``accuracy/head_k`` etc. when K > 1).
     """
-    from ..ops.gather import gather_last
-
     _check_head(hidden, weight, bias)
     last = gather_last(
         hidden, attention_mask, cu_seqlens=cu_seqlens, input_ids=input_ids, pad_token_id=pad_token_id, backend=backend
