@@ -160,6 +160,13 @@ def _run(cmd: list[str], timeout: float = 20) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _import_check(module: str) -> str:
+    try:
+        return f"ok ({importlib.import_module(module).__file__})"
+    except Exception as exc:  # noqa: BLE001 - recorded: an install problem shows here first
+        return f"{type(exc).__name__}: {exc}"
+
+
 def commit() -> dict:
     """The commit measured: ``ALIGNKERNELS_COMMIT`` when set (a checkout copied without .git),
     else ``git rev-parse HEAD``, with whether the tree had uncommitted changes."""
@@ -177,6 +184,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(), "commit": commit(),
         "packages": {name: _version(name) for name in PEER_PACKAGES},
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "alignkernels": _import_check("alignkernels.kernels.token_logprobs"),
     }  # fmt: skip
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -616,7 +624,8 @@ def summary_markdown(work: Path, dry_run: bool) -> str:
               f"{env.get('sm_count', '-')} SMs); driver {env.get('driver') or '-'}",
               f"- python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}",
               "- peers: " + ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v),
-              f"- commit {c.get('sha') or '?'}{' + uncommitted changes' if c.get('dirty') else ''}",
+              f"- commit {c.get('sha') or '?'}{' + uncommitted changes' if c.get('dirty') else ''}; "
+              f"alignkernels.kernels: {env.get('alignkernels')}",
               f"- written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",
               "## Phases", "", "| phase | status | seconds | limit | note |", "|---|---|---|---|---|"]  # fmt: skip
     for s in read_status(work):

@@ -63,16 +63,21 @@ phase() {
 deadline_for() { echo $(( $(date +%s) + $1 - 3 )); }   # a phase's own deadline, a little inside its limit
 SESSION=("$PY" -m bench.gpu_session)   # + PHASE --work DIR [--dry-run] --deadline EPOCH
 
+# Peers go to their own folder on PYTHONPATH (the machine's site-packages may be read-only).
+SITE="${GPU_SESSION_SITE:-${TMPDIR:-/tmp}/gpu-session-site}"
 install() {
   set -e
   if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "installing peers from $WHEELS: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
-    "$PY" -m pip install -q --no-deps --no-index "$WHEELS"/*.whl
+    echo "installing peers from $WHEELS into $SITE: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
+    "$PY" -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
   else
     echo "no wheels in $WHEELS: peers not installed there are skipped with a note"
   fi
-  # the project, without touching the machine's torch (no deps, no build isolation, no index)
-  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e .
+  # the project, without touching the machine's torch (no deps, no build isolation, no index);
+  # where site-packages is read-only, into the user site instead (an editable install's import
+  # hook is what maps kernels/ to alignkernels.kernels, so it must be an editable install)
+  "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --user -e .
 }
 
 say "start: budget ${BUDGET}s, work $WORK, dry run $DRY"
@@ -80,7 +85,8 @@ if [ "$DRY" = 1 ]; then
   say "phase install: skipped in a dry run (would run: pip install --no-deps --no-index $WHEELS/*.whl; pip install --no-deps --no-build-isolation --no-index -e .)"
   printf 'install\tskip\t0\t0\tdry run\n' >>"$WORK/status.tsv"
 else
-  export -f install; export PY WHEELS
+  mkdir -p "$SITE"; export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+  export -f install; export PY WHEELS SITE
   phase install "$LIM_INSTALL" bash -c install
   # the CUDA extension for this GPU only (e.g. "90"): one arch builds in a fraction of the time
   ARCH=$("$PY" -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")' 2>>"$LOG")
