@@ -26,6 +26,7 @@ CC = 90
 CACHE = Path(os.environ.get("ALIGNKERNELS_CACHE", Path.home() / ".cache" / "alignkernels"))
 VENV = CACHE / f"triton-{TRITON_VERSION}-py{sys.version_info.major}{sys.version_info.minor}-venv"
 CASE_IDS = [case_id for case_id, _ in iter_compile_cases()]
+pytestmark = pytest.mark.slow  # ~20 s for the venv once, ~30 s to compile every case on 2 cores
 
 
 def _venv_python() -> Path:
