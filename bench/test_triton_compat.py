@@ -33,11 +33,17 @@ def _venv_python() -> Path:
     return VENV / "bin" / "python"
 
 
+def _venv_env() -> dict:
+    """This process's environment minus what would change the venv's Triton: TRITON_INTERPRET (the
+    interpreter needs numpy, which the venv does not hold) and PYTHONPATH (CI's packages)."""
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
+
+
 def _installed_version() -> str | None:
     if not _venv_python().exists():
         return None
     out = subprocess.run([str(_venv_python()), "-c", "import triton; print(triton.__version__)"],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, env=_venv_env())  # fmt: skip
     return out.stdout.strip() if out.returncode == 0 else None
 
 
@@ -52,14 +58,14 @@ def ensure_venv() -> str | None:
         made = subprocess.run([sys.executable, "-m", "venv", "--clear", str(VENV)], capture_output=True, text=True)
         if made.returncode != 0:
             return f"could not create a venv: {made.stderr.strip()[-300:]}"
-        env = dict(os.environ, PIP_CONSTRAINT="")  # a site constraint pinning CI's triton must not apply here
+        env = dict(_venv_env(), PIP_CONSTRAINT="")  # a site constraint pinning CI's triton must not apply here
         pip = subprocess.run([str(_venv_python()), "-m", "pip", "install", "-q", "--no-cache-dir",
                               f"triton=={TRITON_VERSION}"], capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
         if pip.returncode != 0:
             return (f"pip cannot install triton=={TRITON_VERSION} for Python "
                     f"{sys.version_info.major}.{sys.version_info.minor}: {pip.stderr.strip()[-300:]}")  # fmt: skip
-        if _installed_version() != TRITON_VERSION:
-            return f"the venv's triton is {_installed_version()}, not {TRITON_VERSION}"
+        if _installed_version() != TRITON_VERSION:  # installed but not importable: a failure, not a skip
+            raise RuntimeError(f"pip installed triton=={TRITON_VERSION} but the venv imports {_installed_version()}")
     return None
 
 
@@ -68,16 +74,15 @@ def compat_results():
     reason = ensure_venv()
     if reason is not None:
         pytest.skip(reason)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}
     proc = subprocess.run([str(_venv_python()), "-m", "bench.kernel_report", "--kernels-only", str(CC)],
-                          capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, env=_venv_env(), cwd=REPO_ROOT, timeout=900)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)
 
 
 def test_compat_venv_holds_only_triton(compat_results):
     out = subprocess.run([str(_venv_python()), "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
-                         capture_output=True, text=True)  # fmt: skip
+                         capture_output=True, text=True, env=_venv_env())  # fmt: skip
     assert out.stdout.strip() == "None", "the compatibility venv must not hold torch"
     assert _installed_version() == TRITON_VERSION
     assert set(compat_results) == {f"{case_id}@sm{CC}" for case_id in CASE_IDS}
