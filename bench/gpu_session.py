@@ -216,7 +216,7 @@ def build_cuda_extension() -> dict:
     import alignkernels
 
     if not torch.cuda.is_available():
-        return {"status": "skipped", "note": "no CUDA device (dry run): the extension is built on the GPU only"}
+        return {"status": "skipped", "note": "no CUDA device: the extension is built on a GPU machine only"}
     t0 = time.time()
     logits = torch.randn(4, 1000, device="cuda")
     labels = torch.randint(0, 1000, (4,), device="cuda")

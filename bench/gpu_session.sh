@@ -66,10 +66,15 @@ SESSION=("$PY" -m bench.gpu_session)   # + PHASE --work DIR [--dry-run] --deadli
 # Peers go to their own folder on PYTHONPATH (the machine's site-packages may be read-only).
 SITE="${GPU_SESSION_SITE:-${TMPDIR:-/tmp}/gpu-session-site}"
 install() {
-  set -e
+  local failed=0 whl
   if [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-    echo "installing peers from $WHEELS into $SITE: $(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
-    "$PY" -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
+    for whl in "$WHEELS"/*.whl; do   # one by one: a wheel this Python refuses costs only that peer
+      if "$PY" -m pip install -q --no-deps --no-index --no-compile --upgrade --target "$SITE" "$whl"; then
+        echo "installed $(basename "$whl") into $SITE"
+      else
+        echo "FAILED to install $(basename "$whl")"; failed=1
+      fi
+    done
   else
     echo "no wheels in $WHEELS: peers not installed there are skipped with a note"
   fi
@@ -77,7 +82,9 @@ install() {
   # where site-packages is read-only, into the user site instead (an editable install's import
   # hook is what maps kernels/ to alignkernels.kernels, so it must be an editable install)
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . \
-    || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --user -e .
+    || "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --user -e . \
+    || return 3
+  return $failed
 }
 
 say "start: budget ${BUDGET}s, work $WORK, dry run $DRY"
