@@ -690,15 +690,21 @@ def plots(work: Path, out: Path) -> list[str]:
     heads = [(op, [r for r in v.get("rows", []) if r["status"] == "ok"]) for op, v in heads]
     heads = [(op, rows) for op, rows in heads if rows]
     if heads:
-        fig, axes = plt.subplots(1, len(heads), figsize=(4.2 * len(heads), 3.8), squeeze=False)
-        for ax, (op, rows) in zip(axes[0], heads):
+        cols = min(3, len(heads))
+        nrows = -(-len(heads) // cols)
+        fig, axes = plt.subplots(nrows, cols, figsize=(5.0 * cols, 3.2 * nrows), squeeze=False)
+        for ax in axes.flat[len(heads):]:
+            ax.axis("off")
+        for ax, (op, rows) in zip(axes.flat, heads):
             names = [r["provider"] for r in rows]
             ms = [(r.get("fwdbwd_ms") or r.get("fwd_ms"))["median"] for r in rows]
             ax.barh(names, ms, color=["tab:gray" if r["role"] == "eager" else
                                       ("tab:blue" if r["role"] == "ours" else "tab:orange") for r in rows])  # fmt: skip
             ax.set_title(f"{op}\n{rows[0]['shape_str']} {rows[0]['dtype']}", fontsize=8)
-            ax.set_xlabel("forward+backward median ms")
+            ax.set_xlabel("forward+backward median ms", fontsize=8)
             ax.tick_params(labelsize=7)
+            for y, t in enumerate(ms):
+                ax.text(t, y, f" {t:.3g}", va="center", fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "headline.png", dpi=100)
         plt.close(fig)
