@@ -124,9 +124,19 @@ def check_tensor(name: str, t, *, floating: bool | None = None, integer: bool = 
     if floating and t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating tensor (float16/bfloat16/float32/float64), got {t.dtype}")
     if integer and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got {t.dtype}")
+        raise TypeError(f"{name} must be an integer tensor (int64, int32, or a narrower integer dtype), got {t.dtype}")
     if t.dim() < ndim_min:
         raise ValueError(f"{name} must have at least {ndim_min} dimension(s), got shape {tuple(t.shape)}")
+
+
+def widen_labels(name: str, labels) -> torch.Tensor:
+    """Check ``labels`` is an integer tensor and return it as int64 (no copy when it already is).
+
+    Every comparison (with ``ignore_index``, with ``[0, V)``) then runs in int64: in a narrow dtype
+    ``-100`` wraps (uint8: a valid label 156 would look ignored) and ``V`` may not even be
+    representable. Labels of any integer dtype (uint8, int8, int16, int32, int64) behave alike."""
+    check_tensor(name, labels, integer=True)
+    return labels if labels.dtype == torch.int64 else labels.long()
 
 
 def check_same_device(**tensors):

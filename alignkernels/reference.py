@@ -18,9 +18,13 @@ from ._utils import output_dtype
 def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-100, return_entropy=False):
     """log_softmax(logits / T) gathered at ``labels`` (+ entropy of softmax(logits / T)).
 
-    Ignored positions (``labels == ignore_index``) give 0 in both outputs.
+    Ignored positions (``labels == ignore_index``) give 0 in both outputs. The softmax is
+    shift-invariant, so the logits are centred on their row max before the division: ``x/T`` in
+    fp32 would round ``z`` itself (``ulp(1e6) = 0.06`` at offset 1e4 and ``T = 0.01``).
     """
-    z = logits.to(output_dtype(logits.dtype)) / temperature
+    x = logits.to(output_dtype(logits.dtype))
+    row_max = x.detach().amax(-1, keepdim=True)
+    z = (x - torch.where(torch.isinf(row_max), 0.0, row_max)) / temperature
     logsm = F.log_softmax(z, dim=-1)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()

@@ -14,3 +14,11 @@ if not HAS_CUDA:
 
 # The device the "triton" backend runs on in this session: real GPU, or the CPU interpreter.
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def max_rel_error(actual, expected, floor=0.0):
+    """``max|actual - expected| / max(max|expected|, floor)`` in fp64: the precision tests' one metric
+    (``floor=1`` for log-probs and entropies, in nats: absolute below one nat)."""
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, floor) or 1.0
+    return (actual - expected).abs().max().item() / scale if expected.numel() else 0.0

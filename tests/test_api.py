@@ -1,8 +1,14 @@
 """The fixed public names of DESIGN.md resolve, and importing the package compiles nothing."""
+import importlib
+import pkgutil
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import alignkernels
+from alignkernels._utils import BACKENDS, OpBackends
 
 FIXED_NAMES = [
     "token_logprobs", "linear_logprobs", "gather_last", "last_token_index", "sequence_logprobs", "dpo_loss",
@@ -28,3 +34,56 @@ def test_integrations_import():
     from alignkernels.integrations import trl as trl_integration
 
     assert callable(hf_integration.patch_causal_lm) and callable(trl_integration.apply)
+
+
+# ----------------------------------------------------------------------------------------------
+# One dispatch rule: a backend an op lacks is the same clear ValueError on every op
+# ----------------------------------------------------------------------------------------------
+
+for _pkg in ("alignkernels.ops", "alignkernels.losses"):  # every op module declares its backends on import
+    for _info in pkgutil.iter_modules(importlib.import_module(_pkg).__path__):
+        importlib.import_module(f"{_pkg}.{_info.name}")
+
+MISSING = [(op, b) for op, spec in sorted(OpBackends.registry.items()) for b in BACKENDS[1:] if b not in spec.backends]
+
+
+def _lacks_message(op, backend):
+    return rf"{op} has no backend='{backend}'; its backends are"
+
+
+def test_every_op_declares_backends():
+    assert {"token_logprobs", "linear_logprobs", "gather_last", "gather_steps"} <= set(OpBackends.registry)
+    assert ("linear_logprobs", "cuda") in MISSING  # GEMM-bound: no hand-written CUDA kernel, never a silent triton
+
+
+@pytest.mark.parametrize("op,backend", MISSING, ids=[f"{o}-{b}" for o, b in MISSING])
+def test_missing_backend_is_one_clear_error(op, backend):
+    with pytest.raises(ValueError, match=_lacks_message(op, backend)):
+        OpBackends.registry[op].resolve(backend, torch.device("cpu"), torch.float32)
+
+
+def _public_calls():
+    """The public entry point of each op this file can call with valid inputs, keyed by op name."""
+    import alignkernels
+
+    logits, labels = torch.randn(2, 5), torch.tensor([1, 3])
+    hidden, weight = torch.randn(2, 4), torch.randn(5, 4)
+    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3)
+    return {
+        "token_logprobs": lambda b: alignkernels.token_logprobs(logits, labels, backend=b),
+        "linear_logprobs": lambda b: alignkernels.linear_logprobs(hidden, weight, labels, backend=b),
+        "gather_last": lambda b: alignkernels.gather_last(x, mask, backend=b),
+        "gather_steps": lambda b: alignkernels.gather_steps(x, mask, backend=b),
+    }
+
+
+@pytest.mark.parametrize("op,backend", [m for m in MISSING if m[0] in _public_calls()])
+def test_public_op_raises_the_dispatch_error(op, backend):
+    with pytest.raises(ValueError, match=_lacks_message(op, backend)):
+        _public_calls()[op](backend)
+
+
+@pytest.mark.parametrize("op", sorted(_public_calls()))
+def test_unknown_backend_names_the_op(op):
+    with pytest.raises(ValueError, match=rf"{op}: backend must be one of"):
+        _public_calls()[op]("nope")

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
-from .._utils import check_same_device, check_tensor, output_dtype, resolve_backend
+from .. import _cuda_backend
+from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
+from ..kernels.gather import gather_last_fwd_kernel, pick_config
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,8 +109,6 @@ def last_token_index(
 # --------------------------------------------------------------------------------------------
 def _triton_gather_last_padded(x3: torch.Tensor, valid: torch.Tensor):
     """x3: [B, T, D] (any strides, last dim contiguous); valid: [B, T] bool. -> ([B, D], index [B])."""
-    from ..kernels.gather import gather_last_fwd_kernel, pick_config
-
     B, T, D = x3.shape
     out = torch.empty((B, D), dtype=x3.dtype, device=x3.device)
     index = torch.empty(B, dtype=torch.int64, device=x3.device)
@@ -128,15 +128,16 @@ def _triton_gather_last_padded(x3: torch.Tensor, valid: torch.Tensor):
 
 def _cuda_gather_last_padded(x3: torch.Tensor, valid: torch.Tensor):
     """CUDA C++ extension (``csrc/gather_last.cu``): index in torch, copy in the extension."""
-    from .._cuda_backend import gather_last_cuda
-
     index = _rightmost_valid(valid)
     if x3.stride(-1) != 1:
         x3 = x3.contiguous()
-    return gather_last_cuda(x3, index), index
+    return _cuda_backend.gather_last_cuda(x3, index), index
 
 
 _PADDED_IMPLS = {"triton": _triton_gather_last_padded, "cuda": _cuda_gather_last_padded}
+# Indexing op: "torch" is the eager path (no separate "reference" backend; the loop reference is
+# alignkernels.reference.gather_last_reference). Integer x is always gathered by indexing.
+GATHER_LAST = OpBackends("gather_last", ("triton", "cuda", "torch"))
 
 
 class _GatherLastFunction(torch.autograd.Function):
@@ -187,8 +188,8 @@ def gather_last(
             sequence start).
         return_index: also return the int64 index used (see :func:`last_token_index`).
         backend: ``"auto"`` (Triton on CUDA for the padded form, PyTorch indexing elsewhere),
-            ``"triton"``, ``"cuda"`` (the C++ extension's copy kernel), ``"torch"`` or
-            ``"reference"`` (same as ``"torch"``). Packed inputs always use PyTorch indexing.
+            ``"triton"``, ``"cuda"`` (the C++ extension's copy kernel) or ``"torch"``. Packed inputs
+            and integer ``x`` always use PyTorch indexing.
 
     Returns:
         ``[B, *rest]`` (``[S, *rest]`` packed), dtype of ``x``; differentiable w.r.t. ``x``
@@ -242,7 +243,7 @@ def gather_last(
         index = torch.full((B,), T - 1, dtype=torch.int64, device=x.device)
         return (out, index) if return_index else out
 
-    backend = resolve_backend(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
+    backend = GATHER_LAST.resolve(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
     use_kernel = backend in _PADDED_IMPLS and x.dtype.is_floating_point and x.dtype != torch.float64
     if use_kernel and x[0, 0].numel() > 0:  # B >= 1 here; a kernel needs a non-empty row to copy
         x3 = x.reshape(B, T, -1) if x.dim() != 3 else x

@@ -30,7 +30,12 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import KERNEL_DTYPES, check_same_device, check_tensor, resolve_backend
+from .._utils import KERNEL_DTYPES, OpBackends, check_same_device, check_tensor
+from ..kernels.steps import gather_steps_fwd_kernel, pick_config
+
+# No CUDA C++ kernel for this op; "torch" is eager indexing (the loop reference is
+# alignkernels.reference.step_positions_reference).
+GATHER_STEPS = OpBackends("gather_steps", ("triton", "torch"))
 
 
 class StepPositions(NamedTuple):
@@ -211,8 +216,6 @@ def step_positions(
 def _triton_gather_steps(x3: torch.Tensor, flags_flat: torch.Tensor, seg_start: torch.Tensor, counts: torch.Tensor):
     """x3 [B, T, D] (D contiguous); flags_flat [B*T] bool; seg_start [S + 1] int64 token ranges;
     counts [S] int64 steps per segment. -> (out [P, D], flat index [P], offsets [S + 1])."""
-    from ..kernels.steps import gather_steps_fwd_kernel, pick_config
-
     B, T, D = x3.shape
     S = counts.numel()
     offsets = torch.zeros(S + 1, dtype=torch.int64, device=x3.device)
@@ -287,8 +290,8 @@ def gather_steps(
         ignore_index: the "no label" value when positions come from ``labels`` (TRL: -100).
         return_positions: also return the :class:`StepPositions` used.
         backend: ``"auto"`` (Triton kernel for CUDA float tensors, PyTorch indexing otherwise),
-            ``"triton"``, ``"torch"``, ``"reference"`` (= ``"torch"``); ``"cuda"`` has no C++ kernel
-            for this op and runs the Triton one.
+            ``"triton"`` or ``"torch"`` (``"cuda"``/``"reference"``: a ``ValueError``, there is no
+            C++ kernel nor a separate eager path for this indexing op).
 
     Returns:
         ``[P, *rest]`` in row-major step order (dtype of ``x``, differentiable w.r.t. ``x``: the
@@ -325,8 +328,8 @@ def gather_steps(
         x3 = x
         seg_start = None
 
-    backend = resolve_backend(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
-    use_kernel = backend in ("triton", "cuda") and x.dtype in KERNEL_DTYPES and B * T > 0
+    backend = GATHER_STEPS.resolve(backend, x.device, x.dtype if x.dtype.is_floating_point else None)
+    use_kernel = backend == "triton" and x.dtype in KERNEL_DTYPES and B * T > 0
     rest = tuple(x3.shape[2:])
     if use_kernel:
         xk = x3.reshape(B, T, -1)

@@ -13,201 +13,53 @@ from __future__ import annotations
 import torch
 
 from .._utils import (
-    as_rows,
+    OpBackends,
     check_label_range,
     check_same_device,
     check_temperature,
     check_tensor,
     labels_checking_enabled,
-    output_dtype,
-    resolve_backend,
+    widen_labels,
 )
+from ..reference import token_logprobs_reference
+from ._logits_engine import TOKEN_KERNELS
+from ._softmax_torch import RowStats
+from .vocab_parallel import vocab_parallel_token_logprobs
 
-# Rows per chunk in the torch backend: ~4M elements of fp32 temporaries per chunk.
-_TORCH_CHUNK_ELEMENTS = 1 << 22
-
-
-# --------------------------------------------------------------------------------------------
-# Triton backend: launchers
-# --------------------------------------------------------------------------------------------
-def _triton_forward(logits, labels, temperature, ignore_index):
-    from ..kernels.token_logprobs import pick_config, token_logprobs_fwd_kernel
-
-    rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
-    V = logits.shape[-1]
-    logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp)
-    if n_rows:
-        block_v, num_warps = pick_config(V)
-        token_logprobs_fwd_kernel[(n_rows,)](
-            rows, labels, logp, lse, entropy,
-            V, rows_per_outer, stride_outer, stride_inner,
-            1.0 / temperature, ignore_index,
-            BLOCK_V=block_v, num_warps=num_warps,
-        )  # fmt: skip
-    return logp, lse, entropy
-
-
-def _triton_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
-    from ..kernels.token_logprobs import pick_config, token_logprobs_bwd_kernel
-
-    rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
-    V = logits.shape[-1]
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if n_rows:
-        block_v, num_warps = pick_config(V)
-        token_logprobs_bwd_kernel[(n_rows,)](
-            rows, labels, lse, entropy,
-            grad_logp if grad_logp is not None else lse,  # placeholder pointer, never read
-            grad_entropy if grad_entropy is not None else lse,
-            grad_logits,
-            V, rows_per_outer, stride_outer, stride_inner,
-            1.0 / temperature, ignore_index,
-            HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
-            BLOCK_V=block_v, num_warps=num_warps,
-        )  # fmt: skip
-    return grad_logits
-
-
-# --------------------------------------------------------------------------------------------
-# Torch backend: the same online algorithm, vectorised over chunks of rows
-# --------------------------------------------------------------------------------------------
-def _row_chunks(logits, chunk_rows):
-    """Yield ``(row_start, row_end, view[rows, V])`` covering the flattened rows without copying
-    the (possibly strided, e.g. ``logits[:, :-1]``) input."""
-    V = logits.shape[-1]
-    lead = logits.reshape(-1, V) if logits.dim() <= 2 or logits.is_contiguous() else None
-    if lead is not None:
-        for r0 in range(0, lead.shape[0], chunk_rows):
-            yield r0, min(r0 + chunk_rows, lead.shape[0]), lead[r0 : r0 + chunk_rows]
-        return
-    outer = logits.reshape(-1, logits.shape[-2], V) if logits.dim() > 3 else logits
-    inner = outer.shape[1]
-    for o in range(outer.shape[0]):
-        for i0 in range(0, inner, chunk_rows):
-            i1 = min(i0 + chunk_rows, inner)
-            yield o * inner + i0, o * inner + i1, outer[o, i0:i1]
-
-
-def _chunk_rows(V):
-    return max(1, _TORCH_CHUNK_ELEMENTS // max(V, 1))
-
-
-def _torch_forward(logits, labels, temperature, ignore_index):
-    cd = output_dtype(logits.dtype)
-    n_rows = labels.numel()
-    logp = torch.zeros(n_rows, dtype=cd, device=logits.device)
-    lse = torch.zeros_like(logp)
-    entropy = torch.zeros_like(logp)
-    valid = labels != ignore_index
-    # Out-of-range labels (possible only with check_labels=False) give NaN, like the kernels.
-    in_range = (labels >= 0) & (labels < logits.shape[-1])
-    safe_labels = torch.where(in_range, labels, 0).long()
-    nan = torch.tensor(float("nan"), dtype=cd, device=logits.device)
-    for r0, r1, x in _row_chunks(logits, _chunk_rows(logits.shape[-1])):
-        z = x.to(cd) / temperature if temperature != 1.0 else x.to(cd)
-        # Work relative to the row max (like the kernels' running max): z_m = z - m <= 0, so
-        # neither Σ p·z_m nor logp loses digits when all logits sit far from 0.
-        m = z.amax(dim=-1, keepdim=True)
-        z_m = z - m
-        log_s = torch.logsumexp(z_m, dim=-1)
-        p = torch.exp(z_m - log_s[:, None])
-        z_m_label = z_m.gather(1, safe_labels[r0:r1, None]).squeeze(1)
-        # Σ p·(z - m), with 0·(-inf) := 0 at z = -inf. (torch.einsum("rv,rv->r") is ~1e-4 relative
-        # off on CPU for long rows; vecdot is exact.)
-        mean_z_m = torch.linalg.vecdot(p, z_m.masked_fill_(p == 0, 0.0))
-        v = valid[r0:r1]
-        logp[r0:r1] = torch.where(v, torch.where(in_range[r0:r1], z_m_label - log_s, nan), 0.0)
-        lse[r0:r1] = m.squeeze(1) + log_s  # kept for every row so backward never sees exp(z - 0)
-        entropy[r0:r1] = log_s - mean_z_m  # H = lse - Σ p·z = log s - Σ p·(z - m)
-    return logp, lse, entropy
-
-
-def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
-    cd = output_dtype(logits.dtype)
-    valid = labels != ignore_index
-    zeros = torch.zeros_like(lse)
-    g_logp = torch.where(valid, grad_logp.to(cd), 0.0) if grad_logp is not None else zeros
-    g_entropy = torch.where(valid, grad_entropy.to(cd), 0.0) if grad_entropy is not None else zeros
-    V = logits.shape[-1]
-    in_range = (labels >= 0) & (labels < V)
-    safe_labels = torch.where(in_range, labels, 0).long()
-    g_onehot = torch.where(in_range, g_logp, 0.0)  # an out-of-range label has no one-hot column
-    grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    grad_rows = grad_logits.view(-1, V)
-    mean_z = lse - entropy
-    for r0, r1, x in _row_chunks(logits, _chunk_rows(V)):
-        z = x.to(cd) / temperature if temperature != 1.0 else x.to(cd)
-        p = torch.exp(z - lse[r0:r1, None])
-        no_mass = (p == 0) | ~valid[r0:r1, None]  # z = -inf (p = 0) or an ignored row: exactly 0
-        # dz = g_logp (onehot - p) - g_H p (z - Σp·z)  =  -p (g_logp + g_H (z - Σp·z)) + g_logp onehot
-        coef = (z - mean_z[r0:r1, None]).mul_(g_entropy[r0:r1, None]).add_(g_logp[r0:r1, None])
-        dz = p.mul_(coef).neg_().masked_fill_(no_mass, 0.0)
-        dz.scatter_add_(1, safe_labels[r0:r1, None], g_onehot[r0:r1, None])
-        if temperature != 1.0:
-            dz.div_(temperature)
-        grad_rows[r0:r1] = dz
-    return grad_logits
-
-
-def _cuda_forward(logits, labels, temperature, ignore_index):
-    from .. import _cuda_backend
-
-    return _cuda_backend.token_logprobs_forward(logits, labels, temperature, ignore_index)
-
-
-def _cuda_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
-    from .. import _cuda_backend
-
-    return _cuda_backend.token_logprobs_backward(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
-    )
-
-
-_IMPLS = {
-    "triton": (_triton_forward, _triton_backward),
-    "torch": (_torch_forward, _torch_backward),
-    "cuda": (_cuda_forward, _cuda_backward),
-}
+TOKEN_LOGPROBS = OpBackends("token_logprobs", ("triton", "cuda", "torch", "reference"))
 
 
 class TokenLogprobsFunction(torch.autograd.Function):
     """Autograd wrapper shared by the triton, cuda and torch backends.
 
-    Saves the logits (already alive for the caller), the labels and two fp32 numbers per row
-    (lse, entropy); backward recomputes p from them in one pass.
-    """
+    Saves the logits (already alive for the caller), the labels and the row state
+    ``(row_max, log_sum, entropy)``; backward recomputes p from it in one pass."""
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, backend):
-        fwd, _ = _IMPLS[backend]
-        logp, lse, entropy = fwd(logits, labels, temperature, ignore_index)
-        ctx.save_for_backward(logits, labels, lse, entropy)
+        logp, stats = TOKEN_KERNELS[backend].forward(logits, labels, temperature, ignore_index)
+        ctx.save_for_backward(logits, labels, *stats)
         ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
         ctx.set_materialize_grads(False)
-        valid = labels != ignore_index
-        return logp, torch.where(valid, entropy, 0.0)
+        return logp, torch.where(labels != ignore_index, stats.entropy, 0.0)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         if grad_logp is None and grad_entropy is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        logits, labels, lse, entropy = ctx.saved_tensors
-        _, bwd = _IMPLS[ctx.backend]
-        if grad_logp is not None:
-            grad_logp = grad_logp.contiguous()
-        if grad_entropy is not None:
-            grad_entropy = grad_entropy.contiguous()
-        grad_logits = bwd(
-            logits, labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
+        logits, labels, *stats = ctx.saved_tensors
+        grad_logp = grad_logp.contiguous() if grad_logp is not None else None
+        grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
+        grad_logits = TOKEN_KERNELS[ctx.backend].backward(
+            logits, labels, RowStats(*stats), grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
         )
         return grad_logits, None, None, None, None
 
 
 def _validate(logits, labels, temperature, check_labels, ignore_index):
     check_tensor("logits", logits, floating=True, ndim_min=1)
-    check_tensor("labels", labels, integer=True)
+    labels = widen_labels("labels", labels)
     check_same_device(logits=logits, labels=labels)
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -218,7 +70,7 @@ def _validate(logits, labels, temperature, check_labels, ignore_index):
     temperature = check_temperature(temperature)
     if labels_checking_enabled(check_labels):
         check_label_range(labels, logits.shape[-1], ignore_index)
-    return temperature
+    return temperature, labels
 
 
 def token_logprobs(
@@ -265,8 +117,6 @@ def token_logprobs(
         Differentiable w.r.t. ``logits`` through both outputs.
     """
     if process_group is not None:
-        from .vocab_parallel import vocab_parallel_token_logprobs
-
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
@@ -274,19 +124,13 @@ def token_logprobs(
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
             check_labels=check_labels,
         )  # fmt: skip
-    temperature = _validate(logits, labels, temperature, check_labels, ignore_index)
-    backend = resolve_backend(backend, logits.device, logits.dtype)
+    temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
+    backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
     if backend == "reference":
-        from ..reference import token_logprobs_reference
-
         return token_logprobs_reference(
-            logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+            logits, wide_labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
-    if backend == "triton" and logits.dtype == torch.float64:
-        raise TypeError("backend='triton' supports float16/bfloat16/float32 logits, got torch.float64")
-    flat_labels = labels.reshape(-1)
-    if not flat_labels.is_contiguous():
-        flat_labels = flat_labels.contiguous()
+    flat_labels = wide_labels.reshape(-1).contiguous()
     logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend)
     logp = logp.view(labels.shape)
     if return_entropy:

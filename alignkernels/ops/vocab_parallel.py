@@ -38,14 +38,29 @@ import torch
 import torch.distributed as dist
 
 from .._utils import (
+    OpBackends,
     check_label_range,
     check_same_device,
     check_temperature,
     check_tensor,
     labels_checking_enabled,
-    output_dtype,
-    resolve_backend,
+    widen_labels,
 )
+from ._lmhead_engine import (
+    FOLDS,
+    check_positive_int,
+    compact_rows,
+    head_backward,
+    head_forward,
+    make_plan,
+    validate_head,
+)
+from ._logits_engine import TOKEN_KERNELS
+from ._softmax_torch import RowStats, merge_terms, merged
+
+# The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
+VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
+VOCAB_PARALLEL_LINEAR_LOGPROBS = OpBackends("vocab_parallel_linear_logprobs", ("triton", "torch"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,29 +188,26 @@ def _local_labels(labels, vocab_start, shard_size, ignore_index):
 # --------------------------------------------------------------------------------------------
 # The combine step: the one place where shard statistics become global log-probs and entropies
 # --------------------------------------------------------------------------------------------
-def _combine_shards(lse_k, entropy_k, z_label, owned, valid, process_group):
-    """Per row: shard ``lse_k``, shard entropy ``entropy_k`` (None: not needed), the label's logit
-    where this rank owns it. Returns global ``(logp, lse, entropy | None)`` on every rank.
+def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, process_group):
+    """Per row: this shard's ``logp_k`` (meaningful where it owns the label) and centred state
+    ``stats_k``. Returns the global ``(logp, RowStats)`` on every rank (``_softmax_torch``'s merge,
+    summed across ranks instead of over a local dim).
 
-    Two all-reduces: MAX of ``lse_k`` (N floats) so every exponent is <= 0, then one SUM of the
-    packed ``[e^{lse_k-M}, e^{lse_k-M}·Σ_k p·z, z_label·owned]`` (2-3 N floats)."""
-    zero = torch.zeros((), dtype=lse_k.dtype, device=lse_k.device)
-    lse_k = torch.where(valid, lse_k, zero)  # ignored rows: finite dummies (backends may leave 0/garbage)
-    m = lse_k.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=process_group)
-    w = torch.exp(lse_k - m)  # Σ_{v∈k} e^{z_v - M}
-    parts = [w]
-    if entropy_k is not None:
-        # Σ_{v∈k} e^{z_v - M} z_v = e^{lse_k - M} (lse_k - H_k); a shard of all -inf logits gives 0, not NaN
-        mean_z_k = torch.where(valid, lse_k - entropy_k, zero)
-        parts.append(torch.where(w > 0, w * mean_z_k, zero))
-    parts.append(torch.where(owned, z_label, zero))  # exactly one rank owns each valid label
-    packed = torch.stack(parts)
+    Two all-reduces: MAX of ``row_max_k`` (N floats), then one SUM of the packed
+    ``[Σ_k e^(z-M), Σ_k (z-M) e^(z-M) (entropy only), z_label - M (owner only)]`` (2-3 N floats).
+    The owner's ``z_label - M = logp_k + log_sum_k + (row_max_k - M)``: centred, no digit lost."""
+    zero = torch.zeros((), dtype=stats_k.row_max.dtype, device=stats_k.row_max.device)
+    # ignored rows: finite dummies (backends may leave 0 / garbage there)
+    part = RowStats(*(torch.where(valid, x, zero) for x in stats_k))
+    row_max = part.row_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=process_group)
+    terms = merge_terms(part, row_max)
+    label_centred = torch.where(owned, logp_k + part.log_sum + (part.row_max - row_max), zero)
+    packed = torch.cat((terms if want_entropy else terms[:1], label_centred[None]))
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
-    lse = m + torch.log(packed[0])
-    logp = packed[-1] - lse
-    entropy = lse - packed[1] / packed[0] if entropy_k is not None else None
-    return logp, lse, entropy
+    total = packed[:2] if want_entropy else torch.stack((packed[0], torch.zeros_like(packed[0])))
+    stats = merged(row_max, total)
+    return packed[-1] - stats.log_sum, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,27 +215,19 @@ def _combine_shards(lse_k, entropy_k, z_label, owned, valid, process_group):
 # --------------------------------------------------------------------------------------------
 class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
     """Autograd over a logits shard ``[..., V_k]``; ``local_labels``/``owned``/``valid`` are flat
-    ``[N]``. Saves the shard, the local labels and the GLOBAL lse and entropy."""
+    ``[N]``. Saves the shard, the local labels and the GLOBAL row state."""
 
     @staticmethod
     def forward(ctx, logits, local_labels, owned, valid, temperature, ignore_index, backend, want_entropy,
                 process_group):  # fmt: skip
-        from .token_logprobs import _IMPLS
-
-        fwd, _ = _IMPLS[backend]
-        _, lse_k, entropy_k = fwd(logits, local_labels, temperature, ignore_index)
-        idx = torch.where(owned, local_labels, 0).view(*logits.shape[:-1], 1)
-        z_label = logits.gather(-1, idx).reshape(-1).to(lse_k.dtype) / temperature
-        logp, lse, entropy = _combine_shards(lse_k, entropy_k if want_entropy else None, z_label, owned, valid,
-                                             process_group)  # fmt: skip
-        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
-        # Without entropy the backward never reads it (g_entropy = 0): pass lse so Σp·z = 0 is finite.
-        ctx.save_for_backward(logits, local_labels, lse, entropy if entropy is not None else lse)
-        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        kernels = TOKEN_KERNELS[backend]
+        logp_k, stats_k = kernels.forward(logits, local_labels, temperature, ignore_index)
+        logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group)
+        ctx.save_for_backward(logits, local_labels, *stats)
+        ctx.temperature, ctx.ignore_index, ctx.kernels = temperature, ignore_index, kernels
         ctx.set_materialize_grads(False)
-        logp = torch.where(valid, logp, zero)
-        entropy = torch.where(valid, entropy, zero) if entropy is not None else torch.zeros_like(logp)
-        return logp, entropy
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        return torch.where(valid, logp, zero), torch.where(valid, stats.entropy, zero)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -231,17 +235,13 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         none = (None,) * 8
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
-        from .token_logprobs import _IMPLS
-
-        logits, local_labels, lse, entropy = ctx.saved_tensors
-        _, bwd = _IMPLS[ctx.backend]
+        logits, local_labels, *stats = ctx.saved_tensors
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-        # The backend's backward with the global lse/entropy is exactly d(global logp, entropy)/d(shard)
-        grad_logits = bwd(logits, local_labels, lse, entropy, grad_logp, grad_entropy, ctx.temperature,
-                          ctx.ignore_index)  # fmt: skip
-        # (Every backend's backward gives an out-of-range -- foreign-shard -- label no one-hot
-        # column: pinned by tests/test_token_logprobs.py::test_out_of_range_label_gradient_has_no_onehot.)
+        # The backend's backward with the global state is exactly d(global logp, entropy)/d(shard): a
+        # foreign-shard label is out of range locally, so it has no one-hot column here.
+        grad_logits = ctx.kernels.backward(logits, local_labels, RowStats(*stats), grad_logp, grad_entropy,
+                                           ctx.temperature, ctx.ignore_index)  # fmt: skip
         return (grad_logits, *none)
 
 
@@ -277,8 +277,7 @@ def vocab_parallel_token_logprobs(
         process_group: the tensor-parallel group (``None``: the default group).
         temperature, ignore_index, return_entropy: as ``token_logprobs``.
         backend: the single-device backend each rank runs on its shard: ``"auto"``, ``"triton"``,
-            ``"cuda"``, ``"torch"``; ``"reference"`` runs ``"torch"`` (the eager reference cannot be
-            split over ranks).
+            ``"cuda"`` or ``"torch"`` (no ``"reference"``: the eager reference cannot be split over ranks).
         check_labels: range check of the global labels (as ``token_logprobs``).
         check_shards: verify the layout across ranks (one small all-gather and a host sync; see the
             module docstring). Turn off once a training loop's layout is known to be right.
@@ -292,8 +291,8 @@ def vocab_parallel_token_logprobs(
 
     def validate():
         check_tensor("logits_shard", logits_shard, floating=True, ndim_min=1)
-        check_tensor("labels", labels, integer=True)
-        check_same_device(logits_shard=logits_shard, labels=labels)
+        wide = widen_labels("labels", labels)
+        check_same_device(logits_shard=logits_shard, labels=wide)
         if tuple(labels.shape) != tuple(logits_shard.shape[:-1]):
             raise ValueError(f"labels must have shape logits_shard.shape[:-1] = {tuple(logits_shard.shape[:-1])}, "
                              f"got {tuple(labels.shape)}")  # fmt: skip
@@ -302,14 +301,13 @@ def vocab_parallel_token_logprobs(
         _check_vocab_args(vocab_start, vocab_size, logits_shard.shape[-1])
         t = check_temperature(temperature)
         if labels_checking_enabled(check_labels):
-            check_label_range(labels, vocab_size, ignore_index)
-        b = resolve_backend(backend, logits_shard.device, logits_shard.dtype)
-        return t, ("torch" if b == "reference" else b)
+            check_label_range(wide, vocab_size, ignore_index)
+        return t, VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype), wide
 
     shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
-    t, impl = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start, shard,
-                           vocab_size, labels, False)  # fmt: skip
-    flat_labels = labels.reshape(-1)
+    t, impl, wide_labels = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start,
+                                        shard, vocab_size, labels, False)  # fmt: skip
+    flat_labels = wide_labels.reshape(-1)
     local_labels, owned = _local_labels(flat_labels, vocab_start, shard, int(ignore_index))
     valid = flat_labels != ignore_index
     logp, entropy = VocabParallelTokenLogprobsFunction.apply(
@@ -325,51 +323,40 @@ def vocab_parallel_token_logprobs(
 # --------------------------------------------------------------------------------------------
 class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
     """Autograd over the compact (valid-only) rows: ``hidden [n, H]`` (replicated), ``weight_shard
-    [V_k, H]``, ``bias_shard [V_k] | None``, ``local_labels [n]`` int64. Reuses the chunked
-    single-device forward/backward of ``linear_logprobs`` on the shard."""
+    [V_k, H]``, ``bias_shard [V_k] | None``, ``local_labels [n]`` int64. Runs the lm-head engine on
+    the shard; saves the GLOBAL row state."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, want_entropy, process_group):
-        from .linear_logprobs import _chunked_forward
-
+    def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group):
         ctx.set_materialize_grads(False)
         with torch.autocast(hidden.device.type, enabled=False):
-            out = _chunked_forward(hidden, weight, bias, local_labels, tr, plan, want_entropy, False)
-        logp_k, entropy_k, lse_k = out[:3]
-        # the torch fold also returns per-block lse of the shard (its backward rescales them by the
-        # GLOBAL lse: p = softmax_block(z) e^(lse_b - lse)); None/absent for the Triton fold
-        block_lse = out[4] if len(out) > 4 else None
-        z_label = logp_k + lse_k  # the label's logit on the owning shard (logp_k = z_label - lse_k)
-        valid = torch.ones_like(owned)
-        logp, lse, entropy = _combine_shards(lse_k, entropy_k, z_label, owned, valid, process_group)
-        ctx.save_for_backward(hidden, weight, bias, local_labels, lse, entropy if entropy is not None else lse,
-                              block_lse)  # fmt: skip
-        ctx.has_block_lse = len(out) > 4
-        ctx.tr, ctx.plan, ctx.has_entropy, ctx.process_group = tr, plan, entropy is not None, process_group
-        return logp, entropy if entropy is not None else torch.zeros_like(logp)
+            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False)
+        logp, stats = _combine_shards(out.logp, out.stats, owned, torch.ones_like(owned), want_entropy,
+                                      process_group)  # fmt: skip
+        ctx.save_for_backward(hidden, weight, bias, local_labels, *stats)
+        ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
+        return logp, stats.entropy.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
-        from .linear_logprobs import _chunked_backward
-
-        hidden, weight, bias, local_labels, lse, entropy, block_lse = ctx.saved_tensors
+        hidden, weight, bias, local_labels, *stats = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        none = (None,) * 6
+        none = (None,) * 7
         if not ctx.has_entropy:
             grad_entropy = None
-        cd = lse.dtype
+        cd = stats[0].dtype
         if grad_logp is None and grad_entropy is None:
-            grad_logp = torch.zeros_like(lse)  # keep the grad_hidden all-reduce collective on every rank
+            grad_logp = torch.zeros_like(stats[0])  # keep the grad_hidden all-reduce collective on every rank
         g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
         g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
         grad_hidden = grad_weight = grad_bias = None
         if any(needs):
             with torch.autocast(hidden.device.type, enabled=False):
-                lse_args = (lse, entropy, block_lse) if ctx.has_block_lse else (lse, entropy)
-                grad_hidden, grad_weight, grad_bias = _chunked_backward(
-                    hidden, weight, bias, local_labels, *lse_args, g_logp, g_entropy, ctx.tr, ctx.plan, needs
-                )
+                grad_hidden, grad_weight, grad_bias = head_backward(
+                    hidden, weight, bias, local_labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan,
+                    ctx.fold, needs,
+                )  # fmt: skip
         if needs[0]:
             # grad_hidden = Σ_k dz_k @ W_k: this rank holds one term of the sum (fp32 accumulator)
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
@@ -418,8 +405,7 @@ def vocab_parallel_linear_logprobs(
         temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size,
             vocab_block_size, check_labels: as ``linear_logprobs`` (the logit transform is
             elementwise, so it applies per shard unchanged).
-        backend: ``"auto"``, ``"triton"``, ``"cuda"`` (= triton here), ``"torch"``; ``"reference"``
-            runs ``"torch"``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (the fold each rank runs on its shard).
         check_shards: verify the layout across ranks (see :func:`vocab_parallel_token_logprobs`).
 
     Returns:
@@ -428,48 +414,31 @@ def vocab_parallel_linear_logprobs(
         (local), ``hidden`` gets the full gradient (all-reduced SUM over the group in fp32:
         ``N_valid x H`` numbers per backward -- the only O(N·H) communication).
     """
-    from .linear_logprobs import _check_positive_int, _make_plan
-    from .linear_logprobs import _validate as _validate_linear
-
     _group_size(process_group)
 
     def validate():
-        tr = _validate_linear(hidden, weight_shard, labels, bias_shard, temperature, logit_scale, softcap)
+        tr, wide = validate_head(hidden, weight_shard, labels, bias_shard, temperature, logit_scale, softcap,
+                                 weight_name="weight_shard")  # fmt: skip
         _check_vocab_args(vocab_start, vocab_size, weight_shard.shape[0])
-        cs = _check_positive_int("chunk_size", chunk_size)
-        vb = _check_positive_int("vocab_block_size", vocab_block_size)
+        cs = check_positive_int("chunk_size", chunk_size)
+        vb = check_positive_int("vocab_block_size", vocab_block_size)
         if labels_checking_enabled(check_labels):
-            check_label_range(labels, vocab_size, ignore_index)
-        b = resolve_backend(backend, hidden.device, hidden.dtype)
-        return tr, {"reference": "torch", "cuda": "triton"}.get(b, b), cs, vb
+            check_label_range(wide, vocab_size, ignore_index)
+        return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
     requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
-    tr, impl, cs, vb = _run_checked(validate, process_group, check_shards, (hidden, weight_shard, labels),
-                                    vocab_start, shard, vocab_size, labels, requires_grad)  # fmt: skip
-    H = weight_shard.shape[1]
-    flat_hidden = hidden.reshape(-1, H)
-    flat_labels = labels.reshape(-1)
-    n_total = flat_labels.numel()
-    rows = (flat_labels != ignore_index).nonzero().squeeze(1)  # host sync; same rows on every rank
-    if rows.numel() == n_total:
-        rows = None
-        compact_hidden, compact_labels = flat_hidden.contiguous(), flat_labels
-    else:
-        compact_hidden, compact_labels = flat_hidden.index_select(0, rows), flat_labels.index_select(0, rows)
-    local_labels, owned = _local_labels(compact_labels, vocab_start, shard, int(ignore_index))
-    plan = _make_plan(impl, hidden.device, compact_labels.numel(), shard, cs, vb)
+    tr, impl, cs, vb, wide_labels = _run_checked(validate, process_group, check_shards, (hidden, weight_shard, labels),
+                                                 vocab_start, shard, vocab_size, labels, requires_grad)  # fmt: skip
+    compact = compact_rows(hidden, wide_labels, ignore_index)  # host sync; same rows on every rank
+    local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
+    fold = FOLDS[impl]
+    plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb)
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
-        compact_hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
-        local_labels.contiguous(), owned, tr, plan, bool(return_entropy), process_group,
+        compact.hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
+        local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
     )  # fmt: skip
-
-    def expand(x):
-        if rows is not None:
-            x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, rows, x)
-        return x.view(labels.shape)
-
-    return (expand(logp), expand(entropy)) if return_entropy else expand(logp)
+    return (compact.expand(logp), compact.expand(entropy)) if return_entropy else compact.expand(logp)
 
 
 # --------------------------------------------------------------------------------------------

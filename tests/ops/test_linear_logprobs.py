@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from alignkernels import linear_logprobs
-from alignkernels.ops import linear_logprobs as ll_module
+from alignkernels.ops import _lmhead_engine as engine
 from alignkernels.ops.linear_logprobs import LinearLogprobsOutput
 from alignkernels.reference import linear_logprobs_reference, linear_logprobs_stats_reference
 
@@ -215,13 +215,13 @@ def test_gradcheck_fp64_torch_backend():
 def test_ignored_rows_cost_no_flops(monkeypatch):
     """Only valid rows reach the matmuls (forward and backward)."""
     rows_seen = []
-    original = ll_module._mm_into
+    original = engine.mm_into
 
     def counting_mm(out, a, b, bias=None):
         rows_seen.append(a.shape[0])
         return original(out, a, b, bias=bias)
 
-    monkeypatch.setattr(ll_module, "_mm_into", counting_mm)
+    monkeypatch.setattr(engine, "mm_into", counting_mm)
     hidden, weight, bias, labels = _inputs(40, 8, 500, ignore_every=0)
     labels[:30] = -100
     h = hidden.clone().requires_grad_()

@@ -1,0 +1,446 @@
+"""The lm-head engine: per-token softmax statistics of ``transform(hidden @ weight.T + bias)`` tile by
+tile, and their gradients, without ever materialising ``[N, V]`` logits. Used by ``linear_logprobs``,
+its vocab-parallel form and the fused losses.
+
+Algorithm:
+1. Rows whose label is ``ignore_index`` are compacted away first (:func:`compact_rows`): prompt and
+   padding tokens cost no FLOPs at all.
+2. The valid rows are processed in ``[chunk, block]`` tiles (:class:`Plan`): ``chunk`` tokens x
+   ``block`` vocab entries, vocab block outer, token chunk inner. Each tile of raw logits
+   ``h[chunk] @ W[block].T`` is produced by a matmul into one reusable fp32 buffer, then handed to a
+   **fold** (:class:`TorchFold` or :class:`TritonFold`, same math, one per language) that merges it
+   into per-token centred statistics (``_softmax_torch`` / ``kernels/_softmax.py``). Forward saves
+   only the compact rows and the row state ``RowStats(row_max, log_sum, entropy)``.
+3. Backward walks the same tiles, recomputes each logits tile, lets the fold turn it into
+   ``dx = d loss / d raw logits`` (``p`` and ``z - Σp·z`` formed relative to ``row_max``), and feeds
+   it to three GEMM-shaped reductions: ``grad_hidden[chunk] += dx @ W[block]``,
+   ``grad_weight[block] += dx.T @ h[chunk]`` (fp32 accumulator for the block, cast to the weight's
+   dtype once the block is done), ``grad_bias[block] += dx.sum(0)``. Vocab-outer order means
+   grad_weight needs only a ``[block, H]`` fp32 accumulator, never ``[V, H]``.
+
+Why cuBLAS tiles + Triton folds on the GPU (and not an all-Triton ``tl.dot`` kernel): the op is ~4
+large GEMMs (forward, recompute, two gradient GEMMs); everything else is a few bandwidth-bound passes
+over a tile that stays in L2-sized chunks. cuBLAS runs those GEMMs at the tensor-core roofline on
+every architecture with bf16 inputs and fp32 output (``out_dtype``); the price of the split is one
+extra write+read of the fp32 tile per GEMM (4 bytes/logit, ~10 % of a GEMM's time at H = 4096).
+On the CPU (torch fold) the folds are a few fused ATen passes over a cache-sized tile.
+
+Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two for the torch
+fold, plus a weight-dtype ``dx`` tile for half inputs in backward), a ``[block, H]`` fp32 grad_weight
+accumulator for half weights, a ``[valid rows, H]`` fp32 grad_hidden accumulator, and O(rows)
+statistics. Nothing scales with ``N x V``.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from .._utils import check_same_device, check_temperature, check_tensor, output_dtype, widen_labels
+from ..kernels._softmax import ROW_STATS
+from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
+from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, transform_
+
+# Default token rows per chunk and fp32 elements per logits tile.
+GPU_CHUNK_ROWS = 4096
+GPU_TILE_ELEMENTS = 1 << 26  # 64M fp32 = 256 MB (+ 128 MB bf16 dx buffer in backward)
+CPU_CHUNK_ROWS = 256
+CPU_TILE_ELEMENTS = 1 << 22  # 4M fp32 = 16 MB: stays cache-friendly, memory flat
+BLOCK_ALIGN = 128  # vocab blocks are multiples of this (GEMM- and vector-friendly widths)
+
+
+class Transform(NamedTuple):
+    """``z = f(x + b) / temperature``, ``f`` = ``logit_scale``, then the optional ``softcap``."""
+
+    logit_scale: float
+    softcap: float | None
+    temperature: float
+
+
+class Plan(NamedTuple):
+    chunk_rows: int
+    block_cols: int
+
+
+class HeadStats(NamedTuple):
+    """The forward's per-row results (compact rows). ``extra`` only with ``want_stats``:
+    ``(log_sum_sq_probs, mean_logit, is_top1)`` (TRL's definitions)."""
+
+    logp: torch.Tensor
+    stats: RowStats
+    extra: tuple | None
+
+
+# --------------------------------------------------------------------------------------------
+# Matmul helpers: fp32 (fp64) results from half inputs without rounding the product first
+# --------------------------------------------------------------------------------------------
+_MIXED_MM_OK: dict = {}
+
+
+def _cuda_mixed_mm_supported(device) -> bool:
+    """``torch.mm(..., out_dtype=torch.float32)`` on half inputs (torch >= 2.8, CUDA only)."""
+    key = str(device)
+    if key not in _MIXED_MM_OK:
+        try:
+            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
+            torch.mm(a, a, out_dtype=torch.float32)
+            _MIXED_MM_OK[key] = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MIXED_MM_OK[key] = False
+    return _MIXED_MM_OK[key]
+
+
+def mm_into(out, a, b, bias=None):
+    """``out = a @ b (+ bias)`` where ``out`` may be wider (fp32) than ``a`` and ``b``. With
+    same-dtype operands the GEMM adds the bias itself (``addmm``), for free."""
+    if a.dtype == out.dtype:
+        if bias is not None:
+            torch.addmm(bias, a, b, out=out)
+        else:
+            torch.mm(a, b, out=out)
+        return
+    if a.is_cuda and _cuda_mixed_mm_supported(a.device):
+        torch.mm(a, b, out_dtype=out.dtype, out=out)
+    else:  # older torch: the product is rounded to the input dtype before widening
+        out.copy_(torch.mm(a, b))
+    if bias is not None:
+        out.add_(bias)
+
+
+def addmm_into(acc, a, b):
+    """``acc += a @ b`` accumulated in ``acc``'s (fp32) dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _cuda_mixed_mm_supported(a.device):
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+# --------------------------------------------------------------------------------------------
+# Folds: one per language, same interface. ``state`` is the fold's own [fields, rows] tensor.
+# --------------------------------------------------------------------------------------------
+class TorchFold:
+    """PyTorch fold (CPU, fp64, anywhere). State fields: ``RowStats`` + ``q`` (Σ e^(2(z-m))), Σz, max y,
+    max y before the label, y at the label. The GEMM adds the bias; a second tile-sized buffer is the
+    scratch of the ATen passes."""
+
+    FIELDS = ("row_max", "log_sum", "entropy", "sum_sq_exp", "sum_z", "max_y", "max_y_before_label", "label_y")
+    FILLS = (float("-inf"), float("-inf"), 0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("nan"))
+    needs_work = True
+    max_block = 1 << 14  # ATen's fused CPU reductions sum in fp32 lanes: blocks <= 16k columns keep 1e-6
+
+    @staticmethod
+    def dx_dtype(weight_dtype, compute_dtype):
+        return compute_dtype
+
+    @staticmethod
+    def operands(hidden, compute_dtype):
+        """CPU has no mixed-precision GEMM: widen once to the compute dtype."""
+        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
+
+    @staticmethod
+    def tile(out, h, w_blk, bias_blk):
+        mm_into(out, h, w_blk.t(), bias=bias_blk)
+
+    @classmethod
+    def new_state(cls, n, dtype, device):
+        return torch.tensor(cls.FILLS, dtype=dtype, device=device)[:, None].repeat(1, n)
+
+    @staticmethod
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
+        """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view)."""
+        y = transform_(tile, tr.logit_scale, tr.softcap)
+        n_cols = y.shape[1]
+        local = labels - vocab_start
+        in_block = (local >= 0) & (local < n_cols)
+        y_label = y.gather(1, local.clamp(0, n_cols - 1)[:, None]).squeeze(1)
+        torch.where(in_block, y_label, state[7], out=state[7])
+        if want_stats:
+            state[4] += y.sum(1) / tr.temperature
+            torch.maximum(state[5], y.amax(1), out=state[5])
+            before_label = torch.arange(n_cols, device=y.device)[None, :] < local[:, None]
+            torch.maximum(state[6], y.masked_fill(~before_label, float("-inf")).amax(1), out=state[6])
+        block = fold_block(y, tr.temperature, work)
+        total, a_old, a_block = merge_pair(RowStats(*state[:3]), block.stats)
+        if want_stats:  # Σ e^(2(z - m)) of the block relative to its row_max, rescaled by a²
+            q_block = torch.linalg.vecdot(block.e, block.e) * torch.exp(2 * (block.stats.log_sum - block.sum_e.log()))
+            state[3] = state[3] * a_old * a_old + torch.where(block.sum_e > 0, q_block, 0.0) * a_block * a_block
+        state[0], state[1], state[2] = total
+
+    @staticmethod
+    def finalise(state, tr: Transform, vocab, want_stats) -> HeadStats:
+        stats = RowStats(state[0].clone(), state[1].clone(), state[2].clone())
+        logp = centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1) - stats.log_sum
+        extra = None
+        if want_stats:  # log Σp² = log q - 2 log_sum
+            extra = (state[3].log() - 2 * stats.log_sum, state[4] / vocab,
+                     (state[7] >= state[5]) & (state[7] > state[6]))  # fmt: skip
+        return HeadStats(logp, stats, extra)
+
+    @staticmethod
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
+        """Raw tile (bias included; overwritten) -> ``dx = d loss / d raw logits`` (in ``work``)."""
+        y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
+        zc = centred(y, stats.row_max, tr.temperature)
+        dz = grad_from_centred_(zc, stats.log_sum, stats.entropy, g_logp, g_entropy, labels - vocab_start, work)
+        # chain rule to the raw logit x: z = f(x + b) / T
+        if dy_dx is None:
+            return dz.mul_(tr.logit_scale / tr.temperature)
+        return dz.mul_(dy_dx).div_(tr.temperature)
+
+
+class TritonFold:
+    """Triton fold (``alignkernels.kernels.linear_logprobs``; CUDA tensors, or the interpreter). The
+    kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the weight's dtype
+    (the gradient GEMMs' operand dtype on the GPU)."""
+
+    FILLS = {"row_max": float("-inf"), "max_y": float("-inf"), "max_y_before_label": float("-inf"),
+             "label_y": float("nan")}  # fmt: skip
+    needs_work = False
+    max_block = None
+
+    @staticmethod
+    def dx_dtype(weight_dtype, compute_dtype):
+        return weight_dtype
+
+    @staticmethod
+    def operands(hidden, compute_dtype):
+        """On CUDA, GEMMs take the inputs' dtype (tensor cores) and write fp32."""
+        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
+
+    @staticmethod
+    def tile(out, h, w_blk, bias_blk):
+        mm_into(out, h, w_blk.t())
+
+    @classmethod
+    def new_state(cls, n, dtype, device):
+        fills = [cls.FILLS.get(name, 0.0) for name in FOLD_STATE]
+        return torch.tensor(fills, dtype=dtype, device=device)[:, None].repeat(1, n)
+
+    @staticmethod
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
+        n_rows, n_cols = tile.shape
+        block_v, num_warps = pick_config(n_cols)
+        linear_logprobs_fwd_kernel[(n_rows,)](
+            tile, tile.stride(0), bias if bias is not None else weight, labels, state, state.stride(0),
+            vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0), 1.0 / tr.temperature,
+            int(bias is not None), int(want_stats), BLOCK_V=block_v, num_warps=num_warps,
+        )  # fmt: skip
+
+    @staticmethod
+    def finalise(state, tr: Transform, vocab, want_stats) -> HeadStats:
+        f = dict(zip(FOLD_STATE, state))
+        stats = merged(f["row_max"].clone(), torch.stack((f["sum_exp"], f["sum_centred"])))
+        log_sum = stats.log_sum
+        logp = centred(f["label_y"][:, None], stats.row_max, tr.temperature).squeeze(1) - log_sum
+        extra = None
+        if want_stats:
+            extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
+                     (f["label_y"] >= f["max_y"]) & (f["label_y"] > f["max_y_before_label"]))  # fmt: skip
+        return HeadStats(logp, stats, extra)
+
+    @staticmethod
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
+        n_rows, n_cols = tile.shape
+        block_v, num_warps = pick_config(n_cols)
+        saved = torch.stack(tuple(stats))  # ROW_STATS order
+        zeros = torch.zeros_like(stats.row_max)
+        grads = torch.stack((g_logp if g_logp is not None else zeros, g_entropy if g_entropy is not None else zeros))
+        linear_logprobs_bwd_kernel[(n_rows, -(-n_cols // block_v))](
+            tile, tile.stride(0), dx, dx.stride(0), bias if bias is not None else weight, labels, saved, grads, n_rows,
+            vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0), 1.0 / tr.temperature,
+            int(bias is not None), BLOCK_V=block_v, num_warps=num_warps,
+        )  # fmt: skip
+        return dx
+
+
+assert ROW_STATS == RowStats._fields and TorchFold.FIELDS[:3] == RowStats._fields
+FOLDS = {"torch": TorchFold, "triton": TritonFold}
+
+
+# --------------------------------------------------------------------------------------------
+# The tile loop, shared by both folds
+# --------------------------------------------------------------------------------------------
+def tiles(n_rows, vocab, plan: Plan):
+    """(vocab block outer, token chunk inner) tile coordinates."""
+    for v0 in range(0, vocab, plan.block_cols):
+        v1 = min(v0 + plan.block_cols, vocab)
+        yield v0, v1, [(r0, min(r0 + plan.chunk_rows, n_rows)) for r0 in range(0, n_rows, plan.chunk_rows)]
+
+
+def _buffers(fold, plan, n_rows, vocab, dtype, device):
+    elems = min(plan.chunk_rows, n_rows) * min(plan.block_cols, vocab)
+    tile = torch.empty(elems, dtype=dtype, device=device)
+    work = torch.empty(elems, dtype=dtype, device=device) if fold.needs_work else None
+    return tile, work
+
+
+def _view(buf, shape):
+    return buf[: shape[0] * shape[1]].view(shape) if buf is not None else None
+
+
+def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats) -> HeadStats:
+    """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    cd = output_dtype(hidden.dtype)
+    state = fold.new_state(n_rows, cd, hidden.device)
+    if n_rows:
+        h = fold.operands(hidden, cd)
+        bias_cd = bias.to(cd) if bias is not None else None
+        tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, hidden.device)
+        for v0, v1, chunks in tiles(n_rows, vocab, plan):
+            w_blk = fold.operands(weight[v0:v1], cd)
+            for r0, r1 in chunks:
+                tile = _view(tile_buf, (r1 - r0, v1 - v0))
+                fold.tile(tile, h[r0:r1], w_blk, bias_cd[v0:v1] if bias is not None else None)
+                fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
+                             tr, want_stats)  # fmt: skip
+    return fold.finalise(state, tr, vocab, want_stats)
+
+
+def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,
+                  needs):  # fmt: skip
+    """``(grad_hidden fp32 | None, grad_weight | None, grad_bias fp32 | None)`` for per-row upstream
+    gradients ``g_logp`` / ``g_entropy`` (compute dtype, or None) of the state ``stats``."""
+    n_rows, H = hidden.shape
+    vocab = weight.shape[0]
+    cd = output_dtype(hidden.dtype)
+    device = hidden.device
+    need_h, need_w, need_b = needs
+    grad_hidden = torch.zeros(n_rows, H, dtype=cd, device=device) if need_h else None
+    grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
+    grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
+    if n_rows == 0 or (g_logp is None and g_entropy is None):
+        return grad_hidden, grad_weight, grad_bias
+    h = fold.operands(hidden, cd)
+    bias_cd = bias.to(cd) if bias is not None else None
+    tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, device)
+    dx_dtype = fold.dx_dtype(weight.dtype, cd)
+    dx_buf = tile_buf if dx_dtype == cd else torch.empty(tile_buf.numel(), dtype=dx_dtype, device=device)
+    w_acc_buf = None
+    if need_w and weight.dtype != cd:
+        w_acc_buf = torch.empty(min(plan.block_cols, vocab) * H, dtype=cd, device=device)
+
+    for v0, v1, chunks in tiles(n_rows, vocab, plan):
+        w_blk = fold.operands(weight[v0:v1], cd)
+        if need_w:
+            w_acc = grad_weight[v0:v1] if w_acc_buf is None else w_acc_buf[: (v1 - v0) * H].view(v1 - v0, H).zero_()
+        for r0, r1 in chunks:
+            rows = slice(r0, r1)
+            tile = _view(tile_buf, (r1 - r0, v1 - v0))
+            fold.tile(tile, h[rows], w_blk, bias_cd[v0:v1] if bias is not None else None)
+            dx = fold.backward(tile, _view(dx_buf, tile.shape), _view(work_buf, tile.shape), bias, weight, labels[rows],
+                               RowStats(*(x[rows] for x in stats)), g_logp[rows] if g_logp is not None else None,
+                               g_entropy[rows] if g_entropy is not None else None, v0, tr)  # fmt: skip
+            dx_gemm = dx if dx.dtype == h.dtype else dx.to(h.dtype)
+            if need_h:
+                addmm_into(grad_hidden[rows], dx_gemm, w_blk)  # grad_h[chunk] += dx @ W[block]
+            if need_w:
+                addmm_into(w_acc, dx_gemm.t(), h[rows])  # grad_W[block] += dx.T @ h[chunk]
+            if need_b:
+                grad_bias[v0:v1] += dx.sum(0, dtype=cd)  # grad_b[block] += Σ_rows dx
+        if need_w and w_acc_buf is not None:
+            grad_weight[v0:v1].copy_(w_acc)
+    return grad_hidden, grad_weight, grad_bias
+
+
+# --------------------------------------------------------------------------------------------
+# Validation, plan, row compaction
+# --------------------------------------------------------------------------------------------
+def check_positive_int(name, value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def _check_number(name, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap, weight_name="weight"):
+    """Check the lm-head inputs; returns ``(Transform, labels as int64)``."""
+    check_tensor("hidden", hidden, floating=True, ndim_min=1)
+    check_tensor(weight_name, weight, floating=True)
+    labels = widen_labels("labels", labels)
+    if bias is not None:
+        check_tensor("bias", bias, floating=True)
+    if weight.dim() != 2:
+        raise ValueError(f"{weight_name} must be 2-D [V, H] (the lm_head weight), got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{weight_name} must have a non-empty vocabulary dimension (shape[0])")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden's last dimension ({hidden.shape[-1]}) must equal {weight_name}.shape[1] ({weight.shape[1]})"
+        )
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and {weight_name} must have the same dtype, got {hidden.dtype} and {weight.dtype}")
+    if bias is not None:
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V] = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the {weight_name}'s dtype {weight.dtype}, got {bias.dtype}")
+    check_same_device(hidden=hidden, **{weight_name: weight}, labels=labels, bias=bias)
+    temperature = check_temperature(temperature)
+    logit_scale = _check_number("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = _check_number("softcap", softcap)
+        if not softcap > 0.0:
+            raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return Transform(logit_scale, softcap, temperature), labels
+
+
+def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan:
+    on_gpu = device.type == "cuda"
+    chunk = chunk_size or (GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ROWS)
+    chunk = max(1, min(chunk, n_rows))
+    if vocab_block_size is None:
+        budget = GPU_TILE_ELEMENTS if on_gpu else CPU_TILE_ELEMENTS
+        vocab_block_size = max(BLOCK_ALIGN, budget // chunk // BLOCK_ALIGN * BLOCK_ALIGN)
+        if fold.max_block is not None:
+            vocab_block_size = min(vocab_block_size, fold.max_block)
+    return Plan(chunk, min(vocab_block_size, vocab))
+
+
+class CompactRows(NamedTuple):
+    """The valid (not ignored) rows of flattened ``[N, H]`` hidden states: ``rows`` their indices
+    (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64."""
+
+    rows: torch.Tensor | None
+    hidden: torch.Tensor
+    labels: torch.Tensor
+    shape: tuple
+
+    def expand(self, x):
+        """A per-compact-row tensor back to the labels' shape (0 / False at ignored positions)."""
+        if self.rows is not None:
+            n_total = math.prod(self.shape)
+            x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, self.rows, x)
+        return x.view(self.shape)
+
+
+def compact_rows(hidden, labels, ignore_index) -> CompactRows:
+    """Drop ignored rows (one host sync: sizes the compact problem)."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != ignore_index).nonzero().squeeze(1)
+    if rows.numel() == flat_labels.numel():
+        return CompactRows(None, flat_hidden.contiguous(), flat_labels.contiguous(), tuple(labels.shape))
+    return CompactRows(rows, flat_hidden.index_select(0, rows), flat_labels.index_select(0, rows).contiguous(),
+                       tuple(labels.shape))  # fmt: skip

@@ -1,0 +1,154 @@
+"""Row kernels of the logits form (``token_logprobs`` and its vocab-parallel variant): one object per
+backend with ``forward(logits, labels, temperature, ignore_index) -> (logp, RowStats)`` and
+``backward(logits, labels, stats, grad_logp, grad_entropy, temperature, ignore_index) -> grad_logits``.
+
+- ``triton``: ``alignkernels.kernels.token_logprobs`` -- one read of the logits forward, one read plus
+  one gradient write backward.
+- ``cuda``: the hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend`` (same contract).
+- ``torch``: the same algorithm in PyTorch over chunks of rows, so peak extra memory is
+  O(chunk x V), not O(N x V); the math is ``_softmax_torch``'s.
+
+Every backend saves the centred row state ``RowStats(row_max, log_sum, entropy)`` and forms ``p``
+and ``z - Σp·z`` relative to ``row_max`` (see ``kernels/_softmax.py`` for the derivation). The
+backward of the state it is handed -- a shard's own or the merged global one (vocab parallel) --
+is the gradient of that state's outputs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _cuda_backend
+from .._utils import as_rows, output_dtype
+from ..kernels._softmax import ROW_STATS
+from ..kernels.token_logprobs import pick_config, token_logprobs_bwd_kernel, token_logprobs_fwd_kernel
+from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_
+
+# Rows per chunk in the torch backend: ~4M elements of fp32 temporaries per chunk.
+TORCH_CHUNK_ELEMENTS = 1 << 22
+
+
+class TritonTokenKernels:
+    """``alignkernels.kernels.token_logprobs`` launchers."""
+
+    @staticmethod
+    def forward(logits, labels, temperature, ignore_index):
+        rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
+        logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        stats = torch.empty(len(ROW_STATS), n_rows, dtype=torch.float32, device=logits.device)
+        if n_rows:
+            block_v, num_warps = pick_config(logits.shape[-1])
+            token_logprobs_fwd_kernel[(n_rows,)](
+                rows, labels, logp, stats, logits.shape[-1], rows_per_outer, stride_outer, stride_inner,
+                1.0 / temperature, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+            )  # fmt: skip
+        return logp, RowStats(*stats.unbind(0))
+
+    @staticmethod
+    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+        rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
+        grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if n_rows:
+            saved = torch.stack(stats)  # ROW_STATS order (RowStats has the same fields)
+            present = [g for g in (grad_logp, grad_entropy) if g is not None]
+            grads = torch.stack([g.float() if g is not None else present[0].float() for g in (grad_logp, grad_entropy)])
+            block_v, num_warps = pick_config(logits.shape[-1])
+            token_logprobs_bwd_kernel[(n_rows,)](
+                rows, labels, saved, grads, grad_logits, logits.shape[-1], rows_per_outer, stride_outer, stride_inner,
+                1.0 / temperature, ignore_index,
+                HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
+                BLOCK_V=block_v, num_warps=num_warps,
+            )  # fmt: skip
+        return grad_logits
+
+
+def _row_chunks(logits, chunk_rows):
+    """Yield ``(row_start, row_end, view[rows, V])`` covering the flattened rows without copying
+    the (possibly strided, e.g. ``logits[:, :-1]``) input."""
+    V = logits.shape[-1]
+    lead = logits.reshape(-1, V) if logits.dim() <= 2 or logits.is_contiguous() else None
+    if lead is not None:
+        for r0 in range(0, lead.shape[0], chunk_rows):
+            yield r0, min(r0 + chunk_rows, lead.shape[0]), lead[r0 : r0 + chunk_rows]
+        return
+    outer = logits.reshape(-1, logits.shape[-2], V) if logits.dim() > 3 else logits
+    inner = outer.shape[1]
+    for o in range(outer.shape[0]):
+        for i0 in range(0, inner, chunk_rows):
+            i1 = min(i0 + chunk_rows, inner)
+            yield o * inner + i0, o * inner + i1, outer[o, i0:i1]
+
+
+class TorchTokenKernels:
+    """The same algorithm in PyTorch over chunks of rows (``_softmax_torch`` holds the math)."""
+
+    @staticmethod
+    def forward(logits, labels, temperature, ignore_index):
+        cd = output_dtype(logits.dtype)
+        V = logits.shape[-1]
+        n_rows = labels.numel()
+        out = torch.zeros(4, n_rows, dtype=cd, device=logits.device)
+        valid = labels != ignore_index
+        # Out-of-range labels (possible only with check_labels=False) give NaN, like the kernels.
+        in_range = (labels >= 0) & (labels < V)
+        safe_labels = torch.where(in_range, labels, 0)
+        work = None
+        for r0, r1, x in _row_chunks(logits, max(1, TORCH_CHUNK_ELEMENTS // V)):
+            y = x.to(cd, copy=True)
+            if work is None or work.shape != y.shape:
+                work = torch.empty_like(y)
+            y_label = y.gather(1, safe_labels[r0:r1, None])
+            fold = fold_block(y, temperature, work)
+            # logp = (z_label - row_max) - log_sum, centred (-inf for a -inf label logit)
+            logp = centred(y_label, fold.stats.row_max, temperature).squeeze(1) - fold.stats.log_sum
+            out[0, r0:r1] = torch.where(in_range[r0:r1], logp, float("nan"))
+            out[1, r0:r1], out[2, r0:r1], out[3, r0:r1] = fold.stats
+        # Ignored rows keep their (finite) state: the backward then gives them exactly 0, never exp(z - 0)
+        logp = torch.where(valid, out[0], 0.0)
+        return logp, RowStats(out[1], out[2], torch.where(valid, out[3], 0.0))
+
+    @staticmethod
+    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+        cd = output_dtype(logits.dtype)
+        V = logits.shape[-1]
+        valid = labels != ignore_index
+        g_logp = torch.where(valid, grad_logp.to(cd), 0.0) if grad_logp is not None else None
+        g_entropy = torch.where(valid, grad_entropy.to(cd), 0.0) if grad_entropy is not None else None
+        if g_logp is None and g_entropy is None:
+            g_logp = torch.zeros_like(stats.row_max)
+        grad_rows = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device).view(-1, V)
+        work = None
+        for r0, r1, x in _row_chunks(logits, max(1, TORCH_CHUNK_ELEMENTS // V)):
+            r = slice(r0, r1)
+            zc = centred(x.to(cd), stats.row_max[r], temperature)
+            if work is None or work.shape != zc.shape:
+                work = torch.empty_like(zc)
+            dz = grad_from_centred_(zc, stats.log_sum[r], stats.entropy[r],
+                                    g_logp[r] if g_logp is not None else None,
+                                    g_entropy[r] if g_entropy is not None else None, labels[r], work)  # fmt: skip
+            if temperature != 1.0:
+                dz.div_(temperature)  # d logits = dz / T
+            dz.masked_fill_(~valid[r, None], 0.0)  # ignored rows: exactly 0, whatever their logits hold
+            grad_rows[r0:r1] = dz
+        return grad_rows.view(logits.shape)
+
+
+class CudaTokenKernels:
+    """The hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend``."""
+
+    @staticmethod
+    def forward(logits, labels, temperature, ignore_index):
+        logp, row_max, log_sum, entropy = _cuda_backend.token_logprobs_forward(logits, labels, temperature,
+                                                                               ignore_index)  # fmt: skip
+        return logp, RowStats(row_max, log_sum, entropy)
+
+    @staticmethod
+    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+        return _cuda_backend.token_logprobs_backward(
+            logits, labels, stats.row_max, stats.log_sum, stats.entropy, grad_logp, grad_entropy, temperature,
+            ignore_index,
+        )  # fmt: skip
+
+
+assert ROW_STATS == RowStats._fields  # the kernels' saved-state layout is RowStats, field for field
+
+TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": TorchTokenKernels, "cuda": CudaTokenKernels}
