@@ -154,14 +154,17 @@ def _torch_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, tempe
 def _cuda_forward(logits, labels, temperature, ignore_index):
     from .. import _cuda_backend
 
-    return _cuda_backend.token_logprobs_forward(logits, labels, temperature, ignore_index)
+    # Contract 3: (logp, row_max, log_sum, entropy). Until this module saves the centred pair
+    # itself, the pair travels as one [2, N] "lse" state into _cuda_backward.
+    logp, row_max, log_sum, entropy = _cuda_backend.token_logprobs_forward(logits, labels, temperature, ignore_index)
+    return logp, torch.stack((row_max, log_sum)), entropy
 
 
-def _cuda_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index):
+def _cuda_backward(logits, labels, state, entropy, grad_logp, grad_entropy, temperature, ignore_index):
     from .. import _cuda_backend
 
     return _cuda_backend.token_logprobs_backward(
-        logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index
+        logits, labels, state[0], state[1], entropy, grad_logp, grad_entropy, temperature, ignore_index
     )
 
 
