@@ -142,9 +142,10 @@ def _compile(cmd: list[str], obj: Path) -> None:
     os.replace(tmp, obj)
 
 
-def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None) -> Path:
-    """Build the emulated module from ``sources`` (file name -> text; default: ``csrc/`` as is)
-    and return its path. Cached: nothing is compiled twice for the same inputs."""
+def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None, origin: str = "csrc") -> Path:
+    """Build the emulated module from ``sources`` (file name -> text; default: ``csrc/`` as is,
+    ``origin`` names their folder in messages) and return its path. Cached: nothing is compiled
+    twice for the same inputs."""
     tc = toolchain(sanitize)
     if sources is None:
         sources = {p.name: p.read_text() for p in _build.source_files(CSRC)}
@@ -156,13 +157,13 @@ def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None)
     headers = sorted((n, t) for n, t in sources.items() if n.endswith((".cuh", ".h")))
     objects_dir = cache_dir() / "objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
-    gen_key = _digest(*key_common, *(f"{n}\0{t}" for n, t in sorted(sources.items())))
+    gen_key = _digest(*key_common, origin, *(f"{n}\0{t}" for n, t in sorted(sources.items())))
     gen = cache_dir() / "gen" / gen_key
     if not gen.is_dir():
         tmp = gen.with_name(gen.name + f".{os.getpid()}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         for name, text in sources.items():
-            rewritten = text if name.endswith(".cpp") else rewrite_source(text, f"csrc/{name}")
+            rewritten = text if name.endswith(".cpp") else rewrite_source(text, f"{origin}/{name}")
             (tmp / name).write_text(rewritten)
         try:
             os.replace(tmp, gen)
@@ -173,7 +174,7 @@ def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None)
     for name, text in sorted(sources.items()):
         if name.endswith(".cu"):
             cmd = [*common, "-x", "c++", "-include", str(HERE / "cuemu.h"), "-c", str(gen / name)]
-            key = _digest(*key_common, "cu", name, text, *(f"{n}\0{t}" for n, t in headers))
+            key = _digest(*key_common, "cu", origin, name, text, *(f"{n}\0{t}" for n, t in headers))
         elif name.endswith(".cpp"):
             cmd = [*common, "-fvisibility=hidden", f"-isystem{pybind11.get_include()}",
                    f"-isystem{sysconfig.get_paths()['include']}", "-c", str(gen / name)]  # fmt: skip
