@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +154,7 @@ def cache_dir() -> Path:
 def _compile(cmd: list[str], obj: Path) -> None:
     if obj.is_file():
         return
-    tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
+    tmp = obj.with_suffix(f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp.o")
     proc = subprocess.run([*cmd, "-o", str(tmp)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise _build.ExtensionBuildError(f"cuemu: compiling failed: {' '.join(cmd[-3:])}\n{proc.stderr[-6000:]}")
@@ -177,7 +178,7 @@ def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None,
     gen_key = _digest(*key_common, origin, *(f"{n}\0{t}" for n, t in sorted(sources.items())))
     gen = cache_dir() / "gen" / gen_key
     if not gen.is_dir():
-        tmp = gen.with_name(gen.name + f".{os.getpid()}.tmp")
+        tmp = gen.with_name(gen.name + f".{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         for name, text in sources.items():
             rewritten = text if name.endswith(".cpp") else rewrite_source(text, f"{origin}/{name}")

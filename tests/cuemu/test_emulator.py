@@ -3,7 +3,7 @@ rules, votes, barriers over non-exited threads, one shared copy per block, shuff
 and every misuse reported as an error naming the source line, never a hang."""
 from __future__ import annotations
 
-import os
+import ctypes
 
 import pytest
 import torch
@@ -13,18 +13,36 @@ from cuemu import emulator
 PROBE = emulator.HERE / "probe"
 
 
+class Probe:
+    """The probe kernels' module, called through its C entry point (errors come back as RuntimeError)."""
+
+    def __init__(self, path):
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.cuemu_probe.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint,
+                                         ctypes.c_char_p, ctypes.c_size_t]  # fmt: skip
+        self.lib.cuemu_set_seed.argtypes = [ctypes.c_uint64]
+
+    def run(self, name, out, blocks, threads):
+        error = ctypes.create_string_buffer(4096)
+        if self.lib.cuemu_probe(name.encode(), out, blocks, threads, error, len(error)):
+            raise RuntimeError(error.value.decode())
+
+    def set_seed(self, seed):
+        self.lib.cuemu_set_seed(seed)
+
+
 @pytest.fixture(scope="module")
 def probe():
     try:
         sources = {p.name: p.read_text() for p in PROBE.iterdir() if p.suffix in (".cu", ".cpp")}
-        return emulator.load(emulator.build(sources, origin="tests/cuemu/probe"))
+        return Probe(emulator.build(sources, origin="tests/cuemu/probe"))
     except emulator.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
 
 
 def run(probe, name, blocks=1, threads=64, n=None, dtype=torch.int32):
     out = torch.full((n or blocks * threads * 6,), -7, dtype=dtype)
-    probe.module.run(name, out.data_ptr(), blocks, threads)
+    probe.run(name, out.data_ptr(), blocks, threads)
     return out
 
 
