@@ -20,6 +20,9 @@ def emulated(emulated_build):
     emulated_build.set_seed(1234)
     _utils.allow_cuda_backend_on_cpu(True)
     _cuda_backend.install_emulated_extension(emulated_build.module)
+    emulator.activate(emulated_build)
     yield emulated_build
+    emulator.activate(None)
+    emulated_build.free_device()
     _cuda_backend.install_emulated_extension(None)
     _utils.allow_cuda_backend_on_cpu(False)

@@ -28,8 +28,10 @@ import sys
 import sysconfig
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from alignkernels import _build
 
@@ -228,14 +230,51 @@ class Emulated:
     module: object
     path: Path
     runtime: ctypes.CDLL
+    _guarded: list = field(default_factory=list)
 
     def set_seed(self, seed: int) -> None:
         self.runtime.cuemu_set_seed(ctypes.c_uint64(seed))
+
+    def device(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (same shape, strides, values) in "device memory": a buffer whose last byte touches
+        a PROT_NONE page, so a kernel that reads or writes past the end of it fails its launch with
+        "out-of-bounds access". Freed by ``free_device()`` (the ``emulated`` fixture does it)."""
+        span = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0) if t.numel() else 0
+        if span == 0:
+            return t.clone()
+        nbytes = span * t.element_size()
+        addr = self.runtime.cuemu_alloc_guarded(nbytes)
+        if not addr:
+            raise MemoryError("cuemu_alloc_guarded failed")
+        self._guarded.append(addr)
+        flat = torch.frombuffer((ctypes.c_char * nbytes).from_address(addr), dtype=t.dtype, count=span)
+        flat.copy_(t.as_strided((span,), (1,), t.storage_offset()))
+        return flat.as_strided(t.shape, t.stride(), 0)
+
+    def free_device(self) -> None:
+        while self._guarded:
+            self.runtime.cuemu_free_guarded(ctypes.c_void_p(self._guarded.pop()))
 
     def stats(self) -> dict[str, int]:
         out = (ctypes.c_uint64 * 3)()
         self.runtime.cuemu_stats(out)
         return {"launches": out[0], "blocks": out[1], "threads": out[2]}
+
+
+_ACTIVE: list[Emulated] = []  # the build behind backend="cuda" in the running test (conftest sets it)
+
+
+def device(t: torch.Tensor) -> torch.Tensor:
+    """``Emulated.device`` of the active build: ``t`` copied into guarded "device memory"."""
+    if not _ACTIVE:
+        raise RuntimeError("no emulated build is active (use the `emulated` fixture)")
+    return _ACTIVE[-1].device(t)
+
+
+def activate(emu: Emulated | None) -> None:
+    _ACTIVE.clear()
+    if emu is not None:
+        _ACTIVE.append(emu)
 
 
 def load(path: Path) -> Emulated:
@@ -246,6 +285,9 @@ def load(path: Path) -> Emulated:
     spec.loader.exec_module(module)
     runtime = ctypes.CDLL(str(path))  # the same loaded image: same runtime state
     runtime.cuemu_set_seed.argtypes = [ctypes.c_uint64]
+    runtime.cuemu_alloc_guarded.argtypes = [ctypes.c_size_t]
+    runtime.cuemu_alloc_guarded.restype = ctypes.c_void_p
+    runtime.cuemu_free_guarded.argtypes = [ctypes.c_void_p]
     return Emulated(module, path, runtime)
 
 

@@ -17,6 +17,9 @@
 // timeout) abort the block: every waiting thread unwinds with KernelAbort, and the launch throws
 // std::runtime_error (RuntimeError in Python) naming the kernel's launch site and the block.
 #include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -125,6 +128,58 @@ thread_local Block* t_block = nullptr;
 thread_local int t_tid = -1;
 thread_local ThreadContext t_ctx;
 thread_local cudaError_t t_last_error = cudaSuccess;
+thread_local sigjmp_buf t_fault_jump;  // where a kernel thread lands after touching a guard page
+thread_local bool t_fault_armed = false;
+
+// ---- guarded "device" buffers: data flush against a PROT_NONE page, so a read or write past the
+// end faults; the fault in a kernel thread becomes an error of its launch, not a crash.
+struct Guarded {
+  char* base;       // mmap'd region start
+  size_t mapped;    // region bytes (data pages + one guard page)
+  char* data;       // data start (end of data == guard page start)
+  size_t bytes;
+};
+std::mutex g_guard_mu;
+std::vector<Guarded> g_guarded;
+
+std::string describe_fault(uintptr_t addr) {
+  std::lock_guard<std::mutex> lock(g_guard_mu);
+  for (const Guarded& g : g_guarded) {
+    const uintptr_t end = uintptr_t(g.data) + g.bytes;
+    if (addr >= end && addr < uintptr_t(g.base) + g.mapped) {
+      return "out-of-bounds access " + std::to_string(addr - end) + " bytes past the end of a " +
+             std::to_string(g.bytes) + "-byte buffer";
+    }
+  }
+  return "segmentation fault at address " + std::to_string(addr);
+}
+
+thread_local uintptr_t t_fault_addr = 0;
+struct sigaction g_previous_segv;
+
+void on_segv(int sig, siginfo_t* info, void* context) {
+  if (t_fault_armed) {
+    t_fault_armed = false;
+    t_fault_addr = reinterpret_cast<uintptr_t>(info->si_addr);
+    siglongjmp(t_fault_jump, 1);
+  }
+  // Not an emulated CUDA thread: the previous handler (or the default action) takes it.
+  sigaction(SIGSEGV, &g_previous_segv, nullptr);
+  (void)sig;
+  (void)context;
+}
+
+void install_segv_handler() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_previous_segv);
+  });
+}
 
 std::mutex g_launch_mu;  // one launch at a time
 std::mt19937_64 g_rng(0);
@@ -317,7 +372,15 @@ void* thread_entry(void* arg) {
       std::unique_lock<std::mutex> lock(b.mu);
       wait_until_running(b, lock, "for its warp's turn");
     }
-    b.run(b.closure);
+    if (sigsetjmp(t_fault_jump, 1) == 0) {
+      t_fault_armed = true;
+      b.run(b.closure);
+      t_fault_armed = false;
+    } else {  // the kernel touched a guard page (see Guarded)
+      const std::string what = describe_fault(t_fault_addr);
+      std::lock_guard<std::mutex> lock(b.mu);
+      set_error(b, "thread " + std::to_string(start.tid) + ": " + what);
+    }
   } catch (const KernelAbort&) {
   } catch (const std::exception& e) {
     std::lock_guard<std::mutex> lock(b.mu);
@@ -326,6 +389,7 @@ void* thread_entry(void* arg) {
     std::lock_guard<std::mutex> lock(b.mu);
     set_error(b, "unknown exception in thread " + std::to_string(start.tid));
   }
+  t_fault_armed = false;
   std::lock_guard<std::mutex> lock(b.mu);
   Lane& me = b.lanes[start.tid];
   if (me.state == LaneState::kRunning) --b.running;
@@ -517,6 +581,7 @@ void launch_grid(const LaunchConfig& config, void (*run)(void*), void* closure) 
     t_last_error = cudaErrorInvalidConfiguration;  // what the CUDA runtime reports
     return;
   }
+  install_segv_handler();
   if (!g_seeded) {
     g_rng.seed(uint64_t(env_double("CUEMU_SEED", 0)));
     g_seeded = true;
@@ -604,6 +669,33 @@ __attribute__((visibility("default"))) void cuemu_set_seed(uint64_t seed) {
   std::lock_guard<std::mutex> lock(cuemu::g_launch_mu);
   cuemu::g_rng.seed(seed);
   cuemu::g_seeded = true;
+}
+// A buffer of `bytes` whose end touches a PROT_NONE page (for test inputs); nullptr on failure.
+__attribute__((visibility("default"))) void* cuemu_alloc_guarded(size_t bytes) {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  const size_t data_pages = (bytes + page - 1) / page;
+  const size_t mapped = (data_pages + 1) * page;
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return nullptr;
+  char* guard = static_cast<char*>(base) + data_pages * page;
+  if (mprotect(guard, page, PROT_NONE) != 0) {
+    munmap(base, mapped);
+    return nullptr;
+  }
+  char* data = guard - bytes;
+  std::lock_guard<std::mutex> lock(cuemu::g_guard_mu);
+  cuemu::g_guarded.push_back(cuemu::Guarded{static_cast<char*>(base), mapped, data, bytes});
+  return data;
+}
+__attribute__((visibility("default"))) void cuemu_free_guarded(void* data) {
+  std::lock_guard<std::mutex> lock(cuemu::g_guard_mu);
+  for (size_t i = 0; i < cuemu::g_guarded.size(); ++i) {
+    if (cuemu::g_guarded[i].data == data) {
+      munmap(cuemu::g_guarded[i].base, cuemu::g_guarded[i].mapped);
+      cuemu::g_guarded.erase(cuemu::g_guarded.begin() + long(i));
+      return;
+    }
+  }
 }
 __attribute__((visibility("default"))) void cuemu_stats(uint64_t* out) {
   out[0] = cuemu::g_launches.load();

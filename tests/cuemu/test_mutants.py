@@ -3,7 +3,8 @@
 Each mutant is ``csrc/`` with one textual change, built like the real module (only the changed
 file recompiles: objects are cached by the headers each file includes) and run on a case of the
 correct-kernel tests. "Caught" means: wrong numbers against the fp64 reference, or an emulator
-error naming the broken intrinsic.
+error naming the broken intrinsic or the out-of-bounds access (inputs sit in guarded memory
+whose end touches a PROT_NONE page).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def _token_case(rows, V, seed=0):
 def token_logprobs_agrees(rows, V):
     """True when forward and backward match the fp64 reference (the correct kernels pass this)."""
     logits, labels = _token_case(rows, V)
+    logits, labels = emulator.device(logits), emulator.device(labels)
     logp, row_max, log_sum, ent = _cuda_backend.token_logprobs_forward(logits, labels, 1.0, -100)
     g = torch.ones(rows)
     grad = _cuda_backend.token_logprobs_backward(logits, labels, row_max, log_sum, ent, g, g, 1.0, -100)
@@ -38,15 +40,13 @@ def token_logprobs_agrees(rows, V):
 
 
 def gae_agrees(B, T):
-    """GAE on inputs whose buffers continue past [B, T] (so a read past a row end stays inside memory
-    and shows as wrong numbers rather than a crash)."""
+    """GAE vs the reference, inputs in guarded memory (a read past their end fails the launch)."""
     g = torch.Generator().manual_seed(0)
-    pad = 2048
-    rewards = torch.randn(B * T + pad, generator=g)[: B * T].view(B, T)
-    values = torch.randn(B * T + pad, generator=g)[: B * T].view(B, T)
-    mask = torch.ones(B * T + pad)[: B * T].view(B, T)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    mask = torch.ones(B, T)
     mask[:, T // 2] = 0
-    adv, ret = _cuda_backend.gae_cuda(rewards, values, mask, 0.99, 0.95)
+    dev = emulator.device
+    adv, ret = _cuda_backend.gae_cuda(dev(rewards), dev(values), dev(mask), 0.99, 0.95)
     ref_adv, ref_ret = gae_reference(rewards.double(), values.double(), mask, gamma=0.99, lam=0.95)
     return torch.allclose(adv.double(), ref_adv, atol=1e-4) and torch.allclose(ret.double(), ref_ret, atol=1e-4)
 
@@ -65,10 +65,10 @@ MUTANTS = [
      lambda: token_logprobs_agrees(3, 20), r"__shfl_xor_sync at csrc/softmax.cuh:\d+ .*(has exited|exited instead)"),
     ("tail loop reads one element past the row", "token_logprobs.cu",
      "for (int64_t i = tail_start + lane; i < V; i += GROUP)", "for (int64_t i = tail_start + lane; i <= V; i += GROUP)",
-     lambda: token_logprobs_agrees(4, 1001), None),
+     lambda: token_logprobs_agrees(4, 1001), r"out-of-bounds access 0 bytes past the end of a 16016-byte buffer"),
     ("GAE scan without its range guard", "gae.cu",
      "valid[j] = t < T && m[t] != 0.f;", "valid[j] = m[t] != 0.f;",
-     lambda: gae_agrees(3, 37), None),
+     lambda: gae_agrees(3, 37), r"out-of-bounds access \d+ bytes past the end of a 444-byte buffer"),
 ]  # fmt: skip
 
 
@@ -87,20 +87,26 @@ def mutant_builds():
 @pytest.fixture
 def on_emulator():
     _utils.allow_cuda_backend_on_cpu(True)
-    yield
+    installed = []
+    yield installed
+    for emu in installed:
+        emu.free_device()
+    emulator.activate(None)
     _cuda_backend.install_emulated_extension(None)
     _utils.allow_cuda_backend_on_cpu(False)
 
 
-def _install(path):
+def _install(path, installed):
     emu = emulator.load(path)
     emu.set_seed(0)
     _cuda_backend.install_emulated_extension(emu.module)
+    emulator.activate(emu)
+    installed.append(emu)
 
 
 @pytest.mark.parametrize("name,file,old,new,agrees,error", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_mutant_is_caught(mutant_builds, on_emulator, name, file, old, new, agrees, error):
-    _install(mutant_builds[name])
+    _install(mutant_builds[name], on_emulator)
     if error is None:
         assert not agrees(), f"mutant not caught: {name}"
     else:
@@ -110,7 +116,7 @@ def test_mutant_is_caught(mutant_builds, on_emulator, name, file, old, new, agre
 
 def test_the_same_checks_pass_on_the_real_kernels(on_emulator):
     try:
-        _install(emulator.build())
+        _install(emulator.build(), on_emulator)
     except emulator.EmulatorUnavailable as exc:
         pytest.skip(str(exc))
     for *_, agrees, _error in MUTANTS:
