@@ -18,6 +18,7 @@ stream call is made; the validation and launch arithmetic here are the same code
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -105,20 +106,9 @@ def _device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-class _on_device:
+def _on_device(device: torch.device):
     """``torch.cuda.device(device)`` on a GPU; nothing in emulated mode."""
-
-    def __init__(self, device: torch.device):
-        self._guard = None if _emulated(device) else torch.cuda.device(device)
-
-    def __enter__(self):
-        if self._guard is not None:
-            self._guard.__enter__()
-
-    def __exit__(self, *exc):
-        if self._guard is not None:
-            return self._guard.__exit__(*exc)
-        return False
+    return contextlib.nullcontext() if _emulated(device) else torch.cuda.device(device)
 
 
 # ---------------------------------------------------------------------------------------------

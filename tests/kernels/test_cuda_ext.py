@@ -10,8 +10,10 @@ backend, plus gather_last and GAE against plain PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -401,7 +403,7 @@ def test_extension_is_called_by_keyword(monkeypatch):
 
     monkeypatch.setattr(_cuda_backend, "_ready", lambda device: (Recorder(), 0))
     monkeypatch.setattr(_cuda_backend, "_check_cuda_devices", lambda **t: torch.device("cpu"))
-    monkeypatch.setattr(_cuda_backend, "_on_device", lambda device: __import__("contextlib").nullcontext())
+    monkeypatch.setattr(_cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(_cuda_backend, "_device_index", lambda device: 0)
     logits, labels = _logits(), torch.zeros(6, dtype=torch.int64)
     _, mx, ls, ent = _cuda_backend.token_logprobs_forward(logits, labels, 1.0, -100)
@@ -413,7 +415,7 @@ def test_extension_is_called_by_keyword(monkeypatch):
     for name, (args, kwargs) in calls.items():
         assert args == (), f"{name} called with positional arguments"
         declared = bindings[bindings.index(f'm.def("{name}"'):].split(";")[0]
-        assert list(kwargs) == [a for a in __import__("re").findall(r'"(\w+)"_a', declared)], name
+        assert list(kwargs) == re.findall(r'"(\w+)"_a', declared), name
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised when no GPU is present")
