@@ -39,6 +39,9 @@ const ThreadContext& this_thread();
 
 void syncthreads(const char* file, int line);
 
+// __launch_bounds__(max_threads), checked at the top of the kernel body (rewrite).
+void check_launch_bounds(long long max_threads, const char* file, int line);
+
 enum class WarpOp : int { kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kSyncwarp };
 
 // One warp collective: every lane named in `mask` must arrive with the same op, mask and width;

@@ -68,14 +68,42 @@ def _rewrite_shared(match: re.Match) -> str:
     return f"static {match.group('type')} {match.group('decls')}; {init}"
 
 
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at ``text[start] == "("``."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise ValueError("cuemu: unbalanced parentheses")
+
+
+def _rewrite_launch_bounds(text: str, original: str) -> str:
+    """``__launch_bounds__(N)`` is kept as a check at the top of the kernel body (a launch with
+    more threads fails on a GPU: too many resources requested)."""
+    out, pos = [], 0
+    while (at := text.find("__launch_bounds__", pos)) >= 0:
+        open_paren = text.index("(", at)
+        close = _balanced(text, open_paren)
+        bound = text[open_paren + 1 : close - 1]
+        params = text.index("(", close)
+        body = text.index("{", _balanced(text, params))
+        out += [text[pos:at], " " * (close - at), text[close : body + 1],
+                f" ::cuemu::check_launch_bounds(({bound}), __FILE__, __LINE__);"]  # fmt: skip
+        pos = body + 1
+    return "".join(out) + text[pos:]
+
+
 def rewrite_source(text: str, original: str) -> str:
     """The emulator's copy of one csrc file: ``K<<<cfg>>>(args)`` becomes
     ``K ->* ::cuemu::LaunchConfig(cfg)(args)``; each ``__shared__`` array becomes a static plus a
-    per-block initialisation. Everything stays on its line; ``#line 1`` names the original."""
+    per-block initialisation; ``__launch_bounds__(N)`` a check at the top of the kernel body.
+    Everything stays on its line; ``#line 1`` names the original."""
     if "extern __shared__" in text:
         raise ValueError(f"cuemu: dynamic shared memory (extern __shared__) in {original} is not emulated")
     out = text.replace("<<<", " ->* ::cuemu::LaunchConfig(").replace(">>>", ")")
     out = _SHARED_DECL.sub(_rewrite_shared, out)
+    out = _rewrite_launch_bounds(out, original)
     if "__shared__" in out:
         line = out[: out.index("__shared__")].count("\n") + 1
         raise ValueError(f"cuemu: cannot rewrite the __shared__ declaration at {original}:{line}")
@@ -283,12 +311,17 @@ def load(path: Path) -> Emulated:
     spec = importlib.util.spec_from_file_location(f"cuemu_{path.parent.name.replace('-', '_')}._C", str(path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    runtime = ctypes.CDLL(str(path))  # the same loaded image: same runtime state
+    return Emulated(module, path, runtime_of(path))
+
+
+def runtime_of(path: Path) -> ctypes.CDLL:
+    """The runtime's C control functions in a built module (the same loaded image, same state)."""
+    runtime = ctypes.CDLL(str(path))
     runtime.cuemu_set_seed.argtypes = [ctypes.c_uint64]
     runtime.cuemu_alloc_guarded.argtypes = [ctypes.c_size_t]
     runtime.cuemu_alloc_guarded.restype = ctypes.c_void_p
     runtime.cuemu_free_guarded.argtypes = [ctypes.c_void_p]
-    return Emulated(module, path, runtime)
+    return runtime
 
 
 def mutated_sources(file: str, old: str, new: str, count: int = 1) -> dict[str, str]:

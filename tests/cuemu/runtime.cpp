@@ -469,6 +469,19 @@ const ThreadContext& this_thread() {
   return t_ctx;
 }
 
+void check_launch_bounds(long long max_threads, const char* file, int line) {
+  const ThreadContext& c = this_thread();
+  const long long threads = (long long)c.block_dim.x * c.block_dim.y * c.block_dim.z;
+  if (threads > max_threads) {
+    Block& b = *t_block;
+    std::lock_guard<std::mutex> lock(b.mu);
+    set_error(b, "a block of " + std::to_string(threads) + " threads exceeds __launch_bounds__(" +
+                     std::to_string(max_threads) + ") of the kernel at " + site(file, line) +
+                     " (on a GPU: too many resources requested for launch)");
+    throw KernelAbort{};
+  }
+}
+
 void syncthreads(const char* file, int line) {
   Block& b = *t_block;
   std::unique_lock<std::mutex> lock(b.mu);

@@ -17,10 +17,10 @@ class Probe:
     """The probe kernels' module, called through its C entry point (errors come back as RuntimeError)."""
 
     def __init__(self, path):
-        self.lib = ctypes.CDLL(str(path))
+        self.lib = emulator.runtime_of(path)
         self.lib.cuemu_probe.argtypes = [ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint,
                                          ctypes.c_char_p, ctypes.c_size_t]  # fmt: skip
-        self.lib.cuemu_set_seed.argtypes = [ctypes.c_uint64]
+        self.emulated = emulator.Emulated(None, path, self.lib)  # its guarded-memory helpers
 
     def run(self, name, out, blocks, threads):
         error = ctypes.create_string_buffer(4096)
@@ -29,6 +29,12 @@ class Probe:
 
     def set_seed(self, seed):
         self.lib.cuemu_set_seed(seed)
+
+    def device(self, t):
+        return self.emulated.device(t)
+
+    def free_device(self):
+        self.emulated.free_device()
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +87,20 @@ def test_invalid_launch_configuration_reaches_the_host_code(probe):
         run(probe, "early_exit_barrier", threads=2048, n=64)
     with pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
         run(probe, "early_exit_barrier", blocks=0, n=64)
+
+
+def test_launch_bounds_are_enforced(probe):
+    run(probe, "bounded", threads=64, n=64)
+    with pytest.raises(RuntimeError, match=r"a block of 128 threads exceeds __launch_bounds__\(64\)"):
+        run(probe, "bounded", threads=128, n=128)
+
+
+def test_read_past_the_end_of_guarded_memory_is_an_error(probe):
+    out = probe.device(torch.zeros(64, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="thread 63: out-of-bounds access 0 bytes past the end of a 256-byte buffer"):
+        probe.run("read_past_end", out.data_ptr(), 1, 64)
+    probe.run("read_past_end", out.data_ptr(), 1, 63)  # in bounds
+    probe.free_device()
 
 
 def test_barrier_counts_only_threads_that_have_not_exited(probe):

@@ -68,6 +68,10 @@ __global__ void shared_per_block(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x * 2 + 1] = buf[1];
 }
 
+__global__ void __launch_bounds__(64) bounded(int* out) { out[threadIdx.x] = 1; }
+
+__global__ void read_past_end(int* out) { out[threadIdx.x] = out[threadIdx.x + 1]; }
+
 __global__ void block_order(int* out) {
   if (threadIdx.x == 0) out[blockIdx.x + gridDim.x * blockIdx.y] = int(g_block_counter++);
 }
@@ -90,6 +94,8 @@ void probe_run(const std::string& name, uint64_t out, unsigned blocks, unsigned 
   else if (name == "two_barriers") two_barriers<<<blocks, threads>>>(i);
   else if (name == "early_exit_barrier") early_exit_barrier<<<blocks, threads>>>(i);
   else if (name == "shared_per_block") shared_per_block<<<blocks, threads>>>(reinterpret_cast<float*>(out));
+  else if (name == "bounded") bounded<<<blocks, threads>>>(i);
+  else if (name == "read_past_end") read_past_end<<<blocks, threads>>>(i);
   else if (name == "block_order") block_order<<<dim3(blocks, 2), threads>>>(i);
   else throw std::invalid_argument("no probe " + name);
   check(name.c_str());
