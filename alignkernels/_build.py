@@ -89,6 +89,20 @@ def find_nvcc() -> str | None:
     return str(default) if default.is_file() else None
 
 
+def find_cuda_include(nvcc: str | None = None) -> Path | None:
+    """The CUDA toolkit's include folder (``cuda_runtime.h``, ``cuda_bf16.h``, ...) next to nvcc."""
+    nvcc = nvcc or find_nvcc()
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if nvcc is not None:
+        homes.append(str(Path(nvcc).resolve().parent.parent))
+    homes.append("/usr/local/cuda")  # e.g. nvcc on PATH is a wrapper script elsewhere
+    for home in filter(None, homes):
+        for candidate in (Path(home) / "include", Path(home) / "targets" / "x86_64-linux" / "include"):
+            if (candidate / "cuda_runtime.h").is_file():
+                return candidate
+    return None
+
+
 def find_ninja() -> str | None:
     found = shutil.which("ninja")
     if found:
@@ -340,12 +354,14 @@ def _import_from(path: Path, register: bool = True):
     return module
 
 
-def cached_module_path(cache_dir: Path | None = None, archs=None) -> Path:
-    return (Path(cache_dir) if cache_dir else cache_root()) / build_key(archs) / f"_C{EXT_SUFFIX}"
+def cached_module_path(cache_dir: Path | None = None, archs=None, key: str | None = None) -> Path:
+    """Where the module built for ``archs`` is cached; ``key`` replaces the default hash (other
+    builders of ``_C``, e.g. the CPU emulator in ``tests/cuemu``, hash their own inputs)."""
+    return (Path(cache_dir) if cache_dir else cache_root()) / (key or build_key(archs)) / f"_C{EXT_SUFFIX}"
 
 
 def build_cached(cache_dir: Path | None = None, *, archs=None, builder: Builder | None = None,
-                 lock_timeout: float | None = None) -> tuple[Path, bool]:
+                 lock_timeout: float | None = None, key: str | None = None) -> tuple[Path, bool]:
     """Make sure the cached module exists; returns ``(path, built_here)``.
 
     ``builder(build_dir, output)`` must create the file ``output`` (default: nvcc via ninja);
@@ -354,7 +370,7 @@ def build_cached(cache_dir: Path | None = None, *, archs=None, builder: Builder 
     """
     from filelock import FileLock
 
-    artifact = cached_module_path(cache_dir, archs)
+    artifact = cached_module_path(cache_dir, archs, key)
     if artifact.is_file():
         return artifact, False
     key_dir = artifact.parent

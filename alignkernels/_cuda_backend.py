@@ -8,13 +8,23 @@ Only then is the extension loaded (built on first use, see ``alignkernels._build
 required; both failures raise ``RuntimeError`` saying what is missing.
 
 Kernels launch on ``torch.cuda.current_stream(device)``, so they order correctly with the torch
-work around them, CUDA graphs and side streams included.
+work around them, CUDA graphs and side streams included. Every call into ``_C`` passes its
+arguments by keyword (the pybind names), so two swapped addresses cannot bind and run.
+
+Emulated mode (test infrastructure, contract 4): after ``_utils.allow_cuda_backend_on_cpu(True)``
+and ``install_emulated_extension(module)`` (a host-only ``_C`` built by ``tests/cuemu``), CPU
+tensors are accepted, their data pointers stand in for device pointers, and no CUDA device or
+stream call is made; the validation and launch arithmetic here are the same code as on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
-from ._utils import as_rows
+from . import _build
+from ._utils import as_rows, cuda_backend_on_cpu_allowed
 
 _FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INDEX_CODES = {torch.int32: 0, torch.int64: 1}
@@ -29,15 +39,25 @@ _NAN_FILL = {
 }
 
 
+_EMULATED = {"module": None}  # a host-only _C from tests/cuemu, used for CPU tensors
+
+
 # ---------------------------------------------------------------------------------------------
 # Extension and device
 # ---------------------------------------------------------------------------------------------
+def install_emulated_extension(module) -> None:
+    """Use ``module`` (a host-built ``_C`` running the kernels on the CUDA emulator of
+    ``tests/cuemu``) for CPU tensors while ``_utils.allow_cuda_backend_on_cpu(True)``; ``None``
+    removes it. Test infrastructure only."""
+    _EMULATED["module"] = module
+
+
+def _emulated(device: torch.device) -> bool:
+    return device.type == "cpu" and cuda_backend_on_cpu_allowed()
+
+
 def extension():
     """The loaded ``alignkernels._C`` module (built on first use). ``RuntimeError`` if impossible."""
-    import os
-
-    from . import _build
-
     archs = None
     if not os.environ.get("ALIGNKERNELS_CUDA_ARCHS") and torch.cuda.is_available():
         # A GPU the default targets cannot run (e.g. sm_75) gets its own SASS in the cached build.
@@ -67,6 +87,13 @@ def is_available() -> bool:
 
 def _ready(device: torch.device):
     """Extension + GPU check, done after argument validation; returns (module, stream handle)."""
+    if _emulated(device):
+        if _EMULATED["module"] is None:
+            raise RuntimeError(
+                "backend='cuda' on CPU tensors runs the CUDA emulator: build one with tests/cuemu and pass it to "
+                "_cuda_backend.install_emulated_extension"
+            )
+        return _EMULATED["module"], 0
     if not torch.cuda.is_available():
         raise RuntimeError("backend='cuda' needs a CUDA GPU, and torch.cuda.is_available() is False")
     ext = extension()
@@ -74,7 +101,14 @@ def _ready(device: torch.device):
 
 
 def _device_index(device: torch.device) -> int:
+    if _emulated(device):
+        return 0
     return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _on_device(device: torch.device):
+    """``torch.cuda.device(device)`` on a GPU; nothing in emulated mode."""
+    return contextlib.nullcontext() if _emulated(device) else torch.cuda.device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,7 +148,7 @@ def _check_cuda_devices(**tensors):
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device.type != "cuda":
+        if t.device.type != "cuda" and not _emulated(t.device):
             raise ValueError(f"backend='cuda' needs CUDA tensors: {name} is on {t.device}")
         if device is None:
             device = t.device
@@ -156,9 +190,11 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
         ignore_index: label marking rows to skip (their logits are not read).
 
     Returns:
-        ``(logp, lse, entropy)``, fp32 ``[N]``: log-prob of the label, logsumexp of ``z`` and
-        entropy ``lse - Σ p·z``; all 0 on ignored rows; ``logp`` is NaN for a label outside
-        ``[0, V)`` (never an out-of-bounds read). Same numbers as the Triton kernels.
+        ``(logp, row_max, log_sum, entropy)``, fp32 ``[N]``: log-prob of the label
+        ``(z_label - row_max) - log_sum``, the row max of ``z``, ``log Σ e^(z - row_max)`` (so
+        ``logsumexp = row_max + log_sum``) and the entropy ``log_sum - Σp·(z - row_max)``; all 0 on
+        ignored rows; ``logp`` is NaN for a label outside ``[0, V)`` (never an out-of-bounds
+        read). Same numbers as the Triton kernels.
     """
     _check_logits(logits)
     V = logits.shape[-1]
@@ -172,34 +208,36 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
     ext, stream = _ready(device)
     rows, n_rows, rows_per_outer, stride_outer, stride_inner = _logits_rows(logits)
     logp = torch.empty(n_rows, dtype=torch.float32, device=device)
-    lse = torch.empty_like(logp)
-    entropy = torch.empty_like(logp)
+    row_max, log_sum, entropy = torch.empty_like(logp), torch.empty_like(logp), torch.empty_like(logp)
     if n_rows:
-        with torch.cuda.device(device):
+        with _on_device(device):
             ext.token_logprobs_forward(
-                rows.data_ptr(), _FLOAT_CODES[rows.dtype], labels.data_ptr(), _INDEX_CODES[labels.dtype],
-                logp.data_ptr(), lse.data_ptr(), entropy.data_ptr(),
-                n_rows, V, rows_per_outer, stride_outer, stride_inner,
-                1.0 / temperature, int(ignore_index), _device_index(device), stream,
+                logits=rows.data_ptr(), logits_dtype=_FLOAT_CODES[rows.dtype],
+                labels=labels.data_ptr(), labels_dtype=_INDEX_CODES[labels.dtype],
+                logp=logp.data_ptr(), row_max=row_max.data_ptr(), log_sum=log_sum.data_ptr(),
+                entropy=entropy.data_ptr(), n_rows=n_rows, vocab=V, rows_per_outer=rows_per_outer,
+                stride_outer=stride_outer, stride_inner=stride_inner, inv_temperature=1.0 / temperature,
+                ignore_index=int(ignore_index), device=_device_index(device), stream=stream,
             )  # fmt: skip
-    return logp, lse, entropy
+    return logp, row_max, log_sum, entropy
 
 
-def token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature: float,
-                            ignore_index: int):
+def token_logprobs_backward(logits, labels, row_max, log_sum, entropy, grad_logp, grad_entropy,
+                            temperature: float, ignore_index: int):
     """Backward of ``token_logprobs``: ``grad_logits`` (contiguous, shape and dtype of ``logits``).
 
-    ``dlogits_i = [g_logp (onehot_i - p_i) - g_H p_i (z_i - Σp·z)] / T`` with ``p = exp(z - lse)``
-    and ``Σp·z = lse - entropy`` (``lse``, ``entropy``: fp32 ``[N]`` from the forward). Either
-    upstream gradient may be ``None`` (zero); ignored rows get a zero gradient.
+    ``dlogits_i = [g_logp (onehot_i - p_i) - g_H p_i (z_i - Σp·z)] / T`` with
+    ``p = exp((z - row_max) - log_sum)`` and ``z - Σp·z = (z - row_max) - (log_sum - entropy)``
+    (``row_max``, ``log_sum``, ``entropy``: fp32 ``[N]`` from the forward), never from one fp32
+    logsumexp. Either upstream gradient may be ``None`` (zero); ignored rows get a zero gradient.
     """
     _check_logits(logits)
     V = logits.shape[-1]
     n_rows = logits.numel() // V
     _check_index("labels", labels)
     _check_flat("labels", labels, n_rows)
-    _check_flat("lse", lse, n_rows, torch.float32)
-    _check_flat("entropy", entropy, n_rows, torch.float32)
+    for name, t in (("row_max", row_max), ("log_sum", log_sum), ("entropy", entropy)):
+        _check_flat(name, t, n_rows, torch.float32)
     grads = {}
     for name, g in (("grad_logp", grad_logp), ("grad_entropy", grad_entropy)):
         if g is not None:
@@ -209,7 +247,7 @@ def token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entrop
             g = g.reshape(n_rows).to(torch.float32).contiguous()  # no copy for the usual fp32 [N]
         grads[name] = g
     device = _check_cuda_devices(
-        logits=logits, labels=labels, lse=lse, entropy=entropy,
+        logits=logits, labels=labels, row_max=row_max, log_sum=log_sum, entropy=entropy,
         grad_logp=grads["grad_logp"], grad_entropy=grads["grad_entropy"],
     )  # fmt: skip
     temperature = float(temperature)
@@ -218,15 +256,16 @@ def token_logprobs_backward(logits, labels, lse, entropy, grad_logp, grad_entrop
     grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=device)
     if n_rows:
         g_logp, g_entropy = grads["grad_logp"], grads["grad_entropy"]
-        with torch.cuda.device(device):
+        with _on_device(device):
             ext.token_logprobs_backward(
-                rows.data_ptr(), _FLOAT_CODES[rows.dtype], labels.data_ptr(), _INDEX_CODES[labels.dtype],
-                lse.data_ptr(), entropy.data_ptr(),
-                g_logp.data_ptr() if g_logp is not None else 0,
-                g_entropy.data_ptr() if g_entropy is not None else 0,
-                grad_logits.data_ptr(),
-                n_rows, V, rows_per_outer, stride_outer, stride_inner,
-                1.0 / temperature, int(ignore_index), _device_index(device), stream,
+                logits=rows.data_ptr(), logits_dtype=_FLOAT_CODES[rows.dtype],
+                labels=labels.data_ptr(), labels_dtype=_INDEX_CODES[labels.dtype],
+                row_max=row_max.data_ptr(), log_sum=log_sum.data_ptr(), entropy=entropy.data_ptr(),
+                grad_logp=g_logp.data_ptr() if g_logp is not None else 0,
+                grad_entropy=g_entropy.data_ptr() if g_entropy is not None else 0,
+                grad_logits=grad_logits.data_ptr(), n_rows=n_rows, vocab=V, rows_per_outer=rows_per_outer,
+                stride_outer=stride_outer, stride_inner=stride_inner, inv_temperature=1.0 / temperature,
+                ignore_index=int(ignore_index), device=_device_index(device), stream=stream,
             )  # fmt: skip
     return grad_logits
 
@@ -274,11 +313,12 @@ def gather_last_cuda(x: torch.Tensor, index: torch.Tensor, *, check_index: bool 
     ext, stream = _ready(device)
     out = torch.empty((B, *feature), dtype=x.dtype, device=device)
     if B and row_elems:
-        with torch.cuda.device(device):
+        with _on_device(device):
             ext.gather_last(
-                x.data_ptr(), x.element_size(), index.data_ptr(), _INDEX_CODES[index.dtype], out.data_ptr(),
-                B, T, row_elems, x.stride(0), x.stride(1), _NAN_FILL.get(x.dtype, 0),
-                _device_index(device), stream,
+                x=x.data_ptr(), elem_size=x.element_size(), index=index.data_ptr(),
+                index_dtype=_INDEX_CODES[index.dtype], out=out.data_ptr(), batch=B, seq_len=T,
+                row_elems=row_elems, stride_batch=x.stride(0), stride_seq=x.stride(1),
+                fill_bits=_NAN_FILL.get(x.dtype, 0), device=_device_index(device), stream=stream,
             )  # fmt: skip
     return out
 
@@ -333,9 +373,10 @@ def gae_cuda(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
     returns = torch.empty_like(advantages)
     B, T = shape
     if B and T:
-        with torch.cuda.device(device):
+        with _on_device(device):
             ext.gae(
-                r.data_ptr(), v.data_ptr(), m.data_ptr(), advantages.data_ptr(), returns.data_ptr(),
-                B, T, gamma, lam, _device_index(device), stream,
+                rewards=r.data_ptr(), values=v.data_ptr(), mask=m.data_ptr(), advantages=advantages.data_ptr(),
+                returns=returns.data_ptr(), batch=B, seq_len=T, gamma=gamma, lam=lam,
+                device=_device_index(device), stream=stream,
             )  # fmt: skip
     return advantages, returns

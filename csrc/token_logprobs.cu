@@ -3,16 +3,16 @@
 //
 // Memory model: bandwidth-bound, like the Triton kernels in kernels/token_logprobs.py (same
 // numbers, same contract). Forward reads each logit of a non-ignored row once (N·V·b bytes) and
-// writes 12 bytes per row; backward reads each logit once and writes its gradient once. Ignored
+// writes 16 bytes per row (logp, row_max, log_sum, entropy); backward reads each logit once and writes its gradient once. Ignored
 // rows are not read at all (backward only writes their zero gradient). Per element: one exp.
 //
 // Work split: a group of THREADS_PER_ROW threads owns one row: a warp (4 rows per 128-thread
 // block) for V <= 2048, a whole block of 256 or 512 threads beyond. Each thread walks its
-// strided share of the row with 16-byte loads (UNROLL packs in flight), keeping the online
-// state (m, s, t) of common.cuh; the group then merges the states by shuffles (+ shared memory
+// strided share of the row with 16-byte loads (UNROLL packs in flight), keeping the centred
+// online state (m, s, t) of softmax.cuh; the group then merges the states by shuffles (+ shared memory
 // across warps). Offsets are int64 throughout (N·V passes 2^31 at 16k tokens x 152k vocab).
 
-#include "common.cuh"
+#include "softmax.cuh"
 
 namespace alignkernels {
 namespace {
@@ -37,12 +37,12 @@ __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V
   const int64_t tail_start = head + n_packs * kVec;
   // Unaligned head and ragged tail (< kVec elements each), element by element.
   for (int64_t i = lane; i < head; i += GROUP) {
-    const float z[1] = {to_float(row[i]) * inv_temperature};
-    stats_add(st, z);
+    const float x[1] = {to_float(row[i])};
+    stats_add(st, x, inv_temperature);
   }
   for (int64_t i = tail_start + lane; i < V; i += GROUP) {
-    const float z[1] = {to_float(row[i]) * inv_temperature};
-    stats_add(st, z);
+    const float x[1] = {to_float(row[i])};
+    stats_add(st, x, inv_temperature);
   }
   const T* body = row + head;  // 16-byte aligned
   for (int64_t p0 = lane; p0 < n_packs; p0 += int64_t(GROUP) * kUnroll) {
@@ -52,16 +52,16 @@ __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V
       const int64_t p = p0 + int64_t(u) * GROUP;
       if (p < n_packs) packs[u] = load_pack(body + p * kVec);
     }
-    float z[kUnroll * kVec];
+    float x[kUnroll * kVec];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const bool in_row = p0 + int64_t(u) * GROUP < n_packs;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        z[u * kVec + k] = in_row ? to_float(packs[u].v[k]) * inv_temperature : -INFINITY;
+        x[u * kVec + k] = in_row ? to_float(packs[u].v[k]) : -INFINITY;
       }
     }
-    stats_add(st, z);
+    stats_add(st, x, inv_temperature);
   }
   return st;
 }
@@ -69,8 +69,8 @@ __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V
 template <typename T, int THREADS_PER_ROW, int ROWS_PER_BLOCK>
 __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, const void* __restrict__ labels, bool labels_int64,
-                              float* __restrict__ logp,
-                              float* __restrict__ lse_out, float* __restrict__ entropy_out, int64_t n_rows,
+                              float* __restrict__ logp, float* __restrict__ row_max_out,
+                              float* __restrict__ log_sum_out, float* __restrict__ entropy_out, int64_t n_rows,
                               int64_t V, int64_t rows_per_outer, int64_t stride_outer, int64_t stride_inner,
                               float inv_temperature, int64_t ignore_index) {
   static_assert(ROWS_PER_BLOCK == 1 || THREADS_PER_ROW == 32, "several rows per block means one warp per row");
@@ -82,7 +82,8 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     // Ignored rows (prompt, padding) skip the vocabulary walk entirely: zero bytes read.
     if (lane == 0) {
       logp[row] = 0.f;
-      lse_out[row] = 0.f;
+      row_max_out[row] = 0.f;
+      log_sum_out[row] = 0.f;
       entropy_out[row] = 0.f;
     }
     return;
@@ -95,36 +96,20 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     st = stats_block_reduce<THREADS_PER_ROW>(st);
   }
   if (lane != 0) return;
-  const float lse = st.m + logf(st.s);
-  const float entropy = lse - st.t / st.s;  // H = lse - Σ p·z
+  const RowSoftmax soft = finalize(st);
   // A label outside [0, V) (only possible with the range check disabled) yields NaN, never an
   // out-of-bounds read.
-  const float z_label = (label >= 0 && label < V) ? to_float(row_ptr[label]) * inv_temperature : NAN;
-  logp[row] = z_label - lse;
-  lse_out[row] = lse;
-  entropy_out[row] = entropy;
+  logp[row] = (label >= 0 && label < V) ? log_prob(soft, to_float(row_ptr[label]), inv_temperature) : NAN;
+  row_max_out[row] = soft.row_max;
+  log_sum_out[row] = soft.log_sum;
+  entropy_out[row] = soft.entropy;
 }
-
-// d logp / dz_i = onehot_i - p_i
-// d H    / dz_i = -p_i (z_i - Σ p·z)
-// dz_i = g_logp (onehot_i - p_i) - g_H p_i (z_i - Σ p·z);   d logits_i = dz_i / T
-struct GradCoefficients {
-  float lse, mean_z, g_logp, g_entropy, inv_temperature;
-  int64_t label;
-
-  __device__ __forceinline__ float grad(float x, int64_t col) const {
-    const float z = x * inv_temperature;
-    const float p = __expf(z - lse);
-    float dz = -p * (g_logp + g_entropy * (z - mean_z));
-    if (col == label) dz += g_logp;
-    return dz * inv_temperature;
-  }
-};
 
 template <typename T, int THREADS_PER_ROW, int ROWS_PER_BLOCK>
 __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     token_logprobs_bwd_kernel(const T* __restrict__ logits, const void* __restrict__ labels, bool labels_int64,
-                              const float* __restrict__ lse, const float* __restrict__ entropy,
+                              const float* __restrict__ row_max, const float* __restrict__ log_sum,
+                              const float* __restrict__ entropy,
                               const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
                               T* __restrict__ grad_logits, int64_t n_rows, int64_t V, int64_t rows_per_outer,
                               int64_t stride_outer, int64_t stride_inner, float inv_temperature,
@@ -151,13 +136,9 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
   }
 
   const T* row_ptr = logits + row_offset(row, rows_per_outer, stride_outer, stride_inner);
-  GradCoefficients c;
-  c.lse = lse[row];
-  c.mean_z = c.lse - entropy[row];  // Σ p·z = lse - H
-  c.g_logp = grad_logp != nullptr ? grad_logp[row] : 0.f;
-  c.g_entropy = grad_entropy != nullptr ? grad_entropy[row] : 0.f;
-  c.inv_temperature = inv_temperature;
-  c.label = label;
+  const SoftmaxGrad c(RowSoftmax{row_max[row], log_sum[row], entropy[row]},
+                      grad_logp != nullptr ? grad_logp[row] : 0.f, grad_entropy != nullptr ? grad_entropy[row] : 0.f,
+                      inv_temperature, label);
 
   // Packs need the input and the output row at the same offset from a 16-byte boundary (always
   // true for contiguous logits with V % kVec == 0); otherwise the whole row goes element-wise.
@@ -216,7 +197,8 @@ struct ForwardLaunch {
   const void* labels;
   bool labels_int64;
   float* logp;
-  float* lse;
+  float* row_max;
+  float* log_sum;
   float* entropy;
   int64_t n_rows, V, rows_per_outer, stride_outer, stride_inner;
   float inv_temperature;
@@ -226,7 +208,7 @@ struct ForwardLaunch {
   template <typename T, int TPR, int RPB>
   void launch() const {
     token_logprobs_fwd_kernel<T, TPR, RPB><<<grid_for<TPR, RPB>(n_rows), TPR * RPB, 0, stream>>>(
-        static_cast<const T*>(logits), labels, labels_int64, logp, lse, entropy, n_rows, V, rows_per_outer,
+        static_cast<const T*>(logits), labels, labels_int64, logp, row_max, log_sum, entropy, n_rows, V, rows_per_outer,
         stride_outer, stride_inner, inv_temperature, ignore_index);
   }
 };
@@ -235,7 +217,8 @@ struct BackwardLaunch {
   const void* logits;
   const void* labels;
   bool labels_int64;
-  const float* lse;
+  const float* row_max;
+  const float* log_sum;
   const float* entropy;
   const float* grad_logp;
   const float* grad_entropy;
@@ -248,7 +231,7 @@ struct BackwardLaunch {
   template <typename T, int TPR, int RPB>
   void launch() const {
     token_logprobs_bwd_kernel<T, TPR, RPB><<<grid_for<TPR, RPB>(n_rows), TPR * RPB, 0, stream>>>(
-        static_cast<const T*>(logits), labels, labels_int64, lse, entropy, grad_logp, grad_entropy,
+        static_cast<const T*>(logits), labels, labels_int64, row_max, log_sum, entropy, grad_logp, grad_entropy,
         static_cast<T*>(grad_logits), n_rows, V, rows_per_outer, stride_outer, stride_inner, inv_temperature,
         ignore_index);
   }
@@ -302,7 +285,7 @@ void check_rows(int64_t n_rows, int64_t V, int64_t rows_per_outer) {
 }  // namespace
 
 void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype, uint64_t logp,
-                            uint64_t lse, uint64_t entropy, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
+                            uint64_t row_max, uint64_t log_sum, uint64_t entropy, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
                             int64_t stride_outer, int64_t stride_inner, double inv_temperature, int64_t ignore_index,
                             int device, uint64_t stream) {
   check_rows(n_rows, vocab, rows_per_outer);
@@ -310,15 +293,15 @@ void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, 
   DeviceGuard guard(device);
   const ForwardLaunch launcher{reinterpret_cast<const void*>(logits), reinterpret_cast<const void*>(labels),
                                labels_are_int64(labels_dtype),
-                               reinterpret_cast<float*>(logp), reinterpret_cast<float*>(lse),
-                               reinterpret_cast<float*>(entropy), n_rows, vocab, rows_per_outer, stride_outer,
+                               reinterpret_cast<float*>(logp), reinterpret_cast<float*>(row_max),
+                               reinterpret_cast<float*>(log_sum), reinterpret_cast<float*>(entropy), n_rows, vocab, rows_per_outer, stride_outer,
                                stride_inner, static_cast<float>(inv_temperature), ignore_index, as_stream(stream)};
   dispatch(logits_dtype, vocab, launcher);
   check_cuda(cudaGetLastError(), "token_logprobs forward launch");
 }
 
-void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype, uint64_t lse,
-                             uint64_t entropy, uint64_t grad_logp, uint64_t grad_entropy, uint64_t grad_logits,
+void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype,
+                             uint64_t row_max, uint64_t log_sum, uint64_t entropy, uint64_t grad_logp, uint64_t grad_entropy, uint64_t grad_logits,
                              int64_t n_rows, int64_t vocab, int64_t rows_per_outer, int64_t stride_outer,
                              int64_t stride_inner, double inv_temperature, int64_t ignore_index, int device,
                              uint64_t stream) {
@@ -327,7 +310,8 @@ void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels,
   DeviceGuard guard(device);
   const BackwardLaunch launcher{reinterpret_cast<const void*>(logits), reinterpret_cast<const void*>(labels),
                                 labels_are_int64(labels_dtype),
-                                reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(entropy),
+                                reinterpret_cast<const float*>(row_max), reinterpret_cast<const float*>(log_sum),
+                                reinterpret_cast<const float*>(entropy),
                                 reinterpret_cast<const float*>(grad_logp), reinterpret_cast<const float*>(grad_entropy),
                                 reinterpret_cast<void*>(grad_logits), n_rows, vocab, rows_per_outer, stride_outer,
                                 stride_inner, static_cast<float>(inv_temperature), ignore_index, as_stream(stream)};

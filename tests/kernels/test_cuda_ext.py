@@ -10,8 +10,10 @@ backend, plus gather_last and GAE against plain PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -349,18 +351,20 @@ def test_token_logprobs_validation():
 
 def test_token_logprobs_backward_validation():
     logits, labels = _logits(), torch.zeros(6, dtype=torch.int64)
-    lse, ent, g = torch.zeros(6), torch.zeros(6), torch.ones(6)
+    mx, ls, ent, g = torch.zeros(6), torch.zeros(6), torch.zeros(6), torch.ones(6)
     bwd = _cuda_backend.token_logprobs_backward
-    with pytest.raises(TypeError, match="lse must be torch.float32"):
-        bwd(logits, labels, lse.half(), ent, g, None, 1.0, -100)
+    with pytest.raises(TypeError, match="row_max must be torch.float32"):
+        bwd(logits, labels, mx.half(), ls, ent, g, None, 1.0, -100)
+    with pytest.raises(ValueError, match=r"log_sum must have shape \(6,\)"):
+        bwd(logits, labels, mx, torch.zeros(5), ent, g, None, 1.0, -100)
     with pytest.raises(ValueError, match=r"entropy must have shape \(6,\)"):
-        bwd(logits, labels, lse, torch.zeros(7), g, None, 1.0, -100)
+        bwd(logits, labels, mx, ls, torch.zeros(7), g, None, 1.0, -100)
     with pytest.raises(ValueError, match="grad_logp must have 6 elements"):
-        bwd(logits, labels, lse, ent, torch.ones(5), None, 1.0, -100)
+        bwd(logits, labels, mx, ls, ent, torch.ones(5), None, 1.0, -100)
     with pytest.raises(TypeError, match="grad_entropy must have dtype"):
-        bwd(logits, labels, lse, ent, None, torch.ones(6, dtype=torch.int32), 1.0, -100)
+        bwd(logits, labels, mx, ls, ent, None, torch.ones(6, dtype=torch.int32), 1.0, -100)
     with pytest.raises(ValueError, match="CUDA tensors: logits is on cpu"):
-        bwd(logits, labels, lse, ent, g, None, 1.0, -100)
+        bwd(logits, labels, mx, ls, ent, g, None, 1.0, -100)
 
 
 def test_gather_last_and_gae_validation():
@@ -384,6 +388,34 @@ def test_gather_last_and_gae_validation():
         _cuda_backend.gae_cuda(r, v.double(), m)
     with pytest.raises(ValueError, match="CUDA tensors: rewards is on cpu"):
         _cuda_backend.gae_cuda(r, v, m)
+
+
+def test_extension_is_called_by_keyword(monkeypatch):
+    """#14: every call into _C names its arguments (pybind names), so swapped addresses cannot bind."""
+    calls = {}
+
+    class Recorder:
+        def __getattr__(self, name):
+            def record(*args, **kwargs):
+                calls[name] = (args, kwargs)
+
+            return record
+
+    monkeypatch.setattr(_cuda_backend, "_ready", lambda device: (Recorder(), 0))
+    monkeypatch.setattr(_cuda_backend, "_check_cuda_devices", lambda **t: torch.device("cpu"))
+    monkeypatch.setattr(_cuda_backend, "_on_device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(_cuda_backend, "_device_index", lambda device: 0)
+    logits, labels = _logits(), torch.zeros(6, dtype=torch.int64)
+    _, mx, ls, ent = _cuda_backend.token_logprobs_forward(logits, labels, 1.0, -100)
+    _cuda_backend.token_logprobs_backward(logits, labels, mx, ls, ent, torch.ones(6), None, 1.0, -100)
+    _cuda_backend.gather_last_cuda(torch.randn(3, 5, 4), torch.zeros(3, dtype=torch.int64))
+    _cuda_backend.gae_cuda(torch.randn(2, 6), torch.randn(2, 6), torch.ones(2, 6))
+    assert set(calls) == {"token_logprobs_forward", "token_logprobs_backward", "gather_last", "gae"}
+    bindings = (REPO / "csrc" / "bindings.cpp").read_text()
+    for name, (args, kwargs) in calls.items():
+        assert args == (), f"{name} called with positional arguments"
+        declared = bindings[bindings.index(f'm.def("{name}"'):].split(";")[0]
+        assert list(kwargs) == re.findall(r'"(\w+)"_a', declared), name
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the error raised when no GPU is present")
@@ -462,10 +494,10 @@ def test_cuda_matches_reference_and_triton(built_extension, lead, V, sliced, dty
 @pytest.mark.parametrize("which", ["logp", "entropy"])
 def test_cuda_backward_one_output(built_extension, which):
     logits, labels = _case((3, 40), 3001, False, torch.float32)
-    lp, lse, ent = _cuda_backend.token_logprobs_forward(logits, labels.reshape(-1), 1.3, -100)
+    lp, mx, ls, ent = _cuda_backend.token_logprobs_forward(logits, labels.reshape(-1), 1.3, -100)
     g = torch.randn(lp.shape, device="cuda")
     args = (g, None) if which == "logp" else (None, g)
-    grad = _cuda_backend.token_logprobs_backward(logits, labels.reshape(-1), lse, ent, *args, 1.3, -100)
+    grad = _cuda_backend.token_logprobs_backward(logits, labels.reshape(-1), mx, ls, ent, *args, 1.3, -100)
     x = logits.detach().requires_grad_(True)
     from alignkernels.reference import token_logprobs_reference
 
@@ -478,12 +510,12 @@ def test_cuda_backward_one_output(built_extension, which):
 def test_cuda_out_of_range_label_gives_nan_and_fully_ignored_rows(built_extension):
     logits = torch.randn(4, 100, device="cuda")
     labels = torch.tensor([3, 100, -5, -100], device="cuda")
-    lp, lse, ent = _cuda_backend.token_logprobs_forward(logits, labels, 1.0, -100)
+    lp, mx, ls, ent = _cuda_backend.token_logprobs_forward(logits, labels, 1.0, -100)
     assert torch.isfinite(lp[0]) and torch.isnan(lp[1]) and torch.isnan(lp[2]) and lp[3] == 0
-    assert torch.isfinite(ent[:3]).all() and ent[3] == 0 and lse[3] == 0
+    assert torch.isfinite(ent[:3]).all() and ent[3] == 0 and mx[3] == 0 and ls[3] == 0
     all_ignored = torch.full((4,), -100, device="cuda")
-    lp, lse, ent = _cuda_backend.token_logprobs_forward(logits, all_ignored, 1.0, -100)
-    grad = _cuda_backend.token_logprobs_backward(logits, all_ignored, lse, ent, torch.ones(4, device="cuda"),
+    lp, mx, ls, ent = _cuda_backend.token_logprobs_forward(logits, all_ignored, 1.0, -100)
+    grad = _cuda_backend.token_logprobs_backward(logits, all_ignored, mx, ls, ent, torch.ones(4, device="cuda"),
                                                  torch.ones(4, device="cuda"), 1.0, -100)  # fmt: skip
     assert (lp == 0).all() and (ent == 0).all() and (grad == 0).all()
 
