@@ -115,12 +115,12 @@ def run(make_trainer, patched):
     trainer = make_trainer()
     if patched:
         ak_trl.apply(trainer)
-    calls_before = ak_trl._Options.calls
+    calls_before = ak_trl.adapter_calls()
     trainer.train()
     if patched and not isinstance(trainer, trl.RewardTrainer):
-        assert ak_trl._Options.calls > calls_before, "the patched trainer never called the adapter"
+        assert ak_trl.adapter_calls() > calls_before, "the patched trainer never called the adapter"
     if not patched:
-        assert ak_trl._Options.calls == calls_before
+        assert ak_trl.adapter_calls() == calls_before
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     return [dict(x) for x in trainer.state.log_history], params
 
