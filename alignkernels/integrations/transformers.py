@@ -104,6 +104,11 @@ class TokenLogprobsOutput:
 
 def unwrap_model(model):
     """The ``PreTrainedModel`` under PEFT (``get_base_model``) and DDP/accelerate (``.module``) wrappers."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module (a transformers PreTrainedModel, possibly PEFT- or DDP-wrapped), "
+            f"got {type(model).__name__}"
+        )
     seen = 0
     while seen < 8:
         seen += 1

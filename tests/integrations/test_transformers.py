@@ -391,3 +391,22 @@ def test_deepcopy_of_patched_peft_model():
     torch.testing.assert_close(out.logprobs, ref_logp, atol=2e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(clone(input_ids=input_ids).logits, oracle(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_name_the_argument():
+    model = tiny_causal_lm("qwen2")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        patch_causal_lm("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        check_supported(None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_causal_lm(model, backend="gpu")
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        patch_causal_lm(model, temperature="hot")
+    assert "forward" not in vars(model)  # a rejected call patches nothing
+    patch_causal_lm(model)
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True, temperature=0.0)
+    with pytest.raises(TypeError, match="input_ids was passed both"):
+        model(input_ids, input_ids=input_ids, labels=labels, return_token_logprobs=True)

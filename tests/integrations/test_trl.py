@@ -616,9 +616,15 @@ def test_unsupported_configs_raise_documented_error(tmp_path):
     ak_trl.apply(trainer, allow_unknown_models=True)  # explicit opt-in
     assert ak_trl.is_applied()
     ak_trl.remove()
-    # reward trainer given a causal LM
-    with pytest.raises(UnsupportedModelError, match="ForSequenceClassification"):
+    # reward trainer given a causal LM, or a score head that is not position-wise
+    with pytest.raises(UnsupportedModelError, match="model must be a \\*ForSequenceClassification"):
         ak_trl.patch_reward_model(tiny_causal_lm())
+    reward_model = transformers.Qwen2ForSequenceClassification(tiny_config(num_labels=1))
+    reward_model.score = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with pytest.raises(UnsupportedModelError, match="model.score must be a torch.nn.Linear.*Sequential"):
+        ak_trl.patch_reward_model(reward_model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ak_trl.patch_reward_model("Qwen/Qwen2.5-0.5B")
     with pytest.raises(ValueError, match="backend"):
         ak_trl.apply(backend="nope")
 
