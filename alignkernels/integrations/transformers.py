@@ -32,6 +32,7 @@ import torch
 
 from alignkernels._utils import BACKENDS, check_temperature
 from alignkernels.integrations.forward_patch import InstanceForward
+from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -212,16 +213,13 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
 
 
 def _head_tensors(head):
-    weight, bias = head.weight, head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
-    try:  # FSDP2 shards parameters as DTensors; gather the head once, as TRL's fused head does
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover - torch without distributed
-        DTensor = ()
-    if DTensor and isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        if bias is not None and isinstance(bias, DTensor):
-            bias = bias.full_tensor()
-    return weight, bias
+    """The head's ``(weight, bias)`` as plain tensors: an FSDP2 DTensor (the head sharded as its own
+    unit, so its parameters stay sharded in the model's forward) is all-gathered once, with its
+    gradient reduce-scattered back averaged over ranks as FSDP2 reduces every other gradient
+    (:func:`alignkernels.ops.vocab_parallel.gather_lm_head`). Inside the head's own FSDP unit the
+    parameters are already plain tensors and pass through."""
+    bias = head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
+    return gather_lm_head(head.weight, bias, grad_reduce="avg")
 
 
 def is_zero3_partitioned(*params) -> bool:

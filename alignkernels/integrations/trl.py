@@ -31,10 +31,15 @@ fp32 softmax while ``linear_logprobs`` keeps the tile in fp32, so the two differ
 rounding, and alignkernels is the one closer to an fp64 computation (``docs/INTEGRATION.md``,
 "bf16").
 
-ZeRO-3 / FSDP: TRL's fused forward already gathers the head around the call (DeepSpeed ZeRO-3
-``GatheredParameters``, FSDP2 ``DTensor.full_tensor()``). The adapter receives exactly what TRL's
-Function receives; when the head is ZeRO-3 partitioned it recomputes in backward inside TRL's gather
-context again, as TRL's Function does (``transformers.head_logprobs(recompute_in_backward=True)``).
+ZeRO-3 / FSDP: TRL's fused forward gathers the head around the call (DeepSpeed ZeRO-3
+``GatheredParameters``; FSDP2 ``DTensor.full_tensor()``, needed only when the head is its own
+``fully_shard`` unit — inside the model's forward the root unit's parameters are plain tensors).
+The adapter receives what TRL's Function receives; when the head is ZeRO-3 partitioned it recomputes
+in backward inside TRL's gather context again, as TRL's Function does
+(``transformers.head_logprobs(recompute_in_backward=True)``). TRL's bare ``full_tensor()`` leaves each
+rank its own, unaveraged lm_head gradient, so under ``apply()`` a fused-head model's forward is wrapped
+by :class:`GatherShardedHeadForward`, which gathers an FSDP2 head with ``gather_lm_head(grad_reduce="avg")``
+first (2-rank gloo test: ``tests/integrations/test_fsdp2.py``).
 
 TRL 1.16 ships no PPO trainer (``trl.experimental`` has none); use :func:`alignkernels.ppo_loss`
 directly.
@@ -49,6 +54,7 @@ import weakref
 import torch
 
 from alignkernels._utils import BACKENDS
+from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.transformers import (
     LogitTransform,
     UnsupportedModelError,
@@ -56,6 +62,7 @@ from alignkernels.integrations.transformers import (
     head_logprobs,
     is_zero3_partitioned,
 )
+from alignkernels.ops.vocab_parallel import gather_lm_head
 from alignkernels.integrations.trl_reward import (
     check_reward_model,
     patch_reward_model,
@@ -71,6 +78,7 @@ __all__ = [
     "adapter_calls",
     "Patch",
     "LinearLogprobsAdapter",
+    "GatherShardedHeadForward",
     "UnsupportedModelError",
     "patch_reward_model",
     "unpatch_reward_model",
@@ -206,12 +214,48 @@ class LinearLogprobsAdapter:
         )
 
 
+class GatherShardedHeadForward(InstanceForward):
+    """Wraps the forward ``add_fused_lm_head`` installs: with ``fused_lm_head=True`` and an lm_head
+    whose parameters are FSDP2 DTensors during the model's forward (the head sharded as its own
+    ``fully_shard`` unit), the head is gathered first with
+    :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) and TRL's forward
+    sees plain tensors for the duration of the call. TRL 1.16 would gather it with a bare
+    ``full_tensor()``, whose backward leaves each rank its own gradient slice, unaveraged (wrong for
+    data-parallel training; ``tests/integrations/test_fsdp2.py``). Anything else passes through."""
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        head = self.module.get_output_embeddings() if fused_lm_head else None
+        weight = getattr(head, "weight", None)
+        if head is None or not _is_dtensor(weight):
+            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+        params = head._parameters
+        saved = {name: params[name] for name in ("weight", "bias") if params.get(name) is not None}
+        gathered_weight, gathered_bias = gather_lm_head(saved["weight"], saved.get("bias"), grad_reduce="avg")
+        try:
+            # nn.Module reads parameters from _parameters: swap in the gathered tensors for this call
+            params["weight"] = gathered_weight
+            if "bias" in saved:
+                params["bias"] = gathered_bias
+            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+        finally:
+            params.update(saved)
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 class _Patcher:
     """Rebinds names and remembers how to put them back."""
 
     def __init__(self):
         self.saved = []  # (owner, attribute, original value, had_own_attribute)
         self.reward_models = weakref.WeakSet()
+        self.fused_head_models = weakref.WeakSet()
 
     def set(self, owner, name, value):
         had = name in vars(owner)
@@ -230,7 +274,10 @@ class _Patcher:
         self.saved.clear()
         for model in list(self.reward_models):
             unpatch_reward_model(model)
+        for model in list(self.fused_head_models):
+            GatherShardedHeadForward.uninstall(model)
         self.reward_models = weakref.WeakSet()
+        self.fused_head_models = weakref.WeakSet()
 
 
 class Patch:
@@ -367,7 +414,10 @@ def _install() -> _Patcher:
 
     def add_fused_lm_head(model, *args, **kwargs):
         check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
-        return original_add(model, *args, **kwargs)
+        result = original_add(model, *args, **kwargs)
+        GatherShardedHeadForward.install(model)
+        patcher.fused_head_models.add(model)
+        return result
 
     add_fused_lm_head.__doc__ = original_add.__doc__
     add_fused_lm_head.__wrapped__ = original_add

@@ -471,6 +471,15 @@ def test_apply_rebinds_every_reference_and_remove_restores():
     assert trl_kernels.ChunkedLogProbFunction is ChunkedLogProbFunction
     assert not hasattr(grpo_trainer.add_fused_lm_head, "__wrapped__")
     assert trl.RewardTrainer.compute_loss.__module__.startswith("trl.")
+    # a model given a fused head under apply() gets the FSDP2 head gather around TRL's forward;
+    # remove() takes it off again (TRL's own forward stays)
+    model = tiny_causal_lm()
+    ak_trl.apply()
+    utils.add_fused_lm_head(model)
+    assert isinstance(vars(model)["forward"], ak_trl.GatherShardedHeadForward)
+    ak_trl.remove()
+    assert not isinstance(vars(model)["forward"], ak_trl.GatherShardedHeadForward)
+    assert vars(model)["forward"].__func__.__code__.co_name == "_fused_forward"
 
 
 class _RecordShapes(torch.utils._python_dispatch.TorchDispatchMode):
