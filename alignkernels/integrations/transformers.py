@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkernels._utils import BACKENDS, check_temperature
+from alignkernels.ops.linear_logprobs import LinearLogprobsOutput, linear_logprobs
 from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.ops.vocab_parallel import gather_lm_head
 
@@ -231,7 +232,7 @@ def _zero3_gather(*params):
     """DeepSpeed ZeRO-3: gather the partitioned head for a direct read (TRL's helper), else a no-op."""
     if not is_zero3_partitioned(*params):
         return nullcontext()
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
+    from trl.trainer.utils import maybe_gather_lm_head_ctx  # trl is optional: only ZeRO-3 runs reach this
 
     return maybe_gather_lm_head_ctx(*params)
 
@@ -309,8 +310,6 @@ def head_logprobs(
     modules hold them; when they are ZeRO-3 partitioned (or ``recompute_in_backward=True``) the
     call goes through :class:`_RegatherHeadInBackward` so backward gathers them again.
     """
-    from alignkernels import linear_logprobs
-
     def compute(h, w, b):
         if compute_dtype is not None:
             h, w = h.to(compute_dtype), w.to(compute_dtype)
@@ -344,8 +343,6 @@ def head_logprobs(
         with _zero3_gather(*gather_params):
             outputs = compute(hidden, weight, bias)
     if return_stats:
-        from alignkernels.ops.linear_logprobs import LinearLogprobsOutput
-
         return LinearLogprobsOutput(*outputs)
     return outputs[0], outputs[1]
 

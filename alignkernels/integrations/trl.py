@@ -53,6 +53,11 @@ import weakref
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    DTensor = None
+
 from alignkernels._utils import BACKENDS
 from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.transformers import (
@@ -62,7 +67,6 @@ from alignkernels.integrations.transformers import (
     head_logprobs,
     is_zero3_partitioned,
 )
-from alignkernels.ops.vocab_parallel import gather_lm_head
 from alignkernels.integrations.trl_reward import (
     check_reward_model,
     patch_reward_model,
@@ -70,6 +74,7 @@ from alignkernels.integrations.trl_reward import (
     unpatch_reward_model,
     wrap_reward_trainer_init,
 )
+from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
     "apply",
@@ -242,11 +247,7 @@ class GatherShardedHeadForward(InstanceForward):
 
 
 def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+    return DTensor is not None and isinstance(t, DTensor)
 
 
 class _Patcher:

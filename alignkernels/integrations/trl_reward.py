@@ -21,9 +21,12 @@ patched model run their own weights.
 from __future__ import annotations
 
 import torch
+from transformers.modeling_outputs import SequenceClassifierOutputWithPast
 
 from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.transformers import UnsupportedModelError, check_supported, unwrap_model
+from alignkernels.losses.reward import bradley_terry_loss
+from alignkernels.ops.gather import gather_last
 
 __all__ = [
     "RewardModelForward",
@@ -78,10 +81,6 @@ class RewardModelForward(InstanceForward):
     """The forward :func:`patch_reward_model` sets on a ``*ForSequenceClassification`` instance."""
 
     def __call__(self, input_ids=None, attention_mask=None, **kwargs):
-        from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-        from alignkernels import gather_last
-
         if input_ids is None or kwargs.get("labels") is not None or kwargs.get("inputs_embeds") is not None:
             return self.original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("labels", None)
@@ -148,8 +147,6 @@ def reward_compute_loss(self, model, inputs, return_outputs=False, num_items_in_
     ``mean_reward`` the mean of every process's mean (TRL's mean of the gathered rewards: every
     process holds the same number of rewards).
     """
-    from alignkernels import bradley_terry_loss
-
     mode = "train" if self.model.training else "eval"
     inputs["use_cache"] = False
     outputs = model(**inputs)
