@@ -95,6 +95,8 @@ __all__ = [
 TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # token rows of TRL's logits tile (``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` in TRL 1.16)
 TRL_TOKEN_ROWS = 4096
+# widest CPU tile the adapter asks for (DESIGN.md: the fused CPU softmax keeps 1e-6 up to 16k columns)
+CPU_MAX_TILE_COLUMNS = 1 << 14
 
 # trl modules that bind the seam's names; imported by `apply` so their references exist to rebind
 _TRL_MODULES = (
@@ -124,23 +126,30 @@ def adapter_calls() -> int:
     return _Options.calls
 
 
-def _tile_for_trl_chunk(chunk_size, compute_dtype):
-    """``(token rows, vocabulary columns)`` of our logits tile for TRL's ``chunk_size``.
+def _tile_for_trl_chunk(chunk_size, compute_dtype, device):
+    """``(token rows, vocabulary columns)`` of our logits tile for TRL's ``chunk_size`` (``None``:
+    ``linear_logprobs``' default).
 
     TRL's tile is ``TRL_TOKEN_ROWS x chunk_size`` in the compute dtype (bf16 under bf16 autocast);
-    ours is fp32 (fp64 for fp64 inputs). Same rows, and the width scaled by the itemsize ratio, give
-    a tile of the same bytes: tuning TRL's chunk size tunes our memory the same way. ``apply``'s
-    explicit ``chunk_size`` / ``vocab_block_size`` win over this.
+    ours is fp32 (fp64 for fp64 inputs). On CUDA: the same rows, and the width scaled by the itemsize
+    ratio, give a tile of the same bytes, so tuning TRL's chunk size tunes our memory the same way.
+    On CPU the op's own row default (256) is kept and the width is capped at
+    ``CPU_MAX_TILE_COLUMNS``: the fused CPU softmax sums a row in fp32 lanes and loses digits past
+    ~16k columns (DESIGN.md, "More limits seen"); that tile is never larger than TRL's. ``apply``'s
+    explicit ``chunk_size`` / ``vocab_block_size`` win over all of this.
     """
-    rows = _Options.chunk_size or TRL_TOKEN_ROWS
+    on_cuda = device.type == "cuda"
+    rows = _Options.chunk_size or (TRL_TOKEN_ROWS if on_cuda else None)
     block = _Options.vocab_block_size
     if block is None and chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
             raise ValueError(f"chunk_size (TRL's vocabulary tile width) must be a positive int, got {chunk_size!r}")
         tile_itemsize = max(4, compute_dtype.itemsize)
         block = max(1, chunk_size * compute_dtype.itemsize // tile_itemsize)
-        if _Options.chunk_size is not None:  # same bytes at apply's row count
+        if _Options.chunk_size is not None:  # the same bytes at apply's row count
             block = max(1, block * TRL_TOKEN_ROWS // _Options.chunk_size)
+        if not on_cuda:
+            block = min(block, CPU_MAX_TILE_COLUMNS)
     return rows, block
 
 
@@ -159,8 +168,9 @@ class LinearLogprobsAdapter:
 
     ``chunk_size`` (TRL: the vocabulary width of its ``4096 x chunk_size`` tile, TRL's module
     constant ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, 32768 by default) sets our tile:
-    4096 token rows and ``chunk_size x itemsize(compute dtype) / 4`` vocabulary columns, i.e. a
-    tile of the same bytes as TRL's (ours is fp32: half TRL's columns under bf16). ``apply(chunk_size=,
+    on CUDA 4096 token rows and ``chunk_size x itemsize(compute dtype) / 4`` vocabulary columns, i.e.
+    a tile of the same bytes as TRL's (ours is fp32: half TRL's columns under bf16); on CPU the same
+    width capped at 16384 columns, with the op's own 256 rows. ``apply(chunk_size=,
     vocab_block_size=)`` override rows and columns.
     """
 
@@ -182,7 +192,7 @@ class LinearLogprobsAdapter:
             compute_dtype = torch.get_autocast_dtype(device_type)
         else:
             compute_dtype = hidden.dtype
-        rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype)
+        rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype, hidden.device)
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
         wanted = set(outputs or ())

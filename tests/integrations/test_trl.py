@@ -561,6 +561,12 @@ def test_trl_chunk_size_sets_the_tile():
     assert max(_tile_widths(lambda: step(ak_trl.LinearLogprobsAdapter, 128), N) - {H}) == 96
     ak_trl.apply(chunk_size=40)  # 40 token rows: the same tile bytes as TRL's 4096 x 128 -> capped at V
     assert max(_tile_widths(lambda: step(ak_trl.LinearLogprobsAdapter, 128), 40) - {H}) == V
+    # on CPU the width is capped at 16384 columns (the fused CPU softmax's precision limit)
+    ak_trl.apply()
+    wide = torch.randn(ak_trl.CPU_MAX_TILE_COLUMNS + 3000, 4, generator=g)
+    few = torch.randn(6, 4, generator=g)
+    widths = _tile_widths(lambda: ak_trl.LinearLogprobsAdapter.apply(few, wide, None, targets[:6], 1.0, 32768), 6)
+    assert max(widths) == ak_trl.CPU_MAX_TILE_COLUMNS
     with pytest.raises(ValueError, match="vocab_block_size"):
         ak_trl.apply(vocab_block_size=0)
     with pytest.raises(ValueError, match="chunk_size"):
