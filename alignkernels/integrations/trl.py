@@ -115,7 +115,7 @@ _TRL_MODULES = (
 class _Options:
     allow_unknown_models = False
     backend = "auto"
-    chunk_size = None  # token rows per tile (apply(chunk_size=)); None: TRL's TRL_TOKEN_ROWS
+    chunk_size = None  # token rows per tile (apply(chunk_size=)); None: TRL_TOKEN_ROWS on CUDA, the op default on CPU
     vocab_block_size = None  # vocabulary columns per tile; None: from TRL's chunk_size
     calls = 0  # adapter calls since apply()
 
