@@ -39,7 +39,7 @@ in backward inside TRL's gather context again, as TRL's Function does
 (``transformers.head_logprobs(recompute_in_backward=True)``). TRL's bare ``full_tensor()`` leaves each
 rank its own, unaveraged lm_head gradient, so under ``apply()`` a fused-head model's forward is wrapped
 by :class:`GatherShardedHeadForward`, which gathers an FSDP2 head with ``gather_lm_head(grad_reduce="avg")``
-first (2-rank gloo test: ``tests/integrations/test_fsdp2.py``).
+first (2-rank gloo test: ``tests/integrations/test_sharded.py``).
 
 TRL 1.16 ships no PPO trainer (``trl.experimental`` has none); use :func:`alignkernels.ppo_loss`
 directly.
@@ -236,7 +236,7 @@ class GatherShardedHeadForward(InstanceForward):
     :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) and TRL's forward
     sees plain tensors for the duration of the call. TRL 1.16 would gather it with a bare
     ``full_tensor()``, whose backward leaves each rank its own gradient slice, unaveraged (wrong for
-    data-parallel training; ``tests/integrations/test_fsdp2.py``). Anything else passes through."""
+    data-parallel training; ``tests/integrations/test_sharded.py``). Anything else passes through."""
 
     def __call__(self, *args, fused_lm_head=False, **kwargs):
         head = self.module.get_output_embeddings() if fused_lm_head else None
