@@ -1,21 +1,193 @@
 """Fused-from-hidden-states losses: hidden states + lm_head in, loss + metrics out.
 
-Each is ``linear_logprobs`` (the ``[N, V]`` logits never exist; masked positions cost no FLOPs)
-followed by the per-token loss of this package (``dpo_loss_from_token_logps``, ``grpo_loss``,
-``ppo_loss``) -- the loss math lives only there. The per-token statistics the trainers log
-(entropy, token accuracy, mean logit) come out of the same pass over the vocabulary.
+Two head paths, the loss math living only in this package's per-token losses
+(``grpo_loss``, ``ppo_loss``, ``dpo_loss_from_token_logps``) either way:
 
-Memory: besides the inputs and their gradients, one logits tile per chunk (see
-``linear_logprobs``) and O(B x T) per-token tensors.
+* **three GEMMs** (``alignkernels.ops.three_gemm``) for token-separable losses -- the loss's
+  gradient w.r.t. each token's log-prob and entropy depends only on that token (and on normalisers
+  fixed by the mask), so it is formed per token chunk while the chunk's logits are at hand:
+  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs).
+  ``fused_linear_cross_entropy`` (SFT), and ``fused_linear_grpo_loss`` / ``fused_linear_ppo_loss``
+  wherever their configuration is token-separable.
+* **four GEMMs**: ``linear_logprobs`` (a differentiable log-prob head: logits forward, recompute,
+  two gradient GEMMs; 8·n·H·V) followed by the loss and autograd -- for everything else
+  (sequence-level ratios, entropy quantile masks, DPO, ...).
+
+How GRPO/PPO get their per-token gradient on the three-GEMM path: the loss function itself is
+evaluated, per chunk, on the full ``[B, T]`` log-probs (the chunk's fresh values, earlier chunks'
+values, the sampling log-probs elsewhere) and differentiated with autograd; for a token-separable
+configuration the gradient at the chunk's tokens is exact whatever the other tokens hold. The cost
+is O(B·T) elementwise work per chunk, nothing next to a ``[chunk, V, H]`` GEMM. After the last
+chunk the loss and its metrics are computed once more from the finished log-probs.
+
+Masked positions are dropped before any matmul (no FLOPs) on both paths. Memory: see
+``alignkernels.ops.three_gemm`` (one fp32 ``[chunk, V]`` buffer or two; the gradients exist from
+the forward on) and ``linear_logprobs``; plus O(B x T) per-token tensors.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
 from ..ops.linear_logprobs import linear_logprobs
+from ..ops.three_gemm import (
+    HeadGradientFunction,
+    TokenGrad,
+    compact_rows,
+    make_plan,
+    three_gemm_head,
+    validate_head,
+)
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .ppo import ppo_loss
+
+FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
+FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
+FUSED_LINEAR_PPO_LOSS = OpBackends("fused_linear_ppo_loss", ("triton", "torch", "reference"))
+HEAD_PATHS = ("auto", "three_gemm", "four_gemm")
+SFT_LOSS_TYPES = ("nll", "dft")
+
+
+class FusedCrossEntropyOutput(NamedTuple):
+    """``fused_linear_cross_entropy(..., return_stats=True)``: the loss and TRL's SFT statistics,
+    per token of ``labels.shape`` (0 / False where ignored; all but ``loss`` detached)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    num_tokens: torch.Tensor  # valid (non-ignored) labels, int64 0-d
+
+
+def _reference_head_stats(compact, weight, bias, tr):
+    """Eager baseline on the compact rows: materialised logits, autograd through log_softmax."""
+    from ..reference import transform_logits
+
+    cd = output_dtype(compact.hidden.dtype)
+    logits = compact.hidden.to(cd) @ weight.to(cd).T
+    if bias is not None:
+        logits = logits + bias.to(cd)
+    z = transform_logits(logits, logit_scale=tr.logit_scale, softcap=tr.softcap, temperature=tr.temperature)
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(1, compact.labels[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(1)
+    return logp, entropy, z.argmax(1) == compact.labels
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+    num_items_in_batch=None,
+    loss_type: str = "nll",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    check_labels: bool | None = None,
+):
+    """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
+
+    ``loss = Σ_t ℓ_t / D`` over the tokens whose label is not ``ignore_index``, with
+    ``ℓ_t = −log p(label_t)`` (``loss_type="nll"``) or DFT's ``−log p·p.detach()`` (``"dft"``),
+    ``p = softmax(z)``, ``z = transform(hidden @ weight.T + bias)`` (``logit_scale``, Gemma's
+    ``softcap``, ``temperature``; ``linear_logprobs``' order). ``D`` is TRL's SFTTrainer's
+    (``compute_loss``, TRL 1.16): ``num_items_in_batch`` if given, else the number of valid labels,
+    clamped to >= 1 (a fully ignored batch gives a finite 0 and zero gradients); ``reduction="sum"``
+    has ``D = 1``.
+
+    Labels are used as given (already shifted: ``hidden[..., t, :]`` predicts ``labels[..., t]``).
+    The gradient w.r.t. each token's logits is ``−(onehot − p)/D`` (nll), known in the forward: the
+    logits of a token chunk are produced once, turned into dz in place and consumed by the
+    ``grad_hidden`` and ``grad_weight`` GEMMs (``alignkernels.ops.three_gemm``): 6·n·H·V matmul FLOPs
+    for n valid tokens (a log-prob head + autograd needs 8·n·H·V). No ``[N, V]`` tensor.
+
+    Args:
+        hidden: ``[..., H]`` float16 / bfloat16 / float32 (float64 on torch / reference).
+        weight: ``[V, H]``, hidden's dtype. ``bias``: optional ``[V]``.
+        labels: ``hidden.shape[:-1]`` int, in ``[0, V)`` or ``ignore_index``.
+        reduction: ``"mean"`` (over ``D`` above) or ``"sum"``. Per-token losses (``"none"``) have
+            arbitrary upstream gradients: use ``linear_logprobs``.
+        num_items_in_batch: token count of the whole (accumulated, all-rank) batch, as
+            ``transformers.Trainer`` passes it; ``reduction="mean"`` only.
+        return_entropy: also return the per-token entropy (detached, 0 where ignored).
+        return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
+            num_tokens): what SFTTrainer logs, from the same pass.
+        loss_type: ``"nll"`` or ``"dft"`` (TRL's ``SFTConfig.loss_type``).
+        backend: ``"auto"``, ``"triton"`` (cuBLAS + ``alignkernels.kernels.fused_head``; CUDA, or CPU
+            under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
+        chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
+        check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
+
+    Returns:
+        0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Memory (besides inputs): one fp32 ``[chunk, V]`` logits buffer (two on the torch path, three
+    with softcap; a ``[chunk, V]`` dz buffer in the weight dtype for half weights on triton), the
+    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (per-token losses: use linear_logprobs), got {reduction!r}")
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
+    V = weight.shape[0]
+    if labels_checking_enabled(check_labels):
+        check_label_range(labels, V, ignore_index)
+    cd = output_dtype(hidden.dtype)
+    compact = compact_rows(hidden, labels, ignore_index)
+    n = compact.labels.numel()
+    num_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
+    if reduction == "sum":
+        denominator = torch.ones((), dtype=cd, device=hidden.device)
+    else:
+        count = num_tokens if num_items_in_batch is None else num_items_in_batch
+        denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
+
+    if backend == "reference":
+        logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
+        weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
+        loss = -(logp * weight_t).sum() / denominator
+        logp, entropy = logp.detach(), entropy.detach()
+    else:
+
+        def token_grad(rows, stats):
+            # ℓ = −logp (nll) or −logp·p.detach() (dft):  ∂L/∂logp_t = −1/D or −p_t/D
+            g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
+            return TokenGrad(g / denominator)
+
+        plan = make_plan(backend, hidden.device, n, V, chunk_size)
+        needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                  compact.labels, tr, token_grad, plan, needs)  # fmt: skip
+            weight_t = out.logp.exp() if loss_type == "dft" else 1.0
+            loss = -(out.logp * weight_t).sum() / denominator
+        logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
+        if any(needs):
+            loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+    if return_stats:
+        return FusedCrossEntropyOutput(loss, compact.expand(logp, labels.shape), compact.expand(entropy, labels.shape),
+                                       compact.expand(is_top1, labels.shape), num_tokens)  # fmt: skip
+    if return_entropy:
+        return loss, compact.expand(entropy, labels.shape)
+    return loss
 
 
 
