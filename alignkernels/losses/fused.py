@@ -209,6 +209,86 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
         kwargs = {k: v for k, v in head.items() if k != "bias"}
         return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
 
+# --------------------------------------------------------------------------------------------
+# GRPO / PPO on the three-GEMM head: the per-token gradient of the loss itself, chunk by chunk
+# --------------------------------------------------------------------------------------------
+class _LossProbe:
+    """``token_grad`` for a token-separable loss ``loss_fn(logp [B, T], entropy [B, T])``.
+
+    Per chunk: the chunk's log-probs (and entropies) are written into the full ``[B, T]`` tensors
+    (earlier chunks keep theirs, the rest hold ``fill_logp``), the loss is evaluated and
+    differentiated. For a token-separable configuration ``∂L/∂logp_t`` depends only on token t, so
+    the values elsewhere do not matter; the normalisers come from the mask the loss sees."""
+
+    def __init__(self, loss_fn, compact, shape, fill_logp, uses_entropy):
+        self.loss_fn, self.uses_entropy = loss_fn, uses_entropy
+        cd = fill_logp.dtype
+        self.logp = fill_logp.detach().clone().reshape(-1)
+        self.entropy = torch.zeros_like(self.logp)
+        self.shape = shape
+        self.positions = (compact.positions if compact.positions is not None
+                          else torch.arange(compact.n_total, device=fill_logp.device))  # fmt: skip
+        self.cd = cd
+
+    def __call__(self, rows, stats):
+        pos = self.positions[rows]
+        self.logp[pos] = stats.logp.to(self.cd)
+        self.entropy[pos] = stats.entropy.to(self.cd)
+        with torch.enable_grad():
+            logp = self.logp.clone().requires_grad_(True)
+            entropy = self.entropy.clone().requires_grad_(self.uses_entropy)
+            loss, _ = self.loss_fn(logp.view(self.shape), entropy.view(self.shape))
+            inputs = (logp, entropy) if self.uses_entropy else (logp,)
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        g = [torch.zeros_like(self.logp) if x is None else x for x in grads]
+        return TokenGrad(g[0][pos], g[1][pos] if self.uses_entropy else None)
+
+
+def _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill_logp, uses_entropy, *, tr, ignore_index, backend,
+                     chunk_size):  # fmt: skip
+    """``loss_fn(logp, entropy) -> (loss, metrics)`` on the three-GEMM head; returns ``(loss, metrics)``
+    with the head's gradients attached to ``loss`` (``HeadGradientFunction``)."""
+    compact = compact_rows(hidden, labels, ignore_index)
+    probe = _LossProbe(loss_fn, compact, labels.shape, fill_logp, uses_entropy)
+    plan = make_plan(backend, hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
+    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                              compact.labels, tr, probe, plan, needs)  # fmt: skip
+    cd = fill_logp.dtype
+    logp = compact.expand(out.logp.to(cd), labels.shape)
+    entropy = compact.expand(out.entropy.to(cd), labels.shape)
+    loss, metrics = loss_fn(logp, entropy)
+    if any(needs):
+        loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+    metrics["head_path"] = "three_gemm"
+    return loss, metrics
+
+
+def _resolve_head_path(head_path, op, reason):
+    """``reason``: why the configuration is not token-separable (None: it is)."""
+    if head_path not in HEAD_PATHS:
+        raise ValueError(f"head_path must be one of {HEAD_PATHS}, got {head_path!r}")
+    if head_path == "three_gemm" and reason is not None:
+        raise ValueError(f"{op}: head_path='three_gemm' needs a token-separable loss, but {reason}")
+    if head_path == "auto":
+        return "three_gemm" if reason is None else "four_gemm"
+    return head_path
+
+
+def grpo_non_separable_reason(grpo_kwargs) -> str | None:
+    """Why a ``grpo_loss`` configuration's gradient w.r.t. a token's log-prob depends on other
+    tokens (then the three-GEMM head cannot form it per chunk), or None."""
+    if grpo_kwargs.get("importance_sampling_level", "token") != "token":
+        return "importance_sampling_level='sequence' (GSPO) has one ratio per sequence"
+    if grpo_kwargs.get("loss_type", "dapo") == "vespo":
+        return "loss_type='vespo' weights each token by a function of its sequence's ratio"
+    if grpo_kwargs.get("top_entropy_quantile", 1.0) < 1.0:
+        return "top_entropy_quantile < 1 masks tokens by a quantile over all tokens' entropies"
+    if grpo_kwargs.get("off_policy_mask_threshold") is not None:
+        return "off_policy_mask_threshold masks sequences by their mean log-ratio"
+    return None
+
 
 def fused_linear_grpo_loss(
     hidden: torch.Tensor,
@@ -230,6 +310,7 @@ def fused_linear_grpo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    head_path: str = "auto",
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -253,17 +334,70 @@ def fused_linear_grpo_loss(
             ``importance_sampling_level``, ``max_completion_length``, ``num_items_in_batch``, ...
             exactly as :func:`alignkernels.grpo_loss`.
 
+        head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
+            ``"four_gemm"``.
+
+    Head path (``metrics["head_path"]``), with ``"auto"``:
+
+    ========================================================  ==============  =========================
+    configuration                                             path            why
+    ========================================================  ==============  =========================
+    ``importance_sampling_level="token"`` with ``grpo``,      ``three_gemm``  ∂L/∂logp_t, ∂L/∂H_t depend
+    ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``,                     on token t only; the
+    ``luspo``; any ``beta`` (k3 KL vs ``ref_logp`` /                          normalisers (count per
+    ``ref_hidden``), ``delta``, ``entropy_coef``,                             row, Σ count, B·max len,
+    ``importance_sampling_ratio``, ``num_items_in_batch``                     num_items) come from the
+                                                                              mask
+    ``importance_sampling_level="sequence"`` (GSPO)           ``four_gemm``   one ratio per sequence
+    ``loss_type="vespo"``                                     ``four_gemm``   sequence weights φ(w)
+    ``top_entropy_quantile < 1``                              ``four_gemm``   quantile over all tokens
+    ``off_policy_mask_threshold``                             ``four_gemm``   sequence mean log-ratio
+    ``backend="reference"``                                   ``four_gemm``   eager baseline
+    ========================================================  ==============  =========================
+
     Returns:
-        ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included).
+        ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included) plus
+        ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
     labels = _masked_labels(completion_ids, completion_mask, ignore_index)
-    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
                                           head=head, ignore_index=ignore_index)  # fmt: skip
-    return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+    path = _resolve_head_path(head_path, "fused_linear_grpo_loss", grpo_non_separable_reason(grpo_kwargs))
+    resolved = FUSED_LINEAR_GRPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
+    if path == "three_gemm" and resolved != "reference":
+        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
+                                check_labels)  # fmt: skip
+
+        def loss_fn(logp, entropy):
+            return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+
+        fill = _fill_logp(old_logp, completion_mask, hidden)
+        uses_entropy = grpo_kwargs.get("entropy_coef", 0.0) != 0.0
+        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill, uses_entropy, tr=tr,
+                                ignore_index=ignore_index, backend=resolved, chunk_size=chunk_size)  # fmt: skip
+    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
+    loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+    metrics["head_path"] = "four_gemm"
+    return loss, metrics
+
+
+def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels):
+    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    if labels_checking_enabled(check_labels):
+        check_label_range(labels, weight.shape[0], ignore_index)
+    return tr
+
+
+def _fill_logp(old_logp, mask, hidden):
+    """What the probe's ``[B, T]`` log-probs hold before a token's chunk is done: the sampling
+    log-probs where given (ratio 1), else 0."""
+    cd = output_dtype(hidden.dtype)
+    if old_logp is not None:
+        return old_logp.detach().to(cd).masked_fill(mask == 0, 0.0)
+    return torch.zeros(mask.shape, dtype=cd, device=hidden.device)
 
 
 def fused_linear_dpo_loss(
@@ -353,18 +487,42 @@ def fused_linear_ppo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    head_path: str = "auto",
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
 
-    ``logp, entropy = linear_logprobs(hidden, weight, response_ids)`` over the valid response
-    tokens, then :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``,
-    ``entropy_coef``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
+    The per-token log-probs and entropies of the valid response tokens, then
+    :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``, ``entropy_coef``,
+    ``loss_agg_mode``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
     ``values``/``old_values``/``returns`` are the value head's ``[B, T]`` tensors (the value head
-    itself is cheap and stays in the caller's model).
+    itself is cheap and stays in the caller's model; it gets its gradient through autograd).
+
+    Head path (``metrics["head_path"]``): every ``ppo_loss`` configuration is token-separable (the
+    clipped policy term and the entropy bonus are per token, every ``loss_agg_mode`` normalises by
+    mask counts), so ``"auto"`` takes ``"three_gemm"`` (``backend="reference"``: ``"four_gemm"``,
+    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
     labels = _masked_labels(response_ids, mask, ignore_index)
+    path = _resolve_head_path(head_path, "fused_linear_ppo_loss", None)
+    resolved = FUSED_LINEAR_PPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
+    if path == "three_gemm" and resolved != "reference":
+        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
+                                check_labels)  # fmt: skip
+        probe_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
+
+        def loss_fn(logp, entropy):
+            vals = (values, old_values, returns) if logp.requires_grad is False else probe_values
+            return ppo_loss(logp, old_logp, advantages, mask, *vals, entropy=entropy, **ppo_kwargs)
+
+        uses_entropy = ppo_kwargs.get("entropy_coef", 0.0) != 0.0
+        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, _fill_logp(old_logp, mask, hidden),
+                                uses_entropy, tr=tr, ignore_index=ignore_index, backend=resolved,
+                                chunk_size=chunk_size)  # fmt: skip
     logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
-    return ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy, **ppo_kwargs)
+    loss, metrics = ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy,
+                             **ppo_kwargs)  # fmt: skip
+    metrics["head_path"] = "four_gemm"
+    return loss, metrics

@@ -232,6 +232,10 @@ def three_gemm_head(
     h = hidden if on_cuda else hidden.to(cd)
     w = weight if on_cuda else weight.to(cd)
     bias_cd = bias.to(cd) if bias is not None else None
+    if bias_cd is not None and plan.backend == "torch":
+        # a -inf bias removes a token: a huge finite z keeps e^(z-m) = 0 exact and every product
+        # with it (Σp·(z-m), dz) at 0 instead of 0·inf = NaN
+        bias_cd = bias_cd.clamp(min=-1e30) if cd == torch.float32 else bias_cd.clamp(min=-1e300)
     logp = torch.zeros(n, dtype=cd, device=device)
     entropy = torch.zeros(n, dtype=cd, device=device)
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
