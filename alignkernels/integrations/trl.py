@@ -46,6 +46,7 @@ import weakref
 
 import torch
 
+from alignkernels.integrations import trl_fused_loss
 from alignkernels.integrations.transformers import (
     LogitTransform,
     UnsupportedModelError,
@@ -89,6 +90,7 @@ class _Options:
     allow_unknown_models = False
     backend = "auto"
     chunk_size = None
+    fused_loss = False  # apply(fused_loss=True): see trl_fused_loss
     calls = 0  # adapter calls since apply(); lets tests and users check the patched path runs
 
 
@@ -120,6 +122,10 @@ class LinearLogprobsAdapter:
         outputs=TRL_OPTIONAL_OUTPUTS,
     ):
         _Options.calls += 1
+        if _Options.fused_loss and trl_fused_loss.usable_for(hidden, weight, bias, outputs,
+                                                             _is_zero3_partitioned(weight, bias)):  # fmt: skip
+            return trl_fused_loss.sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping,
+                                               logit_scale, outputs, chunk_size=_Options.chunk_size)  # fmt: skip
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
@@ -252,7 +258,8 @@ def _check_trainer(trainer):
 
 
 def apply(
-    trainer=None, *, allow_unknown_models: bool = False, backend: str = "auto", chunk_size: int | None = None
+    trainer=None, *, allow_unknown_models: bool = False, backend: str = "auto", chunk_size: int | None = None,
+    fused_loss: bool = False,
 ) -> Patch:
     """Make TRL's trainers compute their LM head (and the reward head) with alignkernels.
 
@@ -262,6 +269,8 @@ def apply(
     each model a trainer patches is checked, and patches ``RewardTrainer`` (gather-then-score
     forward, :func:`alignkernels.bradley_terry_loss`). Idempotent; the options of the last call win.
     ``backend`` and ``chunk_size`` (token rows per logits tile) go to :func:`linear_logprobs`.
+    ``fused_loss=True``: the trainers' loss itself on the three-GEMM head where exact (SFTTrainer's
+    ``nll``), the head-only drop-in elsewhere, one log line saying which (``trl_fused_loss``).
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
     cannot reproduce: LoRA (any PEFT adapter) on ``lm_head``, a model family outside
@@ -280,6 +289,7 @@ def apply(
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _Options.chunk_size = chunk_size
+    _Options.fused_loss = bool(fused_loss)
     if trainer is not None:
         _check_trainer(trainer)  # before patching anything: a failed apply(trainer) leaves TRL as it was
     if _ACTIVE is None:
@@ -304,6 +314,7 @@ def apply(
                     patcher.set(module, name, add_fused_lm_head)
         patcher.set(RewardTrainer, "__init__", _reward_trainer_init(RewardTrainer.__init__))
         patcher.set(RewardTrainer, "compute_loss", _reward_compute_loss)
+        trl_fused_loss.install(patcher, lambda: _Options.fused_loss)
         _ACTIVE = patcher
         _Options.calls = 0
     if trainer is not None:
