@@ -212,7 +212,7 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
 # --------------------------------------------------------------------------------------------
 # GRPO / PPO on the three-GEMM head: the per-token gradient of the loss itself, chunk by chunk
 # --------------------------------------------------------------------------------------------
-class _LossProbe:
+class LossProbe:
     """``token_grad`` for a token-separable loss ``loss_fn(logp [B, T], entropy [B, T])``.
 
     Per chunk: the chunk's log-probs (and entropies) are written into the full ``[B, T]`` tensors
@@ -249,7 +249,7 @@ def _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill_logp, uses_entr
     """``loss_fn(logp, entropy) -> (loss, metrics)`` on the three-GEMM head; returns ``(loss, metrics)``
     with the head's gradients attached to ``loss`` (``HeadGradientFunction``)."""
     compact = compact_rows(hidden, labels, ignore_index)
-    probe = _LossProbe(loss_fn, compact, labels.shape, fill_logp, uses_entropy)
+    probe = LossProbe(loss_fn, compact, labels.shape, fill_logp, uses_entropy)
     plan = make_plan(backend, hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
     needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):

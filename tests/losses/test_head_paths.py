@@ -150,3 +150,32 @@ def test_ppo_flops_six_nhv():
     d = _problem("cpu", seed=3)
     unit = 2 * int(d["mask"].sum()) * H * V
     assert abs(_count(lambda: _ppo(d, "auto", "torch")) / unit - 3.0) < 0.02
+
+
+def _finite_differences(loss_of, tensors, grads, eps=1e-6, every=5, tol=1e-7):
+    for x, g in zip(tensors, grads):
+        for i in range(0, x.numel(), every):
+            with torch.no_grad():
+                x.view(-1)[i] += eps
+                up = loss_of()
+                x.view(-1)[i] -= 2 * eps
+                down = loss_of()
+                x.view(-1)[i] += eps
+            assert abs((up - down).item() / (2 * eps) - g.view(-1)[i].item()) < tol
+
+
+def test_three_gemm_fp64_finite_differences():
+    """The gradients formed in the forward pass, against central differences (fp64 torch backend)."""
+    d = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+         for k, v in _problem("cpu", seed=4).items()}  # fmt: skip
+    h, w = d["hidden"].requires_grad_(), d["weight"].requires_grad_()
+    cases = {
+        "grpo": lambda: alignkernels.fused_linear_grpo_loss(h, w, d["ids"], d["adv"], d["mask"], old_logp=d["old"],
+                                                            ref_logp=d["ref"], beta=0.1, loss_type="grpo",
+                                                            entropy_coef=0.1, backend="torch", chunk_size=4)[0],
+        "ppo": lambda: alignkernels.fused_linear_ppo_loss(h, w, d["ids"], d["old"], d["adv_tok"], d["mask"],
+                                                          entropy_coef=0.1, backend="torch", chunk_size=4)[0],
+    }  # fmt: skip
+    for name, loss_of in cases.items():
+        grads = torch.autograd.grad(loss_of(), [h, w])
+        _finite_differences(loss_of, (h, w), grads)
