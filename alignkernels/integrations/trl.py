@@ -122,10 +122,12 @@ class LinearLogprobsAdapter:
         outputs=TRL_OPTIONAL_OUTPUTS,
     ):
         _Options.calls += 1
-        if _Options.fused_loss and trl_fused_loss.usable_for(hidden, weight, bias, outputs,
-                                                             _is_zero3_partitioned(weight, bias)):  # fmt: skip
-            return trl_fused_loss.sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping,
-                                               logit_scale, outputs, chunk_size=_Options.chunk_size)  # fmt: skip
+        fused = trl_fused_loss.fused_head_outputs(
+            hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
+            _is_zero3_partitioned(weight, bias), chunk_size=_Options.chunk_size,
+        ) if _Options.fused_loss else None  # fmt: skip
+        if fused is not None:  # apply(fused_loss=True): the loss's gradient formed in the head (trl_fused_loss)
+            return fused
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
