@@ -5,7 +5,7 @@ from .harness import OpBench
 
 
 def build_ops() -> dict[str, OpBench]:
-    from . import cases_cross_entropy, cases_linear_logprobs, cases_losses, cases_prm, cases_token_logprobs
+    from . import cases_cross_entropy, cases_fused, cases_linear_logprobs, cases_losses, cases_prm, cases_token_logprobs
 
     ops = [
         cases_token_logprobs.build(),
@@ -15,5 +15,7 @@ def build_ops() -> dict[str, OpBench]:
         cases_losses.build_dpo(),
         cases_losses.build_gae(),
         cases_prm.build_prm(),
+        cases_fused.build_fused_ce(),
+        cases_fused.build_fused_grpo(),
     ]
     return {op.name: op for op in ops}

@@ -763,9 +763,12 @@ def test_gradcheck_fused_losses_torch_backend():
     mask[1, 2] = 0
     adv = torch.randn(2, generator=g, dtype=torch.float64)
     old = -torch.rand(2, 3, generator=g, dtype=torch.float64) * 2
+    # gradcheck re-runs backward on one graph: the four-GEMM path (the three-GEMM head forms its gradient
+    # once, in the forward; tests/losses/test_head_paths.py checks it by finite differences)
     _gc(lambda h, w: ak.fused_linear_grpo_loss(h, w, ids, adv, mask, old_logp=old, loss_type="grpo",
-                                               backend="torch")[0], h, w)  # fmt: skip
-    _gc(lambda h, w: ak.fused_linear_ppo_loss(h, w, ids, old, adv, mask, backend="torch")[0], h, w)
+                                               backend="torch", head_path="four_gemm")[0], h, w)  # fmt: skip
+    _gc(lambda h, w: ak.fused_linear_ppo_loss(h, w, ids, old, adv, mask, backend="torch", head_path="four_gemm")[0],
+        h, w)  # fmt: skip
     h4 = torch.randn(4, 3, H, generator=g, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, V, (4, 3), generator=g)
     labels[:, 0] = -100

@@ -58,6 +58,7 @@ except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None
 
 from alignkernels._utils import BACKENDS
+from alignkernels.integrations import trl_fused_loss
 from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.transformers import (
     LogitTransform,
@@ -115,6 +116,7 @@ class _Options:
     backend = "auto"
     chunk_size = None  # token rows per tile (apply(chunk_size=)); None: TRL_TOKEN_ROWS on CUDA, the op default on CPU
     vocab_block_size = None  # vocabulary columns per tile; None: from TRL's chunk_size
+    fused_loss = False  # apply(fused_loss=True): see trl_fused_loss
     calls = 0  # adapter calls since apply()
 
 
@@ -185,6 +187,12 @@ class LinearLogprobsAdapter:
         outputs=TRL_OPTIONAL_OUTPUTS,
     ):
         _Options.calls += 1
+        fused = trl_fused_loss.fused_head_outputs(
+            hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
+            is_zero3_partitioned(weight, bias), chunk_size=_Options.chunk_size,
+        ) if _Options.fused_loss else None  # fmt: skip
+        if fused is not None:  # apply(fused_loss=True): the loss's gradient formed in the head (trl_fused_loss)
+            return fused
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
             compute_dtype = torch.get_autocast_dtype(device_type)
@@ -365,6 +373,7 @@ def apply(
     backend: str = "auto",
     chunk_size: int | None = None,
     vocab_block_size: int | None = None,
+    fused_loss: bool = False,
 ) -> Patch:
     """Make TRL's trainers compute their LM head (and the reward head) with alignkernels.
 
@@ -381,6 +390,9 @@ def apply(
         chunk_size, vocab_block_size: token rows and vocabulary columns of the logits tile. By
             default both follow TRL: 4096 rows and TRL's own ``chunk_size`` scaled to the same tile
             bytes (see :class:`LinearLogprobsAdapter`).
+        fused_loss: the trainers' loss itself on the three-GEMM head where exact (SFTTrainer's
+            ``nll``, GRPOTrainer's token-separable losses), the head-only drop-in elsewhere; one
+            log line per trainer says which (:mod:`alignkernels.integrations.trl_fused_loss`).
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
     cannot reproduce: LoRA (any PEFT adapter) on ``lm_head``, a model family outside
@@ -399,6 +411,7 @@ def apply(
     _Options.backend = backend
     _Options.chunk_size = chunk_size
     _Options.vocab_block_size = vocab_block_size
+    _Options.fused_loss = bool(fused_loss)
     if trainer is not None:
         _check_trainer(trainer)  # before patching anything: a failed apply(trainer) leaves TRL as it was
     if _ACTIVE is None:
@@ -441,6 +454,7 @@ def _install() -> _Patcher:
     )
     patcher.set(RewardTrainer, "__init__", patched_init)
     patcher.set(RewardTrainer, "compute_loss", reward_compute_loss)
+    trl_fused_loss.install(patcher, lambda: _Options.fused_loss)
     return patcher
 
 

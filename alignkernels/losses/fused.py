@@ -1,21 +1,193 @@
 """Fused-from-hidden-states losses: hidden states + lm_head in, loss + metrics out.
 
-Each is ``linear_logprobs`` (the ``[N, V]`` logits never exist; masked positions cost no FLOPs)
-followed by the per-token loss of this package (``dpo_loss_from_token_logps``, ``grpo_loss``,
-``ppo_loss``) -- the loss math lives only there. The per-token statistics the trainers log
-(entropy, token accuracy, mean logit) come out of the same pass over the vocabulary.
+Two head paths, the loss math living only in this package's per-token losses
+(``grpo_loss``, ``ppo_loss``, ``dpo_loss_from_token_logps``) either way:
 
-Memory: besides the inputs and their gradients, one logits tile per chunk (see
-``linear_logprobs``) and O(B x T) per-token tensors.
+* **three GEMMs** (``alignkernels.ops.three_gemm``) for token-separable losses -- the loss's
+  gradient w.r.t. each token's log-prob and entropy depends only on that token (and on normalisers
+  fixed by the mask), so it is formed per token chunk while the chunk's logits are at hand:
+  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs).
+  ``fused_linear_cross_entropy`` (SFT), and ``fused_linear_grpo_loss`` / ``fused_linear_ppo_loss``
+  wherever their configuration is token-separable.
+* **four GEMMs**: ``linear_logprobs`` (a differentiable log-prob head: logits forward, recompute,
+  two gradient GEMMs; 8·n·H·V) followed by the loss and autograd -- for everything else
+  (sequence-level ratios, entropy quantile masks, DPO, ...).
+
+How GRPO/PPO get their per-token gradient on the three-GEMM path: the loss function itself is
+evaluated, per chunk, on the full ``[B, T]`` log-probs (the chunk's fresh values, earlier chunks'
+values, the sampling log-probs elsewhere) and differentiated with autograd; for a token-separable
+configuration the gradient at the chunk's tokens is exact whatever the other tokens hold. The cost
+is O(B·T) elementwise work per chunk, nothing next to a ``[chunk, V, H]`` GEMM. After the last
+chunk the loss and its metrics are computed once more from the finished log-probs.
+
+Masked positions are dropped before any matmul (no FLOPs) on both paths. Memory: see
+``alignkernels.ops.three_gemm`` (one fp32 ``[chunk, V]`` buffer or two; the gradients exist from
+the forward on) and ``linear_logprobs``; plus O(B x T) per-token tensors.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
 from ..ops.linear_logprobs import linear_logprobs
+from ..ops.three_gemm import (
+    HeadGradientFunction,
+    TokenGrad,
+    compact_rows,
+    make_plan,
+    three_gemm_head,
+    validate_head,
+)
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .ppo import ppo_loss
+
+FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
+FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
+FUSED_LINEAR_PPO_LOSS = OpBackends("fused_linear_ppo_loss", ("triton", "torch", "reference"))
+HEAD_PATHS = ("auto", "three_gemm", "four_gemm")
+SFT_LOSS_TYPES = ("nll", "dft")
+
+
+class FusedCrossEntropyOutput(NamedTuple):
+    """``fused_linear_cross_entropy(..., return_stats=True)``: the loss and TRL's SFT statistics,
+    per token of ``labels.shape`` (0 / False where ignored; all but ``loss`` detached)."""
+
+    loss: torch.Tensor
+    logp: torch.Tensor
+    entropy: torch.Tensor
+    is_top1: torch.Tensor
+    num_tokens: torch.Tensor  # valid (non-ignored) labels, int64 0-d
+
+
+def _reference_head_stats(compact, weight, bias, tr):
+    """Eager baseline on the compact rows: materialised logits, autograd through log_softmax."""
+    from ..reference import transform_logits
+
+    cd = output_dtype(compact.hidden.dtype)
+    logits = compact.hidden.to(cd) @ weight.to(cd).T
+    if bias is not None:
+        logits = logits + bias.to(cd)
+    z = transform_logits(logits, logit_scale=tr.logit_scale, softcap=tr.softcap, temperature=tr.temperature)
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(1, compact.labels[:, None]).squeeze(1)
+    entropy = -(logp_all.exp() * logp_all).sum(1)
+    return logp, entropy, z.argmax(1) == compact.labels
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    logit_scale: float = 1.0,
+    return_entropy: bool = False,
+    return_stats: bool = False,
+    num_items_in_batch=None,
+    loss_type: str = "nll",
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    check_labels: bool | None = None,
+):
+    """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
+
+    ``loss = Σ_t ℓ_t / D`` over the tokens whose label is not ``ignore_index``, with
+    ``ℓ_t = −log p(label_t)`` (``loss_type="nll"``) or DFT's ``−log p·p.detach()`` (``"dft"``),
+    ``p = softmax(z)``, ``z = transform(hidden @ weight.T + bias)`` (``logit_scale``, Gemma's
+    ``softcap``, ``temperature``; ``linear_logprobs``' order). ``D`` is TRL's SFTTrainer's
+    (``compute_loss``, TRL 1.16): ``num_items_in_batch`` if given, else the number of valid labels,
+    clamped to >= 1 (a fully ignored batch gives a finite 0 and zero gradients); ``reduction="sum"``
+    has ``D = 1``.
+
+    Labels are used as given (already shifted: ``hidden[..., t, :]`` predicts ``labels[..., t]``).
+    The gradient w.r.t. each token's logits is ``−(onehot − p)/D`` (nll), known in the forward: the
+    logits of a token chunk are produced once, turned into dz in place and consumed by the
+    ``grad_hidden`` and ``grad_weight`` GEMMs (``alignkernels.ops.three_gemm``): 6·n·H·V matmul FLOPs
+    for n valid tokens (a log-prob head + autograd needs 8·n·H·V). No ``[N, V]`` tensor.
+
+    Args:
+        hidden: ``[..., H]`` float16 / bfloat16 / float32 (float64 on torch / reference).
+        weight: ``[V, H]``, hidden's dtype. ``bias``: optional ``[V]``.
+        labels: ``hidden.shape[:-1]`` int, in ``[0, V)`` or ``ignore_index``.
+        reduction: ``"mean"`` (over ``D`` above) or ``"sum"``. Per-token losses (``"none"``) have
+            arbitrary upstream gradients: use ``linear_logprobs``.
+        num_items_in_batch: token count of the whole (accumulated, all-rank) batch, as
+            ``transformers.Trainer`` passes it; ``reduction="mean"`` only.
+        return_entropy: also return the per-token entropy (detached, 0 where ignored).
+        return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
+            num_tokens): what SFTTrainer logs, from the same pass.
+        loss_type: ``"nll"`` or ``"dft"`` (TRL's ``SFTConfig.loss_type``).
+        backend: ``"auto"``, ``"triton"`` (cuBLAS + ``alignkernels.kernels.fused_head``; CUDA, or CPU
+            under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
+        chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
+        check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
+
+    Returns:
+        0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
+        Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
+
+    Memory (besides inputs): one fp32 ``[chunk, V]`` logits buffer (two on the torch path, three
+    with softcap; a ``[chunk, V]`` dz buffer in the weight dtype for half weights on triton), the
+    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' (per-token losses: use linear_logprobs), got {reduction!r}")
+    if loss_type not in SFT_LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
+    if num_items_in_batch is not None and reduction != "mean":
+        raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
+    V = weight.shape[0]
+    if labels_checking_enabled(check_labels):
+        check_label_range(labels, V, ignore_index)
+    cd = output_dtype(hidden.dtype)
+    compact = compact_rows(hidden, labels, ignore_index)
+    n = compact.labels.numel()
+    num_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
+    if reduction == "sum":
+        denominator = torch.ones((), dtype=cd, device=hidden.device)
+    else:
+        count = num_tokens if num_items_in_batch is None else num_items_in_batch
+        denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
+
+    if backend == "reference":
+        logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
+        weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
+        loss = -(logp * weight_t).sum() / denominator
+        logp, entropy = logp.detach(), entropy.detach()
+    else:
+
+        def token_grad(rows, stats):
+            # ℓ = −logp (nll) or −logp·p.detach() (dft):  ∂L/∂logp_t = −1/D or −p_t/D
+            g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
+            return TokenGrad(g / denominator)
+
+        plan = make_plan(backend, hidden.device, n, V, chunk_size)
+        needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                  compact.labels, tr, token_grad, plan, needs)  # fmt: skip
+            weight_t = out.logp.exp() if loss_type == "dft" else 1.0
+            loss = -(out.logp * weight_t).sum() / denominator
+        logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
+        if any(needs):
+            loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+    if return_stats:
+        return FusedCrossEntropyOutput(loss, compact.expand(logp, labels.shape), compact.expand(entropy, labels.shape),
+                                       compact.expand(is_top1, labels.shape), num_tokens)  # fmt: skip
+    if return_entropy:
+        return loss, compact.expand(entropy, labels.shape)
+    return loss
 
 
 
@@ -36,6 +208,86 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
     with torch.no_grad():
         kwargs = {k: v for k, v in head.items() if k != "bias"}
         return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
+
+# --------------------------------------------------------------------------------------------
+# GRPO / PPO on the three-GEMM head: the per-token gradient of the loss itself, chunk by chunk
+# --------------------------------------------------------------------------------------------
+class LossProbe:
+    """``token_grad`` for a token-separable loss ``loss_fn(logp [B, T], entropy [B, T])``.
+
+    Per chunk: the chunk's log-probs (and entropies) are written into the full ``[B, T]`` tensors
+    (earlier chunks keep theirs, the rest hold ``fill_logp``), the loss is evaluated and
+    differentiated. For a token-separable configuration ``∂L/∂logp_t`` depends only on token t, so
+    the values elsewhere do not matter; the normalisers come from the mask the loss sees."""
+
+    def __init__(self, loss_fn, compact, shape, fill_logp, uses_entropy):
+        self.loss_fn, self.uses_entropy = loss_fn, uses_entropy
+        cd = fill_logp.dtype
+        self.logp = fill_logp.detach().clone().reshape(-1)
+        self.entropy = torch.zeros_like(self.logp)
+        self.shape = shape
+        self.positions = (compact.positions if compact.positions is not None
+                          else torch.arange(compact.n_total, device=fill_logp.device))  # fmt: skip
+        self.cd = cd
+
+    def __call__(self, rows, stats):
+        pos = self.positions[rows]
+        self.logp[pos] = stats.logp.to(self.cd)
+        self.entropy[pos] = stats.entropy.to(self.cd)
+        with torch.enable_grad():
+            logp = self.logp.clone().requires_grad_(True)
+            entropy = self.entropy.clone().requires_grad_(self.uses_entropy)
+            loss, _ = self.loss_fn(logp.view(self.shape), entropy.view(self.shape))
+            inputs = (logp, entropy) if self.uses_entropy else (logp,)
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        g = [torch.zeros_like(self.logp) if x is None else x for x in grads]
+        return TokenGrad(g[0][pos], g[1][pos] if self.uses_entropy else None)
+
+
+def _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill_logp, uses_entropy, *, tr, ignore_index, backend,
+                     chunk_size):  # fmt: skip
+    """``loss_fn(logp, entropy) -> (loss, metrics)`` on the three-GEMM head; returns ``(loss, metrics)``
+    with the head's gradients attached to ``loss`` (``HeadGradientFunction``)."""
+    compact = compact_rows(hidden, labels, ignore_index)
+    probe = LossProbe(loss_fn, compact, labels.shape, fill_logp, uses_entropy)
+    plan = make_plan(backend, hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
+    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                              compact.labels, tr, probe, plan, needs)  # fmt: skip
+    cd = fill_logp.dtype
+    logp = compact.expand(out.logp.to(cd), labels.shape)
+    entropy = compact.expand(out.entropy.to(cd), labels.shape)
+    loss, metrics = loss_fn(logp, entropy)
+    if any(needs):
+        loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+    metrics["head_path"] = "three_gemm"
+    return loss, metrics
+
+
+def _resolve_head_path(head_path, op, reason):
+    """``reason``: why the configuration is not token-separable (None: it is)."""
+    if head_path not in HEAD_PATHS:
+        raise ValueError(f"head_path must be one of {HEAD_PATHS}, got {head_path!r}")
+    if head_path == "three_gemm" and reason is not None:
+        raise ValueError(f"{op}: head_path='three_gemm' needs a token-separable loss, but {reason}")
+    if head_path == "auto":
+        return "three_gemm" if reason is None else "four_gemm"
+    return head_path
+
+
+def grpo_non_separable_reason(grpo_kwargs) -> str | None:
+    """Why a ``grpo_loss`` configuration's gradient w.r.t. a token's log-prob depends on other
+    tokens (then the three-GEMM head cannot form it per chunk), or None."""
+    if grpo_kwargs.get("importance_sampling_level", "token") != "token":
+        return "importance_sampling_level='sequence' (GSPO) has one ratio per sequence"
+    if grpo_kwargs.get("loss_type", "dapo") == "vespo":
+        return "loss_type='vespo' weights each token by a function of its sequence's ratio"
+    if grpo_kwargs.get("top_entropy_quantile", 1.0) < 1.0:
+        return "top_entropy_quantile < 1 masks tokens by a quantile over all tokens' entropies"
+    if grpo_kwargs.get("off_policy_mask_threshold") is not None:
+        return "off_policy_mask_threshold masks sequences by their mean log-ratio"
+    return None
 
 
 def fused_linear_grpo_loss(
@@ -58,6 +310,7 @@ def fused_linear_grpo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    head_path: str = "auto",
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -81,17 +334,70 @@ def fused_linear_grpo_loss(
             ``importance_sampling_level``, ``max_completion_length``, ``num_items_in_batch``, ...
             exactly as :func:`alignkernels.grpo_loss`.
 
+        head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
+            ``"four_gemm"``.
+
+    Head path (``metrics["head_path"]``), with ``"auto"``:
+
+    ========================================================  ==============  =========================
+    configuration                                             path            why
+    ========================================================  ==============  =========================
+    ``importance_sampling_level="token"`` with ``grpo``,      ``three_gemm``  ∂L/∂logp_t, ∂L/∂H_t depend
+    ``bnpo``, ``dr_grpo``, ``dapo``, ``cispo``, ``sapo``,                     on token t only; the
+    ``luspo``; any ``beta`` (k3 KL vs ``ref_logp`` /                          normalisers (count per
+    ``ref_hidden``), ``delta``, ``entropy_coef``,                             row, Σ count, B·max len,
+    ``importance_sampling_ratio``, ``num_items_in_batch``                     num_items) come from the
+                                                                              mask
+    ``importance_sampling_level="sequence"`` (GSPO)           ``four_gemm``   one ratio per sequence
+    ``loss_type="vespo"``                                     ``four_gemm``   sequence weights φ(w)
+    ``top_entropy_quantile < 1``                              ``four_gemm``   quantile over all tokens
+    ``off_policy_mask_threshold``                             ``four_gemm``   sequence mean log-ratio
+    ``backend="reference"``                                   ``four_gemm``   eager baseline
+    ========================================================  ==============  =========================
+
     Returns:
-        ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included).
+        ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included) plus
+        ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
     labels = _masked_labels(completion_ids, completion_mask, ignore_index)
-    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
                                           head=head, ignore_index=ignore_index)  # fmt: skip
-    return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+    path = _resolve_head_path(head_path, "fused_linear_grpo_loss", grpo_non_separable_reason(grpo_kwargs))
+    resolved = FUSED_LINEAR_GRPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
+    if path == "three_gemm" and resolved != "reference":
+        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
+                                check_labels)  # fmt: skip
+
+        def loss_fn(logp, entropy):
+            return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+
+        fill = _fill_logp(old_logp, completion_mask, hidden)
+        uses_entropy = grpo_kwargs.get("entropy_coef", 0.0) != 0.0
+        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill, uses_entropy, tr=tr,
+                                ignore_index=ignore_index, backend=resolved, chunk_size=chunk_size)  # fmt: skip
+    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
+    loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+    metrics["head_path"] = "four_gemm"
+    return loss, metrics
+
+
+def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels):
+    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    if labels_checking_enabled(check_labels):
+        check_label_range(labels, weight.shape[0], ignore_index)
+    return tr
+
+
+def _fill_logp(old_logp, mask, hidden):
+    """What the probe's ``[B, T]`` log-probs hold before a token's chunk is done: the sampling
+    log-probs where given (ratio 1), else 0."""
+    cd = output_dtype(hidden.dtype)
+    if old_logp is not None:
+        return old_logp.detach().to(cd).masked_fill(mask == 0, 0.0)
+    return torch.zeros(mask.shape, dtype=cd, device=hidden.device)
 
 
 def fused_linear_dpo_loss(
@@ -181,18 +487,42 @@ def fused_linear_ppo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    head_path: str = "auto",
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
 
-    ``logp, entropy = linear_logprobs(hidden, weight, response_ids)`` over the valid response
-    tokens, then :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``,
-    ``entropy_coef``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
+    The per-token log-probs and entropies of the valid response tokens, then
+    :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``, ``entropy_coef``,
+    ``loss_agg_mode``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
     ``values``/``old_values``/``returns`` are the value head's ``[B, T]`` tensors (the value head
-    itself is cheap and stays in the caller's model).
+    itself is cheap and stays in the caller's model; it gets its gradient through autograd).
+
+    Head path (``metrics["head_path"]``): every ``ppo_loss`` configuration is token-separable (the
+    clipped policy term and the entropy bonus are per token, every ``loss_agg_mode`` normalises by
+    mask counts), so ``"auto"`` takes ``"three_gemm"`` (``backend="reference"``: ``"four_gemm"``,
+    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
     labels = _masked_labels(response_ids, mask, ignore_index)
+    path = _resolve_head_path(head_path, "fused_linear_ppo_loss", None)
+    resolved = FUSED_LINEAR_PPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
+    if path == "three_gemm" and resolved != "reference":
+        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
+                                check_labels)  # fmt: skip
+        probe_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
+
+        def loss_fn(logp, entropy):
+            vals = (values, old_values, returns) if logp.requires_grad is False else probe_values
+            return ppo_loss(logp, old_logp, advantages, mask, *vals, entropy=entropy, **ppo_kwargs)
+
+        uses_entropy = ppo_kwargs.get("entropy_coef", 0.0) != 0.0
+        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, _fill_logp(old_logp, mask, hidden),
+                                uses_entropy, tr=tr, ignore_index=ignore_index, backend=resolved,
+                                chunk_size=chunk_size)  # fmt: skip
     logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
-    return ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy, **ppo_kwargs)
+    loss, metrics = ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy,
+                             **ppo_kwargs)  # fmt: skip
+    metrics["head_path"] = "four_gemm"
+    return loss, metrics
