@@ -139,6 +139,17 @@ def widen_labels(name: str, labels) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
+def refuse_double_backward(op: str, backend: str) -> None:
+    """Call first thing in a fused op's ``backward``: grad mode is on there only under
+    ``create_graph=True`` (gradient penalties, Hessian-vector products), which the fused kernels do
+    not support -- one clear error instead of a silently wrong second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported on backend={backend!r}; "
+            f"use backend='reference' (eager autograd) for higher-order gradients"
+        )
+
+
 def check_same_device(**tensors):
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

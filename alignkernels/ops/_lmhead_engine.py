@@ -126,6 +126,7 @@ class TorchFold:
     max y before the label, y at the label. The GEMM adds the bias; a second tile-sized buffer is the
     scratch of the ATen passes."""
 
+    NAME = "torch"
     FIELDS = ("row_max", "log_sum", "entropy", "sum_sq_exp", "sum_z", "max_y", "max_y_before_label", "label_y")
     FILLS = (float("-inf"), float("-inf"), 0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("nan"))
     needs_work = True
@@ -196,8 +197,9 @@ class TritonFold:
     kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the weight's dtype
     (the gradient GEMMs' operand dtype on the GPU)."""
 
+    NAME = "triton"
     FILLS = {"row_max": float("-inf"), "max_y": float("-inf"), "max_y_before_label": float("-inf"),
-             "label_y": float("nan")}  # fmt: skip
+             "label_y": float("nan"), "label_centred": float("nan")}  # fmt: skip
     needs_work = False
     max_block = None
 
@@ -234,7 +236,7 @@ class TritonFold:
         f = dict(zip(FOLD_STATE, state))
         stats = merged(f["row_max"].clone(), torch.stack((f["sum_exp"], f["sum_centred"])))
         log_sum = stats.log_sum
-        logp = centred(f["label_y"][:, None], stats.row_max, tr.temperature).squeeze(1) - log_sum
+        logp = f["label_centred"] - log_sum  # the kernel's own z - m (its 1/T, its fma)
         extra = None
         if want_stats:
             extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
