@@ -92,3 +92,20 @@ def test_single_backward_unaffected():
     x = torch.randn(2, 7, requires_grad=True)
     alignkernels.token_logprobs(x, torch.tensor([0, 6]), backend="torch").sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_gather_last_wrong_rank_hidden_names_x():
+    """[B, H] hidden states (the sequence dimension dropped) with a [B, T] mask: the error is about x."""
+    with pytest.raises(ValueError, match=r"x must be \[B, T, \.\.\.\] with T = the mask's 5 positions"):
+        alignkernels.gather_last(torch.randn(2, 16), torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("value", ["abc", [1.0], None], ids=["str", "list", "none"])
+def test_non_numeric_logit_scale_names_the_argument(value):
+    with pytest.raises(TypeError, match="logit_scale must be a number"):
+        alignkernels.linear_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), logit_scale=value)
+
+
+def test_non_numeric_softcap_names_the_argument():
+    with pytest.raises(TypeError, match="softcap must be a number"):
+        alignkernels.linear_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([0, 1]), softcap="30")
