@@ -166,11 +166,17 @@ def labels_checking_enabled(check_labels: bool | None) -> bool:
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "labels"):
     """Raise ValueError if any label is outside ``[0, vocab_size)`` and not ``ignore_index``.
 
-    One fused reduction plus one host sync (``.item()``) per call.
+    One fused reduction plus one host sync (``.item()``) per call. Under ``torch.compile`` the check is
+    an in-graph ``torch._assert_async`` instead (no host sync, no graph break; it raises a RuntimeError
+    with the same message, without the offending value).
     """
     if labels.numel() == 0:
         return
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"{name} must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")  # fmt: skip
+        return
     if bool(bad.any().item()):
         idx = bad.nonzero()[0].tolist()
         value = labels[tuple(idx)].item()

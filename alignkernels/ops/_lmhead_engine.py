@@ -422,15 +422,20 @@ def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan
 
 class CompactRows(NamedTuple):
     """The valid (not ignored) rows of flattened ``[N, H]`` hidden states: ``rows`` their indices
-    (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64."""
+    (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64. Under
+    ``torch.compile`` (no data-dependent shapes) nothing is dropped: ignored rows get label 0 and
+    ``valid`` masks their outputs, so they receive zero upstream gradient."""
 
     rows: torch.Tensor | None
     hidden: torch.Tensor
     labels: torch.Tensor
     shape: tuple
+    valid: torch.Tensor | None = None
 
     def expand(self, x):
         """A per-compact-row tensor back to the labels' shape (0 / False at ignored positions)."""
+        if self.valid is not None:
+            x = torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.rows is not None:
             n_total = math.prod(self.shape)
             x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, self.rows, x)
@@ -441,6 +446,9 @@ def compact_rows(hidden, labels, ignore_index) -> CompactRows:
     """Drop ignored rows (one host sync: sizes the compact problem)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
+    if torch.compiler.is_compiling():
+        valid = flat_labels != ignore_index
+        return CompactRows(None, flat_hidden.contiguous(), torch.where(valid, flat_labels, 0), tuple(labels.shape), valid)
     rows = (flat_labels != ignore_index).nonzero().squeeze(1)
     if rows.numel() == flat_labels.numel():
         return CompactRows(None, flat_hidden.contiguous(), flat_labels.contiguous(), tuple(labels.shape))
