@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled
+from .._utils import OpBackends, check_label_range, labels_checking_enabled, refuse_double_backward
 from ..reference import linear_logprobs_reference, linear_logprobs_stats_reference
 from ._lmhead_engine import (
     FOLDS,
@@ -67,8 +67,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return out.logp, out.stats.entropy.clone(), *extra, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
+        refuse_double_backward("linear_logprobs", ctx.fold.NAME)
         hidden, weight, bias, labels, *stats = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if (grad_logp is None and grad_entropy is None) or not any(needs):
