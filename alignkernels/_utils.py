@@ -234,13 +234,3 @@ def as_rows(x: torch.Tensor):
 
 def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """TRANSITIONAL shim for callers not yet on ``OpBackends`` (removed once every op declares its
-    backends). Old behaviour: all five backends accepted."""
-    return OpBackends._legacy.resolve(backend, device, dtype)
-
-
-OpBackends._legacy = OpBackends("<legacy>", ("triton", "cuda", "torch", "reference"))
-del OpBackends.registry["<legacy>"]

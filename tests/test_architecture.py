@@ -28,11 +28,7 @@ MODULES = _modules()
 
 # Known offences in modules other helpers are reshaping (issue 14 item 5: the TRL/transformers split and the
 # GRPO/PPO row engine). Listed so this file can land first; the lead empties it when those branches merge.
-PENDING_PRIVATE_IMPORTS = {
-    ("alignkernels.integrations.trl", "_is_zero3_partitioned"),
-    ("alignkernels.integrations.trl", "_unwrap"),
-    ("alignkernels.losses.ppo", "_grpo_rows_triton"),
-}
+PENDING_PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # known debt: none
 
 
 def _is_package(name):
