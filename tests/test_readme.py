@@ -41,3 +41,26 @@ def test_readme_is_a_short_front_page():
     assert len(lines) <= MAX_LINES, f"README has {len(lines)} lines; move detail to docs/"
     for link in re.findall(r"\]\(((?:docs|bench)/[^)#]+)", README.read_text()):
         assert (ROOT / link).exists(), f"README links to missing {link}"
+
+
+def test_readme_backend_table_is_the_dispatch_registry():
+    """The README's backend table lists exactly what each op declares to ``OpBackends``."""
+    import alignkernels
+    from alignkernels._utils import backend_table
+
+    for name in alignkernels.__all__:  # the lazy public names: importing them registers their ops
+        getattr(alignkernels, name)
+    for module in ("alignkernels.ops.vocab_parallel",):
+        __import__(module)
+    text = README.read_text()
+    table = text[text.index("| backends (`auto`"): text.index("Outputs are fp32")]
+    readme = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            continue
+        backends, ops = (c.strip() for c in line.strip("|").split("|"))
+        for op in re.findall(r"`(\w+)`", ops):
+            readme[op] = tuple(b.strip() for b in backends.split(","))
+    registry = {op: backends for op, backends, _cuda, _cpu in backend_table()}
+    assert readme == registry
+    assert all(cuda == "triton" and cpu == "torch" for _op, _b, cuda, cpu in backend_table())
