@@ -19,7 +19,9 @@ import math
 import torch
 
 from .cases_common import ours_check, package_check
-from .cases_losses import GRPO_BETA, GRPO_EPS_HIGH, GRPO_EPS_LOW, grpo_eager, grpo_inputs, grpo_liger
+from .cases_linear_logprobs import head_cost
+from .cases_losses import GRPO_BETA, GRPO_EPS_HIGH, GRPO_EPS_LOW, grpo_eager, grpo_inputs, grpo_liger, head_loss_cost
+from .cost import HeadPath
 from .harness import OpBench, Provider
 
 CPU_TARGET = {"N": 4096, "H": 1024, "V": 32000}  # issue #18's CPU benchmark shape
@@ -80,21 +82,18 @@ def ce_liger(inputs):
     return LigerFusedLinearCrossEntropyLoss(reduction="mean")(inputs["weight"], inputs["hidden"], inputs["labels"])
 
 
-def _cost(n_tokens, H, V):
-    return {"flops_fwd": 2 * n_tokens * H * V, "flops_fwdbwd": 6 * n_tokens * H * V}
-
-
 def build_fused_ce() -> OpBench:
     return OpBench(
         name="fused_ce",
         title="SFT cross-entropy from hidden [N, H]: three GEMMs vs four",
         make_inputs=ce_inputs,
         providers=[
-            Provider("eager", ce_eager, role="eager"),
+            Provider("eager", ce_eager, role="eager", cost=head_cost(HeadPath.MATERIALISED)),
             Provider("alignkernels:three_gemm", ce_three_gemm, role="ours",
                      available=ours_check(("fused_linear_cross_entropy",))),
-            Provider("alignkernels:four_gemm", ce_four_gemm, role="ours", available=ours_check(("linear_logprobs",))),
-            Provider("trl", ce_trl, available=package_check("trl.kernels", "trl"),
+            Provider("alignkernels:four_gemm", ce_four_gemm, role="ours", available=ours_check(("linear_logprobs",)),
+                     cost=head_cost(HeadPath.RECOMPUTE)),
+            Provider("trl", ce_trl, available=package_check("trl.kernels", "trl"), cost=head_cost(HeadPath.RECOMPUTE),
                      note="trl: ChunkedLogProbFunction + SFTTrainer's reduction"),
             Provider("liger", ce_liger,
                      available=package_check("liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel",
@@ -109,7 +108,7 @@ def build_fused_ce() -> OpBench:
         shape_keys=("N", "H", "V"),
         x_axis="N",
         to_loss=_loss,
-        cost=lambda shape, dtype: _cost(shape["N"], shape["H"], shape["V"]),
+        cost=head_cost(HeadPath.GRAD_IN_FORWARD),  # bench.cost: the op's default, three GEMMs
         roofline="matmul",
     )
 
@@ -152,12 +151,13 @@ def build_fused_grpo() -> OpBench:
         title="GRPO (dapo, beta=0.04) from hidden [B, T, H]: three GEMMs vs four",
         make_inputs=grpo_inputs,
         providers=[
-            Provider("eager", grpo_eager, role="eager"),
+            Provider("eager", grpo_eager, role="eager", cost=head_loss_cost(HeadPath.MATERIALISED, False)),
             Provider("alignkernels:three_gemm", _grpo_ours("three_gemm"), role="ours",
                      available=ours_check(("fused_linear_grpo_loss",))),
             Provider("alignkernels:four_gemm", _grpo_ours("four_gemm"), role="ours",
-                     available=ours_check(("fused_linear_grpo_loss",))),
+                     available=ours_check(("fused_linear_grpo_loss",)), cost=head_loss_cost(HeadPath.RECOMPUTE, False)),
             Provider("trl", grpo_trl, available=package_check("trl.kernels", "trl"),
+                     cost=head_loss_cost(HeadPath.RECOMPUTE, False),
                      note="trl: ChunkedLogProbFunction + grpo_loss (TRL's _compute_loss)"),
             Provider("liger", grpo_liger, available=package_check("liger_kernel.chunked_loss", "liger-kernel"),
                      note="liger: LigerFusedLinearGRPOLoss"),
@@ -170,6 +170,6 @@ def build_fused_grpo() -> OpBench:
         shape_keys=("B", "T", "H", "V"),
         x_axis="T",
         to_loss=_loss,
-        cost=lambda shape, dtype: _cost(shape["B"] * shape["T"], shape["H"], shape["V"]),
+        cost=head_loss_cost(HeadPath.GRAD_IN_FORWARD, False),
         roofline="matmul",
     )

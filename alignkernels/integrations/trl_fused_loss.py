@@ -40,14 +40,8 @@ import torch
 from ..losses.fused import LossProbe, grpo_non_separable_reason
 from ..losses.grpo import grpo_loss
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import (
-    CompactRows,
-    HeadGradients,
-    LogitTransform,
-    TokenGrad,
-    make_plan,
-    three_gemm_head,
-)
+from ..ops._lmhead_engine import Transform
+from ..ops.three_gemm import HEAD_FOLDS, HeadGradients, TokenGrad, make_plan, three_gemm_head
 
 logger = logging.getLogger("alignkernels.integrations.trl")
 
@@ -254,8 +248,7 @@ def _policy_for(targets):
     positions = scope.completion_mask.reshape(-1).nonzero().squeeze(1)
     if positions.numel() != n_valid:
         return None
-    compact = CompactRows(None, None, positions, scope.completion_mask.numel())
-    probe = LossProbe(scope.loss_fn, compact, scope.completion_mask.shape, scope.fill_logp, scope.uses_entropy)
+    probe = LossProbe(scope.loss_fn, positions, scope.completion_mask.shape, scope.fill_logp, scope.uses_entropy)
     return _ProbedGradient(probe), scored_rows
 
 
@@ -307,14 +300,14 @@ class _CheckedHeadGradient(torch.autograd.Function):
     ``linear_logprobs`` (four GEMMs more). Either way the result is autograd's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tr: LogitTransform, chunk_size, policy, scored_rows):
+    def forward(ctx, hidden, weight, bias, targets, tr: Transform, chunk_size, policy, scored_rows):
         h, t = hidden, targets.long()
         if scored_rows is not None:  # rows TRL zeroes afterwards: never projected
             h, t = hidden.index_select(0, scored_rows), t.index_select(0, scored_rows)
-        plan = make_plan("triton" if hidden.is_cuda else "torch", hidden.device, t.numel(), weight.shape[0],
-                         chunk_size)  # fmt: skip
+        fold = HEAD_FOLDS["triton" if hidden.is_cuda else "torch"]
+        plan = make_plan(fold, hidden.device, t.numel(), weight.shape[0], chunk_size)
         needs = tuple(ctx.needs_input_grad[:3])
-        out = three_gemm_head(h, weight, bias, t, tr, policy.token_grad, plan, needs)
+        out = three_gemm_head(h, weight, bias, t, tr, policy.token_grad, plan, fold, needs)
         grads = out.grads
         outputs = (out.logp.float(), out.entropy.float(), out.is_top1)
         if scored_rows is not None:
@@ -382,7 +375,7 @@ def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcap
                  chunk_size=None):  # fmt: skip
     """``ChunkedLogProbFunction``'s outputs ``(log_probs, entropy, None, None, is_top1)`` from the
     three-GEMM head with the current scope's gradient policy (None where it does not apply)."""
-    tr = LogitTransform(
+    tr = Transform(
         logit_scale=1.0 if logit_scale is None else float(logit_scale),
         softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
         temperature=float(temperature),

@@ -31,15 +31,9 @@ from typing import NamedTuple
 import torch
 
 from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
+from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import (
-    HeadGradientFunction,
-    TokenGrad,
-    compact_rows,
-    make_plan,
-    three_gemm_head,
-    validate_head,
-)
+from ..ops.three_gemm import HEAD_FOLDS, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .ppo import ppo_loss
@@ -124,7 +118,7 @@ def fused_linear_cross_entropy(
         return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
             num_tokens): what SFTTrainer logs, from the same pass.
         loss_type: ``"nll"`` or ``"dft"`` (TRL's ``SFTConfig.loss_type``).
-        backend: ``"auto"``, ``"triton"`` (cuBLAS + ``alignkernels.kernels.fused_head``; CUDA, or CPU
+        backend: ``"auto"``, ``"triton"`` (cuBLAS + the ``alignkernels.kernels.linear_logprobs`` kernels; CUDA, or CPU
             under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
         chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
@@ -143,13 +137,9 @@ def fused_linear_cross_entropy(
         raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
-    V = weight.shape[0]
-    if labels_checking_enabled(check_labels):
-        check_label_range(labels, V, ignore_index)
+    tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
+                                    check_labels, chunk_size)  # fmt: skip
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     n = compact.labels.numel()
@@ -172,22 +162,39 @@ def fused_linear_cross_entropy(
             g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
             return TokenGrad(g / denominator)
 
-        plan = make_plan(backend, hidden.device, n, V, chunk_size)
-        needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                                  compact.labels, tr, token_grad, plan, needs)  # fmt: skip
-            weight_t = out.logp.exp() if loss_type == "dft" else 1.0
-            loss = -(out.logp * weight_t).sum() / denominator
+        out, needs = _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size)
+        weight_t = out.logp.exp() if loss_type == "dft" else 1.0
+        loss = -(out.logp * weight_t).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if any(needs):
             loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
     if return_stats:
-        return FusedCrossEntropyOutput(loss, compact.expand(logp, labels.shape), compact.expand(entropy, labels.shape),
-                                       compact.expand(is_top1, labels.shape), num_tokens)  # fmt: skip
+        return FusedCrossEntropyOutput(loss, compact.expand(logp), compact.expand(entropy), compact.expand(is_top1),
+                                       num_tokens)  # fmt: skip
     if return_entropy:
-        return loss, compact.expand(entropy, labels.shape)
+        return loss, compact.expand(entropy)
     return loss
+
+
+def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,
+                       chunk_size):  # fmt: skip
+    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``."""
+    check_positive_int("chunk_size", chunk_size)
+    tr, labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    if labels_checking_enabled(check_labels):
+        check_label_range(labels, weight.shape[0], ignore_index)
+    return tr, labels
+
+
+def _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size):
+    """The three-GEMM head over the compact rows: ``(HeadOutputs, needs)`` (gradients formed, not attached)."""
+    fold = HEAD_FOLDS[backend]
+    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
+    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    with torch.no_grad(), torch.autocast(compact.hidden.device.type, enabled=False):
+        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                              compact.labels, tr, token_grad, plan, fold, needs)  # fmt: skip
+    return out, needs
 
 
 
@@ -220,15 +227,14 @@ class LossProbe:
     differentiated. For a token-separable configuration ``∂L/∂logp_t`` depends only on token t, so
     the values elsewhere do not matter; the normalisers come from the mask the loss sees."""
 
-    def __init__(self, loss_fn, compact, shape, fill_logp, uses_entropy):
+    def __init__(self, loss_fn, positions, shape, fill_logp, uses_entropy):
+        """``positions``: the flat ``[B·T]`` position of each compact row (None: row i is position i)."""
         self.loss_fn, self.uses_entropy = loss_fn, uses_entropy
-        cd = fill_logp.dtype
+        self.cd = fill_logp.dtype
         self.logp = fill_logp.detach().clone().reshape(-1)
         self.entropy = torch.zeros_like(self.logp)
         self.shape = shape
-        self.positions = (compact.positions if compact.positions is not None
-                          else torch.arange(compact.n_total, device=fill_logp.device))  # fmt: skip
-        self.cd = cd
+        self.positions = positions if positions is not None else torch.arange(self.logp.numel(), device=fill_logp.device)
 
     def __call__(self, rows, stats):
         pos = self.positions[rows]
@@ -244,21 +250,41 @@ class LossProbe:
         return TokenGrad(g[0][pos], g[1][pos] if self.uses_entropy else None)
 
 
-def _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill_logp, uses_entropy, *, tr, ignore_index, backend,
-                     chunk_size):  # fmt: skip
-    """``loss_fn(logp, entropy) -> (loss, metrics)`` on the three-GEMM head; returns ``(loss, metrics)``
-    with the head's gradients attached to ``loss`` (``HeadGradientFunction``)."""
+class PolicyLoss(NamedTuple):
+    """A GRPO/PPO loss for :func:`_policy_head_loss`: ``loss_fn(logp, entropy) -> (loss, metrics)``
+    on ``[B, T]`` per-token tensors; ``probe_fn`` the same loss as the three-GEMM probe evaluates it
+    (detached side inputs); ``old_logp`` / ``mask`` fill the probe; ``uses_entropy``: the loss
+    depends on the entropy."""
+
+    loss_fn: object
+    probe_fn: object
+    old_logp: torch.Tensor | None
+    mask: torch.Tensor
+    uses_entropy: bool
+
+
+def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: PolicyLoss, *, reason, head_path, head,
+                      ignore_index):  # fmt: skip
+    """GRPO / PPO from hidden states: masked tokens become ``ignore_index`` (never projected), then
+    the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
+    Returns ``(loss, metrics)`` with ``metrics["head_path"]``."""
+    labels = _masked_labels(token_ids, policy.mask, ignore_index)
+    path = _resolve_head_path(head_path, backends.op, reason)
+    backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
+    if path == "four_gemm" or backend == "reference":
+        logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
+        loss, metrics = policy.loss_fn(logp, entropy)
+        metrics["head_path"] = "four_gemm"
+        return loss, metrics
+    bias = head["bias"]
+    tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, head["temperature"], head["logit_scale"],
+                                    head["softcap"], ignore_index, head["check_labels"], head["chunk_size"])  # fmt: skip
     compact = compact_rows(hidden, labels, ignore_index)
-    probe = LossProbe(loss_fn, compact, labels.shape, fill_logp, uses_entropy)
-    plan = make_plan(backend, hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
-    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                              compact.labels, tr, probe, plan, needs)  # fmt: skip
-    cd = fill_logp.dtype
-    logp = compact.expand(out.logp.to(cd), labels.shape)
-    entropy = compact.expand(out.entropy.to(cd), labels.shape)
-    loss, metrics = loss_fn(logp, entropy)
+    fill = _fill_logp(policy.old_logp, policy.mask, hidden)
+    probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
+    out, needs = _run_head(compact, weight, bias, tr, probe, backend, head["chunk_size"])
+    logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
+    loss, metrics = policy.loss_fn(logp, entropy)
     if any(needs):
         loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
     metrics["head_path"] = "three_gemm"
@@ -361,34 +387,18 @@ def fused_linear_grpo_loss(
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
-    labels = _masked_labels(completion_ids, completion_mask, ignore_index)
     if ref_logp is None and ref_hidden is not None:
-        ref_logp = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
-                                          head=head, ignore_index=ignore_index)  # fmt: skip
-    path = _resolve_head_path(head_path, "fused_linear_grpo_loss", grpo_non_separable_reason(grpo_kwargs))
-    resolved = FUSED_LINEAR_GRPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
-    if path == "three_gemm" and resolved != "reference":
-        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
-                                check_labels)  # fmt: skip
+        ref_logp = _reference_token_logps(ref_hidden, _masked_labels(completion_ids, completion_mask, ignore_index),
+                                          weight=weight, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
+                                          ignore_index=ignore_index)  # fmt: skip
 
-        def loss_fn(logp, entropy):
-            return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+    def loss_fn(logp, entropy):
+        return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
 
-        fill = _fill_logp(old_logp, completion_mask, hidden)
-        uses_entropy = grpo_kwargs.get("entropy_coef", 0.0) != 0.0
-        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, fill, uses_entropy, tr=tr,
-                                ignore_index=ignore_index, backend=resolved, chunk_size=chunk_size)  # fmt: skip
-    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
-    loss, metrics = grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
-    metrics["head_path"] = "four_gemm"
-    return loss, metrics
-
-
-def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels):
-    tr = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
-    if labels_checking_enabled(check_labels):
-        check_label_range(labels, weight.shape[0], ignore_index)
-    return tr
+    policy = PolicyLoss(loss_fn, loss_fn, old_logp, completion_mask, grpo_kwargs.get("entropy_coef", 0.0) != 0.0)
+    return _policy_head_loss(FUSED_LINEAR_GRPO_LOSS, hidden, weight, completion_ids, policy,
+                             reason=grpo_non_separable_reason(grpo_kwargs), head_path=head_path, head=head,
+                             ignore_index=ignore_index)  # fmt: skip
 
 
 def _fill_logp(old_logp, mask, hidden):
@@ -505,24 +515,14 @@ def fused_linear_ppo_loss(
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
-    labels = _masked_labels(response_ids, mask, ignore_index)
-    path = _resolve_head_path(head_path, "fused_linear_ppo_loss", None)
-    resolved = FUSED_LINEAR_PPO_LOSS.resolve(backend, hidden.device, hidden.dtype)
-    if path == "three_gemm" and resolved != "reference":
-        tr = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
-                                check_labels)  # fmt: skip
-        probe_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
+    detached_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
 
-        def loss_fn(logp, entropy):
-            vals = (values, old_values, returns) if logp.requires_grad is False else probe_values
-            return ppo_loss(logp, old_logp, advantages, mask, *vals, entropy=entropy, **ppo_kwargs)
+    def loss_fn(logp, entropy, value_tensors=(values, old_values, returns)):
+        return ppo_loss(logp, old_logp, advantages, mask, *value_tensors, entropy=entropy, **ppo_kwargs)
 
-        uses_entropy = ppo_kwargs.get("entropy_coef", 0.0) != 0.0
-        return _three_gemm_loss(hidden, weight, bias, labels, loss_fn, _fill_logp(old_logp, mask, hidden),
-                                uses_entropy, tr=tr, ignore_index=ignore_index, backend=resolved,
-                                chunk_size=chunk_size)  # fmt: skip
-    logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
-    loss, metrics = ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy,
-                             **ppo_kwargs)  # fmt: skip
-    metrics["head_path"] = "four_gemm"
-    return loss, metrics
+    def probe_fn(logp, entropy):  # the value head gets its gradient from the final loss only
+        return loss_fn(logp, entropy, detached_values)
+
+    policy = PolicyLoss(loss_fn, probe_fn, old_logp, mask, ppo_kwargs.get("entropy_coef", 0.0) != 0.0)
+    return _policy_head_loss(FUSED_LINEAR_PPO_LOSS, hidden, weight, response_ids, policy, reason=None,
+                             head_path=head_path, head=head, ignore_index=ignore_index)

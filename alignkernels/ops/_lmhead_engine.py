@@ -40,7 +40,7 @@ import torch
 from .._utils import check_same_device, check_temperature, check_tensor, output_dtype, widen_labels
 from ..kernels._softmax import ROW_STATS
 from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
-from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, transform_
+from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, raw_grad_, transform_
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -186,10 +186,7 @@ class TorchFold:
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         zc = centred(y, stats.row_max, tr.temperature)
         dz = grad_from_centred_(zc, stats.log_sum, stats.entropy, g_logp, g_entropy, labels - vocab_start, work)
-        # chain rule to the raw logit x: z = f(x + b) / T
-        if dy_dx is None:
-            return dz.mul_(tr.logit_scale / tr.temperature)
-        return dz.mul_(dy_dx).div_(tr.temperature)
+        return raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)  # chain rule: z = f(x + b) / T
 
 
 class TritonFold:

@@ -26,8 +26,8 @@ parts (``torch.sum``, or an all-reduce across ranks) gives ``log_sum = log S``, 
 A part with no mass (``row_max_k = -inf``) has ``w_k = 0`` exactly.
 
 Gradient (:func:`grad_from_centred_`), with ``zc = z - row_max``: ``p = e^(zc - log_sum)``,
-``z - Σp·z = zc - (log_sum - H)``, ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)``; the caller's
-chain rule multiplies by ``1/T`` (and the transform's derivative).
+``z - Σp·z = zc - (log_sum - H)``, ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)``; the chain rule
+to the raw logit (:func:`raw_grad_`) multiplies by ``1/T`` and the transform's derivative.
 """
 from __future__ import annotations
 
@@ -158,3 +158,11 @@ def grad_from_centred_(zc, log_sum, entropy, g_logp, g_entropy, label_cols, work
         in_block = (label_cols >= 0) & (label_cols < n_cols)
         dz.scatter_add_(1, label_cols.clamp(0, n_cols - 1)[:, None], torch.where(in_block, g_logp, 0.0)[:, None])
     return dz
+
+
+def raw_grad_(dz: torch.Tensor, dy_dx: torch.Tensor | None, logit_scale: float, temperature: float) -> torch.Tensor:
+    """In place: ``d loss / dz`` -> ``d loss / dx`` for ``z = f(x) / T``: ``dz · f'(x) / T``, with
+    ``f' = dy_dx`` from :func:`transform_` (``None``: the constant ``logit_scale``)."""
+    if dy_dx is None:
+        return dz.mul_(logit_scale / temperature)
+    return dz.mul_(dy_dx).div_(temperature)

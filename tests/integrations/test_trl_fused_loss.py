@@ -16,7 +16,6 @@ datasets = pytest.importorskip("datasets")
 
 import alignkernels.integrations.trl as ak_trl  # noqa: E402
 from alignkernels.integrations import trl_fused_loss  # noqa: E402
-from alignkernels.ops.three_gemm import LogitTransform  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("_trl_parity_helpers", Path(__file__).with_name("test_trl.py"))
 parity = importlib.util.module_from_spec(_spec)
@@ -205,4 +204,3 @@ def test_usable_only_inside_the_scope_with_gradients():
         assert not trl_fused_loss.usable_for(hidden, weight, bias, (), True)  # ZeRO-3 partitioned head
         with torch.no_grad():
             assert not trl_fused_loss.usable_for(hidden, weight, bias, (), False)
-    assert LogitTransform().temperature == 1.0

@@ -248,8 +248,10 @@ def test_bad_tensors_name_themselves():
         fused_linear_cross_entropy(hidden, weight, labels[:, :-1])
     with pytest.raises(TypeError, match="same dtype"):
         fused_linear_cross_entropy(hidden, weight.double(), labels)
-    with pytest.raises(ValueError, match="bias must be"):
+    with pytest.raises(ValueError, match=r"bias must have shape \[V\]"):
         fused_linear_cross_entropy(hidden, weight, labels, bias=bias[:-1])
+    with pytest.raises(TypeError, match="bias must have the weight's dtype"):
+        fused_linear_cross_entropy(hidden, weight, labels, bias=bias.detach().double())
 
 
 def test_backward_twice_is_a_clear_error():
