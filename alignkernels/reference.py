@@ -6,6 +6,8 @@ read them to know what every fast backend must return.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -104,57 +106,67 @@ def linear_logprobs_stats_reference(
 # ============================================================================================
 # GRPO / PPO references (appended by the GRPO/PPO engineer)
 # ============================================================================================
+def _mean_std(values):
+    """Mean and Bessel-corrected sample std of a list of floats (NaN where undefined)."""
+    n = len(values)
+    mean = sum(values) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
 def group_advantages_reference(rewards_per_func, num_generations, scale_rewards="group", reward_weights=None,
                                multi_objective_aggregation="sum_then_normalize"):
-    """Line-by-line transcription of TRL 1.16 ``GRPOTrainer._generate_and_score_completions``
-    (the advantage block, one process). ``rewards_per_func`` is ``[B, K]``."""
+    """Group-relative advantages from the formulas, one completion at a time in Python floats
+    (fp64), with TRL 1.16's rules (``GRPOTrainer._generate_and_score_completions``): a NaN reward
+    is "not scored" and left out of sums, means and stds; a completion no function scored gets
+    advantage 0; std is the sample std, the divisor ``std + 1e-4``; a group (or batch) of one
+    has std 0, fewer than two scored values std NaN (so those advantages become 0).
 
-    def nanstd(tensor, dim=None, keepdim=False):  # trl.trainer.utils.nanstd
-        mean = torch.nanmean(tensor, dim=dim, keepdim=True)
-        variance = torch.nanmean((tensor - mean) ** 2, dim=dim, keepdim=True)
-        count = torch.sum(~torch.isnan(tensor), dim=dim, keepdim=True)
-        correction = count / (count - 1)
-        correction = torch.where(count > 1, correction, torch.full_like(correction, float("nan")))
-        variance *= correction
-        std = torch.sqrt(variance)
-        if keepdim:
-            return std
-        return std.squeeze(dim) if dim is not None else std.squeeze()
+    ``sum_then_normalize``: ``s_i = Σ_k w_k r_ik`` over scored k; ``A_i = (s_i - mean_g(s)) /
+    (std + 1e-4)`` with the std of the group (``"group"``), of the batch (``"batch"``) or no
+    division (``"none"``). ``normalize_then_sum`` (GDPO): ``z_ik = (r_ik - mean_gk) / (std_gk +
+    1e-4)`` per function within the group, ``s_i = Σ_k w_k z_ik`` over defined z, then
+    ``A_i = (s_i - mean(s)) / (std(s) + 1e-4)`` over the batch. ``rewards_per_func`` is ``[B, K]``."""
+    rows = rewards_per_func.double().tolist()
+    B, K, G = len(rows), len(rows[0]), num_generations
+    weights = [1.0] * K if reward_weights is None else [float(w) for w in reward_weights]
+    scored = [any(not math.isnan(r) for r in row) for row in rows]
+    groups = [range(start, start + G) for start in range(0, B, G)]
 
-    K = rewards_per_func.shape[1]
-    weights = torch.ones(K) if reward_weights is None else torch.tensor(reward_weights, dtype=torch.float32)
-    weights = weights.to(rewards_per_func.device)
-    unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
+    def present(values):
+        return [v for v in values if not math.isnan(v)]
+
+    advantages = [math.nan] * B
     if multi_objective_aggregation == "sum_then_normalize":
-        rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable_mask] = torch.nan
-        mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)
-        mean_grouped_rewards = mean_grouped_rewards.repeat_interleave(num_generations, dim=0)
-        if scale_rewards in ["group", "none"]:
-            if num_generations > 1:
-                std_rewards = nanstd(rewards.view(-1, num_generations), dim=1)
-                std_rewards = std_rewards.repeat_interleave(num_generations, dim=0)
-            else:
-                std_rewards = torch.zeros_like(rewards)
-        elif scale_rewards == "batch":
-            if rewards.numel() > 1:
-                std_rewards = nanstd(rewards).expand_as(rewards)
-            else:
-                std_rewards = torch.zeros_like(rewards)
-        advantages = rewards - mean_grouped_rewards
-        if scale_rewards != "none":
-            advantages = advantages / (std_rewards + 1e-4)
+        sums = [sum(w * r for w, r in zip(weights, row) if not math.isnan(r)) if ok else math.nan
+                for row, ok in zip(rows, scored)]  # fmt: skip
+        _, batch_std = _mean_std(present(sums))
+        for group in groups:
+            mean, std = _mean_std(present([sums[i] for i in group]))
+            if G == 1:
+                std = 0.0
+            if scale_rewards == "batch":
+                std = batch_std if B > 1 else 0.0
+            for i in group:
+                centred = sums[i] - mean
+                advantages[i] = centred if scale_rewards == "none" else centred / (std + 1e-4)
     else:
-        grouped = rewards_per_func.view(-1, num_generations, K)
-        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
-        std_k = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean_k)
-        reward_k = (grouped - mean_k) / (std_k + 1e-4)
-        reward_k = reward_k.view(-1, K)
-        rewards = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
-        rewards[unscorable_mask] = torch.nan
-        std_rewards = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
-        advantages = (rewards - torch.nanmean(rewards)) / (std_rewards + 1e-4)
-    return torch.nan_to_num(advantages, nan=0.0)
+        z = [[math.nan] * K for _ in range(B)]
+        for group in groups:
+            for k in range(K):
+                mean, std = _mean_std(present([rows[i][k] for i in group]))
+                if G == 1:
+                    std = 0.0
+                for i in group:
+                    z[i][k] = (rows[i][k] - mean) / (std + 1e-4)
+        sums = [sum(w * v for w, v in zip(weights, zi) if not math.isnan(v)) if ok else math.nan
+                for zi, ok in zip(z, scored)]  # fmt: skip
+        mean, std = _mean_std(present(sums))
+        if B == 1:
+            std = 0.0
+        advantages = [(s - mean) / (std + 1e-4) for s in sums]
+    out = torch.tensor([0.0 if math.isnan(a) else a for a in advantages], dtype=torch.float64)
+    return out.to(output_dtype(rewards_per_func.dtype))
 
 
 def gae_reference(rewards, values, mask, *, gamma=1.0, lam=0.95):

@@ -24,7 +24,7 @@ PRESETS = {
     "qwen2.5-7b": {"H": 3584, "V": 152064},
     "gemma2-9b": {"H": 3584, "V": 256000, "softcap": 30.0},
 }
-DEFAULT_OPS = ("token_logprobs", "linear_logprobs", "grpo", "dpo", "gae", "prm")
+DEFAULT_OPS = ("token_logprobs", "linear_logprobs", "cross_entropy", "grpo", "dpo", "gae", "prm")
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 
 

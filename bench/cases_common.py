@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -28,6 +29,15 @@ def import_attr(path: str):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+# ``bash bench/gpu_session.sh --dry-run`` runs the Triton providers on CPU under the interpreter
+# (it sets this and TRITON_INTERPRET=1 before anything imports a kernel).
+TRITON_ON_CPU_ENV = "ALIGNKERNELS_BENCH_TRITON_ON_CPU"
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    return device.type == "cuda" or (os.environ.get(TRITON_ON_CPU_ENV) == "1" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def needs_cuda(device: torch.device) -> str | None:
@@ -66,7 +76,7 @@ def ours_check(
                 getattr(alignkernels, attr)
             except Exception as exc:  # noqa: BLE001 - op still being written, or broken import
                 return f"not available (alignkernels.{attr}: {_first_line(exc)})"
-        if backend in ("triton", "cuda") and device.type != "cuda":
+        if backend == "cuda" and device.type != "cuda" or backend == "triton" and not triton_runs_on(device):
             return f"backend '{backend}' needs a CUDA device"
         if probe is not None:
             try:

@@ -9,8 +9,9 @@ torch tiles on CPU), Liger-Kernel's fused linear cross-entropy (``reduction="non
 log-prob only) and Apple's Cut Cross-Entropy when installed (GPU; log-prob only).
 
 Gemma-2's final-logit soft-capping is applied when the shape carries ``softcap`` (``--preset
-gemma2-9b``). Roofline (GPU): matmul throughput. The forward needs one ``[N,H]x[H,V]`` GEMM
-(2·N·H·V FLOPs), forward+backward three (6·N·H·V); compared with a measured bf16 GEMM.
+gemma2-9b``). Roofline (GPU): matmul throughput over a measured bf16 GEMM, counting what each
+provider issues (``bench.cost``): 8·N·H·V for the recompute path (ours, TRL, CCE), 6·N·H·V for
+eager (materialised logits) and for Liger (gradient formed in the forward).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import math
 import torch
 
 from .cases_common import ours_check, package_check, weighted_logp_entropy_loss
+from .cost import Cost, HeadPath, linear_logprobs_cost
 from .harness import OpBench, Provider
 
 MODEL_SHAPES = ((4096, 128256), (3584, 152064))  # (H, V): Llama-3-8B, Qwen2.5-7B
@@ -38,11 +40,13 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     }
 
 
-def cost(shape: dict, dtype: torch.dtype) -> dict:
-    N, H, V = shape["N"], shape["H"], shape["V"]
-    b = torch.tensor([], dtype=dtype).element_size()
-    io = (N * H + V * H) * b
-    return {"flops_fwd": 2 * N * H * V, "flops_fwdbwd": 6 * N * H * V, "bytes_fwd": io, "bytes_fwdbwd": 3 * io}
+def head_cost(path: HeadPath):
+    """``bench.cost.linear_logprobs_cost`` at a case's shape, for one way of running the head."""
+
+    def cost(shape: dict, dtype: torch.dtype) -> Cost:
+        return linear_logprobs_cost(shape["N"], shape["H"], shape["V"], elem_bytes=dtype.itemsize, path=path)
+
+    return cost
 
 
 def _ours(backend):
@@ -119,7 +123,7 @@ def build() -> OpBench:
         title="linear_logprobs: hidden [N, H] x lm_head [V, H] -> log p(label), entropy",
         make_inputs=make_inputs,
         providers=[
-            Provider("eager", _eager, role="eager"),
+            Provider("eager", _eager, role="eager", cost=head_cost(HeadPath.MATERIALISED)),
             _ours("triton"),
             _ours("cuda"),
             _ours("torch"),
@@ -128,7 +132,8 @@ def build() -> OpBench:
             Provider("liger", _liger,
                      available=package_check("liger_kernel.transformers.fused_linear_cross_entropy", "liger-kernel",
                                              cuda_only=True),
-                     note="liger: fused linear cross-entropy, log-prob only"),
+                     note="liger: fused linear cross-entropy, log-prob only",
+                     cost=head_cost(HeadPath.GRAD_IN_FORWARD)),
             Provider("cce", _cce, available=package_check("cut_cross_entropy", "cut-cross-entropy (Apple CCE)",
                                                           cuda_only=True),
                      note="cce: Apple Cut Cross-Entropy, log-prob only"),
@@ -141,6 +146,6 @@ def build() -> OpBench:
         shape_keys=("N", "H", "V", "softcap"),
         x_axis="N",
         to_loss=weighted_logp_entropy_loss,
-        cost=cost,
+        cost=head_cost(HeadPath.RECOMPUTE),
         roofline="matmul",
     )

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .cases_common import ours_check, package_check
+from .cost import Cost, HeadPath, gae_cost as gae_array_cost, linear_logprobs_cost
 from .harness import OpBench, Provider, call_mapped
 
 GRPO_BETA, GRPO_EPS_LOW, GRPO_EPS_HIGH = 0.04, 0.2, 0.2
@@ -58,11 +59,16 @@ def _loss(out, inputs):
     return _first(out)
 
 
-def _matmul_cost(tokens_trained: int, tokens_ref: int, H: int, V: int) -> dict:
-    return {
-        "flops_fwd": 2 * (tokens_trained + tokens_ref) * H * V,
-        "flops_fwdbwd": (6 * tokens_trained + 2 * tokens_ref) * H * V,
-    }
+def head_loss_cost(path: HeadPath, with_reference: bool):
+    """``bench.cost.linear_logprobs_cost`` over a case's tokens (``2B·T`` rows for DPO, whose
+    reference pass runs the same rows through the head without grad)."""
+
+    def cost(shape: dict, dtype: torch.dtype) -> Cost:
+        rows = (2 if with_reference else 1) * shape["B"] * shape["T"]
+        return linear_logprobs_cost(rows, shape["H"], shape["V"], elem_bytes=dtype.itemsize, path=path,
+                                    ref_tokens=rows if with_reference else 0)  # fmt: skip
+
+    return cost
 
 
 def _eager_token_logprobs(hidden, weight, labels):
@@ -138,22 +144,19 @@ def grpo_liger(inputs):
     )
 
 
-def grpo_cost(shape, dtype):
-    return _matmul_cost(shape["B"] * shape["T"], 0, shape["H"], shape["V"])
-
-
 def build_grpo() -> OpBench:
     return OpBench(
         name="grpo",
         title="GRPO (dapo, beta=0.04) end to end from hidden [B, T, H]",
         make_inputs=grpo_inputs,
         providers=[
-            Provider("eager", grpo_eager, role="eager"),
+            Provider("eager", grpo_eager, role="eager", cost=head_loss_cost(HeadPath.MATERIALISED, False)),
             Provider("alignkernels:fused", grpo_fused, role="ours", available=ours_check(("fused_linear_grpo_loss",))),
             Provider("alignkernels:linear_logprobs+grpo_loss", grpo_composed, role="ours",
                      available=ours_check(("linear_logprobs", "grpo_loss"))),
             Provider("liger", grpo_liger, available=package_check("liger_kernel.chunked_loss", "liger-kernel"),
-                     note="liger: LigerFusedLinearGRPOLoss (torch.compile on GPU)"),
+                     note="liger: LigerFusedLinearGRPOLoss (torch.compile on GPU)",
+                     cost=head_loss_cost(HeadPath.GRAD_IN_FORWARD, False)),
         ],
         shapes={
             "cuda": [{"B": 8, "T": t, "H": 3584, "V": 151936} for t in (1024, 2048, 4096)],
@@ -163,7 +166,7 @@ def build_grpo() -> OpBench:
         shape_keys=("B", "T", "H", "V"),
         x_axis="T",
         to_loss=_loss,
-        cost=grpo_cost,
+        cost=head_loss_cost(HeadPath.RECOMPUTE, False),
         roofline="matmul",
     )
 
@@ -230,22 +233,18 @@ def dpo_liger(inputs):
     return loss_fn(weight, inputs["hidden"], inputs["labels"], ref_input=inputs["ref_hidden"], ref_weight=weight.detach())
 
 
-def dpo_cost(shape, dtype):
-    tokens = 2 * shape["B"] * shape["T"]
-    return _matmul_cost(tokens, tokens, shape["H"], shape["V"])
-
-
 def build_dpo() -> OpBench:
     return OpBench(
         name="dpo",
         title="DPO (sigmoid, beta=0.1) end to end from hidden [2B, T, H], reference head in the step",
         make_inputs=dpo_inputs,
         providers=[
-            Provider("eager", dpo_eager, role="eager"),
+            Provider("eager", dpo_eager, role="eager", cost=head_loss_cost(HeadPath.MATERIALISED, True)),
             Provider("alignkernels:fused", dpo_fused, role="ours",
                      available=ours_check(("fused_linear_dpo_loss", "linear_logprobs"))),
             Provider("liger", dpo_liger, available=package_check("liger_kernel.chunked_loss", "liger-kernel"),
-                     note="liger: LigerFusedLinearDPOLoss (torch.compile on GPU)"),
+                     note="liger: LigerFusedLinearDPOLoss (torch.compile on GPU)",
+                     cost=head_loss_cost(HeadPath.GRAD_IN_FORWARD, True)),
         ],
         shapes={
             "cuda": [{"B": 4, "T": t, "H": 4096, "V": 128256} for t in (512, 1024, 2048)],
@@ -255,7 +254,7 @@ def build_dpo() -> OpBench:
         shape_keys=("B", "T", "H", "V"),
         x_axis="T",
         to_loss=_loss,
-        cost=dpo_cost,
+        cost=head_loss_cost(HeadPath.RECOMPUTE, True),
         roofline="matmul",
     )
 
@@ -311,8 +310,7 @@ def _gae_ours(backend):
 
 
 def gae_cost(shape, dtype):
-    n = shape["B"] * shape["T"]
-    return {"bytes_fwd": 5 * n * 4, "flops_fwd": 0}
+    return gae_array_cost(shape["B"], shape["T"])
 
 
 def build_gae() -> OpBench:

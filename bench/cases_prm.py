@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from .cases_common import ours_check
+from .cost import Cost
 from .harness import OpBench, Provider
 
 STEPS_PER_SEQUENCE = 20
@@ -43,8 +44,8 @@ def prm_cost(shape, dtype):
     item = torch.finfo(dtype).bits // 8
     steps = shape["B"] * min(STEPS_PER_SEQUENCE, shape["T"])
     # ours reads the step rows only; the hidden gradient [B, T, H] is written once (mostly zeros)
-    return {"bytes_fwd": steps * H * item, "bytes_fwdbwd": (steps + n) * H * item,
-            "flops_fwd": 2 * steps * H * K, "flops_fwdbwd": 6 * steps * H * K}  # fmt: skip
+    return Cost(fwd_bytes=steps * H * item, fwdbwd_bytes=(steps + n) * H * item,
+                fwd_flops=2 * steps * H * K, fwdbwd_flops=6 * steps * H * K)  # fmt: skip
 
 
 def build_prm() -> OpBench:

@@ -7,14 +7,15 @@ GPU) and Liger-Kernel's cross-entropy with ``reduction="none"`` (GPU; log-prob o
 
 Backward starts from ``Σ w1·logp + Σ w2·entropy`` with random per-token weights (RL losses weight
 every token differently), so gradients flow through both outputs.
-Roofline (GPU): bandwidth. Forward must read the logits once (N·V·b bytes); forward+backward
-reads them twice and writes their gradient once (3·N·V·b).
+Roofline (GPU): bandwidth, counted by ``bench.cost.token_logprobs_cost``: forward reads the
+logits once, forward+backward reads them twice and writes their gradient once.
 """
 from __future__ import annotations
 
 import torch
 
 from .cases_common import needs_cuda, ours_check, package_check, weighted_logp_entropy_loss
+from .cost import Cost, token_logprobs_cost
 from .harness import OpBench, Provider
 
 VOCABS = (32000, 128256, 151936)
@@ -31,10 +32,8 @@ def make_inputs(shape: dict, dtype: torch.dtype, device: torch.device) -> dict:
     }
 
 
-def cost(shape: dict, dtype: torch.dtype) -> dict:
-    b = torch.tensor([], dtype=dtype).element_size()
-    nv = shape["N"] * shape["V"]
-    return {"bytes_fwd": nv * b, "bytes_fwdbwd": 3 * nv * b, "flops_fwd": 0, "flops_fwdbwd": 0}
+def cost(shape: dict, dtype: torch.dtype) -> Cost:
+    return token_logprobs_cost(shape["N"], shape["V"], elem_bytes=dtype.itemsize)
 
 
 def _ours(backend):

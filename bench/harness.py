@@ -49,6 +49,8 @@ from typing import Any, Callable
 
 import torch
 
+from .cost import Cost
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_REGISTRY = "bench.registry:build_ops"
 RESULT_PREFIX = "BENCH_RESULT "
@@ -86,6 +88,9 @@ class Provider:
     role: str = "peer"  # "eager" (the baseline), "ours" (alignkernels) or "peer"
     available: Callable[[torch.device], str | None] = lambda device: None
     note: str = ""  # shown under the table (e.g. "logp only, no entropy")
+    # What this provider issues when it differs from the op's count (``bench.cost``): e.g. eager
+    # materialises the logits, a fused loss forms its gradient in the forward (three GEMMs, not four).
+    cost: Callable[[dict, torch.dtype], Cost] | None = None
 
 
 @dataclass
@@ -100,7 +105,7 @@ class OpBench:
     shape_keys: tuple[str, ...]
     x_axis: str  # shape key the plots use as x (sequence length / tokens)
     to_loss: Callable[[Any, dict], torch.Tensor] | None = None  # None: forward only (no backward)
-    cost: Callable[[dict, torch.dtype], dict] | None = None  # bytes_fwd/bytes_fwdbwd/flops_fwd/flops_fwdbwd
+    cost: Callable[[dict, torch.dtype], Cost] | None = None  # bench.cost: bytes and FLOPs per pass
     roofline: str | None = None  # "bandwidth" (logits ops) | "matmul" (hidden-state ops) | None
     default_dtype: dict[str, torch.dtype] = field(
         default_factory=lambda: {"cuda": torch.bfloat16, "cpu": torch.float32}
@@ -447,16 +452,18 @@ def measure_device_peaks(device: torch.device) -> dict:
     return {"copy_bytes_per_s": 2 * n / (t_copy * 1e-3), "bf16_gemm_flops_per_s": 2 * m**3 / (t_mm * 1e-3)}
 
 
-def roofline_fractions(op: OpBench, row: dict, peaks: dict):
-    """Fill ``roofline_fwd`` / ``roofline_fwdbwd``: achieved bytes/s (or FLOP/s) over the measured peak."""
-    if not peaks or op.cost is None or op.roofline is None or row.get("status") != "ok":
+def roofline_fractions(op: OpBench, provider: Provider, row: dict, peaks: dict):
+    """Fill ``roofline_fwd`` / ``roofline_fwdbwd``: achieved bytes/s (or FLOP/s) over the measured
+    peak, counting what this provider issues (``bench.cost``)."""
+    cost_fn = provider.cost or op.cost
+    if not peaks or cost_fn is None or op.roofline is None or row.get("status") != "ok":
         return
-    cost = op.cost(row["shape"], DTYPES[row["dtype"]])
+    cost = cost_fn(row["shape"], DTYPES[row["dtype"]])
     kind, ref = ("bytes", peaks["copy_bytes_per_s"]) if op.roofline == "bandwidth" else (
         "flops", peaks["bf16_gemm_flops_per_s"])
     for phase in ("fwd", "fwdbwd"):
         t = (row.get(f"{phase}_ms") or {}).get("median")
-        amount = cost.get(f"{kind}_{phase}")
+        amount = cost.amount(kind, phase)
         if t and amount:
             row[f"roofline_{phase}"] = amount / (t * 1e-3) / ref
 
@@ -478,6 +485,7 @@ class RunConfig:
     timeout_s: float = 900.0
     registry: str = DEFAULT_REGISTRY
     providers: list[str] | None = None  # restrict to these provider names
+    device_peaks: dict | None = None  # measured roofline references to reuse (None: measure on CUDA)
 
 
 def shapes_for(op: OpBench, cfg: RunConfig) -> list[dict]:
@@ -620,13 +628,15 @@ def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print)
             noted.add((op.name, p.name))
             notes.append(f"{op.name}: {p.name} skipped: {reason}")
             log(f"[skip] {op.name}: {p.name}: {reason}")
-    peaks = measure_device_peaks(cfg.device) if cfg.device.type == "cuda" and cases else {}
+    peaks = cfg.device_peaks
+    if peaks is None:
+        peaks = measure_device_peaks(cfg.device) if cfg.device.type == "cuda" and cases else {}
     task = progress.add_task("benchmarking", total=len(cases)) if progress is not None else None
     for op, shape, dtype, p in cases:
         if progress is not None:
             progress.update(task, description=f"{op.name} {shape_str(shape)} {p.name}")
         row = run_case(cfg, op, shape, dtype, p, repeats, warmup)
-        roofline_fractions(op, row, peaks)
+        roofline_fractions(op, p, row, peaks)
         rows.append(row)
         if row["status"] in ("oom", "error", "timeout"):
             log(f"[{row['status']}] {op.name} {row['shape_str']} {p.name}: {row['note']}")

@@ -2,10 +2,11 @@
 
 1. Every Triton kernel at every launch config its launcher can choose (``COMPILE_CASES``),
    compiled for sm_80 and sm_90: registers per thread, local memory (spills), shared memory and
-   the theoretical occupancy per SM (``alignkernels.kernel_report``).
+   the theoretical occupancy per SM (``bench.kernel_report``).
 2. The CUDA C++ kernels in ``csrc/`` (when nvcc is present): ``ptxas -v`` registers and spills.
-3. The analytic cost of each op at the benchmark shapes (bytes, FLOPs) and its roofline lower
-   bound on A100 and H100, so any GPU timing can be read as a fraction of its roofline.
+3. The analytic cost of each op at the benchmark shapes (bytes, FLOPs: ``bench.cost``, the same
+   model as the GPU runs' roofline column) and its roofline lower bound on A100, H100 and H200,
+   so any GPU timing can be read as a fraction of its roofline.
 
 Writes ``bench/results/static/static_report.json``.
 """
@@ -19,9 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from alignkernels.kernel_report import DEVICE_PEAKS, linear_logprobs_cost, roofline_seconds, token_logprobs_cost
+from .cost import DEVICE_PEAKS, HeadPath, linear_logprobs_cost, roofline_seconds, token_logprobs_cost
 
-OUT_DIR = Path(__file__).resolve().parent / "results" / "static"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO_ROOT / "bench" / "results" / "static"
 
 TOKEN_SHAPES = [(8192, 32000), (8192, 128256), (8192, 151936), (8192, 256000)]
 LINEAR_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 3584, 256000)]
@@ -30,8 +32,8 @@ LINEAR_SHAPES = [(8192, 4096, 128256), (8192, 3584, 152064), (8192, 3584, 256000
 def triton_report(ccs) -> dict:
     """Compile every case in a subprocess with TRITON_INTERPRET unset (see kernel_report)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "alignkernels.kernel_report", *map(str, ccs)],
-                          capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "bench.kernel_report", *map(str, ccs)],
+                          capture_output=True, text=True, env=env, check=True, cwd=REPO_ROOT)  # fmt: skip
     return json.loads(proc.stdout)
 
 
@@ -95,12 +97,13 @@ def cost_rows() -> list[dict]:
     rows = []
     for N, V in TOKEN_SHAPES:
         cost = token_logprobs_cost(N, V, elem_bytes=2)
-        rows.append(dict(op="token_logprobs", shape=f"N={N} V={V} bf16", **cost,
+        rows.append(dict(op="token_logprobs", shape=f"N={N} V={V} bf16", **cost.as_dict(),
                          **{f"{dev} fwd+bwd us": 1e6 * roofline_seconds(cost, dev) for dev in DEVICE_PEAKS}))  # fmt: skip
-    for N, H, V in LINEAR_SHAPES:
-        cost = linear_logprobs_cost(N, H, V, elem_bytes=2)
-        rows.append(dict(op="linear_logprobs", shape=f"N={N} H={H} V={V} bf16", **cost,
-                         **{f"{dev} fwd+bwd us": 1e6 * roofline_seconds(cost, dev) for dev in DEVICE_PEAKS}))  # fmt: skip
+    for path in (HeadPath.RECOMPUTE, HeadPath.GRAD_IN_FORWARD):
+        for N, H, V in LINEAR_SHAPES:
+            cost = linear_logprobs_cost(N, H, V, elem_bytes=2, path=path)
+            rows.append(dict(op=f"linear_logprobs ({path.value})", shape=f"N={N} H={H} V={V} bf16", **cost.as_dict(),
+                             **{f"{dev} fwd+bwd us": 1e6 * roofline_seconds(cost, dev) for dev in DEVICE_PEAKS}))  # fmt: skip
     return rows
 
 
@@ -132,7 +135,7 @@ def print_report(triton_rows, cuda_rows, costs, ccs, console):
     for col in ("op", "shape", "GB moved", "TFLOP", *[f"{d} us" for d in DEVICE_PEAKS]):
         k.add_column(col)
     for r in costs:
-        k.add_row(r["op"], r["shape"], f"{r['fwd_bwd_bytes'] / 1e9:.2f}", f"{r['fwd_bwd_flops'] / 1e12:.2f}",
+        k.add_row(r["op"], r["shape"], f"{r['fwdbwd_bytes'] / 1e9:.2f}", f"{r['fwdbwd_flops'] / 1e12:.2f}",
                   *[f"{r[f'{d} fwd+bwd us']:.0f}" for d in DEVICE_PEAKS])  # fmt: skip
     console.print(k)
 

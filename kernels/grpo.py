@@ -1,11 +1,18 @@
-"""Triton kernels for the GRPO per-token loss: every elementwise step plus the per-row masked
-reductions in one pass over ``[B, T]`` (forward) and one gradient write (backward).
+"""Triton kernels of the clipped-policy per-token loss (GRPO family and PPO): every elementwise
+step plus the per-row masked reductions in one pass over ``[B, T]`` (forward) and one gradient
+write (backward).
 
 Eager GRPO runs ~30 separate elementwise kernels over ``[B, T]`` (ratio, clamp, min, KL, masks,
 products, reductions) and keeps their temporaries for autograd. Here one program per row walks
 T in BLOCK_T tiles and emits per-row sums; the loss-type aggregation (a few ops on ``[B]``)
 stays in PyTorch, so autograd hands the backward kernel one scalar per row,
 ``g_b = dLoss / d(row_loss_sum_b)``.
+
+Arguments are packed: ``inputs`` is the tuple of the per-token pointers named by ``TOKEN_INPUTS``
+(an absent optional input is any valid pointer; its ``HAS_*`` constexpr flag, one per name in
+``OPTIONAL_INPUTS``, removes the load at compile time), ``row_strides`` / ``token_strides`` the
+matching strides (token stride 0 broadcasts a ``[B, 1]`` column along T), ``params`` the fp32
+scalars named by ``PARAMS``. The per-row statistics are the columns named by ``ROW_STATS``.
 
 Per valid token (``m_t = mask_t != 0``; invalid tokens read as 0 and contribute nothing),
 with ``lr = logp - old_logp``, ``coef = exp(lr)`` (token level) or the row's
@@ -29,18 +36,40 @@ the gradient on its closed interval):
     sequence level: d logp_t = g_b * m_t * (d_direct_t + coef_b / max(n_b, 1) * sum_s m_s * d_coef_s)
 
 Memory model: bandwidth/launch bound. Forward reads up to 7 fp32 values per token (logp, old,
-ref, A, mask, w, isr; absent ones are not loaded) and writes 8 floats per row; backward reads the
-same and writes one fp32 gradient per token. No [B, T] temporaries. Row offsets are int64.
+ref, A, mask, w, isr; absent ones are not loaded) and writes ``N_ROW_STATS`` floats per row;
+backward reads the same and writes one fp32 gradient per token. No [B, T] temporaries. Row
+offsets are int64.
 """
 import triton
 import triton.language as tl
 
 # (BLOCK_T, num_warps): every config the launcher can choose; tests compile each one to cubin.
 GRPO_CONFIGS = ((256, 2), (1024, 4), (4096, 8))
+
+# Per-token inputs, in the order of the ``inputs`` / ``row_strides`` / ``token_strides`` tuples.
+TOKEN_INPUTS = ("logp", "old", "ref", "adv", "mask", "weight", "is_ratio")
+# The optional ones: each has a constexpr flag ``HAS_<NAME>`` (see ``input_flags``).
+OPTIONAL_INPUTS = ("old", "ref", "weight", "is_ratio")
+# fp32 scalars, in the order of the ``params`` tuple.
+PARAMS = ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg")
 # Columns of the per-row statistics written by the forward kernel.
 ROW_STATS = ("loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
-N_ROW_STATS = 8
+N_ROW_STATS = len(ROW_STATS)
 LOSS_KINDS = {"clipped": 0, "cispo": 1, "sapo": 2}
+
+# Tuple positions as compile-time constants (Triton indexes tuples with constexprs).
+IN_LOGP, IN_OLD, IN_REF, IN_ADV, IN_MASK, IN_WEIGHT, IN_IS_RATIO = (tl.constexpr(i) for i in range(len(TOKEN_INPUTS)))
+P_BETA, P_EPS_LOW, P_EPS_HIGH, P_DELTA, P_TAU_POS, P_TAU_NEG = (tl.constexpr(i) for i in range(len(PARAMS)))
+STATS_PER_ROW = tl.constexpr(N_ROW_STATS)
+(STAT_LOSS_SUM, STAT_COUNT, STAT_KL_SUM, STAT_LOW_SUM, STAT_HIGH_SUM, STAT_REGION_SUM, STAT_CISPO_SUM,
+ STAT_COEF) = (tl.constexpr(i) for i in range(N_ROW_STATS))  # fmt: skip
+assert TOKEN_INPUTS.index("is_ratio") == IN_IS_RATIO.value and PARAMS.index("tau_neg") == P_TAU_NEG.value
+assert ROW_STATS.index("coef") == STAT_COEF.value and STAT_LOSS_SUM.value == 0  # the launcher splits column 0 off
+
+
+def input_flags(present) -> dict:
+    """``{"HAS_OLD": bool, ...}`` for the names in ``OPTIONAL_INPUTS`` that ``present`` holds."""
+    return {f"HAS_{name.upper()}": name in present for name in OPTIONAL_INPUTS}
 
 
 def pick_config(seq_len: int):
@@ -51,75 +80,85 @@ def pick_config(seq_len: int):
 
 
 @triton.jit
-def _load_tile(
-    row, offs, T,
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-    s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-    has_old, has_ref, has_w, has_is,
-):  # fmt: skip
-    in_row = offs < T
-    m = (tl.load(mask_ptr + row * s_mask + offs, mask=in_row, other=0.0) != 0) & in_row
-    lp = tl.load(logp_ptr + row * s_logp + offs, mask=m, other=0.0).to(tl.float32)
-    # absent inputs point at logp (valid memory, stride of logp) and are replaced after the load
-    old = tl.load(old_ptr + row * s_old + offs, mask=m, other=0.0).to(tl.float32)
-    old = tl.where(has_old != 0, old, lp)  # on-policy: old = logp.detach()
-    ref = tl.load(ref_ptr + row * s_ref + offs, mask=m, other=0.0).to(tl.float32)
-    ref = tl.where(has_ref != 0, ref, lp)  # no reference: kl = 0
-    adv = tl.load(adv_ptr + row * s_adv_row + offs * s_adv_t, mask=m, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + row * s_w + offs, mask=m, other=1.0).to(tl.float32)
-    w = tl.where(has_w != 0, w, 1.0)
-    isr = tl.load(is_ptr + row * s_is_row + offs * s_is_t, mask=m, other=1.0).to(tl.float32)
-    isr = tl.where(has_is != 0, isr, 1.0)
-    return m, lp, old, ref, adv, w * isr
+def _load(inputs, row_strides, token_strides, which: tl.constexpr, row, offs, m, other):
+    ptr = inputs[which] + row * row_strides[which] + offs * token_strides[which]
+    return tl.load(ptr, mask=m, other=other).to(tl.float32)
 
 
 @triton.jit
-def _token_terms(
-    lp, ref, adv, coef, scale,
-    loss_kind, beta, bias, eps_low, eps_high, delta, tau_pos, tau_neg,
+def _load_tile(
+    inputs, row_strides, token_strides, row, offs, T,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
 ):  # fmt: skip
-    """Per-token loss, its parts and derivatives (see the module docstring)."""
-    # clipped
-    c2 = tl.minimum(tl.maximum(coef, 1.0 - eps_low), 1.0 + eps_high)
-    c1 = tl.minimum(coef, delta)
-    a = c1 * adv
-    b = c2 * adv
-    pol_clip = -tl.minimum(a, b)
-    da = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))
-    db = tl.where(b < a, 1.0, tl.where(a == b, 0.5, 0.0))
-    dc1 = tl.where(coef <= delta, 1.0, 0.0)
-    dc2 = tl.where((coef >= 1.0 - eps_low) & (coef <= 1.0 + eps_high), 1.0, 0.0)
-    dpol_clip = -(da * adv * dc1 + db * adv * dc2)
-    # cispo
-    cl = tl.minimum(coef, eps_high)
-    pol_cispo = -cl * adv * lp
-    # sapo
-    tau = tl.where(adv > 0, tau_pos, tau_neg)
-    s = tl.sigmoid(tau * (coef - 1.0))
-    pol_sapo = -s * 4.0 / tau * adv
-    dpol_sapo = -4.0 * adv * s * (1.0 - s)
+    """One tile of a row: ``(valid, logp, old, ref, adv, w * isr)``; absent inputs take their
+    neutral value (old = logp: ratio 1; ref = logp: kl 0; weights 1)."""
+    in_row = offs < T
+    m = (_load(inputs, row_strides, token_strides, IN_MASK, row, offs, in_row, 0.0) != 0) & in_row
+    lp = _load(inputs, row_strides, token_strides, IN_LOGP, row, offs, m, 0.0)
+    adv = _load(inputs, row_strides, token_strides, IN_ADV, row, offs, m, 0.0)
+    old = lp
+    if HAS_OLD:
+        old = _load(inputs, row_strides, token_strides, IN_OLD, row, offs, m, 0.0)
+    ref = lp
+    if HAS_REF:
+        ref = _load(inputs, row_strides, token_strides, IN_REF, row, offs, m, 0.0)
+    scale = tl.full(lp.shape, 1.0, tl.float32)
+    if HAS_WEIGHT:
+        scale = scale * _load(inputs, row_strides, token_strides, IN_WEIGHT, row, offs, m, 1.0)
+    if HAS_IS_RATIO:
+        scale = scale * _load(inputs, row_strides, token_strides, IN_IS_RATIO, row, offs, m, 1.0)
+    return m, lp, old, ref, adv, scale
 
-    pol = tl.where(loss_kind == 0, pol_clip, tl.where(loss_kind == 1, pol_cispo, pol_sapo))
-    dpol_dcoef = tl.where(loss_kind == 0, dpol_clip, tl.where(loss_kind == 1, 0.0, dpol_sapo))
-    dpol_direct = tl.where(loss_kind == 1, -cl * adv, 0.0)
 
+@triton.jit
+def _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+    """Per-token loss, its parts and derivatives (see the module docstring):
+    ``(ptl, klc, c1, d_coef, d_direct)``."""
+    beta = params[P_BETA]
+    eps_high = params[P_EPS_HIGH]
+    c1 = coef
+    if LOSS_KIND == 0:  # clipped
+        c2 = tl.minimum(tl.maximum(coef, 1.0 - params[P_EPS_LOW]), 1.0 + eps_high)
+        c1 = tl.minimum(coef, params[P_DELTA])
+        a = c1 * adv
+        b = c2 * adv
+        pol = -tl.minimum(a, b)
+        da = tl.where(a < b, 1.0, tl.where(a == b, 0.5, 0.0))  # min splits a tie 1/2-1/2
+        db = tl.where(b < a, 1.0, tl.where(a == b, 0.5, 0.0))
+        dc1 = tl.where(coef <= params[P_DELTA], 1.0, 0.0)
+        dc2 = tl.where((coef >= 1.0 - params[P_EPS_LOW]) & (coef <= 1.0 + eps_high), 1.0, 0.0)
+        dpol_dcoef = -(da * adv * dc1 + db * adv * dc2)
+        dpol_direct = 0.0 * lp
+    elif LOSS_KIND == 1:  # cispo: the clamped ratio is a constant, d/dlogp of -cl*A*logp = -cl*A
+        cl = tl.minimum(coef, eps_high)
+        pol = -cl * adv * lp
+        dpol_dcoef = 0.0 * lp
+        dpol_direct = -cl * adv
+    else:  # sapo: d/dcoef of -sigmoid(tau (coef-1)) 4/tau A = -4 A s (1-s)
+        tau = tl.where(adv > 0, params[P_TAU_POS], params[P_TAU_NEG])
+        s = tl.sigmoid(tau * (coef - 1.0))
+        pol = -s * 4.0 / tau * adv
+        dpol_dcoef = -4.0 * adv * s * (1.0 - s)
+        dpol_direct = 0.0 * lp
     diff = ref - lp
     e = tl.exp(diff)
-    kl = e - diff - 1.0
-    kl_scale = tl.where(bias != 0, coef, 1.0)
-    klc = kl * kl_scale
+    kl = e - diff - 1.0  # k3; d kl / d logp = 1 - exp(ref - logp)
+    if BIAS_CORRECTION:
+        klc = kl * coef
+        d_coef = scale * dpol_dcoef + beta * kl
+        d_direct = scale * dpol_direct + beta * (1.0 - e) * coef
+    else:
+        klc = kl
+        d_coef = scale * dpol_dcoef
+        d_direct = scale * dpol_direct + beta * (1.0 - e)
     ptl = pol * scale + beta * klc
-    d_coef = scale * dpol_dcoef + beta * tl.where(bias != 0, kl, 0.0)
-    d_direct = scale * dpol_direct + beta * (1.0 - e) * kl_scale
     return ptl, klc, c1, d_coef, d_direct
 
 
 @triton.jit
 def _row_seq_coef(
-    row, T,
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-    s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-    has_old, has_ref, has_w, has_is,
+    inputs, row_strides, token_strides, row, T,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Sequence-level ratio exp(sum(m * lr) / max(n, 1)) and the valid-token count n."""
@@ -127,11 +166,8 @@ def _row_seq_coef(
     n = 0.0
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
-        m, lp, old, ref, adv, scale = _load_tile(
-            row, offs, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-            s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-            has_old, has_ref, has_w, has_is,
-        )  # fmt: skip
+        m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
+                                                 HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
         lr_sum += tl.sum(tl.where(m, lp - old, 0.0), axis=0)
         n += tl.sum(m.to(tl.float32), axis=0)
     return tl.exp(lr_sum / tl.maximum(n, 1.0)), n
@@ -139,22 +175,20 @@ def _row_seq_coef(
 
 @triton.jit
 def grpo_fwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-    stats_ptr,  # [B, 8] fp32 out (ROW_STATS)
-    T,
-    s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-    has_old, has_ref, has_w, has_is, loss_kind, sequence, bias,
-    beta, eps_low, eps_high, delta, tau_pos, tau_neg,
+    inputs, row_strides, token_strides,
+    stats_ptr,  # [B, N_ROW_STATS] fp32 out (ROW_STATS)
+    T, params,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
+    LOSS_KIND: tl.constexpr, SEQUENCE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     seq_coef = 1.0
-    if sequence != 0:
-        seq_coef, _n = _row_seq_coef(
-            row, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-            s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-            has_old, has_ref, has_w, has_is, BLOCK_T,
-        )  # fmt: skip
+    if SEQUENCE:
+        seq_coef, _n = _row_seq_coef(inputs, row_strides, token_strides, row, T,
+                                     HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO, BLOCK_T)  # fmt: skip
+    eps_low = params[P_EPS_LOW]
+    eps_high = params[P_EPS_HIGH]
     loss_sum = 0.0
     count = 0.0
     kl_sum = 0.0
@@ -164,15 +198,13 @@ def grpo_fwd_kernel(
     cispo_sum = 0.0
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
-        m, lp, old, ref, adv, scale = _load_tile(
-            row, offs, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-            s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-            has_old, has_ref, has_w, has_is,
-        )  # fmt: skip
-        coef = tl.where(sequence != 0, seq_coef, tl.exp(lp - old))
-        ptl, klc, c1, d_coef, d_direct = _token_terms(
-            lp, ref, adv, coef, scale, loss_kind, beta, bias, eps_low, eps_high, delta, tau_pos, tau_neg
-        )
+        m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
+                                                 HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
+        if SEQUENCE:
+            coef = seq_coef + 0.0 * lp
+        else:
+            coef = tl.exp(lp - old)
+        ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND, BIAS_CORRECTION)
         mf = m.to(tl.float32)
         loss_sum += tl.sum(mf * ptl, axis=0)
         count += tl.sum(mf, axis=0)
@@ -184,90 +216,87 @@ def grpo_fwd_kernel(
         high_sum += tl.sum(tl.where(m & high, 1.0, 0.0), axis=0)
         region_sum += tl.sum(tl.where(m & (low | high), 1.0, 0.0), axis=0)
         cispo_sum += tl.sum(tl.where(m & (coef > eps_high) & (adv > 0), 1.0, 0.0), axis=0)
-    out = stats_ptr + row * 8
-    tl.store(out + 0, loss_sum)
-    tl.store(out + 1, count)
-    tl.store(out + 2, kl_sum)
-    tl.store(out + 3, low_sum)
-    tl.store(out + 4, high_sum)
-    tl.store(out + 5, region_sum)
-    tl.store(out + 6, cispo_sum)
-    tl.store(out + 7, seq_coef)
+    out = stats_ptr + row * STATS_PER_ROW
+    tl.store(out + STAT_LOSS_SUM, loss_sum)
+    tl.store(out + STAT_COUNT, count)
+    tl.store(out + STAT_KL_SUM, kl_sum)
+    tl.store(out + STAT_LOW_SUM, low_sum)
+    tl.store(out + STAT_HIGH_SUM, high_sum)
+    tl.store(out + STAT_REGION_SUM, region_sum)
+    tl.store(out + STAT_CISPO_SUM, cispo_sum)
+    tl.store(out + STAT_COEF, seq_coef)
 
 
 @triton.jit
 def grpo_bwd_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
+    inputs, row_strides, token_strides,
     grad_row_ptr,  # [B] fp32: dLoss / d row_loss_sum
     grad_logp_ptr,  # [B, T] fp32 out, contiguous
-    T,
-    s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-    has_old, has_ref, has_w, has_is, loss_kind, sequence, bias,
-    beta, eps_low, eps_high, delta, tau_pos, tau_neg,
+    T, params,
+    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
+    LOSS_KIND: tl.constexpr, SEQUENCE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     g = tl.load(grad_row_ptr + row).to(tl.float32)
     seq_coef = 1.0
     coef_sum = 0.0  # sequence level: sum_s m_s * d_coef_s, times coef / max(n, 1)
-    if sequence != 0:
-        seq_coef, n = _row_seq_coef(
-            row, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-            s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-            has_old, has_ref, has_w, has_is, BLOCK_T,
-        )  # fmt: skip
+    if SEQUENCE:
+        seq_coef, n = _row_seq_coef(inputs, row_strides, token_strides, row, T,
+                                    HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO, BLOCK_T)  # fmt: skip
         for start in range(0, T, BLOCK_T):
             offs = start + tl.arange(0, BLOCK_T)
-            m, lp, old, ref, adv, scale = _load_tile(
-                row, offs, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-                s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-                has_old, has_ref, has_w, has_is,
-            )  # fmt: skip
-            ptl, klc, c1, d_coef, d_direct = _token_terms(
-                lp, ref, adv, seq_coef + 0.0 * lp, scale, loss_kind, beta, bias,
-                eps_low, eps_high, delta, tau_pos, tau_neg,
-            )  # fmt: skip
+            m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
+                                                     HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
+                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
             coef_sum += tl.sum(tl.where(m, d_coef, 0.0), axis=0)
+        # d coef_b / d logp_t = coef_b * m_t / max(n, 1)  (coef_b = exp(mean of the row's log ratios))
         coef_sum = coef_sum * seq_coef / tl.maximum(n, 1.0)
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
-        m, lp, old, ref, adv, scale = _load_tile(
-            row, offs, T, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, w_ptr, is_ptr,
-            s_logp, s_old, s_ref, s_adv_row, s_adv_t, s_mask, s_w, s_is_row, s_is_t,
-            has_old, has_ref, has_w, has_is,
-        )  # fmt: skip
-        coef = tl.where(sequence != 0, seq_coef, tl.exp(lp - old))
-        ptl, klc, c1, d_coef, d_direct = _token_terms(
-            lp, ref, adv, coef, scale, loss_kind, beta, bias, eps_low, eps_high, delta, tau_pos, tau_neg
-        )
-        # token level: d logp = d_coef * coef + d_direct; sequence level: d_direct + coef_sum
-        d = tl.where(sequence != 0, d_direct + coef_sum, d_coef * coef + d_direct)
+        m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
+                                                 HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
+        if SEQUENCE:
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
+                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
+            d = d_direct + coef_sum
+        else:
+            coef = tl.exp(lp - old)
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params,
+                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
+            d = d_coef * coef + d_direct  # d coef / d logp = coef (token level)
         tl.store(grad_logp_ptr + row * T + offs, tl.where(m, g * d, 0.0), mask=offs < T)
 
 
-_PTRS = ("logp_ptr", "old_ptr", "ref_ptr", "adv_ptr", "mask_ptr", "w_ptr", "is_ptr")
-_STRIDES = ("s_logp", "s_old", "s_ref", "s_adv_row", "s_adv_t", "s_mask", "s_w", "s_is_row", "s_is_t")
-_FLAGS = ("has_old", "has_ref", "has_w", "has_is", "loss_kind", "sequence", "bias")
-_SCALARS = ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg")
+# ---- compile cases: every launch config, at the two flag sets that bound the kernels' size -----
+_FLAG_SETS = (
+    # everything loaded, clipped, sequence level, bias-corrected KL (the most registers)
+    dict(input_flags(OPTIONAL_INPUTS), LOSS_KIND=LOSS_KINDS["clipped"], SEQUENCE=True, BIAS_CORRECTION=True),
+    # on-policy, nothing optional, token level: SAPO and CISPO
+    dict(input_flags(()), LOSS_KIND=LOSS_KINDS["sapo"], SEQUENCE=False, BIAS_CORRECTION=False),
+    dict(input_flags(("ref",)), LOSS_KIND=LOSS_KINDS["cispo"], SEQUENCE=False, BIAS_CORRECTION=True),
+)
 
 
-def _signature(kernel_name: str):
-    sig = {p: "*fp32" for p in _PTRS}
+def _signature(kernel_name: str, constexprs: dict):
+    n = len(TOKEN_INPUTS)
+    sig = {"inputs": ("*fp32",) * n, "row_strides": ("i64",) * n, "token_strides": ("i64",) * n}
     if kernel_name == "fwd":
         sig["stats_ptr"] = "*fp32"
     else:
         sig["grad_row_ptr"] = "*fp32"
         sig["grad_logp_ptr"] = "*fp32"
     sig["T"] = "i32"
-    sig.update({s: "i64" for s in _STRIDES})
-    sig.update({f: "i32" for f in _FLAGS})
-    sig.update({s: "fp32" for s in _SCALARS})
-    sig["BLOCK_T"] = "constexpr"
+    sig["params"] = ("fp32",) * len(PARAMS)
+    sig.update({name: "constexpr" for name in constexprs})
     return sig
 
 
 COMPILE_CASES = [
-    dict(kernel=kernel, signature=_signature(name), constexprs={"BLOCK_T": block_t}, num_warps=num_warps)
+    dict(kernel=kernel, signature=_signature(name, {**flags, "BLOCK_T": block_t}),
+         constexprs={**flags, "BLOCK_T": block_t}, num_warps=num_warps)  # fmt: skip
     for name, kernel in (("fwd", grpo_fwd_kernel), ("bwd", grpo_bwd_kernel))
+    for flags in _FLAG_SETS
     for block_t, num_warps in GRPO_CONFIGS
 ]

@@ -55,6 +55,13 @@ def _ppo(**over):
     return lambda: ak.ppo_loss(args["logp"], args["old_logp"], args["advantages"], args["mask"], **kw)
 
 
+def _vllm_ratio(**kw):
+    from alignkernels.losses.grpo import vllm_importance_sampling_ratio
+
+    logp, old, _, _, mask = _grpo_inputs()
+    return vllm_importance_sampling_ratio(old, logp, mask, **kw)
+
+
 def _dpo(**over):
     pc, pr, rc, rr = _dpo_inputs()
     args = dict(policy_chosen_logps=pc, policy_rejected_logps=pr, ref_chosen_logps=rc, ref_rejected_logps=rr)
@@ -128,6 +135,11 @@ BAD_INPUTS = [
     ("grpo_loss", "eps<0", _grpo(epsilon_low=-0.2), ValueError, "epsilon"),
     ("grpo_loss", "num_items=0", _grpo(num_items_in_batch=0), ValueError, "num_items_in_batch"),
     ("grpo_loss", "GA=0", _grpo(gradient_accumulation_steps=0), ValueError, "gradient_accumulation"),
+    ("grpo_loss", "beta-str", _grpo(beta="0.1"), TypeError, "beta must be a number"),
+    ("grpo_loss", "eps-str", _grpo(epsilon_high="0.28"), TypeError, "epsilon_high must be a number"),
+    ("grpo_loss", "sapo-tau=0", _grpo(loss_type="sapo", sapo_temperature_neg=0.0), ValueError,
+     "sapo_temperature_neg must be > 0"),
+    ("grpo_loss", "backend-cuda", _grpo(backend="cuda"), ValueError, r"grpo_loss has no backend='cuda'"),
     # ---- ppo_loss
     ("ppo_loss", "int-logp", _ppo(logp=torch.zeros(B, T, dtype=torch.long)), TypeError, "logp must be a floating"),
     ("ppo_loss", "logp-1d", _ppo(logp=torch.zeros(B)), ValueError, r"logp must be \[B, T\]"),
@@ -140,6 +152,11 @@ BAD_INPUTS = [
     ("ppo_loss", "dual-clip<=1", _ppo(clip_ratio_c=0.5), ValueError, "clip_ratio_c"),
     ("ppo_loss", "entropy-missing", _ppo(entropy_coef=0.01), ValueError, "entropy is required"),
     ("ppo_loss", "cliprange<0", _ppo(cliprange=-0.2), ValueError, "cliprange"),
+    ("ppo_loss", "vf_coef-str", _ppo(vf_coef="0.1"), TypeError, "vf_coef must be a number"),
+    ("ppo_loss", "cliprange-str", _ppo(cliprange="0.2"), TypeError, "cliprange must be a number"),
+    ("ppo_loss", "backend-cuda", _ppo(backend="cuda"), ValueError, r"ppo_loss has no backend='cuda'"),
+    ("vllm_importance_sampling_ratio", "clip-str", lambda: _vllm_ratio(clip_max="3"), TypeError,
+     "clip_max must be a number"),
     # ---- dpo_loss
     ("dpo_loss", "int-logps", _dpo(policy_chosen_logps=torch.zeros(4, dtype=torch.long)), TypeError,
      "must be a floating"),
@@ -155,6 +172,15 @@ BAD_INPUTS = [
     ("dpo_loss", "ipo-no-lengths", _dpo(loss_type="ipo"), ValueError, "chosen_lengths"),
     ("dpo_loss", "robust-0.5", _dpo(loss_type="robust", label_smoothing=0.5), ValueError, "label_smoothing"),
     ("dpo_loss", "f-div", _dpo(f_divergence_type="tv"), ValueError, "f_divergence_type"),
+    ("dpo_loss", "beta-str", _dpo(beta="x"), TypeError, "beta must be a number"),
+    ("dpo_loss", "smoothing-str", _dpo(label_smoothing="0.1"), TypeError, "label_smoothing must be a number"),
+    ("dpo_loss", "negative-lengths", _dpo(loss_type="ipo", chosen_lengths=torch.tensor([3, -1, 2, 2]),
+                                          rejected_lengths=torch.full((4,), 2)), ValueError,
+     "chosen_lengths must be token counts >= 0"),
+    ("dpo_loss", "bool-lengths", _dpo(loss_type="sigmoid_norm", chosen_lengths=torch.ones(4, dtype=torch.bool),
+                                      rejected_lengths=torch.full((4,), 2)), TypeError, "chosen_lengths must hold"),
+    ("dpo_loss", "nan-lengths", _dpo(loss_type="sft", chosen_lengths=torch.tensor([1.0, float("nan"), 2.0, 2.0])),
+     ValueError, "chosen_lengths must be token counts"),
     # ---- bradley_terry_loss
     ("bradley_terry_loss", "int", _bt(chosen_rewards=torch.zeros(4, dtype=torch.long)), TypeError,
      "must be a floating"),
@@ -167,6 +193,9 @@ BAD_INPUTS = [
     ("bradley_terry_loss", "margin-shape", _bt(margin=torch.zeros(3)), ValueError, "margin must be"),
     ("bradley_terry_loss", "margin-meta", _bt(margin=torch.zeros(4, device="meta")), ValueError, "margin is on meta"),
     ("bradley_terry_loss", "reduction", _bt(reduction="sum"), ValueError, "reduction"),
+    ("bradley_terry_loss", "margin-str", _bt(margin="1.0"), TypeError, "margin must be a number"),
+    ("bradley_terry_loss", "center-str", _bt(center_rewards_coefficient="0.01"), TypeError,
+     "center_rewards_coefficient must be a number"),
     # ---- gae
     ("gae", "int-rewards", _gae(rewards=torch.zeros(B, T, dtype=torch.long)), TypeError, "rewards must be a floating"),
     ("gae", "int-values", _gae(values=torch.zeros(B, T, dtype=torch.long)), TypeError, "values must be a floating"),
@@ -176,17 +205,20 @@ BAD_INPUTS = [
     ("gae", "mask-meta", _gae(mask=torch.ones(B, T, device="meta")), ValueError, "same device"),
     ("gae", "backend", _gae(backend="numpy"), ValueError, "backend must be one of"),
     ("gae", "gamma=nan", _gae(gamma=float("nan")), ValueError, "gamma"),
+    ("gae", "lam-str", _gae(lam="0.95"), TypeError, "lam must be a number"),
     # ---- group_advantages
     ("group_advantages", "int", lambda: ak.group_advantages(torch.zeros(4, dtype=torch.long), 2), TypeError,
      "rewards must be a floating"),
     ("group_advantages", "3d", lambda: ak.group_advantages(torch.zeros(4, 2, 1), 2), ValueError, r"\[B\] or \[B, K\]"),
     ("group_advantages", "group=0", lambda: ak.group_advantages(torch.zeros(4), 0), ValueError, "group_size"),
-    ("group_advantages", "group=1.5", lambda: ak.group_advantages(torch.zeros(4), 1.5), ValueError, "group_size"),
+    ("group_advantages", "group=1.5", lambda: ak.group_advantages(torch.zeros(4), 1.5), TypeError, "group_size"),
     ("group_advantages", "not-divisible", lambda: ak.group_advantages(torch.zeros(5), 2), ValueError, "must divide"),
     ("group_advantages", "scale", lambda: ak.group_advantages(torch.zeros(4), 2, scale="prompt"), ValueError, "scale"),
     ("group_advantages", "weights", lambda: ak.group_advantages(torch.zeros(4, 2), 2, reward_weights=[1.0]),
      ValueError, "reward_weights"),
     ("group_advantages", "B=0", lambda: ak.group_advantages(torch.zeros(0), 2), ValueError, "rewards"),
+    ("group_advantages", "weights-str", lambda: ak.group_advantages(torch.zeros(4, 2), 2, reward_weights=["a", "b"]),
+     TypeError, "reward_weights must be"),
     # ---- gather_last / last_token_index / sequence_logprobs
     ("gather_last", "mask-shape", lambda: ak.gather_last(X3, torch.ones(2, 4)), ValueError,
      "attention_mask must have shape"),
@@ -255,6 +287,178 @@ def bad_input_counts():
     for c in BAD_INPUTS:
         counts[_case(c)[0]] = counts.get(_case(c)[0], 0) + 1
     return counts
+
+
+# ==============================================================================================
+# Configuration values (#16 item 3): every count or length argument of every loss. Before, a
+# zero gave an infinite or zero loss, a negative one a sign-flipped loss, a bool or float was
+# used as a number -- all without an error.
+# ==============================================================================================
+def _agg_rows(*args):
+    from alignkernels.losses.ppo import agg_rows
+
+    return agg_rows(*args)
+
+
+def _prm_loss(**kw):
+    g = _g(20)
+    return lambda: ak.prm_loss(torch.randn(5, 2, generator=g), torch.tensor([0, 1, 1, -100, 0]), **kw)
+
+
+def _aggregate(**kw):
+    return lambda: ak.aggregate_step_scores(torch.rand(4), seq_index=torch.tensor([0, 0, 1, 1]), **kw)
+
+
+def _prm_scores(**kw):
+    g = _g(21)
+    h, w = torch.randn(2, 4, 6, generator=g), torch.randn(2, 6, generator=g)
+    return lambda: ak.prm_step_scores(h, w, torch.tensor([[0, 1, 0, 1], [1, 0, 0, 0]]), **kw)
+
+
+# (function, argument, call(value) -> thunk, minimum)
+COUNT_ARGUMENTS = [
+    ("grpo_loss", "gradient_accumulation_steps", lambda v: _grpo(gradient_accumulation_steps=v), 1),
+    ("grpo_loss", "steps_per_generation", lambda v: _grpo(steps_per_generation=v), 1),
+    ("grpo_loss", "num_processes", lambda v: _grpo(num_processes=v), 1),
+    ("grpo_loss", "max_completion_length", lambda v: _grpo(loss_type="dr_grpo", max_completion_length=v), 1),
+    ("grpo_loss", "num_items_in_batch", lambda v: _grpo(num_items_in_batch=v), 1),
+    ("grpo_loss(eval)", "num_items_in_batch", lambda v: _grpo(num_items_in_batch=v, training=False), 1),
+    ("group_advantages", "group_size", lambda v: lambda: ak.group_advantages(torch.zeros(4), v), 1),
+    ("prm_loss", "num_items_in_batch", lambda v: _prm_loss(num_items_in_batch=v), 1),
+    ("aggregate_step_scores", "num_sequences", lambda v: _aggregate(num_sequences=v), 0),
+    ("prm_step_scores", "positive_class", lambda v: _prm_scores(positive_class=v), 0),
+    ("agg_rows", "seq_len", lambda v: lambda: _agg_rows(torch.ones(2), torch.ones(2), v, "seq-mean-token-sum-norm"), 1),
+]
+BAD_COUNTS = [  # (id, value, exception)
+    ("zero", 0, ValueError), ("negative", -2, ValueError), ("bool", True, TypeError), ("float", 2.5, TypeError),
+    ("whole-float", 4.0, TypeError), ("str", "4", TypeError), ("none", None, TypeError),
+]  # fmt: skip
+
+
+def _count_cases():
+    for fn, arg, call, minimum in COUNT_ARGUMENTS:
+        for vid, value, exc in BAD_COUNTS:
+            if value == 0 and minimum == 0 and not isinstance(value, bool):
+                continue  # zero is a valid index / an empty output there
+            if value is None and arg in ("num_items_in_batch", "steps_per_generation", "max_completion_length",
+                                         "num_sequences"):
+                continue  # None means "not given" (the documented default)
+            yield pytest.param(call, value, exc, arg, id=f"{fn}-{arg}-{vid}")
+
+
+@pytest.mark.parametrize("call,value,exc,arg", list(_count_cases()))
+def test_bad_count_is_a_clear_error_naming_it(call, value, exc, arg):
+    with pytest.raises(exc, match=arg):
+        call(value)()
+
+
+@pytest.mark.parametrize("value,exc", [
+    (torch.tensor(0), ValueError), (torch.tensor(-3.0), ValueError), (torch.tensor(float("nan")), ValueError),
+    (torch.tensor(float("inf")), ValueError), (torch.tensor([4, 5]), TypeError), (torch.tensor(True), TypeError),
+], ids=["zero", "negative", "nan", "inf", "two-values", "bool"])  # fmt: skip
+@pytest.mark.parametrize("fn", ["grpo_loss", "prm_loss"])
+def test_bad_num_items_tensor_is_a_clear_error(fn, value, exc):
+    call = _grpo(num_items_in_batch=value) if fn == "grpo_loss" else _prm_loss(num_items_in_batch=value)
+    with pytest.raises(exc, match="num_items_in_batch"):
+        call()
+
+
+def test_num_items_in_batch_int_or_scalar_tensor_give_one_loss():
+    """TRL passes a tensor (int or float); a plain int is the same count."""
+    losses = [_grpo(num_items_in_batch=v, loss_type=lt)()[0] for lt in ("dapo", "cispo")
+              for v in (7, torch.tensor(7), torch.tensor(7.0), torch.tensor([7]))]  # fmt: skip
+    for loss in losses[1:4]:
+        assert torch.equal(loss, losses[0])
+    assert torch.isfinite(torch.stack(losses)).all()
+    prm = [_prm_loss(num_items_in_batch=v)()[0] for v in (3, torch.tensor(3), torch.tensor(3.0))]
+    assert torch.equal(prm[0], prm[1]) and torch.equal(prm[0], prm[2])
+
+
+def test_num_items_zero_is_trl_for_a_fully_masked_batch_only():
+    """TRL passes 0 when every completion is masked and clamps it at 1: loss 0, gradient 0. With
+    valid tokens present the same 0 is an error (test_bad_count_... above)."""
+    logp, old, ref, adv, mask = _grpo_inputs()
+    lp = logp.requires_grad_()
+    for zero in (0, torch.tensor(0), torch.tensor(0.0)):
+        loss, _ = ak.grpo_loss(lp, old, ref, adv, torch.zeros_like(mask), beta=0.1, num_items_in_batch=zero)
+        (grad,) = torch.autograd.grad(loss, lp)
+        assert loss.item() == 0.0 and torch.all(grad == 0)
+
+
+def test_valid_counts_still_scale_the_loss_as_trl():
+    """The validated values keep TRL's arithmetic: dapo divides by num_items / num_processes * GA / steps."""
+    base, _ = _grpo(num_items_in_batch=12)()
+    scaled, _ = _grpo(num_items_in_batch=12, num_processes=2, gradient_accumulation_steps=4,
+                      steps_per_generation=8)()  # fmt: skip
+    torch.testing.assert_close(scaled, base * 2 * 8 / 4)
+
+
+# ==============================================================================================
+# One dispatch rule: a backend a loss lacks is the same clear error, never a silent fallback
+# ==============================================================================================
+@pytest.mark.parametrize("fn", ["grpo_loss", "ppo_loss"])
+def test_backend_cuda_is_an_error_not_the_torch_path(fn):
+    call = _grpo(backend="cuda") if fn == "grpo_loss" else _ppo(backend="cuda")
+    with pytest.raises(ValueError, match=rf"{fn} has no backend='cuda'; its backends are \('triton', 'torch'"):
+        call()
+
+
+def test_gae_backend_cuda_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="gae: backend='cuda' needs CUDA tensors"):
+        _gae(backend="cuda")()
+
+
+def test_losses_declare_their_backends():
+    from alignkernels._utils import OpBackends
+    from alignkernels.losses import grpo, ppo  # noqa: F401  (declares on import)
+
+    assert OpBackends.registry["grpo_loss"].backends == ("triton", "torch", "reference")
+    assert OpBackends.registry["ppo_loss"].backends == ("triton", "torch", "reference")
+    assert OpBackends.registry["gae"].backends == ("triton", "cuda", "torch", "reference")
+
+
+# ==============================================================================================
+# Double backward (#16 item 4): the PyTorch paths are twice differentiable (checked against
+# finite differences of the gradient); the Triton GRPO/PPO rows raise one clear error.
+# ==============================================================================================
+def _ggc(fn, *inputs):
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+def test_double_backward_grpo_torch(loss_type):
+    logp, old, ref, adv, mask = _grpo_inputs(dtype=torch.float64)
+    _ggc(lambda lp: ak.grpo_loss(lp, old, ref, adv, mask, beta=0.05, loss_type=loss_type, backend="torch")[0],
+         logp.requires_grad_())  # fmt: skip
+
+
+def test_double_backward_ppo_dpo_reward_torch():
+    logp, old, _, adv, mask = _grpo_inputs(dtype=torch.float64)
+    g = _g(22)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64, requires_grad=True)
+    ret = torch.randn(B, T, generator=g, dtype=torch.float64)
+    _ggc(lambda lp, v: ak.ppo_loss(lp, old, adv, mask, v, v.detach(), ret, backend="torch")[0],
+         logp.requires_grad_(), v)  # fmt: skip
+    pc, pr, rc, rr = [t.requires_grad_() for t in _dpo_inputs(dtype=torch.float64)]
+    _ggc(lambda pc, pr: ak.dpo_loss(pc, pr, rc.detach(), rr.detach(), beta=0.1)[0], pc, pr)
+    c, r = (torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    _ggc(lambda c, r: ak.bradley_terry_loss(c, r, center_rewards_coefficient=0.01)[0], c, r)
+
+
+@pytest.mark.parametrize("fn", ["grpo_loss", "ppo_loss"])
+def test_double_backward_triton_is_one_clear_error(fn):
+    logp, old, ref, adv, mask = _grpo_inputs(device=TRITON_DEVICE)
+    lp = logp.requires_grad_()
+    if fn == "grpo_loss":
+        loss, _ = ak.grpo_loss(lp, old, ref, adv, mask, beta=0.05, backend="triton")
+    else:
+        loss, _ = ak.ppo_loss(lp, old, adv, mask, backend="triton")
+    (grad,) = torch.autograd.grad(loss, lp)  # once: fine
+    assert torch.isfinite(grad).all()
+    loss, _ = (ak.grpo_loss(lp, old, ref, adv, mask, beta=0.05, backend="triton") if fn == "grpo_loss"
+               else ak.ppo_loss(lp, old, adv, mask, backend="triton"))  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss, lp, create_graph=True)
 
 
 # ==============================================================================================

@@ -401,7 +401,7 @@ _TTIR_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from alignkernels.kernel_report import iter_compile_cases
+    from bench.kernel_report import iter_compile_cases
     report, seen = {}, set()
     for case_id, case in iter_compile_cases():
         name = case["kernel"].fn.__name__ if hasattr(case["kernel"], "fn") else case["kernel"].__name__
@@ -426,7 +426,8 @@ def test_every_kernel_widens_the_row_index_to_int64_before_any_arithmetic():
     product and row pointer is then 64-bit. Covers the backward kernels the big-view test cannot
     (their gradient would be 8 GB)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", _TTIR_SCRIPT], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root: bench importable
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     assert {"token_logprobs_fwd_kernel", "token_logprobs_bwd_kernel", "linear_logprobs_fwd_kernel",

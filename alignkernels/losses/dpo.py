@@ -45,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import check_same_device, check_tensor
+from ..ops.gather import sequence_logprobs
+from .validation import check_length_tensor, check_number
 
 DPO_LOSS_TYPES = (
     "sigmoid",
@@ -202,7 +204,7 @@ def _normalize_loss_types(loss_type, loss_weights):
     if loss_weights is None:
         weights = [1.0] * len(loss_types)
     else:
-        weights = [float(w) for w in loss_weights]
+        weights = [check_number("loss_weights", w) for w in loss_weights]
         if len(weights) != len(loss_types):
             raise ValueError(
                 f"loss_weights must have one weight per loss type: got {len(weights)} weights for "
@@ -214,8 +216,8 @@ def _normalize_loss_types(loss_type, loss_weights):
 def _check_config(
     loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting
 ):
-    beta = float(beta)
-    if not (beta > 0 and math.isfinite(beta)):
+    beta = check_number("beta", beta)
+    if not beta > 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise ValueError(f"f_divergence_type must be one of {list(F_DIVERGENCE_TYPES)}, got {f_divergence_type!r}")
@@ -224,7 +226,7 @@ def _check_config(
             f"f_divergence_type={f_divergence_type!r} is only supported for loss types "
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {loss_types}. Use f_divergence_type='reverse_kl' with these."
         )
-    label_smoothing = float(label_smoothing)
+    label_smoothing = check_number("label_smoothing", label_smoothing)
     if "exo_pair" in loss_types and not (0.0 < label_smoothing < 1.0):
         raise ValueError(
             f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3), got {label_smoothing}"
@@ -236,7 +238,9 @@ def _check_config(
             warnings.warn(
                 f"label_smoothing should lie in [0.0, 0.5) for the 'robust' loss, got {label_smoothing}", stacklevel=3
             )
-    if "discopop" in loss_types and not float(discopop_tau) > 0:
+    discopop_tau = check_number("discopop_tau", discopop_tau)
+    f_alpha_divergence_coef = check_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    if "discopop" in loss_types and not discopop_tau > 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     if use_weighting and any(t in SORTING_LOSS_TYPES for t in loss_types):
         raise ValueError(
@@ -256,13 +260,17 @@ def _check_seq(name, t, shape, device):
         raise ValueError(f"{name} is on {t.device}, expected {device} like policy_chosen_logps")
 
 
-def _check_lengths(name, t, shape, device, cd):
+def _check_lengths(name, t, shape, device, cd, check_values):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of token counts [B], got {type(t).__name__}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if check_values:  # a negative count flips the sign of ipo / sigmoid_norm / sft / WPO terms
+        check_length_tensor(name, t)
+    elif t.dtype == torch.bool:
+        raise TypeError(f"{name} must hold token counts (an integer or float tensor), got {t.dtype}")
     return t.detach().to(cd)
 
 
@@ -289,6 +297,7 @@ def dpo_loss(
     rejected_log_sum_sq_probs: torch.Tensor | None = None,
     pair_weights: torch.Tensor | None = None,
     sft_chosen_logps: torch.Tensor | None = None,
+    validate_lengths: bool = True,
 ):
     """DPO-family preference loss on summed sequence log-probs, exactly as TRL 1.16's DPOTrainer.
 
@@ -316,6 +325,8 @@ def dpo_loss(
             multiplying every per-pair loss, used as constants. Overrides ``use_weighting``'s computation.
         sft_chosen_logps: ``[B]`` plain summed chosen log-probs for ``sft`` when the policy sums
             carry LD-DPO weighting (default: ``policy_chosen_logps``).
+        validate_lengths: check that the lengths are counts ``>= 0`` (one host sync); callers
+            that computed them from masks pass False.
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a 0-dim fp32 (fp64 for fp64 inputs) tensor; ``metrics``
@@ -349,10 +360,11 @@ def dpo_loss(
     ):
         if users and t is None:
             raise ValueError(f"{name} ([B] completion token counts) is required by {users}")
-    clen = _check_lengths("chosen_lengths", chosen_lengths, shape, device, cd) if chosen_lengths is not None else None
-    rlen = None
+    clen = rlen = None
+    if chosen_lengths is not None:
+        clen = _check_lengths("chosen_lengths", chosen_lengths, shape, device, cd, validate_lengths)
     if rejected_lengths is not None:
-        rlen = _check_lengths("rejected_lengths", rejected_lengths, shape, device, cd)
+        rlen = _check_lengths("rejected_lengths", rejected_lengths, shape, device, cd, validate_lengths)
 
     sft_pc = pc
     if sft_chosen_logps is not None:
@@ -467,8 +479,6 @@ def dpo_loss_from_token_logps(
         ``(loss, metrics)`` as :func:`dpo_loss` (plus the token metrics above when their inputs
         are given). Masked positions get exactly zero gradient.
     """
-    from ..ops.gather import sequence_logprobs
-
     for name, t in (("policy_chosen_logps", policy_chosen_logps), ("policy_rejected_logps", policy_rejected_logps)):
         check_tensor(name, t, floating=True)
         if t.dim() != 2:
@@ -507,7 +517,7 @@ def dpo_loss_from_token_logps(
     if ld_alpha is None:
         pc, pr, shared = plain_c, plain_r, None
     else:
-        ld_alpha = float(ld_alpha)
+        ld_alpha = check_number("ld_alpha", ld_alpha)
         if not 0.0 <= ld_alpha <= 1.0:
             raise ValueError(f"ld_alpha must lie in [0, 1], got {ld_alpha}")
         shared = torch.minimum(clen, rlen)
@@ -528,10 +538,11 @@ def dpo_loss_from_token_logps(
         )  # fmt: skip
     # Token counts default to the masks' sums. TRL's ipo / sigmoid_norm count the unshifted
     # completion mask, equal to this except for an empty prompt: pass the counts to override.
+    user_lengths = "chosen_lengths" in kwargs or "rejected_lengths" in kwargs
     loss, metrics = dpo_loss(
         pc, pr, rc, rr,
         chosen_lengths=kwargs.pop("chosen_lengths", clen), rejected_lengths=kwargs.pop("rejected_lengths", rlen),
-        sft_chosen_logps=plain_c, pair_weights=pair_weights,
+        sft_chosen_logps=plain_c, pair_weights=pair_weights, validate_lengths=user_lengths,
         **kwargs,
     )  # fmt: skip
     metrics.update(

@@ -10,6 +10,10 @@ masking; the entropy bonus; every aggregation including ``num_items_in_batch``,
 ``GRPOTrainer._generate_and_score_completions`` (``group_advantages``). Tests pin each path
 against TRL's own ``_compute_loss`` called on plain tensors.
 
+Layers: the per-token policy term and its per-row sums live in ``clipped_policy`` (shared with
+PPO; PyTorch or the fused Triton kernels); the advantages and TRL's NaN statistics in
+``advantages``; this module holds the GRPO masks/weights, validation and TRL's aggregation.
+
 Conventions: inputs are ``[B, T]`` (advantages ``[B]`` or ``[B, T]``); the mask may be bool,
 integer or float. All math runs in fp32 (fp64 for fp64 inputs). Masked positions are replaced by
 0 before any exp/log, so garbage or ``-inf`` there never produces NaN in the loss or gradient,
@@ -23,47 +27,30 @@ import math
 import torch
 from torch import nn
 
-from .._utils import check_same_device, check_tensor, output_dtype, resolve_backend
+from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
+from .advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, group_advantages, nanmax, nanmin
+from .clipped_policy import PolicyTerm, TokenInputs, policy_rows
+from .validation import check_count, check_num_items, check_number
 
+__all__ = [
+    "GRPO_LOSS", "GRPO_LOSS_TYPES", "GRPOLoss", "IMPORTANCE_SAMPLING_LEVELS", "MULTI_OBJECTIVE_AGGREGATIONS",
+    "SCALE_REWARDS", "VLLM_IMPORTANCE_SAMPLING_MODES", "group_advantages", "grpo_loss", "high_entropy_mask",
+    "off_policy_mask", "vespo_gamma_weights", "vllm_importance_sampling_ratio",
+]  # fmt: skip
+
+# "reference" is the same eager transcription of TRL as "torch" (there is no separate oracle of
+# TRL's loss: the tests call TRL's own _compute_loss).
+GRPO_LOSS = OpBackends("grpo_loss", ("triton", "torch", "reference"))
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SCALE_REWARDS = ("group", "batch", "none")
-MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 _CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
-
 # --------------------------------------------------------------------------------------------
-# Small helpers (each mirrors one TRL helper; cited)
+# Masks and weights of GRPOTrainer (each mirrors one TRL method; cited)
 # --------------------------------------------------------------------------------------------
-def _nanstd(x: torch.Tensor, dim=None, keepdim: bool = False) -> torch.Tensor:
-    """Bessel-corrected std ignoring NaNs; NaN where fewer than 2 values (trl.trainer.utils.nanstd)."""
-    mean = torch.nanmean(x, dim=dim, keepdim=True)
-    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
-    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True)
-    correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
-    std = torch.sqrt(variance * correction)
-    if keepdim:
-        return std
-    return std.squeeze(dim) if dim is not None else std.reshape(())
-
-
-def _nanmin(x: torch.Tensor) -> torch.Tensor:
-    """min ignoring NaNs, NaN if all are NaN (trl.trainer.utils.nanmin), without a host sync."""
-    keep = ~torch.isnan(x)
-    smallest = torch.where(keep, x, torch.full_like(x, float("inf"))).min()
-    return torch.where(keep.any(), smallest, torch.full_like(smallest, float("nan")))
-
-
-def _nanmax(x: torch.Tensor) -> torch.Tensor:
-    """max ignoring NaNs, NaN if all are NaN (trl.trainer.utils.nanmax), without a host sync."""
-    keep = ~torch.isnan(x)
-    largest = torch.where(keep, x, torch.full_like(x, float("-inf"))).max()
-    return torch.where(keep.any(), largest, torch.full_like(largest, float("nan")))
-
-
 @torch.no_grad()
 def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
     """Bool mask of valid tokens whose entropy is >= the ``threshold`` quantile of the valid
@@ -119,6 +106,8 @@ def vllm_importance_sampling_ratio(
     modes), to pass as ``grpo_loss(importance_sampling_ratio=...)``."""
     if mode not in VLLM_IMPORTANCE_SAMPLING_MODES:
         raise ValueError(f"mode must be one of {VLLM_IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    clip_min = check_number("clip_min", clip_min, allow_none=True)
+    clip_max = check_number("clip_max", clip_max, allow_none=True)
     diff = torch.nan_to_num((old_logp - sampling_logp) * mask, nan=0.0)
     if mode.startswith("sequence"):
         diff = diff.sum(dim=-1, keepdim=True)
@@ -128,111 +117,6 @@ def vllm_importance_sampling_ratio(
     lo = clip_min if clip_min is not None else -math.inf
     hi = clip_max if clip_max is not None else math.inf
     return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
-
-
-# --------------------------------------------------------------------------------------------
-# group_advantages
-# --------------------------------------------------------------------------------------------
-def group_advantages(
-    rewards: torch.Tensor,
-    group_size: int,
-    *,
-    scale="group",
-    reward_weights=None,
-    multi_objective_aggregation: str = "sum_then_normalize",
-    return_stats: bool = False,
-):
-    """Group-relative advantages exactly as ``GRPOTrainer._generate_and_score_completions``
-    (TRL 1.16) computes them.
-
-    Args:
-        rewards: ``[B]`` (one reward function) or ``[B, K]`` (K reward functions), rows ordered
-            so that each consecutive run of ``group_size`` rows are completions of one prompt.
-            NaN marks a reward function that did not score a completion; a row that is NaN for
-            every function is "unscorable" and gets advantage 0.
-        group_size: completions per prompt (TRL ``num_generations``); must divide ``B``.
-        scale: ``"group"`` (or True): divide by the group std; ``"batch"``: by the std of the
-            whole batch; ``"none"`` (or False): no scaling (Dr. GRPO). Std is Bessel-corrected,
-            NaN-aware, and the divisor is ``std + 1e-4``.
-        reward_weights: ``[K]`` weights of the reward functions (default all 1).
-        multi_objective_aggregation: ``"sum_then_normalize"`` (weighted NaN-sum, then the group
-            normalisation above) or ``"normalize_then_sum"`` (GDPO: normalise each function within
-            its group, weighted sum, then normalise over the batch; ``scale`` is not used).
-        return_stats: also return the statistics TRL logs: ``reward``, ``reward_std``,
-            ``frac_reward_zero_std`` and ``rewards/<k>/mean``, ``rewards/<k>/std`` per reward
-            function ``k`` (TRL uses the function's name in place of ``k``).
-
-    Returns:
-        ``advantages`` ``[B]`` fp32 (fp64 for fp64 rewards), or ``(advantages, stats)``.
-    """
-    check_tensor("rewards", rewards, floating=True, ndim_min=1)
-    if rewards.dim() > 2:
-        raise ValueError(f"rewards must be [B] or [B, K], got shape {tuple(rewards.shape)}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    B = rewards.shape[0]
-    if B == 0:
-        raise ValueError("rewards must hold at least one completion (B >= 1), got an empty batch")
-    if B % group_size != 0:
-        raise ValueError(f"group_size={group_size} must divide the batch size B={B}")
-    if scale is True:
-        scale = "group"
-    elif scale is False:
-        scale = "none"
-    if scale not in SCALE_REWARDS:
-        raise ValueError(f"scale must be one of {SCALE_REWARDS} (or True/False), got {scale!r}")
-    if multi_objective_aggregation not in MULTI_OBJECTIVE_AGGREGATIONS:
-        raise ValueError(
-            f"multi_objective_aggregation must be one of {MULTI_OBJECTIVE_AGGREGATIONS}, "
-            f"got {multi_objective_aggregation!r}"
-        )
-    cd = output_dtype(rewards.dtype)
-    rewards_per_func = rewards.to(cd).reshape(B, -1)
-    K = rewards_per_func.shape[1]
-    if reward_weights is None:
-        weights = torch.ones(K, dtype=cd, device=rewards.device)
-    else:
-        weights = torch.as_tensor(reward_weights, dtype=cd, device=rewards.device).reshape(-1)
-        if weights.numel() != K:
-            raise ValueError(f"reward_weights has {weights.numel()} entries but rewards has K={K} columns")
-
-    unscorable = torch.isnan(rewards_per_func).all(dim=1)
-    if multi_objective_aggregation == "sum_then_normalize":
-        summed = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
-        summed = summed.masked_fill(unscorable, float("nan"))
-        mean_grouped = torch.nanmean(summed.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
-        if scale in ("group", "none"):
-            if group_size > 1:
-                std = _nanstd(summed.view(-1, group_size), dim=1).repeat_interleave(group_size, dim=0)
-            else:
-                std = torch.zeros_like(summed)
-        else:
-            std = _nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
-        advantages = summed - mean_grouped
-        if scale != "none":
-            advantages = advantages / (std + 1e-4)
-    else:
-        grouped = rewards_per_func.view(-1, group_size, K)
-        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
-        std_k = _nanstd(grouped, dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(mean_k)
-        reward_k = ((grouped - mean_k) / (std_k + 1e-4)).view(-1, K)
-        summed = (reward_k * weights.unsqueeze(0)).nansum(dim=1)
-        summed = summed.masked_fill(unscorable, float("nan"))
-        std = _nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
-        advantages = (summed - torch.nanmean(summed)) / (std + 1e-4)
-    advantages = torch.nan_to_num(advantages, nan=0.0)
-    if not return_stats:
-        return advantages
-    is_std_zero = torch.isclose(std, torch.zeros_like(std))
-    logged = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1).masked_fill(unscorable, float("nan"))
-    stats = {}
-    for k in range(K):  # TRL names them by reward function: rewards/<func_name>/mean|std
-        stats[f"rewards/{k}/mean"] = torch.nanmean(rewards_per_func[:, k])
-        stats[f"rewards/{k}/std"] = _nanstd(rewards_per_func[:, k])
-    stats["reward"] = torch.nanmean(logged)
-    stats["reward_std"] = _nanstd(logged)
-    stats["frac_reward_zero_std"] = is_std_zero.to(cd).mean()
-    return advantages, stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,9 +191,11 @@ def grpo_loss(
             training, 1 in eval.)
         importance_sampling_level: ``"token"`` (per-token ratio) or ``"sequence"`` (GSPO: one ratio
             per sequence, ``exp(mean over valid tokens of logp - old_logp)``).
-        max_completion_length: required by ``dr_grpo``.
+        max_completion_length: required by ``dr_grpo``; an int >= 1.
         num_items_in_batch: number of valid completion tokens in the whole generation batch
-            (all processes); default: ``mask.sum()`` (this batch is the generation batch).
+            (all processes), an int or a numeric scalar tensor (TRL's); default: ``mask.sum()``
+            (this batch is the generation batch). 0 only for a fully masked batch (TRL clamps it
+            at 1); checking a tensor costs one host sync.
         entropy: ``[B, T]`` per-token entropies: logged as ``entropy``; needed by
             ``top_entropy_quantile < 1`` and ``entropy_coef != 0`` (then differentiable).
         importance_sampling_ratio: the vLLM correction ``[B, T]`` or ``[B, 1]`` (see
@@ -325,11 +211,14 @@ def grpo_loss(
         entropy_coef: entropy bonus ``loss -= coef * mean entropy / GA`` over the kept tokens
             (TRL's static coefficient; for adaptive control pass the current coefficient).
         gradient_accumulation_steps, steps_per_generation (default = GA), num_processes,
-            training: the trainer state TRL's normalisation reads.
-        backend: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere), ``"triton"`` (the fused
-            kernels of ``alignkernels.kernels.grpo``: one pass over ``[B, T]`` forward, one
-            backward; ``vespo`` always runs in PyTorch), ``"torch"``/``"reference"`` (the PyTorch
-            transcription of TRL). All give the same numbers (tests compare them).
+            training: the trainer state TRL's normalisation reads; the counts are ints >= 1 (a
+            bool, float or str is a ``TypeError``, 0 or less a ``ValueError``, naming the argument).
+        backend: ``GRPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors, PyTorch elsewhere),
+            ``"triton"`` (the fused kernels of ``alignkernels.kernels.grpo``: one pass over
+            ``[B, T]`` forward, one backward, not twice differentiable; ``vespo`` always runs in
+            PyTorch), ``"torch"``/``"reference"`` (the PyTorch transcription of TRL, twice
+            differentiable). All give the same numbers (tests compare them). ``"cuda"`` is a
+            ``ValueError`` (no CUDA C++ kernel for this loss).
 
     Returns:
         ``(loss, metrics)``: 0-d fp32 loss (fp64 for fp64 ``logp``); metrics dict of detached
@@ -352,13 +241,29 @@ def grpo_loss(
     B = shape[0]
     if B == 0:
         raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
+    beta = check_number("beta", beta)
+    epsilon_low = check_number("epsilon_low", epsilon_low)
+    epsilon_high = check_number("epsilon_high", epsilon_high, allow_none=True)
+    delta = check_number("delta", delta, allow_none=True)
     for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("delta", delta)):
         if value is not None and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    if isinstance(num_items_in_batch, (int, float)) and not num_items_in_batch > 0:
-        raise ValueError(f"num_items_in_batch must be > 0 (a token count), got {num_items_in_batch}")
+    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
+        if not check_number(name, value) > 0:
+            raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {value}")
+    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
+                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg),
+                        ("entropy_coef", entropy_coef), ("top_entropy_quantile", top_entropy_quantile)):  # fmt: skip
+        check_number(name, value)
+    off_policy_mask_threshold = check_number("off_policy_mask_threshold", off_policy_mask_threshold, allow_none=True)
+    # trainer state: counts that divide the loss (0, negative, bool or float would give a zero,
+    # infinite or sign-flipped loss)
+    gradient_accumulation_steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps)
+    num_processes = check_count("num_processes", num_processes)
+    if steps_per_generation is not None:
+        steps_per_generation = check_count("steps_per_generation", steps_per_generation)
+    if max_completion_length is not None:
+        max_completion_length = check_count("max_completion_length", max_completion_length)
     check_tensor("mask", mask)
     if tuple(mask.shape) != shape:
         raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")
@@ -378,6 +283,7 @@ def grpo_loss(
         logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask, entropy=entropy,
         sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
     )  # fmt: skip
+    be = GRPO_LOSS.resolve(backend, logp.device, logp.dtype)
     if beta != 0.0 and ref_logp is None:
         raise ValueError("ref_logp is required when beta != 0")
     if loss_type == "dr_grpo" and max_completion_length is None:
@@ -401,11 +307,20 @@ def grpo_loss(
     valid = mask != 0
     maskf = valid.to(cd)
     zero = logp.new_zeros((), dtype=cd)
+    if num_items_in_batch is not None:
+        # TRL clamps the count at 1: a count of 0 is what it passes when every completion of the
+        # generation batch is masked (e.g. mask_truncated_completions) -- right only if this batch
+        # has no valid token either.
+        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd,
+                                             minimum=0)  # fmt: skip
+        if float(num_items_in_batch) == 0.0 and bool(valid.any()):
+            raise ValueError(
+                f"num_items_in_batch is 0 but mask has {int(valid.sum())} valid tokens: it must count the valid "
+                "completion tokens of the whole generation batch (all processes)"
+            )
     per_token_logps = torch.where(valid, logp.to(cd), zero)
-    if old_logp is None:
-        old_per_token_logps = per_token_logps.detach()
-    else:
-        old_per_token_logps = torch.where(valid, old_logp.detach().to(cd), zero)
+    old_per_token_logps = None if old_logp is None else torch.where(valid, old_logp.detach().to(cd), zero)
+    on_policy_old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
     adv = advantages.to(cd)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
@@ -417,31 +332,30 @@ def grpo_loss(
         entropy_mask = high_entropy_mask(ent.detach(), maskf, 1 - top_entropy_quantile)
 
     if off_policy_mask_threshold is not None:
-        samp = old_per_token_logps if sampling_logp is None else torch.where(valid, sampling_logp.detach().to(cd), zero)
+        samp = on_policy_old if sampling_logp is None else torch.where(valid, sampling_logp.detach().to(cd), zero)
         keep_seq = off_policy_mask(adv, per_token_logps, samp, maskf, off_policy_mask_threshold)
 
-    # ---- per-row sums of the per-token loss (Triton kernel or PyTorch) -------------------
+    # ---- per-row sums of the per-token loss (clipped_policy: Triton kernel or PyTorch) -----
     token_weight = None  # off-policy sequence mask x top-entropy mask: scale the policy term only
     if off_policy_mask_threshold is not None:
         token_weight = keep_seq.expand(B, shape[1])
     if entropy_mask is not None:
         token_weight = entropy_mask.to(cd) if token_weight is None else token_weight * entropy_mask
-    be = resolve_backend(backend, logp.device, logp.dtype)
     phi_seq = None
-    if be == "triton" and loss_type != "vespo":
-        rows = _grpo_rows_triton(
-            logp, old_logp, ref_logp if beta != 0.0 else None, adv, mask, token_weight, is_ratio,
-            loss_type=loss_type, sequence=importance_sampling_level == "sequence", beta=beta,
-            bias=use_bias_correction_kl, eps_low=epsilon_low, eps_high=epsilon_high, delta=delta,
-            tau_pos=sapo_temperature_pos, tau_neg=sapo_temperature_neg,
+    if loss_type == "vespo":
+        phi_seq = vespo_gamma_weights(
+            adv, per_token_logps - on_policy_old, maskf, is_ratio, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,
+            k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg,
         )  # fmt: skip
-    else:
-        rows, phi_seq = _grpo_rows_torch(
-            per_token_logps, old_per_token_logps, ref_logp, adv, maskf, valid, token_weight, is_ratio,
-            loss_type=loss_type, level=importance_sampling_level, beta=beta, bias=use_bias_correction_kl,
-            eps_low=epsilon_low, eps_high=epsilon_high, delta=delta, tau_pos=sapo_temperature_pos,
-            tau_neg=sapo_temperature_neg, vespo=(vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
-        )  # fmt: skip
+    ref = torch.where(valid, ref_logp.detach().to(cd), zero) if beta != 0.0 else None
+    inputs = TokenInputs(per_token_logps, old_per_token_logps, ref, adv, valid, token_weight, is_ratio)
+    kind = loss_type if loss_type in ("cispo", "sapo", "vespo") else "clipped"
+    term = PolicyTerm(
+        kind=kind, sequence=importance_sampling_level == "sequence", beta=beta, bias_correction=use_bias_correction_kl,
+        eps_low=epsilon_low, eps_high=epsilon_high, delta=delta, tau_pos=sapo_temperature_pos,
+        tau_neg=sapo_temperature_neg,
+    )  # fmt: skip
+    rows = policy_rows(inputs, term, be, vespo_weights=phi_seq)
     loss_sum, count = rows["loss_sum"], rows["count"]
 
     # ---- aggregation (GRPOTrainer._compute_loss, loss type by loss type) --------------------
@@ -462,7 +376,7 @@ def grpo_loss(
         if num_items_in_batch is None:
             n_items = count.sum()
         else:
-            n_items = torch.as_tensor(num_items_in_batch, dtype=cd, device=logp.device)
+            n_items = num_items_in_batch
         normalizer = n_items.clamp(min=1.0) / num_processes
         if training:
             normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
@@ -514,167 +428,13 @@ def grpo_loss(
             metrics["clip_ratio/low_mean"] = low_mean
             metrics["clip_ratio/high_mean"] = high_mean
             metrics["clip_ratio/region_mean"] = region_mean
-            metrics["clip_ratio/low_min"] = _nanmin(seq_low)
-            metrics["clip_ratio/high_max"] = _nanmax(seq_high)
+            metrics["clip_ratio/low_min"] = nanmin(seq_low)
+            metrics["clip_ratio/high_max"] = nanmax(seq_high)
         elif loss_type == "cispo":
             metrics["cispo_clip_ratio"] = cispo_mean
         elif loss_type == "vespo":
             metrics["vespo/phi_seq_mean"] = phi_seq.sum() / max(float(B), 1.0)
     return loss, metrics
-
-
-def _grpo_rows_torch(
-    per_token_logps, old_per_token_logps, ref_logp, adv, maskf, valid, token_weight, is_ratio, *,
-    loss_type, level, beta, bias, eps_low, eps_high, delta, tau_pos, tau_neg, vespo,
-):  # fmt: skip
-    """Per-token GRPO loss in PyTorch, transcribing GRPOTrainer._compute_loss, reduced per row.
-
-    Returns ``({"loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum",
-    "coef"}, phi_seq)``: per-row sums over valid tokens (``loss_sum`` differentiable), the
-    sequence-level ratio per row (``coef``, sequence level), VESPO's weights (vespo)."""
-    cd = per_token_logps.dtype
-    zero = per_token_logps.new_zeros(())
-    log_ratio = per_token_logps - old_per_token_logps
-    if level == "token":
-        log_importance_weights = log_ratio
-    else:
-        log_importance_weights = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    coef_1 = torch.exp(log_importance_weights)
-
-    if beta != 0.0:
-        ref = torch.where(valid, ref_logp.detach().to(cd), zero)
-        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
-        if bias:
-            per_token_kl = per_token_kl * coef_1
-
-    phi_seq = None
-    if loss_type == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=eps_high).detach()
-        per_token_loss = -clamped_ratios * adv * per_token_logps
-    elif loss_type in _CLIPPED_LOSS_TYPES:
-        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
-        if delta is not None:
-            coef_1 = torch.clamp(coef_1, max=delta)
-        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
-    elif loss_type == "sapo":
-        temperatures = torch.where(adv > 0, tau_pos, tau_neg)
-        soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
-        per_token_loss = -soft_coef_1 * adv
-    else:  # vespo
-        k_pos, lambda_pos, k_neg, lambda_neg = vespo
-        phi_seq = vespo_gamma_weights(
-            adv, log_ratio, maskf, is_ratio, k_pos=k_pos, lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg
-        )
-        per_token_loss = -phi_seq * adv * per_token_logps
-
-    if token_weight is not None:
-        per_token_loss = per_token_loss * token_weight
-    if is_ratio is not None and loss_type != "vespo":
-        per_token_loss = per_token_loss * is_ratio
-    if beta != 0.0:
-        per_token_loss = per_token_loss + beta * per_token_kl
-
-    rows = {"loss_sum": (per_token_loss * maskf).sum(-1), "count": maskf.sum(-1)}
-    with torch.no_grad():
-        B, T = maskf.shape
-        c1 = coef_1.detach()
-        rows["kl_sum"] = (per_token_kl.detach() * maskf).sum(-1) if beta != 0.0 else None
-        low = ((c1 < 1 - eps_low) & (adv < 0)).to(cd).expand(B, T)
-        high = ((c1 > 1 + eps_high) & (adv > 0)).to(cd).expand(B, T)
-        rows["low_sum"] = (low * maskf).sum(-1)
-        rows["high_sum"] = (high * maskf).sum(-1)
-        rows["region_sum"] = (torch.maximum(low, high) * maskf).sum(-1)
-        rows["cispo_sum"] = (((c1 > eps_high) & (adv > 0)).to(cd).expand(B, T) * maskf).sum(-1)
-        rows["coef"] = torch.exp(log_importance_weights.detach()[:, 0]) if level == "sequence" else None
-    return rows, phi_seq
-
-
-# --------------------------------------------------------------------------------------------
-# Triton backend: launcher + autograd Function over the per-row sums
-# --------------------------------------------------------------------------------------------
-def _rows_view(t, B, T):
-    """fp32 ``[B, T]`` view with a contiguous last dim, plus (row stride, token stride)."""
-    if t.dtype != torch.float32:
-        t = t.to(torch.float32)
-    if t.shape[-1] == 1 and T != 1:  # [B, 1]: broadcast along T with token stride 0
-        t = t.reshape(B, 1).contiguous()
-        return t, t.stride(0), 0
-    t = t.expand(B, T)
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    return t, t.stride(0), 1
-
-
-class _GRPORowsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logp, old, ref, adv, maskf, weight, is_ratio, flags, scalars):
-        from ..kernels.grpo import N_ROW_STATS, grpo_fwd_kernel, pick_config
-
-        B, T = logp.shape
-        stats = torch.empty((B, N_ROW_STATS), dtype=torch.float32, device=logp.device)
-        args = _GRPORowsFunction._args(logp, old, ref, adv, maskf, weight, is_ratio)
-        block_t, num_warps = pick_config(T)
-        if B:
-            grpo_fwd_kernel[(B,)](*args["ptrs"], stats, T, *args["strides"], *args["flags"](flags), *scalars,
-                                  BLOCK_T=block_t, num_warps=num_warps)  # fmt: skip
-        ctx.save_for_backward(*args["tensors"])
-        ctx.strides, ctx.has, ctx.flags, ctx.scalars = args["strides"], args["has"], flags, scalars
-        loss_sum, other = stats[:, 0].clone(), stats[:, 1:]
-        ctx.mark_non_differentiable(other)  # counts and metric sums carry no gradient
-        return loss_sum, other
-
-    @staticmethod
-    def _args(logp, old, ref, adv, maskf, weight, is_ratio):
-        B, T = logp.shape
-        lp, s_lp, _ = _rows_view(logp.detach(), B, T)
-        present = {"old": old, "ref": ref, "w": weight, "is": is_ratio}
-        views = {}
-        for name, t in present.items():
-            views[name] = _rows_view(t.detach(), B, T) if t is not None else (lp, s_lp, 1)
-        a, s_a_row, s_a_t = _rows_view(adv.detach(), B, T)
-        m, s_m, _ = _rows_view(maskf, B, T)
-        has = tuple(int(present[k] is not None) for k in ("old", "ref", "w", "is"))
-        tensors = (lp, views["old"][0], views["ref"][0], a, m, views["w"][0], views["is"][0])
-        strides = (s_lp, views["old"][1], views["ref"][1], s_a_row, s_a_t, s_m, views["w"][1],
-                   views["is"][1], views["is"][2])  # fmt: skip
-        return {
-            "tensors": tensors, "ptrs": tensors, "strides": strides, "has": has,
-            "flags": lambda flags: has + tuple(flags),
-        }  # fmt: skip
-
-    @staticmethod
-    def backward(ctx, grad_loss_sum, _grad_other):
-        from ..kernels.grpo import grpo_bwd_kernel, pick_config
-
-        tensors = ctx.saved_tensors
-        lp = tensors[0]
-        B, T = lp.shape
-        grad_rows = grad_loss_sum.contiguous().to(torch.float32)
-        grad_logp = torch.empty((B, T), dtype=torch.float32, device=lp.device)
-        block_t, num_warps = pick_config(T)
-        if B and T:
-            grpo_bwd_kernel[(B,)](*tensors, grad_rows, grad_logp, T, *ctx.strides, *ctx.has, *ctx.flags,
-                                  *ctx.scalars, BLOCK_T=block_t, num_warps=num_warps)  # fmt: skip
-        return grad_logp, None, None, None, None, None, None, None, None
-
-
-def _grpo_rows_triton(logp, old_logp, ref_logp, adv, mask, token_weight, is_ratio, *, loss_type, sequence, beta,
-                      bias, eps_low, eps_high, delta, tau_pos, tau_neg):  # fmt: skip
-    from ..kernels.grpo import LOSS_KINDS
-
-    kind = LOSS_KINDS["cispo" if loss_type == "cispo" else "sapo" if loss_type == "sapo" else "clipped"]
-    maskf = (mask != 0).to(torch.float32)
-    flags = (kind, int(sequence), int(bool(bias)))
-    scalars = (float(beta), float(eps_low), float(eps_high), float("inf") if delta is None else float(delta),
-               float(tau_pos), float(tau_neg))  # fmt: skip
-    loss_sum, other = _GRPORowsFunction.apply(
-        logp, old_logp, ref_logp, adv, maskf, token_weight, is_ratio, flags, scalars
-    )
-    cd = output_dtype(logp.dtype)
-    names = ("count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
-    rows = {name: other[:, i].to(cd) for i, name in enumerate(names)}
-    rows["loss_sum"] = loss_sum.to(cd)
-    return rows
 
 
 class GRPOLoss(nn.Module):

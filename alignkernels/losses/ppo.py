@@ -19,12 +19,19 @@ import math
 import torch
 from torch import nn
 
-from .._utils import check_same_device, check_tensor, output_dtype, resolve_backend
+from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
+from .._cuda_backend import gae_cuda
+from ..reference import gae_reference
+from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
+from .validation import check_count, check_number
 
+# "reference" is the same eager transcription of TRL/verl as "torch" for the loss; for gae it is
+# the Python loop over time (alignkernels.reference.gae_reference).
+PPO_LOSS = OpBackends("ppo_loss", ("triton", "torch", "reference"))
+GAE = OpBackends("gae", ("triton", "cuda", "torch", "reference"))
 KL_ESTIMATORS = ("k1", "k3")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_POSITIONS = ("last", "after_last")
-
 
 
 def _check_same_shape(ref_name, ref, **tensors):
@@ -123,7 +130,7 @@ def kl_penalty_rewards(
     zero = logp.new_zeros((), dtype=cd)
     logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
     kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
-    non_score_reward = -kl_coef * kl
+    non_score_reward = -check_number("kl_coef", kl_coef) * kl
     rewards = non_score_reward.clone()
     B, T = logp.shape
     last = last_valid_index(mask)
@@ -197,6 +204,8 @@ def _gae_torch(rewards, values, maskf, gamma, lam):
 
 
 def _gae_triton(rewards, values, maskf, gamma, lam):
+    # imported on first launch: Triton is optional off Linux, and TRITON_INTERPRET is read when
+    # the kernels are decorated
     from ..kernels.gae import gae_fwd_kernel, pick_config
 
     if values.dtype != rewards.dtype:
@@ -261,23 +270,19 @@ def gae(
     _check_same_shape("rewards", rewards, values=values, mask=mask, whiten_mask=whiten_mask)
     check_same_device(rewards=rewards, values=values, mask=mask, whiten_mask=whiten_mask)
     for name, value in (("gamma", gamma), ("lam", lam)):
-        if not 0.0 <= float(value) <= 1.0:
+        if not 0.0 <= check_number(name, value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
     # Masked steps contribute neither reward nor value: whatever they hold (NaN padding included)
     # must not reach the recurrence on any backend.
     rewards = rewards.masked_fill(mask == 0, 0.0)
     values = values.masked_fill(mask == 0, 0.0)
-    be = resolve_backend(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
+    be = GAE.resolve(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
     cd = output_dtype(torch.promote_types(rewards.dtype, values.dtype))
     if be == "triton":
         adv, ret = _gae_triton(rewards, values, mask != 0, float(gamma), float(lam))
     elif be == "reference":
-        from ..reference import gae_reference
-
         adv, ret = gae_reference(rewards, values, mask, gamma=gamma, lam=lam)
     elif be == "cuda":  # the CUDA C++ reverse scan (csrc/gae.cu), same semantics, fp32
-        from .._cuda_backend import gae_cuda
-
         adv, ret = gae_cuda(rewards, values, mask, float(gamma), float(lam))
     else:  # torch
         maskf = (mask != 0).to(cd)
@@ -294,6 +299,7 @@ def gae(
 def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str) -> torch.Tensor:
     """``agg_loss`` from per-row sums over valid tokens (``loss_sum``, ``count``: ``[B]``); every
     backend reduces rows first and calls this."""
+    seq_len = check_count("seq_len", seq_len, minimum=1 if loss_agg_mode == "seq-mean-token-sum-norm" else 0)
     if loss_agg_mode == "token-mean":
         total = count.sum()
         return loss_sum.sum() / torch.where(total > 0, total, torch.ones_like(total))
@@ -357,9 +363,10 @@ def ppo_loss(
         loss_agg_mode: verl's modes, ``"token-mean"`` (TRL) by default; applies to the policy
             term and the entropy term (the value loss is TRL's token mean).
         entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
-        backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the policy term runs in the
-            fused GRPO kernels, ``alignkernels.kernels.grpo``; dual clip stays in PyTorch),
-            ``"torch"``/``"reference"``.
+        backend: ``PPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the
+            policy term runs in the fused clipped-policy kernels, ``alignkernels.kernels.grpo``,
+            not twice differentiable; dual clip stays in PyTorch), ``"torch"``/``"reference"``
+            (eager, twice differentiable). ``"cuda"`` is a ``ValueError``.
 
     Returns:
         ``(loss, metrics)`` with TRL PPO's metric names: ``loss/policy_avg``,
@@ -387,12 +394,17 @@ def ppo_loss(
         raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
     for name, value in (("cliprange", cliprange), ("cliprange_value", cliprange_value),
                         ("cliprange_low", cliprange_low), ("cliprange_high", cliprange_high)):  # fmt: skip
+        value = check_number(name, value, allow_none=name != "cliprange")
         if value is not None and not value >= 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    clip_ratio_c = check_number("clip_ratio_c", clip_ratio_c, allow_none=True)
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
         raise ValueError(f"clip_ratio_c must be > 1.0 (dual clip), got {clip_ratio_c}")
+    vf_coef = check_number("vf_coef", vf_coef)
+    entropy_coef = check_number("entropy_coef", entropy_coef)
     if entropy is None and entropy_coef != 0.0:
         raise ValueError("entropy is required when entropy_coef != 0")
+    be = PPO_LOSS.resolve(backend, logp.device, logp.dtype)
     low = cliprange if cliprange_low is None else cliprange_low
     high = cliprange if cliprange_high is None else cliprange_high
 
@@ -405,17 +417,13 @@ def ppo_loss(
         adv = adv.unsqueeze(1)
     logprobs_diff = torch.where(valid, logp.to(cd) - old_logp.detach().to(cd), zero)
     metrics = {}
-    be = resolve_backend(backend, logp.device, logp.dtype)
     if be == "triton" and clip_ratio_c is None:
         # The clipped PPO policy term is GRPO's clipped per-token loss at token level with no
         # delta / KL: max(-A r, -A clamp(r)) = -min(A r, A clamp(r)); pg_losses2 > pg_losses is
-        # exactly GRPO's "region" clip indicator. One fused pass (alignkernels.kernels.grpo).
-        from .grpo import _grpo_rows_triton
-
-        rows = _grpo_rows_triton(
-            logp, old_logp, None, adv, mask, None, None, loss_type="grpo", sequence=False, beta=0.0, bias=False,
-            eps_low=low, eps_high=high, delta=None, tau_pos=1.0, tau_neg=1.0,
-        )  # fmt: skip
+        # exactly GRPO's "region" clip indicator. One fused pass (clipped_policy / kernels.grpo).
+        old = torch.where(valid, old_logp.detach().to(cd), zero)
+        inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
+        rows = policy_rows_triton(inputs, PolicyTerm("clipped", eps_low=low, eps_high=high, bias_correction=False))
         pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
         clipped_sum = rows["region_sum"]
     else:

@@ -35,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from .._utils import check_label_range, check_same_device, check_tensor
+from ..ops.gather import gather_last
 from ..ops.steps import StepPositions, gather_steps
 from .reward import bradley_terry_loss
+from .validation import check_count, check_num_items
 
 REDUCTIONS = ("mean", "sum", "none")
 AGGREGATIONS = ("min", "mean", "last", "max", "prod", "sum")
@@ -89,6 +91,9 @@ def prm_loss(
     check_label_range(step_labels, num_classes, ignore_index, name="step_labels")
 
     cd = torch.float64 if step_logits.dtype == torch.float64 else torch.float32
+    if num_items_in_batch is not None:
+        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=step_logits.device,
+                                             dtype=cd)  # fmt: skip
     logits = step_logits.to(cd)
     valid = step_labels != ignore_index
     safe_labels = torch.where(valid, step_labels, torch.zeros_like(step_labels)).to(torch.int64)
@@ -101,7 +106,7 @@ def prm_loss(
     elif reduction == "sum":
         loss = nll.sum()
     else:
-        denom = num_valid.clamp(min=1).to(cd) if num_items_in_batch is None else _as_count(num_items_in_batch, nll)
+        denom = num_valid.clamp(min=1).to(cd) if num_items_in_batch is None else num_items_in_batch
         loss = nll.sum() / denom
 
     with torch.no_grad():
@@ -111,13 +116,6 @@ def prm_loss(
             "num_steps": num_valid.to(cd),
         }
     return loss, metrics
-
-
-def _as_count(num_items_in_batch, like: torch.Tensor) -> torch.Tensor:
-    count = torch.as_tensor(num_items_in_batch, device=like.device).to(like.dtype)
-    if count.numel() != 1 or not bool(count.reshape(()) > 0):
-        raise ValueError(f"num_items_in_batch must be a positive count, got {num_items_in_batch}")
-    return count.reshape(())
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,6 +270,7 @@ def prm_step_scores(
         hidden, step_mask, labels=labels, input_ids=input_ids, separator_id=separator_id,
         attention_mask=attention_mask, cu_seqlens=cu_seqlens, return_positions=True, backend=backend,
     )  # fmt: skip
+    positive_class = check_count("positive_class", positive_class, minimum=0)
     logits = _head(gathered, weight, bias)
     K = logits.shape[-1]
     if K == 1:
@@ -357,7 +356,7 @@ def aggregate_step_scores(
             if num_sequences is None:
                 S = int(seq.max().item()) + 1 if seq.numel() else 0
             else:
-                S = int(num_sequences)
+                S = check_count("num_sequences", num_sequences, minimum=0)
             if seq.numel() and bool(((seq < 0) | (seq >= S)).any().item()):
                 raise ValueError(f"seq_index values must be in [0, {S}) (num_sequences = {S})")
         if scores.dim() > 2 or scores.shape[0] != seq.numel():
@@ -422,8 +421,6 @@ def fused_linear_bradley_terry_loss(
         ``(loss, metrics)`` of :func:`alignkernels.bradley_terry_loss` (per-head metrics
         ``accuracy/head_k`` etc. when K > 1).
     """
-    from ..ops.gather import gather_last
-
     _check_head(hidden, weight, bias)
     last = gather_last(
         hidden, attention_mask, cu_seqlens=cu_seqlens, input_ids=input_ids, pad_token_id=pad_token_id, backend=backend

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._utils import check_tensor
+from .validation import check_number
 
 REDUCTIONS = ("mean", "none")
 
@@ -93,13 +94,14 @@ def bradley_terry_loss(
                 )
             m = m.detach().to(cd)
         else:
-            m = float(margin)
+            m = check_number("margin", margin)
         diff_with_margin = diff - m
     else:
         diff_with_margin = diff
     per_head = -F.logsigmoid(diff_with_margin).mean(dim=0)  # [K]
     if center_rewards_coefficient is not None:
-        per_head = per_head + float(center_rewards_coefficient) * ((c + r) ** 2).mean(dim=0)
+        coefficient = check_number("center_rewards_coefficient", center_rewards_coefficient)
+        per_head = per_head + coefficient * ((c + r) ** 2).mean(dim=0)
     loss = per_head.mean() if reduction == "mean" else per_head
 
     with torch.no_grad():

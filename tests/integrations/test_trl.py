@@ -465,24 +465,6 @@ def test_unsupported_configs_raise_documented_error(tmp_path):
         ak_trl.apply(backend="nope")
 
 
-def test_e2e_step_benchmark_runs_and_modes_agree():
-    """The function `python -m bench --e2e` calls, at toy size: every mode trains to the same loss."""
-    kwargs = dict(
-        batch_size=1, seq_len=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=300, steps=1, warmup=0, gradient_checkpointing=False,
-    )  # fmt: skip
-    for trainer in ("grpo", "dpo"):
-        rows = ak_trl.e2e_step_benchmark(trainer, **kwargs)
-        assert [r["mode"] for r in rows] == list(ak_trl.E2E_MODES)
-        losses = [r["loss"] for r in rows]
-        assert all(math.isfinite(x) for x in losses)
-        assert max(losses) - min(losses) <= 1e-5 * max(1.0, abs(losses[0]))
-        assert all(r["step_time_s"] > 0 for r in rows)
-    assert not ak_trl.is_applied()
-    with pytest.raises(ValueError, match="trainer"):
-        ak_trl.e2e_step_benchmark("ppo")
-
-
 @pytest.mark.gpu
 def test_adapter_matches_trl_function_cuda_bf16_autocast():
     if not torch.cuda.is_available():
@@ -510,12 +492,3 @@ def test_adapter_matches_trl_function_cuda_bf16_autocast():
             torch.testing.assert_close(y, x, atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
     torch.testing.assert_close(hb, ha, atol=2e-2, rtol=5e-2)
     torch.testing.assert_close(wb, wa, atol=2e-2, rtol=5e-2)
-
-
-@pytest.mark.gpu
-def test_e2e_step_benchmark_cuda_memory():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    rows = ak_trl.e2e_step_benchmark("grpo", seq_len=4096, num_hidden_layers=1, steps=2)
-    by_mode = {r["mode"]: r for r in rows}
-    assert by_mode["alignkernels"]["peak_memory_bytes"] < by_mode["eager"]["peak_memory_bytes"]

@@ -1,17 +1,18 @@
 """Every Triton kernel, at every config its launcher can choose, compiles to cubin for sm_80
 (A100) and sm_90 (H100) -- no GPU needed. Each module in ``alignkernels.kernels`` lists its
-launchable configs in ``COMPILE_CASES``; ``python -m alignkernels.kernel_report`` compiles them all in one
+launchable configs in ``COMPILE_CASES``; ``python -m bench.kernel_report`` compiles them all in one
 subprocess (outside the interpreter) and each case is reported as its own test."""
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
-from alignkernels.kernel_report import iter_compile_cases  # noqa: E402
+from bench.kernel_report import iter_compile_cases  # noqa: E402
 
 CCS = (80, 90)
 CASE_IDS = [case_id for case_id, _ in iter_compile_cases()]
@@ -21,8 +22,8 @@ CASE_IDS = [case_id for case_id, _ in iter_compile_cases()]
 def compile_results():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(
-        [sys.executable, "-m", "alignkernels.kernel_report", *map(str, CCS)],
-        capture_output=True, text=True, env=env, timeout=1800,
+        [sys.executable, "-m", "bench.kernel_report", *map(str, CCS)],
+        capture_output=True, text=True, env=env, timeout=1800, cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout)

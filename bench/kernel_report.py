@@ -4,14 +4,18 @@ For every launch config a kernel module declares in ``COMPILE_CASES``, compile t
 GPU target with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and read the resource
 usage from the cubin with the ``cuobjdump`` bundled in Triton: registers per thread, local memory
 (register spills land there), stack and shared memory. From those and the architecture's limits,
-the theoretical occupancy per SM. Plus an analytic bytes/FLOPs model of the public ops, turned
-into roofline lower bounds on A100 and H100.
+the theoretical occupancy per SM. (The bytes/FLOPs model and rooflines live in ``bench.cost``.)
 
 Must run in a process where ``TRITON_INTERPRET`` is unset (interpreted kernels can't be lowered).
+It needs only Triton and the standard library: ``--kernels-only`` loads ``kernels/*.py`` as
+``alignkernels.kernels`` without importing the ``alignkernels`` package (and so without torch), which
+is how ``bench/test_triton_compat.py`` compiles every case with another Triton release in a
+virtual environment that holds nothing else.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import pkgutil
 import re
@@ -23,11 +27,29 @@ ARCH_LIMITS = {
     80: dict(name="A100 (sm_80)", regs=65536, max_warps=64, max_blocks=32, smem=164 * 1024, reg_alloc_unit=256),
     90: dict(name="H100 (sm_90)", regs=65536, max_warps=64, max_blocks=32, smem=228 * 1024, reg_alloc_unit=256),
 }
-# Stated peaks used for roofline lower bounds (dense bf16 tensor-core FLOP/s, HBM bytes/s).
-DEVICE_PEAKS = {
-    "A100-SXM-80GB": dict(bytes_per_s=2.039e12, bf16_flops=312e12),
-    "H100-SXM-80GB": dict(bytes_per_s=3.35e12, bf16_flops=989e12),
-}
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+
+
+def load_kernels_without_package(kernels_dir: str = KERNELS_DIR):
+    """Register ``kernels_dir`` as the package ``alignkernels.kernels`` under an empty
+    ``alignkernels`` namespace, so its modules (which import only triton) load without the
+    ``alignkernels`` package's ``__init__`` and its torch import."""
+    import sys
+    import types
+
+    if "alignkernels.kernels" in sys.modules:
+        return
+    if "alignkernels" not in sys.modules:
+        parent = types.ModuleType("alignkernels")
+        parent.__path__ = []
+        sys.modules["alignkernels"] = parent
+    spec = importlib.util.spec_from_file_location(
+        "alignkernels.kernels", os.path.join(kernels_dir, "__init__.py"), submodule_search_locations=[kernels_dir]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["alignkernels.kernels"] = module
+    spec.loader.exec_module(module)
+    sys.modules["alignkernels"].kernels = module
 
 
 def iter_compile_cases():
@@ -37,7 +59,11 @@ def iter_compile_cases():
     for info in sorted(pkgutil.iter_modules(kernels_pkg.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"alignkernels.kernels.{info.name}")
         for i, case in enumerate(getattr(module, "COMPILE_CASES", ())):
-            yield f"{info.name}-{case['kernel'].__name__}-{i}", case
+            yield f"{info.name}-{kernel_name(case['kernel'])}-{i}", case
+
+
+def kernel_name(kernel) -> str:
+    return kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
 
 
 def _cuobjdump():
@@ -104,35 +130,6 @@ def compile_case(case: dict, cc: int) -> dict:
     return report
 
 
-# ---------------------------------------------------------------------------------------------
-# Analytic cost model (bytes moved, FLOPs) and roofline lower bounds
-# ---------------------------------------------------------------------------------------------
-def token_logprobs_cost(N: int, V: int, elem_bytes: int = 2) -> dict:
-    """Forward reads the logits once; backward reads them and writes the gradient once.
-    Per-row scalars (label, logp, lse, entropy, upstream grads) are O(N) and counted too."""
-    row_bytes = 8 + 4 * 3
-    fwd = N * V * elem_bytes + N * row_bytes
-    bwd = 2 * N * V * elem_bytes + N * (8 + 4 * 4)
-    return dict(fwd_bytes=fwd, fwd_bwd_bytes=fwd + bwd, fwd_flops=5 * N * V, fwd_bwd_flops=12 * N * V)
-
-
-def linear_logprobs_cost(N: int, H: int, V: int, elem_bytes: int = 2) -> dict:
-    """Forward: one [N,H]x[H,V] GEMM (2NHV FLOPs); backward recomputes it and runs two more
-    (grad_hidden, grad_weight): 6NHV more. Bytes: hidden and weight read once per pass (the
-    logits tile never reaches HBM in an ideal kernel), gradients written once."""
-    inputs = (N * H + V * H) * elem_bytes
-    return dict(
-        fwd_bytes=inputs, fwd_bwd_bytes=3 * inputs + (N * H + V * H) * elem_bytes,
-        fwd_flops=2 * N * H * V, fwd_bwd_flops=8 * N * H * V,
-    )  # fmt: skip
-
-
-def roofline_seconds(cost: dict, device: str, phase: str = "fwd_bwd") -> float:
-    """Lower bound on time: max(bytes / bandwidth, FLOPs / bf16 peak)."""
-    peak = DEVICE_PEAKS[device]
-    return max(cost[f"{phase}_bytes"] / peak["bytes_per_s"], cost[f"{phase}_flops"] / peak["bf16_flops"])
-
-
 def _compile_job(job):
     case_id, cc = job
     return f"{case_id}@sm{cc}", compile_case(dict(iter_compile_cases())[case_id], cc)
@@ -143,15 +140,36 @@ def compile_all(ccs=(80, 90), workers=None) -> dict:
     from concurrent.futures import ProcessPoolExecutor
 
     jobs = [(case_id, cc) for case_id, _ in iter_compile_cases() for cc in ccs]
-    with ProcessPoolExecutor(max(1, min(len(jobs), workers or os.cpu_count() or 1))) as pool:
+    with ProcessPoolExecutor(max(1, min(len(jobs), workers or os.cpu_count() or 1)), initializer=_pool_init) as pool:
         return dict(pool.map(_compile_job, jobs, chunksize=4))
 
 
-if __name__ == "__main__":
-    # python -m alignkernels.kernel_report [80 90] -> JSON on stdout. TRITON_INTERPRET must be unset
-    # before any kernel module is imported (they are imported lazily, inside iter_compile_cases).
+def main(argv=None) -> int:
+    """``python -m bench.kernel_report [--kernels-only] [CC ...]`` -> ``{case@smCC: report}`` JSON on stdout."""
+    import argparse
     import json
     import sys
 
+    p = argparse.ArgumentParser(prog="python -m bench.kernel_report", description=main.__doc__)
+    p.add_argument("ccs", nargs="*", type=int, default=[80, 90], help="compute capabilities (default 80 90)")
+    p.add_argument("--kernels-only", action="store_true",
+                   help="load kernels/ without the alignkernels package (no torch needed)")
+    p.add_argument("--workers", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.kernels_only:
+        load_kernels_without_package()
+        os.environ["ALIGNKERNELS_KERNELS_ONLY"] = "1"  # pool workers load the same way
+    json.dump(compile_all(args.ccs, workers=args.workers), sys.stdout)
+    return 0
+
+
+def _pool_init():
+    if os.environ.get("ALIGNKERNELS_KERNELS_ONLY") == "1":
+        load_kernels_without_package()
+
+
+if __name__ == "__main__":
+    # TRITON_INTERPRET must be unset before any kernel module is imported (they are imported
+    # lazily, inside iter_compile_cases).
     os.environ.pop("TRITON_INTERPRET", None)
-    json.dump(compile_all([int(a) for a in sys.argv[1:]] or [80, 90]), sys.stdout)
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Validation of the losses' configuration values: counts, lengths and numeric hyper-parameters.
+
+A count that is zero, negative, a bool or not an integer would otherwise reach a division and give
+a zero, infinite or sign-flipped loss with no error; every loss checks its counts here so the
+error names the argument. ``num_items_in_batch`` may be an int or a numeric scalar tensor (TRL
+and ``transformers`` pass a tensor); checking a tensor's value costs one host sync.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def check_count(name: str, value, *, minimum: int = 1) -> int:
+    """``value`` as an int ``>= minimum``: ``TypeError`` for a bool, float, str, ...; ``ValueError``
+    below ``minimum``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_floating_point \
+            and value.dtype != torch.bool and not value.dtype.is_complex:  # fmt: skip
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int (a count), got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_num_items(name: str, value, *, device, dtype, minimum: int = 1) -> torch.Tensor:
+    """A token count given as an int ``>= minimum`` or a finite numeric scalar tensor ``>=
+    minimum`` (one host sync), returned as a 0-d tensor of ``dtype`` on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(
+                f"{name} must be an int or a numeric scalar tensor (a token count), got a {value.dtype} tensor of "
+                f"shape {tuple(value.shape)}"
+            )
+        count = value.detach().reshape(()).to(device=device, dtype=dtype)
+        number = float(count.item())  # one host sync: a bad count is an error, not a wrong loss
+        if not (number >= minimum and math.isfinite(number)):
+            raise ValueError(f"{name} must be a token count >= {minimum}, got {number}")
+        return count
+    number = check_count(name, value, minimum=minimum)
+    return torch.tensor(float(number), dtype=dtype, device=device)
+
+
+def check_number(name: str, value, *, allow_none: bool = False) -> float | None:
+    """A finite real number (int, float or a one-element tensor) as a float."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{name} must be a number, got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def check_length_tensor(name: str, t: torch.Tensor) -> None:
+    """Per-sequence token counts ``[B]``: integer or float, never bool, never negative or NaN."""
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise TypeError(f"{name} must hold token counts (an integer or float tensor), got {t.dtype}")
+    if t.numel() and bool((~(t >= 0)).any().item()):  # one host sync; NaN fails `>= 0` too
+        raise ValueError(f"{name} must be token counts >= 0, got {t.tolist() if t.numel() <= 8 else t}")
