@@ -30,11 +30,12 @@ def _masked_labels(labels, mask, ignore_index):
 
 def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, head, ignore_index):
     """Per-token log-probs of the reference model from its hidden states (no gradient). Without
-    ``ref_weight`` the reference shares the policy's head (weight and bias)."""
+    ``ref_weight`` the reference shares the policy's head (weight and bias). A policy's ``lora=``
+    adapter is never applied to the reference: it is the base head (PEFT's disabled adapter)."""
     if ref_weight is None:
         ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
     with torch.no_grad():
-        kwargs = {k: v for k, v in head.items() if k != "bias"}
+        kwargs = {k: v for k, v in head.items() if k not in ("bias", "lora")}
         return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
 
 
@@ -58,6 +59,7 @@ def fused_linear_grpo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    lora=None,
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -77,6 +79,8 @@ def fused_linear_grpo_loss(
             ``ref_weight``/``ref_bias`` defaulting to the policy head) and they are computed here
             without gradient. Needed when ``beta != 0``.
         temperature, logit_scale, softcap: the logit transform (see ``linear_logprobs``).
+        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
+            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **grpo_kwargs: ``beta``, ``epsilon_low``, ``epsilon_high``, ``delta``, ``loss_type``,
             ``importance_sampling_level``, ``max_completion_length``, ``num_items_in_batch``, ...
             exactly as :func:`alignkernels.grpo_loss`.
@@ -85,7 +89,7 @@ def fused_linear_grpo_loss(
         ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     labels = _masked_labels(completion_ids, completion_mask, ignore_index)
     logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
     if ref_logp is None and ref_hidden is not None:
@@ -112,6 +116,7 @@ def fused_linear_dpo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    lora=None,
     **dpo_kwargs,
 ):
     """DPO-family loss straight from the policy's last hidden states of a concatenated batch.
@@ -128,6 +133,8 @@ def fused_linear_dpo_loss(
             ``precompute_ref_log_probs``), or ``[B, T]`` per-token. Or give ``ref_hidden``
             (``[2B, T, H]``; ``ref_weight``/``ref_bias`` default to the policy head) and they are
             computed here without gradient.
+        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
+            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **dpo_kwargs: ``beta``, ``loss_type`` (one or a list), ``loss_weights``,
             ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ``use_weighting`` (WPO; the
             per-token ``log Σp²`` it needs comes from the same pass), ... exactly as
@@ -140,7 +147,7 @@ def fused_linear_dpo_loss(
     if labels.dim() != 2 or labels.shape[0] % 2:
         raise ValueError(f"labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     out = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_stats=True, **head)
     B = labels.shape[0] // 2
     mask = labels != ignore_index
@@ -181,6 +188,7 @@ def fused_linear_ppo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    lora=None,
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
@@ -189,10 +197,11 @@ def fused_linear_ppo_loss(
     tokens, then :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``,
     ``entropy_coef``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
     ``values``/``old_values``/``returns`` are the value head's ``[B, T]`` tensors (the value head
-    itself is cheap and stays in the caller's model).
+    itself is cheap and stays in the caller's model). ``lora=(lora_A, lora_B, scaling)``: a LoRA
+    adapter on the head (see ``linear_logprobs``).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     labels = _masked_labels(response_ids, mask, ignore_index)
     logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
     return ppo_loss(logp, old_logp, advantages, mask, values, old_values, returns, entropy=entropy, **ppo_kwargs)
