@@ -18,15 +18,22 @@ fused head that reads ``lm_head.weight``), or a quantized head raises
 :class:`UnsupportedModelError` when the model is patched, never later.
 
 Without ``return_token_logprobs=True`` the forward is the original one, so ``generate`` and
-ordinary training are unchanged. ``unpatch_causal_lm(model)`` restores it.
+ordinary training are unchanged. ``unpatch_causal_lm(model)`` restores it. The patch is an object
+on the instance (:class:`CausalLMForward`), not a closure: a ``copy.deepcopy`` or a pickled copy
+of a patched model is patched too and runs its own weights on every path
+(:mod:`alignkernels.integrations.forward_patch`).
 """
 from __future__ import annotations
 
-import types
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from alignkernels._utils import BACKENDS, check_temperature
+from alignkernels.ops.linear_logprobs import LinearLogprobsOutput, linear_logprobs
+from alignkernels.integrations.forward_patch import InstanceForward
+from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -39,6 +46,9 @@ __all__ = [
     "head_logprobs",
     "patch_causal_lm",
     "unpatch_causal_lm",
+    "unwrap_model",
+    "is_zero3_partitioned",
+    "CausalLMForward",
 ]
 
 # Model families whose causal-LM forward is `transform(lm_head(last_hidden_state))` with the
@@ -65,9 +75,6 @@ SUPPORTED_MODEL_TYPES = frozenset(
         "starcoder2",
     }
 )
-
-_PATCH_ATTR = "_alignkernels_original_forward"
-
 
 class UnsupportedModelError(ValueError):
     """The model's logits cannot be reproduced from ``lm_head.weight`` by :func:`linear_logprobs`."""
@@ -97,8 +104,13 @@ class TokenLogprobsOutput:
     label_mask: torch.Tensor
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The ``PreTrainedModel`` under PEFT (``get_base_model``) and DDP/accelerate (``.module``) wrappers."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module (a transformers PreTrainedModel, possibly PEFT- or DDP-wrapped), "
+            f"got {type(model).__name__}"
+        )
     seen = 0
     while seen < 8:
         seen += 1
@@ -167,7 +179,7 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
     quantized one) and the bias, if any, is ``[V]``. ``require_lm_head=False`` checks the family
     only (sequence-classification models).
     """
-    base = _unwrap(model)
+    base = unwrap_model(model)
     model_type = _model_type(base)
     if not allow_unknown_models and model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -191,8 +203,7 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
             f"lm_head ({type(head).__name__}) has no floating-point weight tensor "
             f"(got {None if weight is None else weight.dtype}); quantized heads are not supported"
         )
-    is_zero3_partitioned = hasattr(weight, "ds_shape")
-    shape = tuple(weight.ds_shape) if is_zero3_partitioned else tuple(weight.shape)
+    shape = tuple(weight.ds_shape) if is_zero3_partitioned(weight) else tuple(weight.shape)
     if len(shape) != 2:
         raise UnsupportedModelError(f"lm_head weight must be [vocab, hidden], got shape {shape}")
     bias = getattr(head, "bias", None)
@@ -203,27 +214,25 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
 
 
 def _head_tensors(head):
-    weight, bias = head.weight, head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
-    try:  # FSDP2 shards parameters as DTensors; gather the head once, as TRL's fused head does
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover - torch without distributed
-        DTensor = ()
-    if DTensor and isinstance(weight, DTensor):
-        weight = weight.full_tensor()
-        if bias is not None and isinstance(bias, DTensor):
-            bias = bias.full_tensor()
-    return weight, bias
+    """The head's ``(weight, bias)`` as plain tensors: an FSDP2 DTensor (the head sharded as its own
+    unit, so its parameters stay sharded in the model's forward) is all-gathered once, with its
+    gradient reduce-scattered back averaged over ranks as FSDP2 reduces every other gradient
+    (:func:`alignkernels.ops.vocab_parallel.gather_lm_head`). Inside the head's own FSDP unit the
+    parameters are already plain tensors and pass through."""
+    bias = head.bias if isinstance(getattr(head, "bias", None), torch.Tensor) else None
+    return gather_lm_head(head.weight, bias, grad_reduce="avg")
 
 
-def _is_zero3_partitioned(*params) -> bool:
+def is_zero3_partitioned(*params) -> bool:
+    """Whether any of ``params`` is a DeepSpeed ZeRO-3 partitioned parameter (it carries ``ds_shape``)."""
     return any(p is not None and hasattr(p, "ds_shape") for p in params)
 
 
 def _zero3_gather(*params):
     """DeepSpeed ZeRO-3: gather the partitioned head for a direct read (TRL's helper), else a no-op."""
-    if not _is_zero3_partitioned(*params):
+    if not is_zero3_partitioned(*params):
         return nullcontext()
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
+    from trl.trainer.utils import maybe_gather_lm_head_ctx  # trl is optional: only ZeRO-3 runs reach this
 
     return maybe_gather_lm_head_ctx(*params)
 
@@ -285,6 +294,7 @@ def head_logprobs(
     return_entropy=True,
     return_stats=False,
     chunk_size=None,
+    vocab_block_size=None,
     backend="auto",
     compute_dtype=None,
     gather_params=(),
@@ -295,12 +305,11 @@ def head_logprobs(
 
     The one call both drop-ins make. ``entropy`` is ``None`` when neither ``return_entropy`` nor
     ``return_stats`` asks for it (it is then not computed). ``compute_dtype`` (the autocast dtype) casts hidden, weight
-    and bias before the matmul, differentiably. ``gather_params`` are the head's parameters as
+    and bias before the matmul, differentiably. ``chunk_size`` / ``vocab_block_size``: token rows /
+    vocabulary columns of the logits tile. ``gather_params`` are the head's parameters as
     modules hold them; when they are ZeRO-3 partitioned (or ``recompute_in_backward=True``) the
     call goes through :class:`_RegatherHeadInBackward` so backward gathers them again.
     """
-    from alignkernels import linear_logprobs
-
     def compute(h, w, b):
         if compute_dtype is not None:
             h, w = h.to(compute_dtype), w.to(compute_dtype)
@@ -317,6 +326,7 @@ def head_logprobs(
             return_entropy=return_entropy,
             return_stats=return_stats,
             chunk_size=chunk_size,
+            vocab_block_size=vocab_block_size,
             backend=backend,
             check_labels=check_labels,
         )
@@ -325,7 +335,7 @@ def head_logprobs(
         return tuple(out) if return_entropy else (out, None)
 
     if recompute_in_backward is None:
-        recompute_in_backward = _is_zero3_partitioned(*gather_params)
+        recompute_in_backward = is_zero3_partitioned(*gather_params)
     if recompute_in_backward:
         with _zero3_gather(*gather_params):
             outputs = _RegatherHeadInBackward.apply(compute, tuple(gather_params), hidden, weight, bias)
@@ -333,8 +343,6 @@ def head_logprobs(
         with _zero3_gather(*gather_params):
             outputs = compute(hidden, weight, bias)
     if return_stats:
-        from alignkernels.ops.linear_logprobs import LinearLogprobsOutput
-
         return LinearLogprobsOutput(*outputs)
     return outputs[0], outputs[1]
 
@@ -368,7 +376,7 @@ def causal_lm_logprobs(
     """
     if (labels is None) == (shift_labels is None):
         raise ValueError("pass exactly one of labels (unshifted, [B, T]) or shift_labels ([B, T], pre-shifted)")
-    base = _unwrap(model)
+    base = unwrap_model(model)
     transform = logit_transform(base.config)
     backbone_kwargs["use_cache"] = False
     backbone_kwargs.pop("return_dict", None)
@@ -415,6 +423,39 @@ def causal_lm_logprobs(
     return TokenLogprobsOutput(loss=loss, logprobs=logprobs, entropy=entropy, label_mask=mask)
 
 
+class CausalLMForward(InstanceForward):
+    """The forward :func:`patch_causal_lm` sets on a model instance (survives ``copy.deepcopy`` and ``pickle``).
+
+    ``return_token_logprobs=True`` runs :func:`causal_lm_logprobs` on the instance it belongs to;
+    anything else runs the forward it replaced, unchanged.
+    """
+
+    def __init__(self, module, previous=None, temperature: float = 1.0, backend: str = "auto"):
+        super().__init__(module, previous)
+        self.temperature = temperature
+        self.backend = backend
+
+    def __call__(self, *args, return_token_logprobs=False, temperature=None, **kwargs):
+        if not return_token_logprobs:
+            return self.original(*args, **kwargs)
+        labels = kwargs.pop("labels", None)
+        input_ids = kwargs.pop("input_ids", None)
+        if args:
+            if input_ids is not None:
+                raise TypeError("input_ids was passed both positionally and by keyword")
+            input_ids, args = args[0], args[1:]
+            if args:
+                raise TypeError("pass everything but input_ids by keyword with return_token_logprobs=True")
+        return causal_lm_logprobs(
+            self.module,
+            input_ids,
+            labels,
+            temperature=self.temperature if temperature is None else check_temperature(temperature),
+            backend=self.backend,
+            **kwargs,
+        )
+
+
 def patch_causal_lm(model, *, temperature: float = 1.0, allow_unknown_models: bool = False, backend: str = "auto"):
     """Let ``model(..., labels=labels, return_token_logprobs=True)`` return a :class:`TokenLogprobsOutput`.
 
@@ -422,50 +463,24 @@ def patch_causal_lm(model, *, temperature: float = 1.0, allow_unknown_models: bo
     PEFT wrapper's forward reaches it). ``temperature`` is the default; a call may override it with
     ``temperature=...``. The forward is patched on the instance (not the class), so DDP/FSDP
     wrappers applied afterwards still run their hooks around it; without
-    ``return_token_logprobs=True`` the original forward runs unchanged. Raises
+    ``return_token_logprobs=True`` the original forward runs unchanged. The patch is a
+    :class:`CausalLMForward` object, so ``copy.deepcopy(model)`` (e.g. TRL's
+    ``create_reference_model``) and ``pickle`` give a patched copy that runs *its own* weights on
+    every path; ``save_pretrained`` stores weights only (a reloaded model is unpatched). Raises
     :class:`UnsupportedModelError` (a ``ValueError``) for configurations listed in
-    :func:`check_supported`. Returns ``model``. Patching twice is a no-op apart from updating
-    ``temperature``.
+    :func:`check_supported`. Returns ``model``. Patching twice keeps one patch and updates
+    ``temperature`` and ``backend``.
     """
-    from alignkernels._utils import check_temperature
-
     default_temperature = check_temperature(temperature)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_supported(model, allow_unknown_models=allow_unknown_models)
-    base = _unwrap(model)
-    original = base.__dict__.get(_PATCH_ATTR)
-    if original is None:
-        original = base.forward
-        setattr(base, _PATCH_ATTR, original)
-
-    def forward(self, *args, return_token_logprobs=False, temperature=None, **kwargs):
-        if not return_token_logprobs:
-            return original(*args, **kwargs)
-        labels = kwargs.pop("labels", None)
-        input_ids = kwargs.pop("input_ids", None)
-        if args:
-            input_ids, args = args[0], args[1:]
-            if args:
-                raise TypeError("pass everything but input_ids by keyword with return_token_logprobs=True")
-        return causal_lm_logprobs(
-            self,
-            input_ids,
-            labels,
-            temperature=default_temperature if temperature is None else check_temperature(temperature),
-            backend=backend,
-            **kwargs,
-        )
-
-    base.forward = types.MethodType(forward, base)
+    patched = CausalLMForward.install(unwrap_model(model), temperature=default_temperature, backend=backend)
+    patched.temperature, patched.backend = default_temperature, backend
     return model
 
 
 def unpatch_causal_lm(model):
     """Undo :func:`patch_causal_lm` (restores the forward it found). Returns ``model``."""
-    base = _unwrap(model)
-    original = base.__dict__.pop(_PATCH_ATTR, None)
-    if original is not None:
-        if getattr(original, "__self__", None) is base and getattr(original, "__func__", None) is type(base).forward:
-            base.__dict__.pop("forward", None)
-        else:
-            base.forward = original
+    CausalLMForward.uninstall(unwrap_model(model))
     return model

@@ -5,8 +5,8 @@
     trainer = GRPOTrainer(...)     # or DPOTrainer, RLOOTrainer, KTOTrainer, SFTTrainer, RewardTrainer
     trainer.train()
 
-The seam (TRL >= 1.16): the SFT, DPO, GRPO, RLOO and KTO trainers all call
-``trl.trainer.utils.add_fused_lm_head(model, ...)``; its forward
+This module is the seam and nothing else. TRL >= 1.16: the SFT, DPO, GRPO, RLOO and KTO trainers
+all call ``trl.trainer.utils.add_fused_lm_head(model, ...)``; its forward
 (``model(..., labels=labels, fused_lm_head=True)``) runs the backbone and hands the hidden states of
 the scored positions to ``trl.kernels.ChunkedLogProbFunction.apply(hidden, weight, bias, targets,
 temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)``, which returns
@@ -14,25 +14,32 @@ temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)``, which
 in every loaded ``trl`` module that holds it, to :class:`LinearLogprobsAdapter`: same signature,
 same outputs and masking, computed by :func:`alignkernels.linear_logprobs` (``return_stats=True``).
 Everything TRL does around it (label shifting, ``logits_to_keep`` slicing, completion/tool masks,
-temperature, reference and old-policy passes, precomputed reference log-probs, its loss code and its
-metrics) is TRL's own code, unchanged. ``add_fused_lm_head`` itself is wrapped to check each model
-it is given (:func:`alignkernels.integrations.transformers.check_supported`), so an unsupported
-configuration (LoRA on ``lm_head``, an unknown model family, a quantized head) raises
+temperature, reference and old-policy passes, precomputed reference log-probs, PEFT adapters, its
+loss code and its metrics) is TRL's own code, unchanged. ``add_fused_lm_head`` itself is wrapped to
+check each model it is given (:func:`alignkernels.integrations.transformers.check_supported`), so an
+unsupported configuration (LoRA on ``lm_head``, an unknown model family, a quantized head) raises
 :class:`UnsupportedModelError` when the trainer is built, not after silently training wrong.
 
-``RewardTrainer`` does not use the fused head: its sequence-classification model scores every
-position (``[B, T, num_labels]``) and then keeps the last non-pad one. Patched, the model gathers the
-last non-pad hidden state first (:func:`alignkernels.gather_last`, same position rule as
-``transformers``) and scores ``[B, H]`` only, and the loss is :func:`alignkernels.bradley_terry_loss`
-(margin and ``center_rewards_coefficient`` as in TRL); TRL's metrics are logged as before.
+``RewardTrainer`` does not use the fused head; :func:`apply` also installs the reward-model
+drop-in of :mod:`alignkernels.integrations.trl_reward` (gather the last token, then score;
+:func:`alignkernels.bradley_terry_loss`). :func:`remove` (or leaving ``with apply(): ...``) restores
+every name it rebound and every model it patched.
 
-:func:`remove` (or leaving ``with apply(): ...``) restores every name it rebound.
+Numerics: in fp32 the patched trainers log the same losses and metrics and reach the same
+parameters as stock TRL (1e-5). Under bf16 autocast TRL rounds each logits tile to bf16 before its
+fp32 softmax while ``linear_logprobs`` keeps the tile in fp32, so the two differ by the size of that
+rounding, and alignkernels is the one closer to an fp64 computation (``docs/INTEGRATION.md``,
+"bf16").
 
-ZeRO-3 / FSDP: TRL's fused forward already gathers the head around the call (DeepSpeed ZeRO-3
-``GatheredParameters``, FSDP2 ``DTensor.full_tensor()``). The adapter receives exactly what TRL's
-Function receives; when the head is ZeRO-3 partitioned it recomputes in backward inside TRL's gather
-context again, as TRL's Function does (see ``transformers._RegatherHeadInBackward``). Tested here: the
-recompute path on CPU; not tested: a real DeepSpeed/FSDP run (no multi-GPU CI).
+ZeRO-3 / FSDP: TRL's fused forward gathers the head around the call (DeepSpeed ZeRO-3
+``GatheredParameters``; FSDP2 ``DTensor.full_tensor()``, needed only when the head is its own
+``fully_shard`` unit — inside the model's forward the root unit's parameters are plain tensors).
+The adapter receives what TRL's Function receives; when the head is ZeRO-3 partitioned it recomputes
+in backward inside TRL's gather context again, as TRL's Function does
+(``transformers.head_logprobs(recompute_in_backward=True)``). TRL's bare ``full_tensor()`` leaves each
+rank its own, unaveraged lm_head gradient, so under ``apply()`` a fused-head model's forward is wrapped
+by :class:`GatherShardedHeadForward`, which gathers an FSDP2 head with ``gather_lm_head(grad_reduce="avg")``
+first (2-rank gloo test: ``tests/integrations/test_fsdp2.py``).
 
 TRL 1.16 ships no PPO trainer (``trl.experimental`` has none); use :func:`alignkernels.ppo_loss`
 directly.
@@ -41,31 +48,54 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 import weakref
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without distributed
+    DTensor = None
+
+from alignkernels._utils import BACKENDS
+from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.transformers import (
     LogitTransform,
     UnsupportedModelError,
-    _is_zero3_partitioned,
-    _unwrap,
     check_supported,
     head_logprobs,
+    is_zero3_partitioned,
 )
+from alignkernels.integrations.trl_reward import (
+    check_reward_model,
+    patch_reward_model,
+    reward_compute_loss,
+    unpatch_reward_model,
+    wrap_reward_trainer_init,
+)
+from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
     "apply",
     "remove",
     "is_applied",
+    "adapter_calls",
+    "Patch",
     "LinearLogprobsAdapter",
+    "GatherShardedHeadForward",
     "UnsupportedModelError",
     "patch_reward_model",
     "unpatch_reward_model",
+    "TRL_TOKEN_ROWS",
 ]
 
 # the per-token fields TRL's ChunkedLogProbFunction can return, in its output order
 TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+# token rows of TRL's logits tile (``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` in TRL 1.16)
+TRL_TOKEN_ROWS = 4096
+# widest CPU tile the adapter asks for (DESIGN.md: the fused CPU softmax keeps 1e-6 up to 16k columns)
+CPU_MAX_TILE_COLUMNS = 1 << 14
 
 # trl modules that bind the seam's names; imported by `apply` so their references exist to rebind
 _TRL_MODULES = (
@@ -80,14 +110,46 @@ _TRL_MODULES = (
     "trl.trainer.reward_trainer",
 )
 
-_REWARD_PATCH_ATTR = "_alignkernels_original_reward_forward"
-
 
 class _Options:
     allow_unknown_models = False
     backend = "auto"
-    chunk_size = None
-    calls = 0  # adapter calls since apply(); lets tests and users check the patched path runs
+    chunk_size = None  # token rows per tile (apply(chunk_size=)); None: TRL_TOKEN_ROWS on CUDA, the op default on CPU
+    vocab_block_size = None  # vocabulary columns per tile; None: from TRL's chunk_size
+    calls = 0  # adapter calls since apply()
+
+
+def adapter_calls() -> int:
+    """How many times TRL called :class:`LinearLogprobsAdapter` since the last :func:`apply` that
+    patched TRL: a check that a trainer really runs alignkernels."""
+    return _Options.calls
+
+
+def _tile_for_trl_chunk(chunk_size, compute_dtype, device):
+    """``(token rows, vocabulary columns)`` of our logits tile for TRL's ``chunk_size`` (``None``:
+    ``linear_logprobs``' default).
+
+    TRL's tile is ``TRL_TOKEN_ROWS x chunk_size`` in the compute dtype (bf16 under bf16 autocast);
+    ours is fp32 (fp64 for fp64 inputs). On CUDA: the same rows, and the width scaled by the itemsize
+    ratio, give a tile of the same bytes, so tuning TRL's chunk size tunes our memory the same way.
+    On CPU the op's own row default (256) is kept and the width is capped at
+    ``CPU_MAX_TILE_COLUMNS``: the fused CPU softmax sums a row in fp32 lanes and loses digits past
+    ~16k columns (DESIGN.md, "More limits seen"); that tile is never larger than TRL's. ``apply``'s
+    explicit ``chunk_size`` / ``vocab_block_size`` win over all of this.
+    """
+    on_cuda = device.type == "cuda"
+    rows = _Options.chunk_size or (TRL_TOKEN_ROWS if on_cuda else None)
+    block = _Options.vocab_block_size
+    if block is None and chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+            raise ValueError(f"chunk_size (TRL's vocabulary tile width) must be a positive int, got {chunk_size!r}")
+        tile_itemsize = max(4, compute_dtype.itemsize)
+        block = max(1, chunk_size * compute_dtype.itemsize // tile_itemsize)
+        if _Options.chunk_size is not None:  # the same bytes at apply's row count
+            block = max(1, block * TRL_TOKEN_ROWS // _Options.chunk_size)
+        if not on_cuda:
+            block = min(block, CPU_MAX_TILE_COLUMNS)
+    return rows, block
 
 
 class LinearLogprobsAdapter:
@@ -100,9 +162,15 @@ class LinearLogprobsAdapter:
     ``mean_logits`` = mean of the transformed logits over the vocabulary, ``is_top1`` = the target
     is the first argmax. Log-probs and entropy are differentiable w.r.t. hidden, weight and bias.
     The logits are ``z = logit_scale * (hidden @ weight.T + bias)``, softcapped, divided by
-    ``temperature``; the matmul runs in the autocast dtype when autocast is on (else in hidden's
-    dtype), as TRL's does. TRL's ``chunk_size`` (vocabulary tile width of its cuBLAS path) is ignored:
-    ``linear_logprobs`` picks its own tiling (token rows per tile: ``apply(chunk_size=...)``).
+    ``temperature``; the matmul takes its operands in the autocast dtype when autocast is on (else
+    hidden's dtype), as TRL's does, and writes an fp32 tile (TRL rounds its tile to that dtype).
+
+    ``chunk_size`` (TRL: the vocabulary width of its ``4096 x chunk_size`` tile, TRL's module
+    constant ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``, 32768 by default) sets our tile:
+    on CUDA 4096 token rows and ``chunk_size x itemsize(compute dtype) / 4`` vocabulary columns, i.e.
+    a tile of the same bytes as TRL's (ours is fp32: half TRL's columns under bf16); on CPU the same
+    width capped at 16384 columns, with the op's own 256 rows. ``apply(chunk_size=,
+    vocab_block_size=)`` override rows and columns.
     """
 
     @staticmethod
@@ -123,6 +191,7 @@ class LinearLogprobsAdapter:
             compute_dtype = torch.get_autocast_dtype(device_type)
         else:
             compute_dtype = hidden.dtype
+        rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype, hidden.device)
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
         wanted = set(outputs or ())
@@ -139,11 +208,12 @@ class LinearLogprobsAdapter:
             ),
             return_entropy="entropy" in wanted,
             return_stats=want_stats,
-            chunk_size=_Options.chunk_size,
+            chunk_size=rows,
+            vocab_block_size=block,
             backend=_Options.backend,
             compute_dtype=compute_dtype,
             gather_params=(weight, bias),
-            recompute_in_backward=_is_zero3_partitioned(weight, bias),
+            recompute_in_backward=is_zero3_partitioned(weight, bias),
             check_labels=False,  # TRL passes only valid labels (compacted, or clamped to 0): skip the host sync
         )
         if not want_stats:  # (logp, entropy or None): the statistics are not computed at all
@@ -158,13 +228,44 @@ class LinearLogprobsAdapter:
         )
 
 
+class GatherShardedHeadForward(InstanceForward):
+    """Wraps the forward ``add_fused_lm_head`` installs: with ``fused_lm_head=True`` and an lm_head
+    whose parameters are FSDP2 DTensors during the model's forward (the head sharded as its own
+    ``fully_shard`` unit), the head is gathered first with
+    :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) and TRL's forward
+    sees plain tensors for the duration of the call. TRL 1.16 would gather it with a bare
+    ``full_tensor()``, whose backward leaves each rank its own gradient slice, unaveraged (wrong for
+    data-parallel training; ``tests/integrations/test_fsdp2.py``). Anything else passes through."""
+
+    def __call__(self, *args, fused_lm_head=False, **kwargs):
+        head = self.module.get_output_embeddings() if fused_lm_head else None
+        weight = getattr(head, "weight", None)
+        if head is None or not _is_dtensor(weight):
+            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+        params = head._parameters
+        saved = {name: params[name] for name in ("weight", "bias") if params.get(name) is not None}
+        gathered_weight, gathered_bias = gather_lm_head(saved["weight"], saved.get("bias"), grad_reduce="avg")
+        try:
+            # nn.Module reads parameters from _parameters: swap in the gathered tensors for this call
+            params["weight"] = gathered_weight
+            if "bias" in saved:
+                params["bias"] = gathered_bias
+            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+        finally:
+            params.update(saved)
+
+
+def _is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 class _Patcher:
     """Rebinds names and remembers how to put them back."""
 
     def __init__(self):
         self.saved = []  # (owner, attribute, original value, had_own_attribute)
         self.reward_models = weakref.WeakSet()
-        self.validated_add_fused_lm_head = None
+        self.fused_head_models = weakref.WeakSet()
 
     def set(self, owner, name, value):
         had = name in vars(owner)
@@ -183,7 +284,10 @@ class _Patcher:
         self.saved.clear()
         for model in list(self.reward_models):
             unpatch_reward_model(model)
+        for model in list(self.fused_head_models):
+            GatherShardedHeadForward.uninstall(model)
         self.reward_models = weakref.WeakSet()
+        self.fused_head_models = weakref.WeakSet()
 
 
 class Patch:
@@ -205,6 +309,7 @@ _HANDLE = Patch()
 
 
 def is_applied() -> bool:
+    """Whether :func:`apply` is in effect."""
     return _ACTIVE is not None
 
 
@@ -237,195 +342,114 @@ def _check_trainer(trainer):
     if args is not None and getattr(args, "use_liger_kernel", False):
         cfg = getattr(args, "liger_kernel_config", None) or {}
         if cfg.get("fused_linear_cross_entropy"):
-            raise UnsupportedModelError("Liger's fused_linear_cross_entropy replaces the forward alignkernels patches")
-    models = [getattr(trainer, "model", None), getattr(trainer, "ref_model", None)]
-    for model in models:
-        if model is None or not isinstance(model, torch.nn.Module):
-            continue
-        if isinstance(trainer, RewardTrainer):
-            if model is models[0]:
-                _check_reward_model(model)
-        else:
+            raise UnsupportedModelError(
+                "trainer.args.use_liger_kernel with liger_kernel_config['fused_linear_cross_entropy']: Liger's fused "
+                "linear cross-entropy replaces the forward alignkernels patches; turn one of them off"
+            )
+    if isinstance(trainer, RewardTrainer):
+        check_reward_model(trainer.model, allow_unknown_models=_Options.allow_unknown_models)
+        return
+    for model in (getattr(trainer, "model", None), getattr(trainer, "ref_model", None)):
+        if isinstance(model, torch.nn.Module):
             check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
 
 
+def _check_optional_positive_int(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ValueError(f"apply(): {name} must be a positive int or None, got {value!r}")
+
+
 def apply(
-    trainer=None, *, allow_unknown_models: bool = False, backend: str = "auto", chunk_size: int | None = None
+    trainer=None,
+    *,
+    allow_unknown_models: bool = False,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    vocab_block_size: int | None = None,
 ) -> Patch:
     """Make TRL's trainers compute their LM head (and the reward head) with alignkernels.
 
     Call once, before or after building trainers (``apply(trainer)`` also checks that trainer's
     policy/reference models right away). Rebinds ``ChunkedLogProbFunction`` to
     :class:`LinearLogprobsAdapter` in every loaded ``trl`` module, wraps ``add_fused_lm_head`` so
-    each model a trainer patches is checked, and patches ``RewardTrainer`` (gather-then-score
-    forward, :func:`alignkernels.bradley_terry_loss`). Idempotent; the options of the last call win.
-    ``backend`` and ``chunk_size`` (token rows per logits tile) go to :func:`linear_logprobs`.
+    each model a trainer patches is checked, and installs the ``RewardTrainer`` drop-in
+    (:mod:`alignkernels.integrations.trl_reward`). Idempotent; the options of the last call win.
+
+    Args:
+        trainer: an already built TRL trainer to check (and, for ``RewardTrainer``, patch) now.
+        allow_unknown_models: accept model families outside ``SUPPORTED_MODEL_TYPES``.
+        backend: :func:`alignkernels.linear_logprobs` backend.
+        chunk_size, vocab_block_size: token rows and vocabulary columns of the logits tile. By
+            default both follow TRL: 4096 rows and TRL's own ``chunk_size`` scaled to the same tile
+            bytes (see :class:`LinearLogprobsAdapter`).
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
     cannot reproduce: LoRA (any PEFT adapter) on ``lm_head``, a model family outside
     :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` (unless
     ``allow_unknown_models=True``), a quantized head, Liger's fused linear cross-entropy, or a TRL
-    older than 1.16. Returns a :class:`Patch` (``.remove()``, context manager).
+    older than 1.16; ``ValueError`` naming the argument for a bad option. A failed call leaves TRL
+    as it was. Returns a :class:`Patch` (``.remove()``, context manager).
     """
     global _ACTIVE
-    from alignkernels._utils import BACKENDS
-
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"apply(): backend must be one of {BACKENDS}, got {backend!r}")
+    _check_optional_positive_int("chunk_size", chunk_size)
+    _check_optional_positive_int("vocab_block_size", vocab_block_size)
     _check_trl_version()
     _Options.allow_unknown_models = bool(allow_unknown_models)
     _Options.backend = backend
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     _Options.chunk_size = chunk_size
+    _Options.vocab_block_size = vocab_block_size
     if trainer is not None:
         _check_trainer(trainer)  # before patching anything: a failed apply(trainer) leaves TRL as it was
     if _ACTIVE is None:
-        patcher = _Patcher()
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-        from trl.trainer import utils as trl_utils
-        from trl.trainer.reward_trainer import RewardTrainer
-
-        original_add = trl_utils.add_fused_lm_head
-
-        def add_fused_lm_head(model, *args, **kwargs):
-            check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
-            return original_add(model, *args, **kwargs)
-
-        add_fused_lm_head.__doc__ = original_add.__doc__
-        add_fused_lm_head.__wrapped__ = original_add
-        for module in _trl_modules():
-            for name, value in list(vars(module).items()):
-                if value is ChunkedLogProbFunction:
-                    patcher.set(module, name, LinearLogprobsAdapter)
-                elif value is original_add:
-                    patcher.set(module, name, add_fused_lm_head)
-        patcher.set(RewardTrainer, "__init__", _reward_trainer_init(RewardTrainer.__init__))
-        patcher.set(RewardTrainer, "compute_loss", _reward_compute_loss)
-        _ACTIVE = patcher
+        _ACTIVE = _install()
         _Options.calls = 0
     if trainer is not None:
         from trl.trainer.reward_trainer import RewardTrainer
 
         if isinstance(trainer, RewardTrainer):
-            patch_reward_model(trainer.model)
+            patch_reward_model(trainer.model, allow_unknown_models=_Options.allow_unknown_models)
+            _ACTIVE.reward_models.add(trainer.model)
     return _HANDLE
 
 
+def _install() -> _Patcher:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer import utils as trl_utils
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    patcher = _Patcher()
+    original_add = trl_utils.add_fused_lm_head
+
+    def add_fused_lm_head(model, *args, **kwargs):
+        check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
+        result = original_add(model, *args, **kwargs)
+        GatherShardedHeadForward.install(model)
+        patcher.fused_head_models.add(model)
+        return result
+
+    add_fused_lm_head.__doc__ = original_add.__doc__
+    add_fused_lm_head.__wrapped__ = original_add
+    for module in _trl_modules():
+        for name, value in list(vars(module).items()):
+            if value is ChunkedLogProbFunction:
+                patcher.set(module, name, LinearLogprobsAdapter)
+            elif value is original_add:
+                patcher.set(module, name, add_fused_lm_head)
+    patched_init = wrap_reward_trainer_init(
+        RewardTrainer.__init__, patcher.reward_models.add, allow_unknown_models=lambda: _Options.allow_unknown_models
+    )
+    patcher.set(RewardTrainer, "__init__", patched_init)
+    patcher.set(RewardTrainer, "compute_loss", reward_compute_loss)
+    return patcher
+
+
 def remove() -> None:
-    """Undo :func:`apply`: every rebound name and every patched reward model is restored."""
+    """Undo :func:`apply`: every rebound name and every reward model it patched is restored."""
     global _ACTIVE
     if _ACTIVE is not None:
         _ACTIVE.undo()
         _ACTIVE = None
 
 
-# ---------------------------------------------------------------------------------------------
-# RewardTrainer: score only the last non-pad hidden state; Bradley-Terry loss
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_reward_model(model):
-    base = _unwrap(model)
-    score = getattr(base, "score", None)
-    if not type(base).__name__.endswith("ForSequenceClassification") or not isinstance(score, torch.nn.Linear):
-        raise UnsupportedModelError(
-            f"RewardTrainer drop-in needs a *ForSequenceClassification model with a Linear `score` head, got "
-            f"{type(base).__name__}" + (" whose score head carries a PEFT adapter" if hasattr(score, "base_layer") else "")
-        )
-    check_supported(base, allow_unknown_models=_Options.allow_unknown_models, require_lm_head=False)
-
-
-def patch_reward_model(model):
-    """Make a ``*ForSequenceClassification`` model gather the last non-pad hidden state, then score it.
-
-    Same outputs as the model's own forward (``logits`` ``[B, num_labels]`` at the rightmost token that
-    is not ``pad_token_id``; the last position when there is no pad token), without the
-    ``[B, T, num_labels]`` scores of every position. Falls back to the original forward when called
-    with ``labels`` or ``inputs_embeds``. Returns ``model``.
-    """
-    from transformers.modeling_outputs import SequenceClassifierOutputWithPast
-
-    _check_reward_model(model)
-    base = _unwrap(model)
-    if _REWARD_PATCH_ATTR in vars(base):
-        return model
-    original = base.forward
-    setattr(base, _REWARD_PATCH_ATTR, original)
-
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
-        if input_ids is None or kwargs.get("labels") is not None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        from alignkernels import gather_last
-
-        outputs = self.base_model(input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = outputs.last_hidden_state
-        pad_token_id = self.config.get_text_config().pad_token_id
-        if pad_token_id is None:
-            if input_ids.shape[0] != 1:
-                raise ValueError("Cannot handle batch sizes > 1 if no padding token is defined.")
-            last_hidden = hidden[:, -1]
-        else:
-            # transformers' rule: the rightmost token that is not the pad token (left or right padding)
-            last_hidden = gather_last(hidden, input_ids=input_ids.to(hidden.device), pad_token_id=pad_token_id)
-        return SequenceClassifierOutputWithPast(
-            logits=self.score(last_hidden),
-            hidden_states=getattr(outputs, "hidden_states", None),
-            attentions=getattr(outputs, "attentions", None),
-        )
-
-    import types
-
-    base.forward = types.MethodType(forward, base)
-    if _ACTIVE is not None:
-        _ACTIVE.reward_models.add(base)
-    return model
-
-
-def unpatch_reward_model(model):
-    base = _unwrap(model)
-    original = vars(base).pop(_REWARD_PATCH_ATTR, None)
-    if original is not None:
-        vars(base).pop("forward", None)
-        if getattr(original, "__func__", None) is not type(base).forward:
-            base.forward = original
-    return model
-
-
-def _reward_trainer_init(original_init):
-    def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        patch_reward_model(self.model)
-
-    __init__.__wrapped__ = original_init
-    return __init__
-
-
-def _reward_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-    """``RewardTrainer.compute_loss`` with :func:`alignkernels.bradley_terry_loss`; TRL's metrics."""
-    from alignkernels import bradley_terry_loss
-
-    mode = "train" if self.model.training else "eval"
-    inputs["use_cache"] = False
-    outputs = model(**inputs)
-    rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
-    loss, _ = bradley_terry_loss(
-        rewards_chosen,
-        rewards_rejected,
-        margin=inputs.get("margin"),
-        center_rewards_coefficient=self.args.center_rewards_coefficient,
-    )
-    if mode == "train":
-        num_tokens_in_batch = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-        self._total_train_tokens += num_tokens_in_batch // self._tp_size
-    self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
-    with torch.no_grad():
-        all_rewards = self.accelerator.gather(outputs.logits)
-        self._metrics[mode]["min_reward"].append(all_rewards.min().item())
-        self._metrics[mode]["mean_reward"].append(all_rewards.mean().item())
-        self._metrics[mode]["max_reward"].append(all_rewards.max().item())
-        accuracy = (rewards_chosen > rewards_rejected).float().mean()
-        self._metrics[mode]["accuracy"].append(self.accelerator.gather_for_metrics(accuracy).mean().item())
-        margin = (rewards_chosen - rewards_rejected).mean()
-        self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(margin).mean().item())
-    return (loss, outputs) if return_outputs else loss

@@ -7,6 +7,9 @@ log-probs / entropy / loss, 1e-4 relative on gradients.
 """
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,3 +292,121 @@ def test_patched_forward_bf16_autocast_cuda():
         out = model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
     torch.testing.assert_close(out.logprobs, ref_logp, atol=0.15, rtol=0.02)
     torch.testing.assert_close(out.entropy, ref_entropy, atol=0.15, rtol=0.02)
+
+
+# --------------------------------------------------------------------------------------------
+# Copies of patched models (deepcopy = TRL's create_reference_model, pickle, save_pretrained)
+# --------------------------------------------------------------------------------------------
+
+
+def _perturb(model, seed):
+    """Change every parameter of ``model`` in place (so its outputs differ from the model it was copied from)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _fresh_like(model, family="qwen2"):
+    """An unpatched model of the same family holding ``model``'s weights: the oracle for a copy."""
+    fresh = tiny_causal_lm(family)
+    fresh.load_state_dict(model.state_dict())
+    return fresh.eval()
+
+
+def _check_runs_own_weights(copy_model, oracle):
+    input_ids, attention_mask, labels = batch(seed=7)
+    with torch.no_grad():
+        got = copy_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        want = oracle(input_ids=input_ids, attention_mask=attention_mask).logits
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(copy_model.generate(input_ids, **gen), oracle.generate(input_ids, **gen))
+    out = copy_model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    ref_logp, ref_entropy, _ = reference_logprobs(oracle, input_ids, attention_mask, labels, temperature=0.8)
+    torch.testing.assert_close(out.logprobs, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, ref_entropy, atol=2e-5, rtol=1e-5)
+
+
+def test_deepcopy_of_patched_model_runs_its_own_weights():
+    """copy.deepcopy (TRL's create_reference_model): plain forward, generate and return_token_logprobs
+    of the copy all use the copy's weights, and the original keeps its own."""
+    model = tiny_causal_lm("qwen2").eval()
+    patch_causal_lm(model, temperature=0.8)
+    clone = copy.deepcopy(model)
+    _perturb(clone, seed=11)
+    _check_runs_own_weights(clone, _fresh_like(clone))
+    _check_runs_own_weights(model, _fresh_like(model))
+    # the copy's patch is its own: unpatching one leaves the other patched
+    unpatch_causal_lm(model)
+    assert "forward" not in vars(model) and "forward" in vars(clone)
+    _check_runs_own_weights(clone, _fresh_like(clone))
+
+
+def test_trl_create_reference_model_of_patched_model():
+    trl_utils = pytest.importorskip("trl.experimental.utils")
+    model = tiny_causal_lm("qwen2").eval()
+    patch_causal_lm(model, temperature=0.8)
+    ref = trl_utils.create_reference_model(model)
+    _perturb(model, seed=12)  # the policy trains on; the reference must not follow it
+    _check_runs_own_weights(ref, _fresh_like(ref))
+    _check_runs_own_weights(model, _fresh_like(model))
+
+
+def test_pickled_patched_model_is_patched_and_runs_its_own_weights():
+    model = tiny_causal_lm("qwen2").eval()
+    patch_causal_lm(model, temperature=0.8)
+    clone = pickle.loads(pickle.dumps(model))
+    _perturb(clone, seed=13)
+    _check_runs_own_weights(clone, _fresh_like(clone))
+    unpatch_causal_lm(clone)
+    assert "forward" not in vars(clone)
+
+
+def test_save_pretrained_of_patched_model_reloads_unpatched(tmp_path):
+    """save_pretrained stores weights and config only: the reload is the plain model, patchable again."""
+    model = tiny_causal_lm("qwen2").eval()
+    patch_causal_lm(model, temperature=0.8)
+    model.save_pretrained(tmp_path / "m")
+    reloaded = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert "forward" not in vars(reloaded)
+    patch_causal_lm(reloaded, temperature=0.8)
+    _check_runs_own_weights(reloaded, _fresh_like(model))
+
+
+def test_deepcopy_of_patched_peft_model():
+    peft = pytest.importorskip("peft")
+    model = tiny_causal_lm("qwen2").eval()
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(model, lora)
+    patch_causal_lm(model, temperature=0.8)
+    clone = copy.deepcopy(model)
+    _perturb(clone, seed=14)
+    merged = copy.deepcopy(clone)
+    unpatch_causal_lm(merged)
+    oracle = merged.merge_and_unload().eval()  # same function as the copy, as a plain model
+    input_ids, attention_mask, labels = batch(seed=7)
+    out = clone(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True)
+    ref_logp, _, _ = reference_logprobs(oracle, input_ids, attention_mask, labels, temperature=0.8)
+    torch.testing.assert_close(out.logprobs, ref_logp, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(input_ids=input_ids).logits, oracle(input_ids=input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments_name_the_argument():
+    model = tiny_causal_lm("qwen2")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        patch_causal_lm("Qwen/Qwen2.5-0.5B")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        check_supported(None)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_causal_lm(model, backend="gpu")
+    with pytest.raises(TypeError, match="temperature must be a number"):
+        patch_causal_lm(model, temperature="hot")
+    assert "forward" not in vars(model)  # a rejected call patches nothing
+    patch_causal_lm(model)
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True, temperature=0.0)
+    with pytest.raises(TypeError, match="input_ids was passed both"):
+        model(input_ids, input_ids=input_ids, labels=labels, return_token_logprobs=True)

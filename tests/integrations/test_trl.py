@@ -22,6 +22,7 @@ datasets = pytest.importorskip("datasets")
 tokenizers = pytest.importorskip("tokenizers")
 
 import alignkernels.integrations.trl as ak_trl  # noqa: E402
+import alignkernels.integrations.trl_reward as ak_trl_reward  # noqa: E402
 from alignkernels.integrations.transformers import UnsupportedModelError  # noqa: E402
 
 VOCAB = 128
@@ -87,9 +88,10 @@ def _is_tie(logs, accuracy_key, tol=1e-5):
     return margin is not None and abs(margin) < tol
 
 
-def compare_runs(stock, patched, *, rtol=1e-5, atol=1e-6, min_compared=12):
-    (stock_logs, stock_params), (patched_logs, patched_params) = stock, patched
-    assert len(stock_logs) == len(patched_logs) >= 4  # 3 steps + the summary
+def compare_runs(stock, patched, *, rtol=1e-5, atol=1e-6, min_compared=12, min_moved=3):
+    """Same logged numbers at every step, same final parameters; and training moved >= ``min_moved`` tensors."""
+    (stock_logs, stock_params, initial), (patched_logs, patched_params, _) = stock, patched
+    assert len(stock_logs) == len(patched_logs) >= 3  # 2+ steps + the summary
     n_compared = 0
     for step, (a, b) in enumerate(zip(stock_logs, patched_logs)):
         assert set(a) == set(b), f"step {step}: logged keys differ: {set(a) ^ set(b)}"
@@ -98,31 +100,48 @@ def compare_runs(stock, patched, *, rtol=1e-5, atol=1e-6, min_compared=12):
                 continue
             if key.endswith("rewards/accuracies") and _is_tie(a, key) and _is_tie(b, key):
                 continue  # chosen == rejected reward up to rounding (policy == reference): a coin flip
-            assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=atol), f"step {step} {key}: {a[key]} vs {b[key]}"
+            # DPO/KTO rewards are β·(Σ logp − Σ ref_logp): a difference of two sums of ~10 fp32 log-probs,
+            # so their rounding is absolute (~β·10·|logp|·6e-8 ≈ 3e-6), not relative to the small difference
+            key_atol = max(atol, 1e-5) if "rewards/" in key else atol
+            assert math.isclose(a[key], b[key], rel_tol=rtol, abs_tol=key_atol), f"step {step} {key}: {a[key]} vs {b[key]}"
             n_compared += 1
     assert n_compared >= min_compared
-    moved = 0
+    assert set(stock_params) == set(patched_params)
+    moved = []
     for name, p in stock_params.items():
         torch.testing.assert_close(patched_params[name], p, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
-        moved += int(not torch.equal(p, INITIAL[name])) if name in INITIAL else 0
-    assert moved >= 3, "training did not change the parameters: the comparison would be vacuous"
+        if not torch.equal(p, initial[name]):
+            moved.append(name)
+    assert len(moved) >= min_moved, "training did not change the parameters: the comparison would be vacuous"
+    return moved
 
 
-INITIAL: dict = {}
+_REWARD_MODELS_SEEN: list = []
 
 
-def run(make_trainer, patched):
+def run(make_trainer, patched, check_reward_patch=False):
+    """Train; return (log history, final parameters, parameters as the trainer received them).
+
+    ``patched``: call ``apply(trainer)`` on the built trainer (a no-op re-check when ``apply()`` was
+    already called before building it). ``check_reward_patch``: the built trainer's reward model
+    already carries the drop-in's forward (``apply()`` came first)."""
+    torch.manual_seed(0)  # PEFT initialises its adapters inside the trainer's constructor
     trainer = make_trainer()
+    if check_reward_patch:
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        assert isinstance(vars(base).get("forward"), ak_trl_reward.RewardModelForward)
+        _REWARD_MODELS_SEEN[:] = [base]
     if patched:
         ak_trl.apply(trainer)
-    calls_before = ak_trl._Options.calls
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    calls_before = ak_trl.adapter_calls()
     trainer.train()
     if patched and not isinstance(trainer, trl.RewardTrainer):
-        assert ak_trl._Options.calls > calls_before, "the patched trainer never called the adapter"
+        assert ak_trl.adapter_calls() > calls_before, "the patched trainer never called the adapter"
     if not patched:
-        assert ak_trl._Options.calls == calls_before
+        assert ak_trl.adapter_calls() == calls_before
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    return [dict(x) for x in trainer.state.log_history], params
+    return [dict(x) for x in trainer.state.log_history], params, initial
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +149,7 @@ def run(make_trainer, patched):
 # --------------------------------------------------------------------------------------------
 
 
-def grpo_factory(tmp_path, model, trainer_cls="GRPO", **config):
+def grpo_factory(tmp_path, model, trainer_cls="GRPO", trainer_kwargs=None, **config):
     # a local checkpoint: with beta > 0 GRPOTrainer loads its reference model from the policy's path
     model_path = str(tmp_path / "policy")
     model.save_pretrained(model_path)
@@ -148,7 +167,7 @@ def grpo_factory(tmp_path, model, trainer_cls="GRPO", **config):
         # steps_per_generation=3: one generation (same model both runs) feeds the 3 optimizer steps
         return getattr(trl, f"{trainer_cls}Trainer")(
             model=model_path, reward_funcs=reward_distinct, args=args, train_dataset=dataset,
-            processing_class=tiny_tokenizer(),
+            processing_class=tiny_tokenizer(), **(trainer_kwargs or {}),
         )  # fmt: skip
 
     return make
@@ -164,8 +183,6 @@ GRPO_CONFIGS = [
 @pytest.mark.parametrize("config", GRPO_CONFIGS, ids=["dapo", "gspo-bnpo-entropy-mask"])
 def test_grpo_stock_vs_patched(tmp_path, config):
     model = tiny_causal_lm()
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
     make = grpo_factory(tmp_path, model, **config)
     stock = run(make, patched=False)
     patched = run(make, patched=True)
@@ -175,17 +192,11 @@ def test_grpo_stock_vs_patched(tmp_path, config):
 
 def test_rloo_stock_vs_patched(tmp_path):
     model = tiny_causal_lm(seed=7)
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
     make = grpo_factory(tmp_path, model, trainer_cls="RLOO")
     compare_runs(run(make, patched=False), run(make, patched=True))
 
 
-def test_kto_stock_vs_patched(tmp_path):
-    """KTO: policy, reference and the mismatched-pair KL passes all go through the fused head."""
-    model = tiny_causal_lm(seed=9)
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
+def kto_factory(tmp_path, model, ref_model=True, trainer_kwargs=None):
     g = torch.Generator().manual_seed(9)
     dataset = datasets.Dataset.from_dict(
         {
@@ -198,24 +209,35 @@ def test_kto_stock_vs_patched(tmp_path):
     def make():
         args = trl.KTOConfig(**common_args(output_dir=str(tmp_path)), per_device_train_batch_size=4)
         return trl.KTOTrainer(
-            model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
-            processing_class=tiny_tokenizer(),
+            model=copy.deepcopy(model), ref_model=copy.deepcopy(model) if ref_model else None, args=args,
+            train_dataset=dataset, processing_class=tiny_tokenizer(), **(trainer_kwargs or {}),
         )  # fmt: skip
 
+    return make
+
+
+def test_kto_stock_vs_patched(tmp_path):
+    """KTO: policy, reference and the mismatched-pair KL passes all go through the fused head."""
+    make = kto_factory(tmp_path, tiny_causal_lm(seed=9))
     compare_runs(run(make, patched=False), run(make, patched=True), min_compared=6)
 
 
-def test_sft_stock_vs_patched(tmp_path):
-    model = tiny_causal_lm(seed=8)
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
+def sft_factory(tmp_path, model, trainer_kwargs=None):
     g = torch.Generator().manual_seed(8)
     dataset = datasets.Dataset.from_dict({"text": [words(g, 6 + i % 5) for i in range(12)]})
 
     def make():
         args = trl.SFTConfig(**common_args(output_dir=str(tmp_path)), per_device_train_batch_size=3)
-        return trl.SFTTrainer(model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tiny_tokenizer())
+        return trl.SFTTrainer(
+            model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tiny_tokenizer(),
+            **(trainer_kwargs or {}),
+        )  # fmt: skip
 
+    return make
+
+
+def test_sft_stock_vs_patched(tmp_path):
+    make = sft_factory(tmp_path, tiny_causal_lm(seed=8))
     compare_runs(run(make, patched=False), run(make, patched=True), min_compared=6)
 
 
@@ -224,7 +246,7 @@ def test_sft_stock_vs_patched(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def dpo_factory(tmp_path, model, **config):
+def dpo_factory(tmp_path, model, ref_model=True, trainer_kwargs=None, **config):
     g = torch.Generator().manual_seed(1)
     prompts = [words(g, 4) for _ in range(6)]
     # leading space: the completion starts on a word boundary after the prompt
@@ -235,8 +257,8 @@ def dpo_factory(tmp_path, model, **config):
     def make():
         args = trl.DPOConfig(**common_args(output_dir=str(tmp_path)), per_device_train_batch_size=2, beta=0.5, **config)
         return trl.DPOTrainer(
-            model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
-            processing_class=tiny_tokenizer(),
+            model=copy.deepcopy(model), ref_model=copy.deepcopy(model) if ref_model else None, args=args,
+            train_dataset=dataset, processing_class=tiny_tokenizer(), **(trainer_kwargs or {}),
         )  # fmt: skip
 
     return make
@@ -255,8 +277,6 @@ DPO_CONFIGS = [
 @pytest.mark.parametrize("config", DPO_CONFIGS, ids=["sigmoid", "ipo+sft", "wpo+ld", "hinge-precomputed-ref"])
 def test_dpo_stock_vs_patched(tmp_path, config):
     model = tiny_causal_lm(seed=1)
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
     make = dpo_factory(tmp_path, model, **config)
     stock = run(make, patched=False)
     patched = run(make, patched=True)
@@ -270,7 +290,7 @@ def test_dpo_stock_vs_patched(tmp_path, config):
 # --------------------------------------------------------------------------------------------
 
 
-def reward_factory(tmp_path, model, **config):
+def reward_factory(tmp_path, model, trainer_kwargs=None, **config):
     g = torch.Generator().manual_seed(2)
     prompts = [words(g, 3) for _ in range(6)]
     dataset = datasets.Dataset.from_dict(
@@ -284,8 +304,9 @@ def reward_factory(tmp_path, model, **config):
     def make():
         args = trl.RewardConfig(**common_args(output_dir=str(tmp_path)), per_device_train_batch_size=3, **config)
         return trl.RewardTrainer(
-            model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tiny_tokenizer()
-        )
+            model=copy.deepcopy(model), args=args, train_dataset=dataset, processing_class=tiny_tokenizer(),
+            **(trainer_kwargs or {}),
+        )  # fmt: skip
 
     return make
 
@@ -294,17 +315,12 @@ def test_reward_stock_vs_patched(tmp_path):
     pytest.importorskip("alignkernels.losses.reward")
     torch.manual_seed(3)
     model = transformers.Qwen2ForSequenceClassification(tiny_config(num_labels=1))
-    INITIAL.clear()
-    INITIAL.update({n: p.detach().clone() for n, p in model.named_parameters()})
     make = reward_factory(tmp_path, model, center_rewards_coefficient=0.05)
     stock = run(make, patched=False)
     # apply() before the trainer is built: RewardTrainer.__init__ patches the model
     with ak_trl.apply():
-        trainer = make()
-        assert "forward" in vars(trainer.model)
-        trainer.train()
-        patched = ([dict(x) for x in trainer.state.log_history], {n: p.detach().clone() for n, p in trainer.model.named_parameters()})
-    assert "forward" not in vars(trainer.model)  # removed on exit
+        patched = run(make, patched=True, check_reward_patch=True)
+    assert not any("forward" in vars(m) for m in _REWARD_MODELS_SEEN)  # removed on exit
     compare_runs(stock, patched)
 
 
@@ -324,6 +340,46 @@ def test_reward_forward_scores_last_non_pad_token():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     ak_trl.unpatch_reward_model(model)
     assert "forward" not in vars(model)
+
+
+# --------------------------------------------------------------------------------------------
+# PEFT (LoRA on the attention projections; TRL wraps the model from peft_config)
+# --------------------------------------------------------------------------------------------
+
+
+def _lora(task_type):
+    peft = pytest.importorskip("peft")
+    return peft.LoraConfig(
+        task_type=task_type, r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+    )
+
+
+def _peft_factory(kind, tmp_path):
+    if kind == "reward":  # SEQ_CLS: PEFT also wraps the score head (modules_to_save)
+        torch.manual_seed(3)
+        model = transformers.Qwen2ForSequenceClassification(tiny_config(num_labels=1))
+        return reward_factory(tmp_path, model, trainer_kwargs=dict(peft_config=_lora("SEQ_CLS")))
+    peft_kwargs = dict(peft_config=_lora("CAUSAL_LM"))
+    model = tiny_causal_lm(seed=21)
+    if kind == "grpo":  # beta > 0: the reference pass is the policy with its adapter disabled
+        return grpo_factory(tmp_path, model, trainer_kwargs=peft_kwargs, loss_type="dapo")
+    if kind == "dpo":  # ref_model=None: the reference is the policy with its adapter disabled
+        return dpo_factory(tmp_path, model, ref_model=False, trainer_kwargs=peft_kwargs, loss_type=["sigmoid"])
+    if kind == "kto":
+        return kto_factory(tmp_path, model, ref_model=False, trainer_kwargs=peft_kwargs)
+    return sft_factory(tmp_path, model, trainer_kwargs=peft_kwargs)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("grpo", marks=pytest.mark.slow), "dpo", "sft", "kto", "reward"])
+def test_peft_lora_stock_vs_patched(tmp_path, kind):
+    """Same logged numbers and the same LoRA adapter (and, for reward models, score head) after training."""
+    make = _peft_factory(kind, tmp_path)
+    stock = run(make, patched=False)
+    patched = run(make, patched=True)
+    moved = compare_runs(stock, patched, min_compared=6, min_moved=2)
+    assert {n for n in stock[2] if "lora_" in n} and all("lora_" in n or "score" in n for n in moved), moved
+    trainable = [n for n in moved if "lora_B" in n]
+    assert trainable, "the LoRA adapters did not train"
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +418,40 @@ def test_adapter_matches_trl_function_outputs_and_grads():
     assert out[0].shape == (N,) and all(x is None for x in out[1:])
 
 
+def test_bf16_autocast_patched_at_least_as_accurate_as_stock():
+    """Under bf16 autocast (TRL's default) both paths feed the GEMM bf16 operands; TRL then rounds its
+    logits tile to bf16 before the fp32 softmax, alignkernels keeps the tile in fp32. Against fp64 on
+    the fp32 master values and against fp64 on the same bf16 operands, the patched path is at least
+    as accurate as stock, and on the same operands it is exact to fp32 (docs/INTEGRATION.md, "bf16")."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 64, 256, 4099
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * (4.0 / H**0.5)  # logits ~ N(0, 4²): max |z| ~ 15
+    targets = torch.randint(0, V, (N,), generator=g)
+
+    def fp64_truth(h, w):
+        log_softmax = torch.log_softmax(h.double() @ w.double().T, dim=-1)
+        return log_softmax.gather(1, targets[:, None]).squeeze(1), -(log_softmax.exp() * log_softmax).sum(-1)
+
+    truths = {"master": fp64_truth(hidden, weight), "bf16 operands": fp64_truth(hidden.bfloat16(), weight.bfloat16())}
+    errors = {}
+    for name, fn in (("stock", ChunkedLogProbFunction), ("patched", ak_trl.LinearLogprobsAdapter)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logp, entropy, *_ = fn.apply(hidden, weight, None, targets, 1.0, 32768, None, 1.0, ("log_probs", "entropy"))
+        assert logp.dtype == entropy.dtype == torch.float32
+        for truth_name, (true_logp, true_entropy) in truths.items():
+            errors[name, truth_name, "logp"] = float((logp.double() - true_logp).abs().max())
+            errors[name, truth_name, "entropy"] = float((entropy.double() - true_entropy).abs().max())
+    for truth_name in truths:
+        for field in ("logp", "entropy"):
+            assert errors["patched", truth_name, field] <= errors["stock", truth_name, field], errors
+    # same bf16 operands: alignkernels is exact to fp32 rounding; TRL's bf16 tile costs ~1e-2
+    assert errors["patched", "bf16 operands", "logp"] < 5e-5 and errors["patched", "bf16 operands", "entropy"] < 5e-5
+    assert errors["stock", "bf16 operands", "logp"] > 100 * errors["patched", "bf16 operands", "logp"], errors
+
+
 def test_apply_rebinds_every_reference_and_remove_restores():
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer import dpo_trainer, grpo_trainer, utils
@@ -381,6 +471,15 @@ def test_apply_rebinds_every_reference_and_remove_restores():
     assert trl_kernels.ChunkedLogProbFunction is ChunkedLogProbFunction
     assert not hasattr(grpo_trainer.add_fused_lm_head, "__wrapped__")
     assert trl.RewardTrainer.compute_loss.__module__.startswith("trl.")
+    # a model given a fused head under apply() gets the FSDP2 head gather around TRL's forward;
+    # remove() takes it off again (TRL's own forward stays)
+    model = tiny_causal_lm()
+    ak_trl.apply()
+    utils.add_fused_lm_head(model)
+    assert isinstance(vars(model)["forward"], ak_trl.GatherShardedHeadForward)
+    ak_trl.remove()
+    assert not isinstance(vars(model)["forward"], ak_trl.GatherShardedHeadForward)
+    assert vars(model)["forward"].__func__.__code__.co_name == "_fused_forward"
 
 
 class _RecordShapes(torch.utils._python_dispatch.TorchDispatchMode):
@@ -418,6 +517,80 @@ def test_patched_fused_forward_never_allocates_full_logits():
     with recorder, torch.no_grad():
         model(input_ids=input_ids)
     assert any(s == (B, T, VOCAB) for s in recorder.shapes)
+
+
+def _tile_widths(fn, n_rows):
+    """Widths of every [n_rows, w] tensor created while ``fn()`` runs (forward and backward)."""
+    recorder = _RecordShapes()
+    with recorder:
+        fn()
+    return {s[1] for s in recorder.shapes if len(s) == 2 and s[0] == n_rows}
+
+
+def test_trl_chunk_size_sets_the_tile():
+    """TRL's chunk_size (vocabulary width of its 4096 x chunk_size tile in the compute dtype) maps to a
+    tile of the same bytes: chunk_size fp32 columns in fp32, chunk_size / 2 under bf16 autocast;
+    apply(vocab_block_size=) / apply(chunk_size=) override. Results do not depend on it."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 64, 8, 500
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+
+    def step(fn, chunk, autocast=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp, entropy, *_ = fn.apply(hidden, weight, None, targets, 1.0, chunk, None, 1.0, ("log_probs", "entropy"))
+        (logp.sum() + entropy.sum()).backward()
+        grads = (hidden.grad.clone(), weight.grad.clone())
+        hidden.grad = weight.grad = None
+        return logp.detach(), grads
+
+    ak_trl.apply()
+    want = step(ChunkedLogProbFunction, 32768)
+    for chunk, autocast, width in ((128, False, 128), (128, True, 64), (32768, False, V)):
+        widths = _tile_widths(lambda: step(ak_trl.LinearLogprobsAdapter, chunk, autocast), N)
+        assert max(widths - {H}) == width, (chunk, autocast, widths)
+        if not autocast:  # the tiling changes the memory, not the numbers
+            logp, grads = step(ak_trl.LinearLogprobsAdapter, chunk)
+            torch.testing.assert_close(logp, want[0], atol=1e-5, rtol=1e-5)
+            for a, b in zip(grads, want[1]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    ak_trl.apply(vocab_block_size=96)
+    assert max(_tile_widths(lambda: step(ak_trl.LinearLogprobsAdapter, 128), N) - {H}) == 96
+    ak_trl.apply(chunk_size=40)  # 40 token rows: the same tile bytes as TRL's 4096 x 128 -> capped at V
+    assert max(_tile_widths(lambda: step(ak_trl.LinearLogprobsAdapter, 128), 40) - {H}) == V
+    # on CPU the width is capped at 16384 columns (the fused CPU softmax's precision limit)
+    ak_trl.apply()
+    wide = torch.randn(ak_trl.CPU_MAX_TILE_COLUMNS + 3000, 4, generator=g)
+    few = torch.randn(6, 4, generator=g)
+    widths = _tile_widths(lambda: ak_trl.LinearLogprobsAdapter.apply(few, wide, None, targets[:6], 1.0, 32768), 6)
+    assert max(widths) == ak_trl.CPU_MAX_TILE_COLUMNS
+    with pytest.raises(ValueError, match="vocab_block_size"):
+        ak_trl.apply(vocab_block_size=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ak_trl.apply(chunk_size=1.5)
+
+
+def test_trl_chunk_size_constant_reaches_the_adapter(monkeypatch):
+    """Users tune TRL's tile with ``trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE``; through TRL's fused
+    forward that reaches our tile too."""
+    from trl.trainer import utils as trl_utils
+
+    model = tiny_causal_lm()
+    ak_trl.apply()
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    input_ids = torch.randint(0, VOCAB, (4, 41), generator=torch.Generator().manual_seed(6))
+    n_rows = 4 * 40
+
+    def fused_step():
+        out = model(input_ids=input_ids, labels=input_ids, fused_lm_head=True)
+        (out.log_probs.sum() + out.entropy.sum()).backward()
+
+    assert max(_tile_widths(fused_step, n_rows) - {32}) == VOCAB  # TRL's default 32768 > V: one tile
+    monkeypatch.setattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 24)
+    assert max(_tile_widths(fused_step, n_rows) - {32}) == 24
 
 
 class _FakeLoraLinear(torch.nn.Module):
@@ -458,9 +631,15 @@ def test_unsupported_configs_raise_documented_error(tmp_path):
     ak_trl.apply(trainer, allow_unknown_models=True)  # explicit opt-in
     assert ak_trl.is_applied()
     ak_trl.remove()
-    # reward trainer given a causal LM
-    with pytest.raises(UnsupportedModelError, match="ForSequenceClassification"):
+    # reward trainer given a causal LM, or a score head that is not position-wise
+    with pytest.raises(UnsupportedModelError, match="model must be a \\*ForSequenceClassification"):
         ak_trl.patch_reward_model(tiny_causal_lm())
+    reward_model = transformers.Qwen2ForSequenceClassification(tiny_config(num_labels=1))
+    reward_model.score = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with pytest.raises(UnsupportedModelError, match="model.score must be a torch.nn.Linear.*Sequential"):
+        ak_trl.patch_reward_model(reward_model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        ak_trl.patch_reward_model("Qwen/Qwen2.5-0.5B")
     with pytest.raises(ValueError, match="backend"):
         ak_trl.apply(backend="nope")
 
