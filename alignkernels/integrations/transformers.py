@@ -30,6 +30,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from transformers.modeling_outputs import ModelOutput
 
 from alignkernels._utils import BACKENDS, check_temperature
 from alignkernels.ops.linear_logprobs import LinearLogprobsOutput, linear_logprobs
@@ -91,19 +92,22 @@ class LogitTransform:
 
 
 @dataclass
-class TokenLogprobsOutput:
+class TokenLogprobsOutput(ModelOutput):
     """What the patched forward returns with ``return_token_logprobs=True``.
 
     ``logprobs`` / ``entropy``: fp32 ``[B, T-1]`` (``[B, T]`` with ``shift_labels``), 0 where the
     label is ``ignore_index``. ``label_mask``: where the label is scored. ``loss``: the mean
     negative log-likelihood over scored tokens (``sum / num_items_in_batch`` when given), i.e. the
-    model's own ``loss`` at temperature 1.
+    model's own ``loss`` at temperature 1. A transformers ``ModelOutput`` (like every model output):
+    wrappers that look for the tensors a forward returns find them — DeepSpeed ZeRO-3 arms its
+    backward hooks from them, and without them the lm_head gradient meets an already re-partitioned
+    parameter.
     """
 
-    loss: torch.Tensor
-    logprobs: torch.Tensor
-    entropy: torch.Tensor | None
-    label_mask: torch.Tensor
+    loss: torch.Tensor | None = None
+    logprobs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
 
 
 def unwrap_model(model):

@@ -39,7 +39,7 @@ in backward inside TRL's gather context again, as TRL's Function does
 (``transformers.head_logprobs(recompute_in_backward=True)``). TRL's bare ``full_tensor()`` leaves each
 rank its own, unaveraged lm_head gradient, so under ``apply()`` a fused-head model's forward is wrapped
 by :class:`GatherShardedHeadForward`, which gathers an FSDP2 head with ``gather_lm_head(grad_reduce="avg")``
-first (2-rank gloo test: ``tests/integrations/test_fsdp2.py``).
+first (2-rank gloo test: ``tests/integrations/test_sharded.py``).
 
 TRL 1.16 ships no PPO trainer (``trl.experimental`` has none); use :func:`alignkernels.ppo_loss`
 directly.
@@ -250,7 +250,7 @@ class GatherShardedHeadForward(InstanceForward):
     :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) and TRL's forward
     sees plain tensors for the duration of the call. TRL 1.16 would gather it with a bare
     ``full_tensor()``, whose backward leaves each rank its own gradient slice, unaveraged (wrong for
-    data-parallel training; ``tests/integrations/test_fsdp2.py``). A PEFT LoRA lm_head (allowed by
+    data-parallel training; ``tests/integrations/test_sharded.py``). A PEFT LoRA lm_head (allowed by
     ``apply(allow_lora_lm_head=True)``) has its active adapter routed to :class:`LinearLogprobsAdapter`
     for the call (TRL hands the Function only ``lm_head.weight``: the base layer's). Anything else
     passes through."""

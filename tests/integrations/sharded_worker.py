@@ -1,14 +1,16 @@
-"""One rank of the FSDP2 drop-in test (``test_fsdp2.py`` starts ``world`` of these; gloo on CPU).
+"""One rank of the sharded-parameter drop-in tests (``test_sharded.py`` starts ``world`` of these per
+mode; gloo on CPU): ``fsdp2`` (``torch.distributed.fsdp.fully_shard``) or ``zero3`` (DeepSpeed ZeRO-3).
 
 Every rank builds the same tiny Qwen2 from one seed and its own batch (data parallel). The
 single-process reference is stock TRL's fused head on the unsharded model: the loss of each
 rank's batch and the gradient of their mean (FSDP2 averages gradients over ranks). The FSDP2 run
-shards the model with ``torch.distributed.fsdp.fully_shard`` (parameters are DTensors at rest),
-runs TRL's fused forward after ``alignkernels.integrations.trl.apply()`` (or ``patch_causal_lm``'s
+shards the model with ``torch.distributed.fsdp.fully_shard`` (parameters are DTensors at rest), the
+ZeRO-3 run with ``deepspeed.initialize`` (parameters partitioned to ``numel() == 0`` at rest); both
+run TRL's fused forward after ``alignkernels.integrations.trl.apply()`` (or ``patch_causal_lm``'s
 ``return_token_logprobs=True``) and compares its loss and the full gradients with the reference.
 Each check's outcome is written to ``rank{r}.json``; the pytest side asserts on it.
 
-    python fsdp2_worker.py RANK WORLD TMPDIR
+    python sharded_worker.py MODE RANK WORLD TMPDIR
 """
 from __future__ import annotations
 
@@ -106,13 +108,52 @@ def fsdp2_run(rank, world, path, shard_lm_head_separately, **model_kwargs):
     return loss.detach(), grads
 
 
-def check(rank, world, path, shard_lm_head_separately=False, **model_kwargs):
+ZERO3_CONFIG = {
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3},
+    "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+    "zero_allow_untested_optimizer": True,
+}
+
+
+def zero3_run(rank, world, path, **model_kwargs):
+    import deepspeed
+    from deepspeed.utils import safe_get_full_grad
+    from transformers.integrations import HfDeepSpeedConfig
+    from trl.trainer import utils as trl_utils
+
+    import alignkernels.integrations.trl as ak_trl
+    from alignkernels.integrations.transformers import patch_causal_lm
+
+    hf_ds_config = HfDeepSpeedConfig(ZERO3_CONFIG)  # noqa: F841 - keeps is_deepspeed_zero3_enabled() on
+    model = tiny_model(**model_kwargs)
+    if path == "trl":
+        ak_trl.apply()
+        trl_utils.add_fused_lm_head(model)
+    else:
+        patch_causal_lm(model)
+    engine, *_ = deepspeed.initialize(model=model, config=ZERO3_CONFIG, model_parameters=list(model.parameters()))
+    head = engine.module.lm_head.weight
+    assert hasattr(head, "ds_shape") and head.numel() == 0, "the lm_head is not ZeRO-3 partitioned"
+    calls = ak_trl.adapter_calls()
+    loss = sft_loss(engine, *batch(rank), path)
+    engine.backward(loss)
+    if path == "trl":
+        assert ak_trl.adapter_calls() > calls, "TRL's fused forward did not call the adapter"
+    return loss.detach(), {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+
+
+def check(rank, world, path, shard_lm_head_separately=False, zero3=False, **model_kwargs):
     import alignkernels.integrations.trl as ak_trl
 
     ak_trl.remove()
     try:
         want_losses, want_grads = reference(world, **model_kwargs)
-        loss, grads = fsdp2_run(rank, world, path, shard_lm_head_separately, **model_kwargs)
+        if zero3:
+            loss, grads = zero3_run(rank, world, path, **model_kwargs)
+        else:
+            loss, grads = fsdp2_run(rank, world, path, shard_lm_head_separately, **model_kwargs)
     finally:
         ak_trl.remove()
     torch.testing.assert_close(loss, want_losses[rank], **TOL)
@@ -123,7 +164,11 @@ def check(rank, world, path, shard_lm_head_separately=False, **model_kwargs):
     assert grads["lm_head.weight"].abs().sum() > 0
 
 
-CHECKS = {
+ZERO3_CHECKS = {
+    "trl_fused_head": lambda r, w: check(r, w, "trl", zero3=True),
+    "patch_causal_lm": lambda r, w: check(r, w, "patch", zero3=True),
+}
+FSDP2_CHECKS = {
     "stock_trl_lm_head_own_unit": lambda r, w: check(r, w, "stock", shard_lm_head_separately=True),
     "trl_fused_head": lambda r, w: check(r, w, "trl"),
     "trl_fused_head_lm_head_own_unit": lambda r, w: check(r, w, "trl", shard_lm_head_separately=True),
@@ -132,15 +177,22 @@ CHECKS = {
 }
 
 
-def main(rank, world, tmpdir):
+def main(mode, rank, world, tmpdir):
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"file://{tmpdir}/rendezvous", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=90),
     )  # fmt: skip
+    checks = FSDP2_CHECKS
+    if mode == "zero3":
+        import deepspeed
+
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+        deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
+        checks = ZERO3_CHECKS
     results = {}
     try:
-        for name, fn in CHECKS.items():
+        for name, fn in checks.items():
             t0 = time.perf_counter()
             try:
                 fn(rank, world)
@@ -156,4 +208,4 @@ def main(rank, world, tmpdir):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
