@@ -17,8 +17,11 @@ Everything TRL does around it (label shifting, ``logits_to_keep`` slicing, compl
 temperature, reference and old-policy passes, precomputed reference log-probs, PEFT adapters, its
 loss code and its metrics) is TRL's own code, unchanged. ``add_fused_lm_head`` itself is wrapped to
 check each model it is given (:func:`alignkernels.integrations.transformers.check_supported`), so an
-unsupported configuration (LoRA on ``lm_head``, an unknown model family, a quantized head) raises
-:class:`UnsupportedModelError` when the trainer is built, not after silently training wrong.
+unsupported configuration (an adapter on ``lm_head`` other than a plain LoRA allowed by
+``apply(allow_lora_lm_head=True)``, an unknown model family, a quantized head) raises
+:class:`UnsupportedModelError` when the trainer is built, not after silently training wrong. A LoRA
+``lm_head`` under ``allow_lora_lm_head=True`` is fused: ``linear_logprobs(..., lora=)``
+(:mod:`alignkernels.integrations.lora_head`).
 
 ``RewardTrainer`` does not use the fused head; :func:`apply` also installs the reward-model
 drop-in of :mod:`alignkernels.integrations.trl_reward` (gather the last token, then score;
@@ -420,7 +423,8 @@ def apply(
             LoRA bias, merged adapters, non-LoRA tuners, ``cast_lm_head_to_fp32=True``, ZeRO-3.
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
-    cannot reproduce: LoRA (any PEFT adapter) on ``lm_head``, a model family outside
+    cannot reproduce: a PEFT adapter on ``lm_head`` (unless ``allow_lora_lm_head=True`` and a plain
+    LoRA adapter), a model family outside
     :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` (unless
     ``allow_unknown_models=True``), a quantized head, Liger's fused linear cross-entropy, or a TRL
     older than 1.16; ``ValueError`` naming the argument for a bad option. A failed call leaves TRL
