@@ -17,6 +17,9 @@ Algorithm:
    ``grad_weight[block] += dx.T @ h[chunk]`` (fp32 accumulator for the block, cast to the weight's
    dtype once the block is done), ``grad_bias[block] += dx.sum(0)``. Vocab-outer order means
    grad_weight needs only a ``[block, H]`` fp32 accumulator, never ``[V, H]``.
+4. With a LoRA adapter on the head (``lora=``, ``ops/_lora.py``) each raw tile also gets the
+   thin GEMM ``u[chunk] @ lora_B[block].T`` (``u = s·h·lora_Aᵀ``) before the fold, and backward
+   accumulates the adapter's gradients tile by tile; the weight GEMM runs only if it needs grad.
 
 Why cuBLAS tiles + Triton folds on the GPU (and not an all-Triton ``tl.dot`` kernel): the op is ~4
 large GEMMs (forward, recompute, two gradient GEMMs); everything else is a few bandwidth-bound passes
