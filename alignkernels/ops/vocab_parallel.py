@@ -135,8 +135,8 @@ def _agree(process_group, device, local_error, vocab_start, shard_size, vocab_si
         raise ValueError("labels differ across ranks: vocab-parallel inputs need identical (replicated) "
                          "labels on every rank of the process group")  # fmt: skip
     if len({row[_GRAD] for row in table}) != 1:
-        raise ValueError("hidden.requires_grad (or lora=, lora_A.requires_grad) differs across ranks: the backward "
-                         "all-reduces of grad_hidden (grad_lora_A) need every rank to take part")  # fmt: skip
+        raise ValueError("hidden.requires_grad differs across ranks (or lora= / lora_A.requires_grad does): the "
+                         "backward all-reduces of grad_hidden (grad_lora_A) need every rank to take part")  # fmt: skip
     slices = sorted((row[_START], row[_SIZE], r) for r, row in enumerate(table))
     expected = 0
     for start, size, rank in slices:

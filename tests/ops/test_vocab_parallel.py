@@ -169,6 +169,11 @@ def check_linear_lora(rank, world, backend="torch", shape=(2, 7), H=8, r=3):
     _close("grad_hidden", h.grad, leaves[0].grad)
     _close("grad_lora_A (all-reduced)", a.grad, leaves[1].grad)
     _close("grad_lora_B (local shard)", b.grad, leaves[2].grad[start : start + size])
+    # an adapter on one rank only would leave the grad_lora_A all-reduce half-joined: every rank refuses
+    one_sided = (a, b, 1.5) if torch.distributed.get_rank() == 0 else None
+    _expect_error(lambda: vocab_parallel_linear_logprobs(h, weight[start : start + size], labels, vocab_start=start,
+                                                         vocab_size=bounds[-1], lora=one_sided),
+                  "lora= / lora_A.requires_grad")  # fmt: skip
 
 
 def _expect_error(fn, match):
