@@ -139,6 +139,17 @@ def widen_labels(name: str, labels) -> torch.Tensor:
     return labels if labels.dtype == torch.int64 else labels.long()
 
 
+def refuse_double_backward(op: str, backend: str) -> None:
+    """Call first thing in a fused op's ``backward``: grad mode is on there only under
+    ``create_graph=True`` (gradient penalties, Hessian-vector products), which the fused kernels do
+    not support -- one clear error instead of a silently wrong second derivative."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (create_graph=True) is not supported on backend={backend!r}; "
+            f"use backend='reference' (eager autograd) for higher-order gradients"
+        )
+
+
 def check_same_device(**tensors):
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
@@ -155,11 +166,17 @@ def labels_checking_enabled(check_labels: bool | None) -> bool:
 def check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int, name: str = "labels"):
     """Raise ValueError if any label is outside ``[0, vocab_size)`` and not ``ignore_index``.
 
-    One fused reduction plus one host sync (``.item()``) per call.
+    One fused reduction plus one host sync (``.item()``) per call. Under ``torch.compile`` the check is
+    an in-graph ``torch._assert_async`` instead (no host sync, no graph break; it raises a RuntimeError
+    with the same message, without the offending value).
     """
     if labels.numel() == 0:
         return
     bad = ((labels < 0) | (labels >= vocab_size)) & (labels != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.logical_not(bad.any()),
+                            f"{name} must be in [0, {vocab_size}) or equal ignore_index={ignore_index}")  # fmt: skip
+        return
     if bool(bad.any().item()):
         idx = bad.nonzero()[0].tolist()
         value = labels[tuple(idx)].item()

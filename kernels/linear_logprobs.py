@@ -12,7 +12,8 @@ the ``FOLD_STATE`` fields (one ``[8, rows]`` fp32 tensor):
     q   = Σ e^(2(z-m))             -> log Σp² = log q - 2 log s          (optional statistics only)
     zs  = Σ z                      -> mean logit = zs / V
     my, mb = max of y, max of y over v < label  -> label is the (first) argmax iff y_label >= my > ... > mb
-    y_label (pre-temperature)      -> logp = (z_label - row_max) - log_sum, formed centred
+    y_label (pre-temperature)      -> is_top1
+    zl  = z_label - m, re-centred on every merge (zl += m_old - m_new)  -> logp = zl - log_sum
 
 where ``y = f(x + b)`` (logit_scale, optional softcap: ``_softmax.transform``), ``z = y / T``,
 ``x`` the raw tile, ``b`` the bias. The backward reads the saved ``ROW_STATS`` (``row_max, log_sum,
@@ -44,8 +45,9 @@ from ._softmax import (
 
 # The forward's running per-row state: rows of one [len(FOLD_STATE), rows] fp32 tensor, in this order.
 # (m, s, t) are the centred online sums of ``_softmax``; the rest feed the optional statistics.
-FOLD_STATE = ("row_max", "sum_exp", "sum_centred", "sum_sq_exp", "sum_z", "max_y", "max_y_before_label", "label_y")
-FOLD_ROW_MAX, SUM_EXP, SUM_CENTRED, SUM_SQ_EXP, SUM_Z, MAX_Y, MAX_Y_BEFORE_LABEL, LABEL_Y = (
+FOLD_STATE = ("row_max", "sum_exp", "sum_centred", "sum_sq_exp", "sum_z", "max_y", "max_y_before_label", "label_y",
+              "label_centred")  # fmt: skip
+FOLD_ROW_MAX, SUM_EXP, SUM_CENTRED, SUM_SQ_EXP, SUM_Z, MAX_Y, MAX_Y_BEFORE_LABEL, LABEL_Y, LABEL_CENTRED = (
     tl.constexpr(i) for i in range(len(FOLD_STATE))
 )
 
@@ -99,6 +101,7 @@ def linear_logprobs_fwd_kernel(
     zs = tl.load(state + SUM_Z * state_stride)
     my = tl.load(state + MAX_Y * state_stride)
     mb = tl.load(state + MAX_Y_BEFORE_LABEL * state_stride)
+    m_in = m  # the max before this tile: the label's centred value moves with it
     for start in range(0, n_cols, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_tile = cols < n_cols
@@ -125,6 +128,12 @@ def linear_logprobs_fwd_kernel(
         y_label, _ = _load_transformed(row_ptr, bias_ptr, local_label, local_label < n_cols, vocab_start,
                                        logit_scale, softcap, has_bias)  # fmt: skip
         tl.store(state + LABEL_Y * state_stride, y_label)
+        tl.store(state + LABEL_CENTRED * state_stride,
+                 centred(y_label, inv_temperature, tl.where(m == float("-inf"), 0.0, m)))
+    else:  # seen in an earlier tile (or not yet: NaN stays NaN): re-centre on the new max
+        m_in_safe = tl.where(m_in == float("-inf"), m, m_in)
+        zl = tl.load(state + LABEL_CENTRED * state_stride)
+        tl.store(state + LABEL_CENTRED * state_stride, zl + (m_in_safe - m))
 
 
 @triton.jit

@@ -16,6 +16,11 @@ if not HAS_CUDA:
 TRITON_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+# A near-delta softmax (T = 0.01) has gradient entries ~e^-200: fp32 underflows them to 0 while fp64 keeps
+# 1e-80. Gradients are compared relative to max(max|grad|, GRAD_FLOOR).
+GRAD_FLOOR = 1e-20
+
+
 def max_rel_error(actual, expected, floor=0.0):
     """``max|actual - expected| / max(max|expected|, floor)`` in fp64: the precision tests' one metric
     (``floor=1`` for log-probs and entropies, in nats: absolute below one nat)."""

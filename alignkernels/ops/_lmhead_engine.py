@@ -130,6 +130,7 @@ class TorchFold:
     max y before the label, y at the label. The GEMM adds the bias; a second tile-sized buffer is the
     scratch of the ATen passes."""
 
+    NAME = "torch"
     FIELDS = ("row_max", "log_sum", "entropy", "sum_sq_exp", "sum_z", "max_y", "max_y_before_label", "label_y")
     FILLS = (float("-inf"), float("-inf"), 0.0, 0.0, 0.0, float("-inf"), float("-inf"), float("nan"))
     needs_work = True
@@ -200,8 +201,9 @@ class TritonFold:
     kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the weight's dtype
     (the gradient GEMMs' operand dtype on the GPU)."""
 
+    NAME = "triton"
     FILLS = {"row_max": float("-inf"), "max_y": float("-inf"), "max_y_before_label": float("-inf"),
-             "label_y": float("nan")}  # fmt: skip
+             "label_y": float("nan"), "label_centred": float("nan")}  # fmt: skip
     needs_work = False
     max_block = None
 
@@ -238,7 +240,7 @@ class TritonFold:
         f = dict(zip(FOLD_STATE, state))
         stats = merged(f["row_max"].clone(), torch.stack((f["sum_exp"], f["sum_centred"])))
         log_sum = stats.log_sum
-        logp = centred(f["label_y"][:, None], stats.row_max, tr.temperature).squeeze(1) - log_sum
+        logp = f["label_centred"] - log_sum  # the kernel's own z - m (its 1/T, its fma)
         extra = None
         if want_stats:
             extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
@@ -444,15 +446,20 @@ def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan
 
 class CompactRows(NamedTuple):
     """The valid (not ignored) rows of flattened ``[N, H]`` hidden states: ``rows`` their indices
-    (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64."""
+    (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64. Under
+    ``torch.compile`` (no data-dependent shapes) nothing is dropped: ignored rows get label 0 and
+    ``valid`` masks their outputs, so they receive zero upstream gradient."""
 
     rows: torch.Tensor | None
     hidden: torch.Tensor
     labels: torch.Tensor
     shape: tuple
+    valid: torch.Tensor | None = None
 
     def expand(self, x):
         """A per-compact-row tensor back to the labels' shape (0 / False at ignored positions)."""
+        if self.valid is not None:
+            x = torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
         if self.rows is not None:
             n_total = math.prod(self.shape)
             x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, self.rows, x)
@@ -463,6 +470,9 @@ def compact_rows(hidden, labels, ignore_index) -> CompactRows:
     """Drop ignored rows (one host sync: sizes the compact problem)."""
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_labels = labels.reshape(-1)
+    if torch.compiler.is_compiling():
+        valid = flat_labels != ignore_index
+        return CompactRows(None, flat_hidden.contiguous(), torch.where(valid, flat_labels, 0), tuple(labels.shape), valid)
     rows = (flat_labels != ignore_index).nonzero().squeeze(1)
     if rows.numel() == flat_labels.numel():
         return CompactRows(None, flat_hidden.contiguous(), flat_labels.contiguous(), tuple(labels.shape))

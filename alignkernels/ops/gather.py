@@ -220,6 +220,13 @@ def gather_last(
     if x.dim() < 2:
         raise ValueError(f"x must be [B, T, ...] for the padded form, got shape {tuple(x.shape)}")
     B, T = x.shape[0], x.shape[1]
+    mask_like = attention_mask if attention_mask is not None else input_ids
+    if isinstance(mask_like, torch.Tensor) and mask_like.dim() == 2 and x.dim() == 2 and mask_like.shape[0] == B \
+            and mask_like.shape[1] != T:  # fmt: skip
+        raise ValueError(
+            f"x must be [B, T, ...] with T = the mask's {mask_like.shape[1]} positions; got x of shape "
+            f"{tuple(x.shape)} -- hidden states [B, H] without the sequence dimension?"
+        )
     if input_ids is not None:
         check_tensor("input_ids", input_ids, integer=True)
         _check_mask("input_ids", input_ids, (B, T))

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled
+from .._utils import OpBackends, check_label_range, labels_checking_enabled, refuse_double_backward
 from ..reference import linear_logprobs_reference, linear_logprobs_stats_reference
 from ._lmhead_engine import (
     FOLDS,
@@ -71,8 +71,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return out.logp, out.stats.entropy.clone(), *extra, lse
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, *_):
+        refuse_double_backward("linear_logprobs", ctx.fold.NAME)
         hidden, weight, bias, labels, lora_A, lora_B, *stats = ctx.saved_tensors
         lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[8:10]) if lora is not None else ())

@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import KERNEL_DTYPES, OpBackends, check_same_device, check_tensor
+from .._utils import KERNEL_DTYPES, OpBackends, check_same_device, check_tensor, widen_labels
 from ..kernels.steps import gather_steps_fwd_kernel, pick_config
 
 # No CUDA C++ kernel for this op; "torch" is eager indexing (the loop reference is
@@ -99,8 +99,7 @@ def step_flags(
         flags = step_mask != 0
     elif labels is not None:
         _check_token_tensor("labels", labels, shape)
-        check_tensor("labels", labels, integer=True)
-        flags = labels != ignore_index
+        flags = widen_labels("labels", labels) != ignore_index  # never compared in a narrow dtype
     else:
         _check_token_tensor("input_ids", input_ids, shape)
         check_tensor("input_ids", input_ids, integer=True)

@@ -19,6 +19,7 @@ from .._utils import (
     check_temperature,
     check_tensor,
     labels_checking_enabled,
+    refuse_double_backward,
     widen_labels,
 )
 from ..reference import token_logprobs_reference
@@ -44,8 +45,8 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return logp, torch.where(labels != ignore_index, stats.entropy, 0.0)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
+        refuse_double_backward("token_logprobs", ctx.backend)
         if grad_logp is None and grad_entropy is None or not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         logits, labels, *stats = ctx.saved_tensors

@@ -45,6 +45,7 @@ from .._utils import (
     check_tensor,
     labels_checking_enabled,
     output_dtype,
+    refuse_double_backward,
     widen_labels,
 )
 from ._lmhead_engine import (
@@ -226,14 +227,14 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
         logp_k, stats_k = kernels.forward(logits, local_labels, temperature, ignore_index)
         logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group)
         ctx.save_for_backward(logits, local_labels, *stats)
-        ctx.temperature, ctx.ignore_index, ctx.kernels = temperature, ignore_index, kernels
+        ctx.temperature, ctx.ignore_index, ctx.kernels, ctx.backend = temperature, ignore_index, kernels, backend
         ctx.set_materialize_grads(False)
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         return torch.where(valid, logp, zero), torch.where(valid, stats.entropy, zero)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
+        refuse_double_backward("vocab_parallel_token_logprobs", ctx.backend)
         none = (None,) * 8
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
@@ -340,14 +341,17 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
         ctx.lora_scaling = lora_scaling
+        ctx.backend = fold.NAME
         return logp, stats.entropy.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, local_labels, lora_A, lora_B, *stats = ctx.saved_tensors
         lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[10:12]) if lora is not None else ())
+        refuse_double_backward("vocab_parallel_linear_logprobs", ctx.backend)
+        hidden, weight, bias, local_labels, *stats = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
         none = (None,) * 7
         if not ctx.has_entropy:
             grad_entropy = None

@@ -428,6 +428,56 @@ def check_edge_cases(rank, world):
     _close("bf16 entropy", ent, ref_ent)
 
 
+def _rel(got, want, floor=0.0):
+    got, want = got.detach().double(), want.detach().double()
+    return ((got - want).abs().max() / max(want.abs().max().item(), floor, 1e-20)).item()
+
+
+def check_precision(rank, world):
+    """Logits at offsets ±1e4 and T = 0.01 / 1 / 100, both forms, torch and triton: logp, entropy and the
+    shard's gradient within 2e-6 of the fp64 eager reference on the full inputs (the merge is centred)."""
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+    from alignkernels.reference import linear_logprobs_reference, token_logprobs_reference
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    worst = {}
+    for backend in ("torch", "triton"):
+        for offset in (-1e4, 0.0, 1e4):
+            for T in (0.01, 1.0, 100.0):
+                gen = torch.Generator().manual_seed(5)
+                full = torch.randn(3, V, generator=gen) * 3 + offset
+                labels = torch.randint(0, V, (3,), generator=gen)
+                labels[0] = full[0].argmax()
+                g_logp, g_ent = torch.randn(3, generator=gen), torch.randn(3, generator=gen)
+                ref_x = full.double().requires_grad_(True)
+                r_logp, r_ent = token_logprobs_reference(ref_x, labels, temperature=T, return_entropy=True)
+                (r_logp * g_logp + r_ent * g_ent).sum().backward()
+                shard = full[:, start : start + size].clone().requires_grad_(True)
+                logp, ent = vocab_parallel_token_logprobs(shard, labels, vocab_start=start, vocab_size=V,
+                                                          temperature=T, return_entropy=True, backend=backend)
+                (logp * g_logp + ent * g_ent).sum().backward()
+                worst[f"token-{backend}-{offset}-{T}"] = max(
+                    _rel(logp, r_logp, 1.0), _rel(ent, r_ent, 1.0), _rel(shard.grad, ref_x.grad[:, start : start + size])
+                )
+                # linear: h[r] = [1, e_r], W[:, 0] = offset, so the fp32 GEMM is exact and logits = offset + W[:, 1 + r]
+                hidden = torch.cat((torch.ones(3, 1), torch.eye(3)), 1)
+                weight = torch.cat((torch.full((V, 1), offset), (torch.randn(V, 3, generator=gen) * 48).round() / 16), 1)
+                w64 = weight.double().requires_grad_(True)
+                r_logp, r_ent = linear_logprobs_reference(hidden.double(), w64, labels, temperature=T,
+                                                          return_entropy=True)
+                (r_logp * g_logp + r_ent * g_ent).sum().backward()
+                w_shard = weight[start : start + size].clone().requires_grad_(True)
+                logp, ent = vocab_parallel_linear_logprobs(hidden, w_shard, labels, vocab_start=start, vocab_size=V,
+                                                           temperature=T, return_entropy=True, backend=backend)
+                (logp * g_logp + ent * g_ent).sum().backward()
+                worst[f"linear-{backend}-{offset}-{T}"] = max(
+                    _rel(logp, r_logp, 1.0), _rel(ent, r_ent, 1.0),
+                    _rel(w_shard.grad[:, 1:], w64.grad[start : start + size, 1:]),
+                )  # fmt: skip
+    bad = {k: v for k, v in worst.items() if not v < 2e-6}
+    assert not bad, bad
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -445,6 +495,7 @@ def _checks_for(world):
         "edge_cases": lambda r: check_edge_cases(r, world),
     }
     if world == 2:
+        checks["precision_large_logits"] = lambda r: check_precision(r, world)
         checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)
         checks["fsdp2_dtensor_head"] = lambda r: check_fsdp2_dtensor_head(r, world)
     if world == 4:
