@@ -346,12 +346,10 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        refuse_double_backward("vocab_parallel_linear_logprobs", ctx.backend)
         hidden, weight, bias, local_labels, lora_A, lora_B, *stats = ctx.saved_tensors
         lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[10:12]) if lora is not None else ())
-        refuse_double_backward("vocab_parallel_linear_logprobs", ctx.backend)
-        hidden, weight, bias, local_labels, *stats = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
         none = (None,) * 7
         if not ctx.has_entropy:
             grad_entropy = None
