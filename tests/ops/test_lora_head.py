@@ -234,3 +234,21 @@ def test_zero_scaling_and_all_ignored_rows():
     out = linear_logprobs(h, weight, torch.full_like(labels, -100), lora=(lora_A, lora_B, 2.0), backend="torch")
     grads = torch.autograd.grad(out.sum(), [h, lora_A, lora_B])
     assert out.abs().sum() == 0 and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.slow
+def test_lora_head_under_torch_compile_fullgraph():
+    """The LoRA form traces whole (fullgraph) and gives eager's values and gradients."""
+    head = _peft_head(torch.float64)
+    hidden, labels, g_logp, _ = _inputs(torch.float64, seed=9)
+    weight = head.base_layer.weight.detach()
+    lora_A, lora_B, scaling = _lora_of(head)
+    h = hidden.clone().requires_grad_()
+
+    def loss(h, lora_A, lora_B):
+        return (linear_logprobs(h, weight, labels, lora=(lora_A, lora_B, scaling), backend="torch") * g_logp).sum()
+
+    eager = torch.autograd.grad(loss(h, lora_A, lora_B), [h, lora_A, lora_B])
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(h, lora_A, lora_B), [h, lora_A, lora_B])
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
