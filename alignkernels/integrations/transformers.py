@@ -13,9 +13,10 @@ transform the model applies after its ``lm_head`` (Cohere's ``logit_scale``, Gra
 ``logits_scaling``, Gemma's ``final_logit_softcapping``) is read from the config exactly like
 TRL's ``add_fused_lm_head`` reads it, and checked against an allow-list of model families whose
 ``forward`` is known to compute ``transform(lm_head(hidden))`` and nothing else. A family outside
-the list, an ``lm_head`` carrying a PEFT adapter (LoRA on the head would be silently dropped by any
-fused head that reads ``lm_head.weight``), or a quantized head raises
-:class:`UnsupportedModelError` when the model is patched, never later.
+the list, an ``lm_head`` carrying a PEFT adapter other than one plain LoRA adapter, or a quantized
+head raises :class:`UnsupportedModelError` when the model is patched, never later. A PEFT LoRA
+adapter on ``lm_head`` (one active adapter, dropout 0, no DoRA, not merged:
+:mod:`alignkernels.integrations.lora_head`) is fused: ``linear_logprobs(..., lora=(A, B, scaling))``.
 
 Without ``return_token_logprobs=True`` the forward is the original one, so ``generate`` and
 ordinary training are unchanged. ``unpatch_causal_lm(model)`` restores it. The patch is an object
@@ -34,6 +35,7 @@ from transformers.modeling_outputs import ModelOutput
 from alignkernels._utils import BACKENDS, check_temperature
 from alignkernels.ops.linear_logprobs import LinearLogprobsOutput, linear_logprobs
 from alignkernels.integrations.forward_patch import InstanceForward
+from alignkernels.integrations.lora_head import HeadLora, base_layer, is_peft_tuner_layer, lora_of_head
 from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
@@ -173,7 +175,8 @@ def _lm_head(model):
     return head
 
 
-def check_supported(model, *, allow_unknown_models: bool = False, require_lm_head: bool = True) -> None:
+def check_supported(model, *, allow_unknown_models: bool = False, require_lm_head: bool = True,
+                    allow_lora_lm_head: bool = False) -> None:  # fmt: skip
     """Raise :class:`UnsupportedModelError` unless the fused head reproduces ``model``'s logits exactly.
 
     Checked: the model family is in :data:`SUPPORTED_MODEL_TYPES` (skip with
@@ -181,7 +184,9 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
     ``transform(lm_head(hidden))``); the ``lm_head`` carries no PEFT adapter (LoRA / DoRA / IA3 on
     the head: its update would be ignored); the head weight is a floating ``[V, H]`` matrix (not a
     quantized one) and the bias, if any, is ``[V]``. ``require_lm_head=False`` checks the family
-    only (sequence-classification models).
+    only (sequence-classification models). ``allow_lora_lm_head=True`` accepts a plain PEFT LoRA
+    adapter on the head (:func:`alignkernels.integrations.lora_head.lora_of_head` lists what is
+    refused) and checks its base layer.
     """
     base = unwrap_model(model)
     model_type = _model_type(base)
@@ -195,12 +200,17 @@ def check_supported(model, *, allow_unknown_models: bool = False, require_lm_hea
     if not require_lm_head:
         return
     head = _lm_head(base)
-    if hasattr(head, "base_layer") or hasattr(head, "lora_A") or hasattr(head, "ia3_l"):
-        raise UnsupportedModelError(
-            "the lm_head carries a PEFT adapter (e.g. LoRA with target_modules including 'lm_head'); "
-            "a fused head reads lm_head.weight directly and would silently ignore the adapter. "
-            "Leave lm_head out of target_modules (use modules_to_save=['lm_head'] to train it fully)"
-        )
+    if is_peft_tuner_layer(head):
+        if not allow_lora_lm_head:
+            raise UnsupportedModelError(
+                "the lm_head carries a PEFT adapter (e.g. LoRA with target_modules including 'lm_head'); "
+                "a fused head that reads lm_head.weight directly would silently ignore the adapter. "
+                "A plain LoRA adapter (one active, dropout 0, no DoRA, not merged) is fused by patch_causal_lm "
+                "and by alignkernels.integrations.trl.apply(allow_lora_lm_head=True); otherwise leave lm_head "
+                "out of target_modules (use modules_to_save=['lm_head'] to train it fully)"
+            )
+        lora_of_head(head, UnsupportedModelError)  # refuses dropout, DoRA, several adapters, merged, ...
+        head = base_layer(head)
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
         raise UnsupportedModelError(
@@ -304,6 +314,7 @@ def head_logprobs(
     gather_params=(),
     recompute_in_backward=None,
     check_labels=None,
+    lora: HeadLora | None = None,
 ):
     """``linear_logprobs`` of an ``lm_head``: ``(logp, entropy)`` or the full ``LinearLogprobsOutput``.
 
@@ -318,6 +329,10 @@ def head_logprobs(
         if compute_dtype is not None:
             h, w = h.to(compute_dtype), w.to(compute_dtype)
             b = None if b is None else b.to(compute_dtype)
+        lora_arg = None
+        if lora is not None:  # the adapter in the head's (compute) dtype, differentiably; FSDP2 shards gathered
+            lora_A, lora_B = gather_lm_head(lora.lora_A, lora.lora_B, grad_reduce="avg")
+            lora_arg = (lora_A.to(w.dtype), lora_B.to(w.dtype), lora.scaling)
         out = linear_logprobs(
             h,
             w,
@@ -333,6 +348,7 @@ def head_logprobs(
             vocab_block_size=vocab_block_size,
             backend=backend,
             check_labels=check_labels,
+            lora=lora_arg,
         )
         if return_stats:
             return tuple(out)
@@ -340,6 +356,11 @@ def head_logprobs(
 
     if recompute_in_backward is None:
         recompute_in_backward = is_zero3_partitioned(*gather_params)
+    if recompute_in_backward and lora is not None:
+        raise UnsupportedModelError(
+            "LoRA on a DeepSpeed ZeRO-3 partitioned lm_head is not supported by the fused head (the regather-in-"
+            "backward path has no adapter gradients); leave lm_head out of target_modules under ZeRO-3"
+        )
     if recompute_in_backward:
         with _zero3_gather(*gather_params):
             outputs = _RegatherHeadInBackward.apply(compute, tuple(gather_params), hidden, weight, bias)
@@ -400,6 +421,8 @@ def causal_lm_logprobs(
             raise ValueError("logits_to_keep applies to labels, not shift_labels")
         hidden, targets = hidden, shift_labels
     head = _lm_head(base)
+    lora = lora_of_head(head, UnsupportedModelError)  # read per call: disable_adapter() / set_adapter() honoured
+    head = base_layer(head)
     weight, bias = _head_tensors(head)
     hidden = hidden.to(weight.device)
     targets = targets.to(weight.device)
@@ -420,6 +443,7 @@ def causal_lm_logprobs(
         backend=backend,
         compute_dtype=compute_dtype,
         gather_params=(head.weight, getattr(head, "bias", None)),
+        lora=lora,
     )
     mask = targets != ignore_index
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -478,7 +502,7 @@ def patch_causal_lm(model, *, temperature: float = 1.0, allow_unknown_models: bo
     default_temperature = check_temperature(temperature)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    check_supported(model, allow_unknown_models=allow_unknown_models)
+    check_supported(model, allow_unknown_models=allow_unknown_models, allow_lora_lm_head=True)
     patched = CausalLMForward.install(unwrap_model(model), temperature=default_temperature, backend=backend)
     patched.temperature, patched.backend = default_temperature, backend
     return model

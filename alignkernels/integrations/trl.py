@@ -17,8 +17,11 @@ Everything TRL does around it (label shifting, ``logits_to_keep`` slicing, compl
 temperature, reference and old-policy passes, precomputed reference log-probs, PEFT adapters, its
 loss code and its metrics) is TRL's own code, unchanged. ``add_fused_lm_head`` itself is wrapped to
 check each model it is given (:func:`alignkernels.integrations.transformers.check_supported`), so an
-unsupported configuration (LoRA on ``lm_head``, an unknown model family, a quantized head) raises
-:class:`UnsupportedModelError` when the trainer is built, not after silently training wrong.
+unsupported configuration (an adapter on ``lm_head`` other than a plain LoRA allowed by
+``apply(allow_lora_lm_head=True)``, an unknown model family, a quantized head) raises
+:class:`UnsupportedModelError` when the trainer is built, not after silently training wrong. A LoRA
+``lm_head`` under ``allow_lora_lm_head=True`` is fused: ``linear_logprobs(..., lora=)``
+(:mod:`alignkernels.integrations.lora_head`).
 
 ``RewardTrainer`` does not use the fused head; :func:`apply` also installs the reward-model
 drop-in of :mod:`alignkernels.integrations.trl_reward` (gather the last token, then score;
@@ -46,6 +49,7 @@ directly.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import weakref
@@ -60,6 +64,7 @@ except ImportError:  # pragma: no cover - torch without distributed
 from alignkernels._utils import BACKENDS
 from alignkernels.integrations import trl_fused_loss
 from alignkernels.integrations.forward_patch import InstanceForward
+from alignkernels.integrations.lora_head import base_layer, is_lora_linear, lora_for_weight, lora_of_head, routed_lora
 from alignkernels.integrations.transformers import (
     LogitTransform,
     UnsupportedModelError,
@@ -110,6 +115,16 @@ _TRL_MODULES = (
     "trl.trainer.reward_trainer",
 )
 
+# trainers whose every lm_head use is the fused head: apply(allow_lora_lm_head=True) lifts their LoRA refusal
+# (not e.g. the distillation trainer, which reads lm_head.weight itself)
+_FUSED_HEAD_TRAINER_MODULES = (
+    "trl.trainer.sft_trainer",
+    "trl.trainer.dpo_trainer",
+    "trl.trainer.grpo_trainer",
+    "trl.trainer.rloo_trainer",
+    "trl.trainer.kto_trainer",
+)
+
 
 class _Options:
     allow_unknown_models = False
@@ -117,6 +132,7 @@ class _Options:
     chunk_size = None  # token rows per tile (apply(chunk_size=)); None: TRL_TOKEN_ROWS on CUDA, the op default on CPU
     vocab_block_size = None  # vocabulary columns per tile; None: from TRL's chunk_size
     fused_loss = False  # apply(fused_loss=True): see trl_fused_loss
+    allow_lora_lm_head = False  # apply(allow_lora_lm_head=True): fuse a PEFT LoRA lm_head instead of TRL's refusal
     calls = 0  # adapter calls since apply()
 
 
@@ -199,6 +215,7 @@ class LinearLogprobsAdapter:
         else:
             compute_dtype = hidden.dtype
         rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype, hidden.device)
+        lora = lora_for_weight(weight)  # a LoRA lm_head routed by GatherShardedHeadForward for this call
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
         wanted = set(outputs or ())
@@ -221,6 +238,7 @@ class LinearLogprobsAdapter:
             compute_dtype=compute_dtype,
             gather_params=(weight, bias),
             recompute_in_backward=is_zero3_partitioned(weight, bias),
+            lora=lora,
             check_labels=False,  # TRL passes only valid labels (compacted, or clamped to 0): skip the host sync
         )
         if not want_stats:  # (logp, entropy or None): the statistics are not computed at all
@@ -242,14 +260,19 @@ class GatherShardedHeadForward(InstanceForward):
     :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) and TRL's forward
     sees plain tensors for the duration of the call. TRL 1.16 would gather it with a bare
     ``full_tensor()``, whose backward leaves each rank its own gradient slice, unaveraged (wrong for
-    data-parallel training; ``tests/integrations/test_sharded.py``). Anything else passes through."""
+    data-parallel training; ``tests/integrations/test_sharded.py``). A PEFT LoRA lm_head (allowed by
+    ``apply(allow_lora_lm_head=True)``) has its active adapter routed to :class:`LinearLogprobsAdapter`
+    for the call (TRL hands the Function only ``lm_head.weight``: the base layer's). Anything else
+    passes through."""
 
     def __call__(self, *args, fused_lm_head=False, **kwargs):
         head = self.module.get_output_embeddings() if fused_lm_head else None
-        weight = getattr(head, "weight", None)
+        base = base_layer(head) if head is not None else None
+        weight = getattr(base, "weight", None)
         if head is None or not _is_dtensor(weight):
-            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
-        params = head._parameters
+            with routed_lora(head, UnsupportedModelError) if head is not None else _no_routing():
+                return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+        params = base._parameters
         saved = {name: params[name] for name in ("weight", "bias") if params.get(name) is not None}
         gathered_weight, gathered_bias = gather_lm_head(saved["weight"], saved.get("bias"), grad_reduce="avg")
         try:
@@ -257,9 +280,15 @@ class GatherShardedHeadForward(InstanceForward):
             params["weight"] = gathered_weight
             if "bias" in saved:
                 params["bias"] = gathered_bias
-            return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
+            with routed_lora(head, UnsupportedModelError):
+                return self.original(*args, fused_lm_head=fused_lm_head, **kwargs)
         finally:
             params.update(saved)
+
+
+@contextlib.contextmanager
+def _no_routing():
+    yield
 
 
 def _is_dtensor(t) -> bool:
@@ -358,7 +387,8 @@ def _check_trainer(trainer):
         return
     for model in (getattr(trainer, "model", None), getattr(trainer, "ref_model", None)):
         if isinstance(model, torch.nn.Module):
-            check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
+            check_supported(model, allow_unknown_models=_Options.allow_unknown_models,
+                            allow_lora_lm_head=_Options.allow_lora_lm_head)  # fmt: skip
 
 
 def _check_optional_positive_int(name, value):
@@ -374,6 +404,7 @@ def apply(
     chunk_size: int | None = None,
     vocab_block_size: int | None = None,
     fused_loss: bool = False,
+    allow_lora_lm_head: bool = False,
 ) -> Patch:
     """Make TRL's trainers compute their LM head (and the reward head) with alignkernels.
 
@@ -393,9 +424,18 @@ def apply(
         fused_loss: the trainers' loss itself on the three-GEMM head where exact (SFTTrainer's
             ``nll``, GRPOTrainer's token-separable losses), the head-only drop-in elsewhere; one
             log line per trainer says which (:mod:`alignkernels.integrations.trl_fused_loss`).
+        allow_lora_lm_head: fuse a PEFT LoRA adapter on ``lm_head`` (``target_modules`` including
+            ``"lm_head"``) through ``linear_logprobs(..., lora=)`` instead of TRL 1.16's refusal
+            ("Applying a PEFT adapter to `lm_head` is not supported", raised by the SFT, DPO, GRPO,
+            RLOO and KTO trainers because their fused head reads ``lm_head.weight`` only). Under it the
+            trainers' check sees a plain LoRA head as allowed, and each fused-head call adds the
+            active adapter's ``scaling·(h·Aᵀ)·Bᵀ`` in the tiles, so the adapter is trained. Still
+            refused (:class:`UnsupportedModelError`): dropout > 0, several active adapters, DoRA,
+            LoRA bias, merged adapters, non-LoRA tuners, ``cast_lm_head_to_fp32=True``, ZeRO-3.
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
-    cannot reproduce: LoRA (any PEFT adapter) on ``lm_head``, a model family outside
+    cannot reproduce: a PEFT adapter on ``lm_head`` (unless ``allow_lora_lm_head=True`` and a plain
+    LoRA adapter), a model family outside
     :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` (unless
     ``allow_unknown_models=True``), a quantized head, Liger's fused linear cross-entropy, or a TRL
     older than 1.16; ``ValueError`` naming the argument for a bad option. A failed call leaves TRL
@@ -412,6 +452,7 @@ def apply(
     _Options.chunk_size = chunk_size
     _Options.vocab_block_size = vocab_block_size
     _Options.fused_loss = bool(fused_loss)
+    _Options.allow_lora_lm_head = bool(allow_lora_lm_head)
     if trainer is not None:
         _check_trainer(trainer)  # before patching anything: a failed apply(trainer) leaves TRL as it was
     if _ACTIVE is None:
@@ -426,6 +467,40 @@ def apply(
     return _HANDLE
 
 
+class _TunerLayerCheck(type):
+    """``isinstance(x, TunerLayerUnlessFusedLora)``: ``isinstance(x, peft's BaseTunerLayer)``, except
+    that under ``apply(allow_lora_lm_head=True)`` a plain LoRA ``Linear`` is not (its unsupported
+    forms raise here, at trainer build time, with the reason). TRL 1.16's trainers use the name only
+    for the lm_head checks ("Applying a PEFT adapter to `lm_head` is not supported";
+    ``cast_lm_head_to_fp32``, which :func:`_refuse_replaced_lora_head_forward` then refuses)."""
+
+    def __instancecheck__(cls, obj):
+        if _Options.allow_lora_lm_head and is_lora_linear(obj):
+            lora_of_head(obj, UnsupportedModelError)
+            return False
+        return isinstance(obj, cls.wrapped)
+
+
+def _tuner_layer_check():
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapters, nothing to allow
+        return None
+    return _TunerLayerCheck("TunerLayerUnlessFusedLora", (), {"wrapped": BaseTunerLayer})
+
+
+def _refuse_replaced_lora_head_forward(model):
+    """A LoRA lm_head whose forward was replaced on the instance (TRL's ``cast_lm_head_to_fp32``
+    swaps in ``F.linear(h, lm_head.weight)``, dropping the adapter outside the fused head) is refused."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None and is_lora_linear(head) and "forward" in vars(head):
+        raise UnsupportedModelError(
+            "the LoRA lm_head's forward was replaced (cast_lm_head_to_fp32=True?): generation would drop the "
+            "adapter. cast_lm_head_to_fp32 is not supported with LoRA on lm_head; set it to False"
+        )
+
+
 def _install() -> _Patcher:
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
     from trl.trainer import utils as trl_utils
@@ -435,7 +510,9 @@ def _install() -> _Patcher:
     original_add = trl_utils.add_fused_lm_head
 
     def add_fused_lm_head(model, *args, **kwargs):
-        check_supported(model, allow_unknown_models=_Options.allow_unknown_models)
+        check_supported(model, allow_unknown_models=_Options.allow_unknown_models,
+                        allow_lora_lm_head=_Options.allow_lora_lm_head)  # fmt: skip
+        _refuse_replaced_lora_head_forward(model)
         result = original_add(model, *args, **kwargs)
         GatherShardedHeadForward.install(model)
         patcher.fused_head_models.add(model)
@@ -449,6 +526,12 @@ def _install() -> _Patcher:
                 patcher.set(module, name, LinearLogprobsAdapter)
             elif value is original_add:
                 patcher.set(module, name, add_fused_lm_head)
+    tuner_check = _tuner_layer_check()
+    if tuner_check is not None:  # TRL's trainers refuse `isinstance(lm_head, BaseTunerLayer)`: see apply()
+        for name in _FUSED_HEAD_TRAINER_MODULES:  # only trainers whose lm_head goes through the fused head
+            module = sys.modules.get(name)
+            if module is not None and vars(module).get("BaseTunerLayer") is tuner_check.wrapped:
+                patcher.set(module, "BaseTunerLayer", tuner_check)
     patched_init = wrap_reward_trainer_init(
         RewardTrainer.__init__, patcher.reward_models.add, allow_unknown_models=lambda: _Options.allow_unknown_models
     )

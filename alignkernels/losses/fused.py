@@ -209,11 +209,12 @@ def _masked_labels(labels, mask, ignore_index):
 
 def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, head, ignore_index):
     """Per-token log-probs of the reference model from its hidden states (no gradient). Without
-    ``ref_weight`` the reference shares the policy's head (weight and bias)."""
+    ``ref_weight`` the reference shares the policy's head (weight and bias). A policy's ``lora=``
+    adapter is never applied to the reference: it is the base head (PEFT's disabled adapter)."""
     if ref_weight is None:
         ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
     with torch.no_grad():
-        kwargs = {k: v for k, v in head.items() if k != "bias"}
+        kwargs = {k: v for k, v in head.items() if k not in ("bias", "lora")}
         return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
 
 # --------------------------------------------------------------------------------------------
@@ -269,6 +270,10 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
     Returns ``(loss, metrics)`` with ``metrics["head_path"]``."""
     labels = _masked_labels(token_ids, policy.mask, ignore_index)
+    if head.get("lora") is not None:  # the three-GEMM head has no LoRA term yet: linear_logprobs(lora=) + autograd
+        if head_path == "three_gemm":
+            raise ValueError(f"{backends.op}: head_path='three_gemm' does not take lora= (use 'auto' or 'four_gemm')")
+        head_path = "four_gemm"
     path = _resolve_head_path(head_path, backends.op, reason)
     backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
     if path == "four_gemm" or backend == "reference":
@@ -337,6 +342,7 @@ def fused_linear_grpo_loss(
     backend: str = "auto",
     check_labels: bool | None = None,
     head_path: str = "auto",
+    lora=None,
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -356,12 +362,16 @@ def fused_linear_grpo_loss(
             ``ref_weight``/``ref_bias`` defaulting to the policy head) and they are computed here
             without gradient. Needed when ``beta != 0``.
         temperature, logit_scale, softcap: the logit transform (see ``linear_logprobs``).
+        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
+            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **grpo_kwargs: ``beta``, ``epsilon_low``, ``epsilon_high``, ``delta``, ``loss_type``,
             ``importance_sampling_level``, ``max_completion_length``, ``num_items_in_batch``, ...
             exactly as :func:`alignkernels.grpo_loss`.
 
         head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
             ``"four_gemm"``.
+        lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
+            ``linear_logprobs``); it takes the four-GEMM path.
 
     Head path (``metrics["head_path"]``), with ``"auto"``:
 
@@ -386,7 +396,7 @@ def fused_linear_grpo_loss(
         ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, _masked_labels(completion_ids, completion_mask, ignore_index),
                                           weight=weight, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
@@ -428,6 +438,7 @@ def fused_linear_dpo_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     check_labels: bool | None = None,
+    lora=None,
     **dpo_kwargs,
 ):
     """DPO-family loss straight from the policy's last hidden states of a concatenated batch.
@@ -444,6 +455,8 @@ def fused_linear_dpo_loss(
             ``precompute_ref_log_probs``), or ``[B, T]`` per-token. Or give ``ref_hidden``
             (``[2B, T, H]``; ``ref_weight``/``ref_bias`` default to the policy head) and they are
             computed here without gradient.
+        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
+            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **dpo_kwargs: ``beta``, ``loss_type`` (one or a list), ``loss_weights``,
             ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ``use_weighting`` (WPO; the
             per-token ``log Σp²`` it needs comes from the same pass), ... exactly as
@@ -456,7 +469,7 @@ def fused_linear_dpo_loss(
     if labels.dim() != 2 or labels.shape[0] % 2:
         raise ValueError(f"labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     out = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_stats=True, **head)
     B = labels.shape[0] // 2
     mask = labels != ignore_index
@@ -498,6 +511,7 @@ def fused_linear_ppo_loss(
     backend: str = "auto",
     check_labels: bool | None = None,
     head_path: str = "auto",
+    lora=None,
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
@@ -514,7 +528,7 @@ def fused_linear_ppo_loss(
     the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
     detached_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
 
     def loss_fn(logp, entropy, value_tensors=(values, old_values, returns)):

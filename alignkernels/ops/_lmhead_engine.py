@@ -17,6 +17,9 @@ Algorithm:
    ``grad_weight[block] += dx.T @ h[chunk]`` (fp32 accumulator for the block, cast to the weight's
    dtype once the block is done), ``grad_bias[block] += dx.sum(0)``. Vocab-outer order means
    grad_weight needs only a ``[block, H]`` fp32 accumulator, never ``[V, H]``.
+4. With a LoRA adapter on the head (``lora=``, ``ops/_lora.py``) each raw tile also gets the
+   thin GEMM ``u[chunk] @ lora_B[block].T`` (``u = s·h·lora_Aᵀ``) before the fold, and backward
+   accumulates the adapter's gradients tile by tile; the weight GEMM runs only if it needs grad.
 
 Why cuBLAS tiles + Triton folds on the GPU (and not an all-Triton ``tl.dot`` kernel): the op is ~4
 large GEMMs (forward, recompute, two gradient GEMMs); everything else is a few bandwidth-bound passes
@@ -40,6 +43,7 @@ import torch
 from .._utils import check_same_device, check_temperature, check_tensor, output_dtype, widen_labels
 from ..kernels._softmax import ROW_STATS
 from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
+from ._lora import LoraHead, LoraTiles
 from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, raw_grad_, transform_
 
 # Default token rows per chunk and fp32 elements per logits tile.
@@ -280,8 +284,10 @@ def _view(buf, shape):
     return buf[: shape[0] * shape[1]].view(shape) if buf is not None else None
 
 
-def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats) -> HeadStats:
-    """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows."""
+def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats,
+                 lora: LoraHead | None = None) -> HeadStats:  # fmt: skip
+    """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows. With
+    ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``)."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cd = output_dtype(hidden.dtype)
     state = fold.new_state(n_rows, cd, hidden.device)
@@ -289,31 +295,42 @@ def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, 
         h = fold.operands(hidden, cd)
         bias_cd = bias.to(cd) if bias is not None else None
         tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, hidden.device)
+        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into) if lora is not None else None
         for v0, v1, chunks in tiles(n_rows, vocab, plan):
             w_blk = fold.operands(weight[v0:v1], cd)
+            b_blk = adapter.block(v0, v1) if adapter is not None else None
             for r0, r1 in chunks:
                 tile = _view(tile_buf, (r1 - r0, v1 - v0))
                 fold.tile(tile, h[r0:r1], w_blk, bias_cd[v0:v1] if bias is not None else None)
+                if adapter is not None:
+                    adapter.add_to_tile(tile, slice(r0, r1), b_blk)
                 fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
                              tr, want_stats)  # fmt: skip
     return fold.finalise(state, tr, vocab, want_stats)
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,
-                  needs):  # fmt: skip
+                  needs, lora: LoraHead | None = None):  # fmt: skip
     """``(grad_hidden fp32 | None, grad_weight | None, grad_bias fp32 | None)`` for per-row upstream
-    gradients ``g_logp`` / ``g_entropy`` (compute dtype, or None) of the state ``stats``."""
+    gradients ``g_logp`` / ``g_entropy`` (compute dtype, or None) of the state ``stats``.
+
+    With ``lora``, ``needs`` has five flags ``(hidden, weight, bias, lora_A, lora_B)`` and the
+    result two more entries ``(grad_lora_A | None, grad_lora_B | None)`` in the adapter's dtype;
+    ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``)."""
     n_rows, H = hidden.shape
     vocab = weight.shape[0]
     cd = output_dtype(hidden.dtype)
     device = hidden.device
-    need_h, need_w, need_b = needs
+    need_h, need_w, need_b = needs[:3]
     grad_hidden = torch.zeros(n_rows, H, dtype=cd, device=device) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
-    if n_rows == 0 or (g_logp is None and g_entropy is None):
-        return grad_hidden, grad_weight, grad_bias
     h = fold.operands(hidden, cd)
+    adapter = None
+    if lora is not None:
+        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into, (need_h, *needs[3:]))
+    if n_rows == 0 or (g_logp is None and g_entropy is None):
+        return (grad_hidden, grad_weight, grad_bias, *(adapter.finish(grad_hidden) if adapter is not None else ()))
     bias_cd = bias.to(cd) if bias is not None else None
     tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, device)
     dx_dtype = fold.dx_dtype(weight.dtype, cd)
@@ -324,12 +341,15 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
 
     for v0, v1, chunks in tiles(n_rows, vocab, plan):
         w_blk = fold.operands(weight[v0:v1], cd)
+        b_blk = adapter.block(v0, v1) if adapter is not None else None
         if need_w:
             w_acc = grad_weight[v0:v1] if w_acc_buf is None else w_acc_buf[: (v1 - v0) * H].view(v1 - v0, H).zero_()
         for r0, r1 in chunks:
             rows = slice(r0, r1)
             tile = _view(tile_buf, (r1 - r0, v1 - v0))
             fold.tile(tile, h[rows], w_blk, bias_cd[v0:v1] if bias is not None else None)
+            if adapter is not None:
+                adapter.add_to_tile(tile, rows, b_blk)
             dx = fold.backward(tile, _view(dx_buf, tile.shape), _view(work_buf, tile.shape), bias, weight, labels[rows],
                                RowStats(*(x[rows] for x in stats)), g_logp[rows] if g_logp is not None else None,
                                g_entropy[rows] if g_entropy is not None else None, v0, tr)  # fmt: skip
@@ -340,8 +360,12 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
                 addmm_into(w_acc, dx_gemm.t(), h[rows])  # grad_W[block] += dx.T @ h[chunk]
             if need_b:
                 grad_bias[v0:v1] += dx.sum(0, dtype=cd)  # grad_b[block] += Σ_rows dx
+            if adapter is not None:
+                adapter.backward_tile(dx_gemm, rows, v0, v1, b_blk)  # dU += dx·B[block], dB[block] += dxᵀ·u
         if need_w and w_acc_buf is not None:
             grad_weight[v0:v1].copy_(w_acc)
+    if adapter is not None:
+        return (grad_hidden, grad_weight, grad_bias, *adapter.finish(grad_hidden))
     return grad_hidden, grad_weight, grad_bias
 
 

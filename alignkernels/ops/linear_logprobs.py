@@ -28,6 +28,7 @@ from ._lmhead_engine import (
     make_plan,
     validate_head,
 )
+from ._lora import LoraHead, effective_weight, validate_lora
 from ._softmax_torch import RowStats
 from .vocab_parallel import vocab_parallel_linear_logprobs
 
@@ -52,15 +53,18 @@ class LinearLogprobsFunction(torch.autograd.Function):
     """Autograd over the compact (valid-only) rows. Inputs: ``hidden [n, H]``, ``weight [V, H]``,
     ``bias [V] | None``, ``labels [n]`` int64 in ``[0, V)``. Outputs ``(logp, entropy,
     log_sum_sq_probs | None, mean_logit | None, is_top1 | None, lse)``; saves the inputs plus the
-    row state ``(row_max, log_sum, entropy)``."""
+    row state ``(row_max, log_sum, entropy)``. Optional trailing inputs ``lora_A [r, H], lora_B [V, r],
+    lora_scaling``: the LoRA adapter of the head (``ops/_lora.py``), differentiable too."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, tr, plan, fold, want_stats):
+    def forward(ctx, hidden, weight, bias, labels, tr, plan, fold, want_stats, lora_A=None, lora_B=None,
+                lora_scaling=None):  # fmt: skip
         ctx.set_materialize_grads(False)
+        lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats)
-        ctx.save_for_backward(hidden, weight, bias, labels, *out.stats)
-        ctx.tr, ctx.plan, ctx.fold = tr, plan, fold
+            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora=lora)
+        ctx.save_for_backward(hidden, weight, bias, labels, lora_A, lora_B, *out.stats)
+        ctx.tr, ctx.plan, ctx.fold, ctx.lora_scaling = tr, plan, fold, lora_scaling
         extra = out.extra if out.extra is not None else (None, None, None)
         lse = out.stats.row_max + out.stats.log_sum
         ctx.mark_non_differentiable(lse, *(x for x in extra if x is not None))
@@ -69,22 +73,25 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
         refuse_double_backward("linear_logprobs", ctx.fold.NAME)
-        hidden, weight, bias, labels, *stats = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
+        hidden, weight, bias, labels, lora_A, lora_B, *stats = ctx.saved_tensors
+        lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
+        needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[8:10]) if lora is not None else ())
         if (grad_logp is None and grad_entropy is None) or not any(needs):
-            return (None,) * 8
+            return (None,) * 11
         cd = stats[0].dtype
         g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
         g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            grad_hidden, grad_weight, grad_bias = head_backward(
-                hidden, weight, bias, labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan, ctx.fold, needs
-            )
+            grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
+                hidden, weight, bias, labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan, ctx.fold, needs,
+                lora=lora,
+            )  # fmt: skip
+        grad_lora_A, grad_lora_B = grad_lora if grad_lora else (None, None)
         return (
             grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
             grad_weight,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            None, None, None, None, None,
+            None, None, None, None, None, grad_lora_A, grad_lora_B, None,
         )  # fmt: skip
 
 
@@ -107,6 +114,7 @@ def linear_logprobs(
     process_group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    lora=None,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -144,6 +152,14 @@ def linear_logprobs(
             rank holds rows ``[vocab_start, vocab_start + weight.shape[0])`` of a ``[vocab_size, H]``
             head (``bias`` its slice); labels are global ids. Two O(N) all-reduces forward, local
             backward plus one ``grad_hidden`` all-reduce. See ``alignkernels.ops.vocab_parallel``.
+        lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (PEFT's
+            ``lora_A.weight``, ``lora_B.weight``, ``scaling``): the raw logits become
+            ``hidden @ weight.T + scaling * (hidden @ lora_A.T) @ lora_B.T (+ bias)`` before the
+            transform, fused in the same tiles (one thin extra GEMM per tile; ``ops/_lora.py``).
+            Adapter tensors have the weight's dtype and device; ``scaling`` is a finite number.
+            ``lora_A`` and ``lora_B`` get gradients; a frozen ``weight`` (``requires_grad=False``)
+            costs no weight-gradient GEMM. With ``process_group=``, ``lora_B`` is this rank's
+            ``[V_k, r]`` shard (rows matching ``weight``'s) and ``lora_A`` is replicated.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -165,9 +181,10 @@ def linear_logprobs(
             hidden, weight, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
-            vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels,
+            vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
         )  # fmt: skip
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
+    adapter = validate_lora(lora, hidden, weight)
     chunk_size = check_positive_int("chunk_size", chunk_size)
     vocab_block_size = check_positive_int("vocab_block_size", vocab_block_size)
     backend = LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype)
@@ -178,16 +195,17 @@ def linear_logprobs(
     if backend == "reference":
         kwargs = dict(bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale, softcap=tr.softcap,
                       ignore_index=ignore_index)  # fmt: skip
+        full_weight = effective_weight(weight, adapter)  # W + s·B·A: the materialised adapted head
         if return_stats:
-            return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, weight, wide_labels, **kwargs))
-        return linear_logprobs_reference(hidden, weight, wide_labels, return_entropy=return_entropy, **kwargs)
+            return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, full_weight, wide_labels, **kwargs))
+        return linear_logprobs_reference(hidden, full_weight, wide_labels, return_entropy=return_entropy, **kwargs)
 
     fold = FOLDS[backend]
     compact = compact_rows(hidden, wide_labels, ignore_index)
     plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size)
     outs = LinearLogprobsFunction.apply(
         compact.hidden, weight, bias.contiguous() if bias is not None else None, compact.labels, tr, plan, fold,
-        return_stats,
+        return_stats, *(adapter if adapter is not None else ()),
     )  # fmt: skip
     if return_stats:
         return LinearLogprobsOutput(*(compact.expand(x) for x in outs))

@@ -44,6 +44,7 @@ from .._utils import (
     check_temperature,
     check_tensor,
     labels_checking_enabled,
+    output_dtype,
     refuse_double_backward,
     widen_labels,
 )
@@ -57,6 +58,7 @@ from ._lmhead_engine import (
     validate_head,
 )
 from ._logits_engine import TOKEN_KERNELS
+from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, merge_terms, merged
 
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
@@ -134,8 +136,8 @@ def _agree(process_group, device, local_error, vocab_start, shard_size, vocab_si
         raise ValueError("labels differ across ranks: vocab-parallel inputs need identical (replicated) "
                          "labels on every rank of the process group")  # fmt: skip
     if len({row[_GRAD] for row in table}) != 1:
-        raise ValueError("hidden.requires_grad differs across ranks: the backward all-reduce of grad_hidden "
-                         "needs every rank to take part")  # fmt: skip
+        raise ValueError("hidden.requires_grad differs across ranks (or lora= / lora_A.requires_grad does): the "
+                         "backward all-reduces of grad_hidden (grad_lora_A) need every rank to take part")  # fmt: skip
     slices = sorted((row[_START], row[_SIZE], r) for r, row in enumerate(table))
     expected = 0
     for start, size, rank in slices:
@@ -328,22 +330,26 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
     the shard; saves the GLOBAL row state."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group):
+    def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group,
+                lora_A=None, lora_B=None, lora_scaling=None):  # fmt: skip
         ctx.set_materialize_grads(False)
+        lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False)
+            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora)
         logp, stats = _combine_shards(out.logp, out.stats, owned, torch.ones_like(owned), want_entropy,
                                       process_group)  # fmt: skip
-        ctx.save_for_backward(hidden, weight, bias, local_labels, *stats)
+        ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
+        ctx.lora_scaling = lora_scaling
         ctx.backend = fold.NAME
         return logp, stats.entropy.clone()
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("vocab_parallel_linear_logprobs", ctx.backend)
-        hidden, weight, bias, local_labels, *stats = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
+        hidden, weight, bias, local_labels, lora_A, lora_B, *stats = ctx.saved_tensors
+        lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
+        needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[10:12]) if lora is not None else ())
         none = (None,) * 7
         if not ctx.has_entropy:
             grad_entropy = None
@@ -352,20 +358,27 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_logp = torch.zeros_like(stats[0])  # keep the grad_hidden all-reduce collective on every rank
         g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
         g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
-        grad_hidden = grad_weight = grad_bias = None
+        grad_hidden = grad_weight = grad_bias = grad_lora_A = grad_lora_B = None
         if any(needs):
             with torch.autocast(hidden.device.type, enabled=False):
-                grad_hidden, grad_weight, grad_bias = head_backward(
+                grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
                     hidden, weight, bias, local_labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan,
-                    ctx.fold, needs,
+                    ctx.fold, needs, lora=lora,
                 )  # fmt: skip
+            if grad_lora:
+                grad_lora_A, grad_lora_B = grad_lora
+        if grad_lora_A is not None:
+            # lora_A is replicated: grad_A = s·Σ_k (dz_k·B_k)ᵀ·h is a sum over the shards, like grad_hidden
+            grad_lora_A = grad_lora_A.to(output_dtype(hidden.dtype))
+            dist.all_reduce(grad_lora_A, op=dist.ReduceOp.SUM, group=ctx.process_group)
+            grad_lora_A = grad_lora_A.to(lora_A.dtype)
         if needs[0]:
             # grad_hidden = Σ_k dz_k @ W_k: this rank holds one term of the sum (fp32 accumulator)
             dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return (grad_hidden, grad_weight, grad_bias, *none)
+        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None)
 
 
 def vocab_parallel_linear_logprobs(
@@ -387,6 +400,7 @@ def vocab_parallel_linear_logprobs(
     backend: str = "auto",
     check_labels: bool | None = None,
     check_shards: bool = True,
+    lora=None,
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -409,6 +423,10 @@ def vocab_parallel_linear_logprobs(
             elementwise, so it applies per shard unchanged).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (the fold each rank runs on its shard).
         check_shards: verify the layout across ranks (see :func:`vocab_parallel_token_logprobs`).
+        lora: ``(lora_A [r, H], lora_B_shard [V_k, r], scaling)``: a LoRA adapter on the head,
+            ``lora_A`` replicated, ``lora_B`` sharded like ``weight_shard`` (see ``linear_logprobs``).
+            Every rank passes an adapter (or none) alike; ``grad_lora_A`` is all-reduced (SUM) like
+            ``grad_hidden``, ``grad_lora_B`` stays local.
 
     Returns:
         ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
@@ -426,12 +444,18 @@ def vocab_parallel_linear_logprobs(
         vb = check_positive_int("vocab_block_size", vocab_block_size)
         if labels_checking_enabled(check_labels):
             check_label_range(wide, vocab_size, ignore_index)
-        return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide
+        adapter = validate_lora(lora, hidden, weight_shard, weight_name="weight_shard")
+        return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide, adapter
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
     requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
-    tr, impl, cs, vb, wide_labels = _run_checked(validate, process_group, check_shards, (hidden, weight_shard, labels),
-                                                 vocab_start, shard, vocab_size, labels, requires_grad)  # fmt: skip
+    lora_a = lora[0] if isinstance(lora, (tuple, list)) and lora else None
+    if isinstance(lora_a, torch.Tensor):  # the grad_lora_A all-reduce needs every rank: agree on it too
+        requires_grad = int(requires_grad) + 2 + 4 * int(lora_a.requires_grad)
+    tr, impl, cs, vb, wide_labels, adapter = _run_checked(
+        validate, process_group, check_shards, (hidden, weight_shard, labels), vocab_start, shard, vocab_size, labels,
+        requires_grad,
+    )  # fmt: skip
     compact = compact_rows(hidden, wide_labels, ignore_index)  # host sync; same rows on every rank
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
@@ -439,6 +463,7 @@ def vocab_parallel_linear_logprobs(
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
         compact.hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
+        *(adapter if adapter is not None else ()),
     )  # fmt: skip
     return (compact.expand(logp), compact.expand(entropy)) if return_entropy else compact.expand(logp)
 

@@ -139,6 +139,43 @@ def check_linear_logprobs(rank, world, group=None, bounds=None, backend="torch",
         _close("grad_bias", b.grad, b_ref.grad[start : start + size])
 
 
+def check_linear_lora(rank, world, backend="torch", shape=(2, 7), H=8, r=3):
+    """LoRA on a column-parallel head: lora_A replicated, lora_B sharded like the weight (frozen)."""
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+    bounds = SHARD_BOUNDS[world]
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(*shape, H, generator=gen)
+    weight = torch.randn(bounds[-1], H, generator=gen) * 0.5
+    lora_A, lora_B = torch.randn(r, H, generator=gen) * 0.5, torch.randn(bounds[-1], r, generator=gen) * 0.5
+    labels = _labels_in_every_shard(shape, bounds, -100, gen)
+    g_logp, g_ent = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    kw = dict(temperature=0.9, softcap=20.0, return_entropy=True, chunk_size=4, vocab_block_size=16, backend=backend)
+
+    def run(fn, h, w, a, b, **extra):
+        logp, ent = fn(h, w, labels, lora=(a, b, 1.5), **extra, **kw)
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        return logp.detach(), ent.detach()
+
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, lora_A, lora_B)]
+    ref = run(alignkernels.linear_logprobs, leaves[0], weight, leaves[1], leaves[2])
+    start, size = _shard(bounds, torch.distributed.get_rank())
+    h, a, b = (t.clone().requires_grad_(True) for t in (hidden, lora_A, lora_B[start : start + size]))
+    got = run(vocab_parallel_linear_logprobs, h, weight[start : start + size], a, b, vocab_start=start,
+              vocab_size=bounds[-1])  # fmt: skip
+    _close("logp", got[0], ref[0])
+    _close("entropy", got[1], ref[1])
+    _close("grad_hidden", h.grad, leaves[0].grad)
+    _close("grad_lora_A (all-reduced)", a.grad, leaves[1].grad)
+    _close("grad_lora_B (local shard)", b.grad, leaves[2].grad[start : start + size])
+    # an adapter on one rank only would leave the grad_lora_A all-reduce half-joined: every rank refuses
+    one_sided = (a, b, 1.5) if torch.distributed.get_rank() == 0 else None
+    _expect_error(lambda: vocab_parallel_linear_logprobs(h, weight[start : start + size], labels, vocab_start=start,
+                                                         vocab_size=bounds[-1], lora=one_sided),
+                  "lora= / lora_A.requires_grad")  # fmt: skip
+
+
 def _expect_error(fn, match):
     import re
 
@@ -452,6 +489,7 @@ def _checks_for(world):
         "linear_no_bias_no_softcap_logp_only": lambda r: check_linear_logprobs(r, world, with_bias=False, softcap=None,
                                                                                with_entropy=False),  # fmt: skip
         "linear_triton": lambda r: check_linear_logprobs(r, world, backend="triton", shape=(2, 6), H=8),
+        "linear_lora": lambda r: check_linear_lora(r, world),
         "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
         "communication_volume": lambda r: check_communication_volume(r, world),
         "edge_cases": lambda r: check_edge_cases(r, world),
