@@ -89,6 +89,7 @@ def fused_linear_cross_entropy(
     backend: str = "auto",
     chunk_size: int | None = None,
     check_labels: bool | None = None,
+    lora=None,
 ):
     """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
 
@@ -122,6 +123,9 @@ def fused_linear_cross_entropy(
             under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
         chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
+        lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
+            ``linear_logprobs``). The three-GEMM head has no LoRA term yet: with ``lora`` the loss is
+            formed from ``linear_logprobs(..., lora=)`` and autograd (four GEMMs, same numbers).
 
     Returns:
         0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
@@ -150,7 +154,14 @@ def fused_linear_cross_entropy(
         count = num_tokens if num_items_in_batch is None else num_items_in_batch
         denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
 
-    if backend == "reference":
+    if lora is not None:  # four GEMMs: the LoRA-fused lm-head op, then autograd through the loss
+        out = linear_logprobs(compact.hidden, weight, compact.labels, bias=bias, temperature=temperature,
+                              logit_scale=logit_scale, softcap=softcap, backend=backend, chunk_size=chunk_size,
+                              check_labels=False, lora=lora, return_stats=True)  # fmt: skip
+        weight_t = out.logp.detach().exp() if loss_type == "dft" else 1.0
+        loss = -(out.logp * weight_t).sum() / denominator
+        logp, entropy, is_top1 = out.logp.detach(), out.entropy.detach(), out.is_top1
+    elif backend == "reference":
         logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
         weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
         loss = -(logp * weight_t).sum() / denominator

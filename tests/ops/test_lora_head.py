@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from alignkernels import linear_logprobs
+from alignkernels import fused_linear_cross_entropy, linear_logprobs
 from alignkernels.losses.fused import fused_linear_grpo_loss
 
 peft = pytest.importorskip("peft")
@@ -188,6 +188,40 @@ def test_fused_grpo_loss_with_lora_equals_merged_head():
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+def test_fused_cross_entropy_with_lora_equals_merged_head(loss_type):
+    head = _peft_head(torch.float64)
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, 5, H, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, V, (2, 5), generator=g)
+    labels[0, :2] = -100
+    lora_A, lora_B, scaling = _lora_of(head)
+    weight = head.base_layer.weight.detach()
+    loss = fused_linear_cross_entropy(hidden, weight, labels, lora=(lora_A, lora_B, scaling),
+                                                   loss_type=loss_type, softcap=3.0, backend="torch")  # fmt: skip
+    grads = torch.autograd.grad(loss, [hidden, lora_A, lora_B])
+    merged = weight + scaling * lora_B @ lora_A
+    ref = fused_linear_cross_entropy(hidden, merged, labels, loss_type=loss_type, softcap=3.0,
+                                                  backend="torch")  # fmt: skip
+    ref_grads = torch.autograd.grad(ref, [hidden, lora_A, lora_B])
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_policy_loss_three_gemm_path_refuses_lora():
+    head = _peft_head(torch.float64)
+    hidden = torch.randn(1, 4, H, dtype=torch.float64)
+    ids = torch.randint(0, V, (1, 4))
+    mask = torch.ones(1, 4)
+    with pytest.raises(ValueError, match="head_path='three_gemm' does not take lora="):
+        fused_linear_grpo_loss(hidden, head.base_layer.weight.detach(), ids, torch.ones(1), mask,
+                               lora=_lora_of(head), head_path="three_gemm", backend="torch")  # fmt: skip
+    _, metrics = fused_linear_grpo_loss(hidden, head.base_layer.weight.detach(), ids, torch.ones(1), mask,
+                                        lora=_lora_of(head), backend="torch")  # fmt: skip
+    assert metrics["head_path"] == "four_gemm"
 
 
 # --------------------------------------------------------------------------------------------
