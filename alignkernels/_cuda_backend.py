@@ -11,7 +11,7 @@ Kernels launch on ``torch.cuda.current_stream(device)``, so they order correctly
 work around them, CUDA graphs and side streams included. Every call into ``_C`` passes its
 arguments by keyword (the pybind names), so two swapped addresses cannot bind and run.
 
-Emulated mode (test infrastructure, contract 4): after ``_utils.allow_cuda_backend_on_cpu(True)``
+Emulated mode (test infrastructure: ``tests/cuemu/``): after ``_utils.allow_cuda_backend_on_cpu(True)``
 and ``install_emulated_extension(module)`` (a host-only ``_C`` built by ``tests/cuemu``), CPU
 tensors are accepted, their data pointers stand in for device pointers, and no CUDA device or
 stream call is made; the validation and launch arithmetic here are the same code as on a GPU.

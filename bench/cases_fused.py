@@ -1,4 +1,4 @@
-"""The loss head in three GEMMs against four (issue #18), fwd+bwd from hidden states.
+"""The loss head in three GEMMs against four, fwd+bwd from hidden states.
 
 - ``fused_ce``: the SFT loss (``mean`` over valid tokens, TRL SFTTrainer's reduction) from
   ``hidden [N, H]`` and the lm_head ``[V, H]``. Providers: ``alignkernels:three_gemm``
@@ -24,7 +24,7 @@ from .cases_losses import GRPO_BETA, GRPO_EPS_HIGH, GRPO_EPS_LOW, grpo_eager, gr
 from .cost import HeadPath
 from .harness import OpBench, Provider
 
-CPU_TARGET = {"N": 4096, "H": 1024, "V": 32000}  # issue #18's CPU benchmark shape
+CPU_TARGET = {"N": 4096, "H": 1024, "V": 32000}  # the CPU shape of bench/results/cpu-amd-epyc/fused.txt
 
 
 def _first(out):

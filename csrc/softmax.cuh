@@ -8,7 +8,7 @@
 // the entropy's digits; (z−m) stays the size of that spread.
 // Moving to a larger max m' (α = e^(m−m')):
 //   s' = α·s,   t' = Σ (z−m')·e^(z−m') = α·Σ ((z−m) + (m−m'))·e^(z−m) = α·(t + (m−m')·s).
-// Finalisation (the per-row state every backend saves, contract 2 of the project):
+// Finalisation (the per-row state every backend saves; docs/ARCHITECTURE.md, "The numerical core"):
 //   row_max = m,   log_sum = log s,   Σp·(z−m) = t/s,   entropy H = log_sum − t/s,
 //   logsumexp = row_max + log_sum,   log p(label) = (z_label − row_max) − log_sum.
 // The temperature is fused: z = x·(1/T), and each centred offset z − m is formed from the logit x
@@ -107,7 +107,7 @@ __device__ __forceinline__ OnlineStats stats_block_reduce(OnlineStats st) {
   return st;
 }
 
-// The saved per-row state (contract 2): logsumexp = row_max + log_sum.
+// The saved per-row state: logsumexp = row_max + log_sum.
 struct RowSoftmax {
   float row_max;
   float log_sum;  // log Σ e^(z − row_max)

@@ -1,4 +1,4 @@
-"""The fixed public names of DESIGN.md resolve, and importing the package compiles nothing."""
+"""The public names (README, ``alignkernels/__init__.py``) resolve, and importing the package compiles nothing."""
 import importlib
 import pkgutil
 import subprocess

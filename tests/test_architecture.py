@@ -26,8 +26,7 @@ def _modules():
 
 MODULES = _modules()
 
-# Known offences in modules other helpers are reshaping (issue 14 item 5: the TRL/transformers split and the
-# GRPO/PPO row engine). Listed so this file can land first; the lead empties it when those branches merge.
+# Known offences, listed so a reshaping branch can land before the modules it moves; empty when none.
 PENDING_PRIVATE_IMPORTS: set[tuple[str, str]] = set()  # known debt: none
 
 

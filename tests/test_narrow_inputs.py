@@ -1,4 +1,4 @@
-"""Setups outside the usual ones (issue 16): narrow label dtypes behave exactly like int64 on every op
+"""Setups outside the usual ones: narrow label dtypes behave exactly like int64 on every op
 and backend; double backward is one clear error on the fused backends (and works on the reference)."""
 import pytest
 import torch

@@ -290,7 +290,7 @@ def bad_input_counts():
 
 
 # ==============================================================================================
-# Configuration values (#16 item 3): every count or length argument of every loss. Before, a
+# Configuration values: every count or length argument of every loss. Before, a
 # zero gave an infinite or zero loss, a negative one a sign-flipped loss, a bool or float was
 # used as a number -- all without an error.
 # ==============================================================================================
@@ -418,7 +418,7 @@ def test_losses_declare_their_backends():
 
 
 # ==============================================================================================
-# Double backward (#16 item 4): the PyTorch paths are twice differentiable (checked against
+# Double backward: the PyTorch paths are twice differentiable (checked against
 # finite differences of the gradient); the Triton GRPO/PPO rows raise one clear error.
 # ==============================================================================================
 def _ggc(fn, *inputs):

@@ -99,7 +99,7 @@ __all__ = [
 TRL_OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # token rows of TRL's logits tile (``trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE`` in TRL 1.16)
 TRL_TOKEN_ROWS = 4096
-# widest CPU tile the adapter asks for (DESIGN.md: the fused CPU softmax keeps 1e-6 up to 16k columns)
+# widest CPU tile the adapter asks for (the fused CPU softmax sums a row in fp32 lanes: 1e-6 up to ~16k columns)
 CPU_MAX_TILE_COLUMNS = 1 << 14
 
 # trl modules that bind the seam's names; imported by `apply` so their references exist to rebind
@@ -151,7 +151,7 @@ def _tile_for_trl_chunk(chunk_size, compute_dtype, device):
     ratio, give a tile of the same bytes, so tuning TRL's chunk size tunes our memory the same way.
     On CPU the op's own row default (256) is kept and the width is capped at
     ``CPU_MAX_TILE_COLUMNS``: the fused CPU softmax sums a row in fp32 lanes and loses digits past
-    ~16k columns (DESIGN.md, "More limits seen"); that tile is never larger than TRL's. ``apply``'s
+    ~16k columns (it sums a row in plain fp32 lanes); that tile is never larger than TRL's. ``apply``'s
     explicit ``chunk_size`` / ``vocab_block_size`` win over all of this.
     """
     on_cuda = device.type == "cuda"

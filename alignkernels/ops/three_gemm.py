@@ -7,7 +7,7 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
 
 1. **GEMM 1** ``buf = h[r0:r1] @ Wᵀ (+ b)``: the chunk's logits over the whole vocabulary, written
    into one reusable fp32 buffer ``[chunk, V]`` (``torch.mm``/``addmm(out=...)``: cuBLAS on the GPU).
-2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (contract 2): ``row_max m``,
+2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (docs/ARCHITECTURE.md, "The numerical core"): ``row_max m``,
    ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
    ``is_top1`` -- the lm-head engine's fold of one ``[chunk, V]`` tile (``_softmax_torch.fold_block``
    on the torch path, the ``linear_logprobs`` forward kernel on the triton path).
@@ -57,7 +57,7 @@ CPU_BUFFER_ELEMENTS = 1 << 23  # 32 MB fp32: a few hundred rows at V = 32k
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 
 class ChunkStats(NamedTuple):
-    """Per-row softmax state of a chunk (contract 2) and the per-token outputs, compute dtype."""
+    """Per-row softmax state of a chunk (``RowStats`` of ``ops/_softmax_torch.py``) and the per-token outputs, compute dtype."""
 
     logp: torch.Tensor  # (z_label − m) − log_sum
     entropy: torch.Tensor  # log_sum − Σp·(z − m)
@@ -95,7 +95,7 @@ class TorchHeadFold(TorchFold):
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         is_top1 = y.argmax(1) == labels  # first maximum
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
-        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum (contract 2)
+        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum, relative to the row max
         log_s = block.sum_e.log()
         logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
         row = block.stats

@@ -1,5 +1,5 @@
 """Fixtures of the emulated CUDA tests: one cached build of ``csrc/`` per session, and, per test,
-the CUDA backend switched to it for CPU tensors (contract 4), switched back afterwards."""
+the CUDA backend switched to it for CPU tensors (the emulated mode of `alignkernels/_cuda_backend.py`), switched back afterwards."""
 import pytest
 
 from alignkernels import _cuda_backend, _utils

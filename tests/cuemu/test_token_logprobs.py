@@ -173,7 +173,7 @@ def test_minus_inf_logits(emulated, V, dtype):
 @pytest.mark.parametrize("offset", [1e4, -1e4])
 @pytest.mark.parametrize("V", [1, 3, 50257])
 def test_large_offsets_and_temperatures_are_exact(emulated, V, offset, temperature):
-    """#14: fp32 logits at ±1e4 with T in {0.01, 1, 100}: logp, entropy and d logits within
+    """fp32 logits at ±1e4 with T in {0.01, 1, 100}: logp, entropy and d logits within
     2e-6 of fp64 on the same inputs (the centred pair and the fused d = fma(x, 1/T, -max))."""
     g = torch.Generator().manual_seed(7)
     logits = (torch.randn(2, V, generator=g) * 2 + offset).float()
@@ -216,7 +216,7 @@ def test_free_schedule_gives_bitwise_the_same_results(emulated, monkeypatch):
 
 
 def test_large_vocabulary_at_an_offset_and_low_temperature(emulated):
-    """#14's largest vocabulary (Qwen, V = 151936) at +1e4, T = 0.01: still within 2e-6 of fp64."""
+    """The largest vocabulary (Qwen, V = 151936) at +1e4, T = 0.01: still within 2e-6 of fp64."""
     g = torch.Generator().manual_seed(11)
     logits = (torch.randn(1, 151936, generator=g) * 2 + 1e4).float()
     labels = torch.randint(0, 151936, (1,), generator=g)

@@ -391,7 +391,7 @@ def test_gather_last_and_gae_validation():
 
 
 def test_extension_is_called_by_keyword(monkeypatch):
-    """#14: every call into _C names its arguments (pybind names), so swapped addresses cannot bind."""
+    """Every call into _C names its arguments (pybind names), so swapped addresses cannot bind."""
     calls = {}
 
     class Recorder:
