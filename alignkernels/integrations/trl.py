@@ -203,9 +203,11 @@ class LinearLogprobsAdapter:
         outputs=TRL_OPTIONAL_OUTPUTS,
     ):
         _Options.calls += 1
+        lora = lora_for_weight(weight)  # a LoRA lm_head routed by GatherShardedHeadForward for this call
         fused = trl_fused_loss.fused_head_outputs(
             hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
-            is_zero3_partitioned(weight, bias), chunk_size=_Options.chunk_size,
+            is_zero3_partitioned(weight, bias),
+            trl_fused_loss.HeadOptions(chunk_size=_Options.chunk_size, backend=_Options.backend, lora=lora),
         ) if _Options.fused_loss else None  # fmt: skip
         if fused is not None:  # apply(fused_loss=True): the loss's gradient formed in the head (trl_fused_loss)
             return fused
@@ -215,7 +217,6 @@ class LinearLogprobsAdapter:
         else:
             compute_dtype = hidden.dtype
         rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype, hidden.device)
-        lora = lora_for_weight(weight)  # a LoRA lm_head routed by GatherShardedHeadForward for this call
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
         wanted = set(outputs or ())
