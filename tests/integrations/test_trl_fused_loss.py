@@ -204,3 +204,43 @@ def test_usable_only_inside_the_scope_with_gradients():
         assert not trl_fused_loss.usable_for(hidden, weight, bias, (), True)  # ZeRO-3 partitioned head
         with torch.no_grad():
             assert not trl_fused_loss.usable_for(hidden, weight, bias, (), False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_fused_head_honours_apply_backend(monkeypatch, backend):
+    """``apply(backend=...)`` picks the three-GEMM head's fold and the backend of the backward's exact
+    recompute (``reference`` has no three-GEMM head: the head-only drop-in runs it); the gradient of a
+    per-token-weighted loss (recompute path) matches an fp64 eager head."""
+    import alignkernels
+
+    folds, recompute_backends = [], []
+    original_head, original_lp = trl_fused_loss.three_gemm_head, trl_fused_loss.linear_logprobs
+
+    def head(*args, **kwargs):
+        folds.append(args[7].NAME)  # three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, ...)
+        return original_head(*args, **kwargs)
+
+    def recompute(*args, **kwargs):
+        recompute_backends.append(kwargs.get("backend", "auto"))
+        return original_lp(*args, **kwargs)
+
+    monkeypatch.setattr(trl_fused_loss, "three_gemm_head", head)
+    monkeypatch.setattr(trl_fused_loss, "linear_logprobs", recompute)
+    ak_trl.apply(fused_loss=True, backend=backend)
+    hidden, weight, bias, targets = _head(seed=3)
+    weights = torch.rand(targets.shape, generator=torch.Generator().manual_seed(2))
+    with trl_fused_loss.loss_scope(trl_fused_loss.SFTScope(torch.ones(1, targets.numel(), dtype=torch.bool))):
+        logp, entropy, _, _, _ = ak_trl.LinearLogprobsAdapter.apply(hidden, weight, bias, targets, 0.9, None, 5.0, 1.2,
+                                                                    ("entropy",))  # fmt: skip
+    loss = -(logp * weights).sum() + 0.3 * entropy.sum()
+    got = torch.autograd.grad(loss, [hidden, weight, bias])
+    if backend == "reference":
+        assert folds == [] and recompute_backends == []
+    else:
+        assert folds == [backend] and recompute_backends == [backend]
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    lp, ent = alignkernels.linear_logprobs(h64, w64, targets, bias=b64, temperature=0.9, softcap=5.0, logit_scale=1.2,
+                                           return_entropy=True, backend="reference")  # fmt: skip
+    want = torch.autograd.grad(-(lp * weights.double()).sum() + 0.3 * ent.sum(), [h64, w64, b64])
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() <= 2e-6 * b.abs().max().item()
