@@ -20,6 +20,12 @@ must be uniform (SFT) or match the probed gradient to 1e-6 relative (GRPO: same 
 op order), and zero on rows TRL discards; otherwise it recomputes the exact gradient through
 ``linear_logprobs`` (and logs it). So the result is always autograd's gradient of TRL's loss.
 
+``apply(backend=...)`` picks the head's fold (``torch`` / ``triton``) and the recompute's backend;
+``reference`` has no three-GEMM head and takes the head-only drop-in. A PEFT LoRA ``lm_head``
+allowed by ``apply(allow_lora_lm_head=True)`` (routed to the call by
+``integrations.lora_head.routed_lora``) is fused into the three GEMMs (``ops/_lora.py``
+``LoraConcat``) and gets its gradients there, or in the recompute.
+
 Where it applies -- one log line per trainer says which path it took, and why:
 
 * SFTTrainer, ``loss_type="nll"``, no ``compute_loss_func``, no label smoothing; GRPOTrainer with

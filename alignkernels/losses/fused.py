@@ -6,7 +6,8 @@ Two head paths, the loss math living only in this package's per-token losses
 * **three GEMMs** (``alignkernels.ops.three_gemm``) for token-separable losses -- the loss's
   gradient w.r.t. each token's log-prob and entropy depends only on that token (and on normalisers
   fixed by the mask), so it is formed per token chunk while the chunk's logits are at hand:
-  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs).
+  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs). A LoRA
+  adapter on the head (``lora=``) rides in the same GEMMs with K = H + r (``ops/_lora.py``).
   ``fused_linear_cross_entropy`` (SFT), and ``fused_linear_grpo_loss`` / ``fused_linear_ppo_loss``
   wherever their configuration is token-separable.
 * **four GEMMs**: ``linear_logprobs`` (a differentiable log-prob head: logits forward, recompute,
@@ -385,7 +386,7 @@ def fused_linear_grpo_loss(
         head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
             ``"four_gemm"``.
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
-            ``linear_logprobs``); it takes the four-GEMM path.
+            ``linear_logprobs``); on either path (three GEMMs: ``alignkernels.ops._lora.LoraConcat``).
 
     Head path (``metrics["head_path"]``), with ``"auto"``:
 

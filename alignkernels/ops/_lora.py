@@ -17,6 +17,9 @@ Algorithm (one thin extra GEMM per tile, nothing of size ``[N, V]`` or ``[V, H]`
 - The base weight's gradient GEMM runs only when the weight requires grad (a frozen base costs
   nothing extra: the engine skips ``grad_W`` entirely).
 
+The three-GEMM loss head (``ops/three_gemm.py``) forms the same gradients inside its own GEMMs
+instead, widened by the rank (K = H + r): :class:`LoraConcat`.
+
 Memory: ``u`` and ``dU`` (``[n, r]`` fp32 each), a ``[V, r]`` fp32 ``grad_B`` accumulator and an
 ``[r, H]`` fp32 ``grad_A``. Numerics: all sums accumulate in fp32 (fp64 for fp64 inputs); on the
 GPU the thin GEMMs take the inputs' dtype (``u`` and ``dU`` are rounded to it once, as PEFT's

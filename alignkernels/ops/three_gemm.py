@@ -21,7 +21,13 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
    **GEMM 3** ``grad_W += dzᵀ @ h[r0:r1]``, ``grad_b += Σ_rows dz``.
 
 That is 6·n·H·V matmul FLOPs for ``n`` valid rows, against 8·n·H·V for a differentiable
-log-prob head followed by autograd (forward, recompute, two gradient GEMMs). The forward returns
+log-prob head followed by autograd (forward, recompute, two gradient GEMMs).
+
+With a LoRA adapter on the head (``lora=``: ``x = h·Wᵀ + s·(h·Aᵀ)·Bᵀ``) the same three GEMMs run on
+operands widened by the rank, ``[h, u]`` and ``[W, B]`` with ``u = s·h·Aᵀ`` (``ops/_lora.py``
+``LoraConcat``): GEMM 1 has K = H + r, GEMM 2 yields ``[dz·W, dz·B]``, GEMM 3 ``[grad_W, grad_B]``
+(only the thin ``dzᵀ·u`` when the base weight is frozen); three ``n·r·H`` GEMMs finish ``u``,
+grad_h's ``s·dU·A`` and ``grad_A``. Frozen base: ``2·n·(2V(H + r) + V·r + 3r·H)`` FLOPs. The forward returns
 the per-token statistics and the finished gradients; :class:`HeadGradientFunction` hands them to
 autograd, scaled by the upstream gradient of the loss.
 
@@ -38,7 +44,8 @@ work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap 
 path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
 forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
 for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
-scales with ``n x V``.
+scales with ``n x V``. With LoRA: ``[n, H + r]`` and ``[V, H + r]`` operand copies (the head
+weight once more, for the call) and the adapter's gradients.
 """
 from __future__ import annotations
 
