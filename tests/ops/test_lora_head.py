@@ -349,6 +349,15 @@ def test_bad_lora_is_refused(case, backend):
         linear_logprobs(hidden, torch.randn(V, H), labels, lora=lora, backend=backend)
 
 
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_lora_is_refused_by_the_three_gemm_head(case):
+    """``fused_linear_cross_entropy`` validates ``lora=`` itself now that its three-GEMM head takes it."""
+    _, lora, exc, match = case
+    hidden, labels, _, _ = _inputs(torch.float32)
+    with pytest.raises(exc, match=match):
+        fused_linear_cross_entropy(hidden, torch.randn(V, H), labels, lora=lora, backend="torch")
+
+
 def test_zero_scaling_and_all_ignored_rows():
     head = _peft_head(torch.float64)
     hidden, labels, _, _ = _inputs(torch.float64)
@@ -360,6 +369,19 @@ def test_zero_scaling_and_all_ignored_rows():
     out = linear_logprobs(h, weight, torch.full_like(labels, -100), lora=(lora_A, lora_B, 2.0), backend="torch")
     grads = torch.autograd.grad(out.sum(), [h, lora_A, lora_B])
     assert out.abs().sum() == 0 and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_three_gemm_lora_all_ignored_rows(backend):
+    """Every label ignored: a finite 0 loss and exactly zero gradients for hidden and the adapter."""
+    head = _peft_head(torch.float32)
+    hidden, labels, _, _ = _inputs(torch.float32)
+    lora_A, lora_B, scaling = _lora_of(head)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, head.base_layer.weight.detach(), torch.full_like(labels, -100),
+                                      lora=(lora_A, lora_B, scaling), backend=backend)  # fmt: skip
+    grads = torch.autograd.grad(loss, [h, lora_A, lora_B])
+    assert loss.item() == 0 and all(bool((g == 0).all()) for g in grads)
 
 
 @pytest.mark.slow
