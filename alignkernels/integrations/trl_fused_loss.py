@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 
 from ..losses.fused import LossProbe, grpo_non_separable_reason
+from .lora_head import lora_operands
 from ..losses.grpo import grpo_loss
 from ..ops.linear_logprobs import LINEAR_LOGPROBS, linear_logprobs
 from ..ops._lmhead_engine import Transform
@@ -58,7 +59,7 @@ _STATE = threading.local()
 class HeadOptions(NamedTuple):
     """What ``apply()`` says about each head call: token rows per chunk (None: the head's default),
     the ``apply(backend=...)`` choice, and the LoRA adapter routed for this call's weight
-    (``integrations.lora_head.HeadLora`` or any ``(lora_A, lora_B, scaling)``; None: no adapter)."""
+    (an ``integrations.lora_head.HeadLora``; None: no adapter)."""
 
     chunk_size: int | None = None
     backend: str = "auto"
@@ -233,15 +234,15 @@ def install(patcher, enabled) -> None:
 # --------------------------------------------------------------------------------------------
 def usable_for(hidden, weight, bias, outputs, recompute_in_backward, lora=None) -> bool:
     """Can this head call take the three-GEMM path (inside a fused-loss scope)? ``lora``: the
-    adapter ``(lora_A, lora_B, scaling)`` routed for this call, or None."""
+    adapter routed for this call (``HeadLora``), or None."""
     wanted = set(outputs or ())
-    adapter = () if lora is None else tuple(lora[:2])
+    adapter = () if lora is None else (lora.lora_A, lora.lora_B)
     return (
         active()
         and torch.is_grad_enabled()
         and (hidden.requires_grad or weight.requires_grad or any(t.requires_grad for t in adapter))
         and not torch.is_autocast_enabled(hidden.device.type)
-        and all(t.dtype == weight.dtype for t in (hidden, *adapter))
+        and hidden.dtype == weight.dtype
         and (bias is None or bias.dtype == weight.dtype)
         and wanted <= {"log_probs", "entropy", "is_top1"}
         and not recompute_in_backward
@@ -421,7 +422,8 @@ def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcap
     backend = LINEAR_LOGPROBS.resolve(options.backend, hidden.device, hidden.dtype)
     if backend not in HEAD_FOLDS:
         return None
-    lora = validate_lora(options.lora[:3] if options.lora is not None else None, hidden, weight)
+    # the adapter gathered (FSDP2) and in the head's dtype, differentiably (as the head-only drop-in)
+    lora = validate_lora(lora_operands(options.lora, weight.dtype), hidden, weight)
     plan = _policy_for(targets)
     if plan is None:
         return None

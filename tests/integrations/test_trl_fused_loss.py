@@ -246,23 +246,29 @@ def test_fused_head_honours_apply_backend(monkeypatch, backend):
         assert (a.double() - b).abs().max().item() <= 2e-6 * b.abs().max().item()
 
 
-@pytest.mark.parametrize("layout", ["compact", "all-rows-scored"])
+@pytest.mark.parametrize("layout,adapter_dtype", [("compact", torch.float32), ("all-rows-scored", torch.float64)])
 @pytest.mark.parametrize("upstream", ["uniform", "per-token"])
-def test_lora_head_backward_is_exact(upstream, layout):
+def test_lora_head_backward_is_exact(monkeypatch, upstream, layout, adapter_dtype):
     """With a LoRA adapter routed to the head call: the three-GEMM gradient (uniform ∂L/∂logp) and the
     guard's recompute (anything else) both give the gradients of hidden, bias, lora_A and lora_B of
-    an fp64 eager head ``W + s·B·A`` (the base weight frozen, as PEFT leaves it)."""
+    an fp64 eager head ``W + s·B·A`` (the base weight frozen, as PEFT leaves it). An adapter in
+    another dtype than the head (PEFT keeps fp32 adapters next to a half base) is cast differentiably
+    and still takes the three-GEMM head."""
+    from alignkernels.integrations.lora_head import HeadLora
     from alignkernels.reference import linear_logprobs_reference
 
+    calls = []
+    original_head = trl_fused_loss.three_gemm_head
+    monkeypatch.setattr(trl_fused_loss, "three_gemm_head", lambda *a, **k: calls.append(1) or original_head(*a, **k))
     hidden, weight, bias, targets = _head(seed=4)
     weight = weight.detach()
     g = torch.Generator().manual_seed(5)
-    lora_A, lora_B = torch.randn(3, 8, generator=g).requires_grad_(), torch.randn(37, 3, generator=g).requires_grad_()
+    lora_A, lora_B = (torch.randn(shape, generator=g, dtype=adapter_dtype).requires_grad_() for shape in ((3, 8), (37, 3)))
     valid = torch.ones(targets.numel(), dtype=torch.bool)
     if layout == "all-rows-scored":
         valid[[0, 6]] = False
     weights = torch.rand(targets.shape, generator=g) if upstream == "per-token" else torch.full(targets.shape, 1 / 7)
-    options = trl_fused_loss.HeadOptions(backend="torch", lora=(lora_A, lora_B, 1.5))
+    options = trl_fused_loss.HeadOptions(backend="torch", lora=HeadLora(lora_A, lora_B, 1.5, "default"))
     with trl_fused_loss.loss_scope(trl_fused_loss.SFTScope(valid[None])):
         logp, _, _, _, _ = trl_fused_loss.fused_head_outputs(hidden, weight, bias, targets, 0.9, 5.0, 1.2, ("entropy",),
                                                              False, options)  # fmt: skip
@@ -274,6 +280,8 @@ def test_lora_head_backward_is_exact(upstream, layout):
                                    logit_scale=1.2)  # fmt: skip
     want_loss = -(lp.masked_fill(~valid, 0) * weights.double()).sum()
     want = torch.autograd.grad(want_loss, leaves)
+    assert calls == [1], "the three-GEMM head did not run"
     assert abs(loss.item() - want_loss.item()) <= 1e-6 * abs(want_loss.item())
+    assert got[2].dtype == got[3].dtype == adapter_dtype
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max().item() <= 2e-6 * b.abs().max().item()
