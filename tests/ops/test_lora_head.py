@@ -224,8 +224,9 @@ def _eager_cross_entropy(head, hidden, labels, *, softcap):
 @pytest.mark.parametrize("trainable", ["hidden+adapter", "adapter-only", "all"])
 def test_three_gemm_cross_entropy_with_lora_matches_eager_peft(backend, trainable):
     """The LoRA term rides in the three GEMMs (K = H + r): loss and the gradients of hidden, weight,
-    bias, lora_A and lora_B against the eager PEFT head (fp64 oracle; the Triton interpreter runs fp32)."""
-    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-5)
+    bias, lora_A and lora_B against the eager PEFT head (fp64 oracle; the Triton interpreter runs
+    fp32, within 2e-6)."""
+    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-6)
     head = _peft_head(torch.float64, bias=True, seed=4)
     hidden, labels, _, _ = _inputs(torch.float64, seed=6)
     wants = {"hidden+adapter": (True, False), "adapter-only": (False, False), "all": (True, True)}[trainable]
