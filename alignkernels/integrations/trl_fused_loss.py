@@ -44,12 +44,12 @@ from typing import NamedTuple
 import torch
 
 from ..losses.fused import LossProbe, grpo_non_separable_reason
-from .lora_head import lora_operands
 from ..losses.grpo import grpo_loss
 from ..ops.linear_logprobs import LINEAR_LOGPROBS, linear_logprobs
 from ..ops._lmhead_engine import Transform
 from ..ops._lora import LoraHead, validate_lora
 from ..ops.three_gemm import HEAD_FOLDS, HeadGradients, TokenGrad, make_plan, three_gemm_head
+from .lora_head import HeadLora, lora_operands
 
 logger = logging.getLogger("alignkernels.integrations.trl")
 
@@ -58,12 +58,12 @@ _STATE = threading.local()
 
 class HeadOptions(NamedTuple):
     """What ``apply()`` says about each head call: token rows per chunk (None: the head's default),
-    the ``apply(backend=...)`` choice, and the LoRA adapter routed for this call's weight
-    (an ``integrations.lora_head.HeadLora``; None: no adapter)."""
+    the ``apply(backend=...)`` choice, and the LoRA adapter routed for this call's weight (None:
+    no adapter)."""
 
     chunk_size: int | None = None
     backend: str = "auto"
-    lora: tuple | None = None
+    lora: HeadLora | None = None
 
 
 class SFTScope(NamedTuple):
