@@ -29,8 +29,10 @@ from typing import NamedTuple
 
 import torch
 
+from alignkernels.ops.vocab_parallel import gather_lm_head
+
 __all__ = ["HeadLora", "is_peft_tuner_layer", "is_lora_linear", "base_layer", "lora_of_head", "routed_lora",
-           "lora_for_weight"]  # fmt: skip
+           "lora_for_weight", "lora_operands"]  # fmt: skip
 
 
 class HeadLora(NamedTuple):
@@ -137,6 +139,16 @@ def routed_lora(head, error=ValueError):
         yield
     finally:
         _ROUTED.reset(token)
+
+
+def lora_operands(lora: HeadLora | None, dtype: torch.dtype):
+    """``lora=`` for the fused ops from a module's adapter: ``(lora_A, lora_B, scaling)`` as plain
+    tensors (FSDP2 DTensor shards gathered, gradients averaged back) in the head's compute ``dtype``
+    (cast differentiably: PEFT keeps adapters in fp32 next to a half base weight); None passes through."""
+    if lora is None:
+        return None
+    lora_A, lora_B = gather_lm_head(lora.lora_A, lora.lora_B, grad_reduce="avg")
+    return lora_A.to(dtype), lora_B.to(dtype), lora.scaling
 
 
 def lora_for_weight(weight) -> HeadLora | None:

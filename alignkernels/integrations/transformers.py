@@ -35,7 +35,7 @@ from transformers.modeling_outputs import ModelOutput
 from alignkernels._utils import BACKENDS, check_temperature
 from alignkernels.ops.linear_logprobs import LinearLogprobsOutput, linear_logprobs
 from alignkernels.integrations.forward_patch import InstanceForward
-from alignkernels.integrations.lora_head import HeadLora, base_layer, is_peft_tuner_layer, lora_of_head
+from alignkernels.integrations.lora_head import HeadLora, base_layer, is_peft_tuner_layer, lora_of_head, lora_operands
 from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
@@ -329,10 +329,7 @@ def head_logprobs(
         if compute_dtype is not None:
             h, w = h.to(compute_dtype), w.to(compute_dtype)
             b = None if b is None else b.to(compute_dtype)
-        lora_arg = None
-        if lora is not None:  # the adapter in the head's (compute) dtype, differentiably; FSDP2 shards gathered
-            lora_A, lora_B = gather_lm_head(lora.lora_A, lora.lora_B, grad_reduce="avg")
-            lora_arg = (lora_A.to(w.dtype), lora_B.to(w.dtype), lora.scaling)
+        lora_arg = lora_operands(lora, w.dtype)  # gathered (FSDP2), in the head's compute dtype, differentiably
         out = linear_logprobs(
             h,
             w,

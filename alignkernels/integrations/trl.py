@@ -203,9 +203,11 @@ class LinearLogprobsAdapter:
         outputs=TRL_OPTIONAL_OUTPUTS,
     ):
         _Options.calls += 1
+        lora = lora_for_weight(weight)  # a LoRA lm_head routed by GatherShardedHeadForward for this call
         fused = trl_fused_loss.fused_head_outputs(
             hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
-            is_zero3_partitioned(weight, bias), chunk_size=_Options.chunk_size,
+            is_zero3_partitioned(weight, bias),
+            trl_fused_loss.HeadOptions(chunk_size=_Options.chunk_size, backend=_Options.backend, lora=lora),
         ) if _Options.fused_loss else None  # fmt: skip
         if fused is not None:  # apply(fused_loss=True): the loss's gradient formed in the head (trl_fused_loss)
             return fused
@@ -215,7 +217,6 @@ class LinearLogprobsAdapter:
         else:
             compute_dtype = hidden.dtype
         rows, block = _tile_for_trl_chunk(chunk_size, compute_dtype, hidden.device)
-        lora = lora_for_weight(weight)  # a LoRA lm_head routed by GatherShardedHeadForward for this call
         if hidden.dtype == compute_dtype and weight.dtype == compute_dtype and (bias is None or bias.dtype == compute_dtype):
             compute_dtype = None  # no cast needed
         wanted = set(outputs or ())
@@ -417,7 +418,8 @@ def apply(
     Args:
         trainer: an already built TRL trainer to check (and, for ``RewardTrainer``, patch) now.
         allow_unknown_models: accept model families outside ``SUPPORTED_MODEL_TYPES``.
-        backend: :func:`alignkernels.linear_logprobs` backend.
+        backend: :func:`alignkernels.linear_logprobs` backend (also the fused loss's three-GEMM
+            head and its exact recompute; ``"reference"`` runs the fused loss on the head-only drop-in).
         chunk_size, vocab_block_size: token rows and vocabulary columns of the logits tile. By
             default both follow TRL: 4096 rows and TRL's own ``chunk_size`` scaled to the same tile
             bytes (see :class:`LinearLogprobsAdapter`).
@@ -429,7 +431,8 @@ def apply(
             ("Applying a PEFT adapter to `lm_head` is not supported", raised by the SFT, DPO, GRPO,
             RLOO and KTO trainers because their fused head reads ``lm_head.weight`` only). Under it the
             trainers' check sees a plain LoRA head as allowed, and each fused-head call adds the
-            active adapter's ``scaling·(h·Aᵀ)·Bᵀ`` in the tiles, so the adapter is trained. Still
+            active adapter's ``scaling·(h·Aᵀ)·Bᵀ`` in the tiles (with ``fused_loss=True``: in the
+            three-GEMM head's GEMMs), so the adapter is trained. Still
             refused (:class:`UnsupportedModelError`): dropout > 0, several active adapters, DoRA,
             LoRA bias, merged adapters, non-LoRA tuners, ``cast_lm_head_to_fp32=True``, ZeRO-3.
 

@@ -20,6 +20,12 @@ must be uniform (SFT) or match the probed gradient to 1e-6 relative (GRPO: same 
 op order), and zero on rows TRL discards; otherwise it recomputes the exact gradient through
 ``linear_logprobs`` (and logs it). So the result is always autograd's gradient of TRL's loss.
 
+``apply(backend=...)`` picks the head's fold (``torch`` / ``triton``) and the recompute's backend;
+``reference`` has no three-GEMM head and takes the head-only drop-in. A PEFT LoRA ``lm_head``
+allowed by ``apply(allow_lora_lm_head=True)`` (routed to the call by
+``integrations.lora_head.routed_lora``) is fused into the three GEMMs (``ops/_lora.py``
+``LoraConcat``) and gets its gradients there, or in the recompute.
+
 Where it applies -- one log line per trainer says which path it took, and why:
 
 * SFTTrainer, ``loss_type="nll"``, no ``compute_loss_func``, no label smoothing; GRPOTrainer with
@@ -39,13 +45,25 @@ import torch
 
 from ..losses.fused import LossProbe, grpo_non_separable_reason
 from ..losses.grpo import grpo_loss
-from ..ops.linear_logprobs import linear_logprobs
+from ..ops.linear_logprobs import LINEAR_LOGPROBS, linear_logprobs
 from ..ops._lmhead_engine import Transform
+from ..ops._lora import LoraHead, validate_lora
 from ..ops.three_gemm import HEAD_FOLDS, HeadGradients, TokenGrad, make_plan, three_gemm_head
+from .lora_head import HeadLora, lora_operands
 
 logger = logging.getLogger("alignkernels.integrations.trl")
 
 _STATE = threading.local()
+
+
+class HeadOptions(NamedTuple):
+    """What ``apply()`` says about each head call: token rows per chunk (None: the head's default),
+    the ``apply(backend=...)`` choice, and the LoRA adapter routed for this call's weight (None:
+    no adapter)."""
+
+    chunk_size: int | None = None
+    backend: str = "auto"
+    lora: HeadLora | None = None
 
 
 class SFTScope(NamedTuple):
@@ -214,13 +232,15 @@ def install(patcher, enabled) -> None:
 # --------------------------------------------------------------------------------------------
 # The head call
 # --------------------------------------------------------------------------------------------
-def usable_for(hidden, weight, bias, outputs, recompute_in_backward) -> bool:
-    """Can this head call take the three-GEMM path (inside a fused-loss scope)?"""
+def usable_for(hidden, weight, bias, outputs, recompute_in_backward, lora=None) -> bool:
+    """Can this head call take the three-GEMM path (inside a fused-loss scope)? ``lora``: the
+    adapter routed for this call (``HeadLora``), or None."""
     wanted = set(outputs or ())
+    adapter = () if lora is None else (lora.lora_A, lora.lora_B)
     return (
         active()
         and torch.is_grad_enabled()
-        and (hidden.requires_grad or weight.requires_grad)
+        and (hidden.requires_grad or weight.requires_grad or any(t.requires_grad for t in adapter))
         and not torch.is_autocast_enabled(hidden.device.type)
         and hidden.dtype == weight.dtype
         and (bias is None or bias.dtype == weight.dtype)
@@ -293,45 +313,61 @@ class _ProbedGradient:
         return torch.ones((), dtype=grad_logp.dtype, device=grad_logp.device)
 
 
+class HeadCall(NamedTuple):
+    """The non-tensor inputs of :class:`_CheckedHeadGradient`: the logit transform, token rows per
+    chunk, the resolved backend (its fold, and the recompute's ``linear_logprobs`` backend), the
+    adapter's scaling (None: no adapter), the gradient policy and the scored rows (None: all)."""
+
+    tr: Transform
+    chunk_size: int | None
+    backend: str
+    lora_scaling: float | None
+    policy: object
+    scored_rows: torch.Tensor | None
+
+
 class _CheckedHeadGradient(torch.autograd.Function):
-    """Per-token ``(logp, entropy, is_top1)`` from the three-GEMM head; the forward forms the
-    gradient the ``policy`` predicts, the backward uses it only if the upstream gradient is what
-    the policy predicted (``policy.scale``), and otherwise recomputes the exact gradient through
-    ``linear_logprobs`` (four GEMMs more). Either way the result is autograd's."""
+    """Per-token ``(logp, entropy, is_top1)`` from the three-GEMM head (with a LoRA adapter: its
+    term in the same GEMMs, ``ops/_lora.py`` ``LoraConcat``); the forward forms the gradient the
+    ``policy`` predicts, the backward uses it only if the upstream gradient is what the policy
+    predicted (``policy.scale``), and otherwise recomputes the exact gradient through
+    ``linear_logprobs`` on the same backend (four GEMMs more). Either way the result is autograd's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, tr: Transform, chunk_size, policy, scored_rows):
+    def forward(ctx, hidden, weight, bias, lora_A, lora_B, targets, call: HeadCall):
         h, t = hidden, targets.long()
-        if scored_rows is not None:  # rows TRL zeroes afterwards: never projected
-            h, t = hidden.index_select(0, scored_rows), t.index_select(0, scored_rows)
-        fold = HEAD_FOLDS["triton" if hidden.is_cuda else "torch"]
-        plan = make_plan(fold, hidden.device, t.numel(), weight.shape[0], chunk_size)
-        needs = tuple(ctx.needs_input_grad[:3])
-        out = three_gemm_head(h, weight, bias, t, tr, policy.token_grad, plan, fold, needs)
+        rows = call.scored_rows
+        if rows is not None:  # rows TRL zeroes afterwards: never projected
+            h, t = hidden.index_select(0, rows), t.index_select(0, rows)
+        fold = HEAD_FOLDS[call.backend]
+        plan = make_plan(fold, hidden.device, t.numel(), weight.shape[0], call.chunk_size)
+        lora = LoraHead(lora_A, lora_B, call.lora_scaling) if lora_A is not None else None
+        needs = tuple(ctx.needs_input_grad[:5] if lora is not None else ctx.needs_input_grad[:3])
+        out = three_gemm_head(h, weight, bias, t, call.tr, call.policy.token_grad, plan, fold, needs, lora=lora)
         grads = out.grads
         outputs = (out.logp.float(), out.entropy.float(), out.is_top1)
-        if scored_rows is not None:
+        if rows is not None:
             n = targets.numel()
-            outputs = tuple(torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, scored_rows, x)
-                            for x in outputs)  # fmt: skip
+            outputs = tuple(torch.zeros(n, dtype=x.dtype, device=x.device).index_copy_(0, rows, x) for x in outputs)
             if grads.hidden is not None:
                 full = torch.zeros(hidden.shape, dtype=grads.hidden.dtype, device=hidden.device)
-                grads = grads._replace(hidden=full.index_copy_(0, scored_rows, grads.hidden))
-        ctx.grads, ctx.tr, ctx.chunk_size, ctx.policy, ctx.scored_rows = grads, tr, chunk_size, policy, scored_rows
-        ctx.save_for_backward(hidden, weight, bias, targets)
+                grads = grads._replace(hidden=full.index_copy_(0, rows, grads.hidden))
+        ctx.grads, ctx.call = grads, call
+        ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, targets)
         ctx.mark_non_differentiable(outputs[2])
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_top1):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, lora_A, lora_B, targets = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
-        none = (None,) * 5
+        call = ctx.call
+        none = (None, None)
         if grad_logp is None or targets.numel() == 0:
-            return (None, None, None) + none
+            return (None,) * 5 + none
         scale = None
-        rows = ctx.scored_rows
+        rows = call.scored_rows
         if grads is not None:
             g_logp, g_entropy = grad_logp, grad_entropy
             if rows is not None:  # the unscored rows must get no gradient (TRL zeroes their outputs)
@@ -341,50 +377,59 @@ class _CheckedHeadGradient(torch.autograd.Function):
                 g_entropy = grad_entropy.index_select(0, rows) if grad_entropy is not None else None
             else:
                 clean = True
-            scale = ctx.policy.scale(g_logp, g_entropy) if clean and g_logp.numel() else None
+            scale = call.policy.scale(g_logp, g_entropy) if clean and g_logp.numel() else None
         if scale is not None:
-            out = [g.mul_(scale.to(g.dtype)) if g is not None else None for g in HeadGradients(*grads)]
-            return (out[0], out[1], out[2]) + none
-        # not what the policy predicted: the exact gradient, recomputed
+            return tuple(g.mul_(scale.to(g.dtype)) if g is not None else None for g in HeadGradients(*grads)) + none
+        # not what the policy predicted: the exact gradient, recomputed (same backend, same adapter)
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_(need) if x is not None else None
-                      for x, need in zip((hidden, weight, bias), ctx.needs_input_grad[:3])]  # fmt: skip
-            logp, entropy = linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=ctx.tr.temperature,
-                                            logit_scale=ctx.tr.logit_scale, softcap=ctx.tr.softcap,
-                                            return_entropy=True, chunk_size=ctx.chunk_size, check_labels=False)
+                      for x, need in zip((hidden, weight, bias, lora_A, lora_B), ctx.needs_input_grad[:5])]  # fmt: skip
+            lora = (leaves[3], leaves[4], call.lora_scaling) if lora_A is not None else None
+            tr = call.tr
+            logp, entropy = linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=tr.temperature,
+                                            logit_scale=tr.logit_scale, softcap=tr.softcap, return_entropy=True,
+                                            chunk_size=call.chunk_size, backend=call.backend, check_labels=False,
+                                            lora=lora)  # fmt: skip
             total = (logp * grad_logp).sum()
             if grad_entropy is not None:
                 total = total + (entropy * grad_entropy).sum()
             wanted = [x for x in leaves if x is not None and x.requires_grad]
             got = iter(torch.autograd.grad(total, wanted))
-        out = [next(got) if (x is not None and x.requires_grad) else None for x in leaves]
-        return (out[0], out[1], out[2]) + none
+        return tuple(next(got) if (x is not None and x.requires_grad) else None for x in leaves) + none
 
 
 def fused_head_outputs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
-                       recompute_in_backward, chunk_size=None):  # fmt: skip
+                       recompute_in_backward, options: HeadOptions = HeadOptions()):  # fmt: skip
     """The adapter's hook: ``ChunkedLogProbFunction``'s outputs from the three-GEMM head inside a
-    fused-loss scope, or None (then the head-only drop-in runs)."""
-    if not usable_for(hidden, weight, bias, outputs, recompute_in_backward):
+    fused-loss scope, or None (then the head-only drop-in runs). ``options``: ``apply()``'s chunk
+    size and backend, and the LoRA adapter routed for this call."""
+    if not usable_for(hidden, weight, bias, outputs, recompute_in_backward, options.lora):
         return None
     return sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
-                        chunk_size=chunk_size)
+                        options=options)
 
 
 def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
-                 chunk_size=None):  # fmt: skip
+                 options: HeadOptions = HeadOptions()):  # fmt: skip
     """``ChunkedLogProbFunction``'s outputs ``(log_probs, entropy, None, None, is_top1)`` from the
-    three-GEMM head with the current scope's gradient policy (None where it does not apply)."""
+    three-GEMM head with the current scope's gradient policy (None where it does not apply, and for
+    ``backend="reference"``, which has no three-GEMM head: the head-only drop-in runs it)."""
     tr = Transform(
         logit_scale=1.0 if logit_scale is None else float(logit_scale),
         softcap=None if final_logit_softcapping is None else float(final_logit_softcapping),
         temperature=float(temperature),
     )
+    backend = LINEAR_LOGPROBS.resolve(options.backend, hidden.device, hidden.dtype)
+    if backend not in HEAD_FOLDS:
+        return None
+    # the adapter gathered (FSDP2) and in the head's dtype, differentiably (as the head-only drop-in)
+    lora = validate_lora(lora_operands(options.lora, weight.dtype), hidden, weight)
     plan = _policy_for(targets)
     if plan is None:
         return None
     policy, scored_rows = plan
-    logp, entropy, is_top1 = _CheckedHeadGradient.apply(hidden, weight, bias, targets, tr, chunk_size, policy,
-                                                        scored_rows)  # fmt: skip
+    call = HeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy, scored_rows)
+    lora_A, lora_B = (lora.lora_A, lora.lora_B) if lora is not None else (None, None)
+    logp, entropy, is_top1 = _CheckedHeadGradient.apply(hidden, weight, bias, lora_A, lora_B, targets, call)
     wanted = set(outputs or ())
     return logp, entropy if "entropy" in wanted else None, None, None, is_top1 if "is_top1" in wanted else None

@@ -6,7 +6,8 @@ Two head paths, the loss math living only in this package's per-token losses
 * **three GEMMs** (``alignkernels.ops.three_gemm``) for token-separable losses -- the loss's
   gradient w.r.t. each token's log-prob and entropy depends only on that token (and on normalisers
   fixed by the mask), so it is formed per token chunk while the chunk's logits are at hand:
-  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs).
+  logits GEMM, dz in place, ``grad_hidden`` and ``grad_weight`` GEMMs (6·n·H·V FLOPs). A LoRA
+  adapter on the head (``lora=``) rides in the same GEMMs with K = H + r (``ops/_lora.py``).
   ``fused_linear_cross_entropy`` (SFT), and ``fused_linear_grpo_loss`` / ``fused_linear_ppo_loss``
   wherever their configuration is token-separable.
 * **four GEMMs**: ``linear_logprobs`` (a differentiable log-prob head: logits forward, recompute,
@@ -32,6 +33,7 @@ import torch
 
 from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
 from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
+from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
 from ..ops.three_gemm import HEAD_FOLDS, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
@@ -124,8 +126,8 @@ def fused_linear_cross_entropy(
         chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
-            ``linear_logprobs``). The three-GEMM head has no LoRA term yet: with ``lora`` the loss is
-            formed from ``linear_logprobs(..., lora=)`` and autograd (four GEMMs, same numbers).
+            ``linear_logprobs``), fused into the same three GEMMs (contraction ``H + r``:
+            ``alignkernels.ops._lora.LoraConcat``); ``lora_A`` and ``lora_B`` get gradients.
 
     Returns:
         0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
@@ -144,6 +146,7 @@ def fused_linear_cross_entropy(
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
                                     check_labels, chunk_size)  # fmt: skip
+    adapter = validate_lora(lora, hidden, weight)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     n = compact.labels.numel()
@@ -154,15 +157,8 @@ def fused_linear_cross_entropy(
         count = num_tokens if num_items_in_batch is None else num_items_in_batch
         denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
 
-    if lora is not None:  # four GEMMs: the LoRA-fused lm-head op, then autograd through the loss
-        out = linear_logprobs(compact.hidden, weight, compact.labels, bias=bias, temperature=temperature,
-                              logit_scale=logit_scale, softcap=softcap, backend=backend, chunk_size=chunk_size,
-                              check_labels=False, lora=lora, return_stats=True)  # fmt: skip
-        weight_t = out.logp.detach().exp() if loss_type == "dft" else 1.0
-        loss = -(out.logp * weight_t).sum() / denominator
-        logp, entropy, is_top1 = out.logp.detach(), out.entropy.detach(), out.is_top1
-    elif backend == "reference":
-        logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
+    if backend == "reference":  # the eager baseline: the adapted head materialised (W + s·B·A)
+        logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
         weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
         loss = -(logp * weight_t).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
@@ -173,12 +169,12 @@ def fused_linear_cross_entropy(
             g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
             return TokenGrad(g / denominator)
 
-        out, needs = _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size)
+        out, needs = _run_head(compact, weight, bias, adapter, tr, token_grad, backend, chunk_size)
         weight_t = out.logp.exp() if loss_type == "dft" else 1.0
         loss = -(out.logp * weight_t).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if any(needs):
-            loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+            loss = _attach(loss, compact, weight, bias, adapter, out.grads)
     if return_stats:
         return FusedCrossEntropyOutput(loss, compact.expand(logp), compact.expand(entropy), compact.expand(is_top1),
                                        num_tokens)  # fmt: skip
@@ -197,15 +193,26 @@ def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, s
     return tr, labels
 
 
-def _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size):
-    """The three-GEMM head over the compact rows: ``(HeadOutputs, needs)`` (gradients formed, not attached)."""
+def _run_head(compact, weight, bias, adapter, tr, token_grad, backend, chunk_size):
+    """The three-GEMM head over the compact rows (``adapter``: a validated ``LoraHead`` or None):
+    ``(HeadOutputs, needs)`` (gradients formed, not attached)."""
     fold = HEAD_FOLDS[backend]
     plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
     needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    detached = None
+    if adapter is not None:
+        needs += (adapter.lora_A.requires_grad, adapter.lora_B.requires_grad)
+        detached = adapter._replace(lora_A=adapter.lora_A.detach(), lora_B=adapter.lora_B.detach())
     with torch.no_grad(), torch.autocast(compact.hidden.device.type, enabled=False):
         out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                              compact.labels, tr, token_grad, plan, fold, needs)  # fmt: skip
+                              compact.labels, tr, token_grad, plan, fold, needs, lora=detached)  # fmt: skip
     return out, needs
+
+
+def _attach(loss, compact, weight, bias, adapter, grads):
+    """``loss`` with the head's formed gradients attached (hidden, weight, bias, the adapter)."""
+    lora_A, lora_B = (adapter.lora_A, adapter.lora_B) if adapter is not None else (None, None)
+    return HeadGradientFunction.apply(loss, compact.hidden, weight, bias, lora_A, lora_B, grads)
 
 
 
@@ -281,10 +288,6 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
     Returns ``(loss, metrics)`` with ``metrics["head_path"]``."""
     labels = _masked_labels(token_ids, policy.mask, ignore_index)
-    if head.get("lora") is not None:  # the three-GEMM head has no LoRA term yet: linear_logprobs(lora=) + autograd
-        if head_path == "three_gemm":
-            raise ValueError(f"{backends.op}: head_path='three_gemm' does not take lora= (use 'auto' or 'four_gemm')")
-        head_path = "four_gemm"
     path = _resolve_head_path(head_path, backends.op, reason)
     backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
     if path == "four_gemm" or backend == "reference":
@@ -295,14 +298,15 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     bias = head["bias"]
     tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, head["temperature"], head["logit_scale"],
                                     head["softcap"], ignore_index, head["check_labels"], head["chunk_size"])  # fmt: skip
+    adapter = validate_lora(head.get("lora"), hidden, weight)
     compact = compact_rows(hidden, labels, ignore_index)
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
-    out, needs = _run_head(compact, weight, bias, tr, probe, backend, head["chunk_size"])
+    out, needs = _run_head(compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"])
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
     if any(needs):
-        loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+        loss = _attach(loss, compact, weight, bias, adapter, out.grads)
     metrics["head_path"] = "three_gemm"
     return loss, metrics
 
@@ -382,7 +386,7 @@ def fused_linear_grpo_loss(
         head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
             ``"four_gemm"``.
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
-            ``linear_logprobs``); it takes the four-GEMM path.
+            ``linear_logprobs``); on either path (three GEMMs: ``alignkernels.ops._lora.LoraConcat``).
 
     Head path (``metrics["head_path"]``), with ``"auto"``:
 

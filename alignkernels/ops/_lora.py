@@ -17,6 +17,9 @@ Algorithm (one thin extra GEMM per tile, nothing of size ``[N, V]`` or ``[V, H]`
 - The base weight's gradient GEMM runs only when the weight requires grad (a frozen base costs
   nothing extra: the engine skips ``grad_W`` entirely).
 
+The three-GEMM loss head (``ops/three_gemm.py``) forms the same gradients inside its own GEMMs
+instead, widened by the rank (K = H + r): :class:`LoraConcat`.
+
 Memory: ``u`` and ``dU`` (``[n, r]`` fp32 each), a ``[V, r]`` fp32 ``grad_B`` accumulator and an
 ``[r, H]`` fp32 ``grad_A``. Numerics: all sums accumulate in fp32 (fp64 for fp64 inputs); on the
 GPU the thin GEMMs take the inputs' dtype (``u`` and ``dU`` are rounded to it once, as PEFT's
@@ -92,6 +95,15 @@ def effective_weight(weight: torch.Tensor, lora: LoraHead | None) -> torch.Tenso
     return weight + lora.scaling * (lora.lora_B @ lora.lora_A)
 
 
+def lora_activation(lora: LoraHead, h: torch.Tensor, compute_dtype, operand, addmm_into) -> torch.Tensor:
+    """``u = s·h·Aᵀ`` (``[n, r]``): the adapter's low-rank activation of the compact rows ``h`` (the
+    GEMM operand), accumulated in ``compute_dtype`` and returned in ``h``'s dtype (rounded once)."""
+    u = torch.zeros(h.shape[0], lora.lora_A.shape[0], dtype=compute_dtype, device=h.device)
+    addmm_into(u, h, operand(lora.lora_A).t())
+    u.mul_(lora.scaling)
+    return u if u.dtype == h.dtype else u.to(h.dtype)
+
+
 class LoraTiles:
     """The LoRA term of the lm-head engine's tiles, for one forward or backward pass over the
     compact rows ``h [n, H]`` (already the GEMM operand: compute dtype on CPU, input dtype on CUDA).
@@ -105,11 +117,7 @@ class LoraTiles:
         self.lora, self.operand, self.cd, self.addmm_into = lora, operand, compute_dtype, addmm_into
         self.need_h, self.need_A, self.need_B = needs
         n_rows, rank = h.shape[0], lora.lora_A.shape[0]
-        # u = s·h·Aᵀ  [n, r]: the adapter's low-rank activation, once for all rows
-        u = torch.zeros(n_rows, rank, dtype=compute_dtype, device=h.device)
-        addmm_into(u, h, operand(lora.lora_A).t())
-        u.mul_(lora.scaling)
-        self.u = u if u.dtype == h.dtype else u.to(h.dtype)
+        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into)
         self.h = h
         self.d_u = torch.zeros(n_rows, rank, dtype=compute_dtype, device=h.device) \
             if (self.need_h or self.need_A) else None  # fmt: skip
@@ -147,3 +155,56 @@ class LoraTiles:
             grad_A = grad_A.mul_(s).to(self.lora.lora_A.dtype)
         grad_B = self.grad_B.to(self.lora.lora_B.dtype) if self.grad_B is not None else None
         return grad_A, grad_B
+
+
+class LoraConcat:
+    """The LoRA term of the three-GEMM head (``ops/three_gemm.py``), fused into its GEMMs by widening
+    the contraction by the rank: ``hu = [h, u]`` (``[n, H + r]``, ``u = s·h·Aᵀ``) and ``wb = [W, B]``
+    (``[V, H + r]``). Then, with ``dz`` the logits gradient of a chunk:
+
+    - GEMM 1 ``hu·wbᵀ = h·Wᵀ + u·Bᵀ``: the adapted logits in one product (K = H + r);
+    - GEMM 2 ``dz·wb = [dz·W, dz·B]``: grad_h's base part and ``dU = dz·B`` in one product;
+    - GEMM 3 ``dzᵀ·hu = [dzᵀ·h, dzᵀ·u] = [grad_W, grad_B]`` when the base weight trains, else the
+      thin ``grad_B = dzᵀ·u`` alone;
+
+    and after the last chunk :meth:`split` forms ``grad_h = dz·W + s·dU·A`` and ``grad_A = s·dUᵀ·h``
+    (the same formulas as :class:`LoraTiles`). ``operand`` widens a parameter like the engine does
+    for the weight; ``addmm_into(acc, a, b)`` is the engine's ``acc += a @ b`` in ``acc``'s dtype.
+
+    Memory: ``hu`` ``[n, H + r]`` and ``wb`` ``[V, H + r]`` in the GEMM operand dtype -- a copy of the
+    head weight for the duration of the call (the price of one GEMM instead of two per step)."""
+
+    def __init__(self, lora: LoraHead, h: torch.Tensor, w: torch.Tensor, compute_dtype, operand, addmm_into):
+        self.lora, self.cd, self.addmm_into, self.h = lora, compute_dtype, addmm_into, h
+        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into)
+        self.b = operand(lora.lora_B).to(w.dtype)
+        self.hu = torch.cat([h, self.u], dim=1)
+        self.wb = torch.cat([w, self.b], dim=1)
+
+    @property
+    def rank(self) -> int:
+        return self.u.shape[1]
+
+    def split(self, grad_hu, d_u, grad_wb, grad_B, need_A):
+        """``(grad_h, grad_W, grad_A, grad_B)`` from the head's accumulators: ``grad_hu`` (GEMM 2's
+        ``[dz·W, dz·B]``, or None), ``d_u`` (``dz·B`` when grad_h is not needed, or None),
+        ``grad_wb`` (GEMM 3's ``[grad_W, grad_B]``, or None) and ``grad_B`` (the thin GEMM 3, or None).
+        ``grad_h`` and ``grad_A`` come in the compute dtype, ``grad_W``/``grad_B`` as accumulated."""
+        width, s = self.h.shape[1], self.lora.scaling
+        if grad_hu is not None:
+            d_u = grad_hu[:, width:]
+        grad_h = None
+        if grad_hu is not None:
+            # dh = dz·W + s·(dz·B)·A
+            grad_h = grad_hu[:, :width].to(self.cd).contiguous()
+            grad_h.addmm_(d_u.to(self.cd), self.lora.lora_A.to(self.cd), alpha=s)
+        grad_A = None
+        if need_A:
+            # z = ... + s·h·Aᵀ·Bᵀ  =>  dA = s·(dz·B)ᵀ·h = s·dUᵀ·h
+            grad_A = torch.zeros(self.lora.lora_A.shape, dtype=self.cd, device=self.h.device)
+            self.addmm_into(grad_A, d_u.t(), self.h)
+            grad_A.mul_(s)
+        if grad_wb is not None:
+            return grad_h, grad_wb[:, :width], grad_A, grad_wb[:, width:]
+        return grad_h, None, grad_A, grad_B
+

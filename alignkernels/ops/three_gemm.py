@@ -21,7 +21,13 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
    **GEMM 3** ``grad_W += dzᵀ @ h[r0:r1]``, ``grad_b += Σ_rows dz``.
 
 That is 6·n·H·V matmul FLOPs for ``n`` valid rows, against 8·n·H·V for a differentiable
-log-prob head followed by autograd (forward, recompute, two gradient GEMMs). The forward returns
+log-prob head followed by autograd (forward, recompute, two gradient GEMMs).
+
+With a LoRA adapter on the head (``lora=``: ``x = h·Wᵀ + s·(h·Aᵀ)·Bᵀ``) the same three GEMMs run on
+operands widened by the rank, ``[h, u]`` and ``[W, B]`` with ``u = s·h·Aᵀ`` (``ops/_lora.py``
+``LoraConcat``): GEMM 1 has K = H + r, GEMM 2 yields ``[dz·W, dz·B]``, GEMM 3 ``[grad_W, grad_B]``
+(only the thin ``dzᵀ·u`` when the base weight is frozen); three ``n·r·H`` GEMMs finish ``u``,
+grad_h's ``s·dU·A`` and ``grad_A``. Frozen base: ``2·n·(2V(H + r) + V·r + 3r·H)`` FLOPs. The forward returns
 the per-token statistics and the finished gradients; :class:`HeadGradientFunction` hands them to
 autograd, scaled by the upstream gradient of the loss.
 
@@ -38,7 +44,8 @@ work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap 
 path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
 forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
 for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
-scales with ``n x V``.
+scales with ``n x V``. With LoRA: ``[n, H + r]`` and ``[V, H + r]`` operand copies (the head
+weight once more, for the call) and the adapter's gradients.
 """
 from __future__ import annotations
 
@@ -48,6 +55,7 @@ import torch
 
 from .._utils import output_dtype
 from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into
+from ._lora import LoraConcat, LoraHead
 from ._lmhead_engine import make_plan as make_tile_plan
 from ._softmax_torch import fold_block, grad_from_centred_, raw_grad_, transform_
 
@@ -77,6 +85,8 @@ class HeadGradients(NamedTuple):
     hidden: torch.Tensor | None  # [n, H], hidden's dtype
     weight: torch.Tensor | None  # [V, H], weight's dtype
     bias: torch.Tensor | None  # [V], bias's dtype
+    lora_A: torch.Tensor | None = None  # [r, H], the adapter's dtype (lora= only)
+    lora_B: torch.Tensor | None = None  # [V, r]
 
 
 # token_grad(rows, stats) -> TokenGrad: the loss's per-token gradient for compact rows ``rows``
@@ -153,25 +163,34 @@ def three_gemm_head(
     token_grad: TokenGradFn,
     plan: Plan,
     fold,
-    needs: tuple[bool, bool, bool] = (True, True, True),
+    needs: tuple[bool, ...] = (True, True, True),
+    lora: LoraHead | None = None,
 ) -> HeadOutputs:
     """Run steps 1-5 of the module docstring over the compact rows ``hidden [n, H]``, ``labels [n]``
     (int64, all in ``[0, V)``) with ``fold`` (a :data:`HEAD_FOLDS` value). ``needs`` = which of
-    (hidden, weight, bias) get a gradient."""
+    (hidden, weight, bias) get a gradient; with ``lora`` (a validated adapter, ``ops/_lora.py``)
+    five flags, (hidden, weight, bias, lora_A, lora_B), and the LoRA term rides in the same three
+    GEMMs (:class:`alignkernels.ops._lora.LoraConcat`: K = H + r)."""
     n, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     cd = output_dtype(hidden.dtype)
-    need_h, need_w, need_b = needs
+    need_h, need_w, need_b = needs[:3]
+    need_A, need_B = (needs[3], needs[4]) if lora is not None else (False, False)
     need_b = need_b and bias is not None
     h = fold.operands(hidden, cd)  # GEMM operands: the input dtype on CUDA (fp32 out), else cd
     w = fold.operands(weight, cd)
+    cat = LoraConcat(lora, h, w, cd, lambda t: fold.operands(t, cd), addmm_into) if lora is not None else None
+    h_op, w_op = (cat.hu, cat.wb) if cat is not None else (h, w)  # [n, K], [V, K]: K = H (+ r)
+    K = h_op.shape[1]
     bias_cd = bias.to(cd) if bias is not None else None
     logp = torch.zeros(n, dtype=cd, device=device)
     entropy = torch.zeros(n, dtype=cd, device=device)
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
-    grad_h = torch.empty(n, H, dtype=h.dtype, device=device) if need_h else None
-    grad_w_acc = torch.zeros(V, H, dtype=cd, device=device) if need_w else None
+    grad_h = torch.empty(n, K, dtype=h.dtype, device=device) if need_h else None  # with lora: [dz·W, dz·B]
+    d_u = torch.empty(n, cat.rank, dtype=h.dtype, device=device) if (need_A and not need_h) else None
+    grad_w_acc = torch.zeros(V, K, dtype=cd, device=device) if need_w else None  # with lora: [grad_W, grad_B]
+    grad_B_acc = torch.zeros(V, cat.rank, dtype=cd, device=device) if (need_B and not need_w) else None
     grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
 
     elems = min(plan.chunk_rows, n) * V
@@ -184,34 +203,49 @@ def three_gemm_head(
         rows = slice(r0, r1)
         size = (r1 - r0) * V
         logits = buf[:size].view(r1 - r0, V)
-        fold.tile(logits, h[rows], w, bias_cd)  # GEMM 1 (the torch fold's addmm adds the bias)
+        fold.tile(logits, h_op[rows], w_op, bias_cd)  # GEMM 1 (the torch fold's addmm adds the bias)
         stats, dz = fold.step(logits, dx_buf[:size].view(r1 - r0, V), None if work is None else work[:size].view(r1 - r0, V),
                               bias, weight, labels[rows], tr, lambda s, rows=rows: token_grad(rows, s))  # fmt: skip
         logp[rows], entropy[rows], is_top1[rows] = stats.logp, stats.entropy, stats.is_top1
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if need_h:
-            torch.mm(dz_gemm, w, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W
+            torch.mm(dz_gemm, w_op, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B])
+        elif d_u is not None:
+            torch.mm(dz_gemm, cat.b, out=d_u[rows])  # dU[chunk] = dz @ B (lora_A trains, hidden does not)
         if need_w:
-            addmm_into(grad_w_acc, dz_gemm.t(), h[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]
+            addmm_into(grad_w_acc, dz_gemm.t(), h_op[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]  ([.., dzᵀ·u])
+        elif grad_B_acc is not None:
+            addmm_into(grad_B_acc, dz_gemm.t(), cat.u[rows])  # frozen base: grad_B += dzᵀ @ u[chunk] only
         if need_b:
             grad_b += dz.sum(0, dtype=cd)  # grad_b += Σ_rows dz
+    grad_A = grad_B = None
+    if cat is not None:
+        grad_h, grad_w_acc, grad_A, grad_B = cat.split(grad_h, d_u, grad_w_acc, grad_B_acc, need_A)
     grads = HeadGradients(
-        hidden=grad_h.to(hidden.dtype) if grad_h is not None else None,
-        weight=grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None,
-        bias=grad_b.to(bias.dtype) if grad_b is not None else None,
+        hidden=_cast(grad_h, hidden.dtype),
+        weight=_cast(grad_w_acc, weight.dtype),
+        bias=_cast(grad_b, None if bias is None else bias.dtype),
+        lora_A=_cast(grad_A, None if lora is None else lora.lora_A.dtype),
+        lora_B=_cast(grad_B, None if lora is None else lora.lora_B.dtype),
     )
     return HeadOutputs(logp, entropy, is_top1, grads)
 
 
+def _cast(grad, dtype):
+    """A finished gradient in its parameter's dtype, contiguous (``None`` passes through)."""
+    return None if grad is None else grad.to(dtype).contiguous()
+
+
 class HeadGradientFunction(torch.autograd.Function):
-    """``HeadGradientFunction.apply(loss, hidden, weight, bias, grads)`` returns ``loss`` unchanged;
-    backward passes the upstream gradient ``g`` on to ``loss`` (so anything else the loss depends
-    on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for hidden, weight and
-    bias -- the gradients ``three_gemm_head`` formed in the forward. The stored gradients are
-    scaled in place (they belong to this call), so the backward allocates nothing."""
+    """``HeadGradientFunction.apply(loss, hidden, weight, bias, lora_A, lora_B, grads)`` returns
+    ``loss`` unchanged; backward passes the upstream gradient ``g`` on to ``loss`` (so anything else
+    the loss depends on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for
+    hidden, weight, bias and the adapter (``lora_A``/``lora_B`` None without one) -- the gradients
+    ``three_gemm_head`` formed in the forward. The stored gradients are scaled in place (they belong
+    to this call), so the backward allocates nothing."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, grads: HeadGradients):
+    def forward(ctx, loss, hidden, weight, bias, lora_A, lora_B, grads: HeadGradients):
         ctx.grads = grads
         return loss.clone()
 
@@ -225,4 +259,4 @@ class HeadGradientFunction(torch.autograd.Function):
         for i, g in enumerate(grads):
             needed = ctx.needs_input_grad[1 + i]
             out.append(g.mul_(grad_loss.to(g.dtype)) if (g is not None and needed) else None)
-        return grad_loss, out[0], out[1], out[2], None
+        return grad_loss, *out, None

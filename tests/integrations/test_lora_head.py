@@ -267,3 +267,34 @@ def test_apply_refuses_cast_lm_head_to_fp32_with_a_lora_head(tmp_path):
     ak_trl.apply(allow_lora_lm_head=True)
     with pytest.raises(UnsupportedModelError, match="cast_lm_head_to_fp32"):
         _grpo_trainer(tmp_path, cast_lm_head_to_fp32=True)
+
+
+@pytest.mark.parametrize("kind", ["sft", "grpo"])
+def test_fused_loss_with_lora_lm_head_matches_eager_head(tmp_path, monkeypatch, caplog, kind):
+    """``apply(fused_loss=True, allow_lora_lm_head=True)``: the trainers' loss on the three-GEMM head
+    carries the adapter's term (loss values, metrics and every trained parameter as the eager PEFT
+    head), and the backward never had to recompute."""
+    import logging
+
+    from alignkernels.integrations import trl_fused_loss
+
+    make = {"sft": _sft_trainer, "grpo": _grpo_trainer}[kind]
+    with monkeypatch.context() as m:
+        _eager_baseline(m)
+        eager = _train(lambda: make(tmp_path / "eager"))
+    fused_calls, recomputed = [], []
+    original, original_lp = trl_fused_loss.sft_logprobs, trl_fused_loss.linear_logprobs
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        fused_calls.append(out is not None and kwargs["options"].lora is not None)  # the three-GEMM head, with LoRA
+        return out
+
+    monkeypatch.setattr(trl_fused_loss, "sft_logprobs", counted)
+    monkeypatch.setattr(trl_fused_loss, "linear_logprobs", lambda *a, **k: recomputed.append(1) or original_lp(*a, **k))
+    ak_trl.apply(allow_lora_lm_head=True, fused_loss=True, backend="torch")
+    with caplog.at_level(logging.WARNING, logger="alignkernels.integrations.trl"):
+        fused = _train(lambda: make(tmp_path / "fused"))
+    assert any("loss -> fused three-GEMM" in r.getMessage() for r in caplog.records)
+    assert sum(fused_calls) >= 3 and not recomputed, (fused_calls, len(recomputed))
+    _compare(eager, fused)

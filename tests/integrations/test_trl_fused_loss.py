@@ -204,3 +204,84 @@ def test_usable_only_inside_the_scope_with_gradients():
         assert not trl_fused_loss.usable_for(hidden, weight, bias, (), True)  # ZeRO-3 partitioned head
         with torch.no_grad():
             assert not trl_fused_loss.usable_for(hidden, weight, bias, (), False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_fused_head_honours_apply_backend(monkeypatch, backend):
+    """``apply(backend=...)`` picks the three-GEMM head's fold and the backend of the backward's exact
+    recompute (``reference`` has no three-GEMM head: the head-only drop-in runs it); the gradient of a
+    per-token-weighted loss (recompute path) matches an fp64 eager head."""
+    import alignkernels
+
+    folds, recompute_backends = [], []
+    original_head, original_lp = trl_fused_loss.three_gemm_head, trl_fused_loss.linear_logprobs
+
+    def head(*args, **kwargs):
+        folds.append(args[7].NAME)  # three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, ...)
+        return original_head(*args, **kwargs)
+
+    def recompute(*args, **kwargs):
+        recompute_backends.append(kwargs.get("backend", "auto"))
+        return original_lp(*args, **kwargs)
+
+    monkeypatch.setattr(trl_fused_loss, "three_gemm_head", head)
+    monkeypatch.setattr(trl_fused_loss, "linear_logprobs", recompute)
+    ak_trl.apply(fused_loss=True, backend=backend)
+    hidden, weight, bias, targets = _head(seed=3)
+    weights = torch.rand(targets.shape, generator=torch.Generator().manual_seed(2))
+    with trl_fused_loss.loss_scope(trl_fused_loss.SFTScope(torch.ones(1, targets.numel(), dtype=torch.bool))):
+        logp, entropy, _, _, _ = ak_trl.LinearLogprobsAdapter.apply(hidden, weight, bias, targets, 0.9, None, 5.0, 1.2,
+                                                                    ("entropy",))  # fmt: skip
+    loss = -(logp * weights).sum() + 0.3 * entropy.sum()
+    got = torch.autograd.grad(loss, [hidden, weight, bias])
+    if backend == "reference":
+        assert folds == [] and recompute_backends == []
+    else:
+        assert folds == [backend] and recompute_backends == [backend]
+    h64, w64, b64 = (x.detach().double().requires_grad_() for x in (hidden, weight, bias))
+    lp, ent = alignkernels.linear_logprobs(h64, w64, targets, bias=b64, temperature=0.9, softcap=5.0, logit_scale=1.2,
+                                           return_entropy=True, backend="reference")  # fmt: skip
+    want = torch.autograd.grad(-(lp * weights.double()).sum() + 0.3 * ent.sum(), [h64, w64, b64])
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() <= 2e-6 * b.abs().max().item()
+
+
+@pytest.mark.parametrize("layout,adapter_dtype", [("compact", torch.float32), ("all-rows-scored", torch.float64)])
+@pytest.mark.parametrize("upstream", ["uniform", "per-token"])
+def test_lora_head_backward_is_exact(monkeypatch, upstream, layout, adapter_dtype):
+    """With a LoRA adapter routed to the head call: the three-GEMM gradient (uniform ∂L/∂logp) and the
+    guard's recompute (anything else) both give the gradients of hidden, bias, lora_A and lora_B of
+    an fp64 eager head ``W + s·B·A`` (the base weight frozen, as PEFT leaves it). An adapter in
+    another dtype than the head (PEFT keeps fp32 adapters next to a half base) is cast differentiably
+    and still takes the three-GEMM head."""
+    from alignkernels.integrations.lora_head import HeadLora
+    from alignkernels.reference import linear_logprobs_reference
+
+    calls = []
+    original_head = trl_fused_loss.three_gemm_head
+    monkeypatch.setattr(trl_fused_loss, "three_gemm_head", lambda *a, **k: calls.append(1) or original_head(*a, **k))
+    hidden, weight, bias, targets = _head(seed=4)
+    weight = weight.detach()
+    g = torch.Generator().manual_seed(5)
+    lora_A, lora_B = (torch.randn(shape, generator=g, dtype=adapter_dtype).requires_grad_() for shape in ((3, 8), (37, 3)))
+    valid = torch.ones(targets.numel(), dtype=torch.bool)
+    if layout == "all-rows-scored":
+        valid[[0, 6]] = False
+    weights = torch.rand(targets.shape, generator=g) if upstream == "per-token" else torch.full(targets.shape, 1 / 7)
+    options = trl_fused_loss.HeadOptions(backend="torch", lora=HeadLora(lora_A, lora_B, 1.5, "default"))
+    with trl_fused_loss.loss_scope(trl_fused_loss.SFTScope(valid[None])):
+        logp, _, _, _, _ = trl_fused_loss.fused_head_outputs(hidden, weight, bias, targets, 0.9, 5.0, 1.2, ("entropy",),
+                                                             False, options)  # fmt: skip
+    loss = -(logp.masked_fill(~valid, 0) * weights).sum()
+    got = torch.autograd.grad(loss, [hidden, bias, lora_A, lora_B])
+    leaves = [x.detach().double().requires_grad_() for x in (hidden, bias, lora_A, lora_B)]
+    merged = weight.double() + 1.5 * leaves[3] @ leaves[2]
+    lp = linear_logprobs_reference(leaves[0], merged, targets, bias=leaves[1], temperature=0.9, softcap=5.0,
+                                   logit_scale=1.2)  # fmt: skip
+    want_loss = -(lp.masked_fill(~valid, 0) * weights.double()).sum()
+    want = torch.autograd.grad(want_loss, leaves)
+    assert calls == [1], "the three-GEMM head did not run"
+    assert abs(loss.item() - want_loss.item()) <= 1e-6 * abs(want_loss.item())
+    assert got[2].dtype == got[3].dtype == adapter_dtype
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() <= 2e-6 * b.abs().max().item()

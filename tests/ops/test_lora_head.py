@@ -211,17 +211,110 @@ def test_fused_cross_entropy_with_lora_equals_merged_head(loss_type):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-def test_fused_policy_loss_three_gemm_path_refuses_lora():
+def _eager_cross_entropy(head, hidden, labels, *, softcap):
+    """SFT nll from the PEFT head's materialised logits: mean of −log p(label) over valid labels."""
+    z = head(hidden)
+    z = softcap * torch.tanh(z / softcap)
+    logprobs = torch.log_softmax(z, dim=-1)
+    valid = labels != -100
+    return -(logprobs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("trainable", ["hidden+adapter", "adapter-only", "all"])
+def test_three_gemm_cross_entropy_with_lora_matches_eager_peft(backend, trainable):
+    """The LoRA term rides in the three GEMMs (K = H + r): loss and the gradients of hidden, weight,
+    bias, lora_A and lora_B against the eager PEFT head (fp64 oracle; the Triton interpreter runs
+    fp32, within 2e-6)."""
+    dtype, rel = (torch.float64, 1e-10) if backend == "torch" else (torch.float32, 2e-6)
+    head = _peft_head(torch.float64, bias=True, seed=4)
+    hidden, labels, _, _ = _inputs(torch.float64, seed=6)
+    wants = {"hidden+adapter": (True, False), "adapter-only": (False, False), "all": (True, True)}[trainable]
+    params64 = [hidden.clone().requires_grad_(wants[0]), head.base_layer.weight.detach().clone().requires_grad_(wants[1]),
+                head.base_layer.bias, *_lora_of(head)[:2]]  # fmt: skip
+    params = [p.detach().to(dtype).requires_grad_(p.requires_grad) for p in params64]
+    ref_head = _peft_head(torch.float64, bias=True, seed=4)
+    with torch.no_grad():
+        ref_head.base_layer.weight.copy_(params64[1])
+    ref_params = [params64[0], ref_head.base_layer.weight, ref_head.base_layer.bias, *_lora_of(ref_head)[:2]]
+    ref_head.base_layer.weight.requires_grad_(wants[1])
+    ref = _eager_cross_entropy(ref_head, params64[0], labels, softcap=4.0)
+    want = [p for p in ref_params if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref, want)
+
+    h, w, b, lora_A, lora_B = params
+    loss = fused_linear_cross_entropy(h, w, labels, bias=b, lora=(lora_A, lora_B, _lora_of(head)[2]), softcap=4.0,
+                                      backend=backend, chunk_size=4)  # fmt: skip
+    grads = torch.autograd.grad(loss, [p for p in params if p.requires_grad])
+    assert len(grads) == len(ref_grads) >= 2
+    for i, (a, r) in enumerate(zip((loss, *grads), (ref, *ref_grads))):
+        err = (a.double() - r).abs().max().item()
+        assert err <= rel * max(r.abs().max().item(), 1e-6), f"output {i}: {err:.3e}"
+    assert ref_grads[-1].abs().max() > 0 and ref_grads[-2].abs().max() > 0  # the adapter really is in play
+
+
+@pytest.mark.parametrize("loss_fn", ["grpo", "ppo"])
+def test_fused_policy_loss_three_gemm_path_takes_lora(loss_fn):
+    """GRPO/PPO on the three-GEMM head with lora=: the four-GEMM path's loss and gradients (fp64)."""
+    from alignkernels.losses.fused import fused_linear_ppo_loss
+
     head = _peft_head(torch.float64)
-    hidden = torch.randn(1, 4, H, dtype=torch.float64)
-    ids = torch.randint(0, V, (1, 4))
-    mask = torch.ones(1, 4)
-    with pytest.raises(ValueError, match="head_path='three_gemm' does not take lora="):
-        fused_linear_grpo_loss(hidden, head.base_layer.weight.detach(), ids, torch.ones(1), mask,
-                               lora=_lora_of(head), head_path="three_gemm", backend="torch")  # fmt: skip
-    _, metrics = fused_linear_grpo_loss(hidden, head.base_layer.weight.detach(), ids, torch.ones(1), mask,
-                                        lora=_lora_of(head), backend="torch")  # fmt: skip
-    assert metrics["head_path"] == "four_gemm"
+    g = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 5, H, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, V, (2, 5), generator=g)
+    mask = torch.ones(2, 5)
+    mask[0, 4:] = 0
+    adv = torch.randn(2, generator=g, dtype=torch.float64)
+    old = torch.randn(2, 5, generator=g, dtype=torch.float64) * 0.1 - 5
+    lora = _lora_of(head)
+    weight = head.base_layer.weight.detach()
+    results = []
+    for path in ("three_gemm", "four_gemm"):
+        if loss_fn == "grpo":
+            loss, metrics = fused_linear_grpo_loss(hidden, weight, ids, adv, mask, old_logp=old, lora=lora,
+                                                   head_path=path, backend="torch")  # fmt: skip
+        else:
+            loss, metrics = fused_linear_ppo_loss(hidden, weight, ids, old, adv[:, None].expand(2, 5), mask,
+                                                  lora=lora, head_path=path, backend="torch")  # fmt: skip
+        assert metrics["head_path"] == path
+        results.append((loss, *torch.autograd.grad(loss, [hidden, lora[0], lora[1]])))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert results[1][2].abs().max() > 0
+
+
+def _sft_lora_flops(weight_requires_grad, path):
+    """Matmul FLOPs of one SFT loss + backward with a LoRA head: the three-GEMM ``fused_linear_cross_entropy``
+    or ``linear_logprobs`` + autograd (``four_gemm``), counted by ``alignkernels.flops``."""
+    from alignkernels.flops import MatmulFlopCounter
+
+    head = _peft_head(torch.float32)
+    hidden, labels, _, _ = _inputs(torch.float32, seed=5)
+    weight = head.base_layer.weight.detach().requires_grad_(weight_requires_grad)
+    lora_A, lora_B = (t.detach().requires_grad_() for t in _lora_of(head)[:2])
+    lora = (lora_A, lora_B, _lora_of(head)[2])
+    h = hidden.clone().requires_grad_()
+    with MatmulFlopCounter() as counter:
+        if path == "three_gemm":
+            loss = fused_linear_cross_entropy(h, weight, labels, lora=lora, backend="torch", chunk_size=4)
+        else:
+            logp = linear_logprobs(h, weight, labels, lora=lora, backend="torch", chunk_size=4)
+            loss = -logp.sum() / (labels != -100).sum()
+        loss.backward()
+    return counter.total, int((labels != -100).sum())
+
+
+def test_three_gemm_lora_flops():
+    """K = H + r: GEMMs 1 and 2 carry the adapter, GEMM 3 is the thin dzᵀ·u for a frozen base (the whole
+    [dzᵀ·h, dzᵀ·u] for a trainable one); plus u, grad_h's s·dU·A and grad_A (n·r·H each)."""
+    frozen, n = _sft_lora_flops(False, "three_gemm")
+    trained, _ = _sft_lora_flops(True, "three_gemm")
+    nvk, nvr, nrh = 2 * n * V * (H + R), 2 * n * V * R, 2 * n * R * H
+    assert frozen == nvk + nvk + nvr + 3 * nrh
+    assert trained == 3 * nvk + 3 * nrh
+    four_gemm_frozen, _ = _sft_lora_flops(False, "four_gemm")
+    assert four_gemm_frozen == 3 * (2 * n * V * H) + 4 * nvr + 4 * nrh  # fwd, recompute, dh; u twice, dU, dB
+    assert frozen < four_gemm_frozen
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,6 +350,15 @@ def test_bad_lora_is_refused(case, backend):
         linear_logprobs(hidden, torch.randn(V, H), labels, lora=lora, backend=backend)
 
 
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_bad_lora_is_refused_by_the_three_gemm_head(case):
+    """``fused_linear_cross_entropy`` validates ``lora=`` itself now that its three-GEMM head takes it."""
+    _, lora, exc, match = case
+    hidden, labels, _, _ = _inputs(torch.float32)
+    with pytest.raises(exc, match=match):
+        fused_linear_cross_entropy(hidden, torch.randn(V, H), labels, lora=lora, backend="torch")
+
+
 def test_zero_scaling_and_all_ignored_rows():
     head = _peft_head(torch.float64)
     hidden, labels, _, _ = _inputs(torch.float64)
@@ -268,6 +370,19 @@ def test_zero_scaling_and_all_ignored_rows():
     out = linear_logprobs(h, weight, torch.full_like(labels, -100), lora=(lora_A, lora_B, 2.0), backend="torch")
     grads = torch.autograd.grad(out.sum(), [h, lora_A, lora_B])
     assert out.abs().sum() == 0 and all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_three_gemm_lora_all_ignored_rows(backend):
+    """Every label ignored: a finite 0 loss and exactly zero gradients for hidden and the adapter."""
+    head = _peft_head(torch.float32)
+    hidden, labels, _, _ = _inputs(torch.float32)
+    lora_A, lora_B, scaling = _lora_of(head)
+    h = hidden.clone().requires_grad_()
+    loss = fused_linear_cross_entropy(h, head.base_layer.weight.detach(), torch.full_like(labels, -100),
+                                      lora=(lora_A, lora_B, scaling), backend=backend)  # fmt: skip
+    grads = torch.autograd.grad(loss, [h, lora_A, lora_B])
+    assert loss.item() == 0 and all(bool((g == 0).all()) for g in grads)
 
 
 @pytest.mark.slow
