@@ -30,13 +30,14 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
+from .._utils import OpBackends, check_label_range, check_tensor, labels_checking_enabled, output_dtype
 from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import HEAD_FOLDS, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
+from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .ppo import ppo_loss
+from .validation import check_num_items
 
 FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
 FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
@@ -141,28 +142,31 @@ def fused_linear_cross_entropy(
         raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
-    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
                                     check_labels, chunk_size)  # fmt: skip
+    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
-    n = compact.labels.numel()
-    num_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
+    num_tokens = compact.count()
     if reduction == "sum":
         denominator = torch.ones((), dtype=cd, device=hidden.device)
-    else:
-        count = num_tokens if num_items_in_batch is None else num_items_in_batch
-        denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
+    elif num_items_in_batch is None:
+        denominator = num_tokens.to(cd).clamp(min=1)
+    else:  # 0 only for a batch with no valid label (TRL's fully masked batch), clamped at 1 as TRL
+        denominator = check_num_items("num_items_in_batch", num_items_in_batch, device=hidden.device, dtype=cd,
+                                      minimum=0, valid_tokens=num_tokens).clamp(min=1)  # fmt: skip
 
     if lora is not None:  # four GEMMs: the LoRA-fused lm-head op, then autograd through the loss
         out = linear_logprobs(compact.hidden, weight, compact.labels, bias=bias, temperature=temperature,
                               logit_scale=logit_scale, softcap=softcap, backend=backend, chunk_size=chunk_size,
                               check_labels=False, lora=lora, return_stats=True)  # fmt: skip
-        weight_t = out.logp.detach().exp() if loss_type == "dft" else 1.0
-        loss = -(out.logp * weight_t).sum() / denominator
-        logp, entropy, is_top1 = out.logp.detach(), out.entropy.detach(), out.is_top1
+        logp_rows = compact.mask(out.logp)
+        weight_t = logp_rows.detach().exp() if loss_type == "dft" else 1.0
+        loss = -(logp_rows * weight_t).sum() / denominator
+        logp, entropy, is_top1 = logp_rows.detach(), out.entropy.detach(), out.is_top1
     elif backend == "reference":
         logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
+        logp = compact.mask(logp)
         weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
         loss = -(logp * weight_t).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
@@ -173,12 +177,12 @@ def fused_linear_cross_entropy(
             g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
             return TokenGrad(g / denominator)
 
-        out, needs = _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size)
+        out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, tr, token_grad, backend, chunk_size)
         weight_t = out.logp.exp() if loss_type == "dft" else 1.0
         loss = -(out.logp * weight_t).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
-        if any(needs):
-            loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+        if call is not None:
+            loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, call)
     if return_stats:
         return FusedCrossEntropyOutput(loss, compact.expand(logp), compact.expand(entropy), compact.expand(is_top1),
                                        num_tokens)  # fmt: skip
@@ -189,7 +193,8 @@ def fused_linear_cross_entropy(
 
 def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,
                        chunk_size):  # fmt: skip
-    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``."""
+    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``.
+    Run before the backend is resolved, so a bad tensor is named whatever the backend."""
     check_positive_int("chunk_size", chunk_size)
     tr, labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     if labels_checking_enabled(check_labels):
@@ -197,16 +202,24 @@ def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, s
     return tr, labels
 
 
-def _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size):
-    """The three-GEMM head over the compact rows: ``(HeadOutputs, needs)`` (gradients formed, not attached)."""
+def _run_head(op, compact, weight, bias, tr, token_grad, backend, chunk_size):
+    """The three-GEMM head over the compact rows: ``(HeadOutputs, HeadCall | None)`` -- the gradients
+    formed for whichever of hidden / weight / bias requires grad (none in ``no_grad`` /
+    ``inference_mode``: then only the logits GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
     plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
-    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    with torch.no_grad(), torch.autocast(compact.hidden.device.type, enabled=False):
-        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                              compact.labels, tr, token_grad, plan, fold, needs)  # fmt: skip
-    return out, needs
+    grad_mode = torch.is_grad_enabled()
+    needs = tuple(grad_mode and x is not None and x.requires_grad for x in (compact.hidden, weight, bias))
 
+    def run(hidden, weight, bias):
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            return three_gemm_head(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                   compact.labels, tr, token_grad, plan, fold, needs, compact.valid)  # fmt: skip
+
+    out = run(compact.hidden, weight, bias)
+    if not any(needs):
+        return out, None
+    return out, HeadCall(op, backend, out.grads, lambda *inputs: run(*inputs).grads)
 
 
 def _masked_labels(labels, mask, ignore_index):
@@ -222,6 +235,10 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
     """Per-token log-probs of the reference model from its hidden states (no gradient). Without
     ``ref_weight`` the reference shares the policy's head (weight and bias). A policy's ``lora=``
     adapter is never applied to the reference: it is the base head (PEFT's disabled adapter)."""
+    check_tensor("ref_hidden", ref_hidden, floating=True, ndim_min=1)
+    if tuple(ref_hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"ref_hidden must have shape {(*labels.shape, 'H')} (the policy's hidden states' leading "
+                         f"dimensions), got {tuple(ref_hidden.shape)}")  # fmt: skip
     if ref_weight is None:
         ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
     with torch.no_grad():
@@ -274,35 +291,46 @@ class PolicyLoss(NamedTuple):
     mask: torch.Tensor
     uses_entropy: bool
 
+    def validate(self, shape, dtype, device):
+        """The loss's own argument checks (shapes, devices, dtypes, counts, hyper-parameters -- each
+        named), before any head runs and whichever head path follows: the loss evaluated once on
+        placeholder per-token tensors, without gradient (O(B·T))."""
+        placeholder = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            self.probe_fn(placeholder, placeholder)
+
 
 def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: PolicyLoss, *, reason, head_path, head,
                       ignore_index):  # fmt: skip
     """GRPO / PPO from hidden states: masked tokens become ``ignore_index`` (never projected), then
     the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
-    Returns ``(loss, metrics)`` with ``metrics["head_path"]``."""
-    labels = _masked_labels(token_ids, policy.mask, ignore_index)
-    if head.get("lora") is not None:  # the three-GEMM head has no LoRA term yet: linear_logprobs(lora=) + autograd
-        if head_path == "three_gemm":
-            raise ValueError(f"{backends.op}: head_path='three_gemm' does not take lora= (use 'auto' or 'four_gemm')")
-        head_path = "four_gemm"
-    path = _resolve_head_path(head_path, backends.op, reason)
+    Every input is checked first, the same way on both paths. Returns ``(loss, metrics)`` with
+    ``metrics["head_path"]``."""
+    if head.get("lora") is not None and head_path == "three_gemm":  # no LoRA term in the three-GEMM head yet
+        raise ValueError(f"{backends.op}: head_path='three_gemm' does not take lora= (use 'auto' or 'four_gemm')")
+    path = _resolve_head_path("four_gemm" if head.get("lora") is not None else head_path, backends.op, reason)
+    bias = head["bias"]
+    tr, labels = _three_gemm_inputs(hidden, weight, token_ids, bias, head["temperature"], head["logit_scale"],
+                                    head["softcap"], None, False, head["chunk_size"])  # fmt: skip
+    policy.validate(labels.shape, output_dtype(hidden.dtype), hidden.device)
+    labels = _masked_labels(labels, policy.mask, ignore_index)
+    if labels_checking_enabled(head["check_labels"]):
+        check_label_range(labels, weight.shape[0], ignore_index)
     backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
     if path == "four_gemm" or backend == "reference":
-        logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
+        logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True,
+                                        **{**head, "check_labels": False})  # fmt: skip
         loss, metrics = policy.loss_fn(logp, entropy)
         metrics["head_path"] = "four_gemm"
         return loss, metrics
-    bias = head["bias"]
-    tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, head["temperature"], head["logit_scale"],
-                                    head["softcap"], ignore_index, head["check_labels"], head["chunk_size"])  # fmt: skip
     compact = compact_rows(hidden, labels, ignore_index)
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
-    out, needs = _run_head(compact, weight, bias, tr, probe, backend, head["chunk_size"])
+    out, call = _run_head(backends.op, compact, weight, bias, tr, probe, backend, head["chunk_size"])
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
-    if any(needs):
-        loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
+    if call is not None:
+        loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, call)
     metrics["head_path"] = "three_gemm"
     return loss, metrics
 

@@ -46,7 +46,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import output_dtype
+from .._utils import output_dtype, refuse_double_backward
 from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into
 from ._lmhead_engine import make_plan as make_tile_plan
 from ._softmax_torch import fold_block, grad_from_centred_, raw_grad_, transform_
@@ -91,8 +91,12 @@ class TorchHeadFold(TorchFold):
 
     @staticmethod
     def step(tile, dx, work, bias, weight, labels, tr: Transform, grad_of):
-        """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``."""
-        y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
+        """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``
+        (``grad_of`` None: no gradient wanted, ``dz`` None)."""
+        if grad_of is None:  # no gradient wanted: no derivative tile either
+            y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap), None
+        else:
+            y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         is_top1 = y.argmax(1) == labels  # first maximum
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
         # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum (contract 2)
@@ -100,6 +104,8 @@ class TorchHeadFold(TorchFold):
         logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
         row = block.stats
         stats = ChunkStats(logp, row.entropy, row.row_max, row.log_sum, is_top1)
+        if grad_of is None:
+            return stats, None
         grad = grad_of(stats)
         dz = grad_from_centred_(block.d, log_s, row.entropy, grad.logp, grad.entropy, labels, work)
         return stats, raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)
@@ -116,6 +122,8 @@ class TritonHeadFold(TritonFold):
         head = TritonFold.finalise(state, tr, tile.shape[1], True)
         row = head.stats
         stats = ChunkStats(head.logp, row.entropy, row.row_max, row.log_sum, head.extra[2])
+        if grad_of is None:
+            return stats, None
         grad = grad_of(stats)
         g_entropy = grad.entropy.to(tile.dtype) if grad.entropy is not None else None
         return stats, TritonFold.backward(tile, dx, None, bias, weight, labels, row, grad.logp.to(tile.dtype),
@@ -154,10 +162,15 @@ def three_gemm_head(
     plan: Plan,
     fold,
     needs: tuple[bool, bool, bool] = (True, True, True),
+    valid: torch.Tensor | None = None,
 ) -> HeadOutputs:
     """Run steps 1-5 of the module docstring over the compact rows ``hidden [n, H]``, ``labels [n]``
     (int64, all in ``[0, V)``) with ``fold`` (a :data:`HEAD_FOLDS` value). ``needs`` = which of
-    (hidden, weight, bias) get a gradient."""
+    (hidden, weight, bias) get a gradient; with none, only GEMM 1 and the stats run (2·n·H·V
+    FLOPs, no gradient buffer, ``token_grad`` never called). ``valid [n]`` (bool, optional) marks
+    the rows that count: the others (ignored rows kept in place under ``torch.compile``, see
+    ``_lmhead_engine.CompactRows``) get 0 outputs and a zero token gradient, whatever
+    ``token_grad`` says about them."""
     n, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -174,6 +187,13 @@ def three_gemm_head(
     grad_w_acc = torch.zeros(V, H, dtype=cd, device=device) if need_w else None
     grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
 
+    def grad_of(rows):
+        if not (need_h or need_w or need_b):
+            return None
+        if valid is None:
+            return lambda stats: token_grad(rows, stats)
+        return lambda stats: _masked_token_grad(token_grad(rows, stats), valid[rows])
+
     elems = min(plan.chunk_rows, n) * V
     buf = torch.empty(elems, dtype=cd, device=device)
     work = torch.empty(elems, dtype=cd, device=device) if fold.needs_work else None
@@ -186,8 +206,10 @@ def three_gemm_head(
         logits = buf[:size].view(r1 - r0, V)
         fold.tile(logits, h[rows], w, bias_cd)  # GEMM 1 (the torch fold's addmm adds the bias)
         stats, dz = fold.step(logits, dx_buf[:size].view(r1 - r0, V), None if work is None else work[:size].view(r1 - r0, V),
-                              bias, weight, labels[rows], tr, lambda s, rows=rows: token_grad(rows, s))  # fmt: skip
+                              bias, weight, labels[rows], tr, grad_of(rows))  # fmt: skip
         logp[rows], entropy[rows], is_top1[rows] = stats.logp, stats.entropy, stats.is_top1
+        if dz is None:
+            continue
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if need_h:
             torch.mm(dz_gemm, w, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W
@@ -195,6 +217,9 @@ def three_gemm_head(
             addmm_into(grad_w_acc, dz_gemm.t(), h[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]
         if need_b:
             grad_b += dz.sum(0, dtype=cd)  # grad_b += Σ_rows dz
+    if valid is not None:
+        logp, entropy, is_top1 = (torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=device))
+                                  for x in (logp, entropy, is_top1))  # fmt: skip
     grads = HeadGradients(
         hidden=grad_h.to(hidden.dtype) if grad_h is not None else None,
         weight=grad_w_acc.to(weight.dtype) if grad_w_acc is not None else None,
@@ -203,24 +228,50 @@ def three_gemm_head(
     return HeadOutputs(logp, entropy, is_top1, grads)
 
 
+def _masked_token_grad(grad: TokenGrad, valid: torch.Tensor) -> TokenGrad:
+    """Zero token gradient on the rows that do not count (``valid`` False)."""
+    zero = torch.zeros((), dtype=grad.logp.dtype, device=grad.logp.device)
+    return TokenGrad(torch.where(valid, grad.logp, zero),
+                     None if grad.entropy is None else torch.where(valid, grad.entropy, zero))  # fmt: skip
+
+
+class HeadCall(NamedTuple):
+    """What :class:`HeadGradientFunction` holds besides the tensors: the public op and backend (for
+    its errors), the gradients the forward formed, and ``recompute(hidden, weight, bias) ->
+    HeadGradients``, the same head run again (for a second backward over one forward)."""
+
+    op: str
+    backend: str
+    grads: HeadGradients
+    recompute: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], HeadGradients]
+
+
 class HeadGradientFunction(torch.autograd.Function):
-    """``HeadGradientFunction.apply(loss, hidden, weight, bias, grads)`` returns ``loss`` unchanged;
-    backward passes the upstream gradient ``g`` on to ``loss`` (so anything else the loss depends
-    on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for hidden, weight and
-    bias -- the gradients ``three_gemm_head`` formed in the forward. The stored gradients are
-    scaled in place (they belong to this call), so the backward allocates nothing."""
+    """``HeadGradientFunction.apply(loss, hidden, weight, bias, call: HeadCall)`` returns ``loss``
+    unchanged; backward passes the upstream gradient ``g`` on to ``loss`` (so anything else the loss
+    depends on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for hidden,
+    weight and bias -- the gradients ``three_gemm_head`` formed in the forward, scaled in place
+    (they belong to this call), so the first backward allocates nothing.
+
+    A later backward over the same forward (``retain_graph=True``, or one ``torch.autograd.grad``
+    per input) finds them used and runs the head again (``call.recompute``, 6·n·H·V FLOPs) on the
+    saved ``hidden``, ``weight``, ``bias`` -- autograd's version check makes an in-place change of
+    those in between an error, not a gradient at other weights. Double backward
+    (``create_graph=True``) is the project's one error (``_utils.refuse_double_backward``): the
+    formed gradients are constants, a gradient penalty built on them would silently be 0."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, grads: HeadGradients):
-        ctx.grads = grads
+    def forward(ctx, loss, hidden, weight, bias, call: HeadCall):
+        ctx.call, ctx.grads = call._replace(grads=None), call.grads  # the gradients: one reference, dropped when used
+        ctx.save_for_backward(hidden, weight, bias)
         return loss.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        refuse_double_backward(ctx.call.op, ctx.call.backend)
         grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the three-GEMM head's gradients were already used: backward runs once per forward")
+        if grads is None:  # the forward's gradients went to an earlier backward: form them again
+            grads = ctx.call.recompute(*ctx.saved_tensors)
         out = []
         for i, g in enumerate(grads):
             needed = ctx.needs_input_grad[1 + i]
