@@ -20,6 +20,10 @@ configuration the gradient at the chunk's tokens is exact whatever the other tok
 is O(B·T) elementwise work per chunk, nothing next to a ``[chunk, V, H]`` GEMM. After the last
 chunk the loss and its metrics are computed once more from the finished log-probs.
 
+Validation does not depend on the path: the head's inputs (``validate_head``) and the loss's own
+checks (the loss evaluated once on placeholder per-token tensors, ``PolicyLoss.validate``) run
+before either head, and before the backend is resolved.
+
 Masked positions are dropped before any matmul (no FLOPs) on both paths. Memory: see
 ``alignkernels.ops.three_gemm`` (one fp32 ``[chunk, V]`` buffer or two; the gradients exist from
 the forward on) and ``linear_logprobs``; plus O(B x T) per-token tensors.
@@ -115,7 +119,9 @@ def fused_linear_cross_entropy(
         reduction: ``"mean"`` (over ``D`` above) or ``"sum"``. Per-token losses (``"none"``) have
             arbitrary upstream gradients: use ``linear_logprobs``.
         num_items_in_batch: token count of the whole (accumulated, all-rank) batch, as
-            ``transformers.Trainer`` passes it; ``reduction="mean"`` only.
+            ``transformers.Trainer`` passes it: a positive int or finite numeric scalar tensor (one
+            host sync), 0 only when no label here is valid; anything else is a ``TypeError`` /
+            ``ValueError`` naming it (``losses.validation.check_num_items``). ``reduction="mean"`` only.
         return_entropy: also return the per-token entropy (detached, 0 where ignored).
         return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
             num_tokens): what SFTTrainer logs, from the same pass.
@@ -132,9 +138,17 @@ def fused_linear_cross_entropy(
         0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
         Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
 
+    Autograd: under ``torch.no_grad()`` / ``torch.inference_mode()`` (or when nothing requires grad)
+    only the logits GEMM runs (2·n·H·V FLOPs, no gradient buffers). A second backward over one
+    forward (``retain_graph=True``, or one ``torch.autograd.grad`` per input) runs the head again
+    (6·n·H·V more) and gives the same gradients. Double backward (``create_graph=True``) is a
+    ``RuntimeError`` (use ``backend="reference"``). Under ``torch.compile`` (``fullgraph=True``
+    works) ignored rows stay in place, masked: same loss and gradients.
+
     Memory (besides inputs): one fp32 ``[chunk, V]`` logits buffer (two on the torch path, three
     with softcap; a ``[chunk, V]`` dz buffer in the weight dtype for half weights on triton), the
-    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``).
+    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``),
+    and the valid rows of ``hidden`` (``[n, H]``) kept for a second backward until the graph is freed.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (per-token losses: use linear_logprobs), got {reduction!r}")
@@ -430,6 +444,11 @@ def fused_linear_grpo_loss(
     ``backend="reference"``                                   ``four_gemm``   eager baseline
     ========================================================  ==============  =========================
 
+    Every input (the head's and ``grpo_loss``'s) is checked before the head runs, the same way on
+    both paths. The three-GEMM path under autograd modes: as :func:`fused_linear_cross_entropy`
+    (forward only without grad, a second backward recomputes, ``create_graph=True`` an error;
+    ``torch.compile`` works without ``fullgraph``: the per-chunk loss gradient breaks the graph).
+
     Returns:
         ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included) plus
         ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
@@ -564,7 +583,8 @@ def fused_linear_ppo_loss(
     Head path (``metrics["head_path"]``): every ``ppo_loss`` configuration is token-separable (the
     clipped policy term and the entropy bonus are per token, every ``loss_agg_mode`` normalises by
     mask counts), so ``"auto"`` takes ``"three_gemm"`` (``backend="reference"``: ``"four_gemm"``,
-    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd.
+    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd. Inputs are
+    checked, and autograd modes behave, as in :func:`fused_linear_grpo_loss`.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip

@@ -23,7 +23,10 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
 That is 6·n·H·V matmul FLOPs for ``n`` valid rows, against 8·n·H·V for a differentiable
 log-prob head followed by autograd (forward, recompute, two gradient GEMMs). The forward returns
 the per-token statistics and the finished gradients; :class:`HeadGradientFunction` hands them to
-autograd, scaled by the upstream gradient of the loss.
+autograd, scaled by the upstream gradient of the loss. When no input needs a gradient (``no_grad``,
+``inference_mode``) only steps 1-2 run: 2·n·H·V. A second backward over one forward runs the head
+again (:class:`HeadCall` ``.recompute``); double backward is refused. Under ``torch.compile`` the
+ignored rows are not dropped but masked (``valid``): 0 outputs, zero token gradient.
 
 Backends: the folds of the lm-head engine (``_lmhead_engine``), with a vocabulary block of the
 whole ``V``: ``torch`` (:class:`TorchHeadFold`: fused ATen ops; CPU, fp64, anywhere) and ``triton``
@@ -38,7 +41,8 @@ work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap 
 path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
 forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
 for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
-scales with ``n x V``.
+scales with ``n x V``. :class:`HeadGradientFunction` keeps references to ``hidden [n, H]``,
+``weight`` and ``bias`` until the graph is freed (for a recompute).
 """
 from __future__ import annotations
 
