@@ -109,6 +109,14 @@ def _fused_ppo(**over):
     return lambda: ak.fused_linear_ppo_loss(**args)
 
 
+def _fused_ce(**over):
+    g = _g(5)
+    args = dict(hidden=torch.randn(2, 3, 8, generator=g), weight=torch.randn(11, 8, generator=g),
+                labels=torch.tensor([[1, 4, -100], [0, -100, 10]]))  # fmt: skip
+    args.update(over)
+    return lambda: ak.fused_linear_cross_entropy(**args)
+
+
 X3 = torch.randn(2, 3, 4)
 BAD_INPUTS = [
     # ---- grpo_loss
@@ -325,6 +333,7 @@ COUNT_ARGUMENTS = [
     ("grpo_loss(eval)", "num_items_in_batch", lambda v: _grpo(num_items_in_batch=v, training=False), 1),
     ("group_advantages", "group_size", lambda v: lambda: ak.group_advantages(torch.zeros(4), v), 1),
     ("prm_loss", "num_items_in_batch", lambda v: _prm_loss(num_items_in_batch=v), 1),
+    ("fused_linear_cross_entropy", "num_items_in_batch", lambda v: _fused_ce(num_items_in_batch=v), 1),
     ("aggregate_step_scores", "num_sequences", lambda v: _aggregate(num_sequences=v), 0),
     ("prm_step_scores", "positive_class", lambda v: _prm_scores(positive_class=v), 0),
     ("agg_rows", "seq_len", lambda v: lambda: _agg_rows(torch.ones(2), torch.ones(2), v, "seq-mean-token-sum-norm"), 1),
@@ -356,9 +365,10 @@ def test_bad_count_is_a_clear_error_naming_it(call, value, exc, arg):
     (torch.tensor(0), ValueError), (torch.tensor(-3.0), ValueError), (torch.tensor(float("nan")), ValueError),
     (torch.tensor(float("inf")), ValueError), (torch.tensor([4, 5]), TypeError), (torch.tensor(True), TypeError),
 ], ids=["zero", "negative", "nan", "inf", "two-values", "bool"])  # fmt: skip
-@pytest.mark.parametrize("fn", ["grpo_loss", "prm_loss"])
+@pytest.mark.parametrize("fn", ["grpo_loss", "prm_loss", "fused_linear_cross_entropy"])
 def test_bad_num_items_tensor_is_a_clear_error(fn, value, exc):
-    call = _grpo(num_items_in_batch=value) if fn == "grpo_loss" else _prm_loss(num_items_in_batch=value)
+    call = {"grpo_loss": _grpo, "prm_loss": _prm_loss, "fused_linear_cross_entropy": _fused_ce}[fn](
+        num_items_in_batch=value)
     with pytest.raises(exc, match="num_items_in_batch"):
         call()
 

@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._utils import refuse_double_backward
 from ..losses.fused import LossProbe, grpo_non_separable_reason
 from ..losses.grpo import grpo_loss
 from ..ops.linear_logprobs import LINEAR_LOGPROBS, linear_logprobs
@@ -313,7 +314,7 @@ class _ProbedGradient:
         return torch.ones((), dtype=grad_logp.dtype, device=grad_logp.device)
 
 
-class HeadCall(NamedTuple):
+class CheckedHeadCall(NamedTuple):
     """The non-tensor inputs of :class:`_CheckedHeadGradient`: the logit transform, token rows per
     chunk, the resolved backend (its fold, and the recompute's ``linear_logprobs`` backend), the
     adapter's scaling (None: no adapter), the gradient policy and the scored rows (None: all)."""
@@ -334,7 +335,7 @@ class _CheckedHeadGradient(torch.autograd.Function):
     ``linear_logprobs`` on the same backend (four GEMMs more). Either way the result is autograd's."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_A, lora_B, targets, call: HeadCall):
+    def forward(ctx, hidden, weight, bias, lora_A, lora_B, targets, call: CheckedHeadCall):
         h, t = hidden, targets.long()
         rows = call.scored_rows
         if rows is not None:  # rows TRL zeroes afterwards: never projected
@@ -358,8 +359,8 @@ class _CheckedHeadGradient(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logp, grad_entropy, _grad_top1):
+        refuse_double_backward("apply(fused_loss=True)", ctx.call.backend)
         hidden, weight, bias, lora_A, lora_B, targets = ctx.saved_tensors
         grads, ctx.grads = ctx.grads, None
         call = ctx.call
@@ -428,7 +429,7 @@ def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcap
     if plan is None:
         return None
     policy, scored_rows = plan
-    call = HeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy, scored_rows)
+    call = CheckedHeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy, scored_rows)
     lora_A, lora_B = (lora.lora_A, lora.lora_B) if lora is not None else (None, None)
     logp, entropy, is_top1 = _CheckedHeadGradient.apply(hidden, weight, bias, lora_A, lora_B, targets, call)
     wanted = set(outputs or ())

@@ -21,6 +21,10 @@ configuration the gradient at the chunk's tokens is exact whatever the other tok
 is O(B·T) elementwise work per chunk, nothing next to a ``[chunk, V, H]`` GEMM. After the last
 chunk the loss and its metrics are computed once more from the finished log-probs.
 
+Validation does not depend on the path: the head's inputs (``validate_head``) and the loss's own
+checks (the loss evaluated once on placeholder per-token tensors, ``PolicyLoss.validate``) run
+before either head, and before the backend is resolved.
+
 Masked positions are dropped before any matmul (no FLOPs) on both paths. Memory: see
 ``alignkernels.ops.three_gemm`` (one fp32 ``[chunk, V]`` buffer or two; the gradients exist from
 the forward on) and ``linear_logprobs``; plus O(B x T) per-token tensors.
@@ -31,14 +35,15 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled, output_dtype
+from .._utils import OpBackends, check_label_range, check_tensor, labels_checking_enabled, output_dtype
 from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
 from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import HEAD_FOLDS, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
+from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .ppo import ppo_loss
+from .validation import check_num_items
 
 FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
 FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
@@ -116,7 +121,9 @@ def fused_linear_cross_entropy(
         reduction: ``"mean"`` (over ``D`` above) or ``"sum"``. Per-token losses (``"none"``) have
             arbitrary upstream gradients: use ``linear_logprobs``.
         num_items_in_batch: token count of the whole (accumulated, all-rank) batch, as
-            ``transformers.Trainer`` passes it; ``reduction="mean"`` only.
+            ``transformers.Trainer`` passes it: a positive int or finite numeric scalar tensor (one
+            host sync), 0 only when no label here is valid; anything else is a ``TypeError`` /
+            ``ValueError`` naming it (``losses.validation.check_num_items``). ``reduction="mean"`` only.
         return_entropy: also return the per-token entropy (detached, 0 where ignored).
         return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
             num_tokens): what SFTTrainer logs, from the same pass.
@@ -133,9 +140,17 @@ def fused_linear_cross_entropy(
         0-d fp32 loss (fp64 for fp64 inputs), ``(loss, entropy)``, or a ``FusedCrossEntropyOutput``.
         Differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
 
+    Autograd: under ``torch.no_grad()`` / ``torch.inference_mode()`` (or when nothing requires grad)
+    only the logits GEMM runs (2·n·H·V FLOPs, no gradient buffers). A second backward over one
+    forward (``retain_graph=True``, or one ``torch.autograd.grad`` per input) runs the head again
+    (6·n·H·V more) and gives the same gradients. Double backward (``create_graph=True``) is a
+    ``RuntimeError`` (use ``backend="reference"``). Under ``torch.compile`` (``fullgraph=True``
+    works) ignored rows stay in place, masked: same loss and gradients.
+
     Memory (besides inputs): one fp32 ``[chunk, V]`` logits buffer (two on the torch path, three
     with softcap; a ``[chunk, V]`` dz buffer in the weight dtype for half weights on triton), the
-    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``).
+    gradients from the forward on (``[n, H]``, ``[V, H]`` -- fp32 for half weights -- and ``[V]``),
+    and the valid rows of ``hidden`` (``[n, H]``) kept for a second backward until the graph is freed.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' (per-token losses: use linear_logprobs), got {reduction!r}")
@@ -143,22 +158,24 @@ def fused_linear_cross_entropy(
         raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
-    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
                                     check_labels, chunk_size)  # fmt: skip
     adapter = validate_lora(lora, hidden, weight)
+    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
-    n = compact.labels.numel()
-    num_tokens = torch.tensor(n, dtype=torch.int64, device=hidden.device)
+    num_tokens = compact.count()
     if reduction == "sum":
         denominator = torch.ones((), dtype=cd, device=hidden.device)
-    else:
-        count = num_tokens if num_items_in_batch is None else num_items_in_batch
-        denominator = torch.as_tensor(count, device=hidden.device).to(cd).clamp(min=1)
+    elif num_items_in_batch is None:
+        denominator = num_tokens.to(cd).clamp(min=1)
+    else:  # 0 only for a batch with no valid label (TRL's fully masked batch), clamped at 1 as TRL
+        denominator = check_num_items("num_items_in_batch", num_items_in_batch, device=hidden.device, dtype=cd,
+                                      minimum=0, valid_tokens=num_tokens).clamp(min=1)  # fmt: skip
 
     if backend == "reference":  # the eager baseline: the adapted head materialised (W + s·B·A)
         logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
+        logp = compact.mask(logp)
         weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
         loss = -(logp * weight_t).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
@@ -169,12 +186,13 @@ def fused_linear_cross_entropy(
             g = torch.full_like(stats.logp, -1.0) if loss_type == "nll" else -stats.logp.exp()
             return TokenGrad(g / denominator)
 
-        out, needs = _run_head(compact, weight, bias, adapter, tr, token_grad, backend, chunk_size)
+        out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, adapter, tr, token_grad, backend,
+                              chunk_size)  # fmt: skip
         weight_t = out.logp.exp() if loss_type == "dft" else 1.0
         loss = -(out.logp * weight_t).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
-        if any(needs):
-            loss = _attach(loss, compact, weight, bias, adapter, out.grads)
+        if call is not None:
+            loss = _attach(loss, compact, weight, bias, adapter, call)
     if return_stats:
         return FusedCrossEntropyOutput(loss, compact.expand(logp), compact.expand(entropy), compact.expand(is_top1),
                                        num_tokens)  # fmt: skip
@@ -185,7 +203,8 @@ def fused_linear_cross_entropy(
 
 def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,
                        chunk_size):  # fmt: skip
-    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``."""
+    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``.
+    Run before the backend is resolved, so a bad tensor is named whatever the backend."""
     check_positive_int("chunk_size", chunk_size)
     tr, labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     if labels_checking_enabled(check_labels):
@@ -193,27 +212,33 @@ def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, s
     return tr, labels
 
 
-def _run_head(compact, weight, bias, adapter, tr, token_grad, backend, chunk_size):
+def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size):
     """The three-GEMM head over the compact rows (``adapter``: a validated ``LoraHead`` or None):
-    ``(HeadOutputs, needs)`` (gradients formed, not attached)."""
+    ``(HeadOutputs, HeadCall | None)`` -- the gradients formed for whichever of hidden / weight / bias
+    (/ lora_A / lora_B) requires grad (none in ``no_grad`` / ``inference_mode``: then only the logits
+    GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
     plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
-    needs = (compact.hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    detached = None
-    if adapter is not None:
-        needs += (adapter.lora_A.requires_grad, adapter.lora_B.requires_grad)
-        detached = adapter._replace(lora_A=adapter.lora_A.detach(), lora_B=adapter.lora_B.detach())
-    with torch.no_grad(), torch.autocast(compact.hidden.device.type, enabled=False):
-        out = three_gemm_head(compact.hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
-                              compact.labels, tr, token_grad, plan, fold, needs, lora=detached)  # fmt: skip
-    return out, needs
+    grad_mode = torch.is_grad_enabled()
+    inputs = (compact.hidden, weight, bias) + (() if adapter is None else (adapter.lora_A, adapter.lora_B))
+    needs = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
+
+    def run(hidden, weight, bias, lora_A=None, lora_B=None):
+        lora = None if adapter is None else adapter._replace(lora_A=lora_A.detach(), lora_B=lora_B.detach())
+        with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
+            return three_gemm_head(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                   compact.labels, tr, token_grad, plan, fold, needs, compact.valid, lora=lora)  # fmt: skip
+
+    out = run(*inputs)
+    if not any(needs):
+        return out, None
+    return out, HeadCall(op, backend, out.grads, lambda *saved: run(*saved).grads)
 
 
-def _attach(loss, compact, weight, bias, adapter, grads):
+def _attach(loss, compact, weight, bias, adapter, call):
     """``loss`` with the head's formed gradients attached (hidden, weight, bias, the adapter)."""
     lora_A, lora_B = (adapter.lora_A, adapter.lora_B) if adapter is not None else (None, None)
-    return HeadGradientFunction.apply(loss, compact.hidden, weight, bias, lora_A, lora_B, grads)
-
+    return HeadGradientFunction.apply(loss, compact.hidden, weight, bias, lora_A, lora_B, call)
 
 
 def _masked_labels(labels, mask, ignore_index):
@@ -229,6 +254,10 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
     """Per-token log-probs of the reference model from its hidden states (no gradient). Without
     ``ref_weight`` the reference shares the policy's head (weight and bias). A policy's ``lora=``
     adapter is never applied to the reference: it is the base head (PEFT's disabled adapter)."""
+    check_tensor("ref_hidden", ref_hidden, floating=True, ndim_min=1)
+    if tuple(ref_hidden.shape[:-1]) != tuple(labels.shape):
+        raise ValueError(f"ref_hidden must have shape {(*labels.shape, 'H')} (the policy's hidden states' leading "
+                         f"dimensions), got {tuple(ref_hidden.shape)}")  # fmt: skip
     if ref_weight is None:
         ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
     with torch.no_grad():
@@ -281,32 +310,45 @@ class PolicyLoss(NamedTuple):
     mask: torch.Tensor
     uses_entropy: bool
 
+    def validate(self, shape, dtype, device):
+        """The loss's own argument checks (shapes, devices, dtypes, counts, hyper-parameters -- each
+        named), before any head runs and whichever head path follows: the loss evaluated once on
+        placeholder per-token tensors, without gradient (O(B·T))."""
+        placeholder = torch.zeros(shape, dtype=dtype, device=device)
+        with torch.no_grad():
+            self.probe_fn(placeholder, placeholder)
+
 
 def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: PolicyLoss, *, reason, head_path, head,
                       ignore_index):  # fmt: skip
     """GRPO / PPO from hidden states: masked tokens become ``ignore_index`` (never projected), then
     the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
-    Returns ``(loss, metrics)`` with ``metrics["head_path"]``."""
-    labels = _masked_labels(token_ids, policy.mask, ignore_index)
+    Every input is checked first, the same way on both paths. Returns ``(loss, metrics)`` with
+    ``metrics["head_path"]``."""
     path = _resolve_head_path(head_path, backends.op, reason)
+    bias = head["bias"]
+    tr, labels = _three_gemm_inputs(hidden, weight, token_ids, bias, head["temperature"], head["logit_scale"],
+                                    head["softcap"], None, False, head["chunk_size"])  # fmt: skip
+    adapter = validate_lora(head.get("lora"), hidden, weight)
+    policy.validate(labels.shape, output_dtype(hidden.dtype), hidden.device)
+    labels = _masked_labels(labels, policy.mask, ignore_index)
+    if labels_checking_enabled(head["check_labels"]):
+        check_label_range(labels, weight.shape[0], ignore_index)
     backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
     if path == "four_gemm" or backend == "reference":
-        logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True, **head)
+        logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True,
+                                        **{**head, "check_labels": False})  # fmt: skip
         loss, metrics = policy.loss_fn(logp, entropy)
         metrics["head_path"] = "four_gemm"
         return loss, metrics
-    bias = head["bias"]
-    tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, head["temperature"], head["logit_scale"],
-                                    head["softcap"], ignore_index, head["check_labels"], head["chunk_size"])  # fmt: skip
-    adapter = validate_lora(head.get("lora"), hidden, weight)
     compact = compact_rows(hidden, labels, ignore_index)
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
-    out, needs = _run_head(compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"])
+    out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"])
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
-    if any(needs):
-        loss = _attach(loss, compact, weight, bias, adapter, out.grads)
+    if call is not None:
+        loss = _attach(loss, compact, weight, bias, adapter, call)
     metrics["head_path"] = "three_gemm"
     return loss, metrics
 
@@ -405,6 +447,11 @@ def fused_linear_grpo_loss(
     ``off_policy_mask_threshold``                             ``four_gemm``   sequence mean log-ratio
     ``backend="reference"``                                   ``four_gemm``   eager baseline
     ========================================================  ==============  =========================
+
+    Every input (the head's and ``grpo_loss``'s) is checked before the head runs, the same way on
+    both paths. The three-GEMM path under autograd modes: as :func:`fused_linear_cross_entropy`
+    (forward only without grad, a second backward recomputes, ``create_graph=True`` an error;
+    ``torch.compile`` works without ``fullgraph``: the per-chunk loss gradient breaks the graph).
 
     Returns:
         ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included) plus
@@ -540,7 +587,8 @@ def fused_linear_ppo_loss(
     Head path (``metrics["head_path"]``): every ``ppo_loss`` configuration is token-separable (the
     clipped policy term and the entropy bonus are per token, every ``loss_agg_mode`` normalises by
     mask counts), so ``"auto"`` takes ``"three_gemm"`` (``backend="reference"``: ``"four_gemm"``,
-    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd.
+    the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd. Inputs are
+    checked, and autograd modes behave, as in :func:`fused_linear_grpo_loss`.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip

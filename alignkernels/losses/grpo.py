@@ -312,12 +312,7 @@ def grpo_loss(
         # generation batch is masked (e.g. mask_truncated_completions) -- right only if this batch
         # has no valid token either.
         num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd,
-                                             minimum=0)  # fmt: skip
-        if float(num_items_in_batch) == 0.0 and bool(valid.any()):
-            raise ValueError(
-                f"num_items_in_batch is 0 but mask has {int(valid.sum())} valid tokens: it must count the valid "
-                "completion tokens of the whole generation batch (all processes)"
-            )
+                                             minimum=0, valid_tokens=valid.sum())  # fmt: skip
     per_token_logps = torch.where(valid, logp.to(cd), zero)
     old_per_token_logps = None if old_logp is None else torch.where(valid, old_logp.detach().to(cd), zero)
     on_policy_old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps

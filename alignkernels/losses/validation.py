@@ -26,9 +26,13 @@ def check_count(name: str, value, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_num_items(name: str, value, *, device, dtype, minimum: int = 1) -> torch.Tensor:
+def check_num_items(name: str, value, *, device, dtype, minimum: int = 1, valid_tokens=None) -> torch.Tensor:
     """A token count given as an int ``>= minimum`` or a finite numeric scalar tensor ``>=
-    minimum`` (one host sync), returned as a 0-d tensor of ``dtype`` on ``device``."""
+    minimum`` (one host sync), returned as a 0-d tensor of ``dtype`` on ``device``.
+
+    ``valid_tokens`` (an int or a 0-d tensor: the valid tokens of this batch), with ``minimum=0``: a
+    count of 0 is accepted only when that is 0 too -- TRL passes 0 when every completion of the
+    batch is masked (and clamps it at 1); with valid tokens present it is a ``ValueError``."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise TypeError(
@@ -39,9 +43,15 @@ def check_num_items(name: str, value, *, device, dtype, minimum: int = 1) -> tor
         number = float(count.item())  # one host sync: a bad count is an error, not a wrong loss
         if not (number >= minimum and math.isfinite(number)):
             raise ValueError(f"{name} must be a token count >= {minimum}, got {number}")
-        return count
-    number = check_count(name, value, minimum=minimum)
-    return torch.tensor(float(number), dtype=dtype, device=device)
+    else:
+        number = check_count(name, value, minimum=minimum)
+        count = torch.tensor(float(number), dtype=dtype, device=device)
+    if number == 0 and valid_tokens is not None and int(valid_tokens) > 0:  # a sync only for a zero count
+        raise ValueError(
+            f"{name} is 0 but the batch has {int(valid_tokens)} valid tokens: it must count the valid tokens of "
+            "the whole batch (all processes, all accumulation steps)"
+        )
+    return count
 
 
 def check_number(name: str, value, *, allow_none: bool = False) -> float | None:

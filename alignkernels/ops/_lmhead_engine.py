@@ -445,7 +445,9 @@ class CompactRows(NamedTuple):
     """The valid (not ignored) rows of flattened ``[N, H]`` hidden states: ``rows`` their indices
     (None: every row is valid, no copy), ``hidden [n, H]``, ``labels [n]`` int64. Under
     ``torch.compile`` (no data-dependent shapes) nothing is dropped: ignored rows get label 0 and
-    ``valid`` masks their outputs, so they receive zero upstream gradient."""
+    ``valid`` marks the rows that count. Whatever consumes per-row results must then go through
+    :meth:`mask` / :meth:`expand` / :meth:`count` (and ``three_gemm_head(valid=)``), so ignored rows
+    give 0, are not counted and receive zero gradient -- eager and compiled alike."""
 
     rows: torch.Tensor | None
     hidden: torch.Tensor
@@ -453,10 +455,21 @@ class CompactRows(NamedTuple):
     shape: tuple
     valid: torch.Tensor | None = None
 
+    def mask(self, x):
+        """A per-compact-row tensor with the rows that do not count set to 0 / False (no-op eagerly)."""
+        if self.valid is None:
+            return x
+        return torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def count(self) -> torch.Tensor:
+        """The number of rows that count (not ignored), an int64 0-d tensor."""
+        if self.valid is not None:
+            return self.valid.sum()
+        return torch.tensor(self.labels.shape[0], dtype=torch.int64, device=self.labels.device)
+
     def expand(self, x):
         """A per-compact-row tensor back to the labels' shape (0 / False at ignored positions)."""
-        if self.valid is not None:
-            x = torch.where(self.valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        x = self.mask(x)
         if self.rows is not None:
             n_total = math.prod(self.shape)
             x = torch.zeros(n_total, dtype=x.dtype, device=x.device).index_copy(0, self.rows, x)

@@ -29,7 +29,10 @@ operands widened by the rank, ``[h, u]`` and ``[W, B]`` with ``u = s·h·Aᵀ`` 
 (only the thin ``dzᵀ·u`` when the base weight is frozen); three ``n·r·H`` GEMMs finish ``u``,
 grad_h's ``s·dU·A`` and ``grad_A``. Frozen base: ``2·n·(2V(H + r) + V·r + 3r·H)`` FLOPs. The forward returns
 the per-token statistics and the finished gradients; :class:`HeadGradientFunction` hands them to
-autograd, scaled by the upstream gradient of the loss.
+autograd, scaled by the upstream gradient of the loss. When no input needs a gradient (``no_grad``,
+``inference_mode``) only steps 1-2 run: 2·n·H·V. A second backward over one forward runs the head
+again (:class:`HeadCall` ``.recompute``); double backward is refused. Under ``torch.compile`` the
+ignored rows are not dropped but masked (``valid``): 0 outputs, zero token gradient.
 
 Backends: the folds of the lm-head engine (``_lmhead_engine``), with a vocabulary block of the
 whole ``V``: ``torch`` (:class:`TorchHeadFold`: fused ATen ops; CPU, fp64, anywhere) and ``triton``
@@ -45,7 +48,9 @@ path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradi
 forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
 for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
 scales with ``n x V``. With LoRA: ``[n, H + r]`` and ``[V, H + r]`` operand copies (the head
-weight once more, for the call) and the adapter's gradients.
+weight once more, for the call) and the adapter's gradients. :class:`HeadGradientFunction` keeps
+references to ``hidden [n, H]``, ``weight``, ``bias`` (and the adapter) until the graph is freed
+(for a recompute).
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import output_dtype
+from .._utils import output_dtype, refuse_double_backward
 from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into
 from ._lora import LoraConcat, LoraHead
 from ._lmhead_engine import make_plan as make_tile_plan
@@ -101,8 +106,12 @@ class TorchHeadFold(TorchFold):
 
     @staticmethod
     def step(tile, dx, work, bias, weight, labels, tr: Transform, grad_of):
-        """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``."""
-        y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
+        """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``
+        (``grad_of`` None: no gradient wanted, ``dz`` None)."""
+        if grad_of is None:  # no gradient wanted: no derivative tile either
+            y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap), None
+        else:
+            y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         is_top1 = y.argmax(1) == labels  # first maximum
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
         # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum, relative to the row max
@@ -110,6 +119,8 @@ class TorchHeadFold(TorchFold):
         logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
         row = block.stats
         stats = ChunkStats(logp, row.entropy, row.row_max, row.log_sum, is_top1)
+        if grad_of is None:
+            return stats, None
         grad = grad_of(stats)
         dz = grad_from_centred_(block.d, log_s, row.entropy, grad.logp, grad.entropy, labels, work)
         return stats, raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)
@@ -126,6 +137,8 @@ class TritonHeadFold(TritonFold):
         head = TritonFold.finalise(state, tr, tile.shape[1], True)
         row = head.stats
         stats = ChunkStats(head.logp, row.entropy, row.row_max, row.log_sum, head.extra[2])
+        if grad_of is None:
+            return stats, None
         grad = grad_of(stats)
         g_entropy = grad.entropy.to(tile.dtype) if grad.entropy is not None else None
         return stats, TritonFold.backward(tile, dx, None, bias, weight, labels, row, grad.logp.to(tile.dtype),
@@ -164,13 +177,18 @@ def three_gemm_head(
     plan: Plan,
     fold,
     needs: tuple[bool, ...] = (True, True, True),
+    valid: torch.Tensor | None = None,
     lora: LoraHead | None = None,
 ) -> HeadOutputs:
     """Run steps 1-5 of the module docstring over the compact rows ``hidden [n, H]``, ``labels [n]``
     (int64, all in ``[0, V)``) with ``fold`` (a :data:`HEAD_FOLDS` value). ``needs`` = which of
     (hidden, weight, bias) get a gradient; with ``lora`` (a validated adapter, ``ops/_lora.py``)
     five flags, (hidden, weight, bias, lora_A, lora_B), and the LoRA term rides in the same three
-    GEMMs (:class:`alignkernels.ops._lora.LoraConcat`: K = H + r)."""
+    GEMMs (:class:`alignkernels.ops._lora.LoraConcat`: K = H + r). With no flag set, only GEMM 1
+    and the stats run (2·n·H·V FLOPs, no gradient buffer, ``token_grad`` never called). ``valid [n]``
+    (bool, optional) marks the rows that count: the others (ignored rows kept in place under
+    ``torch.compile``, see ``_lmhead_engine.CompactRows``) get 0 outputs and a zero token gradient,
+    whatever ``token_grad`` says about them."""
     n, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -193,6 +211,13 @@ def three_gemm_head(
     grad_B_acc = torch.zeros(V, cat.rank, dtype=cd, device=device) if (need_B and not need_w) else None
     grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
 
+    def grad_of(rows):
+        if not (need_h or need_w or need_b or need_A or need_B):
+            return None
+        if valid is None:
+            return lambda stats: token_grad(rows, stats)
+        return lambda stats: _masked_token_grad(token_grad(rows, stats), valid[rows])
+
     elems = min(plan.chunk_rows, n) * V
     buf = torch.empty(elems, dtype=cd, device=device)
     work = torch.empty(elems, dtype=cd, device=device) if fold.needs_work else None
@@ -205,8 +230,10 @@ def three_gemm_head(
         logits = buf[:size].view(r1 - r0, V)
         fold.tile(logits, h_op[rows], w_op, bias_cd)  # GEMM 1 (the torch fold's addmm adds the bias)
         stats, dz = fold.step(logits, dx_buf[:size].view(r1 - r0, V), None if work is None else work[:size].view(r1 - r0, V),
-                              bias, weight, labels[rows], tr, lambda s, rows=rows: token_grad(rows, s))  # fmt: skip
+                              bias, weight, labels[rows], tr, grad_of(rows))  # fmt: skip
         logp[rows], entropy[rows], is_top1[rows] = stats.logp, stats.entropy, stats.is_top1
+        if dz is None:
+            continue
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if need_h:
             torch.mm(dz_gemm, w_op, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B])
@@ -221,6 +248,9 @@ def three_gemm_head(
     grad_A = grad_B = None
     if cat is not None:
         grad_h, grad_w_acc, grad_A, grad_B = cat.split(grad_h, d_u, grad_w_acc, grad_B_acc, need_A)
+    if valid is not None:
+        logp, entropy, is_top1 = (torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=device))
+                                  for x in (logp, entropy, is_top1))  # fmt: skip
     grads = HeadGradients(
         hidden=_cast(grad_h, hidden.dtype),
         weight=_cast(grad_w_acc, weight.dtype),
@@ -236,25 +266,51 @@ def _cast(grad, dtype):
     return None if grad is None else grad.to(dtype).contiguous()
 
 
+def _masked_token_grad(grad: TokenGrad, valid: torch.Tensor) -> TokenGrad:
+    """Zero token gradient on the rows that do not count (``valid`` False)."""
+    zero = torch.zeros((), dtype=grad.logp.dtype, device=grad.logp.device)
+    return TokenGrad(torch.where(valid, grad.logp, zero),
+                     None if grad.entropy is None else torch.where(valid, grad.entropy, zero))  # fmt: skip
+
+
+class HeadCall(NamedTuple):
+    """What :class:`HeadGradientFunction` holds besides the tensors: the public op and backend (for
+    its errors), the gradients the forward formed, and ``recompute(hidden, weight, bias, lora_A,
+    lora_B) -> HeadGradients``, the same head run again (for a second backward over one forward)."""
+
+    op: str
+    backend: str
+    grads: HeadGradients
+    recompute: Callable[..., HeadGradients]
+
+
 class HeadGradientFunction(torch.autograd.Function):
-    """``HeadGradientFunction.apply(loss, hidden, weight, bias, lora_A, lora_B, grads)`` returns
-    ``loss`` unchanged; backward passes the upstream gradient ``g`` on to ``loss`` (so anything else
-    the loss depends on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for
+    """``HeadGradientFunction.apply(loss, hidden, weight, bias, lora_A, lora_B, call: HeadCall)``
+    returns ``loss`` unchanged; backward passes the upstream gradient ``g`` on to ``loss`` (so anything
+    else the loss depends on, e.g. a value head, still gets its gradient) and returns ``g·grads`` for
     hidden, weight, bias and the adapter (``lora_A``/``lora_B`` None without one) -- the gradients
-    ``three_gemm_head`` formed in the forward. The stored gradients are scaled in place (they belong
-    to this call), so the backward allocates nothing."""
+    ``three_gemm_head`` formed in the forward, scaled in place (they belong to this call), so the
+    first backward allocates nothing.
+
+    A later backward over the same forward (``retain_graph=True``, or one ``torch.autograd.grad``
+    per input) finds them used and runs the head again (``call.recompute``, 6·n·H·V FLOPs) on the
+    saved ``hidden``, ``weight``, ``bias`` -- autograd's version check makes an in-place change of
+    those in between an error, not a gradient at other weights. Double backward
+    (``create_graph=True``) is the project's one error (``_utils.refuse_double_backward``): the
+    formed gradients are constants, a gradient penalty built on them would silently be 0."""
 
     @staticmethod
-    def forward(ctx, loss, hidden, weight, bias, lora_A, lora_B, grads: HeadGradients):
-        ctx.grads = grads
+    def forward(ctx, loss, hidden, weight, bias, lora_A, lora_B, call: HeadCall):
+        ctx.call, ctx.grads = call._replace(grads=None), call.grads  # the gradients: one reference, dropped when used
+        ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B)
         return loss.clone()
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        refuse_double_backward(ctx.call.op, ctx.call.backend)
         grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError("the three-GEMM head's gradients were already used: backward runs once per forward")
+        if grads is None:  # the forward's gradients went to an earlier backward: form them again
+            grads = ctx.call.recompute(*ctx.saved_tensors)
         out = []
         for i, g in enumerate(grads):
             needed = ctx.needs_input_grad[1 + i]
