@@ -43,6 +43,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_FILE_BYTES = 15 << 20  # every output file stays under the 16 MB a window can bring back
 PEER_PACKAGES = ("trl", "liger-kernel", "cut-cross-entropy", "transformers", "datasets", "accelerate")
+TOOL_PACKAGES = ("pip", "setuptools", "wheel", "pytest", "pytest-timeout", "pybind11", "ninja", "numpy", "pyarrow",
+                 "huggingface_hub", "fsspec")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,33 +179,72 @@ def commit() -> dict:
 
 
 def environment() -> dict:
+    """Versions and the import check; touches no device (a hung CUDA initialisation cannot take it)."""
     import torch
 
-    env = {
+    return {
         "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
         "triton": _version("triton"), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "commit": commit(),
         "packages": {name: _version(name) for name in PEER_PACKAGES},
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
         "alignkernels": _import_check("alignkernels.kernels.token_logprobs"),
     }  # fmt: skip
+
+
+def _version_line(cmd: list[str], pattern: str = "") -> str | None:
+    """The first line of ``cmd``'s output that contains ``pattern``."""
+    lines = [ln.strip() for ln in (_run(cmd) or "").splitlines() if pattern in ln and ln.strip()]
+    return lines[0] if lines else None
+
+
+def toolchain() -> dict:
+    """What an install or build failure needs for diagnosis: compilers, Python headers, the
+    packaging tools and data libraries the peers import, and ``pip check``."""
+    import sysconfig
+
+    from alignkernels import _build
+
+    nvcc = _build.find_nvcc()
+    include = sysconfig.get_paths().get("include") or ""
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, timeout=30)
+    return {
+        "nvcc": nvcc, "nvcc_version": _version_line([nvcc, "--version"], "release") if nvcc else None,
+        "gcc_version": _version_line([shutil.which("gcc") or "gcc", "--version"]),
+        "python_headers": include if (Path(include) / "Python.h").is_file() else f"missing ({include}/Python.h)",
+        "packaging": {name: _version(name) for name in TOOL_PACKAGES},
+        "pythonpath": os.environ.get("PYTHONPATH"),
+        "pip_check": {"exit_code": check.returncode, "output": (check.stdout + check.stderr).strip()[-2000:]},
+    }  # fmt: skip
+
+
+def device_info() -> dict:
+    """The device, driver and TF32 flags (the first CUDA call of the phase)."""
+    import torch
+
+    info = {"tf32": {"cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                     "cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "float32_matmul_precision": torch.get_float32_matmul_precision()}}  # fmt: skip
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(device=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
-                   sm_count=props.multi_processor_count, memory_bytes=props.total_memory)  # fmt: skip
+        info.update(device=torch.cuda.get_device_name(0), capability=f"{props.major}.{props.minor}",
+                    sm_count=props.multi_processor_count, memory_bytes=props.total_memory)  # fmt: skip
         smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"])
-        env["nvidia_smi"] = smi
-        env["driver"] = smi.split(",")[1].strip() if smi and smi.count(",") >= 1 else None
+        info["nvidia_smi"] = smi
+        info["driver"] = smi.split(",")[1].strip() if smi and smi.count(",") >= 1 else None
     else:
         from .report import cpu_model
 
-        env.update(device=f"CPU: {cpu_model()}", driver=None)
-    return env
+        info.update(device=f"CPU: {cpu_model()}", driver=None)
+    return info
 
 
 def phase_env(args) -> int:
     record = PhaseRecord(args.work, "env")
     run_step(record, "environment", args.deadline, environment)
+    run_step(record, "toolchain", args.deadline, toolchain)
+    run_step(record, "device", args.deadline, device_info)
     return 0
 
 
@@ -236,15 +278,41 @@ def phase_build(args) -> int:
 # ------------------------------------------------------------------------------------------------
 # tests
 # ------------------------------------------------------------------------------------------------
-DRY_TEST_FILES = ("bench/test_kernel_report.py",)  # a quick real test file: the phase's machinery is what is tried
+DRY_TEST_GROUPS = {"bench": ("bench/test_kernel_report.py",), "tests": ("tests/test_architecture.py",)}
+GPU_MARK = re.compile(r"pytest\.mark\.gpu\b|\bmark\.gpu\b")
+# a device fault makes every later CUDA call of the same process fail: such a group ends there
+STICKY_CUDA_ERROR = re.compile(r"illegal memory access|device-side assert|unspecified launch failure|"
+                               r"misaligned address|CUDA error: an illegal instruction", re.I)  # fmt: skip
 
 
-def pytest_command(work: Path, dry_run: bool, per_test_timeout: int) -> list[str]:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={work / 'junit.xml'}",
-           "-o", "faulthandler_timeout=" + str(per_test_timeout)]  # fmt: skip
+def gpu_test_groups(root: Path = REPO_ROOT) -> dict[str, list[str]]:
+    """The test files that hold ``gpu``-marked tests, grouped by folder (``tests/kernels``,
+    ``tests/ops``, ..., ``bench``). Each group runs in its own pytest process, so a hang or a
+    device fault costs that group only. Found by reading the files (nothing is imported)."""
+    groups: dict[str, list[str]] = {}
+    for folder in ("tests", "bench"):
+        for path in sorted((root / folder).rglob("test_*.py")):
+            if "cuemu" in path.parts or not GPU_MARK.search(path.read_text(errors="replace")):
+                continue
+            rel = path.relative_to(root)
+            groups.setdefault(str(rel.parent), []).append(str(rel))
+    return groups
+
+
+def pytest_command(work: Path, group: str, files, dry_run: bool, per_test_timeout: int) -> list[str]:
+    """One group's pytest: ``-v -rA --durations`` so the log names every test (the last line names
+    a test that hung), a per-test timeout (pytest-timeout, ``thread`` method: it also ends a test
+    stuck in a CUDA call, by ending the group's process), junit XML per group."""
+    cmd = [sys.executable, "-m", "pytest", "-v", "-rA", "--durations=15", "-p", "no:cacheprovider",
+           f"--junitxml={work / f'junit-{group_slug(group)}.xml'}",
+           "-o", "faulthandler_timeout=" + str(per_test_timeout + 15)]  # fmt: skip
     if importlib.util.find_spec("pytest_timeout") is not None:
-        cmd += [f"--timeout={per_test_timeout}"]
-    return cmd + (list(DRY_TEST_FILES) if dry_run else ["-m", "gpu", "tests", "bench"])
+        cmd += [f"--timeout={per_test_timeout}", "--timeout-method=thread"]
+    return cmd + ([] if dry_run else ["-m", "gpu"]) + list(files)
+
+
+def group_slug(group: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", group).strip("-") or "root"
 
 
 def parse_junit(path: Path) -> dict:
@@ -263,29 +331,64 @@ def parse_junit(path: Path) -> dict:
     return {**counts, "failed": failed}
 
 
+def last_test_started(log_text: str) -> str | None:
+    """The last test ``pytest -v`` started in a log (``path::name`` before its result word)."""
+    found = re.findall(r"^(\S+::\S+)", log_text, re.M)
+    return found[-1] if found else None
+
+
+def merge_groups(groups: list[dict]) -> dict:
+    """The tests phase's totals over its groups (each group a ``run_group`` result)."""
+    total = {k: sum(g.get(k, 0) or 0 for g in groups) for k in ("tests", "passed", "failures", "errors", "skipped")}
+    failed = [f for g in groups for f in g.get("failed", [])]
+    bad = [g for g in groups if g["status"] not in ("ok", "skipped")]
+    status = "failed" if bad else ("ok" if all(g["status"] == "ok" for g in groups) else "incomplete")
+    return {**total, "failed": failed, "groups": groups, "exit_code": 0 if not bad else 1, "status": status}
+
+
+def run_group(work: Path, group: str, files, dry_run: bool, per_test_timeout: int, deadline: float) -> dict:
+    """Run one group in its own process, append its output to ``pytest.log``; never raises."""
+    cmd = pytest_command(work, group, files, dry_run, per_test_timeout)
+    junit = work / f"junit-{group_slug(group)}.xml"
+    glog = work / f"pytest-{group_slug(group)}.log"
+    limit = deadline - time.time() - 3
+    if limit < 10:
+        return {"group": group, "status": "skipped", "note": f"only {limit + 3:.0f} s left in the phase"}
+    with open(glog, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=limit,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1")).returncode  # fmt: skip
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    text = glog.read_text(errors="replace")
+    with open(work / "pytest.log", "a") as f:
+        f.write(f"\n===== group {group} (exit {rc}) =====\n{text}")
+    result = {"group": group, "files": list(files), "exit_code": rc, "command": " ".join(cmd[1:])}
+    if junit.is_file():
+        result.update(parse_junit(junit))
+    else:  # killed (hang, per-test timeout's thread method, a crash): name the test that was running
+        result["note"] = f"no junit XML (pytest did not finish); last test started: {last_test_started(text)}"
+    fault = STICKY_CUDA_ERROR.search(text)
+    if fault:
+        result["device_fault"] = fault.group(0)
+    # pytest: 0 all passed, 1 some failed, 5 nothing collected (a broken selection)
+    result["status"] = "ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed")
+    return result
+
+
 def phase_tests(args) -> int:
     record = PhaseRecord(args.work, "tests")
-    log = Path(args.work) / "pytest.log"
-
-    def run_pytest():
-        cmd = pytest_command(Path(args.work), args.dry_run, args.per_test_timeout)
-        limit = max(10.0, args.deadline - time.time() - 5)
-        with open(log, "w") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
-            f.flush()
-            try:
-                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=limit)
-                rc = proc.returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-        junit = Path(args.work) / "junit.xml"
-        result = parse_junit(junit) if junit.is_file() else {"note": "no junit XML (pytest did not finish)"}
-        # pytest: 0 all passed, 1 some failed, 5 nothing collected (a broken selection)
-        result.update(command=" ".join(cmd[1:]), exit_code=rc,
-                      status="ok" if rc == 0 else ("timeout" if rc == "timeout" else "failed"))  # fmt: skip
-        return result
-
-    run_step(record, "pytest", args.deadline, run_pytest)
+    work = Path(args.work)
+    groups = {k: list(v) for k, v in DRY_TEST_GROUPS.items()} if args.dry_run else gpu_test_groups()
+    done: list[dict] = []
+    for group, files in groups.items():
+        run_step(record, f"pytest:{group}", args.deadline, lambda g=group, f=files: run_group(
+            work, g, f, args.dry_run, args.per_test_timeout, args.deadline), min_left_s=10)  # fmt: skip
+        step = record.data["steps"][f"pytest:{group}"]
+        done.append({"group": group, **step} if "group" not in step else step)
+        record.step("pytest", merge_groups(done))
     return 0
 
 
@@ -337,7 +440,8 @@ def bare_gemms(shape: dict, device: str, dtype_name: str, repeats: int) -> dict:
 
 
 def memory_snapshot(work: Path, shape: dict, dtype_name: str) -> dict:
-    """One forward+backward of ``linear_logprobs`` (Triton) under ``torch.cuda.memory._record_memory_history``."""
+    """One forward+backward of ``linear_logprobs`` (Triton) under ``torch.cuda.memory._record_memory_history``
+    (Python stacks)."""
     import torch
 
     from .harness import DTYPES
@@ -350,7 +454,8 @@ def memory_snapshot(work: Path, shape: dict, dtype_name: str) -> dict:
     inputs = op.make_inputs(dict(shape), DTYPES[dtype_name], torch.device("cuda"))
     path = Path(work) / "memory_snapshot.pickle"
     for max_entries in (20000, 5000, 1000):
-        torch.cuda.memory._record_memory_history(max_entries=max_entries)
+        # Python stacks only: C++ stacks (the default "all") make the snapshot the slowest step of the phase
+        torch.cuda.memory._record_memory_history(max_entries=max_entries, stacks="python")
         try:
             op.to_loss(provider.run(inputs), inputs).backward()
             torch.cuda.synchronize()
@@ -375,19 +480,52 @@ def phase_bench(args) -> int:
         "method": "median of 20 CUDA-event timings: 1 GiB device-to-device copy (bytes read + written), "
                   "8192^3 bf16 GEMM on random data"})  # fmt: skip
     peaks = (peaks_step or {}).get("peaks") or {}
-    # Order = priority when time runs short: the two primitives, their GEMM floor and big-N memory
-    # first, then the losses built on them.
-    for h in cfg["headlines"]:
+    # Order = priority when time runs short: our rows (with eager) for every headline, the bare GEMMs
+    # of the linear_logprobs shape, our peak memory at large N and the snapshot; then the peers
+    # (Liger's torch.compile warm-ups are the slowest step), merged into the same tables.
+    heads = cfg["headlines"]
+    for h in heads:
         run_step(record, f"headline:{h.op}", args.deadline,
-                 lambda h=h: {"shape": h.shape, **_run_cases(h.op, [h.shape], h.providers, cfg, peaks)})
+                 lambda h=h: {"shape": h.shape, **_run_cases(h.op, [h.shape], ours(h.providers), cfg, peaks)})
         if h.op == MEMORY_OP:
             run_step(record, "bare_gemms", args.deadline,
                      lambda h=h: bare_gemms(h.shape, cfg["device"], cfg["dtype"], cfg["repeats"]))
-            run_step(record, f"memory:{MEMORY_OP}", args.deadline,
-                     lambda: _run_cases(MEMORY_OP, list(cfg["memory"]), MEMORY_PROVIDERS, cfg, peaks, repeats=1))
-    linear = next(h for h in cfg["headlines"] if h.op == MEMORY_OP)
+    memory = f"memory:{MEMORY_OP}"
+    run_step(record, memory, args.deadline,
+             lambda: _run_cases(MEMORY_OP, list(cfg["memory"]), ours(MEMORY_PROVIDERS), cfg, peaks, repeats=1))
+    linear = next(h for h in heads if h.op == MEMORY_OP)
     run_step(record, "memory_snapshot", args.deadline, lambda: memory_snapshot(args.work, linear.shape, cfg["dtype"]))
+    for h in heads:
+        if peers(h.providers):
+            run_step(record, f"peers:{h.op}", args.deadline, lambda h=h: add_rows(
+                record, f"headline:{h.op}", _run_cases(h.op, [h.shape], peers(h.providers), cfg, peaks)))  # fmt: skip
+    run_step(record, f"peers:{memory}", args.deadline, lambda: add_rows(
+        record, memory, _run_cases(MEMORY_OP, list(cfg["memory"]), peers(MEMORY_PROVIDERS), cfg, peaks, repeats=1)))
     return 0
+
+
+def ours(providers) -> tuple[str, ...]:
+    """Eager and alignkernels' providers (the first pass of the bench phase)."""
+    return tuple(p for p in providers if p == "eager" or p.startswith("alignkernels"))
+
+
+def peers(providers) -> tuple[str, ...]:
+    return tuple(p for p in providers if p not in ours(providers))
+
+
+def add_rows(record: PhaseRecord, name: str, extra: dict) -> dict:
+    """Merge a later pass's rows into step ``name`` of ``record`` (speed-ups recomputed against its
+    eager row); returns the later pass's own short record."""
+    from .harness import annotate_vs_eager
+
+    step = record.data["steps"].get(name)
+    if not isinstance(step, dict) or "rows" not in step:
+        step = {"status": "ok", "rows": [], "notes": []}
+    rows = step["rows"] + extra["rows"]
+    annotate_vs_eager(rows)
+    record.step(name, {**step, "rows": rows, "notes": step.get("notes", []) + extra["notes"]})
+    return {"merged_into": name, "rows": len(extra["rows"]),
+            "providers": sorted({r["provider"] for r in extra["rows"]})}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -619,7 +757,9 @@ def tuning_markdown(tune: dict | None) -> str:
 
 
 def summary_markdown(work: Path, dry_run: bool) -> str:
-    env = ((_load(work, "env") or {}).get("steps") or {}).get("environment") or {}
+    env_steps = (_load(work, "env") or {}).get("steps") or {}
+    env = {**(env_steps.get("environment") or {}), **(env_steps.get("device") or {})}
+    tools = env_steps.get("toolchain") or {}
     lines = [f"# GPU session{' (DRY RUN on CPU: tiny shapes, Triton interpreted)' if dry_run else ''}", ""]
     c = env.get("commit") or {}
     lines += [f"- device: {env.get('device', '?')} (capability {env.get('capability', '-')}, "
@@ -628,6 +768,11 @@ def summary_markdown(work: Path, dry_run: bool) -> str:
               "- peers: " + ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v),
               f"- commit {c.get('sha') or '?'}{' + uncommitted changes' if c.get('dirty') else ''}; "
               f"alignkernels.kernels: {env.get('alignkernels')}",
+              f"- toolchain: nvcc {tools.get('nvcc_version')}; gcc {tools.get('gcc_version')}; Python headers "
+              f"{tools.get('python_headers')}; TF32 {env.get('tf32')}",
+              "- packaging / data: " + ", ".join(f"{k} {v}" for k, v in (tools.get("packaging") or {}).items()),
+              f"- pip check: exit {(tools.get('pip_check') or {}).get('exit_code')}: "
+              + ((tools.get("pip_check") or {}).get("output") or "").replace("\n", "; ")[:400],
               f"- written {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", "",
               "## Phases", "", "| phase | status | seconds | limit | note |", "|---|---|---|---|---|"]  # fmt: skip
     for s in read_status(work):
@@ -639,9 +784,16 @@ def summary_markdown(work: Path, dry_run: bool) -> str:
     tests = ((_load(work, "tests") or {}).get("steps") or {}).get("pytest")
     lines += ["", "## Phase 1: tests", ""]
     if tests:
-        lines.append(f"`{tests.get('command')}`: exit {tests.get('exit_code')}; {tests.get('passed', '?')} passed, "
-                     f"{tests.get('failures', '?')} failed, {tests.get('errors', '?')} errors, "
-                     f"{tests.get('skipped', '?')} skipped")  # fmt: skip
+        lines.append(f"{tests.get('status')}: {tests.get('passed', '?')} passed, {tests.get('failures', '?')} failed, "
+                     f"{tests.get('errors', '?')} errors, {tests.get('skipped', '?')} skipped "
+                     "(one pytest process per group; `pytest.log` has each group's output)")  # fmt: skip
+        lines += ["", "| group | status | exit | seconds | passed / failed / errors / skipped | note |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        for g in tests.get("groups", []):
+            counts = "/".join(str(g.get(k, "-")) for k in ("passed", "failures", "errors", "skipped"))
+            note = "; ".join(filter(None, [g.get("note"), g.get("device_fault") and f"device fault: {g['device_fault']}"]))
+            lines.append(f"| {g.get('group')} | {g.get('status')} | {g.get('exit_code', '-')} | {g.get('seconds', '-')} | "
+                         f"{counts} | {note} |")  # fmt: skip
         for f in tests.get("failed", [])[:40]:
             lines.append(f"- {f['kind'].upper()} `{f['test']}`: {f['message']}")
     else:
@@ -656,6 +808,10 @@ def summary_markdown(work: Path, dry_run: bool) -> str:
                      "each provider's own bytes / FLOPs (`bench/cost.py`).")  # fmt: skip
     for name, step in bench.items():
         if name == "device_peaks":
+            continue
+        if name.startswith("peers:"):  # merged into the table it names
+            lines += ["", f"{name}: {step.get('status')} ({step.get('seconds', '-')} s) "
+                      f"{step.get('note') or ', '.join(step.get('providers') or [])}"]  # fmt: skip
             continue
         lines += ["", f"### {name}", ""]
         if not isinstance(step, dict) or step.get("status") not in ("ok", None):
@@ -792,7 +948,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="summary: output folder (default bench/results/<device>/)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreted")
     p.add_argument("--deadline", type=float, default=None, help="epoch seconds by which the phase must end")
-    p.add_argument("--per-test-timeout", type=int, default=120)
+    p.add_argument("--per-test-timeout", type=int, default=60)
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.deadline is None:
