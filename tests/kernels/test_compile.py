@@ -62,14 +62,15 @@ def test_kernel_compiles_to_cubin(compile_results, case_id, target):
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_kernel_config_does_not_spill(compile_results, case_id, target):
     """Register spills go to local memory (NVIDIA) or scratch (AMD): a config the launcher can choose
-    must have none."""
+    must have none. On AMD, VGPR spills go to scratch; SGPR spills go to free VGPR lanes
+    (``v_writelane``), not to memory, so they are reported (``sgpr_spills``) but allowed."""
     result = compile_results[f"{case_id}@{target}"]
     if not result["ok"]:
         pytest.fail(f"did not compile: {result['error']}")
     assert result["registers"] > 0
     assert result["local_bytes"] == 0, f"{result['local_bytes']} bytes of local memory / scratch (spills) per thread"
     if target in AMD_TARGETS:
-        assert (result["vgpr_spills"], result["sgpr_spills"]) == (0, 0), result
+        assert result["vgpr_spills"] == 0, f"{result['vgpr_spills']} VGPRs spilled to scratch"
         assert result["waves_per_simd"] > 0, "the config cannot even fit one wavefront per SIMD"
     else:
         assert result["occupancy"] > 0, "the config cannot even fit one block per SM"
