@@ -43,6 +43,9 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKA
 DRYFLAG=()
 if [ "$DRY" = 1 ]; then
   DRYFLAG=(--dry-run)
+  # the rehearsal makes a venv first and may install wheels one by one (a py312 wheel on another
+  # Python): more time than the GPU machine's install needs
+  [ -z "${GPU_SESSION_LIMITS:-}" ] && LIM_INSTALL=120
   # the Triton providers run on CPU tensors in the interpreter (read when kernels are decorated)
   export TRITON_INTERPRET=1 ALIGNKERNELS_BENCH_TRITON_ON_CPU=1 CUDA_VISIBLE_DEVICES=""
 fi

@@ -15,15 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_session import (
-    forced_config,
-    gpu_test_groups,
-    last_test_started,
-    merge_groups,
-    parse_junit,
-    read_status,
-    tuning_markdown,
-)
+from bench.gpu_session.gpu_tests import gpu_test_groups, last_test_started, merge_groups, parse_junit, run_group
+from bench.gpu_session.record import read_status
+from bench.gpu_session.summary import tuning_markdown
+from bench.gpu_session.tune import forced_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "bench" / "gpu_session.sh"
@@ -242,8 +237,6 @@ HUNG, FAULT, OK = (
 def test_a_hang_or_a_fault_costs_only_its_group(tmp_path):
     """Each group is its own pytest process: a hung test is killed at the group's limit and named from
     the ``-v`` log, a device fault is recorded, and the next group runs unharmed."""
-    from bench.gpu_session import run_group
-
     work = tmp_path / "work"
     work.mkdir()
     files = {}
