@@ -152,7 +152,7 @@ ok = torch.cuda.is_available()
 open(sys.argv[1], "w").write("%d%d" % torch.cuda.get_device_capability() if ok else "none")
 print("CUDA device:", torch.cuda.get_device_name(0) if ok else "none")' "$WORK/arch"
 ARCH=$(cat "$WORK/arch" 2>/dev/null)
-if [ -z "$ARCH" ]; then
+if [ -z "$ARCH" ] && ! grep -q "^probe	skip" "$WORK/status.tsv"; then   # ran, and did not finish
   NO_DEVICE="the device probe did not finish (CUDA initialisation hung or failed): see phases.log"
 fi
 # the CUDA extension for this GPU only: one arch builds in a fraction of the time

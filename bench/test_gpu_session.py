@@ -147,6 +147,7 @@ def test_a_spent_budget_still_writes_the_summary(tmp_path):
     assert {s["phase"]: s["exit"] for s in session["status"]} == {
         "install": "skip", "probe": "skip", "env": "skip", "build": "skip", "tests": "skip", "bench": "skip",
         "tune": "skip"}  # fmt: skip
+    assert {s["note"] for s in session["status"]} == {"budget spent"}  # not a device probe that hung
     assert "skipped" in (tmp_path / "SUMMARY.md").read_text()
 
 
