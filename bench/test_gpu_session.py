@@ -288,3 +288,26 @@ def test_a_hung_cuda_initialisation_costs_the_probe_only(tmp_path):
     for phase in ("build", "tests", "bench", "tune"):
         assert status[phase][0] == "skip" and "device probe did not finish" in status[phase][1], status
     assert "device probe did not finish" in (out / "SUMMARY.md").read_text()
+
+
+def test_per_test_timeout_ends_a_hung_test_and_names_it(tmp_path, monkeypatch):
+    """With pytest-timeout 2.4.0 (the wheel the session installs first) importable, a group's pytest
+    gets ``--timeout`` with the thread method: a hung test ends its group after the per-test limit,
+    not the phase's, and the ``-v`` log names it."""
+    site = tmp_path / "site"
+    wheel = sorted(gpu_wheels().glob("pytest_timeout-*.whl"))
+    assert wheel, "no pytest-timeout wheel next to setuptools and wheel"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(site),
+                    str(wheel[-1])], check=True, capture_output=True, timeout=300)  # fmt: skip
+    monkeypatch.syspath_prepend(str(site))  # what PYTHONPATH does in the session's tests phase
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    (tmp_path / "hang").mkdir()
+    (tmp_path / "hang" / "test_hang.py").write_text(HUNG)
+    work = tmp_path / "work"
+    work.mkdir()
+    t0 = time.time()
+    hung = run_group(work, "hang", [str(tmp_path / "hang" / "test_hang.py")], True, 3, deadline=time.time() + 120)
+    assert time.time() - t0 < 60, "the per-test timeout, not the group's limit, ended the test"
+    assert "--timeout=3" in hung["command"] and "--timeout-method=thread" in hung["command"]
+    assert hung["status"] == "failed" and "test_hang.py::test_hangs" in hung["note"], hung
+    assert "Timeout" in (work / "pytest.log").read_text()
