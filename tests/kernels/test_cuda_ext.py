@@ -1,7 +1,8 @@
 """The CUDA C++ backend (``csrc/`` -> ``alignkernels._C``), its build and its Python side.
 
 Without a GPU (CI): the sources compile with nvcc for sm_80 and sm_90 (one real build per test
-session, ``built_extension``), the module imports in a fresh process with no GPU and no
+session, ``built_extension``; with ``ALIGNKERNELS_CUDA_ARCHS`` set, as ``bench/gpu_session.sh`` sets it
+after its build phase, the cached build for those targets instead), the module imports in a fresh process with no GPU and no
 libcudart, the cache lock lets exactly one of several processes build while all of them get a
 valid module (stub compile step), interrupted / failed builds leave nothing that passes for a
 module, and the Python side rejects bad tensors before any pointer reaches C++.
