@@ -311,3 +311,29 @@ def test_per_test_timeout_ends_a_hung_test_and_names_it(tmp_path, monkeypatch):
     assert "--timeout=3" in hung["command"] and "--timeout-method=thread" in hung["command"]
     assert hung["status"] == "failed" and "test_hang.py::test_hangs" in hung["note"], hung
     assert "Timeout" in (work / "pytest.log").read_text()
+
+
+def test_peers_run_after_our_rows_and_join_the_same_table(tmp_path):
+    """The bench phase measures eager and alignkernels first (what a cut-short window must keep); the
+    peers' rows, measured last, are merged into the same step with speed-ups against its eager row."""
+    from bench.gpu_session.benchmarks import add_rows, ours, peers
+    from bench.gpu_session.plan import GPU_HEADLINES
+    from bench.gpu_session.record import PhaseRecord, load_phase
+
+    for h in GPU_HEADLINES:
+        assert "eager" in ours(h.providers) and not any(p.startswith("alignkernels") for p in peers(h.providers))
+        assert set(ours(h.providers)) | set(peers(h.providers)) == set(h.providers)
+    assert peers(GPU_HEADLINES[0].providers) == ("trl", "liger")
+
+    def row(provider, role, ms):
+        return {"op": "x", "provider": provider, "role": role, "shape_str": "N=1", "dtype": "bf16", "status": "ok",
+                "fwdbwd_ms": {"median": ms}, "peak_fwdbwd_bytes": 100 * ms}  # fmt: skip
+
+    record = PhaseRecord(tmp_path, "bench")
+    record.step("headline:x", {"status": "ok", "rows": [row("eager", "eager", 4.0), row("ak", "ours", 1.0)], "notes": []})
+    short = add_rows(record, "headline:x", {"rows": [row("liger", "peer", 2.0)], "notes": ["liger: compiled"]})
+    assert short == {"merged_into": "headline:x", "rows": 1, "providers": ["liger"]}
+    step = load_phase(tmp_path, "bench")["steps"]["headline:x"]
+    assert [r["provider"] for r in step["rows"]] == ["eager", "ak", "liger"] and step["notes"] == ["liger: compiled"]
+    assert [r["speedup_vs_eager"] for r in step["rows"]] == [1.0, 4.0, 2.0]
+    assert step["rows"][2]["mem_ratio_vs_eager"] == 0.5
