@@ -2,10 +2,19 @@
 
 Public names are imported lazily (``alignkernels.token_logprobs`` imports only its own op),
 so ``import alignkernels`` stays cheap and never compiles a kernel.
+
+``alignkernels.kernels`` is the checkout's top-level ``kernels/`` folder, mapped by the install
+(``[tool.setuptools.package-dir]`` in ``pyproject.toml``). Imported straight from a checkout with no
+install at all (a machine where ``pip install -e .`` failed, see ``bench/gpu_session.sh``), this
+module maps that folder itself: only when nothing else on the import path provides the name.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import os
+import sys
 
 __version__ = "0.1.0"
 
@@ -41,6 +50,36 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+class _CheckoutKernels(importlib.abc.MetaPathFinder):
+    """Finds ``alignkernels.kernels`` in the checkout's ``kernels/`` folder (uninstalled checkout)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            fullname, os.path.join(self.folder, "__init__.py"), submodule_search_locations=[self.folder])
+
+
+def _map_checkout_kernels() -> None:
+    name = __name__ + ".kernels"
+    if name in sys.modules or any(isinstance(f, _CheckoutKernels) for f in sys.meta_path):
+        return
+    try:
+        if importlib.util.find_spec(name) is not None:  # an install (editable or not) maps it
+            return
+    except (ImportError, ValueError):
+        pass
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels")
+    if os.path.isfile(os.path.join(folder, "__init__.py")):
+        sys.meta_path.append(_CheckoutKernels(folder))
+
+
+_map_checkout_kernels()
 
 
 def __getattr__(name):

@@ -24,7 +24,7 @@ import os
 import torch
 
 from . import _build
-from ._utils import as_rows, cuda_backend_on_cpu_allowed
+from ._utils import as_rows, cuda_backend_on_cpu_allowed, rocm_build
 
 _FLOAT_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _INDEX_CODES = {torch.int32: 0, torch.int64: 1}
@@ -75,8 +75,9 @@ def extension():
 
 
 def is_available() -> bool:
-    """True when a CUDA GPU is visible and the extension is importable or buildable here."""
-    if not torch.cuda.is_available():
+    """True when a CUDA GPU is visible and the extension is importable or buildable here (never under
+    a ROCm build of torch: the extension is NVIDIA-only)."""
+    if not torch.cuda.is_available() or rocm_build():
         return False
     try:
         extension()

@@ -32,6 +32,11 @@ def cuda_backend_on_cpu_allowed() -> bool:
     return _CUDA_ON_CPU["allowed"]
 
 
+def rocm_build() -> bool:
+    """True under a ROCm (HIP) build of torch, where AMD GPUs are ``cuda`` devices."""
+    return getattr(torch.version, "hip", None) is not None
+
+
 class OpBackends:
     """The backends one public op has, and the one rule that picks among them.
 
@@ -52,6 +57,10 @@ class OpBackends:
     5. ``triton`` needs CUDA tensors (or ``TRITON_INTERPRET=1``, how the tests run kernels on CPU)
        and a kernel dtype; ``cuda`` needs CUDA tensors (or the test emulator, see
        ``allow_cuda_backend_on_cpu``).
+    6. Under a ROCm build of torch (``torch.version.hip``; AMD GPUs are ``cuda`` devices there) the
+       CUDA C++ extension (``csrc/``, NVIDIA only) is refused by name, explicitly or through
+       ``ALIGNKERNELS_BACKEND``, so ``auto`` is Triton on AMD GPUs (compiled for gfx942 / gfx950 in
+       ``tests/kernels/test_compile.py``).
     """
 
     registry: dict[str, "OpBackends"] = {}
@@ -108,6 +117,11 @@ class OpBackends:
                 )
             if dtype is not None and dtype not in KERNEL_DTYPES:
                 raise TypeError(f"{self.op}: backend='triton' supports float16/bfloat16/float32 inputs, got {dtype}")
+        if backend == "cuda" and device.type == "cuda" and rocm_build():
+            raise ValueError(
+                f"{self.op}: backend='cuda' is the CUDA C++ extension (csrc/, NVIDIA GPUs only), and this is "
+                f"a ROCm build of torch (HIP {torch.version.hip}); use backend='triton' or 'auto' on AMD GPUs"
+            )
         if backend == "cuda" and device.type != "cuda" and not cuda_backend_on_cpu_allowed():
             raise ValueError(f"{self.op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
 

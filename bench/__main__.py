@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .environment import device_slug
 from .harness import DEFAULT_REGISTRY, DTYPES, RunConfig, load_registry, run_suite, shapes_for
-from .report import device_slug, markdown_tables, plot, print_tables, write_json
+from .report import markdown_tables, plot, print_tables, write_json
 
 PRESETS = {
     "llama3-8b": {"H": 4096, "V": 128256},

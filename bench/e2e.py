@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .report import device_name, device_slug, git_commit
+    from .environment import capture, device_name, device_slug
 
     console = Console()
     if not console.is_terminal:
@@ -255,8 +255,7 @@ def main(argv=None) -> int:
     console.print(table)
     out = args.out or RESULTS_ROOT / device_slug(torch.device(device)) / "e2e.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=device_name(torch.device(device)), torch=torch.__version__, commit=git_commit(),
-                timestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), seq_len=seq_len, vocab_size=vocab)  # fmt: skip
+    meta = dict(capture(torch.device(device)), seq_len=seq_len, vocab_size=vocab)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str) + "\n")
     console.print(f"wrote {out}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1

@@ -44,14 +44,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from .cost import Cost
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .environment import REPO_ROOT
+from .records import ResultRow, Results, Timing, peak_bytes, timed_phase
 DEFAULT_REGISTRY = "bench.registry:build_ops"
 RESULT_PREFIX = "BENCH_RESULT "
 L2_FLUSH_BYTES = 256 << 20
@@ -281,7 +280,7 @@ class CudaProbe:
 # ------------------------------------------------------------------------------------------------
 # Timing
 # ------------------------------------------------------------------------------------------------
-def summarize_ms(times_ms: list[float]) -> dict:
+def summarize_ms(times_ms: list[float]) -> Timing:
     xs = sorted(times_ms)
     if len(xs) >= 2:
         q = statistics.quantiles(xs, n=4, method="inclusive")
@@ -452,7 +451,7 @@ def measure_device_peaks(device: torch.device) -> dict:
     return {"copy_bytes_per_s": 2 * n / (t_copy * 1e-3), "bf16_gemm_flops_per_s": 2 * m**3 / (t_mm * 1e-3)}
 
 
-def roofline_fractions(op: OpBench, provider: Provider, row: dict, peaks: dict):
+def roofline_fractions(op: OpBench, provider: Provider, row: ResultRow, peaks: dict):
     """Fill ``roofline_fwd`` / ``roofline_fwdbwd``: achieved bytes/s (or FLOP/s) over the measured
     peak, counting what this provider issues (``bench.cost``)."""
     cost_fn = provider.cost or op.cost
@@ -525,7 +524,7 @@ def plan(cfg: RunConfig, ops: dict[str, OpBench]):
     return cases, skipped
 
 
-def base_row(op: OpBench, shape: dict, dtype: torch.dtype, provider: Provider, device: torch.device) -> dict:
+def base_row(op: OpBench, shape: dict, dtype: torch.dtype, provider: Provider, device: torch.device) -> ResultRow:
     return {
         "op": op.name,
         "provider": provider.name,
@@ -546,7 +545,7 @@ def base_row(op: OpBench, shape: dict, dtype: torch.dtype, provider: Provider, d
     }
 
 
-def run_case(cfg: RunConfig, op: OpBench, shape: dict, dtype: torch.dtype, provider: Provider, repeats: int, warmup: int) -> dict:
+def run_case(cfg: RunConfig, op: OpBench, shape: dict, dtype: torch.dtype, provider: Provider, repeats: int, warmup: int) -> ResultRow:
     row = base_row(op, shape, dtype, provider, cfg.device)
     isolate = cfg.isolate if cfg.isolate is not None else (cfg.device.type == "cpu" and not cfg.quick)
     if isolate and cfg.device.type == "cpu":
@@ -589,7 +588,7 @@ def default_repeats(cfg: RunConfig) -> tuple[int, int]:
     return (cfg.repeats or repeats), (cfg.warmup if cfg.warmup is not None else warmup)
 
 
-def annotate_vs_eager(rows: list[dict]):
+def annotate_vs_eager(rows: list[ResultRow]):
     """Speed-up (eager time / this time) and memory ratio (this peak / eager peak) per row, vs the
     eager row of the same op, shape and dtype (forward+backward when the op has a backward)."""
     eager = {}
@@ -601,18 +600,18 @@ def annotate_vs_eager(rows: list[dict]):
         r["speedup_vs_eager"] = r["mem_ratio_vs_eager"] = None
         if e is None or r["status"] != "ok":
             continue
-        phase = "fwdbwd" if r.get("fwdbwd_ms") else "fwd"
+        phase = timed_phase(r)
         te, tr = (e.get(f"{phase}_ms") or {}).get("median"), (r.get(f"{phase}_ms") or {}).get("median")
         if te and tr:
             r["speedup_vs_eager"] = te / tr
-        me, mr = e.get(f"peak_{phase}_bytes"), r.get(f"peak_{phase}_bytes")
+        me, mr = e.get(f"peak_{phase}_bytes"), peak_bytes(r)
         if me and mr is not None:
             r["mem_ratio_vs_eager"] = mr / me
 
 
-def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print) -> dict:
+def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print) -> Results:
     """Run every case of ``cfg``; returns ``{"meta", "rows", "notes"}`` (see ``report``)."""
-    from .report import environment_meta
+    from .environment import capture
 
     ops = load_registry(cfg.registry)
     unknown = [o for o in cfg.ops if o not in ops]
@@ -644,7 +643,7 @@ def run_suite(cfg: RunConfig, progress=None, log: Callable[[str], None] = print)
             progress.advance(task)
     rows.sort(key=lambda r: cfg.ops.index(r["op"]))  # stable: cases keep their order within an op
     annotate_vs_eager(rows)
-    meta = environment_meta(cfg.device)
+    meta = capture(cfg.device)
     meta.update({"repeats": repeats, "warmup": warmup, "quick": cfg.quick, "device_peaks": peaks,
                  "ops": cfg.ops, "preset": cfg.preset})
     return {"meta": meta, "rows": rows, "notes": notes}

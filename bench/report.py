@@ -2,7 +2,7 @@
 
 JSON (``results.json`` in the output folder)::
 
-    {"meta": {device, device_name, torch, triton, cuda, cpu, git_commit, timestamp, repeats, ...},
+    {"meta": {<bench.environment.capture keys>, repeats, warmup, device_peaks, ...},
      "rows": [{op, provider, role, shape, shape_str, dtype, status ("ok"|"oom"|"skipped"|"error"|
                "timeout"), note, fwd_ms: {median, p25, p75, min, max, n}, fwdbwd_ms: {...},
                peak_fwd_bytes, peak_fwdbwd_bytes, input_bytes, speedup_vs_eager,
@@ -15,68 +15,11 @@ per provider, one row of panels per remaining shape (e.g. per vocabulary size).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
-import platform
-import re
-import subprocess
 from pathlib import Path
 
-import torch
-
-from .harness import REPO_ROOT
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{cpu_model()} ({os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch threads)"
-
-
-def device_slug(device: torch.device) -> str:
-    base = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    slug = re.sub(r"[^a-z0-9]+", "-", f"{device.type}-{base}".lower()).strip("-")
-    return slug[:60] or device.type
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment_meta(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001
-        triton_version = None
-    return {
-        "device": device.type,
-        "device_name": device_name(device),
-        "cpu": cpu_model(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+from .environment import REPO_ROOT
+from .records import ResultRow, Results, peak_bytes, timed_phase
 
 
 # ------------------------------------------------------------------------------------------------
@@ -108,21 +51,21 @@ def fmt_pct(x) -> str:
     return "-" if x is None else f"{100 * x:.0f}%"
 
 
-def table_columns(results: dict) -> list[str]:
+def table_columns(results: Results) -> list[str]:
     cols = ["provider", "shape", "dtype", "fwd ms", "fwd+bwd ms", "peak mem", "inputs", "speed-up", "mem vs eager"]
     if results["meta"].get("device") == "cuda":
         cols.append("roofline fwd / fwd+bwd")
     return cols
 
 
-def table_rows(results: dict, op: str) -> list[list[str]]:
+def table_rows(results: Results, op: str) -> list[list[str]]:
     gpu = results["meta"].get("device") == "cuda"
     out = []
     for r in results["rows"]:
         if r["op"] != op or r["status"] == "skipped":
             continue
         status = r["status"]
-        peak = r.get("peak_fwdbwd_bytes") if r.get("fwdbwd_ms") else r.get("peak_fwd_bytes")
+        peak = peak_bytes(r)
         if status == "ok":
             cells = [fmt_ms(r.get("fwd_ms")), fmt_ms(r.get("fwdbwd_ms")), fmt_bytes(peak), fmt_bytes(r.get("input_bytes")),
                      fmt_ratio(r.get("speedup_vs_eager")), fmt_ratio(r.get("mem_ratio_vs_eager"))]
@@ -136,11 +79,11 @@ def table_rows(results: dict, op: str) -> list[list[str]]:
     return out
 
 
-def op_titles(results: dict) -> dict[str, str]:
+def op_titles(results: Results) -> dict[str, str]:
     return {r["op"]: r.get("op_title", r["op"]) for r in results["rows"]}
 
 
-def print_tables(results: dict, console=None):
+def print_tables(results: Results, console=None):
     from rich.console import Console
     from rich.table import Table
 
@@ -169,7 +112,7 @@ LEGEND = (
 )
 
 
-def footnotes(results: dict) -> list[str]:
+def footnotes(results: Results) -> list[str]:
     lines = [f"note: {n}" for n in results.get("notes", [])]
     methods = sorted({r.get("memory_method") for r in results["rows"] if r.get("memory_method")})
     if methods:
@@ -180,8 +123,9 @@ def footnotes(results: dict) -> list[str]:
     return lines
 
 
-def markdown_tables(results: dict) -> str:
-    """The same tables as GitHub markdown (for the README)."""
+def markdown_tables(results: Results, legend: bool = True) -> str:
+    """The same tables as GitHub markdown (the README, ``docs/BENCHMARKS.md``, the GPU session's
+    ``SUMMARY.md``), then the footnotes; ``legend=False`` leaves the legend to the caller."""
     cols = table_columns(results)
     parts = []
     for op in dict.fromkeys(r["op"] for r in results["rows"]):
@@ -193,12 +137,13 @@ def markdown_tables(results: dict) -> str:
         parts.append("|" + "|".join("---" for _ in cols) + "|")
         parts.extend("| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows)
         parts.append("")
-    parts.append(LEGEND)
+    if legend:
+        parts.append(LEGEND)
     parts.extend(f"- {line}" for line in footnotes(results))
     return "\n".join(parts)
 
 
-def write_json(results: dict, path: Path) -> Path:
+def write_json(results: Results, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1, sort_keys=False, default=str) + "\n")
@@ -208,7 +153,7 @@ def write_json(results: dict, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------
 # Plots
 # ------------------------------------------------------------------------------------------------
-def plot(results: dict, out_dir: Path) -> list[Path]:
+def plot(results: Results, out_dir: Path) -> list[Path]:
     """One PNG per op: time (fwd+bwd, else fwd) and peak memory vs the op's sequence axis."""
     import matplotlib
 
@@ -218,7 +163,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    rows = [r for r in results["rows"] if r["status"] == "ok" and r.get("x") is not None]
+    rows: list[ResultRow] = [r for r in results["rows"] if r["status"] == "ok" and r.get("x") is not None]
     for op in dict.fromkeys(r["op"] for r in rows):
         op_rows = [r for r in rows if r["op"] == op]
         x_axis = op_rows[0]["x_axis"]
@@ -235,7 +180,7 @@ def plot(results: dict, out_dir: Path) -> list[Path]:
             for provider in dict.fromkeys(r["provider"] for r in g_rows):
                 pr = sorted((r for r in g_rows if r["provider"] == provider), key=lambda r: r["x"])
                 xs = [r["x"] for r in pr]
-                phase = "fwdbwd" if pr[0].get("fwdbwd_ms") else "fwd"
+                phase = timed_phase(pr[0])
                 ts = [r[f"{phase}_ms"]["median"] for r in pr]
                 ax_t.plot(xs, ts, marker="o", label=provider)
                 ms = [(r.get(f"peak_{phase}_bytes"), r["x"]) for r in pr]
@@ -285,7 +230,8 @@ def _e2e_markdown(e2e: dict) -> list[str]:
     rows = [r for r in e2e["rows"] if r.get("status") == "ok"]
     modes = list(dict.fromkeys(r["mode"] for r in e2e["rows"]))
     out = [f"One training step (`python -m bench --e2e`, seq_len={meta.get('seq_len')}, V={meta.get('vocab_size')}; "
-           f"{meta.get('device')}, torch {meta.get('torch')}, commit {(meta.get('commit') or '?')[:7]}, "
+           f"{meta.get('device_name') or meta.get('device')}, torch {meta.get('torch')}, "
+           f"commit {(meta.get('git_commit') or meta.get('commit') or '?')[:7]}, "
            f"{meta.get('timestamp')}): step time / peak memory "
            f"({rows[0].get('memory_kind', 'peak memory') if rows else '-'})", "",
            "| trainer | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]  # fmt: skip

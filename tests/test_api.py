@@ -87,3 +87,21 @@ def test_public_op_raises_the_dispatch_error(op, backend):
 def test_unknown_backend_names_the_op(op):
     with pytest.raises(ValueError, match=rf"{op}: backend must be one of"):
         _public_calls()[op]("nope")
+
+
+CUDA_OPS = sorted(op for op, spec in OpBackends.registry.items() if "cuda" in spec.backends)
+
+
+@pytest.mark.parametrize("op", CUDA_OPS)
+def test_rocm_refuses_the_cuda_extension_and_auto_is_triton(op, monkeypatch):
+    """Under a ROCm build of torch (AMD GPUs are ``cuda`` devices), ``backend='cuda'`` names the CUDA C++
+    extension and refuses; ``auto`` (also with ``ALIGNKERNELS_BACKEND=cuda``) picks Triton."""
+    spec, amd_gpu = OpBackends.registry[op], torch.device("cuda", 0)  # a device object: no GPU touched
+    assert spec.resolve("cuda", amd_gpu, torch.float32) == "cuda"  # NVIDIA build: the extension
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    with pytest.raises(ValueError, match=rf"{op}: backend='cuda' is the CUDA C\+\+ extension .*ROCm build of torch"):
+        spec.resolve("cuda", amd_gpu, torch.float32)
+    want = "triton" if "triton" in spec.backends else spec.auto_choice("cuda", torch.bfloat16)
+    assert spec.resolve("auto", amd_gpu, torch.bfloat16) == want
+    monkeypatch.setenv("ALIGNKERNELS_BACKEND", "cuda")
+    assert spec.resolve("auto", amd_gpu, torch.bfloat16) == want

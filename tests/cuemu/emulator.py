@@ -11,6 +11,14 @@ the hash of its objects, under ``${ALIGNKERNELS_CACHE_DIR:-~/.cache/alignkernels
 ``alignkernels._build.build_cached`` (file lock, atomic publish). So a mutant of one kernel file
 recompiles only that file, and an unchanged checkout builds nothing.
 
+Symbol isolation: the module exports only ``PyInit_*`` (the pybind entry point) and ``cuemu_*`` (the
+control functions reached with ctypes); everything else, the runtime's ``cudaGetDevice``,
+``cudaGetLastError``, ... included, is bound inside the module at link time (``EXPORTS``, a linker
+version script). Without it, in a process that already holds a CUDA runtime (a CUDA build of torch
+loads ``libcudart`` with global symbols), the kernels' host code called that runtime instead of the
+emulator's and every emulated test failed. ``tests/cuemu/test_emulator.py`` loads a stand-in
+``libcudart`` first to prove it.
+
 Sanitizers: ``CUEMU_SANITIZE=asan`` (AddressSanitizer + UBSan) or ``tsan`` (ThreadSanitizer)
 builds an instrumented module; the Python process must then preload the sanitizer runtime, so
 ``run_sanitized`` re-runs pytest in a subprocess with ``LD_PRELOAD`` set.
@@ -43,6 +51,10 @@ SANITIZERS = {
     "asan": ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"],
     "tsan": ["-fsanitize=thread"],
 }
+
+
+# Linker version script: what the module exports (see "Symbol isolation" above).
+EXPORTS = "{\n  global: PyInit_*; cuemu_*;\n  local: *;\n};\n"
 
 
 class EmulatorUnavailable(RuntimeError):
@@ -232,14 +244,16 @@ def build(sources: dict[str, str] | None = None, *, sanitize: str | None = None,
         jobs.append((cmd, objects_dir / f"{Path(name).stem}-{key}.o"))
     runtime_key = _digest(*key_common, (HERE / "runtime.cpp").read_bytes())
     jobs.append(([*common, "-c", str(HERE / "runtime.cpp")], objects_dir / f"runtime-{runtime_key}.o"))
-    module_key = "cuemu-" + _digest(*key_common, *(obj.name for _, obj in jobs))
+    module_key = "cuemu-" + _digest(*key_common, EXPORTS, *(obj.name for _, obj in jobs))
 
     def builder(build_dir: Path, output: Path) -> None:
         with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
             for f in [pool.submit(_compile, cmd, obj) for cmd, obj in jobs]:
                 f.result()
-        link = [tc.cxx, "-shared", "-pthread", *SANITIZERS[tc.sanitize], *(str(o) for _, o in jobs), "-o",
-                str(output)]  # fmt: skip
+        exports = build_dir / "exports.map"
+        exports.write_text(EXPORTS)
+        link = [tc.cxx, "-shared", "-pthread", *SANITIZERS[tc.sanitize], f"-Wl,--version-script={exports}",
+                *(str(o) for _, o in jobs), "-o", str(output)]  # fmt: skip
         proc = subprocess.run(link, capture_output=True, text=True)
         if proc.returncode != 0:
             raise _build.ExtensionBuildError(f"cuemu: linking failed\n{proc.stderr[-6000:]}")

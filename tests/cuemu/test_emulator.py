@@ -131,3 +131,58 @@ def test_free_schedule_gives_the_same_answers(probe, monkeypatch):
     assert torch.equal(out[:40], torch.arange(39, -1, -1, dtype=torch.int32))
     with pytest.raises(RuntimeError, match="lane 5 of warp 0 (has exited|exited)"):
         run(probe, "exited_lane")
+
+
+# A stand-in for the CUDA runtime that a CUDA build of torch loads with global symbols: same names as
+# the emulator's runtime, every call a failure ("no CUDA-capable device", as on a CPU machine).
+STANDIN_CUDART = r"""
+#include <stdint.h>
+static const char* msg = "stand-in libcudart: no CUDA-capable device is detected";
+int cudaGetDevice(int* d) { *d = -1; return 100; }
+int cudaSetDevice(int d) { return 100; }
+int cudaGetLastError(void) { return 100; }
+int cudaPeekAtLastError(void) { return 100; }
+const char* cudaGetErrorName(int e) { return "cudaErrorNoDevice"; }
+const char* cudaGetErrorString(int e) { return msg; }
+"""
+
+ISOLATION_CHILD = r"""
+import ctypes, sys
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)  # first, with global symbols, as torch's libcudart
+sys.path.insert(0, sys.argv[2])
+import torch
+from alignkernels import _cuda_backend, _utils, token_logprobs
+from cuemu import emulator
+emu = emulator.load(emulator.build())
+_utils.allow_cuda_backend_on_cpu(True)
+_cuda_backend.install_emulated_extension(emu.module)
+logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+labels = torch.tensor([0, 17, 49])
+got = token_logprobs(logits, labels, backend="cuda")
+want = torch.log_softmax(logits.double(), -1).gather(-1, labels[:, None]).squeeze(-1)
+print("max_abs_err", (got.double() - want).abs().max().item())
+"""
+
+
+def test_emulator_is_isolated_from_a_loaded_cuda_runtime(emulated_build, tmp_path):
+    """With a CUDA runtime's symbols already global in the process (a CUDA build of torch), the emulated
+    module still calls its own runtime: only ``PyInit_*`` and ``cuemu_*`` leave the module."""
+    import shutil
+    import subprocess
+    import sys
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the stand-in CUDA runtime")
+    (tmp_path / "cudart.c").write_text(STANDIN_CUDART)
+    standin = tmp_path / "libcudart_standin.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(tmp_path / "cudart.c"), "-o", str(standin)], check=True)
+    proc = subprocess.run([sys.executable, "-c", ISOLATION_CHILD, str(standin), str(emulator.HERE.parent)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("max_abs_err")[-1]) < 1e-5, proc.stdout
+    nm = shutil.which("nm")
+    if nm:
+        exported = subprocess.run([nm, "-D", "--defined-only", str(emulated_build.path)], capture_output=True,
+                                  text=True, check=True).stdout.split()  # fmt: skip
+        assert not [s for s in exported if s.startswith("cuda")], "the emulator exports CUDA runtime names"

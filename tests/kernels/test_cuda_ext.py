@@ -1,7 +1,8 @@
 """The CUDA C++ backend (``csrc/`` -> ``alignkernels._C``), its build and its Python side.
 
 Without a GPU (CI): the sources compile with nvcc for sm_80 and sm_90 (one real build per test
-session, ``built_extension``), the module imports in a fresh process with no GPU and no
+session, ``built_extension``; with ``ALIGNKERNELS_CUDA_ARCHS`` set, as ``bench/gpu_session.sh`` sets it
+after its build phase, the cached build for those targets instead), the module imports in a fresh process with no GPU and no
 libcudart, the cache lock lets exactly one of several processes build while all of them get a
 valid module (stub compile step), interrupted / failed builds leave nothing that passes for a
 module, and the Python side rejects bad tensors before any pointer reaches C++.
@@ -34,19 +35,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
-# One real nvcc build per session (default targets: sm_80, sm_90 + compute_90 PTX)
+# One real nvcc build per session (default targets: sm_80, sm_90 + compute_90 PTX), or the one the
+# GPU session's build phase made
 # ---------------------------------------------------------------------------------------------
+def extension_under_test(fresh_cache: Path) -> tuple[Path, bool, str]:
+    """``(module path, built here, targets)`` of the extension the tests use. With
+    ``ALIGNKERNELS_CUDA_ARCHS`` set (``bench/gpu_session.sh`` sets it to the GPU's arch, and its
+    build phase has then built that into the user cache): that cached build, reused (built there
+    only if missing). Otherwise a fresh build for the default targets in ``fresh_cache``."""
+    archs = os.environ.get("ALIGNKERNELS_CUDA_ARCHS")
+    if archs:
+        path, built = _build.build_cached(None, archs=archs)
+        return path, built, archs
+    path, built = _build.build_cached(fresh_cache, archs=_build.DEFAULT_ARCHS)
+    return path, built, _build.DEFAULT_ARCHS
+
+
 @pytest.fixture(scope="session")
 def built_extension(tmp_path_factory):
-    """Compiles csrc/ once for the session into a fresh cache dir; the CUDA backend then uses it."""
+    """The extension of ``extension_under_test``, loaded; the CUDA backend then uses it."""
     if NVCC is None:
         pytest.skip("nvcc not found: the CUDA extension cannot be compiled here")
-    cache = tmp_path_factory.mktemp("alignkernels_cache")
     start = time.perf_counter()
-    path, built = _build.build_cached(cache, archs=_build.DEFAULT_ARCHS)
+    path, built, archs = extension_under_test(tmp_path_factory.mktemp("alignkernels_cache"))
     seconds = time.perf_counter() - start
-    print(f"\n[test_cuda_ext] nvcc build of alignkernels._C for {_build.DEFAULT_ARCHS}: {seconds:.1f} s")
-    assert built and path.is_file()
+    print(f"\n[test_cuda_ext] alignkernels._C for {archs}: {'built' if built else 'reused'} in {seconds:.1f} s")
+    assert path.is_file()
     module = _build._import_from(path, register=False)
     previous = _build._loaded
     _build._loaded = module  # _cuda_backend.extension() now returns this build
@@ -54,19 +68,43 @@ def built_extension(tmp_path_factory):
     _build._loaded = previous
 
 
+def expected_archs_label() -> str:
+    return _build.archs_label(_build.parse_archs(os.environ.get("ALIGNKERNELS_CUDA_ARCHS") or _build.DEFAULT_ARCHS))
+
+
 @needs_nvcc
 def test_sources_compile_for_sm80_sm90_and_module_imports(built_extension):
     path, ext = built_extension
     for name in ("token_logprobs_forward", "token_logprobs_backward", "gather_last", "gae"):
         assert callable(getattr(ext, name)), name
-    assert ext.compiled_archs() == "sm_80;sm_90;compute_90"
+    assert ext.compiled_archs() == expected_archs_label()
     assert ext.cuda_runtime_version() >= 11000
     assert (ext.FLOAT32, ext.FLOAT16, ext.BFLOAT16, ext.INT32, ext.INT64) == (0, 1, 2, 0, 1)
     cuobjdump = Path(NVCC).with_name("cuobjdump")
     if cuobjdump.is_file():
         listing = subprocess.run([str(cuobjdump), "--list-elf", "--list-ptx", str(path)], capture_output=True,
                                  text=True, check=True).stdout  # fmt: skip
-        assert "sm_80" in listing and "sm_90" in listing, listing
+        for target in expected_archs_label().split(";"):
+            assert target.replace("compute_", "sm_") in listing, (target, listing)
+
+
+def test_tests_reuse_the_gpu_sessions_build(tmp_path, monkeypatch, stub_module):
+    """With ``ALIGNKERNELS_CUDA_ARCHS`` set, the tests take the module the session's build phase put in
+    the cache for those targets: no second build (it cost 37 s for three targets inside the tests' limit)."""
+    monkeypatch.setenv("ALIGNKERNELS_CACHE_DIR", str(tmp_path / "user-cache"))
+    monkeypatch.setenv("ALIGNKERNELS_CUDA_ARCHS", "90")
+    session_build, built = _build.build_cached(None, archs="90", builder=_copy_builder(stub_module))
+    assert built
+
+    def no_second_build(archs):
+        raise AssertionError(f"the tests built the extension again (for {archs})")
+
+    monkeypatch.setattr(_build, "_default_builder", no_second_build)
+    path, built, archs = extension_under_test(tmp_path / "fresh")
+    assert (path, built, archs) == (session_build, False, "90")
+    monkeypatch.delenv("ALIGNKERNELS_CUDA_ARCHS")  # without it: a fresh build for the default targets
+    with pytest.raises(AssertionError, match="built the extension again"):
+        extension_under_test(tmp_path / "fresh")
 
 
 @needs_nvcc
@@ -84,7 +122,7 @@ def test_module_imports_in_fresh_process_without_gpu_runtime(built_extension):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "sm_80;sm_90;compute_90"
+    assert proc.stdout.strip() == expected_archs_label()
     ldd = shutil.which("ldd")
     if ldd:
         deps = subprocess.run([ldd, str(path)], capture_output=True, text=True).stdout
