@@ -1,0 +1,94 @@
+"""Numerics on every backend against fp64: the softcap at any cap, masked (``-inf``) vocabularies,
+``logp <= 0`` / ``entropy >= 0`` on every op, and the GPU-only precision hazards shown by
+construction on the CPU (the lm-head engine's ``out_dtype`` probe, the three-GEMM head's
+``grad_hidden`` rounding, ``is_top1`` of a NaN row).
+
+Inputs of the softcap tests make the fp32 GEMM exact (hidden in quarters, weights in eighths, small
+``H``): what is left of the error is the transform and the softmax, not the GEMM's rounding (which
+at a cap of 1e-3 alone moves ``u = x / c`` by ~1e-4)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alignkernels
+from alignkernels.reference import transform_logits
+from helpers import GRAD_FLOOR, TRITON_DEVICE, max_rel_error
+
+CAPS = [1e-3, 1e-1, 1.0, 30.0, 1e3, 1e6]
+# Relative error vs fp64 allowed for fp32 results (values in nats, floor 1; gradients relative to
+# their largest entry). Before the fix the Triton softcap was 1e-5 off at a cap of 1e3 and 1e-2 at 1e6.
+FP32_REL = 2e-6
+
+
+def _exact_gemm_inputs(N=7, H=16, V=67, seed=0, device="cpu"):
+    """``hidden @ weight.T + bias`` is exact in fp32: multiples of 1/32 below 2^10."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randint(-4, 5, (N, H), generator=g) / 4.0
+    weight = torch.randint(-8, 9, (V, H), generator=g) / 8.0
+    bias = torch.randint(-16, 17, (V,), generator=g) / 32.0
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[3] = -100
+    return hidden.to(device), weight.to(device), bias.to(device), labels.to(device)
+
+
+def _head_truth(hidden, weight, bias, labels, upstream, **tr):
+    """fp64 eager logp, entropy and their gradients (w.r.t. hidden, weight, bias) on the same inputs."""
+    h, w, b = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    z = transform_logits(h @ w.T + b, **tr)
+    logsm = torch.log_softmax(z, -1)
+    valid = labels != -100
+    logp = torch.where(valid, logsm.gather(-1, torch.where(valid, labels, 0)[:, None])[:, 0], 0.0)
+    ent = torch.where(valid, -(logsm.exp() * logsm.masked_fill(logsm == float("-inf"), 0.0)).sum(-1), 0.0)
+    grads = torch.autograd.grad((logp * upstream[0]).sum() + (ent * upstream[1]).sum(), (h, w, b))
+    return (logp.detach(), ent.detach(), *grads)
+
+
+def _head_ours(backend, hidden, weight, bias, labels, upstream, **kw):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    h, w, b = (t.detach().to(device).requires_grad_() for t in (hidden, weight, bias))
+    logp, ent = alignkernels.linear_logprobs(h, w, labels.to(device), bias=b, return_entropy=True, backend=backend,
+                                             **kw)  # fmt: skip
+    grads = torch.autograd.grad((logp * upstream[0].to(device)).sum() + (ent * upstream[1].to(device)).sum(),
+                                (h, w, b))  # fmt: skip
+    return (logp.detach(), ent.detach(), *grads)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Softcap: relative accuracy at every cap, on every backend that has it (linear_logprobs, fused CE)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("regime", ["logits-O(1)", "u-O(1)"])
+@pytest.mark.parametrize("cap", CAPS, ids=lambda c: f"cap={c:g}")
+def test_softcap_matches_fp64_at_every_cap(backend, regime, cap):
+    """``logits-O(1)``: raw logits of a few units, so the cap ranges from saturating (1e-3) to far above
+    them (1e6, ``u ~ 1e-6``); ``u-O(1)``: ``logit_scale = cap / 4`` puts ``u = logit_scale·x / cap``
+    across the curve (series branch, exp branch, saturation) at every cap."""
+    hidden, weight, bias, labels = _exact_gemm_inputs()
+    g = torch.Generator().manual_seed(1)
+    upstream = (torch.randn(7, generator=g), torch.randn(7, generator=g))
+    tr = dict(softcap=cap, temperature=0.7, logit_scale=1.0 if regime == "logits-O(1)" else cap / 4)
+    got = _head_ours(backend, hidden, weight, bias, labels, upstream, **tr)
+    want = _head_truth(hidden, weight, bias, labels, upstream, **tr)
+    for name, a, b in zip(("logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"), got, want):
+        floor = 1.0 if name in ("logp", "entropy") else GRAD_FLOOR
+        err = max_rel_error(a, b, floor=floor)
+        assert err < FP32_REL, f"{name}: {err:.2e} relative to fp64 at softcap={cap:g} ({backend}, {regime})"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("cap", [1e-3, 1.0, 1e3, 1e6], ids=lambda c: f"cap={c:g}")
+def test_softcap_fused_cross_entropy_matches_fp64(backend, cap):
+    """The three-GEMM head applies the same transform: loss and gradients vs fp64."""
+    hidden, weight, bias, labels = _exact_gemm_inputs()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    h, w, b = (t.detach().to(device).requires_grad_() for t in (hidden, weight, bias))
+    loss = alignkernels.fused_linear_cross_entropy(h, w, labels.to(device), bias=b, softcap=cap, temperature=0.7,
+                                                   backend=backend)  # fmt: skip
+    got = (loss.detach(), *torch.autograd.grad(loss, (h, w, b)))
+    n = (labels != -100).sum()
+    logp, _, *grads = _head_truth(hidden, weight, bias, labels, (-torch.ones(7) / n, torch.zeros(7)), softcap=cap,
+                                  temperature=0.7)  # fmt: skip
+    for name, a, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, (-logp.sum() / n, *grads)):
+        err = max_rel_error(a, want, floor=1.0 if name == "loss" else GRAD_FLOOR)
+        assert err < FP32_REL, f"{name}: {err:.2e} relative to fp64 at softcap={cap:g} ({backend})"
