@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import alignkernels
+import alignkernels.reference
 from alignkernels.reference import transform_logits
 from helpers import GRAD_FLOOR, TRITON_DEVICE, max_rel_error
 
@@ -92,3 +93,99 @@ def test_softcap_fused_cross_entropy_matches_fp64(backend, cap):
     for name, a, want in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), got, (-logp.sum() / n, *grads)):
         err = max_rel_error(a, want, floor=1.0 if name == "loss" else GRAD_FLOOR)
         assert err < FP32_REL, f"{name}: {err:.2e} relative to fp64 at softcap={cap:g} ({backend})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masked vocabularies (-inf logits): probability 0, one semantics on every backend and op
+# ---------------------------------------------------------------------------------------------------
+BACKENDS = ["torch", "triton", "reference"]
+MASKED = [3, 7, 11, 40]  # vocabulary entries at -inf (bias -inf / logits -inf)
+# rows 0 and 2: label on a masked entry -> logp = -inf, entropy finite, gradient that of fp64 eager
+
+
+def _masked_inputs(V=50, N=5, H=16):
+    hidden, weight, bias, _ = _exact_gemm_inputs(N=N, H=H, V=V, seed=3)
+    bias[MASKED] = float("-inf")
+    labels = torch.tensor([3, 5, 40, 9, -100])
+    return hidden, weight, bias, labels
+
+
+def _check_masked(got, want, names):
+    for name, a, b in zip(names, got, want):
+        a = a.detach().cpu().double()
+        assert torch.equal(torch.isneginf(a), torch.isneginf(b)), f"{name}: -inf where the truth has it"
+        finite = torch.isfinite(b)
+        assert torch.isfinite(a[finite]).all() and not a.isnan().any(), f"{name}: NaN or inf off the masked labels"
+        err = max_rel_error(a[finite], b[finite], floor=1.0 if name in ("logp", "entropy", "loss") else GRAD_FLOOR)
+        assert err < FP32_REL, f"{name}: {err:.2e} relative to fp64"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_label_token_logprobs(backend):
+    hidden, weight, bias, labels = _masked_inputs()
+    logits = hidden @ weight.T + bias
+    upstream = (torch.randn(5, generator=torch.Generator().manual_seed(2)), torch.ones(5))
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x = logits.to(device).requires_grad_()
+    logp, ent = alignkernels.token_logprobs(x, labels.to(device), return_entropy=True, backend=backend)
+    up_logp = torch.where(torch.isneginf(logp.cpu()), 0.0, upstream[0])  # an inf loss has no useful gradient
+    (grad,) = torch.autograd.grad((logp * up_logp.to(device)).sum() + (ent * upstream[1].to(device)).sum(), x)
+    xd = logits.double().requires_grad_()
+    t_logp, t_ent = alignkernels.token_logprobs(xd, labels, return_entropy=True, backend="reference")
+    (t_grad,) = torch.autograd.grad((t_logp * up_logp.double()).sum() + (t_ent * upstream[1].double()).sum(), xd)
+    assert torch.isneginf(t_logp[[0, 2]]).all()
+    _check_masked((logp, ent, grad), (t_logp, t_ent, t_grad), ("logp", "entropy", "grad_logits"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_label_linear_logprobs_and_stats(backend, lora):
+    """Values, entropy and TRL's statistics (``return_stats``), and gradients through the entropy and
+    the finite log-probs: the reference's entropy was NaN on every row with a -inf logit."""
+    hidden, weight, bias, labels = _masked_inputs()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    kw = {}
+    if lora:
+        g = torch.Generator().manual_seed(5)
+        kw["lora"] = ((torch.randn(2, 16, generator=g) / 4).to(device), (torch.randn(50, 2, generator=g) / 4).to(device),
+                      0.5)  # fmt: skip
+        weight_eff = weight + 0.5 * kw["lora"][1].cpu() @ kw["lora"][0].cpu()
+    else:
+        weight_eff = weight
+    h, w, b = (t.detach().to(device).requires_grad_() for t in (hidden, weight, bias))
+    out = alignkernels.linear_logprobs(h, w, labels.to(device), bias=b, return_stats=True, backend=backend, **kw)
+    up = torch.where(torch.isneginf(out.logp.detach().cpu()), 0.0, 1.0)
+    grads = torch.autograd.grad((out.logp * up.to(device)).sum() + out.entropy.sum(), (h, b))
+    hd, wd, bd = (t.detach().double().requires_grad_() for t in (hidden, weight_eff, bias))
+    truth = alignkernels.linear_logprobs(hd, wd, labels, bias=bd, return_stats=True, backend="reference")
+    t_grads = torch.autograd.grad((truth.logp * up.double()).sum() + truth.entropy.sum(), (hd, bd))
+    assert torch.isfinite(truth.entropy).all() and torch.isneginf(truth.logp[[0, 2]]).all()
+    _check_masked((out.logp, out.entropy, out.log_sum_sq_probs, *grads),
+                  (truth.logp, truth.entropy, truth.log_sum_sq_probs, *t_grads),
+                  ("logp", "entropy", "log_sum_sq_probs", "grad_hidden", "grad_bias"))  # fmt: skip
+    assert torch.equal(out.is_top1.cpu(), truth.is_top1)
+
+
+@pytest.mark.parametrize("loss_type", ["nll", "dft"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_label_fused_cross_entropy(backend, loss_type):
+    """nll: a label on a masked entry makes the loss +inf (the torch backend gave a finite 3e29 from
+    a -1e30 log-prob), gradients stay those of fp64 eager; DFT: that token costs ``p·log p = 0``."""
+    hidden, weight, bias, labels = _masked_inputs()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    h, w, b = (t.detach().to(device).requires_grad_() for t in (hidden, weight, bias))
+    out = alignkernels.fused_linear_cross_entropy(h, w, labels.to(device), bias=b, loss_type=loss_type,
+                                                  backend=backend, return_stats=True)  # fmt: skip
+    grads = torch.autograd.grad(out.loss, (h, w, b))
+    hd, wd, bd = (t.detach().double().requires_grad_() for t in (hidden, weight, bias))
+    valid = labels != -100
+    logsm = torch.log_softmax(hd @ wd.T + bd, -1)  # eager fp64: its backward is finite at a -inf log-prob
+    logp = logsm[valid].gather(1, labels[valid][:, None])[:, 0]
+    ent = alignkernels.reference.entropy_of_log_softmax(logsm[valid]).detach()
+    p = logp.detach().exp()
+    token = -logp if loss_type == "nll" else torch.where(p > 0, -logp * p, 0.0)
+    t_loss = token.sum() / valid.sum()
+    t_grads = torch.autograd.grad(t_loss, (hd, wd, bd))
+    assert (t_loss == float("inf")) if loss_type == "nll" else torch.isfinite(t_loss)
+    _check_masked((out.loss, out.logp[valid], out.entropy[valid], *grads), (t_loss, logp.detach(), ent, *t_grads),
+                  ("loss", "logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"))  # fmt: skip

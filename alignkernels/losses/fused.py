@@ -58,7 +58,7 @@ class FusedCrossEntropyOutput(NamedTuple):
 
 def _reference_head_stats(compact, weight, bias, tr):
     """Eager baseline on the compact rows: materialised logits, autograd through log_softmax."""
-    from ..reference import transform_logits
+    from ..reference import entropy_of_log_softmax, transform_logits
 
     cd = output_dtype(compact.hidden.dtype)
     logits = compact.hidden.to(cd) @ weight.to(cd).T
@@ -67,7 +67,7 @@ def _reference_head_stats(compact, weight, bias, tr):
     z = transform_logits(logits, logit_scale=tr.logit_scale, softcap=tr.softcap, temperature=tr.temperature)
     logp_all = torch.log_softmax(z, dim=-1)
     logp = logp_all.gather(1, compact.labels[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(1)
+    entropy = entropy_of_log_softmax(logp_all)
     return logp, entropy, z.argmax(1) == compact.labels
 
 
@@ -158,13 +158,11 @@ def fused_linear_cross_entropy(
         out = linear_logprobs(compact.hidden, weight, compact.labels, bias=bias, temperature=temperature,
                               logit_scale=logit_scale, softcap=softcap, backend=backend, chunk_size=chunk_size,
                               check_labels=False, lora=lora, return_stats=True)  # fmt: skip
-        weight_t = out.logp.detach().exp() if loss_type == "dft" else 1.0
-        loss = -(out.logp * weight_t).sum() / denominator
+        loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp.detach(), out.entropy.detach(), out.is_top1
     elif backend == "reference":
         logp, entropy, is_top1 = _reference_head_stats(compact, weight, bias, tr)
-        weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
-        loss = -(logp * weight_t).sum() / denominator
+        loss = _sft_token_losses(logp, loss_type).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
     else:
 
@@ -174,8 +172,7 @@ def fused_linear_cross_entropy(
             return TokenGrad(g / denominator)
 
         out, needs = _run_head(compact, weight, bias, tr, token_grad, backend, chunk_size)
-        weight_t = out.logp.exp() if loss_type == "dft" else 1.0
-        loss = -(out.logp * weight_t).sum() / denominator
+        loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if any(needs):
             loss = HeadGradientFunction.apply(loss, compact.hidden, weight, bias, out.grads)
@@ -185,6 +182,16 @@ def fused_linear_cross_entropy(
     if return_entropy:
         return loss, compact.expand(entropy)
     return loss
+
+
+def _sft_token_losses(logp, loss_type):
+    """``ℓ_t = −logp_t`` (nll) or DFT's ``−logp_t·p_t`` (``p_t = e^logp_t`` detached), with
+    ``p·log p := 0`` at ``p = 0``: a label on a masked (``-inf``) logit costs ``+inf`` under nll and
+    nothing under DFT (its limit), never NaN; gradients flow through ``logp`` only."""
+    if loss_type == "nll":
+        return -logp
+    p = logp.detach().exp()
+    return torch.where(p > 0, -logp * p, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
 
 def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,

@@ -7,7 +7,7 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
 
 1. **GEMM 1** ``buf = h[r0:r1] @ Wᵀ (+ b)``: the chunk's logits over the whole vocabulary, written
    into one reusable fp32 buffer ``[chunk, V]`` (``torch.mm``/``addmm(out=...)``: cuBLAS on the GPU).
-2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (contract 2): ``row_max m``,
+2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (``_softmax_torch.RowStats``): ``row_max m``,
    ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
    ``is_top1`` -- the lm-head engine's fold of one ``[chunk, V]`` tile (``_softmax_torch.fold_block``
    on the torch path, the ``linear_logprobs`` forward kernel on the triton path).
@@ -57,7 +57,7 @@ CPU_BUFFER_ELEMENTS = 1 << 23  # 32 MB fp32: a few hundred rows at V = 32k
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 
 class ChunkStats(NamedTuple):
-    """Per-row softmax state of a chunk (contract 2) and the per-token outputs, compute dtype."""
+    """Per-row softmax state of a chunk (``_softmax_torch.RowStats``) and the per-token outputs, compute dtype."""
 
     logp: torch.Tensor  # (z_label − m) − log_sum
     entropy: torch.Tensor  # log_sum − Σp·(z − m)
@@ -94,10 +94,13 @@ class TorchHeadFold(TorchFold):
         """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``."""
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         is_top1 = y.argmax(1) == labels  # first maximum
+        label_masked = torch.isneginf(y.gather(1, labels[:, None]).squeeze(1))
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
-        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum (contract 2)
+        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum; d is clamped
+        # at fold_block's no-mass floor, so a label on a -inf logit (p = 0) is restored to -inf here
         log_s = block.sum_e.log()
         logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
+        logp.masked_fill_(label_masked, float("-inf"))
         row = block.stats
         stats = ChunkStats(logp, row.entropy, row.row_max, row.log_sum, is_top1)
         grad = grad_of(stats)
