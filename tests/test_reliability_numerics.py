@@ -189,3 +189,127 @@ def test_masked_label_fused_cross_entropy(backend, loss_type):
     assert (t_loss == float("inf")) if loss_type == "nll" else torch.isfinite(t_loss)
     _check_masked((out.loss, out.logp[valid], out.entropy[valid], *grads), (t_loss, logp.detach(), ent, *t_grads),
                   ("loss", "logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"))  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU-only precision hazards, shown by construction on the CPU
+# ---------------------------------------------------------------------------------------------------
+def _probe_with(monkeypatch, failure):
+    """``mixed_mm_supported`` on a stand-in CUDA device whose ``torch.mm(out_dtype=)`` raises ``failure``
+    (None: works). The probe's tensors are made on the CPU."""
+    from alignkernels.ops import _lmhead_engine as engine
+
+    real_zeros, real_mm = torch.zeros, torch.mm
+
+    def zeros(*args, device=None, **kw):
+        return real_zeros(*args, **kw)
+
+    def mm(a, b, **kw):
+        if "out_dtype" in kw and failure is not None:
+            raise failure
+        return real_mm(a.float(), b.float())
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    monkeypatch.setattr(torch, "mm", mm)
+    try:
+        return engine.mixed_mm_supported("cuda:0")
+    finally:
+        monkeypatch.setattr(torch, "zeros", real_zeros)
+        monkeypatch.setattr(torch, "mm", real_mm)
+
+
+def test_out_dtype_probe_does_not_cache_an_oom_as_unsupported(monkeypatch):
+    """An OOM while probing ``torch.mm(out_dtype=)`` is raised and not remembered: the next probe that
+    works says "supported" (before: any error was cached as "unsupported" and every later half GEMM
+    was silently rounded to bf16 before widening)."""
+    from alignkernels.ops import _lmhead_engine as engine
+
+    monkeypatch.setattr(engine, "_MIXED_MM_OK", {})
+    with pytest.raises(torch.OutOfMemoryError):
+        _probe_with(monkeypatch, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB"))
+    with pytest.raises(torch.AcceleratorError):
+        _probe_with(monkeypatch, torch.AcceleratorError("CUDA error: an illegal memory access was encountered"))
+    assert _probe_with(monkeypatch, None) is True
+
+
+def test_out_dtype_probe_warns_once_when_unsupported(monkeypatch):
+    """A torch without ``out_dtype`` (TypeError) is "unsupported", cached, with one RuntimeWarning
+    naming the precision cost; later calls neither probe nor warn again."""
+    from alignkernels.ops import _lmhead_engine as engine
+
+    monkeypatch.setattr(engine, "_MIXED_MM_OK", {})
+    with pytest.warns(RuntimeWarning, match="out_dtype.*rounding"):
+        assert _probe_with(monkeypatch, TypeError("mm() got an unexpected keyword argument 'out_dtype'")) is False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _probe_with(monkeypatch, None) is False  # cached: no probe, no warning
+    assert engine.mixed_mm_supported("cpu") is False  # CPU: no mixed GEMM kernel, nothing probed
+
+
+class _CublasLikeGemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """GEMMs of a CUDA library on the CPU: ``out_dtype=float32`` accumulates and writes fp32 (bf16
+    products are exact in fp32); a bf16-output GEMM reduces in bf16 (fp32 partial sums over 32-wide K
+    slices, each rounded to bf16 and summed in bf16) -- what a reduced-precision bf16 reduction may
+    do. Records the operands of every GEMM whose reduction runs over ``k`` elements."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.k, self.seen = k, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        aten = torch.ops.aten
+        if func in (aten.mm.dtype, aten.mm.dtype_out):
+            a, b, out_dtype = args[:3]
+            self._record(a, b)
+            result = (a.float() @ b.float()).to(out_dtype)
+            return kwargs["out"].copy_(result) if "out" in kwargs else result
+        if func in (aten.addmm.dtype, aten.addmm.dtype_out):
+            acc, a, b, out_dtype = args[:4]
+            self._record(a, b)
+            result = (acc.float() + a.float() @ b.float()).to(out_dtype)
+            return kwargs["out"].copy_(result) if "out" in kwargs else result
+        if func in (aten.mm.default, aten.mm.out) and args[0].dtype == torch.bfloat16:
+            a, b = args[:2]
+            self._record(a, b)
+            result = torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
+            for k0 in range(0, a.shape[1], 32):
+                result += (a[:, k0:k0 + 32].float() @ b[k0:k0 + 32].float()).bfloat16()
+            return kwargs["out"].copy_(result) if "out" in kwargs else result
+        return func(*args, **kwargs)
+
+    def _record(self, a, b):
+        if a.shape[1] == self.k:
+            self.seen.append((a.clone(), b.clone()))
+
+
+@pytest.mark.parametrize("head_path", ["three_gemm", "four_gemm"])
+def test_bf16_grad_hidden_is_fp32_gemm_rounded_once(monkeypatch, head_path):
+    """With bf16 operands kept for the GEMMs (the CUDA path, emulated on the CPU by
+    :class:`_CublasLikeGemms`), ``grad_hidden`` is the fp32 GEMM over the whole vocabulary rounded to
+    bf16 once -- bit for bit -- on both head paths. Before: the three-GEMM head wrote it straight from a
+    bf16-output GEMM (here ~1e-2 off)."""
+    from alignkernels.ops import _lmhead_engine as engine
+
+    monkeypatch.setattr(engine, "mixed_mm_supported", lambda device: True)
+    monkeypatch.setattr(engine.TorchFold, "operands", staticmethod(lambda t, compute_dtype: t))
+    g = torch.Generator().manual_seed(0)
+    N, H, V = 6, 32, 288
+    hidden = torch.randn(N, H, generator=g).bfloat16().requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / 4).bfloat16()
+    labels = torch.randint(0, V, (N,), generator=g)
+    gemms = _CublasLikeGemms(k=V)
+    with gemms:
+        if head_path == "three_gemm":
+            loss = alignkernels.fused_linear_cross_entropy(hidden, weight, labels, backend="torch", reduction="sum")
+        else:
+            loss = -alignkernels.linear_logprobs(hidden, weight, labels, backend="torch",
+                                                 vocab_block_size=V).sum()  # fmt: skip
+        (grad,) = torch.autograd.grad(loss, hidden)
+    grad_gemms = [(a, b) for a, b in gemms.seen if a.shape == (N, V) and b.shape == (V, H)]
+    assert len(grad_gemms) == 1, "one GEMM over the vocabulary forms grad_hidden"
+    dz, w = grad_gemms[0]
+    want = (dz.float() @ w.float()).bfloat16()
+    assert torch.equal(grad, want), f"grad_hidden is {max_rel_error(grad, want):.1e} off the fp32 GEMM rounded once"

@@ -36,6 +36,7 @@ statistics. Nothing scales with ``N x V``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -79,19 +80,38 @@ class HeadStats(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Matmul helpers: fp32 (fp64) results from half inputs without rounding the product first
 # --------------------------------------------------------------------------------------------
-_MIXED_MM_OK: dict = {}
+_MIXED_MM_OK: dict = {}  # str(device) -> whether torch.mm(..., out_dtype=torch.float32) works there
 
 
-def _cuda_mixed_mm_supported(device) -> bool:
-    """``torch.mm(..., out_dtype=torch.float32)`` on half inputs (torch >= 2.8, CUDA only)."""
+def mixed_mm_supported(device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` works for bf16 ``a``, ``b`` on ``device``
+    (torch >= 2.8; CUDA devices only), probed once per device with a 16 x 16 GEMM.
+
+    Only an answer about the *API* is cached: ``TypeError`` (no ``out_dtype`` keyword),
+    ``NotImplementedError`` and a plain ``RuntimeError`` (no kernel for the dtypes) mean "unsupported",
+    with one ``RuntimeWarning`` per device, because the fallback rounds every GEMM product to the input
+    dtype before widening it (bf16: ~3 significant digits in the logits and gradients). An
+    out-of-memory or other accelerator error says nothing about support: it is raised and nothing is
+    cached (the next call probes again)."""
+    if torch.device(device).type != "cuda":
+        return False  # ATen's mm.dtype has CUDA kernels only: CPU callers widen their operands instead
     key = str(device)
     if key not in _MIXED_MM_OK:
+        a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
         try:
-            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
             torch.mm(a, a, out_dtype=torch.float32)
             _MIXED_MM_OK[key] = True
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (torch.OutOfMemoryError, torch.AcceleratorError):
+            raise
+        except (TypeError, NotImplementedError, RuntimeError) as exc:
             _MIXED_MM_OK[key] = False
+            warnings.warn(
+                f"alignkernels: torch.mm(..., out_dtype=torch.float32) is unavailable on {key} "
+                f"({type(exc).__name__}: {exc}); half-precision lm-head GEMMs fall back to rounding their "
+                "products to the input dtype before widening to fp32 (less accurate log-probs and gradients)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _MIXED_MM_OK[key]
 
 
@@ -104,7 +124,7 @@ def mm_into(out, a, b, bias=None):
         else:
             torch.mm(a, b, out=out)
         return
-    if a.is_cuda and _cuda_mixed_mm_supported(a.device):
+    if mixed_mm_supported(a.device):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:  # older torch: the product is rounded to the input dtype before widening
         out.copy_(torch.mm(a, b))
@@ -116,7 +136,7 @@ def addmm_into(acc, a, b):
     """``acc += a @ b`` accumulated in ``acc``'s (fp32) dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _cuda_mixed_mm_supported(a.device):
+    elif mixed_mm_supported(a.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.add_(torch.mm(a, b))

@@ -17,7 +17,7 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
    ``z − Σp·z = (z−m) − (log_sum − H)`` and ``k = dz/dx`` of the transform (``logit_scale/T``,
    times ``1 − tanh²`` with softcap): the shared gradient (``_softmax_torch.grad_from_centred_`` +
    ``raw_grad_``, or the ``linear_logprobs`` backward kernel), in a tile-sized buffer.
-5. **GEMM 2** ``grad_h[r0:r1] = dz @ W`` (each row complete in one GEMM: no accumulator) and
+5. **GEMM 2** ``grad_h[r0:r1] = dz @ W`` (each row complete in one GEMM, written in fp32) and
    **GEMM 3** ``grad_W += dzᵀ @ h[r0:r1]``, ``grad_b += Σ_rows dz``.
 
 That is 6·n·H·V matmul FLOPs for ``n`` valid rows, against 8·n·H·V for a differentiable
@@ -36,8 +36,9 @@ GEMMs run in the input dtype on CUDA (fp32 out via ``out_dtype``) and in fp32 (f
 Memory (besides inputs): the fp32 logits buffer ``chunk x V`` plus, on the torch path, one fp32
 work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap (``1 − tanh²``); on the triton
 path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
-forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
-for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
+forward on: ``grad_hidden`` ``[n, H]`` (fp32, written by GEMM 2 in fp32 and rounded to the input
+dtype once at the end), ``grad_weight`` ``[V, H]`` (fp32 accumulator for half weights, cast once at
+the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
 scales with ``n x V``.
 """
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._utils import output_dtype
-from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into
+from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
 from ._lmhead_engine import make_plan as make_tile_plan
 from ._softmax_torch import fold_block, grad_from_centred_, raw_grad_, transform_
 
@@ -173,7 +174,10 @@ def three_gemm_head(
     logp = torch.zeros(n, dtype=cd, device=device)
     entropy = torch.zeros(n, dtype=cd, device=device)
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
-    grad_h = torch.empty(n, H, dtype=h.dtype, device=device) if need_h else None
+    # fp32 even for half inputs: GEMM 2 reduces over the whole vocabulary (K = V ~ 150k); with a
+    # half-precision output cuBLAS may reduce in that precision, so it writes fp32 (``mm_into``:
+    # ``out_dtype`` on CUDA) and the result is rounded to hidden's dtype once, at the end
+    grad_h = torch.empty(n, H, dtype=cd, device=device) if need_h else None
     grad_w_acc = torch.zeros(V, H, dtype=cd, device=device) if need_w else None
     grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
 
@@ -193,7 +197,7 @@ def three_gemm_head(
         logp[rows], entropy[rows], is_top1[rows] = stats.logp, stats.entropy, stats.is_top1
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if need_h:
-            torch.mm(dz_gemm, w, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W
+            mm_into(grad_h[rows], dz_gemm, w)  # GEMM 2: grad_h[chunk] = dz @ W (fp32 out)
         if need_w:
             addmm_into(grad_w_acc, dz_gemm.t(), h[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]
         if need_b:
