@@ -87,7 +87,8 @@ def linear_logprobs_stats_reference(
 ):
     """Materialised ``linear_logprobs(..., return_stats=True)``: returns the tuple
     ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1, lse)`` (TRL's definitions:
-    ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties, ``logsumexp(z)``).
+    ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties -- False in a row
+    whose logp is NaN --, ``logsumexp(z)``).
     Ignored positions give 0 (``False`` for ``is_top1``); ``logp`` and ``entropy`` carry autograd."""
     cd = output_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).T
@@ -104,7 +105,7 @@ def linear_logprobs_stats_reference(
     entropy = torch.where(valid, entropy_of_log_softmax(logsm), zero)
     log_sum_sq_probs = torch.where(valid, (p * p).sum(-1).log(), zero).detach()
     mean_logit = torch.where(valid, z.mean(-1), zero).detach()
-    is_top1 = (z.argmax(-1) == safe) & valid
+    is_top1 = (z.argmax(-1) == safe) & valid & ~logp.isnan()  # a NaN / +inf row: NaN logp, never top-1
     return logp, entropy, log_sum_sq_probs, mean_logit, is_top1, torch.where(valid, lse, zero).detach()
 
 

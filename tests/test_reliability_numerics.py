@@ -313,3 +313,42 @@ def test_bf16_grad_hidden_is_fp32_gemm_rounded_once(monkeypatch, head_path):
     dz, w = grad_gemms[0]
     want = (dz.float() @ w.float()).bfloat16()
     assert torch.equal(grad, want), f"grad_hidden is {max_rel_error(grad, want):.1e} off the fp32 GEMM rounded once"
+
+
+def _nan_row_inputs():
+    """Column 5 of every row is NaN (a NaN bias entry), except in ``hidden``-NaN case below; labels:
+    row 0 and 2 on the largest finite logit, row 1 on the NaN column, row 3 elsewhere."""
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(4, 16, generator=g), torch.randn(50, 16, generator=g) / 4
+    z = hidden @ weight.T
+    z[:, 5] = float("-inf")
+    labels = z.argmax(1)
+    labels[1], labels[3] = 5, (labels[3] + 1) % 50
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("op", ["linear_logprobs", "fused_linear_cross_entropy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_is_top1_of_a_nan_row_is_false(backend, op):
+    """A row holding a NaN logit has NaN logp and entropy and ``is_top1`` False, whatever the label --
+    on every backend (before: triton True where the label is the largest finite logit, ``tl.max``
+    dropping the NaN; reference and the torch three-GEMM head True where the label is the NaN column,
+    ``argmax`` taking it); a NaN hidden state affects its own row only."""
+    hidden, weight, labels = _nan_row_inputs()
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    fn = getattr(alignkernels, op)
+    bias = torch.zeros(50)
+    bias[5] = float("nan")
+    out = fn(hidden.to(device), weight.to(device), labels.to(device), bias=bias.to(device), backend=backend,
+             return_stats=True)  # fmt: skip
+    assert out.logp.isnan().all() and out.entropy.isnan().all()
+    assert not out.is_top1.any(), f"is_top1 of NaN rows: {out.is_top1.tolist()}"
+
+    nan_hidden = hidden.clone()
+    nan_hidden[2, 7] = float("nan")
+    out = fn(nan_hidden.to(device), weight.to(device), labels.to(device), backend=backend, return_stats=True)
+    clean = fn(hidden.to(device), weight.to(device), labels.to(device), backend=backend, return_stats=True)
+    assert out.logp[2].isnan() and not out.is_top1[2]
+    rows = [0, 1, 3]
+    assert torch.equal(out.is_top1[rows], clean.is_top1[rows]) and clean.is_top1[0]
+    assert torch.equal(out.logp[rows], clean.logp[rows])

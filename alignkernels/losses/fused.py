@@ -58,17 +58,12 @@ class FusedCrossEntropyOutput(NamedTuple):
 
 def _reference_head_stats(compact, weight, bias, tr):
     """Eager baseline on the compact rows: materialised logits, autograd through log_softmax."""
-    from ..reference import entropy_of_log_softmax, transform_logits
+    from ..reference import linear_logprobs_stats_reference
 
-    cd = output_dtype(compact.hidden.dtype)
-    logits = compact.hidden.to(cd) @ weight.to(cd).T
-    if bias is not None:
-        logits = logits + bias.to(cd)
-    z = transform_logits(logits, logit_scale=tr.logit_scale, softcap=tr.softcap, temperature=tr.temperature)
-    logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(1, compact.labels[:, None]).squeeze(1)
-    entropy = entropy_of_log_softmax(logp_all)
-    return logp, entropy, z.argmax(1) == compact.labels
+    logp, entropy, _, _, is_top1, _ = linear_logprobs_stats_reference(
+        compact.hidden, weight, compact.labels, bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale,
+        softcap=tr.softcap)  # fmt: skip
+    return logp, entropy, is_top1
 
 
 def fused_linear_cross_entropy(

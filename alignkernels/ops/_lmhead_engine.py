@@ -142,6 +142,14 @@ def addmm_into(acc, a, b):
         acc.add_(torch.mm(a, b))
 
 
+def label_is_top1(label_y, max_y, max_y_before_label, logp):
+    """TRL's ``is_top1`` (the label is the *first* argmax) from a fold's running maxima, and False
+    wherever ``logp`` is NaN (a NaN or +inf logit in the row). The maxima alone cannot say it: a max
+    may keep or drop a NaN (``torch.amax`` keeps it, ``tl.max`` drops it, compiled or interpreted),
+    while the row's sums always keep it."""
+    return (label_y >= max_y) & (label_y > max_y_before_label) & ~torch.isnan(logp)
+
+
 # --------------------------------------------------------------------------------------------
 # Folds: one per language, same interface. ``state`` is the fold's own [fields, rows] tensor.
 # --------------------------------------------------------------------------------------------
@@ -201,7 +209,7 @@ class TorchFold:
         extra = None
         if want_stats:  # log Σp² = log q - 2 log_sum
             extra = (state[3].log() - 2 * stats.log_sum, state[4] / vocab,
-                     (state[7] >= state[5]) & (state[7] > state[6]))  # fmt: skip
+                     label_is_top1(state[7], state[5], state[6], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 
     @staticmethod
@@ -261,7 +269,7 @@ class TritonFold:
         extra = None
         if want_stats:
             extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
-                     (f["label_y"] >= f["max_y"]) & (f["label_y"] > f["max_y_before_label"]))  # fmt: skip
+                     label_is_top1(f["label_y"], f["max_y"], f["max_y_before_label"], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 
     @staticmethod

@@ -94,7 +94,7 @@ class TorchHeadFold(TorchFold):
     def step(tile, dx, work, bias, weight, labels, tr: Transform, grad_of):
         """Raw tile (bias included; overwritten) -> ``(ChunkStats, dz)``; ``dz`` in ``work``."""
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
-        is_top1 = y.argmax(1) == labels  # first maximum
+        first_argmax = y.argmax(1) == labels  # (a NaN counts as the maximum: masked by a NaN logp below)
         label_masked = torch.isneginf(y.gather(1, labels[:, None]).squeeze(1))
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
         # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum; d is clamped
@@ -102,6 +102,7 @@ class TorchHeadFold(TorchFold):
         log_s = block.sum_e.log()
         logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
         logp.masked_fill_(label_masked, float("-inf"))
+        is_top1 = first_argmax & ~torch.isnan(logp)  # as _lmhead_engine.label_is_top1: False in a NaN row
         row = block.stats
         stats = ChunkStats(logp, row.entropy, row.row_max, row.log_sum, is_top1)
         grad = grad_of(stats)
