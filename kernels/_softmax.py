@@ -115,9 +115,20 @@ def merge_stats(m1, s1, t1, m2, s2, t2):
 
 @triton.jit
 def finalise(s, t):
-    """``(log_sum, H)`` from a row's merged ``s``, ``t``: ``log_sum = log s``, ``H = log s - t/s``."""
+    """``(log_sum, H)`` from a row's merged ``s``, ``t``: ``log_sum = log s``, ``H = log s - t/s``, at
+    least 0 (see :func:`log_prob`)."""
     log_sum = tl.log(s)
-    return log_sum, log_sum - t / s
+    entropy = log_sum - t / s
+    return log_sum, tl.where(entropy < 0.0, 0.0, entropy)  # NaN stays NaN (not tl.maximum: it drops NaN)
+
+
+@triton.jit
+def log_prob(label_centred, log_sum):
+    """``logp = (z_label - m) - log_sum``, at most 0: ``logp <= 0`` and ``H >= 0`` hold exactly, while the
+    roundings of ``exp``/``log`` can put either one ulp on the wrong side of 0 in a peaked row
+    (``p_label ≈ 1``); moving them towards the true value never adds error. NaN stays NaN."""
+    logp = label_centred - log_sum
+    return tl.where(logp > 0.0, 0.0, logp)
 
 
 @triton.jit

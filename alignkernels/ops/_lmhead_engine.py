@@ -45,7 +45,7 @@ from .._utils import check_same_device, check_temperature, check_tensor, output_
 from ..kernels._softmax import ROW_STATS
 from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
 from ._lora import LoraHead, LoraTiles
-from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, raw_grad_, transform_
+from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, log_prob, merge_pair, merged, raw_grad_, transform_
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -205,7 +205,7 @@ class TorchFold:
     @staticmethod
     def finalise(state, tr: Transform, vocab, want_stats) -> HeadStats:
         stats = RowStats(state[0].clone(), state[1].clone(), state[2].clone())
-        logp = centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1) - stats.log_sum
+        logp = log_prob(centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1), stats.log_sum)
         extra = None
         if want_stats:  # log Σp² = log q - 2 log_sum
             extra = (state[3].log() - 2 * stats.log_sum, state[4] / vocab,
@@ -265,7 +265,7 @@ class TritonFold:
         f = dict(zip(FOLD_STATE, state))
         stats = merged(f["row_max"].clone(), torch.stack((f["sum_exp"], f["sum_centred"])))
         log_sum = stats.log_sum
-        logp = f["label_centred"] - log_sum  # the kernel's own z - m (its 1/T, its fma)
+        logp = log_prob(f["label_centred"], log_sum)  # the kernel's own z - m (its 1/T, its fma)
         extra = None
         if want_stats:
             extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,

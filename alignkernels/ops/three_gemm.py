@@ -50,7 +50,7 @@ import torch
 from .._utils import output_dtype
 from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
 from ._lmhead_engine import make_plan as make_tile_plan
-from ._softmax_torch import fold_block, grad_from_centred_, raw_grad_, transform_
+from ._softmax_torch import fold_block, grad_from_centred_, log_prob, raw_grad_, transform_
 
 # Default fp32 elements in the logits buffer (chunk rows = budget // V, clamped).
 GPU_BUFFER_ELEMENTS = 1 << 27  # 512 MB fp32
@@ -100,7 +100,7 @@ class TorchHeadFold(TorchFold):
         # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum; d is clamped
         # at fold_block's no-mass floor, so a label on a -inf logit (p = 0) is restored to -inf here
         log_s = block.sum_e.log()
-        logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
+        logp = log_prob(block.d.gather(1, labels[:, None]).squeeze(1), log_s)
         logp.masked_fill_(label_masked, float("-inf"))
         is_top1 = first_argmax & ~torch.isnan(logp)  # as _lmhead_engine.label_is_top1: False in a NaN row
         row = block.stats
