@@ -8,6 +8,8 @@ Inputs of the softcap tests make the fp32 GEMM exact (hidden in quarters, weight
 at a cap of 1e-3 alone moves ``u = x / c`` by ~1e-4)."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -147,9 +149,9 @@ def test_masked_label_linear_logprobs_and_stats(backend, lora):
     kw = {}
     if lora:
         g = torch.Generator().manual_seed(5)
-        kw["lora"] = ((torch.randn(2, 16, generator=g) / 4).to(device), (torch.randn(50, 2, generator=g) / 4).to(device),
-                      0.5)  # fmt: skip
-        weight_eff = weight + 0.5 * kw["lora"][1].cpu() @ kw["lora"][0].cpu()
+        lora_a, lora_b = torch.randn(2, 16, generator=g) / 4, torch.randn(50, 2, generator=g) / 4
+        kw["lora"] = (lora_a.to(device), lora_b.to(device), 0.5)
+        weight_eff = weight + 0.5 * lora_b @ lora_a  # the merged head
     else:
         weight_eff = weight
     h, w, b = (t.detach().to(device).requires_grad_() for t in (hidden, weight, bias))
@@ -240,8 +242,6 @@ def test_out_dtype_probe_warns_once_when_unsupported(monkeypatch):
     monkeypatch.setattr(engine, "_MIXED_MM_OK", {})
     with pytest.warns(RuntimeWarning, match="out_dtype.*rounding"):
         assert _probe_with(monkeypatch, TypeError("mm() got an unexpected keyword argument 'out_dtype'")) is False
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _probe_with(monkeypatch, None) is False  # cached: no probe, no warning
@@ -290,7 +290,7 @@ def test_bf16_grad_hidden_is_fp32_gemm_rounded_once(monkeypatch, head_path):
     """With bf16 operands kept for the GEMMs (the CUDA path, emulated on the CPU by
     :class:`_CublasLikeGemms`), ``grad_hidden`` is the fp32 GEMM over the whole vocabulary rounded to
     bf16 once -- bit for bit -- on both head paths. Before: the three-GEMM head wrote it straight from a
-    bf16-output GEMM (here ~1e-2 off)."""
+    bf16-output GEMM (here 5e-3 relative off)."""
     from alignkernels.ops import _lmhead_engine as engine
 
     monkeypatch.setattr(engine, "mixed_mm_supported", lambda device: True)
@@ -316,8 +316,8 @@ def test_bf16_grad_hidden_is_fp32_gemm_rounded_once(monkeypatch, head_path):
 
 
 def _nan_row_inputs():
-    """Column 5 of every row is NaN (a NaN bias entry), except in ``hidden``-NaN case below; labels:
-    row 0 and 2 on the largest finite logit, row 1 on the NaN column, row 3 elsewhere."""
+    """Inputs of the NaN-row tests: labels of rows 0 and 2 on the largest logit off column 5, row 1 on
+    column 5 (the test makes it NaN with a NaN bias entry), row 3 elsewhere."""
     g = torch.Generator().manual_seed(4)
     hidden, weight = torch.randn(4, 16, generator=g), torch.randn(50, 16, generator=g) / 4
     z = hidden @ weight.T

@@ -45,7 +45,17 @@ from .._utils import check_same_device, check_temperature, check_tensor, output_
 from ..kernels._softmax import ROW_STATS
 from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
 from ._lora import LoraHead, LoraTiles
-from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, log_prob, merge_pair, merged, raw_grad_, transform_
+from ._softmax_torch import (
+    RowStats,
+    centred,
+    fold_block,
+    grad_from_centred_,
+    log_prob,
+    merge_pair,
+    merged,
+    raw_grad_,
+    transform_,
+)
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096

@@ -140,7 +140,8 @@ def merge_terms(part: RowStats, row_max: torch.Tensor) -> torch.Tensor:
 def merged(row_max: torch.Tensor, terms: torch.Tensor) -> RowStats:
     """Rows' stats from the summed :func:`merge_terms` of all their parts."""
     log_sum = terms[0].log()
-    entropy = torch.where(terms[0] == 0, 0.0, non_negative(log_sum - terms[1] / terms[0]))  # no mass: 0; NaN stays
+    # no mass: 0; NaN stays NaN
+    entropy = torch.where(terms[0] == 0, 0.0, non_negative(log_sum - terms[1] / terms[0]))
     return RowStats(row_max, log_sum, entropy)
 
 

@@ -7,8 +7,8 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
 
 1. **GEMM 1** ``buf = h[r0:r1] @ Wᵀ (+ b)``: the chunk's logits over the whole vocabulary, written
    into one reusable fp32 buffer ``[chunk, V]`` (``torch.mm``/``addmm(out=...)``: cuBLAS on the GPU).
-2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (``_softmax_torch.RowStats``): ``row_max m``,
-   ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
+2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (``_softmax_torch.RowStats``):
+   ``row_max m``, ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
    ``is_top1`` -- the lm-head engine's fold of one ``[chunk, V]`` tile (``_softmax_torch.fold_block``
    on the torch path, the ``linear_logprobs`` forward kernel on the triton path).
 3. **Token gradient** ``(g_logp, g_H) = token_grad(rows, stats)``: the loss's callback; it sees
@@ -58,7 +58,8 @@ CPU_BUFFER_ELEMENTS = 1 << 23  # 32 MB fp32: a few hundred rows at V = 32k
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 
 class ChunkStats(NamedTuple):
-    """Per-row softmax state of a chunk (``_softmax_torch.RowStats``) and the per-token outputs, compute dtype."""
+    """Per-row softmax state of a chunk (``_softmax_torch.RowStats``) and the per-token outputs (compute
+    dtype)."""
 
     logp: torch.Tensor  # (z_label − m) − log_sum
     entropy: torch.Tensor  # log_sum − Σp·(z − m)
