@@ -515,6 +515,42 @@ def check_logp_entropy_bounds(rank, world):
     assert not bad, bad
 
 
+def check_masked_vocabulary(rank, world):
+    """-inf logits / bias entries on several shards, a label on one of them: logp = -inf, entropy and the
+    other rows as the single-process op (both forms, torch and triton); no NaN in the gradients."""
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(10)
+    masked = [3, 45, 60, V - 1]
+    full = torch.randn(4, V, generator=gen) * 2
+    full[:, masked] = float("-inf")
+    labels = torch.tensor([45, 7, V - 1, 60])
+    hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(V, 8, generator=gen) / 3
+    bias = torch.zeros(V)
+    bias[masked] = float("-inf")
+    for backend in ("torch", "triton"):
+        x = full[:, start:start + size].clone().requires_grad_(True)
+        logp, ent = vocab_parallel_token_logprobs(x, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                  backend=backend)  # fmt: skip
+        want_logp, want_ent = alignkernels.token_logprobs(full, labels, return_entropy=True, backend="torch")
+        ent.sum().backward()
+        h = hidden.clone().requires_grad_(True)
+        l_logp, l_ent = vocab_parallel_linear_logprobs(h, weight[start:start + size], labels, vocab_start=start,
+                                                       vocab_size=V, bias_shard=bias[start:start + size],
+                                                       return_entropy=True, backend=backend)  # fmt: skip
+        lw_logp, lw_ent = alignkernels.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
+                                                       backend="torch")  # fmt: skip
+        l_ent.sum().backward()
+        for name, got, want in (("token logp", logp, want_logp), ("token entropy", ent, want_ent),
+                                ("linear logp", l_logp, lw_logp), ("linear entropy", l_ent, lw_ent)):  # fmt: skip
+            assert torch.equal(torch.isneginf(got), torch.isneginf(want)), (backend, name, got, want)
+            finite = torch.isfinite(want)
+            _close(f"{backend} {name}", got[finite].detach(), want[finite])
+        assert torch.isneginf(logp[[0, 2, 3]]).all() and torch.isfinite(x.grad).all() and torch.isfinite(h.grad).all()
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -531,6 +567,7 @@ def _checks_for(world):
         "communication_volume": lambda r: check_communication_volume(r, world),
         "edge_cases": lambda r: check_edge_cases(r, world),
         "logp_entropy_bounds": lambda r: check_logp_entropy_bounds(r, world),
+        "masked_vocabulary": lambda r: check_masked_vocabulary(r, world),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
