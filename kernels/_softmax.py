@@ -30,9 +30,10 @@ and ``d/dx = dz / T · f'(x)`` (``transform`` returns ``f'``). Interpreter-safe:
 from ``tl.exp`` and a short odd polynomial (``libdevice.tanh`` returns nothing under
 ``TRITON_INTERPRET=1``; ``2·sigmoid(2u) - 1`` has an *absolute* error of ~6e-8, so ``softcap·tanh(u)``
 was ~1e-4 off at a cap of 1e3 over O(1) logits); the interpreter's ``tl.fma`` rounds once, like the
-hardware's. Softcap precision: tanh within 3.5e-7 relative (3 ulp) at every u with the interpreter's exp (numpy, 0.5 ulp), tested
-against fp64 for caps 1e-3..1e6 (``tests/test_reliability_numerics.py``); on the GPU ``tl.exp`` is
-``ex2.approx`` (~2 ulp) of ``-2|u|·log2 e``, which adds at most ~1e-6 relative for ``|u| < 10``.
+hardware's. Softcap precision: tanh within 3.5e-7 relative (3 ulp) at every ``u`` with the
+interpreter's exp (numpy, 0.5 ulp), tested against fp64 for caps 1e-3..1e6
+(``tests/test_reliability_numerics.py``); on the GPU ``tl.exp`` is ``ex2.approx`` (~2 ulp) of
+``-2|u|·log2 e``, which adds at most ~1e-6 relative for ``|u| < 10``.
 """
 import triton
 import triton.language as tl
