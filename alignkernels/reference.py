@@ -32,9 +32,14 @@ def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-1
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    entropy = -(logsm.exp() * logsm.masked_fill(logsm == float("-inf"), 0.0)).sum(-1)  # 0·log 0 := 0
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    entropy = torch.where(valid, entropy_of_log_softmax(logsm), torch.zeros_like(logp))
     return logp, entropy
+
+
+def entropy_of_log_softmax(logsm):
+    """``H = -Σ p·log p`` over the last dim from log-probabilities, with ``0·log 0 := 0``: a ``-inf``
+    logit (a masked vocabulary entry) has probability 0 and adds nothing (``p·logsm`` would be NaN)."""
+    return -(logsm.exp() * logsm.masked_fill(logsm == float("-inf"), 0.0)).sum(-1)
 
 
 def transform_logits(logits, *, logit_scale=1.0, softcap=None, temperature=1.0):
@@ -82,7 +87,8 @@ def linear_logprobs_stats_reference(
 ):
     """Materialised ``linear_logprobs(..., return_stats=True)``: returns the tuple
     ``(logp, entropy, log_sum_sq_probs, mean_logit, is_top1, lse)`` (TRL's definitions:
-    ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties, ``logsumexp(z)``).
+    ``log Σ p²``, ``Σ_v z_v / V``, ``argmax(z) == label`` with first-argmax ties -- False in a row
+    whose logp is NaN --, ``logsumexp(z)``).
     Ignored positions give 0 (``False`` for ``is_top1``); ``logp`` and ``entropy`` carry autograd."""
     cd = output_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).T
@@ -96,10 +102,10 @@ def linear_logprobs_stats_reference(
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     zero = torch.zeros_like(lse)
     logp = torch.where(valid, logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1), zero)
-    entropy = torch.where(valid, -(p * logsm).sum(-1), zero)
+    entropy = torch.where(valid, entropy_of_log_softmax(logsm), zero)
     log_sum_sq_probs = torch.where(valid, (p * p).sum(-1).log(), zero).detach()
     mean_logit = torch.where(valid, z.mean(-1), zero).detach()
-    is_top1 = (z.argmax(-1) == safe) & valid
+    is_top1 = (z.argmax(-1) == safe) & valid & ~logp.isnan()  # a NaN / +inf row: NaN logp, never top-1
     return logp, entropy, log_sum_sq_probs, mean_logit, is_top1, torch.where(valid, lse, zero).detach()
 
 

@@ -107,21 +107,26 @@ __device__ __forceinline__ OnlineStats stats_block_reduce(OnlineStats st) {
   return st;
 }
 
-// The saved per-row state: logsumexp = row_max + log_sum.
+// The saved per-row state (RowStats in alignkernels/ops/_softmax_torch.py): logsumexp = row_max + log_sum.
 struct RowSoftmax {
   float row_max;
   float log_sum;  // log Σ e^(z − row_max)
   float entropy;  // log_sum − Σp·(z − row_max)
 };
 
+// logp <= 0 and H >= 0 hold exactly: the roundings of exp/log can put either one ulp on the wrong side
+// of 0 in a peaked row (p_label ≈ 1), so both are clamped where they are formed; moving them towards the
+// true value never adds error. Written as selects, not fmaxf/fminf (those drop a NaN): NaN stays NaN.
 __device__ __forceinline__ RowSoftmax finalize(const OnlineStats& st) {
   const float log_sum = logf(st.s);
-  return RowSoftmax{st.m, log_sum, log_sum - st.t / st.s};
+  const float entropy = log_sum - st.t / st.s;
+  return RowSoftmax{st.m, log_sum, entropy < 0.f ? 0.f : entropy};
 }
 
-// log p(label) relative to the max: (z_label − row_max) − log_sum, for the label's logit x.
+// log p(label) relative to the max: (z_label − row_max) − log_sum, for the label's logit x; at most 0.
 __device__ __forceinline__ float log_prob(const RowSoftmax& row, float x, float inv_temperature) {
-  return centred(x, inv_temperature, row.row_max) - row.log_sum;
+  const float logp = centred(x, inv_temperature, row.row_max) - row.log_sum;
+  return logp > 0.f ? 0.f : logp;
 }
 
 // Gradient of g_logp·log p(label) + g_H·H w.r.t. the logits x (z = x / T):

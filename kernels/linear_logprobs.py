@@ -112,6 +112,8 @@ def linear_logprobs_fwd_kernel(
         if compute_stats:
             q = q * a_old * a_old + tl.sum(e * e, axis=0) * a_block * a_block  # Σ e^(2(z-m)) rescales by a²
             zs += tl.sum(tl.where(in_tile, y * inv_temperature, 0.0), axis=0)
+            # (tl.max drops a NaN, compiled or interpreted: is_top1 of a NaN row is made False from
+            # the row's NaN log-prob, in alignkernels/ops/_lmhead_engine.py label_is_top1)
             my = tl.maximum(my, tl.max(y, axis=0))
             # first-argmax semantics: a tie with an earlier token means the label is not top-1
             mb = tl.maximum(mb, tl.max(tl.where(cols < local_label, y, float("-inf")), axis=0))

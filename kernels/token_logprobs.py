@@ -30,6 +30,7 @@ from ._softmax import (
     centred_stats,
     finalise,
     grad_centred,
+    log_prob,
     merge_stats,
 )
 
@@ -88,7 +89,7 @@ def token_logprobs_fwd_kernel(
     label_in_range = (label >= 0) & (label < V)
     y_label = tl.load(row_ptr + label, mask=label_in_range & ~is_ignored, other=float("nan")).to(tl.float32)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    logp = centred(y_label, inv_temperature, m_safe) - log_sum
+    logp = log_prob(centred(y_label, inv_temperature, m_safe), log_sum)
 
     tl.store(logp_ptr + row, tl.where(is_ignored, 0.0, logp))
     tl.store(stats_ptr + ROW_MAX * n + row, tl.where(is_ignored, 0.0, m))

@@ -65,17 +65,12 @@ class FusedCrossEntropyOutput(NamedTuple):
 
 def _reference_head_stats(compact, weight, bias, tr):
     """Eager baseline on the compact rows: materialised logits, autograd through log_softmax."""
-    from ..reference import transform_logits
+    from ..reference import linear_logprobs_stats_reference
 
-    cd = output_dtype(compact.hidden.dtype)
-    logits = compact.hidden.to(cd) @ weight.to(cd).T
-    if bias is not None:
-        logits = logits + bias.to(cd)
-    z = transform_logits(logits, logit_scale=tr.logit_scale, softcap=tr.softcap, temperature=tr.temperature)
-    logp_all = torch.log_softmax(z, dim=-1)
-    logp = logp_all.gather(1, compact.labels[:, None]).squeeze(1)
-    entropy = -(logp_all.exp() * logp_all).sum(1)
-    return logp, entropy, z.argmax(1) == compact.labels
+    logp, entropy, _, _, is_top1, _ = linear_logprobs_stats_reference(
+        compact.hidden, weight, compact.labels, bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale,
+        softcap=tr.softcap)  # fmt: skip
+    return logp, entropy, is_top1
 
 
 def fused_linear_cross_entropy(
@@ -176,8 +171,7 @@ def fused_linear_cross_entropy(
     if backend == "reference":  # the eager baseline: the adapted head materialised (W + s·B·A)
         logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
         logp = compact.mask(logp)
-        weight_t = logp.detach().exp() if loss_type == "dft" else 1.0
-        loss = -(logp * weight_t).sum() / denominator
+        loss = _sft_token_losses(logp, loss_type).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
     else:
 
@@ -188,8 +182,7 @@ def fused_linear_cross_entropy(
 
         out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, adapter, tr, token_grad, backend,
                               chunk_size)  # fmt: skip
-        weight_t = out.logp.exp() if loss_type == "dft" else 1.0
-        loss = -(out.logp * weight_t).sum() / denominator
+        loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if call is not None:
             loss = _attach(loss, compact, weight, bias, adapter, call)
@@ -199,6 +192,16 @@ def fused_linear_cross_entropy(
     if return_entropy:
         return loss, compact.expand(entropy)
     return loss
+
+
+def _sft_token_losses(logp, loss_type):
+    """``ℓ_t = −logp_t`` (nll) or DFT's ``−logp_t·p_t`` (``p_t = e^logp_t`` detached), with
+    ``p·log p := 0`` at ``p = 0``: a label on a masked (``-inf``) logit costs ``+inf`` under nll and
+    nothing under DFT (its limit), never NaN; gradients flow through ``logp`` only."""
+    if loss_type == "nll":
+        return -logp
+    p = logp.detach().exp()
+    return torch.where(p > 0, -logp * p, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
 
 def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,

@@ -36,6 +36,7 @@ statistics. Nothing scales with ``N x V``.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -44,7 +45,17 @@ from .._utils import check_same_device, check_temperature, check_tensor, output_
 from ..kernels._softmax import ROW_STATS
 from ..kernels.linear_logprobs import FOLD_STATE, linear_logprobs_bwd_kernel, linear_logprobs_fwd_kernel, pick_config
 from ._lora import LoraHead, LoraTiles
-from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, merge_pair, merged, raw_grad_, transform_
+from ._softmax_torch import (
+    RowStats,
+    centred,
+    fold_block,
+    grad_from_centred_,
+    log_prob,
+    merge_pair,
+    merged,
+    raw_grad_,
+    transform_,
+)
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -79,19 +90,38 @@ class HeadStats(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Matmul helpers: fp32 (fp64) results from half inputs without rounding the product first
 # --------------------------------------------------------------------------------------------
-_MIXED_MM_OK: dict = {}
+_MIXED_MM_OK: dict = {}  # str(device) -> whether torch.mm(..., out_dtype=torch.float32) works there
 
 
-def _cuda_mixed_mm_supported(device) -> bool:
-    """``torch.mm(..., out_dtype=torch.float32)`` on half inputs (torch >= 2.8, CUDA only)."""
+def mixed_mm_supported(device) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` works for bf16 ``a``, ``b`` on ``device``
+    (torch >= 2.8; CUDA devices only), probed once per device with a 16 x 16 GEMM.
+
+    Only an answer about the *API* is cached: ``TypeError`` (no ``out_dtype`` keyword),
+    ``NotImplementedError`` and a plain ``RuntimeError`` (no kernel for the dtypes) mean "unsupported",
+    with one ``RuntimeWarning`` per device, because the fallback rounds every GEMM product to the input
+    dtype before widening it (bf16: ~3 significant digits in the logits and gradients). An
+    out-of-memory or other accelerator error says nothing about support: it is raised and nothing is
+    cached (the next call probes again)."""
+    if torch.device(device).type != "cuda":
+        return False  # ATen's mm.dtype has CUDA kernels only: CPU callers widen their operands instead
     key = str(device)
     if key not in _MIXED_MM_OK:
+        a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
         try:
-            a = torch.zeros(16, 16, dtype=torch.bfloat16, device=device)
             torch.mm(a, a, out_dtype=torch.float32)
             _MIXED_MM_OK[key] = True
-        except (TypeError, RuntimeError, NotImplementedError):
+        except (torch.OutOfMemoryError, torch.AcceleratorError):
+            raise
+        except (TypeError, NotImplementedError, RuntimeError) as exc:
             _MIXED_MM_OK[key] = False
+            warnings.warn(
+                f"alignkernels: torch.mm(..., out_dtype=torch.float32) is unavailable on {key} "
+                f"({type(exc).__name__}: {exc}); half-precision lm-head GEMMs fall back to rounding their "
+                "products to the input dtype before widening to fp32 (less accurate log-probs and gradients)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     return _MIXED_MM_OK[key]
 
 
@@ -104,7 +134,7 @@ def mm_into(out, a, b, bias=None):
         else:
             torch.mm(a, b, out=out)
         return
-    if a.is_cuda and _cuda_mixed_mm_supported(a.device):
+    if mixed_mm_supported(a.device):
         torch.mm(a, b, out_dtype=out.dtype, out=out)
     else:  # older torch: the product is rounded to the input dtype before widening
         out.copy_(torch.mm(a, b))
@@ -116,10 +146,18 @@ def addmm_into(acc, a, b):
     """``acc += a @ b`` accumulated in ``acc``'s (fp32) dtype."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    elif a.is_cuda and _cuda_mixed_mm_supported(a.device):
+    elif mixed_mm_supported(a.device):
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.add_(torch.mm(a, b))
+
+
+def label_is_top1(label_y, max_y, max_y_before_label, logp):
+    """TRL's ``is_top1`` (the label is the *first* argmax) from a fold's running maxima, and False
+    wherever ``logp`` is NaN (a NaN or +inf logit in the row). The maxima alone cannot say it: a max
+    may keep or drop a NaN (``torch.amax`` keeps it, ``tl.max`` drops it, compiled or interpreted),
+    while the row's sums always keep it."""
+    return (label_y >= max_y) & (label_y > max_y_before_label) & ~torch.isnan(logp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,11 +215,11 @@ class TorchFold:
     @staticmethod
     def finalise(state, tr: Transform, vocab, want_stats) -> HeadStats:
         stats = RowStats(state[0].clone(), state[1].clone(), state[2].clone())
-        logp = centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1) - stats.log_sum
+        logp = log_prob(centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1), stats.log_sum)
         extra = None
         if want_stats:  # log Σp² = log q - 2 log_sum
             extra = (state[3].log() - 2 * stats.log_sum, state[4] / vocab,
-                     (state[7] >= state[5]) & (state[7] > state[6]))  # fmt: skip
+                     label_is_top1(state[7], state[5], state[6], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 
     @staticmethod
@@ -237,11 +275,11 @@ class TritonFold:
         f = dict(zip(FOLD_STATE, state))
         stats = merged(f["row_max"].clone(), torch.stack((f["sum_exp"], f["sum_centred"])))
         log_sum = stats.log_sum
-        logp = f["label_centred"] - log_sum  # the kernel's own z - m (its 1/T, its fma)
+        logp = log_prob(f["label_centred"], log_sum)  # the kernel's own z - m (its 1/T, its fma)
         extra = None
         if want_stats:
             extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
-                     (f["label_y"] >= f["max_y"]) & (f["label_y"] > f["max_y_before_label"]))  # fmt: skip
+                     label_is_top1(f["label_y"], f["max_y"], f["max_y_before_label"], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 
     @staticmethod

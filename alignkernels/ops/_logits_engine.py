@@ -21,7 +21,7 @@ from .. import _cuda_backend
 from .._utils import as_rows, output_dtype
 from ..kernels._softmax import ROW_STATS
 from ..kernels.token_logprobs import pick_config, token_logprobs_bwd_kernel, token_logprobs_fwd_kernel
-from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_
+from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, log_prob
 
 # Rows per chunk in the torch backend: ~4M elements of fp32 temporaries per chunk.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -99,7 +99,7 @@ class TorchTokenKernels:
             y_label = y.gather(1, safe_labels[r0:r1, None])
             fold = fold_block(y, temperature, work)
             # logp = (z_label - row_max) - log_sum, centred (-inf for a -inf label logit)
-            logp = centred(y_label, fold.stats.row_max, temperature).squeeze(1) - fold.stats.log_sum
+            logp = log_prob(centred(y_label, fold.stats.row_max, temperature).squeeze(1), fold.stats.log_sum)
             out[0, r0:r1] = torch.where(in_range[r0:r1], logp, float("nan"))
             out[1, r0:r1], out[2, r0:r1], out[3, r0:r1] = fold.stats
         # Ignored rows keep their (finite) state: the backward then gives them exactly 0, never exp(z - 0)

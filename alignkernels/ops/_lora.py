@@ -151,7 +151,7 @@ class LoraTiles:
             # z = ... + s·h·Aᵀ·Bᵀ  =>  dA = s·(dx·B)ᵀ·h = s·dUᵀ·h
             d_u = self.d_u if self.d_u.dtype == self.h.dtype else self.d_u.to(self.h.dtype)
             grad_A = torch.zeros(self.lora.lora_A.shape, dtype=self.cd, device=self.h.device)
-            self.addmm_into(grad_A, d_u.t(), self.h)
+            self.addmm_into(grad_A, d_u.t().to(self.h.dtype), self.h)  # d_u: fp32 (the head's GEMM 2 output)
             grad_A = grad_A.mul_(s).to(self.lora.lora_A.dtype)
         grad_B = self.grad_B.to(self.lora.lora_B.dtype) if self.grad_B is not None else None
         return grad_A, grad_B
@@ -202,7 +202,7 @@ class LoraConcat:
         if need_A:
             # z = ... + s·h·Aᵀ·Bᵀ  =>  dA = s·(dz·B)ᵀ·h = s·dUᵀ·h
             grad_A = torch.zeros(self.lora.lora_A.shape, dtype=self.cd, device=self.h.device)
-            self.addmm_into(grad_A, d_u.t(), self.h)
+            self.addmm_into(grad_A, d_u.t().to(self.h.dtype), self.h)  # d_u: fp32 (the head's GEMM 2 output)
             grad_A.mul_(s)
         if grad_wb is not None:
             return grad_h, grad_wb[:, :width], grad_A, grad_wb[:, width:]

@@ -25,6 +25,11 @@ Merge (:func:`merge_terms` + :func:`merged`): for parts ``k`` of a row and a sha
 parts (``torch.sum``, or an all-reduce across ranks) gives ``log_sum = log S``, ``H = log S - P/S``.
 A part with no mass (``row_max_k = -inf``) has ``w_k = 0`` exactly.
 
+Bounds (:func:`log_prob`, :func:`non_negative`): ``logp <= 0`` and ``H >= 0`` hold exactly, not just
+to an ulp: the roundings of ``exp``/``log`` can put ``zc_label - log_sum`` or ``log s - t/s`` one ulp on
+the wrong side of 0 (a peaked row, ``p_label ≈ 1``), so both are clamped where they are formed (NaN stays
+NaN). Moving them *towards* the true value never adds error.
+
 Gradient (:func:`grad_from_centred_`), with ``zc = z - row_max``: ``p = e^(zc - log_sum)``,
 ``z - Σp·z = zc - (log_sum - H)``, ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)``; the chain rule
 to the raw logit (:func:`raw_grad_`) multiplies by ``1/T`` and the transform's derivative.
@@ -63,6 +68,16 @@ def transform_(x: torch.Tensor, logit_scale: float, softcap: float | None, keep_
     elif logit_scale != 1.0:
         x.mul_(logit_scale)
     return (x, derivative) if keep_derivative else x
+
+
+def log_prob(label_centred: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """``logp = (z_label - row_max) - log_sum``, at most 0 (``-inf`` for a masked label, NaN stays)."""
+    return torch.clamp(label_centred - log_sum, max=0.0)
+
+
+def non_negative(entropy: torch.Tensor) -> torch.Tensor:
+    """An entropy (or a partial one) formed as ``log s - t/s``, at least 0 (NaN stays NaN)."""
+    return torch.clamp(entropy, min=0.0)
 
 
 def _shift_fix(raw_shift: torch.Tensor, row_max: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -108,7 +123,7 @@ def fold_block(y: torch.Tensor, temperature: float, work: torch.Tensor) -> Block
     row_max = m_y / temperature if temperature != 1.0 else m_y
     fix = _shift_fix(finite, torch.where(torch.isneginf(m_y), 0.0, row_max), temperature)
     empty = s == 0  # only -inf in the block: no mass
-    entropy = torch.where(empty, 0.0, log_s - t / s)
+    entropy = torch.where(empty, 0.0, non_negative(log_s - t / s))
     log_sum = torch.where(empty, float("-inf"), log_s + fix)
     return BlockFold(RowStats(row_max, log_sum, entropy), d, e, s)
 
@@ -125,7 +140,8 @@ def merge_terms(part: RowStats, row_max: torch.Tensor) -> torch.Tensor:
 def merged(row_max: torch.Tensor, terms: torch.Tensor) -> RowStats:
     """Rows' stats from the summed :func:`merge_terms` of all their parts."""
     log_sum = terms[0].log()
-    entropy = torch.where(terms[0] == 0, 0.0, log_sum - terms[1] / terms[0])  # no mass: 0; NaN stays NaN
+    # no mass: 0; NaN stays NaN
+    entropy = torch.where(terms[0] == 0, 0.0, non_negative(log_sum - terms[1] / terms[0]))
     return RowStats(row_max, log_sum, entropy)
 
 

@@ -7,8 +7,8 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
 
 1. **GEMM 1** ``buf = h[r0:r1] @ Wᵀ (+ b)``: the chunk's logits over the whole vocabulary, written
    into one reusable fp32 buffer ``[chunk, V]`` (``torch.mm``/``addmm(out=...)``: cuBLAS on the GPU).
-2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (docs/ARCHITECTURE.md, "The numerical core"): ``row_max m``,
-   ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
+2. **Stats**: ``z = transform(buf)``, the centred softmax state per row (``_softmax_torch.RowStats``):
+   ``row_max m``, ``log_sum = log Σ e^(z−m)``, ``H = log_sum − Σp·(z−m)``, and ``logp = (z_label − m) − log_sum``,
    ``is_top1`` -- the lm-head engine's fold of one ``[chunk, V]`` tile (``_softmax_torch.fold_block``
    on the torch path, the ``linear_logprobs`` forward kernel on the triton path).
 3. **Token gradient** ``(g_logp, g_H) = token_grad(rows, stats)``: the loss's callback; it sees
@@ -17,7 +17,7 @@ w.r.t. the logits of a token chunk can be formed while those logits are still at
    ``z − Σp·z = (z−m) − (log_sum − H)`` and ``k = dz/dx`` of the transform (``logit_scale/T``,
    times ``1 − tanh²`` with softcap): the shared gradient (``_softmax_torch.grad_from_centred_`` +
    ``raw_grad_``, or the ``linear_logprobs`` backward kernel), in a tile-sized buffer.
-5. **GEMM 2** ``grad_h[r0:r1] = dz @ W`` (each row complete in one GEMM: no accumulator) and
+5. **GEMM 2** ``grad_h[r0:r1] = dz @ W`` (each row complete in one GEMM, written in fp32) and
    **GEMM 3** ``grad_W += dzᵀ @ h[r0:r1]``, ``grad_b += Σ_rows dz``.
 
 That is 6·n·H·V matmul FLOPs for ``n`` valid rows, against 8·n·H·V for a differentiable
@@ -45,12 +45,12 @@ GEMMs run in the input dtype on CUDA (fp32 out via ``out_dtype``) and in fp32 (f
 Memory (besides inputs): the fp32 logits buffer ``chunk x V`` plus, on the torch path, one fp32
 work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap (``1 − tanh²``); on the triton
 path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
-forward on: ``grad_hidden`` ``[n, H]`` (input dtype), ``grad_weight`` ``[V, H]`` (fp32 accumulator
-for half weights, cast once at the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing
-scales with ``n x V``. With LoRA: ``[n, H + r]`` and ``[V, H + r]`` operand copies (the head
-weight once more, for the call) and the adapter's gradients. :class:`HeadGradientFunction` keeps
-references to ``hidden [n, H]``, ``weight``, ``bias`` (and the adapter) until the graph is freed
-(for a recompute).
+forward on: ``grad_hidden`` ``[n, H]`` (fp32, written by GEMM 2 in fp32 and rounded to the input
+dtype once at the end), ``grad_weight`` ``[V, H]`` (fp32 accumulator for half weights, cast once at
+the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing scales with ``n x V``. With LoRA:
+``[n, H + r]`` and ``[V, H + r]`` operand copies (the head weight once more, for the call) and the
+adapter's gradients. :class:`HeadGradientFunction` keeps references to ``hidden [n, H]``,
+``weight``, ``bias`` (and the adapter) until the graph is freed (for a recompute).
 """
 from __future__ import annotations
 
@@ -59,10 +59,10 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._utils import output_dtype, refuse_double_backward
-from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into
+from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
 from ._lora import LoraConcat, LoraHead
 from ._lmhead_engine import make_plan as make_tile_plan
-from ._softmax_torch import fold_block, grad_from_centred_, raw_grad_, transform_
+from ._softmax_torch import fold_block, grad_from_centred_, log_prob, raw_grad_, transform_
 
 # Default fp32 elements in the logits buffer (chunk rows = budget // V, clamped).
 GPU_BUFFER_ELEMENTS = 1 << 27  # 512 MB fp32
@@ -70,7 +70,8 @@ CPU_BUFFER_ELEMENTS = 1 << 23  # 32 MB fp32: a few hundred rows at V = 32k
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 
 class ChunkStats(NamedTuple):
-    """Per-row softmax state of a chunk (``RowStats`` of ``ops/_softmax_torch.py``) and the per-token outputs, compute dtype."""
+    """Per-row softmax state of a chunk (``_softmax_torch.RowStats``) and the per-token outputs (compute
+    dtype)."""
 
     logp: torch.Tensor  # (z_label − m) − log_sum
     entropy: torch.Tensor  # log_sum − Σp·(z − m)
@@ -112,11 +113,15 @@ class TorchHeadFold(TorchFold):
             y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap), None
         else:
             y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
-        is_top1 = y.argmax(1) == labels  # first maximum
+        first_argmax = y.argmax(1) == labels  # (a NaN counts as the maximum: masked by a NaN logp below)
+        label_masked = torch.isneginf(y.gather(1, labels[:, None]).squeeze(1))
         block = fold_block(y, tr.temperature, work)  # tile <- d = z - m_y/T (m_y/T exact), work <- e^d
-        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum, relative to the row max
+        # d and log Σe^d share one centring, so d - log Σe^d = (z - row_max) - log_sum; d is clamped
+        # at fold_block's no-mass floor, so a label on a -inf logit (p = 0) is restored to -inf here
         log_s = block.sum_e.log()
-        logp = block.d.gather(1, labels[:, None]).squeeze(1) - log_s
+        logp = log_prob(block.d.gather(1, labels[:, None]).squeeze(1), log_s)
+        logp.masked_fill_(label_masked, float("-inf"))
+        is_top1 = first_argmax & ~torch.isnan(logp)  # as _lmhead_engine.label_is_top1: False in a NaN row
         row = block.stats
         stats = ChunkStats(logp, row.entropy, row.row_max, row.log_sum, is_top1)
         if grad_of is None:
@@ -205,8 +210,11 @@ def three_gemm_head(
     logp = torch.zeros(n, dtype=cd, device=device)
     entropy = torch.zeros(n, dtype=cd, device=device)
     is_top1 = torch.zeros(n, dtype=torch.bool, device=device)
-    grad_h = torch.empty(n, K, dtype=h.dtype, device=device) if need_h else None  # with lora: [dz·W, dz·B]
-    d_u = torch.empty(n, cat.rank, dtype=h.dtype, device=device) if (need_A and not need_h) else None
+    # fp32 even for half inputs: GEMM 2 reduces over the whole vocabulary (K = V ~ 150k); with a
+    # half-precision output cuBLAS may reduce in that precision, so it writes fp32 (``mm_into``:
+    # ``out_dtype`` on CUDA) and the result is rounded to hidden's dtype once, at the end
+    grad_h = torch.empty(n, K, dtype=cd, device=device) if need_h else None  # with lora: [dz·W, dz·B]
+    d_u = torch.empty(n, cat.rank, dtype=cd, device=device) if (need_A and not need_h) else None
     grad_w_acc = torch.zeros(V, K, dtype=cd, device=device) if need_w else None  # with lora: [grad_W, grad_B]
     grad_B_acc = torch.zeros(V, cat.rank, dtype=cd, device=device) if (need_B and not need_w) else None
     grad_b = torch.zeros(V, dtype=cd, device=device) if need_b else None
@@ -236,9 +244,9 @@ def three_gemm_head(
             continue
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
         if need_h:
-            torch.mm(dz_gemm, w_op, out=grad_h[rows])  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B])
+            mm_into(grad_h[rows], dz_gemm, w_op)  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B]; fp32 out)
         elif d_u is not None:
-            torch.mm(dz_gemm, cat.b, out=d_u[rows])  # dU[chunk] = dz @ B (lora_A trains, hidden does not)
+            mm_into(d_u[rows], dz_gemm, cat.b)  # dU[chunk] = dz @ B (lora_A trains, hidden does not; fp32 out)
         if need_w:
             addmm_into(grad_w_acc, dz_gemm.t(), h_op[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]  ([.., dzᵀ·u])
         elif grad_B_acc is not None:

@@ -59,7 +59,7 @@ from ._lmhead_engine import (
 )
 from ._logits_engine import TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
-from ._softmax_torch import RowStats, merge_terms, merged
+from ._softmax_torch import RowStats, log_prob, merge_terms, merged
 
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
@@ -210,7 +210,7 @@ def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, proce
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
     total = packed[:2] if want_entropy else torch.stack((packed[0], torch.zeros_like(packed[0])))
     stats = merged(row_max, total)
-    return packed[-1] - stats.log_sum, stats
+    return log_prob(packed[-1], stats.log_sum), stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -221,3 +221,22 @@ def test_large_vocabulary_at_an_offset_and_low_temperature(emulated):
     logits = (torch.randn(1, 151936, generator=g) * 2 + 1e4).float()
     labels = torch.randint(0, 151936, (1,), generator=g)
     check(logits, labels, temperature=0.01, value_tol=2e-6, grad_tol=(2e-6, 2e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_logp_nonpositive_and_entropy_nonnegative(emulated, dtype):
+    """Peaked and flat rows at offsets of ±1e4 (±300 in fp16) and T from 1e-4 to 1e3: ``logp <= 0`` and
+    ``entropy >= 0`` exactly (``softmax.cuh``'s ``log_prob`` / ``finalize`` clamp the ulp the roundings of
+    exp and log can put on the wrong side of 0)."""
+    g = torch.Generator().manual_seed(11)
+    rows, V = 24, 37
+    offsets = (0.0, 300.0, -300.0) if dtype == torch.float16 else (0.0, 1e4, -1e4)
+    for offset in offsets:
+        for spread in (1e-3, 1.0, 30.0):
+            x = torch.randn(rows, V, generator=g) * spread + offset
+            labels = x.argmax(-1)
+            x[torch.arange(rows), labels] += torch.tensor([0.0, 1.0, 50.0]).repeat(rows // 3) * spread
+            labels[::5] = torch.randint(0, V, labels[::5].shape, generator=g)
+            for temperature in (1e-4, 1e-2, 0.7, 1e3):
+                logp, ent, _, _, _ = run_cuda(x.to(dtype), labels, temperature, torch.ones(rows), torch.ones(rows))
+                assert (logp <= 0).all() and (ent >= 0).all(), (offset, spread, temperature, logp.max(), ent.min())

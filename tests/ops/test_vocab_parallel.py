@@ -478,6 +478,79 @@ def check_precision(rank, world):
     assert not bad, bad
 
 
+def check_logp_entropy_bounds(rank, world):
+    """The merge of shard statistics keeps ``logp <= 0`` and ``entropy >= 0`` exactly: peaked and flat rows
+    at offsets of ±1e4 and T from 1e-4 to 1e3, both forms, torch and triton, the LoRA head (before: logp up
+    to +1e-7 and entropy down to -1e-7 from the rounding of the merged ``log S``)."""
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    bad = []
+    gen = torch.Generator().manual_seed(9)
+    for backend in ("torch", "triton"):
+        for offset in (0.0, 1e4, -1e4):
+            for spread in (1e-3, 1.0, 30.0):
+                full = torch.randn(6, V, generator=gen) * spread + offset
+                labels = full.argmax(-1)
+                full[torch.arange(6), labels] += torch.tensor([0.0, 1.0, 50.0]).repeat(2) * spread
+                hidden = torch.cat((torch.ones(6, 1), torch.randn(6, 3, generator=gen)), 1)
+                weight = torch.cat((torch.full((V, 1), offset), torch.randn(V, 3, generator=gen) * spread), 1)
+                lora = (torch.randn(2, 4, generator=gen) * 0.1, torch.randn(V, 2, generator=gen) * spread, 0.5)
+                for T in (1e-4, 1e-2, 0.7, 1e3):
+                    outs = {
+                        "token": vocab_parallel_token_logprobs(full[:, start:start + size], labels, vocab_start=start,
+                                                               vocab_size=V, temperature=T, return_entropy=True,
+                                                               backend=backend),
+                        "linear": vocab_parallel_linear_logprobs(hidden, weight[start:start + size], labels,
+                                                                 vocab_start=start, vocab_size=V, temperature=T,
+                                                                 return_entropy=True, backend=backend),
+                        "lora": vocab_parallel_linear_logprobs(hidden, weight[start:start + size], labels,
+                                                               vocab_start=start, vocab_size=V, temperature=T,
+                                                               return_entropy=True, backend=backend,
+                                                               lora=(lora[0], lora[1][start:start + size], lora[2])),
+                    }  # fmt: skip
+                    for form, (logp, ent) in outs.items():
+                        if not ((logp <= 0).all() and (ent >= 0).all()):
+                            bad.append((backend, form, offset, spread, T, logp.max().item(), ent.min().item()))
+    assert not bad, bad
+
+
+def check_masked_vocabulary(rank, world):
+    """-inf logits / bias entries on several shards, a label on one of them: logp = -inf, entropy and the
+    other rows as the single-process op (both forms, torch and triton); no NaN in the gradients."""
+    import alignkernels
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(10)
+    masked = [3, 45, 60, V - 1]
+    full = torch.randn(4, V, generator=gen) * 2
+    full[:, masked] = float("-inf")
+    labels = torch.tensor([45, 7, V - 1, 60])
+    hidden, weight = torch.randn(4, 8, generator=gen), torch.randn(V, 8, generator=gen) / 3
+    bias = torch.zeros(V)
+    bias[masked] = float("-inf")
+    for backend in ("torch", "triton"):
+        x = full[:, start:start + size].clone().requires_grad_(True)
+        logp, ent = vocab_parallel_token_logprobs(x, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                  backend=backend)  # fmt: skip
+        want_logp, want_ent = alignkernels.token_logprobs(full, labels, return_entropy=True, backend="torch")
+        ent.sum().backward()
+        h = hidden.clone().requires_grad_(True)
+        l_logp, l_ent = vocab_parallel_linear_logprobs(h, weight[start:start + size], labels, vocab_start=start,
+                                                       vocab_size=V, bias_shard=bias[start:start + size],
+                                                       return_entropy=True, backend=backend)  # fmt: skip
+        lw_logp, lw_ent = alignkernels.linear_logprobs(hidden, weight, labels, bias=bias, return_entropy=True,
+                                                       backend="torch")  # fmt: skip
+        l_ent.sum().backward()
+        for name, got, want in (("token logp", logp, want_logp), ("token entropy", ent, want_ent),
+                                ("linear logp", l_logp, lw_logp), ("linear entropy", l_ent, lw_ent)):  # fmt: skip
+            assert torch.equal(torch.isneginf(got), torch.isneginf(want)), (backend, name, got, want)
+            finite = torch.isfinite(want)
+            _close(f"{backend} {name}", got[finite].detach(), want[finite])
+        assert torch.isneginf(logp[[0, 2, 3]]).all() and torch.isfinite(x.grad).all() and torch.isfinite(h.grad).all()
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -493,6 +566,8 @@ def _checks_for(world):
         "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
         "communication_volume": lambda r: check_communication_volume(r, world),
         "edge_cases": lambda r: check_edge_cases(r, world),
+        "logp_entropy_bounds": lambda r: check_logp_entropy_bounds(r, world),
+        "masked_vocabulary": lambda r: check_masked_vocabulary(r, world),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
