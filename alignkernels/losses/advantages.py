@@ -13,10 +13,14 @@ independent loop-over-groups reference written from the formulas (``alignkernels
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 
-from .._utils import check_tensor, output_dtype
-from .validation import check_count
+from .._utils import check_same_device, check_tensor, output_dtype
+from .aggregation import lookup as lookup_row
+from .ppo import gae, masked_whiten
+from .validation import check_count, check_number
 
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -161,3 +165,220 @@ def group_advantages(
     stats["reward_std"] = nanstd(logged)
     stats["frac_reward_zero_std"] = is_std_zero.to(cd).mean()
     return advantages, stats
+
+
+# --------------------------------------------------------------------------------------------
+# Outcome / token advantage estimators as rows (verl core_algos' estimators)
+# --------------------------------------------------------------------------------------------
+class AdvantageConfig(NamedTuple):
+    """Hyper-parameters of the estimators (verl's names and defaults)."""
+
+    epsilon: float = 1e-6  # GRPO: the divisor is std + epsilon
+    norm_adv_by_std_in_grpo: bool = True  # GRPO: False = Dr. GRPO (no std scaling)
+    gamma: float = 1.0  # REINFORCE++: discount of the token returns
+
+
+class GroupIndex(NamedTuple):
+    """Rows grouped by prompt id: ``inverse[b]`` is row ``b``'s group in ``0..n_groups-1``."""
+
+    inverse: torch.Tensor
+    n_groups: int
+
+
+class AdvantageInputs(NamedTuple):
+    rewards: torch.Tensor  # [B, T] token-level rewards (an outcome reward sits on one token)
+    mask: torch.Tensor  # [B, T] response tokens, as rewards' dtype (0/1)
+    groups: GroupIndex | None
+    baselines: torch.Tensor | None  # [B] (ReMax: the greedy rollout's reward)
+    config: AdvantageConfig
+
+
+class AdvantageEstimator(NamedTuple):
+    name: str
+    compute: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]  # -> (advantages, returns)
+    needs_groups: bool  # needs the prompt id of each row (index=)
+    needs_baselines: bool  # needs reward_baselines=
+    token_level: bool  # uses each token's reward (False: only the row sum, the outcome score)
+    summary: str
+
+
+def group_index(index, batch: int, device) -> GroupIndex:
+    """Group ids from ``index``: a 1-D tensor, a numpy array or a sequence of hashables (verl's
+    ``uid`` strings), one per row, in any order; groups may differ in size."""
+    if isinstance(index, torch.Tensor):
+        if index.dim() != 1 or index.shape[0] != batch:
+            raise ValueError(f"index must hold one prompt id per row ({batch}), got shape {tuple(index.shape)}")
+        _, inverse = torch.unique(index, return_inverse=True)
+        inverse = inverse.to(device)
+    else:
+        try:
+            keys = [k.item() if hasattr(k, "item") else k for k in index]
+        except TypeError:
+            raise TypeError(f"index must be a tensor, an array or a sequence of prompt ids, got "
+                            f"{type(index).__name__}") from None  # fmt: skip
+        if len(keys) != batch:
+            raise ValueError(f"index must hold one prompt id per row ({batch}), got {len(keys)}")
+        ids: dict = {}
+        try:
+            inverse = torch.tensor([ids.setdefault(k, len(ids)) for k in keys], dtype=torch.long, device=device)
+        except TypeError:
+            raise TypeError("index must hold hashable prompt ids (str, int, ...)") from None
+    n_groups = int(inverse.max().item()) + 1 if batch else 0
+    return GroupIndex(inverse.reshape(batch), n_groups)
+
+
+def group_stats(scores: torch.Tensor, groups: GroupIndex):
+    """Per-row ``(count, mean, std)`` of the row's group: counts as floats, Bessel-corrected std
+    (0 for a group of one)."""
+    inv, G = groups.inverse, groups.n_groups
+    count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, inv, torch.ones_like(scores))
+    total = torch.zeros_like(count).index_add_(0, inv, scores)
+    mean = total / count.clamp(min=1.0)
+    squares = torch.zeros_like(count).index_add_(0, inv, (scores - mean[inv]).square())
+    std = (squares / (count - 1).clamp(min=1.0)).sqrt()
+    return count[inv], mean[inv], std[inv]
+
+
+def _outcome(x: AdvantageInputs, advantage: torch.Tensor):
+    out = advantage.unsqueeze(-1) * x.mask
+    return out, out
+
+
+def _grpo(x: AdvantageInputs):
+    # verl compute_grpo_outcome_advantage: a group of one has mean 0 and std 1
+    scores = x.rewards.sum(-1)
+    count, mean, std = group_stats(scores, x.groups)
+    single = count < 2
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    centred = scores - mean
+    if not x.config.norm_adv_by_std_in_grpo:
+        return _outcome(x, centred)
+    std = torch.where(single, torch.ones_like(std), std)
+    return _outcome(x, centred / (std + x.config.epsilon))
+
+
+def _rloo(x: AdvantageInputs):
+    # leave-one-out baseline: (s - mean) * n / (n - 1); a group of one keeps its score
+    scores = x.rewards.sum(-1)
+    count, mean, _ = group_stats(scores, x.groups)
+    loo = (scores - mean) * count / (count - 1).clamp(min=1.0)
+    return _outcome(x, torch.where(count > 1, loo, scores))
+
+
+def _reinforce_pp_baseline(x: AdvantageInputs):
+    # group-mean baseline, then whitening over all response tokens of the batch
+    scores = x.rewards.sum(-1)
+    count, mean, _ = group_stats(scores, x.groups)
+    centred = (scores - torch.where(count > 1, mean, torch.zeros_like(mean))).unsqueeze(-1) * x.mask
+    out = masked_whiten(centred, x.mask) * x.mask
+    return out, out
+
+
+def _reinforce_pp(x: AdvantageInputs):
+    # discounted token returns that carry across masked holes (GAE with V = 0, lambda = 1), whitened
+    returns, _ = gae(x.rewards, torch.zeros_like(x.rewards), x.mask, gamma=x.config.gamma, lam=1.0)
+    returns = returns.to(x.rewards.dtype)
+    return masked_whiten(returns, x.mask) * x.mask, returns
+
+
+def _remax(x: AdvantageInputs):
+    # reward-to-go minus the greedy rollout's reward
+    returns = (x.rewards * x.mask).flip(-1).cumsum(-1).flip(-1)
+    return returns - x.baselines.unsqueeze(-1) * x.mask, returns
+
+
+def _opo(x: AdvantageInputs):
+    # baseline: the length-weighted mean score of the group (0 for a group of one)
+    scores = x.rewards.sum(-1)
+    length = x.mask.sum(-1)
+    inv, G = x.groups.inverse, x.groups.n_groups
+    weighted = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, inv, length * scores)
+    lengths = torch.zeros_like(weighted).index_add_(0, inv, length)
+    count, _, _ = group_stats(scores, x.groups)
+    baseline = (weighted / torch.where(lengths > 0, lengths, torch.ones_like(lengths)))[inv]
+    return _outcome(x, scores - torch.where(count > 1, baseline, torch.zeros_like(baseline)))
+
+
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    row.name: row
+    for row in (
+        AdvantageEstimator("grpo", _grpo, True, False, False, "(s - group mean) / (group std + epsilon)"),
+        AdvantageEstimator("rloo", _rloo, True, False, False, "s minus the mean of the group's other scores"),
+        AdvantageEstimator("reinforce_plus_plus", _reinforce_pp, False, False, True,
+                           "discounted token returns, whitened over the batch"),  # fmt: skip
+        AdvantageEstimator("reinforce_plus_plus_baseline", _reinforce_pp_baseline, True, False, False,
+                           "s - group mean, whitened over the batch's tokens"),  # fmt: skip
+        AdvantageEstimator("remax", _remax, False, True, True, "reward-to-go minus the greedy rollout's reward"),
+        AdvantageEstimator("opo", _opo, True, False, False, "s minus the group's length-weighted mean score"),
+    )
+}
+
+
+def estimate_advantages(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index=None,
+    *,
+    estimator: str = "grpo",
+    config: AdvantageConfig | None = None,
+    reward_baselines: torch.Tensor | None = None,
+    **options,
+):
+    """Advantages and returns of one ``ADVANTAGE_ESTIMATORS`` row, with verl's semantics
+    (``verl.trainer.ppo.core_algos``' estimator of the same name).
+
+    Args:
+        token_level_rewards: ``[B, T]`` rewards (an outcome reward on one token, typically the last).
+        response_mask: ``[B, T]`` response tokens (0/1 or bool; holes allowed).
+        index: one prompt id per row (verl ``uid``: strings, ints, a tensor), any order, groups of
+            any size; required by the rows with ``needs_groups``.
+        estimator: a row name.
+        config: an ``AdvantageConfig``, or its fields as keywords (``epsilon``,
+            ``norm_adv_by_std_in_grpo``, ``gamma``).
+        reward_baselines: ``[B]``, for the rows with ``needs_baselines`` (ReMax).
+
+    Returns:
+        ``(advantages, returns)``, ``[B, T]`` in the rewards' dtype promoted to at least fp32; not
+        differentiable (computed under ``no_grad``, as verl does).
+    """
+    row = lookup_row(ADVANTAGE_ESTIMATORS, estimator, "estimator")
+    if config is None:
+        unknown = set(options) - set(AdvantageConfig._fields)
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: {', '.join(AdvantageConfig._fields)}")
+        config = AdvantageConfig(**options)
+    elif options:
+        raise TypeError("give either config= or its fields as keywords, not both")
+    check_number("epsilon", config.epsilon)
+    if not 0.0 <= check_number("gamma", config.gamma) <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {config.gamma}")
+    check_tensor("token_level_rewards", token_level_rewards, floating=True)
+    if token_level_rewards.dim() != 2:
+        raise ValueError(f"token_level_rewards must be [B, T], got shape {tuple(token_level_rewards.shape)}")
+    check_tensor("response_mask", response_mask)
+    if tuple(response_mask.shape) != tuple(token_level_rewards.shape):
+        raise ValueError(f"response_mask must have the shape of token_level_rewards "
+                         f"{tuple(token_level_rewards.shape)}, got {tuple(response_mask.shape)}")  # fmt: skip
+    B = token_level_rewards.shape[0]
+    device = token_level_rewards.device
+    cd = torch.promote_types(token_level_rewards.dtype, torch.float32)
+    groups = None
+    if row.needs_groups:
+        if index is None:
+            raise ValueError(f"estimator {row.name!r} groups rows by prompt: index (one prompt id per row) is required")
+        groups = group_index(index, B, device)
+    baselines = None
+    if row.needs_baselines:
+        if reward_baselines is None:
+            raise ValueError(f"estimator {row.name!r} needs reward_baselines ([B])")
+        check_tensor("reward_baselines", reward_baselines, floating=True)
+        if tuple(reward_baselines.shape) != (B,):
+            raise ValueError(f"reward_baselines must have shape ({B},), got {tuple(reward_baselines.shape)}")
+        baselines = reward_baselines.detach().to(cd)
+    check_same_device(token_level_rewards=token_level_rewards, response_mask=response_mask,
+                      reward_baselines=reward_baselines)  # fmt: skip
+    valid = response_mask != 0
+    with torch.no_grad():
+        rewards = token_level_rewards.detach().to(cd)
+        inputs = AdvantageInputs(rewards, valid.to(cd), groups, baselines, config)
+        return row.compute(inputs)

@@ -22,6 +22,8 @@ from torch import nn
 from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .._cuda_backend import gae_cuda
 from ..reference import gae_reference
+from .aggregation import AGGREGATION_MODES, LOSS_AGG_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
+from .kl import kl_estimate
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
 from .validation import check_count, check_number
 
@@ -30,7 +32,6 @@ from .validation import check_count, check_number
 PPO_LOSS = OpBackends("ppo_loss", ("triton", "torch", "reference"))
 GAE = OpBackends("gae", ("triton", "cuda", "torch", "reference"))
 KL_ESTIMATORS = ("k1", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_POSITIONS = ("last", "after_last")
 
 
@@ -128,8 +129,7 @@ def kl_penalty_rewards(
     cd = output_dtype(logp.dtype)
     valid = mask != 0
     zero = logp.new_zeros((), dtype=cd)
-    logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
-    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    kl = kl_estimate(logp.to(cd), ref_logp.to(cd), kl_estimator, mask=valid)  # rows in losses/kl.py
     non_score_reward = -check_number("kl_coef", kl_coef) * kl
     rewards = non_score_reward.clone()
     B, T = logp.shape
@@ -294,30 +294,43 @@ def gae(
 
 
 # --------------------------------------------------------------------------------------------
-# Loss aggregation (verl core_algos.agg_loss)
+# Loss aggregation (the rows live in losses/aggregation.py)
 # --------------------------------------------------------------------------------------------
-def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str) -> torch.Tensor:
+def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str, **options) -> torch.Tensor:
     """``agg_loss`` from per-row sums over valid tokens (``loss_sum``, ``count``: ``[B]``); every
-    backend reduces rows first and calls this."""
-    seq_len = check_count("seq_len", seq_len, minimum=1 if loss_agg_mode == "seq-mean-token-sum-norm" else 0)
-    if loss_agg_mode == "token-mean":
-        total = count.sum()
-        return loss_sum.sum() / torch.where(total > 0, total, torch.ones_like(total))
-    if loss_agg_mode == "seq-mean-token-sum":
-        return loss_sum.mean()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (loss_sum / count.clamp(min=1.0)).mean()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return loss_sum.sum() / seq_len
-    raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    backend reduces rows first and calls this. ``options``: those of ``agg_loss``."""
+    return aggregate_rows(loss_sum, count, seq_len, loss_agg_mode, **_agg_options(**options))
 
 
-def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str = "token-mean") -> torch.Tensor:
-    """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``). ``token-mean`` is TRL PPO's
-    ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token sums / means
-    (``-sum-norm``: total sum / T); empty sequences count as 0."""
-    m = loss_mask.to(loss_mat.dtype)
-    return agg_rows((loss_mat * m).sum(-1), m.sum(-1), loss_mat.shape[-1], loss_agg_mode)
+def _agg_options(*, semantics="classic", global_batch=None, dp_size=1, batch_num_tokens=None,
+                 global_batch_size=None, loss_scale_factor=None):  # fmt: skip
+    if global_batch is None:
+        global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return {"semantics": semantics, "global_batch": global_batch}
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+    semantics: str = "classic",
+    global_batch: GlobalBatch | None = None,
+) -> torch.Tensor:
+    """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``; rows in ``losses/aggregation.py``).
+    ``token-mean`` is TRL PPO's ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token
+    sums / means. ``semantics="classic"`` (default): empty sequences count as 0 and ``-sum-norm`` is
+    total sum / T; ``"verl"`` (verl >= 0.7) / ``"openrlhf"``: empty sequences are excluded and
+    ``-sum-norm`` also divides by the sequences. ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size``, ``loss_scale_factor`` (or one ``GlobalBatch``): verl's global-batch
+    arguments, under which the micro-batch losses sum to the global-batch loss."""
+    return aggregate(loss_mat, loss_mask, loss_agg_mode, **_agg_options(
+        semantics=semantics, global_batch=global_batch, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +403,7 @@ def ppo_loss(
                       old_values=old_values, returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
     if values is not None and returns is None:
         raise ValueError("returns is required when values is given (the value loss regresses values on returns)")
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     for name, value in (("cliprange", cliprange), ("cliprange_value", cliprange_value),
                         ("cliprange_low", cliprange_low), ("cliprange_high", cliprange_high)):  # fmt: skip
         value = check_number(name, value, allow_none=name != "cliprange")
@@ -481,9 +493,7 @@ class PPOLoss(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        mode = config.get("loss_agg_mode", "token-mean")
-        if mode not in LOSS_AGG_MODES:
-            raise ValueError(f"Unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+        lookup(AGGREGATION_MODES, config.get("loss_agg_mode", "token-mean"), "loss_agg_mode")
         self.config = dict(config)
 
     def forward(self, logp, old_logp, advantages, mask, values=None, old_values=None, returns=None, **overrides):
