@@ -15,6 +15,7 @@ itself only in ``alignkernels.reference.gae_reference``.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ PPO_LOSS = OpBackends("ppo_loss", ("triton", "torch", "reference"))
 GAE = OpBackends("gae", ("triton", "cuda", "torch", "reference"))
 KL_ESTIMATORS = ("k1", "k3")
 SCORE_POSITIONS = ("last", "after_last")
+GAE_HOLES = ("bridge", "zero")  # masked steps skipped (verl, TRL) / steps of reward 0, value 0 (OpenRLHF)
 
 
 def _check_same_shape(ref_name, ref, **tensors):
@@ -66,11 +68,30 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+class Whitening(NamedTuple):
+    name: str
+    unbiased: bool  # Bessel-corrected variance
+    rsqrt: Callable[[torch.Tensor], torch.Tensor]  # var -> 1 / std, with the framework's guard
+
+
+WHITENINGS: dict[str, Whitening] = {
+    row.name: row
+    for row in (
+        Whitening("trl", True, lambda var: torch.rsqrt(var + 1e-8)),  # TRL / verl masked_whiten
+        Whitening("openrlhf", False, lambda var: var.clamp(min=1e-8).rsqrt()),  # experience_maker
+    )
+}
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *,
+                  semantics: str = "trl") -> torch.Tensor:  # fmt: skip
     """``(values - mean) * rsqrt(var + 1e-8)`` over the masked elements, mean added back when
-    ``shift_mean=False`` (TRL ``masked_whiten``; verl ``masked_whiten`` is the same)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    ``shift_mean=False`` (TRL ``masked_whiten``; verl ``masked_whiten`` is the same).
+    ``semantics="openrlhf"``: OpenRLHF's global whitening, biased variance and
+    ``rsqrt(max(var, 1e-8))`` (``RemoteExperienceMaker.compute_advantages_and_returns``)."""
+    row = lookup(WHITENINGS, semantics, "semantics")
+    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=row.unbiased)
+    whitened = (values - mean) * row.rsqrt(var)
     if not shift_mean:
         whitened = whitened + mean
     return whitened
@@ -237,6 +258,7 @@ def gae(
     lam: float = 0.95,
     whiten: bool = False,
     whiten_mask: torch.Tensor | None = None,
+    holes: str = "bridge",
     backend: str = "auto",
 ):
     """Generalized Advantage Estimation over ``[B, T]`` token rewards and values.
@@ -256,6 +278,9 @@ def gae(
         gamma, lam: discount and GAE lambda (TRL defaults 1.0 and 0.95).
         whiten: whiten the advantages over ``whiten_mask`` (default ``mask``) with
             ``masked_whiten`` and zero them outside it (TRL: always on; verl: always on).
+        holes: ``"bridge"`` (default, verl / TRL): masked steps are skipped, as above;
+            ``"zero"`` (OpenRLHF ``get_advantages_and_returns``): every position is a step, masked
+            ones with reward 0 and value 0, and their advantages / returns are kept.
         backend: ``"auto"`` (Triton on CUDA, vectorised blocked torch scan elsewhere), ``"triton"``,
             ``"torch"``, ``"reference"`` (the Python loop).
 
@@ -272,10 +297,15 @@ def gae(
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= check_number(name, value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if holes not in GAE_HOLES:
+        raise ValueError(f"holes must be one of {', '.join(GAE_HOLES)}; got {holes!r}")
     # Masked steps contribute neither reward nor value: whatever they hold (NaN padding included)
     # must not reach the recurrence on any backend.
     rewards = rewards.masked_fill(mask == 0, 0.0)
     values = values.masked_fill(mask == 0, 0.0)
+    whiten_mask = mask if whiten_mask is None else whiten_mask
+    if holes == "zero":  # every position is a step (masked ones now hold reward 0, value 0)
+        mask = torch.ones_like(mask)
     be = GAE.resolve(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
     cd = output_dtype(torch.promote_types(rewards.dtype, values.dtype))
     if be == "triton":
@@ -288,7 +318,7 @@ def gae(
         maskf = (mask != 0).to(cd)
         adv, ret = _gae_torch(rewards.to(cd), values.to(cd), maskf, float(gamma), float(lam))
     if whiten:
-        wm = (mask if whiten_mask is None else whiten_mask) != 0
+        wm = whiten_mask != 0
         adv = masked_whiten(adv, wm).masked_fill(~wm, 0.0)
     return adv, ret
 

@@ -1,9 +1,10 @@
 """Fixtures that import the installed verl / OpenRLHF loss modules (skipped where not installed).
 
 OpenRLHF's ``openrlhf.models`` package imports its ring-attention helpers, which import the
-GPU-only ``flash_attn`` at module level; none of the functions pinned here touches them. A
-minimal stand-in (names only, each raising if called) is put in ``sys.modules`` just for that
-import and removed again, after ``transformers`` has cached "flash_attn is not installed".
+GPU-only ``flash_attn`` at module level, and its experience maker imports the Ray launcher, which
+imports ``vllm``; none of the functions pinned here touches them. Minimal stand-ins (names only,
+each raising if called) are put in ``sys.modules`` just for those imports and removed again, after
+``transformers`` has cached "flash_attn is not installed".
 """
 from __future__ import annotations
 
@@ -21,38 +22,55 @@ def verl_core():
     return pytest.importorskip("verl.trainer.ppo.core_algos")
 
 
-def _flash_attn_stand_in() -> dict[str, types.ModuleType]:
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("flash_attn stand-in: the GPU-only package is not installed")
+def _unavailable(*args, **kwargs):
+    raise RuntimeError("stand-in of a GPU-only package that is not installed")
 
+
+# GPU-only packages OpenRLHF imports at module level, and the names it takes from them
+GPU_ONLY = {
+    "flash_attn": {},
+    "flash_attn.bert_padding": dict.fromkeys(("index_first_axis", "pad_input", "rearrange", "unpad_input"), _unavailable),
+    "flash_attn.utils": {},
+    "flash_attn.utils.distributed": {"all_gather": _unavailable},
+    "vllm": {},
+    "vllm.inputs": {"TokensPrompt": _unavailable},
+    "vllm.utils": {"random_uuid": _unavailable},
+}
+
+
+def _stand_ins() -> dict[str, types.ModuleType]:
     modules = {}
-    for name, attrs in (
-        ("flash_attn", {}),
-        ("flash_attn.bert_padding", dict.fromkeys(("index_first_axis", "pad_input", "rearrange", "unpad_input"),
-                                                  unavailable)),  # fmt: skip
-        ("flash_attn.utils", {}),
-        ("flash_attn.utils.distributed", {"all_gather": unavailable}),
-    ):
+    for name, attrs in GPU_ONLY.items():
+        if importlib.util.find_spec(name.split(".")[0]) is not None:
+            continue  # the real package is installed
+        is_package = any(other.startswith(name + ".") for other in GPU_ONLY)
         module = types.ModuleType(name)
-        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name.count(".") < 1)
-        module.__dict__.update(attrs)
-        if not name.endswith(("bert_padding", "distributed")):
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=is_package)
+        if is_package:
             module.__path__ = []
+        module.__dict__.update(attrs)
         modules[name] = module
     return modules
+
+
+def _import_openrlhf(*names):
+    pytest.importorskip("openrlhf")
+    for dependency in ("deepspeed", "peft", "ray", "torchdata", "aiohttp", "pylatexenc"):
+        pytest.importorskip(dependency)
+    importlib.import_module("transformers.modeling_flash_attention_utils")  # caches: no flash_attn
+    with pytest.MonkeyPatch.context() as mp:
+        for name, module in _stand_ins().items():
+            mp.setitem(sys.modules, name, module)
+        return tuple(importlib.import_module(name) for name in names)
 
 
 @pytest.fixture(scope="session")
 def openrlhf_models():
     """``(openrlhf.models.loss, openrlhf.models.utils)``."""
-    pytest.importorskip("openrlhf")
-    pytest.importorskip("deepspeed")
-    pytest.importorskip("peft")
-    importlib.import_module("transformers.modeling_flash_attention_utils")  # caches: no flash_attn
-    stand_in = {} if importlib.util.find_spec("flash_attn") is not None else _flash_attn_stand_in()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, module in stand_in.items():
-            mp.setitem(sys.modules, name, module)
-        loss = importlib.import_module("openrlhf.models.loss")
-        utils = importlib.import_module("openrlhf.models.utils")
-    return loss, utils
+    return _import_openrlhf("openrlhf.models.loss", "openrlhf.models.utils")
+
+
+@pytest.fixture(scope="session")
+def openrlhf_experience_maker():
+    """``openrlhf.trainer.ppo_utils.experience_maker`` (advantages, returns, whitening)."""
+    return _import_openrlhf("openrlhf.trainer.ppo_utils.experience_maker")[0]
