@@ -173,9 +173,12 @@ def group_advantages(
 class AdvantageConfig(NamedTuple):
     """Hyper-parameters of the estimators (verl's names and defaults)."""
 
-    epsilon: float = 1e-6  # GRPO: the divisor is std + epsilon
-    norm_adv_by_std_in_grpo: bool = True  # GRPO: False = Dr. GRPO (no std scaling)
+    epsilon: float | None = None  # None: the row's default (verl: 1e-6, OTB 1e-8)
+    norm_adv_by_std_in_grpo: bool = True  # GRPO, pass@k, GDPO: False = Dr. GRPO (no std scaling)
     gamma: float = 1.0  # REINFORCE++: discount of the token returns
+    f_norm: float = 1.0  # GPG: the advantage's divisor
+    reward_weights: tuple[float, ...] | None = None  # GDPO: weight of each reward component
+    handle_zero_tail: bool = True  # OTB: no baseline past the second-longest response of a group
 
 
 class GroupIndex(NamedTuple):
@@ -189,16 +192,26 @@ class AdvantageInputs(NamedTuple):
     rewards: torch.Tensor  # [B, T] token-level rewards (an outcome reward sits on one token)
     mask: torch.Tensor  # [B, T] response tokens, as rewards' dtype (0/1)
     groups: GroupIndex | None
-    baselines: torch.Tensor | None  # [B] (ReMax: the greedy rollout's reward)
-    config: AdvantageConfig
+    config: AdvantageConfig  # epsilon resolved
+    reward_baselines: torch.Tensor | None = None  # [B] ReMax: the greedy rollout's reward
+    reward_components: torch.Tensor | None = None  # [B, K] GDPO: one score per reward function
+    old_log_probs: torch.Tensor | None = None  # [B, T] OTB: the rollout policy's log-probs
+    sum_pi_squared: torch.Tensor | None = None  # [B, T] OTB: Σ_v π(v)² at each token
+    rollout_is_weights: torch.Tensor | None = None  # [B, T] OTB: truncated IS weights (optional)
+
+
+# the optional inputs a row may need, and their shapes ("B", "BT", "BK")
+EXTRA_INPUTS = {"reward_baselines": "B", "reward_components": "BK", "old_log_probs": "BT", "sum_pi_squared": "BT",
+                "rollout_is_weights": "BT"}  # fmt: skip
 
 
 class AdvantageEstimator(NamedTuple):
     name: str
     compute: Callable[[AdvantageInputs], tuple[torch.Tensor, torch.Tensor]]  # -> (advantages, returns)
     needs_groups: bool  # needs the prompt id of each row (index=)
-    needs_baselines: bool  # needs reward_baselines=
+    needs: tuple[str, ...]  # required EXTRA_INPUTS
     token_level: bool  # uses each token's reward (False: only the row sum, the outcome score)
+    epsilon: float  # default of AdvantageConfig.epsilon
     summary: str
 
 
@@ -284,7 +297,7 @@ def _reinforce_pp(x: AdvantageInputs):
 def _remax(x: AdvantageInputs):
     # reward-to-go minus the greedy rollout's reward
     returns = (x.rewards * x.mask).flip(-1).cumsum(-1).flip(-1)
-    return returns - x.baselines.unsqueeze(-1) * x.mask, returns
+    return returns - x.reward_baselines.unsqueeze(-1) * x.mask, returns
 
 
 def _opo(x: AdvantageInputs):
@@ -299,17 +312,101 @@ def _opo(x: AdvantageInputs):
     return _outcome(x, scores - torch.where(count > 1, baseline, torch.zeros_like(baseline)))
 
 
+def _gpg(x: AdvantageInputs):
+    # alpha (s - group mean) / f_norm, alpha = B / (rows with a nonzero score)
+    scores = x.rewards.sum(-1)
+    count, mean, _ = group_stats(scores, x.groups)
+    alpha = scores.numel() / (scores != 0).sum().clamp(min=1).to(scores.dtype)
+    centred = scores - torch.where(count > 1, mean, torch.zeros_like(mean))
+    return _outcome(x, alpha * centred / x.config.f_norm)
+
+
+def _group_max(values: torch.Tensor, groups: GroupIndex) -> torch.Tensor:
+    """Per-row maximum of the row's group."""
+    out = torch.full((groups.n_groups,), float("-inf"), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, groups.inverse, values, reduce="amax")[groups.inverse]
+
+
+def _grpo_passk(x: AdvantageInputs):
+    # only the group's best response gets an advantage: (r_max - r_second_max) [/ (std + eps)]
+    scores = x.rewards.sum(-1)
+    count, _, std = group_stats(scores, x.groups)
+    if bool((count < 2).any()):
+        raise ValueError("estimator 'grpo_passk' needs at least 2 responses per prompt (index) in every group")
+    best = _group_max(scores, x.groups)
+    is_best = scores == best
+    ties = torch.zeros_like(scores).index_add_(0, x.groups.inverse, is_best.to(scores.dtype))[x.groups.inverse]
+    second = _group_max(torch.where(is_best, torch.full_like(scores, float("-inf")), scores), x.groups)
+    gap = torch.where(ties > 1, torch.zeros_like(scores), best - second)  # tied best: r_max - r_second = 0
+    if x.config.norm_adv_by_std_in_grpo:
+        gap = gap / (std + x.config.epsilon)
+    return _outcome(x, torch.where(is_best, gap, torch.zeros_like(gap)))
+
+
+def _gdpo(x: AdvantageInputs):
+    # GRPO on each reward component, weighted sum, whitened over the batch's tokens
+    components = x.reward_components if x.reward_components is not None else x.rewards.sum(-1, keepdim=True)
+    K = components.shape[1]
+    weights = x.config.reward_weights if x.config.reward_weights is not None else (1.0,) * K
+    if len(weights) != K:
+        raise ValueError(f"reward_weights has {len(weights)} entries but there are {K} reward components")
+    total = torch.zeros_like(x.rewards)
+    for k in range(K):
+        component = torch.zeros_like(x.rewards)
+        component[:, 0] = components[:, k]
+        adv, _ = _grpo(x._replace(rewards=component))
+        total = total + float(weights[k]) * adv
+    out = masked_whiten(total, x.mask) * x.mask
+    return out, out
+
+
+def _optimal_token_baseline(x: AdvantageInputs):
+    # per-token baseline B_t = Σ_group G_t W_t / Σ_group W_t, W_t = Σ_{j<=t} (1 - 2π_j + Σπ²) [ρ_j²]
+    m = x.mask
+    returns = (x.rewards * m).flip(-1).cumsum(-1).flip(-1)
+    w = 1 - 2 * torch.exp(x.old_log_probs) + x.sum_pi_squared
+    if x.rollout_is_weights is not None:
+        w = w * x.rollout_is_weights.square()
+    cumulative = (w * m).cumsum(-1)
+    inv, G = x.groups.inverse, x.groups.n_groups
+    T = x.rewards.shape[1]
+    numerator = torch.zeros(G, T, dtype=returns.dtype, device=returns.device).index_add_(0, inv, returns * cumulative * m)
+    denominator = torch.zeros_like(numerator).index_add_(0, inv, cumulative * m) + x.config.epsilon
+    count, _, _ = group_stats(returns[:, 0], x.groups)
+    baselines = torch.where((count > 1).unsqueeze(-1), (numerator / denominator)[inv], torch.zeros_like(returns))
+    if x.config.handle_zero_tail:
+        # the unique longest response of a group gets no baseline past the second-longest one
+        length = m.sum(-1)
+        longest = _group_max(length, x.groups)
+        is_longest = length == longest
+        n_longest = torch.zeros_like(length).index_add_(0, inv, is_longest.to(length.dtype))[inv]
+        second = _group_max(torch.where(is_longest, torch.full_like(length, float("-inf")), length), x.groups)
+        tail = (is_longest & (n_longest == 1) & (count > 1)).unsqueeze(-1) & (
+            torch.arange(T, device=m.device) >= second.unsqueeze(-1))
+        baselines = baselines.masked_fill(tail, 0.0)
+    return (returns - baselines) * m, returns
+
+
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     row.name: row
     for row in (
-        AdvantageEstimator("grpo", _grpo, True, False, False, "(s - group mean) / (group std + epsilon)"),
-        AdvantageEstimator("rloo", _rloo, True, False, False, "s minus the mean of the group's other scores"),
-        AdvantageEstimator("reinforce_plus_plus", _reinforce_pp, False, False, True,
+        AdvantageEstimator("grpo", _grpo, True, (), False, 1e-6, "(s - group mean) / (group std + epsilon)"),
+        AdvantageEstimator("rloo", _rloo, True, (), False, 1e-6, "s minus the mean of the group's other scores"),
+        AdvantageEstimator("reinforce_plus_plus", _reinforce_pp, False, (), True, 1e-6,
                            "discounted token returns, whitened over the batch"),  # fmt: skip
-        AdvantageEstimator("reinforce_plus_plus_baseline", _reinforce_pp_baseline, True, False, False,
+        AdvantageEstimator("reinforce_plus_plus_baseline", _reinforce_pp_baseline, True, (), False, 1e-6,
                            "s - group mean, whitened over the batch's tokens"),  # fmt: skip
-        AdvantageEstimator("remax", _remax, False, True, True, "reward-to-go minus the greedy rollout's reward"),
-        AdvantageEstimator("opo", _opo, True, False, False, "s minus the group's length-weighted mean score"),
+        AdvantageEstimator("remax", _remax, False, ("reward_baselines",), True, 1e-6,
+                           "reward-to-go minus the greedy rollout's reward"),  # fmt: skip
+        AdvantageEstimator("opo", _opo, True, (), False, 1e-6, "s minus the group's length-weighted mean score"),
+        AdvantageEstimator("gpg", _gpg, True, (), False, 1e-6, "B / #nonzero x (s - group mean) / f_norm"),
+        AdvantageEstimator("grpo_passk", _grpo_passk, True, (), False, 1e-6,
+                           "best of the group: (r_max - r_second) / (std + epsilon); others 0"),  # fmt: skip
+        AdvantageEstimator("gdpo", _gdpo, True, (), False, 1e-6,
+                           "GRPO per reward component, weighted sum, whitened"),  # fmt: skip
+        AdvantageEstimator("optimal_token_baseline", _optimal_token_baseline, True,
+                           ("old_log_probs", "sum_pi_squared"), True, 1e-8,
+                           "reward-to-go minus a per-token, path-variance-weighted group baseline"),  # fmt: skip
     )
 }
 
@@ -322,6 +419,10 @@ def estimate_advantages(
     estimator: str = "grpo",
     config: AdvantageConfig | None = None,
     reward_baselines: torch.Tensor | None = None,
+    reward_components: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    sum_pi_squared: torch.Tensor | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
     **options,
 ):
     """Advantages and returns of one ``ADVANTAGE_ESTIMATORS`` row, with verl's semantics
@@ -334,8 +435,11 @@ def estimate_advantages(
             any size; required by the rows with ``needs_groups``.
         estimator: a row name.
         config: an ``AdvantageConfig``, or its fields as keywords (``epsilon``,
-            ``norm_adv_by_std_in_grpo``, ``gamma``).
-        reward_baselines: ``[B]``, for the rows with ``needs_baselines`` (ReMax).
+            ``norm_adv_by_std_in_grpo``, ``gamma``, ``f_norm``, ``reward_weights``,
+            ``handle_zero_tail``).
+        reward_baselines: ``[B]`` (ReMax). reward_components: ``[B, K]`` (GDPO; default: the
+            row sums as one component). old_log_probs, sum_pi_squared, rollout_is_weights:
+            ``[B, T]`` (optimal token baseline).
 
     Returns:
         ``(advantages, returns)``, ``[B, T]`` in the rewards' dtype promoted to at least fp32; not
@@ -349,9 +453,14 @@ def estimate_advantages(
         config = AdvantageConfig(**options)
     elif options:
         raise TypeError("give either config= or its fields as keywords, not both")
-    check_number("epsilon", config.epsilon)
+    if config.epsilon is None:
+        config = config._replace(epsilon=row.epsilon)
+    if not check_number("epsilon", config.epsilon) >= 0:
+        raise ValueError(f"epsilon must be >= 0, got {config.epsilon}")
     if not 0.0 <= check_number("gamma", config.gamma) <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {config.gamma}")
+    if check_number("f_norm", config.f_norm) == 0:
+        raise ValueError("f_norm must be nonzero (the GPG advantage is divided by it)")
     check_tensor("token_level_rewards", token_level_rewards, floating=True)
     if token_level_rewards.dim() != 2:
         raise ValueError(f"token_level_rewards must be [B, T], got shape {tuple(token_level_rewards.shape)}")
@@ -359,7 +468,7 @@ def estimate_advantages(
     if tuple(response_mask.shape) != tuple(token_level_rewards.shape):
         raise ValueError(f"response_mask must have the shape of token_level_rewards "
                          f"{tuple(token_level_rewards.shape)}, got {tuple(response_mask.shape)}")  # fmt: skip
-    B = token_level_rewards.shape[0]
+    B, T = token_level_rewards.shape
     device = token_level_rewards.device
     cd = torch.promote_types(token_level_rewards.dtype, torch.float32)
     groups = None
@@ -367,18 +476,22 @@ def estimate_advantages(
         if index is None:
             raise ValueError(f"estimator {row.name!r} groups rows by prompt: index (one prompt id per row) is required")
         groups = group_index(index, B, device)
-    baselines = None
-    if row.needs_baselines:
-        if reward_baselines is None:
-            raise ValueError(f"estimator {row.name!r} needs reward_baselines ([B])")
-        check_tensor("reward_baselines", reward_baselines, floating=True)
-        if tuple(reward_baselines.shape) != (B,):
-            raise ValueError(f"reward_baselines must have shape ({B},), got {tuple(reward_baselines.shape)}")
-        baselines = reward_baselines.detach().to(cd)
-    check_same_device(token_level_rewards=token_level_rewards, response_mask=response_mask,
-                      reward_baselines=reward_baselines)  # fmt: skip
+    given = dict(reward_baselines=reward_baselines, reward_components=reward_components, old_log_probs=old_log_probs,
+                 sum_pi_squared=sum_pi_squared, rollout_is_weights=rollout_is_weights)  # fmt: skip
+    extras = {}
+    for name, t in given.items():
+        if t is None:
+            if name in row.needs:
+                raise ValueError(f"estimator {row.name!r} needs {name} ({EXTRA_INPUTS[name]})")
+            continue
+        check_tensor(name, t, floating=True)
+        shape = {"B": (B,), "BT": (B, T), "BK": (B, t.shape[-1] if t.dim() == 2 else -1)}[EXTRA_INPUTS[name]]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        extras[name] = t.detach().to(cd)
+    check_same_device(token_level_rewards=token_level_rewards, response_mask=response_mask, **given)
     valid = response_mask != 0
     with torch.no_grad():
         rewards = token_level_rewards.detach().to(cd)
-        inputs = AdvantageInputs(rewards, valid.to(cd), groups, baselines, config)
+        inputs = AdvantageInputs(rewards, valid.to(cd), groups, config, **extras)
         return row.compute(inputs)

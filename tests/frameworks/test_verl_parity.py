@@ -255,22 +255,111 @@ def test_grouping_by_uid_ignores_row_order_and_id_type():
         torch.testing.assert_close(adv_perm, adv[perm], **F64)
 
 
+def _extras(B, T, seed=0, dtype=torch.float64):
+    """The optional inputs of every row: ReMax baselines, GDPO components, OTB token statistics."""
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=dtype) * 2
+    return dict(
+        reward_baselines=torch.randn(B, generator=g, dtype=dtype),
+        reward_components=torch.randint(-8, 9, (B, 2), generator=g).to(dtype) / 8,  # exact in fp32 (verl casts)
+        old_log_probs=old,
+        sum_pi_squared=old.exp().square() + torch.rand(B, T, generator=g, dtype=dtype) * 0.3,
+        rollout_is_weights=0.5 + torch.rand(B, T, generator=g, dtype=dtype),
+    )
+
+
 @pytest.mark.parametrize("name", list(ADVANTAGE_ESTIMATORS))
 def test_advantages_of_an_empty_batch_are_empty(name):
     rewards, mask = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, 5, dtype=torch.bool)
-    adv, ret = estimate_advantages(rewards, mask, [], estimator=name, reward_baselines=torch.zeros(0, dtype=torch.float64))
+    adv, ret = estimate_advantages(rewards, mask, [], estimator=name, **_extras(0, 5))
     assert adv.shape == ret.shape == (0, 5)
 
 
 @pytest.mark.parametrize("name", list(ADVANTAGE_ESTIMATORS))
 def test_advantages_fp32_match_fp64(name):
-    rewards, mask, uids = _rollout(3)
-    base = torch.randn(len(uids), dtype=torch.float64)
-    a64, r64 = estimate_advantages(rewards, mask, uids, estimator=name, reward_baselines=base)
-    a32, r32 = estimate_advantages(rewards.float(), mask, uids, estimator=name, reward_baselines=base.float())
+    rewards, mask, uids = _rollout(3, sizes=(3, 2, 4, 2))
+    extras = _extras(*rewards.shape)
+    a64, r64 = estimate_advantages(rewards, mask, uids, estimator=name, **extras)
+    a32, r32 = estimate_advantages(rewards.float(), mask, uids, estimator=name,
+                                   **{k: v.float() for k, v in extras.items()})  # fmt: skip
     assert a32.dtype == torch.float32
     torch.testing.assert_close(a32.double(), a64, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(r32.double(), r64, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("kw", [{}, dict(f_norm=2.0)])
+def test_gpg_matches_verl(verl_core, seed, kw):
+    rewards, mask, uids = _rollout(seed)
+    rewards[3] = 0.0  # a zero score: alpha = B / #nonzero
+    adv, ret = estimate_advantages(rewards, mask, uids, estimator="gpg", **kw)
+    theirs, theirs_ret = verl_core.compute_gpg_outcome_advantage(rewards.clone(), mask.double(), uids, **kw)
+    # verl's alpha = B / int-tensor is an fp32 scalar (6e-8 relative); ours stays fp64
+    torch.testing.assert_close(adv, theirs, rtol=2e-7, atol=1e-12)
+    torch.testing.assert_close(ret, theirs_ret, rtol=2e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("norm", [True, False])
+def test_grpo_passk_matches_verl(verl_core, seed, norm):
+    rewards, mask, uids = _rollout(seed, sizes=(3, 2, 4, 2))
+    config = {"norm_adv_by_std_in_grpo": norm}
+    adv, ret = estimate_advantages(rewards, mask, uids, estimator="grpo_passk", norm_adv_by_std_in_grpo=norm)
+    theirs, _ = verl_core.compute_grpo_passk_outcome_advantage(rewards.clone(), mask.double(), uids, config=config)
+    torch.testing.assert_close(adv, theirs, **F64)
+    # a tie for the best response: r_max - r_second_max = 0 whichever row verl's topk picks
+    tied = rewards.clone()
+    rows = [i for i, u in enumerate(uids) if u == "p2"]  # the group of 4
+    tied[rows[1]] = tied[rows[0]] + 1.0
+    tied[rows[2]] = tied[rows[0]] + 1.0
+    adv, _ = estimate_advantages(tied, mask, uids, estimator="grpo_passk", norm_adv_by_std_in_grpo=norm)
+    theirs, _ = verl_core.compute_grpo_passk_outcome_advantage(tied.clone(), mask.double(), uids, config=config)
+    torch.testing.assert_close(adv, theirs, **F64)
+    with pytest.raises(ValueError, match="at least 2 responses per prompt"):
+        estimate_advantages(rewards, mask, [f"u{i}" for i in range(len(uids))], estimator="grpo_passk")
+
+
+@pytest.mark.parametrize("components", [False, True])
+@pytest.mark.parametrize("norm", [True, False])
+def test_gdpo_matches_verl(verl_core, components, norm):
+    rewards, _, uids = _rollout(4)
+    B, T = rewards.shape
+    lengths = torch.randint(1, T + 1, (B,), generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(T) < lengths[:, None]  # right padding: verl places each component at the last token
+    extras = _extras(B, T)
+    kw, their_kw = {}, {}
+    if components:
+        weights = (1.0, 0.5)
+        kw = dict(reward_components=extras["reward_components"], reward_weights=weights)
+        P = 3
+        their_kw = dict(
+            config={"gdpo_reward_keys": ["fmt", "acc"], "gdpo_reward_weights": list(weights)},
+            non_tensor_batch={"fmt": extras["reward_components"][:, 0].numpy(),
+                              "acc": extras["reward_components"][:, 1].numpy()},
+            batch={"prompts": torch.zeros(B, P, dtype=torch.long),
+                   "attention_mask": torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1)},
+        )  # fmt: skip
+    adv, _ = estimate_advantages(rewards, mask, uids, estimator="gdpo", norm_adv_by_std_in_grpo=norm, **kw)
+    theirs, _ = verl_core.compute_gdpo_outcome_advantage(rewards.clone(), mask.double(), uids,
+                                                         norm_adv_by_std_in_grpo=norm, **their_kw)  # fmt: skip
+    torch.testing.assert_close(adv, theirs, rtol=1e-6, atol=1e-7)  # verl: component scores in fp32
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+def test_optimal_token_baseline_matches_verl(verl_core, seed, is_weights, handle_zero_tail):
+    rewards, mask, uids = _rollout(seed, sizes=(3, 1, 4, 2))
+    extras = _extras(*rewards.shape, seed=seed)
+    if not is_weights:
+        extras["rollout_is_weights"] = None
+    adv, ret = estimate_advantages(rewards, mask, uids, estimator="optimal_token_baseline",
+                                   handle_zero_tail=handle_zero_tail, **extras)  # fmt: skip
+    theirs, theirs_ret = verl_core.compute_optimal_token_baseline_advantage(
+        rewards.clone(), mask.double(), uids, extras["old_log_probs"], extras["sum_pi_squared"],
+        rollout_is_weights=extras["rollout_is_weights"], handle_zero_tail=handle_zero_tail)  # fmt: skip
+    torch.testing.assert_close(adv, theirs, **F64)
+    torch.testing.assert_close(ret, theirs_ret, **F64)
 
 
 @pytest.mark.parametrize(
@@ -280,6 +369,11 @@ def test_advantages_fp32_match_fp64(name):
         ((), dict(estimator="grpo"), ValueError, "index"),
         ((["a", "b"],), dict(estimator="grpo"), ValueError, "index must hold one prompt id per row"),
         ((), dict(estimator="remax"), ValueError, "reward_baselines"),
+        ((), dict(estimator="remax", reward_baselines=torch.zeros(3, dtype=torch.float64)), ValueError,
+         "reward_baselines must have shape"),
+        ((["a"] * 10,), dict(estimator="optimal_token_baseline"), ValueError, "old_log_probs"),
+        ((["a"] * 10,), dict(estimator="gdpo", reward_weights=(1.0, 2.0)), ValueError, "reward_weights"),
+        ((["a"] * 10,), dict(estimator="gpg", f_norm=0.0), ValueError, "f_norm"),
         ((), dict(estimator="reinforce_plus_plus", gamma=1.5), ValueError, "gamma"),
         ((), dict(estimator="rloo", eps=0.1), TypeError, "eps"),
         ((), dict(estimator="grpo", config=AdvantageConfig(), epsilon=0.1), TypeError, "config"),
