@@ -142,6 +142,7 @@ SHAPING = {
     "reinforce_baseline": (("grpo", dict(norm_adv_by_std_in_grpo=False)), False, True),
     "dr_grpo": (("grpo", dict(norm_adv_by_std_in_grpo=False)), False, False),
     "group_norm": (("grpo", dict(epsilon=1e-9)), False, False),
+    "flash_reinforce": (("grpo", dict(norm_adv_by_std_in_grpo=False)), False, False),  # one group: the batch
 }
 
 
@@ -167,7 +168,7 @@ def test_advantages_and_returns_match_openrlhf(openrlhf_experience_maker, estima
         theirs_adv[p], theirs_ret[p] = exp.advantages, exp.returns
 
     shaping, use_gae, whiten = SHAPING[estimator]
-    prompt = torch.arange(B) // n
+    prompt = torch.arange(B) // n if estimator != "flash_reinforce" else torch.zeros(B, dtype=torch.long)
     if shaping is not None:
         name, options = shaping
         shaped, _ = estimate_advantages(scores[:, None], torch.ones(B, 1), prompt, estimator=name, **options)

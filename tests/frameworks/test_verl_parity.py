@@ -383,3 +383,17 @@ def test_estimate_advantages_rejects_bad_arguments_by_name(args, kwargs, error, 
     rewards, mask, _ = _rollout()
     with pytest.raises(error, match=match):
         estimate_advantages(rewards, mask, *args, **kwargs)
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.7)])
+def test_gae_matches_verl_through_holes(verl_core, gamma, lam):
+    """verl's GAE skips masked steps (observation tokens): ``gae(holes="bridge")``, whitened."""
+    from alignkernels.losses.ppo import gae
+
+    rewards, mask, _ = _rollout(5)
+    values = torch.randn(rewards.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, whiten=True)
+    theirs, theirs_ret = verl_core.compute_gae_advantage_return(rewards, values, mask.double(), gamma, lam)
+    # verl leaves values at masked positions; ours are 0 there
+    torch.testing.assert_close(adv, theirs * mask, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(ret * mask, theirs_ret * mask, **F64)
