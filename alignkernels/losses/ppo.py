@@ -23,9 +23,10 @@ from torch import nn
 from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .._cuda_backend import gae_cuda
 from ..reference import gae_reference
-from .aggregation import AGGREGATION_MODES, LOSS_AGG_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
-from .kl import kl_estimate
+from .aggregation import LOSS_AGG_MODES  # noqa: F401  (re-exported: the modes' names)
+from .aggregation import AGGREGATION_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
+from .kl import kl_estimate
 from .validation import check_count, check_number
 
 # "reference" is the same eager transcription of TRL/verl as "torch" for the loss; for gae it is
