@@ -278,6 +278,14 @@ def _rloo(x: AdvantageInputs):
     return _outcome(x, torch.where(count > 1, loo, scores))
 
 
+def _rloo_vectorized(x: AdvantageInputs):
+    # verl's vectorised RLOO: the same leave-one-out baseline, but a group of one gets 0
+    scores = x.rewards.sum(-1)
+    count, mean, _ = group_stats(scores, x.groups)
+    loo = (scores - mean) * count / (count - 1).clamp(min=1.0)
+    return _outcome(x, torch.where(count > 1, loo, torch.zeros_like(loo)))
+
+
 def _reinforce_pp_baseline(x: AdvantageInputs):
     # group-mean baseline, then whitening over all response tokens of the batch
     scores = x.rewards.sum(-1)
@@ -392,6 +400,10 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
     for row in (
         AdvantageEstimator("grpo", _grpo, True, (), False, 1e-6, "(s - group mean) / (group std + epsilon)"),
         AdvantageEstimator("rloo", _rloo, True, (), False, 1e-6, "s minus the mean of the group's other scores"),
+        AdvantageEstimator("grpo_vectorized", _grpo, True, (), False, 1e-6,
+                           "grpo (verl's vectorised form: fp32 group statistics there)"),  # fmt: skip
+        AdvantageEstimator("rloo_vectorized", _rloo_vectorized, True, (), False, 1e-6,
+                           "rloo, but a group of one gets 0"),  # fmt: skip
         AdvantageEstimator("reinforce_plus_plus", _reinforce_pp, False, (), True, 1e-6,
                            "discounted token returns, whitened over the batch"),  # fmt: skip
         AdvantageEstimator("reinforce_plus_plus_baseline", _reinforce_pp_baseline, True, (), False, 1e-6,

@@ -287,6 +287,21 @@ def test_advantages_fp32_match_fp64(name):
     torch.testing.assert_close(r32.double(), r64, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_vectorized_grpo_and_rloo_match_verl(verl_core, norm):
+    """verl's vectorised forms: GRPO with fp32 group statistics; RLOO giving 0 to a group of one."""
+    rewards, mask, uids = _rollout(6)
+    adv, _ = estimate_advantages(rewards, mask, uids, estimator="grpo_vectorized", norm_adv_by_std_in_grpo=norm)
+    theirs, _ = verl_core.compute_grpo_vectorized_outcome_advantage(rewards.clone(), mask.double(), uids,
+                                                                    norm_adv_by_std_in_grpo=norm)  # fmt: skip
+    torch.testing.assert_close(adv, theirs, rtol=1e-6, atol=1e-6)
+    adv, _ = estimate_advantages(rewards, mask, uids, estimator="rloo_vectorized")
+    theirs, _ = verl_core.compute_rloo_vectorized_outcome_advantage(rewards.clone(), mask.double(), uids)
+    torch.testing.assert_close(adv, theirs, **F64)
+    single = [i for i, u in enumerate(uids) if u == "p1"]  # the group of one
+    assert (adv[single] == 0).all()
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("kw", [{}, dict(f_norm=2.0)])
 def test_gpg_matches_verl(verl_core, seed, kw):
@@ -365,7 +380,7 @@ def test_optimal_token_baseline_matches_verl(verl_core, seed, is_weights, handle
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
-        ((), dict(estimator="ppo"), ValueError, "estimator must be one of grpo, rloo, reinforce_plus_plus"),
+        ((), dict(estimator="ppo"), ValueError, "estimator must be one of grpo, rloo, grpo_vectorized, rloo_vectorized, reinforce_plus_plus,"),
         ((), dict(estimator="grpo"), ValueError, "index"),
         ((["a", "b"],), dict(estimator="grpo"), ValueError, "index must hold one prompt id per row"),
         ((), dict(estimator="remax"), ValueError, "reward_baselines"),
