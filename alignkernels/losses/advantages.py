@@ -1,4 +1,4 @@
-"""Group-relative advantages (GRPO) and the NaN-aware statistics TRL computes them and logs with.
+"""Advantages: TRL's group-relative advantages (GRPO) and the RL frameworks' estimators as rows.
 
 ``group_advantages`` follows the advantage block of TRL 1.16
 ``GRPOTrainer._generate_and_score_completions`` (one process): a weighted NaN-sum over the reward
@@ -7,9 +7,18 @@ by ``std + 1e-4`` (group, batch or no scaling), or GDPO's per-function normalisa
 (``normalize_then_sum``). ``nanstd`` / ``nanmin`` / ``nanmax`` have the semantics of
 ``trl.trainer.utils``' functions of the same names, without host syncs.
 
-Numerics: fp32 (fp64 for fp64 rewards); std is Bessel-corrected. Not differentiable (rewards
-carry no gradient in GRPO). The tests check these against TRL's own helpers and against an
-independent loop-over-groups reference written from the formulas (``alignkernels.reference``).
+``ADVANTAGE_ESTIMATORS``: one ``AdvantageEstimator`` row per estimator of verl's
+``core_algos`` (GRPO, RLOO, REINFORCE++ and its baseline form, ReMax, OPO, GPG, GRPO pass@k, GDPO, the
+optimal token baseline), read by the one dispatcher ``estimate_advantages``. Rows are grouped by
+prompt id (verl's ``uid``: any order, any group sizes) without a Python loop over rows: the ids are
+mapped once to ``0..G-1`` and every group statistic is an ``index_add_`` / ``scatter_reduce``
+over ``[B]`` (``group_stats``); token-level rows (REINFORCE++) reuse ``ppo.gae``'s reverse scan.
+
+Memory: ``O(B·T)`` for the outputs, ``O(G·T)`` for the optimal token baseline's group sums.
+Numerics: fp32 (fp64 for fp64 rewards); group std is Bessel-corrected. Not differentiable (rewards
+carry no gradient). The tests check ``group_advantages`` against TRL's own helpers and an
+independent loop-over-groups reference (``alignkernels.reference``), and every row against verl's
+function of the same name in fp64 (``tests/frameworks/test_verl_parity.py``).
 """
 from __future__ import annotations
 

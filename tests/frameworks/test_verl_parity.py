@@ -412,3 +412,33 @@ def test_gae_matches_verl_through_holes(verl_core, gamma, lam):
     # verl leaves values at masked positions; ours are 0 there
     torch.testing.assert_close(adv, theirs * mask, rtol=1e-7, atol=1e-10)
     torch.testing.assert_close(ret * mask, theirs_ret * mask, **F64)
+
+
+@pytest.mark.parametrize("semantics", ["classic", "verl"])
+@pytest.mark.parametrize("mode", VERL_MODES)
+def test_agg_loss_fp32_matches_fp64(mode, semantics):
+    loss, mask = _batch(B=16, T=40, seed=7)
+    a64, a32 = loss.clone().requires_grad_(True), loss.float().requires_grad_(True)
+    out64 = agg_loss(a64, mask, mode, semantics=semantics)
+    out32 = agg_loss(a32, mask, mode, semantics=semantics)
+    out64.backward()
+    out32.backward()
+    assert out32.dtype == torch.float32
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a32.grad.double(), a64.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["k1", "abs", "k2", "k3", "k3+"])
+def test_kl_estimate_fp32_matches_fp64(name):
+    logp, ref = _logps(B=8, T=30)
+    ref = logp + (ref - logp).clamp(-8, 8)  # fp32 exp range
+    outs, grads = [], []
+    for dtype in (torch.float64, torch.float32):
+        a = logp.detach().to(dtype).clone().requires_grad_(True)
+        out = kl_estimate(a, ref.to(dtype), name)
+        out.sum().backward()
+        outs.append(out.double())
+        grads.append(a.grad.double())
+    # fp32 inputs are rounded copies of the fp64 ones: compare to the fp64 result within fp32 rounding of d
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-6)
