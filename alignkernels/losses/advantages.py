@@ -9,7 +9,7 @@ by ``std + 1e-4`` (group, batch or no scaling), or GDPO's per-function normalisa
 
 ``ADVANTAGE_ESTIMATORS``: one ``AdvantageEstimator`` row per estimator of verl's
 ``core_algos`` (GRPO, RLOO, REINFORCE++ and its baseline form, ReMax, OPO, GPG, GRPO pass@k, GDPO, the
-optimal token baseline), read by the one dispatcher ``estimate_advantages``. Rows are grouped by
+optimal token baseline and its multi-turn form), read by the one dispatcher ``estimate_advantages``. Rows are grouped by
 prompt id (verl's ``uid``: any order, any group sizes) without a Python loop over rows: the ids are
 mapped once to ``0..G-1`` and every group statistic is an ``index_add_`` / ``scatter_reduce``
 over ``[B]`` (``group_stats``); token-level rows (REINFORCE++) reuse ``ppo.gae``'s reverse scan.
@@ -377,31 +377,67 @@ def _gdpo(x: AdvantageInputs):
     return out, out
 
 
-def _optimal_token_baseline(x: AdvantageInputs):
-    # per-token baseline B_t = Σ_group G_t W_t / Σ_group W_t, W_t = Σ_{j<=t} (1 - 2π_j + Σπ²) [ρ_j²]
+def _token_baselines(returns, cumulative, m, groups: GroupIndex, epsilon: float, handle_zero_tail: bool):
+    """Per-token group baseline ``B_t = Σ_group G_t W_t m_t / (Σ_group W_t m_t + epsilon)`` (0 in a
+    group of one); with ``handle_zero_tail`` the unique longest row of a group gets no baseline past
+    the second-longest row's length."""
+    inv, G = groups.inverse, groups.n_groups
+    T = returns.shape[1]
+    numerator = torch.zeros(G, T, dtype=returns.dtype, device=returns.device).index_add_(0, inv, returns * cumulative * m)
+    denominator = torch.zeros_like(numerator).index_add_(0, inv, cumulative * m) + epsilon
+    count, _, _ = group_stats(returns[:, 0] if T else returns.new_zeros(returns.shape[0]), groups)
+    baselines = torch.where((count > 1).unsqueeze(-1), (numerator / denominator)[inv], torch.zeros_like(returns))
+    if handle_zero_tail:
+        length = m.sum(-1)
+        longest = _group_max(length, groups)
+        is_longest = length == longest
+        n_longest = torch.zeros_like(length).index_add_(0, inv, is_longest.to(length.dtype))[inv]
+        second = _group_max(torch.where(is_longest, torch.full_like(length, float("-inf")), length), groups)
+        tail = (is_longest & (n_longest == 1) & (count > 1)).unsqueeze(-1) & (
+            torch.arange(T, device=m.device) >= second.unsqueeze(-1))
+        baselines = baselines.masked_fill(tail, 0.0)
+    return baselines
+
+
+def _returns_and_path_variance(x: AdvantageInputs):
+    """Reward-to-go ``G_t`` and the cumulative path-variance proxy ``W_t = Σ_{j<=t} (1 - 2π_j + Σπ²)
+    [ρ_j²]`` over the response tokens."""
     m = x.mask
     returns = (x.rewards * m).flip(-1).cumsum(-1).flip(-1)
     w = 1 - 2 * torch.exp(x.old_log_probs) + x.sum_pi_squared
     if x.rollout_is_weights is not None:
         w = w * x.rollout_is_weights.square()
-    cumulative = (w * m).cumsum(-1)
-    inv, G = x.groups.inverse, x.groups.n_groups
-    T = x.rewards.shape[1]
-    numerator = torch.zeros(G, T, dtype=returns.dtype, device=returns.device).index_add_(0, inv, returns * cumulative * m)
-    denominator = torch.zeros_like(numerator).index_add_(0, inv, cumulative * m) + x.config.epsilon
-    count, _, _ = group_stats(returns[:, 0], x.groups)
-    baselines = torch.where((count > 1).unsqueeze(-1), (numerator / denominator)[inv], torch.zeros_like(returns))
-    if x.config.handle_zero_tail:
-        # the unique longest response of a group gets no baseline past the second-longest one
-        length = m.sum(-1)
-        longest = _group_max(length, x.groups)
-        is_longest = length == longest
-        n_longest = torch.zeros_like(length).index_add_(0, inv, is_longest.to(length.dtype))[inv]
-        second = _group_max(torch.where(is_longest, torch.full_like(length, float("-inf")), length), x.groups)
-        tail = (is_longest & (n_longest == 1) & (count > 1)).unsqueeze(-1) & (
-            torch.arange(T, device=m.device) >= second.unsqueeze(-1))
-        baselines = baselines.masked_fill(tail, 0.0)
-    return (returns - baselines) * m, returns
+    return returns, (w * m).cumsum(-1)
+
+
+def _optimal_token_baseline(x: AdvantageInputs):
+    # per-token baseline over the positions of the [B, T] frame
+    returns, cumulative = _returns_and_path_variance(x)
+    baselines = _token_baselines(returns, cumulative, x.mask, x.groups, x.config.epsilon, x.config.handle_zero_tail)
+    return (returns - baselines) * x.mask, returns
+
+
+def _multi_turn_optimal_token_baseline(x: AdvantageInputs):
+    # the same baseline over the k-th *response* token of each row (holes such as tool outputs
+    # removed, rows left-aligned); fully masked rows leave their groups
+    returns, cumulative = _returns_and_path_variance(x)
+    valid = x.mask != 0
+    B, T = valid.shape
+    length = valid.sum(-1)
+    L = int(length.max().item()) if B else 0
+    rank = torch.where(valid, valid.cumsum(-1) - 1, torch.full_like(length, L).unsqueeze(-1).expand(B, T))
+
+    def compact(t):  # [B, T] -> [B, L]: the k-th response token of each row at column k
+        return t.new_zeros(B, L + 1).scatter_(1, rank, torch.where(valid, t, torch.zeros_like(t)))[:, :L]
+
+    m = (torch.arange(L, device=valid.device) < length.unsqueeze(-1)).to(returns.dtype)
+    inv = torch.where(length > 0, x.groups.inverse, x.groups.n_groups + torch.arange(B, device=valid.device))
+    groups = GroupIndex(inv, x.groups.n_groups + B)
+    returns_c = compact(returns)
+    baselines = _token_baselines(returns_c, compact(cumulative), m, groups, x.config.epsilon,
+                                 x.config.handle_zero_tail)  # fmt: skip
+    advantages_c = torch.cat([returns_c - baselines, returns_c.new_zeros(B, 1)], dim=1)
+    return torch.gather(advantages_c, 1, rank) * x.mask, returns
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
@@ -428,6 +464,9 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
         AdvantageEstimator("optimal_token_baseline", _optimal_token_baseline, True,
                            ("old_log_probs", "sum_pi_squared"), True, 1e-8,
                            "reward-to-go minus a per-token, path-variance-weighted group baseline"),  # fmt: skip
+        AdvantageEstimator("tir_optimal_token_baseline", _multi_turn_optimal_token_baseline, True,
+                           ("old_log_probs", "sum_pi_squared"), True, 1e-8,
+                           "optimal token baseline over the k-th response token (multi-turn)"),  # fmt: skip
     )
 }
 

@@ -377,6 +377,26 @@ def test_optimal_token_baseline_matches_verl(verl_core, seed, is_weights, handle
     torch.testing.assert_close(ret, theirs_ret, **F64)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("is_weights", [False, True])
+@pytest.mark.parametrize("handle_zero_tail", [True, False])
+def test_multi_turn_optimal_token_baseline_matches_verl(verl_core, seed, is_weights, handle_zero_tail):
+    """Holes (tool outputs) inside responses, a fully masked row, a group of one."""
+    rewards, mask, uids = _rollout(seed, sizes=(3, 1, 4, 2))
+    mask[7, 1:3] = False  # more holes
+    mask[2, 4:] = False
+    extras = _extras(*rewards.shape, seed=seed)
+    if not is_weights:
+        extras["rollout_is_weights"] = None
+    adv, ret = estimate_advantages(rewards, mask, uids, estimator="tir_optimal_token_baseline",
+                                   handle_zero_tail=handle_zero_tail, **extras)  # fmt: skip
+    theirs, theirs_ret = verl_core.compute_multi_turn_optimal_token_baseline_advantage(
+        rewards.clone(), mask.double(), uids, extras["old_log_probs"], extras["sum_pi_squared"],
+        rollout_is_weights=extras["rollout_is_weights"], handle_zero_tail=handle_zero_tail)  # fmt: skip
+    torch.testing.assert_close(adv, theirs, **F64)
+    torch.testing.assert_close(ret, theirs_ret, **F64)
+
+
 @pytest.mark.parametrize(
     "args, kwargs, error, match",
     [
