@@ -7,10 +7,10 @@ by ``std + 1e-4`` (group, batch or no scaling), or GDPO's per-function normalisa
 (``normalize_then_sum``). ``nanstd`` / ``nanmin`` / ``nanmax`` have the semantics of
 ``trl.trainer.utils``' functions of the same names, without host syncs.
 
-``ADVANTAGE_ESTIMATORS``: one ``AdvantageEstimator`` row per estimator of verl's
-``core_algos`` (GRPO, RLOO, REINFORCE++ and its baseline form, ReMax, OPO, GPG, GRPO pass@k, GDPO, the
-optimal token baseline and its multi-turn form), read by the one dispatcher ``estimate_advantages``. Rows are grouped by
-prompt id (verl's ``uid``: any order, any group sizes) without a Python loop over rows: the ids are
+``ADVANTAGE_ESTIMATORS``: one ``AdvantageEstimator`` row per estimator of verl's ``core_algos``
+(GRPO, RLOO, REINFORCE++ and its baseline form, ReMax, OPO, GPG, GRPO pass@k, GDPO, the optimal
+token baseline and its multi-turn form), read by the one dispatcher ``estimate_advantages``. Rows
+are grouped by prompt id (verl's ``uid``: any order, any group sizes) without a Python loop over rows: the ids are
 mapped once to ``0..G-1`` and every group statistic is an ``index_add_`` / ``scatter_reduce``
 over ``[B]`` (``group_stats``); token-level rows (REINFORCE++) reuse ``ppo.gae``'s reverse scan.
 
@@ -383,7 +383,7 @@ def _token_baselines(returns, cumulative, m, groups: GroupIndex, epsilon: float,
     the second-longest row's length."""
     inv, G = groups.inverse, groups.n_groups
     T = returns.shape[1]
-    numerator = torch.zeros(G, T, dtype=returns.dtype, device=returns.device).index_add_(0, inv, returns * cumulative * m)
+    numerator = returns.new_zeros(G, T).index_add_(0, inv, returns * cumulative * m)
     denominator = torch.zeros_like(numerator).index_add_(0, inv, cumulative * m) + epsilon
     count, _, _ = group_stats(returns[:, 0] if T else returns.new_zeros(returns.shape[0]), groups)
     baselines = torch.where((count > 1).unsqueeze(-1), (numerator / denominator)[inv], torch.zeros_like(returns))

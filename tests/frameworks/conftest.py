@@ -29,7 +29,9 @@ def _unavailable(*args, **kwargs):
 # GPU-only packages OpenRLHF imports at module level, and the names it takes from them
 GPU_ONLY = {
     "flash_attn": {},
-    "flash_attn.bert_padding": dict.fromkeys(("index_first_axis", "pad_input", "rearrange", "unpad_input"), _unavailable),
+    "flash_attn.bert_padding": dict.fromkeys(
+        ("index_first_axis", "pad_input", "rearrange", "unpad_input"), _unavailable
+    ),
     "flash_attn.utils": {},
     "flash_attn.utils.distributed": {"all_gather": _unavailable},
     "vllm": {},

@@ -181,7 +181,10 @@ def test_advantages_and_returns_match_openrlhf(openrlhf_experience_maker, estima
         adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=g, lam=1.0, holes="zero")
         ret = adv.clone()
     if whiten:
-        adv = masked_whiten(adv, mask, semantics="openrlhf") if not no_std_norm else adv - (adv * mask).sum() / mask.sum()
+        if no_std_norm:  # centring only
+            adv = adv - (adv * mask).sum() / mask.sum()
+        else:
+            adv = masked_whiten(adv, mask, semantics="openrlhf")
     torch.testing.assert_close(ret, theirs_ret, rtol=1e-10, atol=1e-12)
     # OpenRLHF forms the whitening statistics in fp32 (`.float()`)
     torch.testing.assert_close(adv, theirs_adv, **(FP32_REF if whiten else dict(rtol=1e-10, atol=1e-12)))
@@ -207,7 +210,8 @@ def test_masked_whiten_semantics_by_name():
     n = mask.sum()
     mean = (x * mask).sum() / n
     biased = ((x - mean) ** 2 * mask).sum() / n
-    torch.testing.assert_close(masked_whiten(x, mask, semantics="openrlhf"), (x - mean) * biased.clamp(min=1e-8).rsqrt())
+    expected = (x - mean) * biased.clamp(min=1e-8).rsqrt()
+    torch.testing.assert_close(masked_whiten(x, mask, semantics="openrlhf"), expected)
     torch.testing.assert_close(masked_whiten(x, mask), (x - mean) * (biased * n / (n - 1) + 1e-8).rsqrt())
     with pytest.raises(ValueError, match="semantics must be one of trl, openrlhf"):
         masked_whiten(x, mask, semantics="verl")
