@@ -1,4 +1,5 @@
-"""Fixtures that import the installed verl / OpenRLHF loss modules (skipped where not installed).
+"""Fixtures that import the installed verl / OpenRLHF loss modules (skipped where not installed;
+an error instead under ``ALIGNKERNELS_REQUIRE_FRAMEWORKS=1``, which ``.ci/run`` sets).
 
 OpenRLHF's ``openrlhf.models`` package imports its ring-attention helpers, which import the
 GPU-only ``flash_attn`` at module level, and its experience maker imports the Ray launcher, which
@@ -11,15 +12,24 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
 import pytest
 
 
+# Set by .ci/run, which installs both frameworks: there a missing import is an error, not a skip.
+REQUIRED = os.environ.get("ALIGNKERNELS_REQUIRE_FRAMEWORKS") == "1"
+
+
+def _import_or_skip(name: str):
+    return importlib.import_module(name) if REQUIRED else pytest.importorskip(name)
+
+
 @pytest.fixture(scope="session")
 def verl_core():
-    return pytest.importorskip("verl.trainer.ppo.core_algos")
+    return _import_or_skip("verl.trainer.ppo.core_algos")
 
 
 def _unavailable(*args, **kwargs):
@@ -56,9 +66,8 @@ def _stand_ins() -> dict[str, types.ModuleType]:
 
 
 def _import_openrlhf(*names):
-    pytest.importorskip("openrlhf")
-    for dependency in ("deepspeed", "peft", "ray", "torchdata", "aiohttp", "pylatexenc"):
-        pytest.importorskip(dependency)
+    for dependency in ("openrlhf", "deepspeed", "peft", "ray", "torchdata", "aiohttp", "pylatexenc"):
+        _import_or_skip(dependency)
     importlib.import_module("transformers.modeling_flash_attention_utils")  # caches: no flash_attn
     with pytest.MonkeyPatch.context() as mp:
         for name, module in _stand_ins().items():
