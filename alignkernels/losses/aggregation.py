@@ -64,9 +64,13 @@ class Denominators(NamedTuple):
 class AggregationMode(NamedTuple):
     name: str
     reduce: Callable[[torch.Tensor, torch.Tensor, Denominators], torch.Tensor]  # (loss_sum, count, d)
-    per_sequence: bool  # averages over sequences (uses Denominators.sequences)
+    divides_by: tuple[str, ...]  # the Denominators it reads: "tokens", "sequences", "horizon"
     token_separable: bool  # the per-token gradient weight is known before the loss
     summary: str
+
+    @property
+    def per_sequence(self) -> bool:
+        return "sequences" in self.divides_by
 
 
 class AggregationSemantics(NamedTuple):
@@ -99,12 +103,13 @@ def _seq_mean_token_sum_norm(loss_sum, count, d):
 AGGREGATION_MODES: dict[str, AggregationMode] = {
     row.name: row
     for row in (
-        AggregationMode("token-mean", _token_mean, False, True, "masked sum / valid tokens (TRL, verl default)"),
-        AggregationMode("token-sum", _token_sum, False, True, "masked sum"),
-        AggregationMode("seq-mean-token-sum", _seq_mean_token_sum, True, True, "mean over sequences of token sums"),
-        AggregationMode("seq-mean-token-mean", _seq_mean_token_mean, True, True,
+        AggregationMode("token-mean", _token_mean, ("tokens",), True, "masked sum / valid tokens (TRL, verl default)"),
+        AggregationMode("token-sum", _token_sum, (), True, "masked sum"),
+        AggregationMode("seq-mean-token-sum", _seq_mean_token_sum, ("sequences",), True,
+                        "mean over sequences of token sums"),  # fmt: skip
+        AggregationMode("seq-mean-token-mean", _seq_mean_token_mean, ("sequences",), True,
                         "mean over sequences of token means"),  # fmt: skip
-        AggregationMode("seq-mean-token-sum-norm", _seq_mean_token_sum_norm, True, True,
+        AggregationMode("seq-mean-token-sum-norm", _seq_mean_token_sum_norm, ("sequences", "horizon"), True,
                         "token sum / horizon (Dr. GRPO)"),  # fmt: skip
     )
 }
@@ -154,7 +159,7 @@ def resolve_denominators(
     one = torch.ones((), dtype=count.dtype, device=count.device)
     tokens = _positive("batch_num_tokens", batch.batch_num_tokens, count)
     if tokens is None:
-        if dp_size > 1 and mode.name == "token-mean":
+        if dp_size > 1 and "tokens" in mode.divides_by:
             raise ValueError("batch_num_tokens (the global batch's valid tokens) is required when dp_size > 1")
         total = count.sum()
         tokens = torch.where(total > 0, total, one)
@@ -189,7 +194,7 @@ def aggregate_rows(
     mode = lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     sem = lookup(AGGREGATION_SEMANTICS, semantics, "semantics")
     batch = global_batch or GlobalBatch()
-    needs_horizon = mode.name == "seq-mean-token-sum-norm" and batch.loss_scale_factor is None
+    needs_horizon = "horizon" in mode.divides_by and batch.loss_scale_factor is None
     horizon = check_count("seq_len", horizon, minimum=1 if needs_horizon else 0)
     d = resolve_denominators(count, horizon, mode, sem, batch)
     return mode.reduce(loss_sum, count, d)
