@@ -144,7 +144,7 @@ def kl_estimate(
     value = row.value(x)
     if rule.value is not None and (rule.value_rows is None or row.name in rule.value_rows):
         value = value.clamp(*rule.value)
-    if gradient == "estimator" or (plus and row.name == "k2"):  # k2's gradient is already d·∇logp
+    if gradient == "estimator":
         return value
     surrogate = 0.5 * d.square()
     if old_logp is not None:
