@@ -385,7 +385,7 @@ def _token_baselines(returns, cumulative, m, groups: GroupIndex, epsilon: float,
     T = returns.shape[1]
     numerator = returns.new_zeros(G, T).index_add_(0, inv, returns * cumulative * m)
     denominator = torch.zeros_like(numerator).index_add_(0, inv, cumulative * m) + epsilon
-    count, _, _ = group_stats(returns[:, 0] if T else returns.new_zeros(returns.shape[0]), groups)
+    count, _, _ = group_stats(returns.new_zeros(returns.shape[0]), groups)  # rows per group
     baselines = torch.where((count > 1).unsqueeze(-1), (numerator / denominator)[inv], torch.zeros_like(returns))
     if handle_zero_tail:
         length = m.sum(-1)
