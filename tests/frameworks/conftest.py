@@ -85,3 +85,9 @@ def openrlhf_models():
 def openrlhf_experience_maker():
     """``openrlhf.trainer.ppo_utils.experience_maker`` (advantages, returns, whitening)."""
     return _import_openrlhf("openrlhf.trainer.ppo_utils.experience_maker")[0]
+
+
+@pytest.fixture(scope="session")
+def gpu_only_stand_ins():
+    """The names of the modules that get stand-ins while OpenRLHF is imported."""
+    return tuple(GPU_ONLY)

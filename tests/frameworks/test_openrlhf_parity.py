@@ -215,3 +215,19 @@ def test_masked_whiten_semantics_by_name():
     torch.testing.assert_close(masked_whiten(x, mask), (x - mean) * (biased * n / (n - 1) + 1e-8).rsqrt())
     with pytest.raises(ValueError, match="semantics must be one of trl, openrlhf"):
         masked_whiten(x, mask, semantics="verl")
+
+
+def test_gpu_only_stand_ins_leave_no_trace(openrlhf_models, openrlhf_experience_maker, gpu_only_stand_ins):
+    """The flash_attn / vllm stand-ins exist only while OpenRLHF is imported: later tests (TRL's
+    and transformers' availability checks) see the packages as not installed."""
+    import importlib.util
+    import sys
+
+    for name in gpu_only_stand_ins:
+        assert name not in sys.modules or getattr(sys.modules[name], "__file__", None) is not None
+    for top in {name.split(".")[0] for name in gpu_only_stand_ins}:
+        if top not in sys.modules:
+            assert importlib.util.find_spec(top) is None
+    from transformers.utils import is_flash_attn_2_available
+
+    assert not is_flash_attn_2_available()
