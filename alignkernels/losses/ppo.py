@@ -15,6 +15,7 @@ itself only in ``alignkernels.reference.gae_reference``.
 from __future__ import annotations
 
 import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -22,7 +23,10 @@ from torch import nn
 from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .._cuda_backend import gae_cuda
 from ..reference import gae_reference
+from .aggregation import LOSS_AGG_MODES  # noqa: F401  (re-exported: the modes' names)
+from .aggregation import AGGREGATION_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
+from .kl import kl_estimate
 from .validation import check_count, check_number
 
 # "reference" is the same eager transcription of TRL/verl as "torch" for the loss; for gae it is
@@ -30,8 +34,8 @@ from .validation import check_count, check_number
 PPO_LOSS = OpBackends("ppo_loss", ("triton", "torch", "reference"))
 GAE = OpBackends("gae", ("triton", "cuda", "torch", "reference"))
 KL_ESTIMATORS = ("k1", "k3")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 SCORE_POSITIONS = ("last", "after_last")
+GAE_HOLES = ("bridge", "zero")  # masked steps skipped (verl, TRL) / steps of reward 0, value 0 (OpenRLHF)
 
 
 def _check_same_shape(ref_name, ref, **tensors):
@@ -65,11 +69,30 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+class Whitening(NamedTuple):
+    name: str
+    unbiased: bool  # Bessel-corrected variance
+    rsqrt: Callable[[torch.Tensor], torch.Tensor]  # var -> 1 / std, with the framework's guard
+
+
+WHITENINGS: dict[str, Whitening] = {
+    row.name: row
+    for row in (
+        Whitening("trl", True, lambda var: torch.rsqrt(var + 1e-8)),  # TRL / verl masked_whiten
+        Whitening("openrlhf", False, lambda var: var.clamp(min=1e-8).rsqrt()),  # experience_maker
+    )
+}
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, *,
+                  semantics: str = "trl") -> torch.Tensor:  # fmt: skip
     """``(values - mean) * rsqrt(var + 1e-8)`` over the masked elements, mean added back when
-    ``shift_mean=False`` (TRL ``masked_whiten``; verl ``masked_whiten`` is the same)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
-    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    ``shift_mean=False`` (TRL ``masked_whiten``; verl ``masked_whiten`` is the same).
+    ``semantics="openrlhf"``: OpenRLHF's global whitening, biased variance and
+    ``rsqrt(max(var, 1e-8))`` (``RemoteExperienceMaker.compute_advantages_and_returns``)."""
+    row = lookup(WHITENINGS, semantics, "semantics")
+    mean, var = masked_mean(values, mask), masked_var(values, mask, unbiased=row.unbiased)
+    whitened = (values - mean) * row.rsqrt(var)
     if not shift_mean:
         whitened = whitened + mean
     return whitened
@@ -128,8 +151,7 @@ def kl_penalty_rewards(
     cd = output_dtype(logp.dtype)
     valid = mask != 0
     zero = logp.new_zeros((), dtype=cd)
-    logr = torch.where(valid, ref_logp.to(cd) - logp.to(cd), zero)
-    kl = -logr if kl_estimator == "k1" else (logr.exp() - 1) - logr
+    kl = kl_estimate(logp.to(cd), ref_logp.to(cd), kl_estimator, mask=valid)  # rows in losses/kl.py
     non_score_reward = -check_number("kl_coef", kl_coef) * kl
     rewards = non_score_reward.clone()
     B, T = logp.shape
@@ -237,6 +259,7 @@ def gae(
     lam: float = 0.95,
     whiten: bool = False,
     whiten_mask: torch.Tensor | None = None,
+    holes: str = "bridge",
     backend: str = "auto",
 ):
     """Generalized Advantage Estimation over ``[B, T]`` token rewards and values.
@@ -256,6 +279,9 @@ def gae(
         gamma, lam: discount and GAE lambda (TRL defaults 1.0 and 0.95).
         whiten: whiten the advantages over ``whiten_mask`` (default ``mask``) with
             ``masked_whiten`` and zero them outside it (TRL: always on; verl: always on).
+        holes: ``"bridge"`` (default, verl / TRL): masked steps are skipped, as above;
+            ``"zero"`` (OpenRLHF ``get_advantages_and_returns``): every position is a step, masked
+            ones with reward 0 and value 0, and their advantages / returns are kept.
         backend: ``"auto"`` (Triton on CUDA, vectorised blocked torch scan elsewhere), ``"triton"``,
             ``"torch"``, ``"reference"`` (the Python loop).
 
@@ -272,10 +298,15 @@ def gae(
     for name, value in (("gamma", gamma), ("lam", lam)):
         if not 0.0 <= check_number(name, value) <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if holes not in GAE_HOLES:
+        raise ValueError(f"holes must be one of {', '.join(GAE_HOLES)}; got {holes!r}")
     # Masked steps contribute neither reward nor value: whatever they hold (NaN padding included)
     # must not reach the recurrence on any backend.
     rewards = rewards.masked_fill(mask == 0, 0.0)
     values = values.masked_fill(mask == 0, 0.0)
+    whiten_mask = mask if whiten_mask is None else whiten_mask
+    if holes == "zero":  # every position is a step (masked ones now hold reward 0, value 0)
+        mask = torch.ones_like(mask)
     be = GAE.resolve(backend, rewards.device, torch.promote_types(rewards.dtype, values.dtype))
     cd = output_dtype(torch.promote_types(rewards.dtype, values.dtype))
     if be == "triton":
@@ -288,36 +319,49 @@ def gae(
         maskf = (mask != 0).to(cd)
         adv, ret = _gae_torch(rewards.to(cd), values.to(cd), maskf, float(gamma), float(lam))
     if whiten:
-        wm = (mask if whiten_mask is None else whiten_mask) != 0
+        wm = whiten_mask != 0
         adv = masked_whiten(adv, wm).masked_fill(~wm, 0.0)
     return adv, ret
 
 
 # --------------------------------------------------------------------------------------------
-# Loss aggregation (verl core_algos.agg_loss)
+# Loss aggregation (the rows live in losses/aggregation.py)
 # --------------------------------------------------------------------------------------------
-def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str) -> torch.Tensor:
+def agg_rows(loss_sum: torch.Tensor, count: torch.Tensor, seq_len: int, loss_agg_mode: str, **options) -> torch.Tensor:
     """``agg_loss`` from per-row sums over valid tokens (``loss_sum``, ``count``: ``[B]``); every
-    backend reduces rows first and calls this."""
-    seq_len = check_count("seq_len", seq_len, minimum=1 if loss_agg_mode == "seq-mean-token-sum-norm" else 0)
-    if loss_agg_mode == "token-mean":
-        total = count.sum()
-        return loss_sum.sum() / torch.where(total > 0, total, torch.ones_like(total))
-    if loss_agg_mode == "seq-mean-token-sum":
-        return loss_sum.mean()
-    if loss_agg_mode == "seq-mean-token-mean":
-        return (loss_sum / count.clamp(min=1.0)).mean()
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return loss_sum.sum() / seq_len
-    raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    backend reduces rows first and calls this. ``options``: those of ``agg_loss``."""
+    return aggregate_rows(loss_sum, count, seq_len, loss_agg_mode, **_agg_options(**options))
 
 
-def agg_loss(loss_mat: torch.Tensor, loss_mask: torch.Tensor, loss_agg_mode: str = "token-mean") -> torch.Tensor:
-    """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``). ``token-mean`` is TRL PPO's
-    ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token sums / means
-    (``-sum-norm``: total sum / T); empty sequences count as 0."""
-    m = loss_mask.to(loss_mat.dtype)
-    return agg_rows((loss_mat * m).sum(-1), m.sum(-1), loss_mat.shape[-1], loss_agg_mode)
+def _agg_options(*, semantics="classic", global_batch=None, dp_size=1, batch_num_tokens=None,
+                 global_batch_size=None, loss_scale_factor=None):  # fmt: skip
+    if global_batch is None:
+        global_batch = GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)
+    return {"semantics": semantics, "global_batch": global_batch}
+
+
+def agg_loss(
+    loss_mat: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    *,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+    semantics: str = "classic",
+    global_batch: GlobalBatch | None = None,
+) -> torch.Tensor:
+    """Aggregate a ``[B, T]`` per-token loss (verl ``agg_loss``; rows in ``losses/aggregation.py``).
+    ``token-mean`` is TRL PPO's ``masked_mean``; the ``seq-mean-*`` modes average per-sequence token
+    sums / means. ``semantics="classic"`` (default): empty sequences count as 0 and ``-sum-norm`` is
+    total sum / T; ``"verl"`` (verl >= 0.7) / ``"openrlhf"``: empty sequences are excluded and
+    ``-sum-norm`` also divides by the sequences. ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size``, ``loss_scale_factor`` (or one ``GlobalBatch``): verl's global-batch
+    arguments, under which the micro-batch losses sum to the global-batch loss."""
+    return aggregate(loss_mat, loss_mask, loss_agg_mode, **_agg_options(
+        semantics=semantics, global_batch=global_batch, dp_size=dp_size, batch_num_tokens=batch_num_tokens,
+        global_batch_size=global_batch_size, loss_scale_factor=loss_scale_factor))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +434,7 @@ def ppo_loss(
                       old_values=old_values, returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
     if values is not None and returns is None:
         raise ValueError("returns is required when values is given (the value loss regresses values on returns)")
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"Unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+    lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     for name, value in (("cliprange", cliprange), ("cliprange_value", cliprange_value),
                         ("cliprange_low", cliprange_low), ("cliprange_high", cliprange_high)):  # fmt: skip
         value = check_number(name, value, allow_none=name != "cliprange")
@@ -481,9 +524,7 @@ class PPOLoss(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        mode = config.get("loss_agg_mode", "token-mean")
-        if mode not in LOSS_AGG_MODES:
-            raise ValueError(f"Unknown loss_agg_mode {mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
+        lookup(AGGREGATION_MODES, config.get("loss_agg_mode", "token-mean"), "loss_agg_mode")
         self.config = dict(config)
 
     def forward(self, logp, old_logp, advantages, mask, values=None, old_values=None, returns=None, **overrides):

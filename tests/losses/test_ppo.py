@@ -142,6 +142,8 @@ def test_agg_modes(mode):
         expected = (x * mf).sum(-1).mean()
     elif mode == "seq-mean-token-mean":
         expected = ((x * mf).sum(-1) / mf.sum(-1).clamp(min=1)).mean()
+    elif mode == "token-sum":
+        expected = (x * mf).sum()
     else:
         expected = (x * mf).sum() / 6
     torch.testing.assert_close(agg_loss(x, m, mode), expected)
