@@ -52,6 +52,21 @@ def _time_fwd_fwdbwd(run, inputs_fn, repeats: int, device) -> dict:
     return out
 
 
+def _sweep(configs, deadline: float, time_one) -> list[dict]:
+    """One row per config: ``time_one(config)``'s timings, ``skipped`` past the phase deadline, or the
+    error (e.g. an OOM at a big tile) -- a config that fails never ends the sweep."""
+    rows = []
+    for config in configs:
+        if time.time() > deadline - 5:
+            rows.append({"config": list(config), "status": "skipped", "note": "phase deadline"})
+            continue
+        try:
+            rows.append({"config": list(config), "status": "ok", **time_one(config)})
+        except Exception as exc:  # noqa: BLE001
+            rows.append({"config": list(config), "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
+    return rows
+
+
 def tune_token_logprobs(shape: dict, device, dtype, repeats: int, deadline: float, dry_run: bool) -> dict:
     import alignkernels
     import alignkernels.kernels.token_logprobs as kmod
@@ -64,17 +79,12 @@ def tune_token_logprobs(shape: dict, device, dtype, repeats: int, deadline: floa
     declared = declared[:2] if dry_run else declared
     run = lambda inputs: alignkernels.token_logprobs(inputs["logits"], inputs["labels"], return_entropy=True,  # noqa: E731
                                                      backend="triton")  # fmt: skip
-    rows = []
-    for config in dict.fromkeys(declared + extra):
-        if time.time() > deadline - 5:
-            rows.append({"config": list(config), "status": "skipped", "note": "phase deadline"})
-            continue
-        try:
-            with forced_config(kmod.__name__, "TOKEN_LOGPROBS_CONFIGS", config):
-                t = _time_fwd_fwdbwd(run, lambda: make_inputs(dict(shape), dtype, device), repeats, device)
-            rows.append({"config": list(config), "status": "ok", **t})
-        except Exception as exc:  # noqa: BLE001
-            rows.append({"config": list(config), "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
+
+    def time_one(config):
+        with forced_config(kmod.__name__, "TOKEN_LOGPROBS_CONFIGS", config):
+            return _time_fwd_fwdbwd(run, lambda: make_inputs(dict(shape), dtype, device), repeats, device)
+
+    rows = _sweep(dict.fromkeys(declared + extra), deadline, time_one)
     return {"knob": "TOKEN_LOGPROBS_CONFIGS (BLOCK_V, num_warps)", "shape": shape, "current": list(current),
             "declared": [list(c) for c in declared], "rows": rows}  # fmt: skip
 
@@ -87,34 +97,25 @@ def tune_linear_logprobs(shape: dict, device, dtype, repeats: int, deadline: flo
 
     chunks = (4,) if dry_run else (2048, 4096, 8192)
     blocks = (None, 128) if dry_run else (None, 8192, 16384, 32768)
-    rows = []
-    for chunk in chunks:
-        for block in blocks:
-            if time.time() > deadline - 5:
-                rows.append({"config": [chunk, block], "status": "skipped", "note": "phase deadline"})
-                continue
-            run = lambda inputs, c=chunk, b=block: alignkernels.linear_logprobs(  # noqa: E731
-                inputs["hidden"], inputs["weight"], inputs["labels"], return_entropy=True, backend="triton",
-                chunk_size=c, vocab_block_size=b)  # fmt: skip
-            try:
-                t = _time_fwd_fwdbwd(run, lambda: make_inputs(dict(shape), dtype, device), repeats, device)
-                rows.append({"config": [chunk, block], "status": "ok", **t})
-            except Exception as exc:  # noqa: BLE001 - e.g. OOM at a big tile
-                rows.append({"config": [chunk, block], "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
-    fold_rows = []
+    inputs_fn = lambda: make_inputs(dict(shape), dtype, device)  # noqa: E731
+
+    def time_plan(config):
+        chunk, block = config
+        run = lambda inputs: alignkernels.linear_logprobs(  # noqa: E731
+            inputs["hidden"], inputs["weight"], inputs["labels"], return_entropy=True, backend="triton",
+            chunk_size=chunk, vocab_block_size=block)  # fmt: skip
+        return _time_fwd_fwdbwd(run, inputs_fn, repeats, device)
+
+    def time_fold(config):
+        run = lambda inputs: alignkernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["labels"],  # noqa: E731
+                                                          return_entropy=True, backend="triton")  # fmt: skip
+        with forced_config(kmod.__name__, "LINEAR_LOGPROBS_CONFIGS", config):
+            return _time_fwd_fwdbwd(run, inputs_fn, repeats, device)
+
+    rows = _sweep([(chunk, block) for chunk in chunks for block in blocks], deadline, time_plan)
     declared = list(kmod.LINEAR_LOGPROBS_CONFIGS)
-    run = lambda inputs: alignkernels.linear_logprobs(inputs["hidden"], inputs["weight"], inputs["labels"],  # noqa: E731
-                                                      return_entropy=True, backend="triton")  # fmt: skip
-    for config in dict.fromkeys(declared[:2] if dry_run else declared + [(4096, 8), (8192, 16)]):
-        if time.time() > deadline - 5:
-            fold_rows.append({"config": list(config), "status": "skipped", "note": "phase deadline"})
-            continue
-        try:
-            with forced_config(kmod.__name__, "LINEAR_LOGPROBS_CONFIGS", config):
-                t = _time_fwd_fwdbwd(run, lambda: make_inputs(dict(shape), dtype, device), repeats, device)
-            fold_rows.append({"config": list(config), "status": "ok", **t})
-        except Exception as exc:  # noqa: BLE001
-            fold_rows.append({"config": list(config), "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]})
+    fold_rows = _sweep(dict.fromkeys(declared[:2] if dry_run else declared + [(4096, 8), (8192, 16)]), deadline,
+                       time_fold)  # fmt: skip
     return {"knob": "linear_logprobs (chunk_size, vocab_block_size)", "shape": shape, "current": [None, None],
             "rows": rows, "fold": {"knob": "LINEAR_LOGPROBS_CONFIGS (BLOCK_V, num_warps)", "declared":
                                    [list(c) for c in declared], "rows": fold_rows}}  # fmt: skip
