@@ -1,0 +1,75 @@
+"""Name rebinding across a framework's modules, undone exactly: the bookkeeping of the verl and
+OpenRLHF drop-ins (:mod:`alignkernels.integrations.verl`, :mod:`alignkernels.integrations.openrlhf`).
+
+A framework binds a function in two ways: as an attribute of its defining module (read at call
+time, ``verl_F.entropy_from_logits(...)``, or by a lazy ``from m import f`` inside a function) and by
+name in other modules (``from verl.utils.torch_functional import logprobs_from_logits`` at import).
+:class:`Rebinding` replaces every binding of each original *object* (found by identity) in every
+loaded module of the package, the defining module included; a module imported afterwards copies
+the replacement from the defining module, so it is covered too. :meth:`Rebinding.undo` walks the
+loaded modules again and puts the original back wherever a replacement is bound, which also
+restores modules imported while the rebinding was in effect.
+
+Atomicity: :meth:`Rebinding.install` either rebinds everything or, if a ``setattr`` raises part-way,
+restores what it had changed and re-raises; the caller validates and imports before installing, so
+a failed ``apply()`` leaves the framework as it was.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Swap", "Rebinding", "package_modules"]
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One rebinding: every module-level name bound to ``original`` gets ``replacement``."""
+
+    original: Any
+    replacement: Any
+
+
+def package_modules(package: str) -> list:
+    """The loaded modules of ``package`` (the package itself and its submodules), in a stable order."""
+    prefix = package + "."
+    return [m for n, m in sorted(list(sys.modules.items())) if (n == package or n.startswith(prefix)) and m is not None]
+
+
+class Rebinding:
+    """The swaps of one ``apply()`` over one package's loaded modules."""
+
+    def __init__(self, package: str, swaps: list[Swap]):
+        self.package = package
+        self.swaps = list(swaps)
+
+    def _bindings(self, wanted_by_id):
+        for module in package_modules(self.package):
+            for name, value in list(vars(module).items()):
+                swap = wanted_by_id.get(id(value))
+                if swap is not None:
+                    yield module, name, swap
+
+    def install(self) -> int:
+        """Rebind every original to its replacement; returns how many names were rebound."""
+        by_original = {id(s.original): s for s in self.swaps}
+        done = []
+        try:
+            for module, name, swap in list(self._bindings(by_original)):
+                setattr(module, name, swap.replacement)
+                done.append((module, name, swap))
+        except BaseException:
+            for module, name, swap in reversed(done):
+                setattr(module, name, swap.original)
+            raise
+        return len(done)
+
+    def undo(self) -> int:
+        """Put every original back wherever one of the replacements is bound; returns how many."""
+        by_replacement = {id(s.replacement): s for s in self.swaps}
+        count = 0
+        for module, name, swap in list(self._bindings(by_replacement)):
+            setattr(module, name, swap.original)
+            count += 1
+        return count
