@@ -10,6 +10,9 @@ the replacement from the defining module, so it is covered too. :meth:`Rebinding
 loaded modules again and puts the original back wherever a replacement is bound, which also
 restores modules imported while the rebinding was in effect.
 
+:class:`DropIn` is the state of one framework's ``apply()`` (the rebinding in effect, the options of the
+last call, the adapter-call count) and :class:`Patch` the handle ``apply()`` returns.
+
 Atomicity: :meth:`Rebinding.install` either rebinds everything or, if a ``setattr`` raises part-way,
 restores what it had changed and re-raises; the caller validates and imports before installing, so
 a failed ``apply()`` leaves the framework as it was.
@@ -20,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Swap", "Rebinding", "package_modules"]
+__all__ = ["Swap", "Rebinding", "DropIn", "Patch", "package_modules"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +76,54 @@ class Rebinding:
             setattr(module, name, swap.original)
             count += 1
         return count
+
+
+class DropIn:
+    """One framework's drop-in: the :class:`Rebinding` in effect (or ``None``), the options of the last
+    ``apply()`` (read by the replacements at call time) and how many times the framework called them."""
+
+    def __init__(self, package: str, options):
+        self.package = package
+        self.options = options
+        self.rebinding: Rebinding | None = None
+        self.calls = 0
+
+    @property
+    def applied(self) -> bool:
+        return self.rebinding is not None
+
+    def count(self) -> None:
+        self.calls += 1
+
+    def install(self, make_swaps, options) -> None:
+        """Rebind (``make_swaps()`` is called only when not yet applied) and take ``options``; the
+        count restarts when this call patches the framework. Nothing changes if ``make_swaps`` or the
+        rebinding raises."""
+        if self.rebinding is None:
+            rebinding = Rebinding(self.package, make_swaps())
+            rebinding.install()
+            self.rebinding = rebinding
+            self.calls = 0
+        self.options = options
+
+    def remove(self) -> None:
+        if self.rebinding is not None:
+            self.rebinding.undo()
+            self.rebinding = None
+
+
+class Patch:
+    """What a drop-in's ``apply()`` returns: ``.remove()`` undoes it; also a context manager."""
+
+    def __init__(self, drop_in: DropIn):
+        self._drop_in = drop_in
+
+    def remove(self) -> None:
+        self._drop_in.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._drop_in.remove()
+        return False

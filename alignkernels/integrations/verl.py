@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
-from alignkernels.integrations.rebind import Rebinding, Swap
+from alignkernels.integrations.rebind import DropIn, Patch, Swap
 from alignkernels.ops.linear_logprobs import linear_logprobs
 from alignkernels.ops.token_logprobs import token_logprobs
 from alignkernels.ops.vocab_parallel import gather_lm_head
@@ -65,6 +65,7 @@ __all__ = [
     "apply_from_env",
     "Patch",
     "Options",
+    "options",
     "FusedLinearForPPO",
     "logprobs_from_logits",
     "entropy_from_logits",
@@ -88,20 +89,22 @@ class Options:
     linear_cross_entropy: bool = True  # rebind verl's Triton linear_cross_entropy too
 
 
-class _State:
-    options = Options()
-    calls = 0
-    rebinding: Rebinding | None = None
+_STATE = DropIn("verl", Options())
+_HANDLE = Patch(_STATE)
 
 
 def adapter_calls() -> int:
     """How many times verl called one of this module's replacements since the last :func:`apply`
     that patched verl: a check that a run really uses alignkernels."""
-    return _State.calls
+    return _STATE.calls
 
 
-def _count():
-    _State.calls += 1
+def options() -> Options:
+    """The options in effect (those of the last :func:`apply`)."""
+    return _STATE.options
+
+
+_count = _STATE.count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def _count():
 # ----------------------------------------------------------------------------------------------
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs(logits, labels, return_entropy=True, backend=_State.options.backend)[1]
+    return token_logprobs(logits, labels, return_entropy=True, backend=_STATE.options.backend)[1]
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
@@ -117,7 +120,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     ``log softmax(logits)[label]``, fp32, shape of ``labels``. ``inplace_backward`` (flash-attn's
     option in verl) is accepted and has no effect: the op never writes into ``logits``."""
     _count()
-    return token_logprobs(logits, labels, backend=_State.options.backend)
+    return token_logprobs(logits, labels, backend=_STATE.options.backend)
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -157,7 +160,7 @@ class FusedLinearForPPO(torch.nn.Module):
     def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
         _count()
         weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
-        opts = _State.options
+        opts = _STATE.options
         return linear_logprobs(
             hidden_states, weight, input_ids, temperature=temperature, return_entropy=True, backend=opts.backend,
             chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
@@ -192,7 +195,7 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         hidden = hidden.reshape(-1, hidden.shape[-1])
     if isinstance(labels, torch.Tensor):
         labels = labels.reshape(-1)
-    opts = _State.options
+    opts = _STATE.options
     logp, entropy = linear_logprobs(
         hidden, weight, labels, temperature=temperature, return_entropy=True, backend=opts.backend,
         chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
@@ -208,26 +211,9 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
 # ----------------------------------------------------------------------------------------------
 # apply / remove
 # ----------------------------------------------------------------------------------------------
-class Patch:
-    """What :func:`apply` returns: ``.remove()`` undoes it; also a context manager."""
-
-    def remove(self):
-        remove()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        remove()
-        return False
-
-
-_HANDLE = Patch()
-
-
 def is_applied() -> bool:
     """Whether :func:`apply` is in effect."""
-    return _State.rebinding is not None
+    return _STATE.applied
 
 
 def _import_verl():
@@ -305,14 +291,9 @@ def apply(
     Returns a :class:`Patch` (``.remove()``, context manager).
     """
     options = _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses)
-    if _State.rebinding is not None and _State.options.linear_cross_entropy != options.linear_cross_entropy:
+    if _STATE.applied and _STATE.options.linear_cross_entropy != options.linear_cross_entropy:
         remove()
-    if _State.rebinding is None:
-        rebinding = Rebinding("verl", _swaps(options))
-        rebinding.install()
-        _State.rebinding = rebinding
-        _State.calls = 0
-    _State.options = options
+    _STATE.install(lambda: _swaps(options), options)
     return _HANDLE
 
 
@@ -320,9 +301,7 @@ def remove() -> None:
     """Undo :func:`apply`: every verl name bound to a replacement gets its original back (modules
     imported after :func:`apply` included). Engines built while applied keep the functions they
     captured (the FSDP engine's compiled entropy function)."""
-    if _State.rebinding is not None:
-        _State.rebinding.undo()
-        _State.rebinding = None
+    _STATE.remove()
 
 
 def apply_from_env(*, required: bool = False) -> Patch | None:

@@ -332,7 +332,7 @@ def test_replacements_refuse_bad_inputs_by_name():
 # ---------------------------------------------------------------------------------------------
 _PROBE = (
     "import verl, verl.utils.torch_functional as F, alignkernels.integrations.verl as v; "
-    "print(F.logprobs_from_logits is v.logprobs_from_logits, v.is_applied(), v._State.options.chunk_size)"
+    "print(F.logprobs_from_logits is v.logprobs_from_logits, v.is_applied(), v.options().chunk_size)"
 )
 
 
