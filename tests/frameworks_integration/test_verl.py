@@ -170,6 +170,19 @@ def test_linear_cross_entropy_bad_reduction_names_it():
         verl_lce.linear_cross_entropy(hidden, weight, ids, 1.0, "avg")
 
 
+def test_linear_cross_entropy_refuses_a_tensor_parallel_group(monkeypatch):
+    """verl's kernel leaves grad_hidden partial for Megatron; ours would all-reduce it: refused, not run."""
+    import torch.distributed as dist
+
+    group = object()
+    monkeypatch.setattr(dist, "get_world_size", lambda g=None: 2 if g is group else 1)
+    hidden, weight, ids = _head_inputs()
+    ak_verl.apply()
+    with pytest.raises(NotImplementedError, match="linear_cross_entropy=False"):
+        verl_lce.linear_cross_entropy(hidden, weight, ids, 1.0, "none", group)
+    assert ak_verl.adapter_calls() == 0
+
+
 def test_linear_cross_entropy_can_stay_stock():
     ak_verl.apply(linear_cross_entropy=False)
     assert verl_lce.linear_cross_entropy is STOCK["linear_cross_entropy"]
