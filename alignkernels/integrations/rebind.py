@@ -28,10 +28,12 @@ __all__ = ["Swap", "Rebinding", "DropIn", "Patch", "package_modules"]
 
 @dataclass(frozen=True)
 class Swap:
-    """One rebinding: every module-level name bound to ``original`` gets ``replacement``."""
+    """One rebinding: every module-level name bound to ``original`` gets ``replacement``, and so does
+    every attribute bound to it in ``owners`` (classes: a method such as ``Actor.forward``)."""
 
     original: Any
     replacement: Any
+    owners: tuple = ()
 
 
 def package_modules(package: str) -> list:
@@ -48,7 +50,8 @@ class Rebinding:
         self.swaps = list(swaps)
 
     def _bindings(self, wanted_by_id):
-        for module in package_modules(self.package):
+        owners = package_modules(self.package) + [o for s in self.swaps for o in s.owners]
+        for module in owners:
             for name, value in list(vars(module).items()):
                 swap = wanted_by_id.get(id(value))
                 if swap is not None:

@@ -155,6 +155,77 @@ def test_actor_forward_uses_the_swap_and_matches_stock():
         _assert_close(ours[2][name], stock[2][name], tol=1e-5)
 
 
+def _actor_batch():
+    g = torch.Generator().manual_seed(4)
+    sequences = torch.randint(0, 89, (2, 10), generator=g)
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :2] = 0
+    action_mask = torch.ones(2, 4)
+    action_mask[1, -1] = 0
+    return sequences, attention_mask, action_mask
+
+
+@pytest.mark.parametrize("return_entropy", [False, True])
+def test_fused_actor_forward_matches_stock(return_entropy):
+    """``apply(fused_forward=True)``: ``Actor.forward`` without logits gives stock's action log-probs,
+    entropy and every parameter gradient (fp32)."""
+    actor = _actor(temperature=0.7)
+    sequences, attention_mask, action_mask = _actor_batch()
+
+    def run():
+        actor.zero_grad()
+        logp, out = actor(sequences, action_mask, attention_mask, return_output=True, return_entropy=return_entropy)
+        loss = -(logp * action_mask).sum()
+        if return_entropy:
+            loss = loss - 0.01 * out.entropy[:, -4:].sum()
+        loss.backward()
+        return logp, out.entropy if return_entropy else None, {n: p.grad.clone() for n, p in actor.named_parameters()}
+
+    stock = run()
+    ak_openrlhf.apply(fused_forward=True)
+    assert orl_actor.Actor.forward is ak_openrlhf.fused_actor_forward
+    ours = run()
+    assert ak_openrlhf.adapter_calls() == 1  # one fused forward, no logits-path call
+    _assert_close(ours[0], stock[0])
+    if return_entropy:
+        _assert_close(ours[1], stock[1])
+    for name in stock[2]:
+        _assert_close(ours[2][name], stock[2][name], tol=1e-5)
+    ak_openrlhf.remove()
+    assert "forward" in vars(orl_actor.Actor) and orl_actor.Actor.forward is not ak_openrlhf.fused_actor_forward
+
+
+def test_fused_actor_forward_logprobs_and_logits_callers():
+    actor = _actor(temperature=1.0)
+    sequences, attention_mask, _ = _actor_batch()
+    with torch.no_grad():
+        stock_lp = actor(sequences, attention_mask=attention_mask, return_logprobs=True)
+        stock_out = actor(sequences, attention_mask=attention_mask, return_output=True)
+        ak_openrlhf.apply(fused_forward=True)
+        ours_lp = actor(sequences, attention_mask=attention_mask, return_logprobs=True)
+        ours_out = actor(sequences, attention_mask=attention_mask, return_output=True)  # wants logits: stock
+    _assert_close(ours_lp, stock_lp)
+    assert torch.equal(ours_out["logits"], stock_out["logits"])
+
+
+@pytest.mark.parametrize("setup, match", [("packing", "packing_samples"), ("moe", "output_router_logits"),
+                                          ("vlm", "VLM")])  # fmt: skip
+def test_fused_actor_forward_refuses_what_it_cannot_reproduce(setup, match):
+    actor = _actor(temperature=1.0)
+    sequences, attention_mask, action_mask = _actor_batch()
+    kwargs = {}
+    if setup == "packing":
+        actor.packing_samples = True
+    elif setup == "moe":
+        actor.model.config.output_router_logits = True
+    else:
+        kwargs["pixel_values"] = torch.zeros(1)
+    ak_openrlhf.apply(fused_forward=True)
+    with pytest.raises(NotImplementedError, match=match):
+        actor(sequences, action_mask, attention_mask, **kwargs)
+    assert ak_openrlhf.adapter_calls() == 0
+
+
 def test_remove_restores_every_binding_and_apply_is_idempotent():
     patch = ak_openrlhf.apply()
     assert ak_openrlhf.apply(backend="torch") is patch and ak_openrlhf.options().backend == "torch"
@@ -169,7 +240,8 @@ def test_remove_restores_every_binding_and_apply_is_idempotent():
     "kwargs, error, match",
     [
         ({"backend": "fast"}, ValueError, "backend"),
-        ({"fused_forward": True}, NotImplementedError, "fused_forward=True"),
+        ({"fused_forward": "yes"}, TypeError, "fused_forward"),
+        ({"fused_forward": True, "backend": "cuda"}, ValueError, "backend"),
         ({"losses": True}, NotImplementedError, "losses=True"),
     ],
 )
@@ -183,8 +255,10 @@ def test_bad_apply_names_the_argument_and_patches_nothing(kwargs, error, match):
 def test_worker_setup_applies_from_env_unless_switched_off(monkeypatch):
     monkeypatch.delenv("ALIGNKERNELS_OPENRLHF", raising=False)
     monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_BACKEND", "reference")
+    monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_FUSED_FORWARD", "1")
     ak_openrlhf.worker_setup()
-    assert ak_openrlhf.is_applied() and ak_openrlhf.options().backend == "reference"
+    assert ak_openrlhf.is_applied() and ak_openrlhf.options() == ak_openrlhf.Options("reference", True)
+    assert orl_actor.Actor.forward is ak_openrlhf.fused_actor_forward
     ak_openrlhf.remove()
     assert ak_openrlhf.apply_from_env() is None
     monkeypatch.setenv("ALIGNKERNELS_OPENRLHF", "off")
