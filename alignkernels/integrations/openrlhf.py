@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from transformers.modeling_outputs import ModelOutput
 
-from alignkernels.integrations.activation import env_choice, env_switch
+from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
 from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
 from alignkernels.ops.token_logprobs import token_logprobs
@@ -84,6 +84,7 @@ class Options:
 
     backend: str = "auto"
     fused_forward: bool = False
+    chunk_size: int | None = None  # token rows per logits tile of the fused forward (None: the op default)
 
 
 _STATE = DropIn("openrlhf", Options())
@@ -182,6 +183,7 @@ def fused_actor_forward(
     out = causal_lm_logprobs(
         self.model, sequences, shift_labels=labels, temperature=self.temperature, attention_mask=attention_mask,
         position_ids=position_ids, return_entropy=return_entropy, backend=_STATE.options.backend,
+        chunk_size=_STATE.options.chunk_size,
     )  # fmt: skip
     output = FusedActorOutput(entropy=out.entropy[:, :-1] if return_entropy else None)
     log_probs = out.logprobs[:, :-1]
@@ -213,7 +215,9 @@ def _swaps(fused_forward: bool) -> list[Swap]:
     return swaps
 
 
-def apply(*, backend: str = "auto", fused_forward: bool = False, losses: bool = False) -> Patch:
+def apply(
+    *, backend: str = "auto", fused_forward: bool = False, chunk_size: int | None = None, losses: bool = False
+) -> Patch:
     """Make OpenRLHF compute its actor's log-probs and entropies with alignkernels (see the module
     docstring). Call in the process that runs the actor (a Ray worker: :func:`worker_setup`).
     Idempotent; the options of the last call win. A failed call leaves OpenRLHF as it was.
@@ -222,6 +226,7 @@ def apply(*, backend: str = "auto", fused_forward: bool = False, losses: bool = 
         backend: :func:`alignkernels.token_logprobs` (and, with ``fused_forward``,
             :func:`alignkernels.linear_logprobs`) backend.
         fused_forward: also replace ``Actor.forward`` by :func:`fused_actor_forward` (no logits).
+        chunk_size: token rows per logits tile of the fused forward (``None``: the op default).
         losses: not implemented yet: ``NotImplementedError``.
 
     Returns a :class:`Patch` (``.remove()``, context manager).
@@ -235,11 +240,15 @@ def apply(*, backend: str = "auto", fused_forward: bool = False, losses: bool = 
         raise ValueError(f"apply(): backend must be one of {LOGITS_BACKENDS}, got {backend!r}")
     if not isinstance(fused_forward, bool):
         raise TypeError(f"apply(): fused_forward must be a bool, got {fused_forward!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"apply(): chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"apply(): chunk_size must be a positive int or None, got {chunk_size!r}")
     if fused_forward and backend == "cuda":
         raise ValueError("apply(): backend='cuda' has no fused head (linear_logprobs); use 'auto' or 'triton'")
     if _STATE.applied and _STATE.options.fused_forward != fused_forward:
         remove()  # the set of swaps changes: re-install
-    _STATE.install(lambda: _swaps(fused_forward), Options(backend, fused_forward))
+    _STATE.install(lambda: _swaps(fused_forward), Options(backend, fused_forward, chunk_size))
     return _HANDLE
 
 
@@ -250,7 +259,8 @@ def remove() -> None:
 
 
 def apply_from_env(*, required: bool = False) -> Patch | None:
-    """Apply with the options of ``ALIGNKERNELS_OPENRLHF_BACKEND`` and ``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
+    """Apply with the options of ``ALIGNKERNELS_OPENRLHF_BACKEND``, ``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
+    and ``ALIGNKERNELS_OPENRLHF_CHUNK_SIZE``
     when ``ALIGNKERNELS_OPENRLHF`` is on, or when ``required`` and it is not explicitly off; ``None`` when
     nothing was applied. A bad value is a ``ValueError`` naming the variable."""
     switch = env_switch(ENV_SWITCH)
@@ -259,6 +269,7 @@ def apply_from_env(*, required: bool = False) -> Patch | None:
     return apply(
         backend=env_choice(ENV_SWITCH + "_BACKEND", LOGITS_BACKENDS, "auto"),
         fused_forward=bool(env_switch(ENV_SWITCH + "_FUSED_FORWARD")),
+        chunk_size=env_positive_int(ENV_SWITCH + "_CHUNK_SIZE"),
     )
 
 

@@ -195,6 +195,44 @@ def test_fused_actor_forward_matches_stock(return_entropy):
     assert "forward" in vars(orl_actor.Actor) and orl_actor.Actor.forward is not ak_openrlhf.fused_actor_forward
 
 
+class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_fused_actor_forward_never_holds_token_by_vocab_tensors():
+    """A training-step call (action log-probs + entropy, backward): no aten op returns a tensor with
+    the vocabulary dimension and a quarter of the tokens' rows; the detector fires on the stock forward."""
+    actor = _actor(temperature=0.7)
+    g = torch.Generator().manual_seed(6)
+    sequences = torch.randint(0, 89, (4, 40), generator=g)
+    attention_mask = torch.ones_like(sequences)
+    action_mask = torch.ones(4, 20)
+    n_rows = sequences.numel() // 4
+    assert n_rows > 32  # the lm_head weight does not count
+
+    def run():
+        recorder = _ShapeRecorder()
+        with recorder:
+            logp, out = actor(sequences, action_mask, attention_mask, return_output=True, return_entropy=True)
+            (logp.sum() + out.entropy.sum()).backward()
+        return [s for s in recorder.shapes if 89 in s and len(s) >= 2 and torch.Size(s).numel() // 89 >= n_rows]
+
+    assert run()
+    ak_openrlhf.apply(fused_forward=True, chunk_size=16)
+    found = run()
+    assert ak_openrlhf.adapter_calls() == 1
+    assert not found, found[:5]
+
+
 def test_fused_actor_forward_logprobs_and_logits_callers():
     actor = _actor(temperature=1.0)
     sequences, attention_mask, _ = _actor_batch()
@@ -241,6 +279,8 @@ def test_remove_restores_every_binding_and_apply_is_idempotent():
     [
         ({"backend": "fast"}, ValueError, "backend"),
         ({"fused_forward": "yes"}, TypeError, "fused_forward"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": 1.5}, TypeError, "chunk_size"),
         ({"fused_forward": True, "backend": "cuda"}, ValueError, "backend"),
         ({"losses": True}, NotImplementedError, "losses=True"),
     ],
@@ -257,7 +297,7 @@ def test_worker_setup_applies_from_env_unless_switched_off(monkeypatch):
     monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_BACKEND", "reference")
     monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_FUSED_FORWARD", "1")
     ak_openrlhf.worker_setup()
-    assert ak_openrlhf.is_applied() and ak_openrlhf.options() == ak_openrlhf.Options("reference", True)
+    assert ak_openrlhf.is_applied() and ak_openrlhf.options() == ak_openrlhf.Options("reference", True, None)
     assert orl_actor.Actor.forward is ak_openrlhf.fused_actor_forward
     ak_openrlhf.remove()
     assert ak_openrlhf.apply_from_env() is None

@@ -191,6 +191,48 @@ def test_linear_cross_entropy_can_stay_stock():
     assert verl_lce.linear_cross_entropy is ak_verl.linear_cross_entropy
 
 
+class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def _logits_sized(shapes, vocab, n_rows):
+    return [s for s in shapes if vocab in s and len(s) >= 2 and torch.Size(s).numel() // vocab >= n_rows]
+
+
+@pytest.mark.parametrize("seam", ["FusedLinearForPPO", "linear_cross_entropy"])
+def test_fused_head_never_holds_token_by_vocab_tensors(seam):
+    """Forward and backward of the patched fused head: no aten op returns a tensor with a vocabulary
+    dimension and a quarter of the tokens' rows (the detector fires on verl's stock module)."""
+    hidden, weight, ids = _head_inputs((4, 40), H=32, V=97)
+    n_rows = ids.numel() // 4
+    assert n_rows > 32  # the [V, H] weight and its gradient do not count
+
+    def run(fn):
+        recorder = _ShapeRecorder()
+        with recorder:
+            lp, ent = fn()
+            (lp.sum() + ent.sum()).backward()
+        return _logits_sized(recorder.shapes, 97, n_rows)
+
+    assert run(lambda: STOCK["FusedLinearForPPO"]()(hidden, weight, ids))
+    ak_verl.apply(chunk_size=8)
+    if seam == "FusedLinearForPPO":
+        found = run(lambda: verl_exp.FusedLinearForPPO()(hidden, weight, ids))
+    else:
+        found = run(lambda: verl_lce.linear_cross_entropy(hidden, weight, ids, 1.0))
+    assert ak_verl.adapter_calls() == 1
+    assert not found, found[:5]
+
+
 # ---------------------------------------------------------------------------------------------
 # verl's own fused forward on a tiny model: tied and untied head, with padding
 # ---------------------------------------------------------------------------------------------
