@@ -226,7 +226,7 @@ def _import_verl():
     return torch_functional, experimental, kernel
 
 
-def _swaps(options: Options) -> list[Swap]:
+def _swaps(opts: Options) -> list[Swap]:
     torch_functional, experimental, kernel = _import_verl()
     pairs = [
         (torch_functional, "logprobs_from_logits", logprobs_from_logits),
@@ -234,14 +234,14 @@ def _swaps(options: Options) -> list[Swap]:
         (torch_functional, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking),
         (experimental, "FusedLinearForPPO", FusedLinearForPPO),
     ]
-    if options.linear_cross_entropy:
+    if opts.linear_cross_entropy:
         pairs.append((kernel, "linear_cross_entropy", linear_cross_entropy))
     swaps = []
     for module, name, replacement in pairs:
         original = vars(module).get(name)
         if original is None:
             raise ImportError(f"alignkernels.integrations.verl: {module.__name__}.{name} not found (verl 0.9.1 has it)")
-        if original is replacement:  # bound by a previous apply() that was not removed (cannot happen via apply)
+        if original is replacement:  # already ours (a verl module reloaded while applied): nothing to swap
             continue
         swaps.append(Swap(original, replacement))
     return swaps

@@ -105,6 +105,7 @@ def test_compiled_entropy_matches_verl():
     (stock_grad,) = _grads(stock, [logits])
     ak_verl.apply()
     ours = torch.compile(verl_F.entropy_from_logits, dynamic=True)(logits)
+    assert ak_verl.adapter_calls() == 1  # counted inside the compiled function too
     (ours_grad,) = _grads(ours, [logits])
     _assert_close(ours, stock)
     _assert_close(ours_grad, stock_grad)
@@ -422,7 +423,7 @@ _PROBE = (
 )
 
 
-def _run_probe(env_extra, cwd):
+def _run_probe(env_extra, cwd, expect_stderr=None):
     # cwd outside the checkout: a stale ``alignkernels.egg-info`` at its root (a local build) would hide the
     # installed entry points from importlib.metadata
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGNKERNELS_VERL")}
@@ -430,6 +431,8 @@ def _run_probe(env_extra, cwd):
     env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    if expect_stderr is not None:
+        assert expect_stderr in out.stderr, out.stderr[-3000:]
     return out.stdout.split()
 
 
@@ -437,6 +440,13 @@ def _run_probe(env_extra, cwd):
 def test_import_verl_with_env_switch_patches_the_process(tmp_path):
     env = {"ALIGNKERNELS_VERL": "1", "ALIGNKERNELS_VERL_CHUNK_SIZE": "64"}
     assert _run_probe(env, tmp_path) == ["True", "True", "64"]
+
+
+@pytest.mark.slow
+def test_import_verl_with_a_bad_option_logs_the_error_loudly(tmp_path):
+    """verl's plugin loader swallows a plugin's exception: the error is logged, naming the variable."""
+    env = {"ALIGNKERNELS_VERL": "1", "ALIGNKERNELS_VERL_BACKEND": "cuda"}
+    assert _run_probe(env, tmp_path, expect_stderr="ALIGNKERNELS_VERL_BACKEND") == ["False", "False", "None"]
 
 
 @pytest.mark.slow
