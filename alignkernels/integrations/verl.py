@@ -146,7 +146,8 @@ class FusedLinearForPPO(torch.nn.Module):
     ``(log_probs, entropy)``, both fp32 of ``input_ids``' shape: ``log softmax(h·Wᵀ / T)[id]`` and
     the entropy of that distribution, differentiable w.r.t. ``hidden_states`` and ``vocab_weights``
     through both. ``chunk_size`` and ``impl_backend`` are verl's constructor arguments (validated as
-    verl does; the tile comes from ``apply(chunk_size=, vocab_block_size=)``). A DTensor
+    verl does; the tile comes from ``apply(chunk_size=, vocab_block_size=)``). Under autocast both
+    operands are cast to the autocast dtype, as verl's matmul does. A DTensor
     ``vocab_weights`` (FSDP2 lm_head as its own unit) is gathered first, its gradient averaged back
     to the shards like FSDP2's."""
 
@@ -160,6 +161,7 @@ class FusedLinearForPPO(torch.nn.Module):
     def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
         _count()
         weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
+        hidden_states, weight = _autocast_operands(hidden_states, weight)
         opts = _STATE.options
         return linear_logprobs(
             hidden_states, weight, input_ids, temperature=temperature, return_entropy=True, backend=opts.backend,
@@ -168,6 +170,19 @@ class FusedLinearForPPO(torch.nn.Module):
 
 
 _REDUCTIONS = ("none", "sum", "mean")
+
+
+def _autocast_operands(hidden, weight):
+    """Under autocast verl's ``hidden @ weight.T`` runs in the autocast dtype whatever the two dtypes
+    are (an fp32 lm_head with bf16 hidden states under verl's mixed precision): cast both the same way,
+    so the op's GEMMs take what verl's matmul takes (the tile itself stays fp32)."""
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return hidden, weight
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.is_floating_point() and weight.is_floating_point():
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
 
 
 def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
@@ -195,6 +210,7 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
         hidden = hidden.reshape(-1, hidden.shape[-1])
     if isinstance(labels, torch.Tensor):
         labels = labels.reshape(-1)
+    hidden, weight = _autocast_operands(hidden, weight)
     opts = _STATE.options
     logp, entropy = linear_logprobs(
         hidden, weight, labels, temperature=temperature, return_entropy=True, backend=opts.backend,

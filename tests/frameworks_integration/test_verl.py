@@ -140,6 +140,26 @@ def test_fused_linear_for_ppo_matches_verl(temperature, ndim):
     _assert_close(ours_lp, torch.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1))
 
 
+@pytest.mark.parametrize("seam", ["FusedLinearForPPO", "linear_cross_entropy"])
+def test_fused_head_under_autocast_takes_mixed_dtypes_like_verl(seam):
+    """verl's mixed precision: bf16 hidden states, an fp32 lm_head, bf16 autocast. verl's matmul casts
+    both; ours did not (TypeError: hidden and weight must have the same dtype). Now it runs on the
+    same bf16 operands, with an fp32 tile: close to fp64 on those operands (verl's bf16 logits are not)."""
+    hidden, weight, ids = _head_inputs((2, 9))
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    ak_verl.apply()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        if seam == "FusedLinearForPPO":
+            logp, ent = verl_exp.FusedLinearForPPO()(hidden, weight, ids, 0.8)
+        else:
+            logp, ent = verl_lce.linear_cross_entropy(hidden, weight, ids, 0.8)
+    logp.sum().backward()
+    assert weight.grad is not None and weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16
+    z = (hidden.detach().double() @ weight.detach().bfloat16().double().T) / 0.8
+    want = torch.log_softmax(z, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    _assert_close(logp.reshape(want.shape), want, tol=1e-5)
+
+
 def test_fused_linear_for_ppo_refuses_unknown_impl_backend_like_verl():
     ak_verl.apply()
     with pytest.raises(ValueError, match="impl_backend|backend"):
