@@ -1,0 +1,280 @@
+"""OpenRLHF drop-in: one call (or one environment variable in the Ray workers) and OpenRLHF's actor
+computes its log-probs and entropies with alignkernels.
+
+    import alignkernels.integrations.openrlhf as ak_openrlhf
+    ak_openrlhf.apply()      # in the process that runs the actor (a Ray worker: see below)
+
+The seams (OpenRLHF 0.11.2), rebound by :mod:`alignkernels.integrations.rebind` in every loaded
+``openrlhf`` module that binds them (``openrlhf.models.actor`` imports both by name) and in the
+defining module ``openrlhf.models.utils`` (so later imports get ours):
+
+- ``log_probs_from_logits(logits, labels, temperature=1.0)`` → :func:`alignkernels.token_logprobs`:
+  ``log softmax(logits / T)[label]``, fp32, one pass over the logits, O(chunk x V) extra memory.
+  OpenRLHF's divides ``logits`` **in place** when ``T != 1``; ours leaves ``logits`` unchanged
+  (``Actor.forward`` divides before calling it and passes ``T = 1``).
+- ``compute_entropy(logits)`` → ``token_logprobs(..., return_entropy=True)``: the entropy without
+  the ``[N, V]`` softmax OpenRLHF builds (and keeps for backward).
+
+Semantics: OpenRLHF's values and gradients (fp32: ~1e-6 relative, pinned in
+``tests/frameworks_integration/test_openrlhf.py`` against OpenRLHF's own functions); outputs are
+fp32 whatever the logits dtype (OpenRLHF returns bf16 for bf16 logits).
+
+``apply(fused_forward=True)`` also replaces ``openrlhf.models.actor.Actor.forward`` by
+:func:`fused_actor_forward`: the backbone's last hidden state goes straight into
+:func:`alignkernels.linear_logprobs` (through
+:func:`alignkernels.integrations.transformers.causal_lm_logprobs`, the model's own lm_head and logit
+transform), so ``[B, T, V]`` logits never exist; without ``return_entropy`` only the action positions
+are scored (the other rows cost no FLOPs). Same outputs as the stock forward: action log-probs
+(or all log-probs with ``return_logprobs``), and with ``return_output`` an output carrying ``entropy``
+(``[B, T-1]``) but no ``logits``. Calls that ask for the logits (no ``action_mask`` and no
+``return_logprobs``: OpenRLHF's generation-side callers) run the stock forward. Refused with
+``NotImplementedError`` naming the cause, at the call: packed samples / ring attention
+(``packing_samples``), VLM inputs, MoE models that return router logits (their aux loss comes from the
+causal-LM forward); a model family outside
+:data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` raises ``UnsupportedModelError``.
+
+Not yet: ``apply(losses=True)`` raises ``NotImplementedError``.
+
+``import openrlhf.models`` needs ``flash_attn`` (``openrlhf/models/ring_attn_utils.py`` imports it
+at module level); where it is missing :func:`apply` raises an ``ImportError`` saying so.
+
+Worker processes: :func:`worker_setup` is a Ray ``worker_process_setup_hook`` (applies unless
+``ALIGNKERNELS_OPENRLHF=0``); options from ``ALIGNKERNELS_OPENRLHF_BACKEND`` and
+``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
+(``docs/INTEGRATION.md``, "OpenRLHF").
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import ModelOutput
+
+from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
+from alignkernels.integrations.rebind import DropIn, Patch, Swap
+from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
+from alignkernels.ops.token_logprobs import token_logprobs
+
+__all__ = [
+    "apply",
+    "remove",
+    "is_applied",
+    "adapter_calls",
+    "options",
+    "worker_setup",
+    "apply_from_env",
+    "Patch",
+    "Options",
+    "log_probs_from_logits",
+    "compute_entropy",
+    "fused_actor_forward",
+    "FusedActorOutput",
+    "ENV_SWITCH",
+]
+
+# backends of token_logprobs an apply() may name
+LOGITS_BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
+ENV_SWITCH = "ALIGNKERNELS_OPENRLHF"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What :func:`apply` was asked for (the last call wins)."""
+
+    backend: str = "auto"
+    fused_forward: bool = False
+    chunk_size: int | None = None  # token rows per logits tile of the fused forward (None: the op default)
+
+
+_STATE = DropIn("openrlhf", Options())
+_HANDLE = Patch(_STATE)
+
+
+def adapter_calls() -> int:
+    """How many times OpenRLHF called one of this module's replacements since the last :func:`apply`
+    that patched it: a check that a run really uses alignkernels."""
+    return _STATE.calls
+
+
+def options() -> Options:
+    """The options in effect (those of the last :func:`apply`)."""
+    return _STATE.options
+
+
+def is_applied() -> bool:
+    """Whether :func:`apply` is in effect."""
+    return _STATE.applied
+
+
+def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``openrlhf.models.utils.log_probs_from_logits`` on :func:`alignkernels.token_logprobs`:
+    ``log softmax(logits / temperature)[label]``, fp32, shape of ``labels``; ``logits`` is not
+    modified (OpenRLHF's divides it in place when ``temperature != 1``)."""
+    _STATE.count()
+    return token_logprobs(logits, labels, temperature=temperature, backend=_STATE.options.backend)
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """``openrlhf.models.utils.compute_entropy``: entropy of ``softmax(logits)`` over the last
+    dimension, fp32, differentiable, without materialising the softmax."""
+    _STATE.count()
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs(logits, labels, return_entropy=True, backend=_STATE.options.backend)[1]
+
+
+@dataclass
+class FusedActorOutput(ModelOutput):
+    """The ``output`` :func:`fused_actor_forward` returns with ``return_output=True``: ``entropy``
+    ``[B, T-1]`` fp32 when asked for (as the stock forward sets it), no ``logits``."""
+
+    entropy: torch.Tensor | None = None
+
+
+_STOCK_ACTOR_FORWARD = {}  # "forward": openrlhf's Actor.forward, set when fused_forward=True is installed
+
+
+def _fused_forward_refusal(actor, mm_inputs) -> str | None:
+    if getattr(actor, "packing_samples", False):
+        return "packed samples / ring attention (packing_samples=True)"
+    if mm_inputs or getattr(actor, "is_vlm", False):
+        return "VLM inputs"
+    if getattr(getattr(unwrap_model(actor.model), "config", None), "output_router_logits", False):
+        return "an MoE model with output_router_logits (its aux loss comes from the causal-LM forward)"
+    return None
+
+
+def fused_actor_forward(
+    self,
+    sequences,
+    action_mask=None,
+    attention_mask=None,
+    return_output=False,
+    allgather_logits=False,
+    return_logprobs=False,
+    ring_attn_group=None,
+    packed_seq_lens=None,
+    return_entropy=False,
+    **mm_inputs,
+):
+    """``openrlhf.models.actor.Actor.forward`` (OpenRLHF 0.11.2's signature and outputs) without the
+    ``[B, T, V]`` logits: see the module docstring."""
+    stock = _STOCK_ACTOR_FORWARD["forward"]
+    if action_mask is None and not return_logprobs:  # the caller wants the logits
+        return stock(self, sequences, action_mask, attention_mask, return_output, allgather_logits, return_logprobs,
+                     ring_attn_group, packed_seq_lens, return_entropy, **mm_inputs)  # fmt: skip
+    reason = _fused_forward_refusal(self, mm_inputs)
+    if reason is not None:
+        raise NotImplementedError(
+            f"alignkernels.integrations.openrlhf.apply(fused_forward=True) does not support {reason}; "
+            "apply() without fused_forward keeps the stock Actor.forward (with the log-prob swap)"
+        )
+    if return_entropy and not return_output:
+        raise ValueError("Actor.forward: return_entropy=True needs return_output=True (as OpenRLHF asserts)")
+    check_supported(self.model)
+    _STATE.count()
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    labels = torch.roll(sequences, shifts=-1, dims=1)
+    if not (return_entropy or return_logprobs):  # only the action positions of log_probs[:, :-1] are read
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, -action_mask.shape[1] - 1 : -1] = True
+        labels = labels.masked_fill(~scored, -100)
+    out = causal_lm_logprobs(
+        self.model, sequences, shift_labels=labels, temperature=self.temperature, attention_mask=attention_mask,
+        position_ids=position_ids, return_entropy=return_entropy, backend=_STATE.options.backend,
+        chunk_size=_STATE.options.chunk_size,
+    )  # fmt: skip
+    output = FusedActorOutput(entropy=out.entropy[:, :-1] if return_entropy else None)
+    log_probs = out.logprobs[:, :-1]
+    if action_mask is None:  # return_logprobs
+        return (log_probs, output) if return_output else log_probs
+    action_log_probs = log_probs[:, -action_mask.shape[1] :] * action_mask.float()
+    return (action_log_probs, output) if return_output else action_log_probs
+
+
+def _swaps(fused_forward: bool) -> list[Swap]:
+    try:
+        utils = importlib.import_module("openrlhf.models.utils")
+        actor = importlib.import_module("openrlhf.models.actor") if fused_forward else None
+    except ImportError as e:
+        raise ImportError(
+            f"alignkernels.integrations.openrlhf needs openrlhf.models importable (OpenRLHF 0.11.2 imports flash_attn "
+            f"in openrlhf/models/ring_attn_utils.py): {e}"
+        ) from e
+    swaps = []
+    for name, replacement in (("log_probs_from_logits", log_probs_from_logits), ("compute_entropy", compute_entropy)):
+        original = vars(utils).get(name)
+        if original is None:
+            raise ImportError(f"alignkernels.integrations.openrlhf: openrlhf.models.utils.{name} not found")
+        swaps.append(Swap(original, replacement))
+    if fused_forward:
+        original = vars(actor.Actor)["forward"]
+        _STOCK_ACTOR_FORWARD["forward"] = original
+        swaps.append(Swap(original, fused_actor_forward, owners=(actor.Actor,)))
+    return swaps
+
+
+def apply(
+    *, backend: str = "auto", fused_forward: bool = False, chunk_size: int | None = None, losses: bool = False
+) -> Patch:
+    """Make OpenRLHF compute its actor's log-probs and entropies with alignkernels (see the module
+    docstring). Call in the process that runs the actor (a Ray worker: :func:`worker_setup`).
+    Idempotent; the options of the last call win. A failed call leaves OpenRLHF as it was.
+
+    Args:
+        backend: :func:`alignkernels.token_logprobs` (and, with ``fused_forward``,
+            :func:`alignkernels.linear_logprobs`) backend.
+        fused_forward: also replace ``Actor.forward`` by :func:`fused_actor_forward` (no logits).
+        chunk_size: token rows per logits tile of the fused forward (``None``: the op default).
+        losses: not implemented yet: ``NotImplementedError``.
+
+    Returns a :class:`Patch` (``.remove()``, context manager).
+    """
+    if losses:
+        raise NotImplementedError(
+            "alignkernels.integrations.openrlhf.apply(losses=True): swapping OpenRLHF's PolicyLoss / ValueLoss / "
+            "DPOLoss is not implemented yet; apply() without it swaps the log-prob and entropy functions"
+        )
+    if not isinstance(backend, str) or backend not in LOGITS_BACKENDS:
+        raise ValueError(f"apply(): backend must be one of {LOGITS_BACKENDS}, got {backend!r}")
+    if not isinstance(fused_forward, bool):
+        raise TypeError(f"apply(): fused_forward must be a bool, got {fused_forward!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"apply(): chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"apply(): chunk_size must be a positive int or None, got {chunk_size!r}")
+    if fused_forward and backend == "cuda":
+        raise ValueError("apply(): backend='cuda' has no fused head (linear_logprobs); use 'auto' or 'triton'")
+    if _STATE.applied and _STATE.options.fused_forward != fused_forward:
+        remove()  # the set of swaps changes: re-install
+    _STATE.install(lambda: _swaps(fused_forward), Options(backend, fused_forward, chunk_size))
+    return _HANDLE
+
+
+def remove() -> None:
+    """Undo :func:`apply`: every OpenRLHF name bound to a replacement gets its original back
+    (modules imported after :func:`apply` included)."""
+    _STATE.remove()
+
+
+def apply_from_env(*, required: bool = False) -> Patch | None:
+    """Apply with the options of ``ALIGNKERNELS_OPENRLHF_BACKEND``, ``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
+    and ``ALIGNKERNELS_OPENRLHF_CHUNK_SIZE``
+    when ``ALIGNKERNELS_OPENRLHF`` is on, or when ``required`` and it is not explicitly off; ``None`` when
+    nothing was applied. A bad value is a ``ValueError`` naming the variable."""
+    switch = env_switch(ENV_SWITCH)
+    if not (switch or (required and switch is None)):
+        return None
+    return apply(
+        backend=env_choice(ENV_SWITCH + "_BACKEND", LOGITS_BACKENDS, "auto"),
+        fused_forward=bool(env_switch(ENV_SWITCH + "_FUSED_FORWARD")),
+        chunk_size=env_positive_int(ENV_SWITCH + "_CHUNK_SIZE"),
+    )
+
+
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook``: ``runtime_env={"worker_process_setup_hook":
+    "alignkernels.integrations.openrlhf.worker_setup"}``. Applies in each worker unless
+    ``ALIGNKERNELS_OPENRLHF=0``."""
+    apply_from_env(required=True)

@@ -1,0 +1,345 @@
+"""verl drop-in: one call (or one environment variable in the Ray workers) and verl's LM head runs on
+alignkernels.
+
+    import alignkernels.integrations.verl as ak_verl
+    ak_verl.apply()          # in the process that builds the actor engine (a Ray worker: see below)
+
+The seams (verl 0.9.1), each rebound by :mod:`alignkernels.integrations.rebind` in every loaded
+``verl`` module that binds it (and in the defining module, so later imports get ours):
+
+- ``verl.utils.torch_functional.logprobs_from_logits(logits, labels, inplace_backward=True)`` → one
+  :func:`alignkernels.token_logprobs` pass (the default logits path; bound by name in the FSDP
+  engine ``verl/workers/engine/fsdp/transformer_impl.py`` and others).
+- ``entropy_from_logits(logits)`` / ``entropy_from_logits_with_chunking(logits, chunk_size)`` →
+  ``token_logprobs(..., return_entropy=True)``: the softmax never exists, the entropy's gradient is
+  the op's. The FSDP engine wraps the chosen function in ``torch.compile`` **when it is built**, so
+  :func:`apply` must run before the engine is constructed (the worker hooks below do).
+- ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (``use_fused_kernels`` with the torch
+  or liger backend; imported lazily by ``verl/models/transformers/dense_common.py`` and the VLM
+  forwards) → :class:`FusedLinearForPPO` on :func:`alignkernels.linear_logprobs`: ``[N, V]`` logits
+  never exist. An lm_head that FSDP2 shards as its own unit reaches the forward as a DTensor (verl's
+  stock module fails there: ``aten.mm.default got mixed torch.Tensor and DTensor``); it is gathered
+  with :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) first.
+- ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (the Triton ``use_fused_kernels``
+  backend; CUDA only in verl) → :func:`linear_cross_entropy` on ``linear_logprobs`` (process group of
+  one rank or none). With a tensor-parallel group of several ranks it raises ``NotImplementedError``:
+  verl's kernel returns each rank's *partial* ``grad_hidden`` for Megatron to reduce, the
+  vocab-parallel op of alignkernels all-reduces it; ``apply(linear_cross_entropy=False)`` keeps
+  verl's kernel.
+
+Semantics: the same values and gradients as verl's functions (fp32: ~1e-6 relative, pinned in
+``tests/frameworks_integration/test_verl.py`` against verl's own functions). Differences, all
+towards fp64: log-probs and entropies are fp32 whatever the logits dtype (verl returns bf16 for
+bf16 logits, and ``FusedLinearForPPO``'s entropy in the hidden dtype); a label equal to
+``ignore_index`` (-100, never a token id) gives 0 instead of an indexing error.
+
+Memory: ``logprobs_from_logits`` / ``entropy_from_logits`` hold O(chunk x V) beyond the logits
+(verl's ``entropy_from_logits`` holds a full softmax ``[N, V]`` and its autograd graph);
+``FusedLinearForPPO`` / ``linear_cross_entropy`` hold O(chunk x block) for one logits tile.
+
+Worker processes: :func:`worker_setup` is a Ray ``worker_process_setup_hook``; the ``verl.plugins``
+entry point :mod:`alignkernels.integrations.verl_plugin` applies when ``ALIGNKERNELS_VERL=1`` is set
+(nothing otherwise). Options from the environment: ``ALIGNKERNELS_VERL_BACKEND``,
+``ALIGNKERNELS_VERL_CHUNK_SIZE``, ``ALIGNKERNELS_VERL_VOCAB_BLOCK_SIZE``,
+``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY`` (``docs/INTEGRATION.md``, "verl").
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
+from alignkernels.integrations.rebind import DropIn, Patch, Swap
+from alignkernels.ops.linear_logprobs import linear_logprobs
+from alignkernels.ops.token_logprobs import token_logprobs
+from alignkernels.ops.vocab_parallel import gather_lm_head
+
+__all__ = [
+    "apply",
+    "remove",
+    "is_applied",
+    "adapter_calls",
+    "worker_setup",
+    "apply_from_env",
+    "Patch",
+    "Options",
+    "options",
+    "FusedLinearForPPO",
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "entropy_from_logits_with_chunking",
+    "linear_cross_entropy",
+    "ENV_SWITCH",
+]
+
+# backends both token_logprobs and linear_logprobs have
+HEAD_BACKENDS = ("auto", "triton", "torch", "reference")
+ENV_SWITCH = "ALIGNKERNELS_VERL"
+
+
+@dataclass(frozen=True)
+class Options:
+    """What :func:`apply` was asked for (the last call wins)."""
+
+    backend: str = "auto"
+    chunk_size: int | None = None  # token rows per logits tile (None: the op default)
+    vocab_block_size: int | None = None  # vocabulary columns per tile (None: the op default)
+    linear_cross_entropy: bool = True  # rebind verl's Triton linear_cross_entropy too
+
+
+_STATE = DropIn("verl", Options())
+_HANDLE = Patch(_STATE)
+
+
+def adapter_calls() -> int:
+    """How many times verl called one of this module's replacements since the last :func:`apply`
+    that patched verl: a check that a run really uses alignkernels."""
+    return _STATE.calls
+
+
+def options() -> Options:
+    """The options in effect (those of the last :func:`apply`)."""
+    return _STATE.options
+
+
+_count = _STATE.count
+
+
+# ----------------------------------------------------------------------------------------------
+# the replacements (verl's signatures)
+# ----------------------------------------------------------------------------------------------
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return token_logprobs(logits, labels, return_entropy=True, backend=_STATE.options.backend)[1]
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
+    """``verl.utils.torch_functional.logprobs_from_logits`` on :func:`alignkernels.token_logprobs`:
+    ``log softmax(logits)[label]``, fp32, shape of ``labels``. ``inplace_backward`` (flash-attn's
+    option in verl) is accepted and has no effect: the op never writes into ``logits``."""
+    _count()
+    return token_logprobs(logits, labels, backend=_STATE.options.backend)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """``verl.utils.torch_functional.entropy_from_logits``: entropy of ``softmax(logits)`` over the
+    last dimension, fp32, differentiable, without materialising the softmax."""
+    _count()
+    return _entropy(logits)
+
+
+def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """``verl.utils.torch_functional.entropy_from_logits_with_chunking``: the same entropy (the op is
+    already chunked; ``chunk_size`` must be a positive int, as verl's loop needs)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"entropy_from_logits_with_chunking: chunk_size must be a positive int, got {chunk_size!r}")
+    _count()
+    return _entropy(logits)
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """``verl.utils.experimental.torch_functional.FusedLinearForPPO`` on :func:`alignkernels.linear_logprobs`.
+
+    ``forward(hidden_states [..., H], vocab_weights [V, H], input_ids [...], temperature=1.0)`` →
+    ``(log_probs, entropy)``, both fp32 of ``input_ids``' shape: ``log softmax(h·Wᵀ / T)[id]`` and
+    the entropy of that distribution, differentiable w.r.t. ``hidden_states`` and ``vocab_weights``
+    through both. ``chunk_size`` and ``impl_backend`` are verl's constructor arguments (validated as
+    verl does; the tile comes from ``apply(chunk_size=, vocab_block_size=)``). Under autocast both
+    operands are cast to the autocast dtype, as verl's matmul does. A DTensor
+    ``vocab_weights`` (FSDP2 lm_head as its own unit) is gathered first, its gradient averaged back
+    to the shards like FSDP2's."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        if impl_backend not in ("torch", "liger"):
+            raise ValueError(f"Unsupported FusedLinearForPPO backend: {impl_backend}. Choose 'torch' or 'liger'.")
+        self.chunk_size = chunk_size
+        self.impl_backend = impl_backend
+
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+        _count()
+        weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
+        hidden_states, weight = _autocast_operands(hidden_states, weight)
+        opts = _STATE.options
+        return linear_logprobs(
+            hidden_states, weight, input_ids, temperature=temperature, return_entropy=True, backend=opts.backend,
+            chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
+        )  # fmt: skip
+
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def _autocast_operands(hidden, weight):
+    """Under autocast verl's ``hidden @ weight.T`` runs in the autocast dtype whatever the two dtypes
+    are (an fp32 lm_head with bf16 hidden states under verl's mixed precision): cast both the same way,
+    so the op's GEMMs take what verl's matmul takes (the tile itself stays fp32)."""
+    if not (isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor)):
+        return hidden, weight
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.is_floating_point() and weight.is_floating_point():
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None):
+    """``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` on :func:`alignkernels.linear_logprobs`.
+
+    ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]`` → ``(logprobs, entropy)``, flattened to
+    ``[N]`` as verl's kernel returns them; ``reduction="sum"`` / ``"mean"`` reduces the log-probs to a
+    scalar (the entropy stays per token), as verl's. ``dist_process_group`` of one rank (or None) is
+    the single-device op; several ranks (Megatron tensor parallel) raise ``NotImplementedError``:
+    see the module docstring."""
+    if not isinstance(reduction, str) or reduction.lower() not in _REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if dist_process_group is not None:
+        import torch.distributed as dist
+
+        if dist.get_world_size(dist_process_group) > 1:
+            raise NotImplementedError(
+                "alignkernels' verl linear_cross_entropy with a tensor-parallel dist_process_group of "
+                f"{dist.get_world_size(dist_process_group)} ranks: verl's kernel returns each rank's partial "
+                "grad_hidden for Megatron to reduce, alignkernels' vocab-parallel op all-reduces it. Keep verl's "
+                "kernel with apply(linear_cross_entropy=False) (ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY=0)"
+            )
+    _count()
+    if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+    if isinstance(labels, torch.Tensor):
+        labels = labels.reshape(-1)
+    hidden, weight = _autocast_operands(hidden, weight)
+    opts = _STATE.options
+    logp, entropy = linear_logprobs(
+        hidden, weight, labels, temperature=temperature, return_entropy=True, backend=opts.backend,
+        chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
+    )  # fmt: skip
+    reduction = reduction.lower()
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.mean()
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------
+# apply / remove
+# ----------------------------------------------------------------------------------------------
+def is_applied() -> bool:
+    """Whether :func:`apply` is in effect."""
+    return _STATE.applied
+
+
+def _import_verl():
+    try:
+        torch_functional = importlib.import_module("verl.utils.torch_functional")
+        experimental = importlib.import_module("verl.utils.experimental.torch_functional")
+        kernel = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+    except ImportError as e:
+        raise ImportError(f"alignkernels.integrations.verl needs verl (tested with 0.9.1) importable: {e}") from e
+    return torch_functional, experimental, kernel
+
+
+def _swaps(opts: Options) -> list[Swap]:
+    torch_functional, experimental, kernel = _import_verl()
+    pairs = [
+        (torch_functional, "logprobs_from_logits", logprobs_from_logits),
+        (torch_functional, "entropy_from_logits", entropy_from_logits),
+        (torch_functional, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking),
+        (experimental, "FusedLinearForPPO", FusedLinearForPPO),
+    ]
+    if opts.linear_cross_entropy:
+        pairs.append((kernel, "linear_cross_entropy", linear_cross_entropy))
+    swaps = []
+    for module, name, replacement in pairs:
+        original = vars(module).get(name)
+        if original is None:
+            raise ImportError(f"alignkernels.integrations.verl: {module.__name__}.{name} not found (verl 0.9.1 has it)")
+        if original is replacement:  # already ours (a verl module reloaded while applied): nothing to swap
+            continue
+        swaps.append(Swap(original, replacement))
+    return swaps
+
+
+def _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses) -> Options:
+    if losses:
+        raise NotImplementedError(
+            "alignkernels.integrations.verl.apply(losses=True): swapping verl's policy losses "
+            "(POLICY_LOSS_REGISTRY, agg_loss, kl_penalty) is not implemented yet; apply() without it swaps the head"
+        )
+    if not isinstance(backend, str) or backend not in HEAD_BACKENDS:
+        raise ValueError(f"apply(): backend must be one of {HEAD_BACKENDS}, got {backend!r}")
+    for name, value in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"apply(): {name} must be a positive int or None, got {value!r}")
+        if value is not None and value <= 0:
+            raise ValueError(f"apply(): {name} must be a positive int or None, got {value!r}")
+    if not isinstance(linear_cross_entropy, bool):
+        raise TypeError(f"apply(): linear_cross_entropy must be a bool, got {linear_cross_entropy!r}")
+    return Options(backend, chunk_size, vocab_block_size, linear_cross_entropy)
+
+
+def apply(
+    *,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+    vocab_block_size: int | None = None,
+    linear_cross_entropy: bool = True,
+    losses: bool = False,
+) -> Patch:
+    """Make verl compute its LM-head log-probs and entropies with alignkernels (see the module docstring).
+
+    Call in the process that builds the actor engine, before building it (in a Ray worker: use
+    :func:`worker_setup` or the ``verl.plugins`` entry point). Idempotent; the options of the last
+    call win (a call that changes ``linear_cross_entropy`` re-installs). A failed call (bad option,
+    verl missing) leaves verl as it was.
+
+    Args:
+        backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (of ``token_logprobs`` and
+            ``linear_logprobs``).
+        chunk_size, vocab_block_size: token rows and vocabulary columns of the fused head's logits
+            tile (``None``: the op defaults).
+        linear_cross_entropy: also rebind verl's Triton ``linear_cross_entropy``.
+        losses: not implemented yet: ``NotImplementedError``.
+
+    Returns a :class:`Patch` (``.remove()``, context manager).
+    """
+    options = _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses)
+    if _STATE.applied and _STATE.options.linear_cross_entropy != options.linear_cross_entropy:
+        remove()
+    _STATE.install(lambda: _swaps(options), options)
+    return _HANDLE
+
+
+def remove() -> None:
+    """Undo :func:`apply`: every verl name bound to a replacement gets its original back (modules
+    imported after :func:`apply` included). Engines built while applied keep the functions they
+    captured (the FSDP engine's compiled entropy function)."""
+    _STATE.remove()
+
+
+def apply_from_env(*, required: bool = False) -> Patch | None:
+    """Apply with options read from the environment (``ALIGNKERNELS_VERL_BACKEND``,
+    ``ALIGNKERNELS_VERL_CHUNK_SIZE``, ``ALIGNKERNELS_VERL_VOCAB_BLOCK_SIZE``,
+    ``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``) when ``ALIGNKERNELS_VERL`` is on, or when ``required``
+    and it is not explicitly off. Returns the patch, or ``None`` when nothing was applied. A bad value
+    is a ``ValueError`` naming the variable."""
+    switch = env_switch(ENV_SWITCH)
+    if not (switch or (required and switch is None)):
+        return None
+    lce = env_switch(ENV_SWITCH + "_LINEAR_CROSS_ENTROPY")
+    return apply(
+        backend=env_choice(ENV_SWITCH + "_BACKEND", HEAD_BACKENDS, "auto"),
+        chunk_size=env_positive_int(ENV_SWITCH + "_CHUNK_SIZE"),
+        vocab_block_size=env_positive_int(ENV_SWITCH + "_VOCAB_BLOCK_SIZE"),
+        linear_cross_entropy=True if lce is None else lce,
+    )
+
+
+def worker_setup() -> None:
+    """Ray ``worker_process_setup_hook``: ``runtime_env={"worker_process_setup_hook":
+    "alignkernels.integrations.verl.worker_setup"}``. Applies in each worker (options from the
+    environment, see :func:`apply_from_env`) unless ``ALIGNKERNELS_VERL=0``."""
+    apply_from_env(required=True)
