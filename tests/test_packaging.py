@@ -102,11 +102,25 @@ def test_no_other_kernels_is_a_module_not_found_error():
 
 
 def test_top_level_folders_that_are_regular_packages_are_ours():
-    """Only ``alignkernels`` (ours), ``bench`` (``python -m bench``) and ``kernels`` (guarded above) may be
-    regular packages at the root; any other folder with ``__init__.py`` would shadow an installed package of
-    its name for everyone who starts Python at the root. Folders without ``__init__.py`` are namespace
-    portions, which any installed regular package wins over."""
+    """Only ``alignkernels`` (ours), ``bench`` (``python -m bench``), ``kernels`` (guarded above) and
+    ``tests`` (``tests/__init__.py``: it must win over the stray ``tests`` package verl and OpenRLHF install)
+    may be regular packages at the root; any other folder with ``__init__.py`` would shadow an installed
+    package of its name for everyone who starts Python at the root. Folders without ``__init__.py`` are
+    namespace portions, which any installed regular package wins over."""
     packages = [name for name in TOP_LEVEL_FOLDERS if (ROOT / name / "__init__.py").exists()]
-    assert packages == ["alignkernels", "bench", "kernels"], packages
+    assert packages == ["alignkernels", "bench", "kernels", "tests"], packages
     tests_packages = [p.name for p in (ROOT / "tests").iterdir() if (p / "__init__.py").exists()]
     assert tests_packages == ["cuemu"], tests_packages  # tests/ is on pytest's pythonpath too
+
+
+def test_tests_package_wins_over_an_installed_tests_package(tmp_path):
+    """A stand-in ``tests`` regular package (as verl's and OpenRLHF's wheels install) later on sys.path:
+    ``tests.ops`` still resolves to the checkout's suite, as a spawned worker needs."""
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "__init__.py").write_text("STRAY = True\n")
+    code = "import tests, tests.ops; print(tests.__file__); print(hasattr(tests, 'STRAY'))"
+    proc = run_python(["-S", "-c", code], env_extra={"PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    first, stray = proc.stdout.split()
+    assert Path(first).resolve() == ROOT / "tests" / "__init__.py"
+    assert stray == "False"
