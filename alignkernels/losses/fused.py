@@ -42,6 +42,7 @@ from ..ops.linear_logprobs import linear_logprobs
 from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
+from .policy_rows import POLICY_LOSS_TYPES
 from .ppo import ppo_loss
 from .validation import check_num_items
 
@@ -372,8 +373,10 @@ def grpo_non_separable_reason(grpo_kwargs) -> str | None:
     tokens (then the three-GEMM head cannot form it per chunk), or None."""
     if grpo_kwargs.get("importance_sampling_level", "token") != "token":
         return "importance_sampling_level='sequence' (GSPO) has one ratio per sequence"
-    if grpo_kwargs.get("loss_type", "dapo") == "vespo":
-        return "loss_type='vespo' weights each token by a function of its sequence's ratio"
+    loss_type = grpo_kwargs.get("loss_type", "dapo")
+    row = POLICY_LOSS_TYPES.get(loss_type) if isinstance(loss_type, str) else None
+    if row is not None and not row.token_separable:  # an unknown name: grpo_loss's own error, later
+        return f"loss_type={loss_type!r} {row.not_separable}"
     if grpo_kwargs.get("top_entropy_quantile", 1.0) < 1.0:
         return "top_entropy_quantile < 1 masks tokens by a quantile over all tokens' entropies"
     if grpo_kwargs.get("off_policy_mask_threshold") is not None:
