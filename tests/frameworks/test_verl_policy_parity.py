@@ -1,0 +1,207 @@
+"""verl's policy losses (``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``) pinned against
+``alignkernels.losses.verl_policy.verl_policy_loss`` in fp64: values, gradients, metrics, fully
+masked rows, rollout IS weights, every aggregation mode and the global-batch arguments. Skipped
+without verl (the stand-ins of ``tests/frameworks/conftest.py`` let it import on CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkernels.losses.aggregation import GlobalBatch
+from alignkernels.losses.verl_policy import VERL_POLICY_LOSSES, VerlPolicyConfig, verl_policy_loss
+
+# verl's token means divide by count + 1e-8: 1e-8 relative
+CLOSE = dict(rtol=1e-7, atol=1e-10)
+# bypass_mode dispatches into verl.trainer.ppo.rollout_corr_helper (rollout correction + rejection
+# sampling), not a formula of its own: not a row yet.
+NOT_ROWS = {"bypass_mode"}
+
+
+def _inputs(seed=0, B=6, T=9, empty_rows=(2,), scale=0.4, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=dtype) * 2.0 - 0.05
+    old = (logp + scale * torch.randn(B, T, generator=g, dtype=dtype)).clamp(max=-1e-3)
+    adv = torch.randn(B, T, generator=g, dtype=dtype)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    for r in empty_rows:
+        mask[r] = False
+    isw = torch.rand(B, T, generator=g, dtype=dtype) + 0.5
+    return logp, old, adv, mask, isw
+
+
+def _verl_config(verl_core, cfg: VerlPolicyConfig, mode, global_batch=None):
+    from verl.workers.config import ActorConfig, PolicyLossConfig
+
+    extra = {} if cfg.clip_ratio_c is None else {"clip_ratio_c": cfg.clip_ratio_c}
+    pl = PolicyLossConfig(loss_mode=mode, clip_cov_ratio=cfg.clip_cov_ratio, clip_cov_lb=cfg.clip_cov_lb,
+                          clip_cov_ub=cfg.clip_cov_ub, kl_cov_ratio=cfg.kl_cov_ratio, ppo_kl_coef=cfg.ppo_kl_coef,
+                          dro_beta=cfg.dro_beta)  # fmt: skip
+    actor = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=cfg.clip_ratio,
+                        clip_ratio_low=cfg.low, clip_ratio_high=cfg.high, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
+                        policy_loss=pl, **extra)  # fmt: skip
+    if global_batch is not None:
+        actor.global_batch_info.update(dp_size=global_batch.dp_size, batch_num_tokens=global_batch.batch_num_tokens,
+                                       global_batch_size=global_batch.global_batch_size,
+                                       loss_scale_factor=global_batch.loss_scale_factor)  # fmt: skip
+    return actor
+
+
+def _both(verl_core, mode, cfg, logp, old, adv, mask, isw=None, agg="token-mean", global_batch=None, seed=None):
+    ours_in = logp.clone().requires_grad_(True)
+    theirs_in = logp.clone().requires_grad_(True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    ours, ours_m = verl_policy_loss(ours_in, old, adv, mask, loss_mode=mode, config=cfg, loss_agg_mode=agg,
+                                    rollout_is_weights=isw, global_batch=global_batch)  # fmt: skip
+    if seed is not None:
+        torch.manual_seed(seed)
+    fn = verl_core.get_policy_loss_fn(mode)
+    theirs, theirs_m = fn(old, theirs_in, adv, mask.to(logp.dtype), agg,
+                          _verl_config(verl_core, cfg, mode, global_batch), isw)  # fmt: skip
+    return (ours, ours_m, ours_in), (theirs, theirs_m, theirs_in)
+
+
+def _assert_match(ours, theirs):
+    (loss, metrics, x), (t_loss, t_metrics, t_x) = ours, theirs
+    torch.testing.assert_close(loss, t_loss, **CLOSE)
+    assert set(metrics) == set(t_metrics)
+    for name in t_metrics:
+        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **CLOSE)
+    loss.backward()
+    t_loss.backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad, t_x.grad, **CLOSE)
+    return x.grad
+
+
+CONFIGS = {
+    "vanilla": VerlPolicyConfig(clip_ratio=0.2, clip_ratio_high=0.28),
+    "gspo": VerlPolicyConfig(clip_ratio_low=3e-4, clip_ratio_high=4e-4),
+    "sapo": VerlPolicyConfig(tau_pos=1.0, tau_neg=1.05),
+    "gpg": VerlPolicyConfig(),
+    "clip_cov": VerlPolicyConfig(clip_cov_ratio=0.2, clip_cov_lb=-1.0, clip_cov_ub=5.0),
+    "kl_cov": VerlPolicyConfig(kl_cov_ratio=0.2, ppo_kl_coef=0.5),
+    "geo_mean": VerlPolicyConfig(clip_ratio_low=0.4, clip_ratio_high=0.3),
+    "dro": VerlPolicyConfig(dro_beta=0.3),
+    "cispo": VerlPolicyConfig(clip_ratio_low=0.2, clip_ratio_high=0.3),
+    "dppo_tv": VerlPolicyConfig(clip_ratio=0.1, clip_ratio_c=2.0),
+    "dppo_kl": VerlPolicyConfig(clip_ratio_low=0.02, clip_ratio_high=0.05, clip_ratio_c=2.0),
+}
+
+
+def test_every_registered_verl_policy_loss_is_a_row(verl_core):
+    assert set(verl_core.POLICY_LOSS_REGISTRY) - NOT_ROWS == set(VERL_POLICY_LOSSES) == set(CONFIGS)
+
+
+@pytest.mark.parametrize("mode", sorted(CONFIGS))
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("with_is", [False, True])
+def test_policy_losses_match_verl_values_gradients_and_metrics(verl_core, mode, seed, with_is):
+    logp, old, adv, mask, isw = _inputs(seed)
+    if mode == "geo_mean":  # verl supports sequence-level advantages only there
+        adv = adv[:, :1].expand_as(adv).contiguous()
+    grad = _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, isw if with_is else None,
+                                seed=seed))  # fmt: skip
+    assert (grad[~mask] == 0).all()  # masked tokens: no gradient (fully masked row 2 included)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "gpg", "dro", "cispo", "dppo_tv", "dppo_kl", "kl_cov"])
+@pytest.mark.parametrize("agg", ["token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregation_modes_match_verl(verl_core, mode, agg):
+    logp, old, adv, mask, _ = _inputs(3)
+    _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg))
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "cispo", "gpg"])
+def test_global_batch_arguments_match_verl(verl_core, mode):
+    logp, old, adv, mask, _ = _inputs(4)
+    gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum() * 2 + 3), global_batch_size=13.0,
+                     loss_scale_factor=16)  # fmt: skip
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg, global_batch=gb))
+
+
+def test_ratio_clamp_and_dual_clip_at_extreme_log_ratios(verl_core):
+    """verl's vanilla clamps the log-ratio to ±20 before exp (ppo_loss does not) and caps A<0 at
+    −A·clip_ratio_c: at log-ratios of ±30 both must hold."""
+    logp, old, adv, mask, _ = _inputs(5)
+    old = logp.detach().clone()
+    old[0, :3] = logp[0, :3] - 30.0
+    old[1, :3] = logp[1, :3] + 30.0
+    _assert_match(*_both(verl_core, "vanilla", CONFIGS["vanilla"], logp, old, adv, mask))
+
+
+@pytest.mark.parametrize("mode", sorted(CONFIGS))
+def test_fully_masked_batch_gives_zero_loss_and_gradient(mode):
+    logp, old, adv, mask, _ = _inputs(6)
+    mask = torch.zeros_like(mask)
+    logp = logp.clone()
+    logp[0, 0] = float("nan")  # garbage at masked positions never reaches the loss
+    x = logp.requires_grad_(True)
+    loss, metrics = verl_policy_loss(x, old, adv, mask, loss_mode=mode, config=CONFIGS[mode])
+    loss.backward()
+    assert loss.item() == 0.0 and (x.grad == 0).all()
+    assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "cispo", "dppo_kl", "geo_mean", "sapo"])
+def test_fp32_matches_fp64(mode):
+    logp, old, adv, mask, isw = _inputs(7)
+    if mode == "geo_mean":
+        adv = adv[:, :1].expand_as(adv).contiguous()
+    cfg = CONFIGS[mode]
+    x64 = logp.clone().requires_grad_(True)
+    x32 = logp.float().requires_grad_(True)
+    l64, _ = verl_policy_loss(x64, old, adv, mask, loss_mode=mode, config=cfg, rollout_is_weights=isw)
+    l32, _ = verl_policy_loss(x32, old.float(), adv.float(), mask, loss_mode=mode, config=cfg,
+                              rollout_is_weights=isw.float())  # fmt: skip
+    assert l32.dtype == torch.float32
+    torch.testing.assert_close(l32.double(), l64, rtol=2e-6, atol=1e-7)
+    l64.backward()
+    l32.backward()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(loss_mode="ppo"), ValueError, "loss_mode must be one of vanilla"),
+    (dict(loss_mode="dro"), ValueError, "dro_beta"),
+    (dict(loss_mode="dro", dro_beta=-1.0), ValueError, "dro_beta"),
+    (dict(clip_ratio=-0.1), ValueError, "clip_ratio"),
+    (dict(clip_ratio="0.2"), TypeError, "clip_ratio"),
+    (dict(clip_ratio_c=1.0), ValueError, "clip_ratio_c"),
+    (dict(tau_neg=0.0, loss_mode="sapo"), ValueError, "tau_neg"),
+    (dict(clip_cov_ratio=0.0, loss_mode="clip_cov"), ValueError, "clip_cov_ratio"),
+    (dict(cliprange=0.2), TypeError, "cliprange"),
+    (dict(loss_agg_mode="mean"), ValueError, "loss_agg_mode"),
+    (dict(semantics="trl"), ValueError, "semantics"),
+    (dict(config=VerlPolicyConfig(), clip_ratio=0.1), TypeError, "config"),
+])  # fmt: skip
+def test_bad_arguments_are_named(kwargs, error, match):
+    logp, old, adv, mask, _ = _inputs(8)
+    with pytest.raises(error, match=match):
+        verl_policy_loss(logp, old, adv, mask, **kwargs)
+
+
+@pytest.mark.parametrize("name, bad, match", [
+    ("old_logp", torch.zeros(6, 8, dtype=torch.float64), "old_logp must have the shape"),
+    ("advantages", torch.zeros(5, dtype=torch.float64), "advantages must have shape"),
+    ("mask", torch.ones(6, 9, 1), "mask must have the shape"),
+    ("rollout_is_weights", torch.ones(6, 9, dtype=torch.int64), "rollout_is_weights"),
+])  # fmt: skip
+def test_bad_tensors_are_named(name, bad, match):
+    logp, old, adv, mask, _ = _inputs(9)
+    args = {"old_logp": old, "advantages": adv, "mask": mask, "rollout_is_weights": None}
+    args[name] = bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        verl_policy_loss(logp, args["old_logp"], args["advantages"], args["mask"],
+                         rollout_is_weights=args["rollout_is_weights"])  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", sorted(CONFIGS))
+def test_empty_batch_gives_zero(mode):
+    x = torch.zeros(0, 4, dtype=torch.float64, requires_grad=True)
+    loss, _ = verl_policy_loss(x, x.detach(), torch.zeros(0, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.bool),
+                               loss_mode=mode, config=CONFIGS[mode])  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 4)
