@@ -35,6 +35,8 @@ _EXPORTS = {
     "gae": "alignkernels.losses.ppo",
     "agg_loss": "alignkernels.losses.ppo",
     "masked_whiten": "alignkernels.losses.ppo",
+    "verl_policy_loss": "alignkernels.losses.verl_policy",
+    "VerlPolicyConfig": "alignkernels.losses.verl_policy",
     "GlobalBatch": "alignkernels.losses.aggregation",
     "AGGREGATION_MODES": "alignkernels.losses.aggregation",
     "kl_estimate": "alignkernels.losses.kl",

@@ -53,6 +53,8 @@ class PolicyTerm(NamedTuple):
     delta: float | None = None  # cap of the unclipped ratio (two-sided clipping)
     tau_pos: float = 1.0  # SAPO gate temperatures
     tau_neg: float = 1.05
+    clip_c: float | None = None  # clipped: dual clip, for A < 0 the loss is capped at -A * clip_c
+    ratio_min: float | None = None  # cispo: lower bound of the clamped ratio (two-sided)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,13 +85,15 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
             per_token_kl = per_token_kl * coef_1
 
     if term.kind == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=term.eps_high).detach()
+        clamped_ratios = torch.clamp(coef_1, min=term.ratio_min, max=term.eps_high).detach()
         per_token_loss = -clamped_ratios * adv * logp
     elif term.kind == "clipped":
         coef_2 = torch.clamp(coef_1, 1 - term.eps_low, 1 + term.eps_high)
         if term.delta is not None:
             coef_1 = torch.clamp(coef_1, max=term.delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+        if term.clip_c is not None:  # dual clip (verl compute_policy_loss_vanilla)
+            per_token_loss = torch.where(adv < 0, torch.min(-adv * term.clip_c, per_token_loss), per_token_loss)
     elif term.kind == "sapo":
         temperatures = torch.where(adv > 0, term.tau_pos, term.tau_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
@@ -151,7 +155,7 @@ class KernelLaunch(NamedTuple):
     row_strides: tuple
     token_strides: tuple
     params: tuple  # fp32 scalars in PARAMS order
-    flags: dict  # constexpr flags: HAS_*, LOSS_KIND, SEQUENCE, BIAS_CORRECTION
+    flags: dict  # constexpr flags: HAS_*, LOSS_KIND, SEQUENCE, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER
 
 
 def _kernel_launch(inputs: TokenInputs, maskf: torch.Tensor, term: PolicyTerm) -> KernelLaunch:
@@ -163,10 +167,13 @@ def _kernel_launch(inputs: TokenInputs, maskf: torch.Tensor, term: PolicyTerm) -
     ordered = [views.get(name, views["logp"]) for name in kern.TOKEN_INPUTS]
     values = {"beta": term.beta, "eps_low": term.eps_low, "eps_high": term.eps_high,
               "delta": float("inf") if term.delta is None else term.delta,
-              "tau_pos": term.tau_pos, "tau_neg": term.tau_neg}  # fmt: skip
+              "tau_pos": term.tau_pos, "tau_neg": term.tau_neg,
+              "clip_c": float("inf") if term.clip_c is None else term.clip_c,
+              "ratio_min": float("-inf") if term.ratio_min is None else term.ratio_min}  # fmt: skip
     flags = dict(kern.input_flags([name for name in kern.OPTIONAL_INPUTS if name in views]),
                  LOSS_KIND=kern.LOSS_KINDS[term.kind], SEQUENCE=bool(term.sequence),
-                 BIAS_CORRECTION=bool(term.bias_correction))  # fmt: skip
+                 BIAS_CORRECTION=bool(term.bias_correction), DUAL_CLIP=term.clip_c is not None,
+                 CISPO_LOWER=term.ratio_min is not None)  # fmt: skip
     return KernelLaunch(
         inputs=tuple(v[0] for v in ordered), row_strides=tuple(v[1] for v in ordered),
         token_strides=tuple(v[2] for v in ordered), params=tuple(float(values[p]) for p in kern.PARAMS),

@@ -38,9 +38,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import check_same_device, check_tensor, output_dtype
+from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
+from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
 from .validation import check_number
+
+
+VERL_POLICY_LOSS = OpBackends("verl_policy_loss", ("triton", "torch", "reference"))
 
 
 class VerlPolicyConfig(NamedTuple):
@@ -80,6 +84,14 @@ class PolicyTokens(NamedTuple):
     config: VerlPolicyConfig
 
 
+class KernelTerm(NamedTuple):
+    """A row as the row engine's term: ``clipped_policy.PolicyTerm`` and whether it reads
+    ``old_logp`` (``False``: ratio 1, e.g. ``gpg``)."""
+
+    term: PolicyTerm
+    uses_old: bool = True
+
+
 class VerlPolicyLoss(NamedTuple):
     name: str
     formula: Callable[[PolicyTokens], tuple[torch.Tensor, dict]]  # -> (loss [B, T] or [B], metrics)
@@ -89,7 +101,12 @@ class VerlPolicyLoss(NamedTuple):
     aggregation: str | None  # a fixed AGGREGATION_MODES row (verl ignores loss_agg_mode), or None
     metrics: tuple[str, ...]
     not_separable: str | None  # None: token-separable (three-GEMM head)
-    kernel: str | None  # the Triton row variant (kernels/grpo.py LOSS_KINDS) that runs it, or None
+    # the clipped-policy row engine's term that computes it (Triton kernel, kernels/grpo.py), or None
+    kernel: Callable[[VerlPolicyConfig], KernelTerm] | None
+
+    @property
+    def triton(self) -> bool:
+        return self.kernel is not None
 
     @property
     def token_separable(self) -> bool:
@@ -247,6 +264,19 @@ def _geo_mean(t):
     return -seq_adv * ratio, metrics
 
 
+def _vanilla_kernel(c: VerlPolicyConfig) -> KernelTerm:
+    return KernelTerm(PolicyTerm("clipped", eps_low=c.low, eps_high=c.high, bias_correction=False,
+                                 clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c))  # fmt: skip
+
+
+def _cispo_kernel(c: VerlPolicyConfig) -> KernelTerm:
+    return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False))
+
+
+def _gpg_kernel(c: VerlPolicyConfig) -> KernelTerm:  # ratio 1: -min(1, inf) * A * logp
+    return KernelTerm(PolicyTerm("cispo", eps_high=float("inf"), bias_correction=False), uses_old=False)
+
+
 _CLIP = "clip(r, 1−ε_low, 1+ε_high)"
 _CLIP_METRICS = ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower")
 _SEQ_RATIO = "one ratio per sequence (the mean log-ratio)"
@@ -256,12 +286,12 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
     row.name: row
     for row in (
         VerlPolicyLoss("vanilla", _vanilla, "token", f"{_CLIP}; A<0: ≤ −A·clip_ratio_c (dual clip)", "r · A",
-                       None, _CLIP_METRICS, None, None),  # fmt: skip
+                       None, _CLIP_METRICS, None, _vanilla_kernel),  # fmt: skip
         VerlPolicyLoss("gspo", _gspo, "token", f"{_CLIP} of the sequence ratio", "seq r · A", None, _CLIP_METRICS,
                        _SEQ_RATIO, None),  # fmt: skip
         VerlPolicyLoss("sapo", _sapo, "token", "none (soft gate σ(τ(r−1))·4/τ)", "gate of r · A",
                        "seq-mean-token-mean", _CLIP_METRICS, None, None),  # fmt: skip
-        VerlPolicyLoss("gpg", _gpg, "token", "none", "none (−A · logp)", None, (), None, None),
+        VerlPolicyLoss("gpg", _gpg, "token", "none", "none (−A · logp)", None, (), None, _gpg_kernel),
         VerlPolicyLoss("clip_cov", _clip_cov, "token", f"{_CLIP}; random high-covariance tokens detached", "r · A",
                        None, ("actor/pg_clipfrac", "actor/ppo_kl"), _BATCH_STATS, None),  # fmt: skip
         VerlPolicyLoss("kl_cov", _kl_cov, "token", "none; |lr| penalty on top-covariance tokens", "r · A", None,
@@ -271,7 +301,7 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
         VerlPolicyLoss("dro", _dro, "token", "none; β/2 · lr² penalty", "none (−A · logp)", None, ("actor/ppo_kl",),
                        None, None),  # fmt: skip
         VerlPolicyLoss("cispo", _cispo, "token", f"sg({_CLIP})", "sg(clipped r) · A · logp", None, _CLIP_METRICS,
-                       None, None),  # fmt: skip
+                       None, _cispo_kernel),  # fmt: skip
         VerlPolicyLoss("dppo_tv", _dppo(_tv_region), "token", "trust region on p − p_old; sg(min(r, c))",
                        "sg(truncated r) · A · logp", None, _CLIP_METRICS, None, None),  # fmt: skip
         VerlPolicyLoss("dppo_kl", _dppo(_binary_kl_region), "token", "trust region on binary KL(p_old, p); "
@@ -309,6 +339,7 @@ def verl_policy_loss(
     rollout_is_weights: torch.Tensor | None = None,
     semantics: str = "verl",
     global_batch: GlobalBatch | None = None,
+    backend: str = "auto",
     **config_fields,
 ):
     """verl's ``get_policy_loss_fn(loss_mode)(old_log_prob, log_prob, advantages, response_mask,
@@ -322,6 +353,12 @@ def verl_policy_loss(
             ``GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)``);
             rows with a fixed aggregation (``sapo``, ``geo_mean``) ignore ``loss_agg_mode`` as verl.
         rollout_is_weights: ``[B, T]`` detached rollout-correction weights multiplying the loss.
+        backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"``: rows with a ``kernel`` term
+            (``vanilla``, ``cispo``, ``gpg``) run their loss and gradient in the fused clipped-policy
+            kernels (``kernels/grpo.py``; the metrics from the PyTorch formula without gradient;
+            not twice differentiable; no ±20 log-ratio clamp there: values differ by at most
+            ``|A|·e^-20`` per token where ``|logp − old| > 20``), the other rows in PyTorch;
+            ``"torch"`` / ``"reference"``: eager.
 
     Returns:
         ``(loss, metrics)``: 0-d loss (fp64 for fp64 ``logp``), metrics as detached 0-d tensors with
@@ -352,6 +389,7 @@ def verl_policy_loss(
         raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       rollout_is_weights=rollout_is_weights)  # fmt: skip
+    be = VERL_POLICY_LOSS.resolve(backend, logp.device, logp.dtype)
 
     cd = output_dtype(logp.dtype)
     valid = mask != 0
@@ -361,6 +399,17 @@ def verl_policy_loss(
     adv = (adv.unsqueeze(1) if adv.dim() == 1 else adv).expand(B, T)
     tokens = PolicyTokens(torch.where(valid, logp.to(cd), zero), torch.where(valid, old_logp.detach().to(cd), zero),
                           torch.where(valid, adv, zero), maskf, valid, config)  # fmt: skip
+    isw = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights.detach().to(cd), zero)
+    if be == "triton" and row.triton:
+        kernel = row.kernel(config)
+        inputs = TokenInputs(tokens.logp, tokens.old if kernel.uses_old else None, None, tokens.adv, valid,
+                             is_ratio=isw)  # fmt: skip
+        rows = policy_rows_triton(inputs, kernel.term)
+        with torch.no_grad():
+            _, metrics = row.formula(tokens._replace(logp=tokens.logp.detach()))
+        loss = aggregate_rows(rows["loss_sum"], rows["count"], T, row.aggregation or loss_agg_mode,
+                              semantics=semantics, global_batch=global_batch)  # fmt: skip
+        return loss, metrics
     loss, metrics = row.formula(tokens)
     if row.level == "sequence":
         if rollout_is_weights is not None:  # verl: the geometric mean of the token weights
@@ -369,8 +418,8 @@ def verl_policy_loss(
         # one value per sequence, averaged over every sequence (verl: torch.mean)
         loss = aggregate_rows(loss, torch.ones_like(loss), T, row.aggregation, semantics="classic")
     else:
-        if rollout_is_weights is not None:
-            loss = loss * torch.where(valid, rollout_is_weights.detach().to(cd), zero)
+        if isw is not None:
+            loss = loss * isw
         loss_sum = torch.where(valid, loss, zero).mul(maskf).sum(-1)
         loss = aggregate_rows(loss_sum, maskf.sum(-1), T, row.aggregation or loss_agg_mode, semantics=semantics,
                               global_batch=global_batch)  # fmt: skip
