@@ -49,6 +49,7 @@ _EXPORTS = {
     "fused_linear_dpo_loss": "alignkernels.losses.fused",
     "fused_linear_grpo_loss": "alignkernels.losses.fused",
     "fused_linear_ppo_loss": "alignkernels.losses.fused",
+    "fused_linear_verl_policy_loss": "alignkernels.losses.fused",
     "fused_linear_cross_entropy": "alignkernels.losses.fused",
     "gather_steps": "alignkernels.ops.steps",
     "step_positions": "alignkernels.ops.steps",

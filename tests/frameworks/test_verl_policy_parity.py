@@ -279,3 +279,75 @@ def test_row_engine_torch_and_triton_agree_on_the_verl_terms(term_kw, triton_dev
                                                                                 triton_device)  # fmt: skip
     torch.testing.assert_close(l32, l64, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(g32, g64, rtol=2e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- from hidden states: the head paths
+def _head_problem(seed=0, B=4, T=6, H=16, V=97, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype) * 0.6
+    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    mask[-1] = False
+    with torch.no_grad():
+        logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    old = (logp + 0.3 * torch.randn(B, T, generator=g, dtype=dtype)).clamp(max=-1e-3).masked_fill(~mask, 0.0)
+    adv = torch.randn(B, T, generator=g, dtype=dtype)
+    return hidden, weight, ids, mask, old, adv
+
+
+def _eager_head_loss(hidden, weight, ids, mask, old, adv, **kw):
+    """fp64 oracle: full logits, log-softmax, gather, then the row's PyTorch formula."""
+    h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    logp = torch.log_softmax(h @ w.T, -1).gather(-1, ids[..., None]).squeeze(-1)
+    loss, metrics = verl_policy_loss(logp, old, adv, mask, backend="torch", **kw)
+    return loss, metrics, torch.autograd.grad(loss, (h, w))
+
+
+def _fused(hidden, weight, ids, mask, old, adv, head_path="auto", backend="torch", **kw):
+    from alignkernels.losses.fused import fused_linear_verl_policy_loss
+
+    h, w = hidden.detach().clone().requires_grad_(True), weight.detach().clone().requires_grad_(True)
+    loss, metrics = fused_linear_verl_policy_loss(h, w, ids, old, adv, mask, head_path=head_path, chunk_size=5,
+                                                  backend=backend, **kw)  # fmt: skip
+    return loss, metrics, torch.autograd.grad(loss, (h, w))
+
+
+@pytest.mark.parametrize("mode", sorted(CONFIGS))
+def test_fused_head_matches_the_eager_fp64_oracle(mode):
+    """Token-separable rows take the three-GEMM head (``auto``), the others four GEMMs; both give
+    the eager fp64 loss, metrics and gradients w.r.t. hidden and weight."""
+    hidden, weight, ids, mask, old, adv = _head_problem()
+    if mode == "geo_mean":
+        adv = adv[:, :1].expand_as(adv).contiguous()
+    kw = dict(loss_mode=mode, config=CONFIGS[mode], loss_agg_mode="seq-mean-token-mean")
+    torch.manual_seed(0)
+    loss, metrics, grads = _fused(hidden, weight, ids, mask, old, adv, **kw)
+    torch.manual_seed(0)
+    e_loss, e_metrics, e_grads = _eager_head_loss(hidden, weight, ids, mask, old, adv, **kw)
+    separable = VERL_POLICY_LOSSES[mode].token_separable
+    assert metrics.pop("head_path") == ("three_gemm" if separable else "four_gemm")
+    torch.testing.assert_close(loss, e_loss, rtol=1e-10, atol=1e-12)
+    assert set(metrics) == set(e_metrics)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name], e_metrics[name], rtol=1e-10, atol=1e-12)
+    for g, e in zip(grads, e_grads):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)
+    if not separable:
+        with pytest.raises(ValueError, match=f"three_gemm.*loss_mode='{mode}'"):
+            _fused(hidden, weight, ids, mask, old, adv, head_path="three_gemm", **kw)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "dppo_kl"])
+def test_fused_head_on_triton_matches_fp64(mode, triton_device):
+    hidden, weight, ids, mask, old, adv = _head_problem(seed=1)
+    kw = dict(loss_mode=mode, config=CONFIGS[mode])
+    e_loss, _, e_grads = _eager_head_loss(hidden, weight, ids, mask, old, adv, **kw)
+    f32 = [t.to(triton_device, torch.float32) if t.is_floating_point() else t.to(triton_device)
+           for t in (hidden, weight, ids, mask, old, adv)]  # fmt: skip
+    loss, metrics, grads = _fused(*f32, backend="triton", **kw)
+    assert metrics["head_path"] == "three_gemm"
+    torch.testing.assert_close(loss.double().cpu(), e_loss, rtol=1e-5, atol=1e-7)
+    for g, e in zip(grads, e_grads):
+        torch.testing.assert_close(g.double().cpu(), e, rtol=1e-5, atol=1e-6)
