@@ -19,7 +19,8 @@ A row of ``POLICY_LOSS_TYPES`` says, for one ``grpo_loss(loss_type=...)``:
 
 ``grpo_loss`` validates ``loss_type`` with ``lookup`` (the error lists the table), runs the row's
 ``term``, aggregates with ``aggregate_rows`` and logs the row's metrics;
-``fused.grpo_non_separable_reason`` reads ``not_separable``; the Triton launcher reads ``term``.
+``fused.grpo_non_separable_reason`` reads ``not_separable``; the Triton launcher reads ``term``;
+``markdown_table`` renders the table of ``docs/ARCHITECTURE.md``.
 
 Memory / numerics: the rows are data; the formulas live in ``clipped_policy`` (torch and Triton)
 and ``aggregation`` (the reductions, exact TRL arithmetic: one division per denominator).
@@ -124,3 +125,16 @@ def aggregate_policy_rows(row: PolicyLossType, loss_sum: torch.Tensor, count: to
     if row.normaliser != "num_items" and state.training:
         loss = loss / state.gradient_accumulation_steps
     return loss, policy_loss
+
+
+def markdown_table() -> str:
+    """The rows as the Markdown table of ``docs/ARCHITECTURE.md`` (a test keeps the two equal)."""
+    lines = ["| `loss_type` | term | clipping | IS weighting | aggregation (normaliser) | metrics | three-GEMM | Triton |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in POLICY_LOSS_TYPES.values():
+        metrics = "`clip_ratio/*` (5)" if row.metrics == CLIP_METRICS else ", ".join(f"`{m}`" for m in row.metrics)
+        metrics = metrics or "—"
+        lines.append(f"| `{row.name}` | {row.term} | {row.clipping} | {row.is_weighting} | `{row.aggregation}` "
+                     f"({row.normaliser}) | {metrics} | {'yes' if row.token_separable else 'no'} | "
+                     f"{'yes' if row.triton else 'no'} |")  # fmt: skip
+    return "\n".join(lines)

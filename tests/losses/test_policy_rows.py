@@ -105,3 +105,25 @@ def test_rows_without_a_triton_variant_run_in_torch_under_backend_triton(monkeyp
     b, _ = grpo_loss(logp, old, None, adv, mask, loss_type="dapo", backend="torch")
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
+
+
+def test_the_docs_tables_are_the_rows():
+    """docs/ARCHITECTURE.md holds the rendered GRPO rows; docs/FRAMEWORKS.md's verl table lists every
+    verl row with its head path and Triton kernel as the rows declare them."""
+    from pathlib import Path
+
+    from alignkernels.losses.policy_rows import markdown_table
+    from alignkernels.losses.verl_policy import VERL_POLICY_LOSSES
+
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    assert markdown_table() in (docs / "ARCHITECTURE.md").read_text()
+    text = (docs / "FRAMEWORKS.md").read_text()
+    table = text[text.index("| verl `loss_mode` |"):]
+    table = table[: table.index("\n\n")].splitlines()[2:]
+    seen = {}
+    for line in table:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        for name in cells[1].split("(")[0].replace("`", "").split(","):
+            if name.strip() in VERL_POLICY_LOSSES:
+                seen[name.strip()] = (cells[2] == "yes", cells[3] != "—")
+    assert seen == {name: (row.token_separable, row.triton) for name, row in VERL_POLICY_LOSSES.items()}
