@@ -231,87 +231,91 @@ def grpo_loss(
     if importance_sampling_level not in row.ratio:
         raise ValueError(f"importance_sampling_level must be one of {row.ratio} for loss_type={loss_type!r}, "
                          f"got {importance_sampling_level!r}")  # fmt: skip
-    check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    shape = tuple(logp.shape)
-    B = shape[0]
-    if B == 0:
-        raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
-    config = PolicyConfig(
-        importance_sampling_level == "sequence", check_number("beta", beta), check_number("epsilon_low", epsilon_low),
-        check_number("epsilon_high", epsilon_high, allow_none=True), check_number("delta", delta, allow_none=True),
-        bool(use_bias_correction_kl), sapo_temperature_pos, sapo_temperature_neg,
-        (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
-        check_number("off_policy_mask_threshold", off_policy_mask_threshold, allow_none=True),
-        top_entropy_quantile, entropy_coef,
-    )  # fmt: skip
-    for name, value in (("epsilon_low", config.eps_low), ("epsilon_high", config.eps_high), ("delta", config.delta)):
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        if not check_number(name, value) > 0:
-            raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {value}")
-    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
-                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg),
-                        ("entropy_coef", entropy_coef), ("top_entropy_quantile", top_entropy_quantile)):  # fmt: skip
-        check_number(name, value)
-    # trainer state: counts that divide the loss (0, negative, bool or float would give a zero,
-    # infinite or sign-flipped loss)
-    gradient_accumulation_steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps)
-    num_processes = check_count("num_processes", num_processes)
-    if steps_per_generation is not None:
-        steps_per_generation = check_count("steps_per_generation", steps_per_generation)
-    if max_completion_length is not None:
-        max_completion_length = check_count("max_completion_length", max_completion_length)
-    check_tensor("mask", mask)
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_bt("entropy", entropy, shape)
-    _check_bt("sampling_logp", sampling_logp, shape)
-    check_tensor("advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in ((B,), (B, 1), shape):
-        raise ValueError(f"advantages must have shape ({B},) or {shape}, got {tuple(advantages.shape)}")
     if importance_sampling_weight is not None:
         if importance_sampling_ratio is not None:
             raise ValueError("pass importance_sampling_ratio or its alias importance_sampling_weight, not both")
         importance_sampling_ratio = importance_sampling_weight
-    _check_bt("importance_sampling_ratio", importance_sampling_ratio, shape, allow_seq_column=True)
-    check_same_device(
-        logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask, entropy=entropy,
-        sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
+    tensors = GRPOTensors(logp, old_logp, ref_logp, advantages, mask, entropy, importance_sampling_ratio, sampling_logp)
+    check_tensor("logp", logp, floating=True)
+    config = _checked_config(PolicyConfig(
+        importance_sampling_level == "sequence", beta, epsilon_low, epsilon_high, delta, bool(use_bias_correction_kl),
+        sapo_temperature_pos, sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+        off_policy_mask_threshold, top_entropy_quantile, entropy_coef,
+    ))  # fmt: skip
+    # trainer state: counts that divide the loss (0, negative, bool or float would give a zero,
+    # infinite or sign-flipped loss)
+    gradient_accumulation_steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps)
+    state = TrainerState(
+        gradient_accumulation_steps,
+        gradient_accumulation_steps if steps_per_generation is None else check_count("steps_per_generation",
+                                                                                     steps_per_generation),
+        check_count("num_processes", num_processes), bool(training), num_items_in_batch,
+        None if max_completion_length is None else check_count("max_completion_length", max_completion_length),
     )  # fmt: skip
+    _check_tensors(tensors, row, config, state)
     be = GRPO_LOSS.resolve(backend, logp.device, logp.dtype)
-    if config.beta != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta != 0")
-    if row.normaliser == "max_completion_length" and max_completion_length is None:
-        raise ValueError(
-            f"loss_type={loss_type!r} needs max_completion_length (TRL normalises by B * max_completion_length)"
-        )
-    is_seq_ratio = importance_sampling_ratio is not None and importance_sampling_ratio.shape[-1] == 1
-    if row.term == "vespo" and is_seq_ratio and shape[1] != 1:
-        raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
-    if not 0.0 <= top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-    if entropy is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
-        raise ValueError("entropy is required when top_entropy_quantile < 1 or entropy_coef != 0")
-    if config.eps_high is None:
-        config = config._replace(eps_high=config.eps_low)
-    cd = output_dtype(logp.dtype)
     if num_items_in_batch is not None:
         # TRL clamps the count at 1: a count of 0 is what it passes when every completion of the
         # generation batch is masked (e.g. mask_truncated_completions) -- right only if this batch
         # has no valid token either.
-        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd,
-                                             minimum=0, valid_tokens=(mask != 0).sum())  # fmt: skip
-    state = TrainerState(
-        gradient_accumulation_steps, gradient_accumulation_steps if steps_per_generation is None else steps_per_generation,
-        num_processes, bool(training), num_items_in_batch, max_completion_length,
-    )  # fmt: skip
-    tensors = GRPOTensors(logp, old_logp, ref_logp, advantages, mask, entropy, importance_sampling_ratio, sampling_logp)
+        state = state._replace(num_items_in_batch=check_num_items(
+            "num_items_in_batch", num_items_in_batch, device=logp.device, dtype=output_dtype(logp.dtype), minimum=0,
+            valid_tokens=(mask != 0).sum()))  # fmt: skip
     return grpo_rows_loss(tensors, row, config, state, be)
+
+
+def _checked_config(config: "PolicyConfig") -> "PolicyConfig":
+    """Each hyper-parameter a number (TE naming it) in range (VE); ``eps_high`` None -> ``eps_low``."""
+    config = config._replace(
+        beta=check_number("beta", config.beta), eps_low=check_number("epsilon_low", config.eps_low),
+        eps_high=check_number("epsilon_high", config.eps_high, allow_none=True),
+        delta=check_number("delta", config.delta, allow_none=True),
+        off_policy_mask_threshold=check_number("off_policy_mask_threshold", config.off_policy_mask_threshold,
+                                               allow_none=True),
+    )  # fmt: skip
+    for name, value in (("epsilon_low", config.eps_low), ("epsilon_high", config.eps_high), ("delta", config.delta)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (("sapo_temperature_pos", config.tau_pos), ("sapo_temperature_neg", config.tau_neg)):
+        if not check_number(name, value) > 0:
+            raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {value}")
+    for name, value in zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), config.vespo):
+        check_number(name, value)
+    check_number("entropy_coef", config.entropy_coef)
+    if not 0.0 <= check_number("top_entropy_quantile", config.top_entropy_quantile) <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {config.top_entropy_quantile}")
+    return config if config.eps_high is not None else config._replace(eps_high=config.eps_low)
+
+
+def _check_tensors(t: "GRPOTensors", row: PolicyLossType, config: "PolicyConfig", state: TrainerState) -> None:
+    """Shapes, dtypes and devices by name, and what the row and the options need."""
+    if t.logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(t.logp.shape)}")
+    shape = tuple(t.logp.shape)
+    B = shape[0]
+    if B == 0:
+        raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
+    check_tensor("mask", t.mask)
+    if tuple(t.mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(t.mask.shape)}")
+    for name in ("old_logp", "ref_logp", "entropy", "sampling_logp"):
+        _check_bt(name, getattr(t, name), shape)
+    check_tensor("advantages", t.advantages, floating=True)
+    if tuple(t.advantages.shape) not in ((B,), (B, 1), shape):
+        raise ValueError(f"advantages must have shape ({B},) or {shape}, got {tuple(t.advantages.shape)}")
+    _check_bt("importance_sampling_ratio", t.importance_sampling_ratio, shape, allow_seq_column=True)
+    check_same_device(**t._asdict())
+    if config.beta != 0.0 and t.ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0")
+    if row.normaliser == "max_completion_length" and state.max_completion_length is None:
+        raise ValueError(
+            f"loss_type={row.name!r} needs max_completion_length (TRL normalises by B * max_completion_length)"
+        )
+    is_ratio = t.importance_sampling_ratio
+    if row.term == "vespo" and is_ratio is not None and is_ratio.shape[-1] == 1 and shape[1] != 1:
+        raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
+    if t.entropy is None and (config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0):
+        raise ValueError("entropy is required when top_entropy_quantile < 1 or entropy_coef != 0")
 
 
 class GRPOTensors(NamedTuple):
