@@ -1,5 +1,7 @@
-"""The clipped-policy row engine shared by GRPO and PPO: the per-token policy loss (clipped ratio,
-CISPO, SAPO, VESPO), the k3 KL, the token weights, reduced to per-row sums over valid tokens.
+"""The clipped-policy row engine shared by GRPO and PPO: the per-token policy loss (clipped ratio
+with optional dual clip, CISPO with an optional lower clamp, SAPO, VESPO), the k3 KL, the token
+weights, reduced to per-row sums over valid tokens. The policy-loss rows (``losses/policy_rows.py``,
+``losses/verl_policy.py``) name the ``PolicyTerm`` they run.
 
 Both losses call :func:`policy_rows` with the same :class:`TokenInputs` and a
 :class:`PolicyTerm`, then aggregate the ``[B]`` row sums their own way (GRPO: TRL's loss types;

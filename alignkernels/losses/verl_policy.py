@@ -273,6 +273,10 @@ def _cispo_kernel(c: VerlPolicyConfig) -> KernelTerm:
     return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False))
 
 
+def _sapo_kernel(c: VerlPolicyConfig) -> KernelTerm:
+    return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False))
+
+
 def _gpg_kernel(c: VerlPolicyConfig) -> KernelTerm:  # ratio 1: -min(1, inf) * A * logp
     return KernelTerm(PolicyTerm("cispo", eps_high=float("inf"), bias_correction=False), uses_old=False)
 
@@ -290,7 +294,7 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
         VerlPolicyLoss("gspo", _gspo, "token", f"{_CLIP} of the sequence ratio", "seq r · A", None, _CLIP_METRICS,
                        _SEQ_RATIO, None),  # fmt: skip
         VerlPolicyLoss("sapo", _sapo, "token", "none (soft gate σ(τ(r−1))·4/τ)", "gate of r · A",
-                       "seq-mean-token-mean", _CLIP_METRICS, None, None),  # fmt: skip
+                       "seq-mean-token-mean", _CLIP_METRICS, None, _sapo_kernel),  # fmt: skip
         VerlPolicyLoss("gpg", _gpg, "token", "none", "none (−A · logp)", None, (), None, _gpg_kernel),
         VerlPolicyLoss("clip_cov", _clip_cov, "token", f"{_CLIP}; random high-covariance tokens detached", "r · A",
                        None, ("actor/pg_clipfrac", "actor/ppo_kl"), _BATCH_STATS, None),  # fmt: skip
@@ -354,7 +358,7 @@ def verl_policy_loss(
             rows with a fixed aggregation (``sapo``, ``geo_mean``) ignore ``loss_agg_mode`` as verl.
         rollout_is_weights: ``[B, T]`` detached rollout-correction weights multiplying the loss.
         backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"``: rows with a ``kernel`` term
-            (``vanilla``, ``cispo``, ``gpg``) run their loss and gradient in the fused clipped-policy
+            (``vanilla``, ``sapo``, ``cispo``, ``gpg``) run their loss and gradient in the fused clipped-policy
             kernels (``kernels/grpo.py``; the metrics from the PyTorch formula without gradient;
             not twice differentiable; no ±20 log-ratio clamp there: values differ by at most
             ``|A|·e^-20`` per token where ``|logp − old| > 20``), the other rows in PyTorch;

@@ -220,7 +220,7 @@ def _far_inputs(seed):
 
 
 def test_the_token_separable_rows_with_a_kernel_term():
-    assert TRITON_ROWS == ["cispo", "gpg", "vanilla"]
+    assert TRITON_ROWS == ["cispo", "gpg", "sapo", "vanilla"]
     assert all(VERL_POLICY_LOSSES[name].token_separable for name in TRITON_ROWS)
 
 
