@@ -263,8 +263,8 @@ def grpo_bwd_kernel(
             offs = start + tl.arange(0, BLOCK_T)
             m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                      HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params, LOSS_KIND,
+                                                          BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
             coef_sum += tl.sum(tl.where(m, d_coef, 0.0), axis=0)
         # d coef_b / d logp_t = coef_b * m_t / max(n, 1)  (coef_b = exp(mean of the row's log ratios))
         coef_sum = coef_sum * seq_coef / tl.maximum(n, 1.0)
@@ -273,13 +273,13 @@ def grpo_bwd_kernel(
         m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                  HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
         if SEQUENCE:
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params, LOSS_KIND,
+                                                          BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
             d = d_direct + coef_sum
         else:
             coef = tl.exp(lp - old)
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND,
+                                                          BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER)  # fmt: skip
             d = d_coef * coef + d_direct  # d coef / d logp = coef (token level)
         tl.store(grad_logp_ptr + row * T + offs, tl.where(m, g * d, 0.0), mask=offs < T)
 

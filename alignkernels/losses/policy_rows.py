@@ -129,8 +129,8 @@ def aggregate_policy_rows(row: PolicyLossType, loss_sum: torch.Tensor, count: to
 
 def markdown_table() -> str:
     """The rows as the Markdown table of ``docs/ARCHITECTURE.md`` (a test keeps the two equal)."""
-    lines = ["| `loss_type` | term | clipping | IS weighting | aggregation (normaliser) | metrics | three-GEMM | Triton |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| `loss_type` | term | clipping | IS weighting | aggregation (normaliser) | metrics | three-GEMM "
+             "| Triton |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in POLICY_LOSS_TYPES.values():
         metrics = "`clip_ratio/*` (5)" if row.metrics == CLIP_METRICS else ", ".join(f"`{m}`" for m in row.metrics)
         metrics = metrics or "—"

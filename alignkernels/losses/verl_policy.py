@@ -301,9 +301,10 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
         VerlPolicyLoss("kl_cov", _kl_cov, "token", "none; |lr| penalty on top-covariance tokens", "r · A", None,
                        ("actor/ppo_kl",), _BATCH_STATS, None),  # fmt: skip
         VerlPolicyLoss("geo_mean", _geo_mean, "sequence", "sign(A)-wise clip of lr to [−ε_low, ε_high]",
-                       "exp(mean clipped lr) · mean A", "seq-mean-token-sum", _CLIP_METRICS, _SEQ_RATIO, None),  # fmt: skip
-        VerlPolicyLoss("dro", _dro, "token", "none; β/2 · lr² penalty", "none (−A · logp)", None, ("actor/ppo_kl",),
-                       None, None),  # fmt: skip
+                       "exp(mean clipped lr) · mean A", "seq-mean-token-sum", _CLIP_METRICS, _SEQ_RATIO,
+                       None),  # fmt: skip
+        VerlPolicyLoss("dro", _dro, "token", "none; β/2 · lr² penalty", "none (−A · logp)", None,
+                       ("actor/ppo_kl",), None, None),  # fmt: skip
         VerlPolicyLoss("cispo", _cispo, "token", f"sg({_CLIP})", "sg(clipped r) · A · logp", None, _CLIP_METRICS,
                        None, _cispo_kernel),  # fmt: skip
         VerlPolicyLoss("dppo_tv", _dppo(_tv_region), "token", "trust region on p − p_old; sg(min(r, c))",

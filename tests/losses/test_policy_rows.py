@@ -52,7 +52,8 @@ def test_aggregation_is_the_rows_mode_over_trls_denominators(name):
     loss_sum = torch.randn(4, generator=g, dtype=torch.float64)
     count = torch.tensor([3.0, 0.0, 5.0, 1.0], dtype=torch.float64)
     state = TrainerState(gradient_accumulation_steps=3, steps_per_generation=2, num_processes=2,
-                         num_items_in_batch=torch.tensor(20.0, dtype=torch.float64), max_completion_length=6)  # fmt: skip
+                         num_items_in_batch=torch.tensor(20.0, dtype=torch.float64),
+                         max_completion_length=6)  # fmt: skip
     loss, policy_loss = aggregate_policy_rows(row, loss_sum, count, 5, state)
     expected = {
         "seq-mean-token-mean": (loss_sum / count.clamp(min=1)).mean() / 3,
