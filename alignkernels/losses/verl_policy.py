@@ -277,6 +277,19 @@ def _sapo_kernel(c: VerlPolicyConfig) -> KernelTerm:
     return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False))
 
 
+def _dro_kernel(c: VerlPolicyConfig) -> KernelTerm:  # weight clamp(r, 1, 1) = 1, + β/2 · lr²
+    return KernelTerm(PolicyTerm("cispo", eps_high=1.0, ratio_min=1.0, quad=c.dro_beta, bias_correction=False))
+
+
+def _dppo_kernel(region: str):
+    def kernel(c: VerlPolicyConfig) -> KernelTerm:
+        return KernelTerm(PolicyTerm("cispo", eps_high=20.0 if c.clip_ratio_c is None else c.clip_ratio_c,
+                                     trust_region=region, region_low=c.low, region_high=c.high,
+                                     bias_correction=False))  # fmt: skip
+
+    return kernel
+
+
 def _gpg_kernel(c: VerlPolicyConfig) -> KernelTerm:  # ratio 1: -min(1, inf) * A * logp
     return KernelTerm(PolicyTerm("cispo", eps_high=float("inf"), bias_correction=False), uses_old=False)
 
@@ -304,13 +317,14 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
                        "exp(mean clipped lr) · mean A", "seq-mean-token-sum", _CLIP_METRICS, _SEQ_RATIO,
                        None),  # fmt: skip
         VerlPolicyLoss("dro", _dro, "token", "none; β/2 · lr² penalty", "none (−A · logp)", None,
-                       ("actor/ppo_kl",), None, None),  # fmt: skip
+                       ("actor/ppo_kl",), None, _dro_kernel),  # fmt: skip
         VerlPolicyLoss("cispo", _cispo, "token", f"sg({_CLIP})", "sg(clipped r) · A · logp", None, _CLIP_METRICS,
                        None, _cispo_kernel),  # fmt: skip
         VerlPolicyLoss("dppo_tv", _dppo(_tv_region), "token", "trust region on p − p_old; sg(min(r, c))",
-                       "sg(truncated r) · A · logp", None, _CLIP_METRICS, None, None),  # fmt: skip
+                       "sg(truncated r) · A · logp", None, _CLIP_METRICS, None, _dppo_kernel("tv")),  # fmt: skip
         VerlPolicyLoss("dppo_kl", _dppo(_binary_kl_region), "token", "trust region on binary KL(p_old, p); "
-                       "sg(min(r, c))", "sg(truncated r) · A · logp", None, _CLIP_METRICS, None, None),  # fmt: skip
+                       "sg(min(r, c))", "sg(truncated r) · A · logp", None, _CLIP_METRICS, None,
+                       _dppo_kernel("binary_kl")),  # fmt: skip
     )
 }
 assert all(row.aggregation is None or row.aggregation in AGGREGATION_MODES for row in VERL_POLICY_LOSSES.values())
@@ -359,7 +373,8 @@ def verl_policy_loss(
             rows with a fixed aggregation (``sapo``, ``geo_mean``) ignore ``loss_agg_mode`` as verl.
         rollout_is_weights: ``[B, T]`` detached rollout-correction weights multiplying the loss.
         backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"``: rows with a ``kernel`` term
-            (``vanilla``, ``sapo``, ``cispo``, ``gpg``) run their loss and gradient in the fused clipped-policy
+            (the token-separable ones: ``vanilla``, ``sapo``, ``gpg``, ``dro``, ``cispo``,
+            ``dppo_tv``, ``dppo_kl``) run their loss and gradient in the fused clipped-policy
             kernels (``kernels/grpo.py``; the metrics from the PyTorch formula without gradient;
             not twice differentiable; no ±20 log-ratio clamp there: values differ by at most
             ``|A|·e^-20`` per token where ``|logp − old| > 20``), the other rows in PyTorch;

@@ -220,8 +220,8 @@ def _far_inputs(seed):
 
 
 def test_the_token_separable_rows_with_a_kernel_term():
-    assert TRITON_ROWS == ["cispo", "gpg", "sapo", "vanilla"]
-    assert all(VERL_POLICY_LOSSES[name].token_separable for name in TRITON_ROWS)
+    """Every token-separable row runs on the row kernel."""
+    assert TRITON_ROWS == sorted(name for name, row in VERL_POLICY_LOSSES.items() if row.token_separable)
 
 
 @pytest.mark.parametrize("mode", TRITON_ROWS)
@@ -257,11 +257,17 @@ def test_dual_clip_binds_in_the_triton_test_data(triton_device):
     assert metrics["actor/pg_clipfrac_lower"] > 0 and metrics["actor/pg_clipfrac"] > 0
 
 
-@pytest.mark.parametrize("term_kw", [dict(kind="clipped", clip_c=2.5, eps_low=0.2, eps_high=0.3),
-                                     dict(kind="cispo", ratio_min=0.7, eps_high=1.3)])  # fmt: skip
+@pytest.mark.parametrize("term_kw", [
+    dict(kind="clipped", clip_c=2.5, eps_low=0.2, eps_high=0.3),
+    dict(kind="cispo", ratio_min=0.7, eps_high=1.3),
+    dict(kind="cispo", eps_high=2.0, trust_region="tv", region_low=0.05, region_high=0.1),
+    dict(kind="cispo", eps_high=2.0, trust_region="binary_kl", region_low=0.01, region_high=0.05),
+    dict(kind="cispo", ratio_min=1.0, eps_high=1.0, quad=0.3),
+])  # fmt: skip
 def test_row_engine_torch_and_triton_agree_on_the_verl_terms(term_kw, triton_device):
-    """``clipped_policy.policy_rows_torch`` / ``policy_rows_triton`` with the two verl options of
-    ``PolicyTerm`` (dual clip, two-sided CISPO clamp), with a KL term and sequence ratios off."""
+    """``clipped_policy.policy_rows_torch`` / ``policy_rows_triton`` with the verl options of
+    ``PolicyTerm`` (dual clip, two-sided CISPO clamp, DPPO trust regions, DRO's quadratic term),
+    with a KL term."""
     from alignkernels.losses.clipped_policy import PolicyTerm, TokenInputs, policy_rows_torch, policy_rows_triton
 
     logp, old, adv, mask, _ = _far_inputs(12)
