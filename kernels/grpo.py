@@ -20,7 +20,13 @@ with ``lr = logp - old_logp``, ``coef = exp(lr)`` (token level) or the row's
 
     clipped (kind 0): c2 = clamp(coef, 1-eps_low, 1+eps_high); c1 = min(coef, delta)
                       pol = -min(c1*A, c2*A)
-    cispo   (kind 1): pol = -min(coef, eps_high) * A * logp        (min(...) is detached)
+                      DUAL_CLIP: for A < 0, pol = min(pol, -A*clip_c)   (verl's dual-clip PPO)
+    cispo   (kind 1): pol = -cl * A * logp, cl = min(coef, eps_high) (detached)
+                      CISPO_LOWER: cl = min(max(coef, ratio_min), eps_high)  (verl's two-sided CISPO)
+                      TRUST_REGION 1 / 2: cl *= keep, keep (detached) = verl DPPO's region on
+                        p - p_old (TV) / the binary KL of p_old, p (p = exp(logp)), bounds
+                        region_low / region_high by the sign of A
+                      QUADRATIC: pol += quad/2 * (logp - old)^2  (verl's DRO)
     sapo    (kind 2): tau = A > 0 ? tau_pos : tau_neg; pol = -sigmoid(tau*(coef-1)) * 4/tau * A
     kl  = exp(ref - logp) - (ref - logp) - 1,  klc = kl * (bias_correction ? coef : 1)
     ptl = pol * w * isr + beta * klc       (w: off-policy / entropy token weights, isr: vLLM IS)
@@ -28,8 +34,10 @@ with ``lr = logp - old_logp``, ``coef = exp(lr)`` (token level) or the row's
 Gradient (matching PyTorch's autograd conventions: ``min`` splits ties 1/2-1/2, ``clamp`` passes
 the gradient on its closed interval):
     d pol / d coef = clipped: -(da*A*[coef <= delta] + db*A*[1-eps_low <= coef <= 1+eps_high])
-                     (da, db: 1 for the strictly smaller of c1*A, c2*A, 1/2 each on a tie)
+                     (da, db: 1 for the strictly smaller of c1*A, c2*A, 1/2 each on a tie;
+                     DUAL_CLIP with A < 0: times 1 / 1/2 / 0 as pol <, =, > -A*clip_c)
                      sapo: -4*A*s*(1-s), s = sigmoid(tau*(coef-1));   cispo: 0
+    d pol / d logp (direct) = cispo: -cl*A (+ quad*(logp - old) with QUADRATIC)
     d_coef   = w*isr * d pol/d coef + beta * bias * kl                (through coef)
     d_direct = w*isr * (cispo ? -min(coef, eps_high)*A : 0) + beta * (1 - exp(ref - logp)) * (bias ? coef : 1)
     token level:    d logp_t = g_b * m_t * (d_coef_t * coef_t + d_direct_t)
@@ -51,7 +59,8 @@ TOKEN_INPUTS = ("logp", "old", "ref", "adv", "mask", "weight", "is_ratio")
 # The optional ones: each has a constexpr flag ``HAS_<NAME>`` (see ``input_flags``).
 OPTIONAL_INPUTS = ("old", "ref", "weight", "is_ratio")
 # fp32 scalars, in the order of the ``params`` tuple.
-PARAMS = ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg")
+PARAMS = ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "clip_c", "ratio_min", "region_low",
+          "region_high", "quad")
 # Columns of the per-row statistics written by the forward kernel.
 ROW_STATS = ("loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
 N_ROW_STATS = len(ROW_STATS)
@@ -59,11 +68,12 @@ LOSS_KINDS = {"clipped": 0, "cispo": 1, "sapo": 2}
 
 # Tuple positions as compile-time constants (Triton indexes tuples with constexprs).
 IN_LOGP, IN_OLD, IN_REF, IN_ADV, IN_MASK, IN_WEIGHT, IN_IS_RATIO = (tl.constexpr(i) for i in range(len(TOKEN_INPUTS)))
-P_BETA, P_EPS_LOW, P_EPS_HIGH, P_DELTA, P_TAU_POS, P_TAU_NEG = (tl.constexpr(i) for i in range(len(PARAMS)))
+(P_BETA, P_EPS_LOW, P_EPS_HIGH, P_DELTA, P_TAU_POS, P_TAU_NEG, P_CLIP_C, P_RATIO_MIN, P_REGION_LOW, P_REGION_HIGH,
+ P_QUAD) = (tl.constexpr(i) for i in range(len(PARAMS)))  # fmt: skip
 STATS_PER_ROW = tl.constexpr(N_ROW_STATS)
 (STAT_LOSS_SUM, STAT_COUNT, STAT_KL_SUM, STAT_LOW_SUM, STAT_HIGH_SUM, STAT_REGION_SUM, STAT_CISPO_SUM,
  STAT_COEF) = (tl.constexpr(i) for i in range(N_ROW_STATS))  # fmt: skip
-assert TOKEN_INPUTS.index("is_ratio") == IN_IS_RATIO.value and PARAMS.index("tau_neg") == P_TAU_NEG.value
+assert TOKEN_INPUTS.index("is_ratio") == IN_IS_RATIO.value and PARAMS.index("quad") == P_QUAD.value
 assert ROW_STATS.index("coef") == STAT_COEF.value and STAT_LOSS_SUM.value == 0  # the launcher splits column 0 off
 
 
@@ -111,7 +121,27 @@ def _load_tile(
 
 
 @triton.jit
-def _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND: tl.constexpr, BIAS_CORRECTION: tl.constexpr):
+def _trust_region(lp, old, adv, params, TRUST_REGION: tl.constexpr):
+    """1 inside verl DPPO's trust region, 0 outside: A > 0 bounds the rise of the token's
+    probability by region_high, A <= 0 its fall by region_low; TV on p - p_old (1), or the binary
+    KL of (p_old, p) with a move away from the bound always kept (2)."""
+    prob = tl.exp(lp)
+    old_prob = tl.exp(old)
+    if TRUST_REGION == 1:
+        pos = (prob - old_prob) <= params[P_REGION_HIGH]
+        neg = (prob - old_prob) >= -params[P_REGION_LOW]
+    else:
+        bkl = old_prob * (old - lp) + (1.0 - old_prob) * tl.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        pos = (bkl <= params[P_REGION_HIGH]) | (prob <= old_prob)
+        neg = (bkl <= params[P_REGION_LOW]) | (prob >= old_prob)
+    return tl.where(adv > 0, tl.where(pos, 1.0, 0.0), tl.where(neg, 1.0, 0.0))
+
+
+@triton.jit
+def _token_terms(
+    lp, old, ref, adv, coef, scale, params, LOSS_KIND: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, CISPO_LOWER: tl.constexpr, TRUST_REGION: tl.constexpr, QUADRATIC: tl.constexpr,
+):  # fmt: skip
     """Per-token loss, its parts and derivatives (see the module docstring):
     ``(ptl, klc, c1, d_coef, d_direct)``."""
     beta = params[P_BETA]
@@ -128,12 +158,24 @@ def _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND: tl.constexpr, BIA
         dc1 = tl.where(coef <= params[P_DELTA], 1.0, 0.0)
         dc2 = tl.where((coef >= 1.0 - params[P_EPS_LOW]) & (coef <= 1.0 + eps_high), 1.0, 0.0)
         dpol_dcoef = -(da * adv * dc1 + db * adv * dc2)
+        if DUAL_CLIP:  # A < 0: min(pol, -A*c), a tie split 1/2-1/2
+            cap = -adv * params[P_CLIP_C]
+            dd = tl.where(pol < cap, 1.0, tl.where(pol == cap, 0.5, 0.0))
+            dpol_dcoef = tl.where(adv < 0, dd * dpol_dcoef, dpol_dcoef)
+            pol = tl.where(adv < 0, tl.minimum(pol, cap), pol)
         dpol_direct = 0.0 * lp
     elif LOSS_KIND == 1:  # cispo: the clamped ratio is a constant, d/dlogp of -cl*A*logp = -cl*A
         cl = tl.minimum(coef, eps_high)
+        if CISPO_LOWER:
+            cl = tl.minimum(tl.maximum(coef, params[P_RATIO_MIN]), eps_high)
+        if TRUST_REGION != 0:
+            cl = cl * _trust_region(lp, old, adv, params, TRUST_REGION)
         pol = -cl * adv * lp
         dpol_dcoef = 0.0 * lp
         dpol_direct = -cl * adv
+        if QUADRATIC:
+            pol = pol + 0.5 * params[P_QUAD] * (lp - old) * (lp - old)
+            dpol_direct = dpol_direct + params[P_QUAD] * (lp - old)
     else:  # sapo: d/dcoef of -sigmoid(tau (coef-1)) 4/tau A = -4 A s (1-s)
         tau = tl.where(adv > 0, params[P_TAU_POS], params[P_TAU_NEG])
         s = tl.sigmoid(tau * (coef - 1.0))
@@ -180,6 +222,7 @@ def grpo_fwd_kernel(
     T, params,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
     LOSS_KIND: tl.constexpr, SEQUENCE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, CISPO_LOWER: tl.constexpr, TRUST_REGION: tl.constexpr, QUADRATIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -204,7 +247,10 @@ def grpo_fwd_kernel(
             coef = seq_coef + 0.0 * lp
         else:
             coef = tl.exp(lp - old)
-        ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params, LOSS_KIND, BIAS_CORRECTION)
+        ptl, klc, c1, d_coef, d_direct = _token_terms(
+            lp, old, ref, adv, coef, scale, params,
+            LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
+        )  # fmt: skip
         mf = m.to(tl.float32)
         loss_sum += tl.sum(mf * ptl, axis=0)
         count += tl.sum(mf, axis=0)
@@ -235,6 +281,7 @@ def grpo_bwd_kernel(
     T, params,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
     LOSS_KIND: tl.constexpr, SEQUENCE: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+    DUAL_CLIP: tl.constexpr, CISPO_LOWER: tl.constexpr, TRUST_REGION: tl.constexpr, QUADRATIC: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
@@ -248,8 +295,10 @@ def grpo_bwd_kernel(
             offs = start + tl.arange(0, BLOCK_T)
             m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                      HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(
+                lp, old, ref, adv, seq_coef + 0.0 * lp, scale, params,
+                LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
+            )  # fmt: skip
             coef_sum += tl.sum(tl.where(m, d_coef, 0.0), axis=0)
         # d coef_b / d logp_t = coef_b * m_t / max(n, 1)  (coef_b = exp(mean of the row's log ratios))
         coef_sum = coef_sum * seq_coef / tl.maximum(n, 1.0)
@@ -258,13 +307,17 @@ def grpo_bwd_kernel(
         m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                  HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
         if SEQUENCE:
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, seq_coef + 0.0 * lp, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(
+                lp, old, ref, adv, seq_coef + 0.0 * lp, scale, params,
+                LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
+            )  # fmt: skip
             d = d_direct + coef_sum
         else:
             coef = tl.exp(lp - old)
-            ptl, klc, c1, d_coef, d_direct = _token_terms(lp, ref, adv, coef, scale, params,
-                                                          LOSS_KIND, BIAS_CORRECTION)  # fmt: skip
+            ptl, klc, c1, d_coef, d_direct = _token_terms(
+                lp, old, ref, adv, coef, scale, params,
+                LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
+            )  # fmt: skip
             d = d_coef * coef + d_direct  # d coef / d logp = coef (token level)
         tl.store(grad_logp_ptr + row * T + offs, tl.where(m, g * d, 0.0), mask=offs < T)
 
@@ -272,10 +325,16 @@ def grpo_bwd_kernel(
 # ---- compile cases: every launch config, at the two flag sets that bound the kernels' size -----
 _FLAG_SETS = (
     # everything loaded, clipped, sequence level, bias-corrected KL (the most registers)
-    dict(input_flags(OPTIONAL_INPUTS), LOSS_KIND=LOSS_KINDS["clipped"], SEQUENCE=True, BIAS_CORRECTION=True),
-    # on-policy, nothing optional, token level: SAPO and CISPO
-    dict(input_flags(()), LOSS_KIND=LOSS_KINDS["sapo"], SEQUENCE=False, BIAS_CORRECTION=False),
-    dict(input_flags(("ref",)), LOSS_KIND=LOSS_KINDS["cispo"], SEQUENCE=False, BIAS_CORRECTION=True),
+    dict(input_flags(OPTIONAL_INPUTS), LOSS_KIND=LOSS_KINDS["clipped"], SEQUENCE=True, BIAS_CORRECTION=True,
+         DUAL_CLIP=True, CISPO_LOWER=False, TRUST_REGION=0, QUADRATIC=False),
+    # on-policy, nothing optional, token level: SAPO and CISPO (two-sided: verl's)
+    dict(input_flags(()), LOSS_KIND=LOSS_KINDS["sapo"], SEQUENCE=False, BIAS_CORRECTION=False, DUAL_CLIP=False,
+         CISPO_LOWER=False, TRUST_REGION=0, QUADRATIC=False),
+    dict(input_flags(("ref",)), LOSS_KIND=LOSS_KINDS["cispo"], SEQUENCE=False, BIAS_CORRECTION=True,
+         DUAL_CLIP=False, CISPO_LOWER=True, TRUST_REGION=0, QUADRATIC=False),
+    # verl's DPPO (binary-KL trust region) and DRO (quadratic penalty) on the CISPO variant
+    dict(input_flags(("old", "is_ratio")), LOSS_KIND=LOSS_KINDS["cispo"], SEQUENCE=False, BIAS_CORRECTION=False,
+         DUAL_CLIP=False, CISPO_LOWER=True, TRUST_REGION=2, QUADRATIC=True),
 )
 
 

@@ -1,5 +1,7 @@
-"""The clipped-policy row engine shared by GRPO and PPO: the per-token policy loss (clipped ratio,
-CISPO, SAPO, VESPO), the k3 KL, the token weights, reduced to per-row sums over valid tokens.
+"""The clipped-policy row engine shared by GRPO and PPO: the per-token policy loss (clipped ratio
+with optional dual clip, CISPO with an optional lower clamp, SAPO, VESPO), the k3 KL, the token
+weights, reduced to per-row sums over valid tokens. The policy-loss rows (``losses/policy_rows.py``,
+``losses/verl_policy.py``) name the ``PolicyTerm`` they run.
 
 Both losses call :func:`policy_rows` with the same :class:`TokenInputs` and a
 :class:`PolicyTerm`, then aggregate the ``[B]`` row sums their own way (GRPO: TRL's loss types;
@@ -25,6 +27,7 @@ import torch
 from .._utils import output_dtype
 
 POLICY_KINDS = ("clipped", "cispo", "sapo", "vespo")
+TRUST_REGIONS = {None: 0, "tv": 1, "binary_kl": 2}  # PolicyTerm.trust_region -> the kernels' TRUST_REGION
 
 
 class TokenInputs(NamedTuple):
@@ -53,6 +56,27 @@ class PolicyTerm(NamedTuple):
     delta: float | None = None  # cap of the unclipped ratio (two-sided clipping)
     tau_pos: float = 1.0  # SAPO gate temperatures
     tau_neg: float = 1.05
+    clip_c: float | None = None  # clipped: dual clip, for A < 0 the loss is capped at -A * clip_c
+    ratio_min: float | None = None  # cispo: lower bound of the clamped ratio (two-sided)
+    trust_region: str | None = None  # cispo: "tv" / "binary_kl" (verl DPPO, TRUST_REGIONS), None: off
+    region_low: float = 0.2  # its bounds on a fall (A <= 0) / rise (A > 0) of the token's probability
+    region_high: float = 0.2
+    quad: float | None = None  # cispo: + quad/2 * (logp - old)^2 (verl DRO)
+
+
+@torch.no_grad()
+def trust_region_mask(logp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, term: PolicyTerm) -> torch.Tensor:
+    """verl DPPO's trust region (``compute_policy_loss_dppo_tv`` / ``_dppo_kl``), 1 inside, 0 outside:
+    for ``A > 0`` the token's probability may rise by ``region_high``, for ``A <= 0`` fall by
+    ``region_low``; in ``p − p_old`` (``"tv"``) or in the binary KL of ``(p_old, p)``
+    (``"binary_kl"``, a move away from the bound always inside)."""
+    prob, old_prob = torch.exp(logp), torch.exp(old)
+    if term.trust_region == "tv":
+        pos, neg = (prob - old_prob) <= term.region_high, (prob - old_prob) >= -term.region_low
+    else:
+        bkl = old_prob * (old - logp) + (1 - old_prob) * torch.log((1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+        pos, neg = (bkl <= term.region_high) | (prob <= old_prob), (bkl <= term.region_low) | (prob >= old_prob)
+    return torch.where(adv > 0, pos, neg).to(logp.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -83,13 +107,19 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
             per_token_kl = per_token_kl * coef_1
 
     if term.kind == "cispo":
-        clamped_ratios = torch.clamp(coef_1, max=term.eps_high).detach()
+        clamped_ratios = torch.clamp(coef_1, min=term.ratio_min, max=term.eps_high).detach()
+        if term.trust_region is not None:
+            clamped_ratios = clamped_ratios * trust_region_mask(logp.detach(), old, adv, term)
         per_token_loss = -clamped_ratios * adv * logp
+        if term.quad is not None:
+            per_token_loss = per_token_loss + 0.5 * term.quad * (logp - old).square()
     elif term.kind == "clipped":
         coef_2 = torch.clamp(coef_1, 1 - term.eps_low, 1 + term.eps_high)
         if term.delta is not None:
             coef_1 = torch.clamp(coef_1, max=term.delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+        if term.clip_c is not None:  # dual clip (verl compute_policy_loss_vanilla)
+            per_token_loss = torch.where(adv < 0, torch.min(-adv * term.clip_c, per_token_loss), per_token_loss)
     elif term.kind == "sapo":
         temperatures = torch.where(adv > 0, term.tau_pos, term.tau_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
@@ -151,7 +181,7 @@ class KernelLaunch(NamedTuple):
     row_strides: tuple
     token_strides: tuple
     params: tuple  # fp32 scalars in PARAMS order
-    flags: dict  # constexpr flags: HAS_*, LOSS_KIND, SEQUENCE, BIAS_CORRECTION
+    flags: dict  # constexpr flags: HAS_*, LOSS_KIND, SEQUENCE, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, ...
 
 
 def _kernel_launch(inputs: TokenInputs, maskf: torch.Tensor, term: PolicyTerm) -> KernelLaunch:
@@ -163,10 +193,16 @@ def _kernel_launch(inputs: TokenInputs, maskf: torch.Tensor, term: PolicyTerm) -
     ordered = [views.get(name, views["logp"]) for name in kern.TOKEN_INPUTS]
     values = {"beta": term.beta, "eps_low": term.eps_low, "eps_high": term.eps_high,
               "delta": float("inf") if term.delta is None else term.delta,
-              "tau_pos": term.tau_pos, "tau_neg": term.tau_neg}  # fmt: skip
+              "tau_pos": term.tau_pos, "tau_neg": term.tau_neg,
+              "clip_c": float("inf") if term.clip_c is None else term.clip_c,
+              "ratio_min": float("-inf") if term.ratio_min is None else term.ratio_min,
+              "region_low": term.region_low, "region_high": term.region_high,
+              "quad": 0.0 if term.quad is None else term.quad}  # fmt: skip
     flags = dict(kern.input_flags([name for name in kern.OPTIONAL_INPUTS if name in views]),
                  LOSS_KIND=kern.LOSS_KINDS[term.kind], SEQUENCE=bool(term.sequence),
-                 BIAS_CORRECTION=bool(term.bias_correction))  # fmt: skip
+                 BIAS_CORRECTION=bool(term.bias_correction), DUAL_CLIP=term.clip_c is not None,
+                 CISPO_LOWER=term.ratio_min is not None, TRUST_REGION=TRUST_REGIONS[term.trust_region],
+                 QUADRATIC=term.quad is not None)  # fmt: skip
     return KernelLaunch(
         inputs=tuple(v[0] for v in ordered), row_strides=tuple(v[1] for v in ordered),
         token_strides=tuple(v[2] for v in ordered), params=tuple(float(values[p]) for p in kern.PARAMS),

@@ -42,12 +42,15 @@ from ..ops.linear_logprobs import linear_logprobs
 from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
+from .policy_rows import POLICY_LOSS_TYPES
+from .verl_policy import VERL_POLICY_LOSSES, verl_policy_loss
 from .ppo import ppo_loss
 from .validation import check_num_items
 
 FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
 FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
 FUSED_LINEAR_PPO_LOSS = OpBackends("fused_linear_ppo_loss", ("triton", "torch", "reference"))
+FUSED_LINEAR_VERL_POLICY_LOSS = OpBackends("fused_linear_verl_policy_loss", ("triton", "torch", "reference"))
 HEAD_PATHS = ("auto", "three_gemm", "four_gemm")
 SFT_LOSS_TYPES = ("nll", "dft")
 
@@ -318,7 +321,9 @@ class PolicyLoss(NamedTuple):
         named), before any head runs and whichever head path follows: the loss evaluated once on
         placeholder per-token tensors, without gradient (O(B·T))."""
         placeholder = torch.zeros(shape, dtype=dtype, device=device)
-        with torch.no_grad():
+        # the CPU generator is restored: a loss that draws random numbers (verl's clip_cov) draws
+        # the same ones in the real evaluation as without this check
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             self.probe_fn(placeholder, placeholder)
 
 
@@ -372,8 +377,10 @@ def grpo_non_separable_reason(grpo_kwargs) -> str | None:
     tokens (then the three-GEMM head cannot form it per chunk), or None."""
     if grpo_kwargs.get("importance_sampling_level", "token") != "token":
         return "importance_sampling_level='sequence' (GSPO) has one ratio per sequence"
-    if grpo_kwargs.get("loss_type", "dapo") == "vespo":
-        return "loss_type='vespo' weights each token by a function of its sequence's ratio"
+    loss_type = grpo_kwargs.get("loss_type", "dapo")
+    row = POLICY_LOSS_TYPES.get(loss_type) if isinstance(loss_type, str) else None
+    if row is not None and not row.token_separable:  # an unknown name: grpo_loss's own error, later
+        return f"loss_type={loss_type!r} {row.not_separable}"
     if grpo_kwargs.get("top_entropy_quantile", 1.0) < 1.0:
         return "top_entropy_quantile < 1 masks tokens by a quantile over all tokens' entropies"
     if grpo_kwargs.get("off_policy_mask_threshold") is not None:
@@ -606,3 +613,46 @@ def fused_linear_ppo_loss(
     policy = PolicyLoss(loss_fn, probe_fn, old_logp, mask, ppo_kwargs.get("entropy_coef", 0.0) != 0.0)
     return _policy_head_loss(FUSED_LINEAR_PPO_LOSS, hidden, weight, response_ids, policy, reason=None,
                              head_path=head_path, head=head, ignore_index=ignore_index)
+
+
+def fused_linear_verl_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    response_ids: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    ignore_index: int = -100,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    check_labels: bool | None = None,
+    head_path: str = "auto",
+    lora=None,
+    **verl_kwargs,
+):
+    """verl's policy loss (:func:`alignkernels.losses.verl_policy.verl_policy_loss`, ``loss_mode``,
+    ``config`` / its fields, ``loss_agg_mode``, ``rollout_is_weights``, ``global_batch``) straight
+    from the policy's last hidden states; head arguments as :func:`fused_linear_ppo_loss`.
+
+    Head path (``metrics["head_path"]``): ``"auto"`` takes ``"three_gemm"`` for the rows of
+    ``VERL_POLICY_LOSSES`` that are token-separable (``not_separable`` None: ``vanilla``, ``sapo``,
+    ``gpg``, ``dro``, ``cispo``, ``dppo_tv``, ``dppo_kl``) and ``"four_gemm"`` for the others
+    (``gspo``, ``geo_mean``: sequence ratios; ``clip_cov``, ``kl_cov``: batch covariances).
+    """
+    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
+    loss_mode = verl_kwargs.get("loss_mode", "vanilla")
+    row = VERL_POLICY_LOSSES.get(loss_mode) if isinstance(loss_mode, str) else None
+    reason = None if row is None or row.token_separable else f"loss_mode={loss_mode!r} {row.not_separable}"
+
+    def loss_fn(logp, entropy):
+        return verl_policy_loss(logp, old_logp, advantages, mask, **verl_kwargs)
+
+    policy = PolicyLoss(loss_fn, loss_fn, old_logp, mask, False)
+    return _policy_head_loss(FUSED_LINEAR_VERL_POLICY_LOSS, hidden, weight, response_ids, policy, reason=reason,
+                             head_path=head_path, head=head, ignore_index=ignore_index)  # fmt: skip

@@ -23,6 +23,7 @@ tensors (no host sync) named as TRL logs them.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from torch import nn
 from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
 from .advantages import MULTI_OBJECTIVE_AGGREGATIONS, SCALE_REWARDS, group_advantages, nanmax, nanmin
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows
+from .policy_rows import POLICY_LOSS_TYPES, PolicyLossType, TrainerState, aggregate_policy_rows, policy_loss_type
 from .validation import check_count, check_num_items, check_number
 
 __all__ = [
@@ -41,11 +43,9 @@ __all__ = [
 # "reference" is the same eager transcription of TRL as "torch" (there is no separate oracle of
 # TRL's loss: the tests call TRL's own _compute_loss).
 GRPO_LOSS = OpBackends("grpo_loss", ("triton", "torch", "reference"))
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
+GRPO_LOSS_TYPES = tuple(POLICY_LOSS_TYPES)
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 VLLM_IMPORTANCE_SAMPLING_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-
-_CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,209 +227,226 @@ def grpo_loss(
         ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped loss types), ``cispo_clip_ratio``,
         ``vespo/phi_seq_mean``, ``policy_loss`` and ``entropy_coef`` (entropy bonus on).
     """
-    # ---- validation ------------------------------------------------------------------------
-    if loss_type not in GRPO_LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {loss_type!r}; valid loss types: {', '.join(GRPO_LOSS_TYPES)}")
-    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
-        raise ValueError(
-            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, got {importance_sampling_level!r}"
-        )
-    check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    shape = tuple(logp.shape)
-    B = shape[0]
-    if B == 0:
-        raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
-    beta = check_number("beta", beta)
-    epsilon_low = check_number("epsilon_low", epsilon_low)
-    epsilon_high = check_number("epsilon_high", epsilon_high, allow_none=True)
-    delta = check_number("delta", delta, allow_none=True)
-    for name, value in (("epsilon_low", epsilon_low), ("epsilon_high", epsilon_high), ("delta", delta)):
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    for name, value in (("sapo_temperature_pos", sapo_temperature_pos), ("sapo_temperature_neg", sapo_temperature_neg)):
-        if not check_number(name, value) > 0:
-            raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {value}")
-    for name, value in (("vespo_k_pos", vespo_k_pos), ("vespo_lambda_pos", vespo_lambda_pos),
-                        ("vespo_k_neg", vespo_k_neg), ("vespo_lambda_neg", vespo_lambda_neg),
-                        ("entropy_coef", entropy_coef), ("top_entropy_quantile", top_entropy_quantile)):  # fmt: skip
-        check_number(name, value)
-    off_policy_mask_threshold = check_number("off_policy_mask_threshold", off_policy_mask_threshold, allow_none=True)
-    # trainer state: counts that divide the loss (0, negative, bool or float would give a zero,
-    # infinite or sign-flipped loss)
-    gradient_accumulation_steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps)
-    num_processes = check_count("num_processes", num_processes)
-    if steps_per_generation is not None:
-        steps_per_generation = check_count("steps_per_generation", steps_per_generation)
-    if max_completion_length is not None:
-        max_completion_length = check_count("max_completion_length", max_completion_length)
-    check_tensor("mask", mask)
-    if tuple(mask.shape) != shape:
-        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(mask.shape)}")
-    _check_bt("old_logp", old_logp, shape)
-    _check_bt("ref_logp", ref_logp, shape)
-    _check_bt("entropy", entropy, shape)
-    _check_bt("sampling_logp", sampling_logp, shape)
-    check_tensor("advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in ((B,), (B, 1), shape):
-        raise ValueError(f"advantages must have shape ({B},) or {shape}, got {tuple(advantages.shape)}")
+    row = policy_loss_type(loss_type)
+    if importance_sampling_level not in row.ratio:
+        raise ValueError(f"importance_sampling_level must be one of {row.ratio} for loss_type={loss_type!r}, "
+                         f"got {importance_sampling_level!r}")  # fmt: skip
     if importance_sampling_weight is not None:
         if importance_sampling_ratio is not None:
             raise ValueError("pass importance_sampling_ratio or its alias importance_sampling_weight, not both")
         importance_sampling_ratio = importance_sampling_weight
-    _check_bt("importance_sampling_ratio", importance_sampling_ratio, shape, allow_seq_column=True)
-    check_same_device(
-        logp=logp, old_logp=old_logp, ref_logp=ref_logp, advantages=advantages, mask=mask, entropy=entropy,
-        sampling_logp=sampling_logp, importance_sampling_ratio=importance_sampling_ratio,
+    tensors = GRPOTensors(logp, old_logp, ref_logp, advantages, mask, entropy, importance_sampling_ratio, sampling_logp)
+    check_tensor("logp", logp, floating=True)
+    config = _checked_config(PolicyConfig(
+        importance_sampling_level == "sequence", beta, epsilon_low, epsilon_high, delta, bool(use_bias_correction_kl),
+        sapo_temperature_pos, sapo_temperature_neg, (vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg),
+        off_policy_mask_threshold, top_entropy_quantile, entropy_coef,
+    ))  # fmt: skip
+    # trainer state: counts that divide the loss (0, negative, bool or float would give a zero,
+    # infinite or sign-flipped loss)
+    gradient_accumulation_steps = check_count("gradient_accumulation_steps", gradient_accumulation_steps)
+    state = TrainerState(
+        gradient_accumulation_steps,
+        gradient_accumulation_steps if steps_per_generation is None else check_count("steps_per_generation",
+                                                                                     steps_per_generation),
+        check_count("num_processes", num_processes), bool(training), num_items_in_batch,
+        None if max_completion_length is None else check_count("max_completion_length", max_completion_length),
     )  # fmt: skip
+    _check_tensors(tensors, row, config, state)
     be = GRPO_LOSS.resolve(backend, logp.device, logp.dtype)
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("ref_logp is required when beta != 0")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError(
-            "loss_type='dr_grpo' needs max_completion_length (TRL normalises by B * max_completion_length)"
-        )
-    is_seq_ratio = importance_sampling_ratio is not None and importance_sampling_ratio.shape[-1] == 1
-    if loss_type == "vespo" and is_seq_ratio and shape[1] != 1:
-        raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
-    if not 0.0 <= top_entropy_quantile <= 1.0:
-        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {top_entropy_quantile}")
-    if entropy is None and (top_entropy_quantile < 1.0 or entropy_coef != 0.0):
-        raise ValueError("entropy is required when top_entropy_quantile < 1 or entropy_coef != 0")
-    if epsilon_high is None:
-        epsilon_high = epsilon_low
-    if steps_per_generation is None:
-        steps_per_generation = gradient_accumulation_steps
-
-    # ---- inputs in the compute dtype, masked positions neutralised -------------------------
-    cd = output_dtype(logp.dtype)
-    valid = mask != 0
-    maskf = valid.to(cd)
-    zero = logp.new_zeros((), dtype=cd)
     if num_items_in_batch is not None:
         # TRL clamps the count at 1: a count of 0 is what it passes when every completion of the
         # generation batch is masked (e.g. mask_truncated_completions) -- right only if this batch
         # has no valid token either.
-        num_items_in_batch = check_num_items("num_items_in_batch", num_items_in_batch, device=logp.device, dtype=cd,
-                                             minimum=0, valid_tokens=valid.sum())  # fmt: skip
+        state = state._replace(num_items_in_batch=check_num_items(
+            "num_items_in_batch", num_items_in_batch, device=logp.device, dtype=output_dtype(logp.dtype), minimum=0,
+            valid_tokens=(mask != 0).sum()))  # fmt: skip
+    return grpo_rows_loss(tensors, row, config, state, be)
+
+
+def _checked_config(config: "PolicyConfig") -> "PolicyConfig":
+    """Each hyper-parameter a number (TE naming it) in range (VE); ``eps_high`` None -> ``eps_low``."""
+    config = config._replace(
+        beta=check_number("beta", config.beta), eps_low=check_number("epsilon_low", config.eps_low),
+        eps_high=check_number("epsilon_high", config.eps_high, allow_none=True),
+        delta=check_number("delta", config.delta, allow_none=True),
+        off_policy_mask_threshold=check_number("off_policy_mask_threshold", config.off_policy_mask_threshold,
+                                               allow_none=True),
+    )  # fmt: skip
+    for name, value in (("epsilon_low", config.eps_low), ("epsilon_high", config.eps_high), ("delta", config.delta)):
+        if value is not None and not value >= 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    for name, value in (("sapo_temperature_pos", config.tau_pos), ("sapo_temperature_neg", config.tau_neg)):
+        if not check_number(name, value) > 0:
+            raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {value}")
+    for name, value in zip(("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"), config.vespo):
+        check_number(name, value)
+    check_number("entropy_coef", config.entropy_coef)
+    if not 0.0 <= check_number("top_entropy_quantile", config.top_entropy_quantile) <= 1.0:
+        raise ValueError(f"top_entropy_quantile must be in [0, 1], got {config.top_entropy_quantile}")
+    return config if config.eps_high is not None else config._replace(eps_high=config.eps_low)
+
+
+def _check_tensors(t: "GRPOTensors", row: PolicyLossType, config: "PolicyConfig", state: TrainerState) -> None:
+    """Shapes, dtypes and devices by name, and what the row and the options need."""
+    if t.logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(t.logp.shape)}")
+    shape = tuple(t.logp.shape)
+    B = shape[0]
+    if B == 0:
+        raise ValueError("logp must hold at least one completion (B >= 1), got an empty batch")
+    check_tensor("mask", t.mask)
+    if tuple(t.mask.shape) != shape:
+        raise ValueError(f"mask must have the shape of logp {shape}, got {tuple(t.mask.shape)}")
+    for name in ("old_logp", "ref_logp", "entropy", "sampling_logp"):
+        _check_bt(name, getattr(t, name), shape)
+    check_tensor("advantages", t.advantages, floating=True)
+    if tuple(t.advantages.shape) not in ((B,), (B, 1), shape):
+        raise ValueError(f"advantages must have shape ({B},) or {shape}, got {tuple(t.advantages.shape)}")
+    _check_bt("importance_sampling_ratio", t.importance_sampling_ratio, shape, allow_seq_column=True)
+    check_same_device(**t._asdict())
+    if config.beta != 0.0 and t.ref_logp is None:
+        raise ValueError("ref_logp is required when beta != 0")
+    if row.normaliser == "max_completion_length" and state.max_completion_length is None:
+        raise ValueError(
+            f"loss_type={row.name!r} needs max_completion_length (TRL normalises by B * max_completion_length)"
+        )
+    is_ratio = t.importance_sampling_ratio
+    if row.term == "vespo" and is_ratio is not None and is_ratio.shape[-1] == 1 and shape[1] != 1:
+        raise ValueError("loss_type='vespo' needs a token-level importance_sampling_ratio [B, T] (TRL's rule)")
+    if t.entropy is None and (config.top_entropy_quantile < 1.0 or config.entropy_coef != 0.0):
+        raise ValueError("entropy is required when top_entropy_quantile < 1 or entropy_coef != 0")
+
+
+class GRPOTensors(NamedTuple):
+    """The tensors of one ``grpo_loss`` call, as the caller gave them (validated)."""
+
+    logp: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    entropy: torch.Tensor | None = None
+    importance_sampling_ratio: torch.Tensor | None = None
+    sampling_logp: torch.Tensor | None = None
+
+
+class PolicyConfig(NamedTuple):
+    """The hyper-parameters of a GRPO-family loss (``grpo_loss``'s keywords, validated)."""
+
+    sequence: bool = False  # importance_sampling_level == "sequence"
+    beta: float = 0.0
+    eps_low: float = 0.2
+    eps_high: float | None = None
+    delta: float | None = None
+    bias_correction: bool = True
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    vespo: tuple = (2.0, 3.0, 3.0, 2.0)  # k_pos, lambda_pos, k_neg, lambda_neg
+    off_policy_mask_threshold: float | None = None
+    top_entropy_quantile: float = 1.0
+    entropy_coef: float = 0.0
+
+
+def grpo_rows_loss(tensors: GRPOTensors, row: PolicyLossType, config: PolicyConfig, state: TrainerState,
+                   backend: str):  # fmt: skip
+    """``grpo_loss`` on validated inputs: masks and weights, the row engine's per-row sums
+    (``row.term``), the row's aggregation, the entropy bonus and the row's metrics."""
+    logp, adv = tensors.logp, tensors.advantages
+    B, T = logp.shape
+    cd = output_dtype(logp.dtype)
+    valid = tensors.mask != 0
+    maskf = valid.to(cd)
+    zero = logp.new_zeros((), dtype=cd)
     per_token_logps = torch.where(valid, logp.to(cd), zero)
-    old_per_token_logps = None if old_logp is None else torch.where(valid, old_logp.detach().to(cd), zero)
-    on_policy_old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-    adv = advantages.to(cd)
+    old = None if tensors.old_logp is None else torch.where(valid, tensors.old_logp.detach().to(cd), zero)
+    on_policy_old = per_token_logps.detach() if old is None else old
+    adv = adv.to(cd)
     if adv.dim() == 1:
         adv = adv.unsqueeze(1)
-    ent = None if entropy is None else torch.where(valid, entropy.to(cd), zero)
-    is_ratio = None if importance_sampling_ratio is None else importance_sampling_ratio.detach().to(cd)
+    ent = None if tensors.entropy is None else torch.where(valid, tensors.entropy.to(cd), zero)
+    is_ratio = tensors.importance_sampling_ratio
+    is_ratio = None if is_ratio is None else is_ratio.detach().to(cd)
 
-    entropy_mask = None
-    if top_entropy_quantile < 1.0:
-        entropy_mask = high_entropy_mask(ent.detach(), maskf, 1 - top_entropy_quantile)
-
-    if off_policy_mask_threshold is not None:
-        samp = on_policy_old if sampling_logp is None else torch.where(valid, sampling_logp.detach().to(cd), zero)
-        keep_seq = off_policy_mask(adv, per_token_logps, samp, maskf, off_policy_mask_threshold)
-
-    # ---- per-row sums of the per-token loss (clipped_policy: Triton kernel or PyTorch) -----
-    token_weight = None  # off-policy sequence mask x top-entropy mask: scale the policy term only
-    if off_policy_mask_threshold is not None:
-        token_weight = keep_seq.expand(B, shape[1])
-    if entropy_mask is not None:
+    # off-policy sequence mask x top-entropy mask: scale the policy term only
+    token_weight = entropy_mask = None
+    if config.off_policy_mask_threshold is not None:
+        samp = tensors.sampling_logp
+        samp = on_policy_old if samp is None else torch.where(valid, samp.detach().to(cd), zero)
+        token_weight = off_policy_mask(adv, per_token_logps, samp, maskf, config.off_policy_mask_threshold)
+        token_weight = token_weight.expand(B, T)
+    if config.top_entropy_quantile < 1.0:
+        entropy_mask = high_entropy_mask(ent.detach(), maskf, 1 - config.top_entropy_quantile)
         token_weight = entropy_mask.to(cd) if token_weight is None else token_weight * entropy_mask
     phi_seq = None
-    if loss_type == "vespo":
-        phi_seq = vespo_gamma_weights(
-            adv, per_token_logps - on_policy_old, maskf, is_ratio, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos,
-            k_neg=vespo_k_neg, lambda_neg=vespo_lambda_neg,
-        )  # fmt: skip
-    ref = torch.where(valid, ref_logp.detach().to(cd), zero) if beta != 0.0 else None
-    inputs = TokenInputs(per_token_logps, old_per_token_logps, ref, adv, valid, token_weight, is_ratio)
-    kind = loss_type if loss_type in ("cispo", "sapo", "vespo") else "clipped"
+    if row.term == "vespo":
+        k_pos, lambda_pos, k_neg, lambda_neg = config.vespo
+        phi_seq = vespo_gamma_weights(adv, per_token_logps - on_policy_old, maskf, is_ratio, k_pos=k_pos,
+                                      lambda_pos=lambda_pos, k_neg=k_neg, lambda_neg=lambda_neg)  # fmt: skip
+    ref = torch.where(valid, tensors.ref_logp.detach().to(cd), zero) if config.beta != 0.0 else None
+    inputs = TokenInputs(per_token_logps, old, ref, adv, valid, token_weight, is_ratio)
     term = PolicyTerm(
-        kind=kind, sequence=importance_sampling_level == "sequence", beta=beta, bias_correction=use_bias_correction_kl,
-        eps_low=epsilon_low, eps_high=epsilon_high, delta=delta, tau_pos=sapo_temperature_pos,
-        tau_neg=sapo_temperature_neg,
+        kind=row.term, sequence=config.sequence, beta=config.beta, bias_correction=config.bias_correction,
+        eps_low=config.eps_low, eps_high=config.eps_high, delta=config.delta, tau_pos=config.tau_pos,
+        tau_neg=config.tau_neg,
     )  # fmt: skip
-    rows = policy_rows(inputs, term, be, vespo_weights=phi_seq)
-    loss_sum, count = rows["loss_sum"], rows["count"]
-
-    # ---- aggregation (GRPOTrainer._compute_loss, loss type by loss type) --------------------
-    accumulation = gradient_accumulation_steps if training else 1.0
-    if loss_type in ("grpo", "sapo"):
-        loss = (loss_sum / count.clamp(min=1.0)).mean()
-        policy_loss = loss.detach()
-        loss = loss / accumulation
-    elif loss_type == "bnpo":
-        loss = loss_sum.sum() / count.sum().clamp(min=1.0)
-        policy_loss = loss.detach()
-        loss = loss / accumulation
-    elif loss_type == "dr_grpo":
-        loss = loss_sum.sum() / (B * max_completion_length)
-        policy_loss = loss.detach()
-        loss = loss / accumulation
-    elif loss_type in ("cispo", "dapo", "vespo"):
-        if num_items_in_batch is None:
-            n_items = count.sum()
-        else:
-            n_items = num_items_in_batch
-        normalizer = n_items.clamp(min=1.0) / num_processes
-        if training:
-            normalizer = normalizer * gradient_accumulation_steps / steps_per_generation
-        loss = loss_sum.sum() / normalizer
-        policy_loss = loss.detach()
-    else:  # luspo
-        loss = loss_sum.mean()
-        policy_loss = loss.detach()
-        loss = loss / accumulation
+    rows = policy_rows(inputs, term, backend if row.triton else "torch", vespo_weights=phi_seq)
+    loss, policy_loss = aggregate_policy_rows(row, rows["loss_sum"], rows["count"], T, state)
 
     metrics = {}
-    if entropy_coef != 0.0:
+    if config.entropy_coef != 0.0:
+        accumulation = state.gradient_accumulation_steps if state.training else 1.0
         effective_mask = maskf if entropy_mask is None else maskf * entropy_mask
         entropy_loss = (ent * effective_mask).sum() / effective_mask.sum().clamp(min=1.0) / accumulation
-        loss = loss - entropy_coef * entropy_loss
+        loss = loss - config.entropy_coef * entropy_loss
         metrics["policy_loss"] = policy_loss
-        if training:  # TRL logs the coefficient at train optimizer steps
-            metrics["entropy_coef"] = torch.tensor(float(entropy_coef), dtype=cd, device=logp.device)
-
-    # ---- metrics (TRL's names and reductions, one process) ---------------------------------
-    with torch.no_grad():
-        count = count.detach()
-        total = count.sum().clamp(min=1.0)
-        # TRL reduces a [B, 1] metric (sequence-level ratio with one advantage per sequence)
-        # per sequence, a [B, T] one over valid tokens.
-        per_sequence = importance_sampling_level == "sequence" and adv.shape[1] == 1
-        if beta != 0.0:
-            metrics["kl"] = rows["kl_sum"].sum() / total
-        if ent is not None:
-            metrics["entropy"] = (ent * maskf).sum() / total
-        if per_sequence:
-            c1 = rows["coef"]
-            if delta is not None and loss_type in _CLIPPED_LOSS_TYPES:
-                c1 = c1.clamp(max=delta)  # TRL's metrics read coef_1 after the delta cap
-            a = adv[:, 0]
-            seq_low = ((c1 < 1 - epsilon_low) & (a < 0)).to(cd)
-            seq_high = ((c1 > 1 + epsilon_high) & (a > 0)).to(cd)
-            seq_region = torch.maximum(seq_low, seq_high)
-            seq_cispo = ((rows["coef"] > epsilon_high) & (a > 0)).to(cd)
-            n_seq = max(float(B), 1.0)
-            low_mean, high_mean, region_mean = seq_low.sum() / n_seq, seq_high.sum() / n_seq, seq_region.sum() / n_seq
-            cispo_mean = seq_cispo.sum() / n_seq
-        else:
-            low_mean, high_mean = rows["low_sum"].sum() / total, rows["high_sum"].sum() / total
-            region_mean, cispo_mean = rows["region_sum"].sum() / total, rows["cispo_sum"].sum() / total
-            seq_low = rows["low_sum"] / count  # NaN for empty rows, as TRL (skipped by nanmin)
-            seq_high = rows["high_sum"] / count
-        if loss_type in _CLIPPED_LOSS_TYPES:
-            metrics["clip_ratio/low_mean"] = low_mean
-            metrics["clip_ratio/high_mean"] = high_mean
-            metrics["clip_ratio/region_mean"] = region_mean
-            metrics["clip_ratio/low_min"] = nanmin(seq_low)
-            metrics["clip_ratio/high_max"] = nanmax(seq_high)
-        elif loss_type == "cispo":
-            metrics["cispo_clip_ratio"] = cispo_mean
-        elif loss_type == "vespo":
-            metrics["vespo/phi_seq_mean"] = phi_seq.sum() / max(float(B), 1.0)
+        if state.training:  # TRL logs the coefficient at train optimizer steps
+            metrics["entropy_coef"] = torch.tensor(float(config.entropy_coef), dtype=cd, device=logp.device)
+    metrics.update(_grpo_metrics(rows, row, config, adv, maskf, ent, phi_seq))
     return loss, metrics
+
+
+@torch.no_grad()
+def _grpo_metrics(rows, row: PolicyLossType, config: PolicyConfig, adv, maskf, ent, phi_seq) -> dict:
+    """TRL's names and reductions (one process): ``kl``, ``entropy`` and the row's ``metrics``."""
+    cd = maskf.dtype
+    B = maskf.shape[0]
+    count = rows["count"].detach()
+    total = count.sum().clamp(min=1.0)
+    metrics = {}
+    if config.beta != 0.0:
+        metrics["kl"] = rows["kl_sum"].sum() / total
+    if ent is not None:
+        metrics["entropy"] = (ent * maskf).sum() / total
+    if not row.metrics:
+        return metrics
+    n_seq = max(float(B), 1.0)
+    # TRL reduces a [B, 1] metric (sequence-level ratio with one advantage per sequence) per
+    # sequence, a [B, T] one over valid tokens.
+    if config.sequence and adv.shape[1] == 1:
+        c1 = rows["coef"]
+        if config.delta is not None and row.term == "clipped":
+            c1 = c1.clamp(max=config.delta)  # TRL's metrics read coef_1 after the delta cap
+        a = adv[:, 0]
+        seq_low = ((c1 < 1 - config.eps_low) & (a < 0)).to(cd)
+        seq_high = ((c1 > 1 + config.eps_high) & (a > 0)).to(cd)
+        seq_region = torch.maximum(seq_low, seq_high)
+        seq_cispo = ((rows["coef"] > config.eps_high) & (a > 0)).to(cd)
+        low_mean, high_mean, region_mean = seq_low.sum() / n_seq, seq_high.sum() / n_seq, seq_region.sum() / n_seq
+        cispo_mean = seq_cispo.sum() / n_seq
+    else:
+        low_mean, high_mean = rows["low_sum"].sum() / total, rows["high_sum"].sum() / total
+        region_mean, cispo_mean = rows["region_sum"].sum() / total, rows["cispo_sum"].sum() / total
+        seq_low = rows["low_sum"] / count  # NaN for empty rows, as TRL (skipped by nanmin)
+        seq_high = rows["high_sum"] / count
+    candidates = {
+        "clip_ratio/low_mean": lambda: low_mean, "clip_ratio/high_mean": lambda: high_mean,
+        "clip_ratio/region_mean": lambda: region_mean, "clip_ratio/low_min": lambda: nanmin(seq_low),
+        "clip_ratio/high_max": lambda: nanmax(seq_high), "cispo_clip_ratio": lambda: cispo_mean,
+        "vespo/phi_seq_mean": lambda: phi_seq.sum() / n_seq,
+    }  # fmt: skip
+    metrics.update({name: candidates[name]() for name in row.metrics})
+    return metrics
 
 
 class GRPOLoss(nn.Module):
@@ -438,9 +455,7 @@ class GRPOLoss(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        loss_type = config.get("loss_type", "dapo")
-        if loss_type not in GRPO_LOSS_TYPES:
-            raise ValueError(f"Unknown loss_type {loss_type!r}; valid loss types: {', '.join(GRPO_LOSS_TYPES)}")
+        policy_loss_type(config.get("loss_type", "dapo"))
         self.config = dict(config)
 
     def forward(self, logp, old_logp, ref_logp, advantages, mask, **overrides):

@@ -25,7 +25,7 @@ from .._cuda_backend import gae_cuda
 from ..reference import gae_reference
 from .aggregation import LOSS_AGG_MODES  # noqa: F401  (re-exported: the modes' names)
 from .aggregation import AGGREGATION_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
-from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
+from .clipped_policy import PolicyTerm, TokenInputs, policy_rows
 from .kl import kl_estimate
 from .validation import check_count, check_number
 
@@ -408,9 +408,10 @@ def ppo_loss(
             term and the entropy term (the value loss is TRL's token mean).
         entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
         backend: ``PPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the
-            policy term runs in the fused clipped-policy kernels, ``alignkernels.kernels.grpo``,
-            not twice differentiable; dual clip stays in PyTorch), ``"torch"``/``"reference"``
-            (eager, twice differentiable). ``"cuda"`` is a ``ValueError``.
+            policy term, dual clip included, runs in the fused clipped-policy kernels,
+            ``alignkernels.kernels.grpo``, not twice differentiable), ``"torch"``/``"reference"``
+            (the row engine's PyTorch rows, ``losses/clipped_policy.py``, twice differentiable).
+            ``"cuda"`` is a ``ValueError``.
 
     Returns:
         ``(loss, metrics)`` with TRL PPO's metric names: ``loss/policy_avg``,
@@ -460,28 +461,22 @@ def ppo_loss(
         adv = adv.unsqueeze(1)
     logprobs_diff = torch.where(valid, logp.to(cd) - old_logp.detach().to(cd), zero)
     metrics = {}
-    if be == "triton" and clip_ratio_c is None:
-        # The clipped PPO policy term is GRPO's clipped per-token loss at token level with no
-        # delta / KL: max(-A r, -A clamp(r)) = -min(A r, A clamp(r)); pg_losses2 > pg_losses is
-        # exactly GRPO's "region" clip indicator. One fused pass (clipped_policy / kernels.grpo).
-        old = torch.where(valid, old_logp.detach().to(cd), zero)
-        inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
-        rows = policy_rows_triton(inputs, PolicyTerm("clipped", eps_low=low, eps_high=high, bias_correction=False))
-        pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
-        clipped_sum = rows["region_sum"]
-    else:
-        ratio = torch.exp(logprobs_diff)
-        pg_losses = -adv * ratio
-        pg_losses2 = -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high)
-        pg_loss_max = torch.max(pg_losses, pg_losses2)
-        if clip_ratio_c is not None:
-            pg_losses3 = -adv * clip_ratio_c
-            with torch.no_grad():
-                lower = ((pg_loss_max > pg_losses3) & (adv < 0)).to(cd)
-                metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
-            pg_loss_max = torch.where(adv < 0, torch.min(pg_losses3, pg_loss_max), pg_loss_max)
-        pg_loss = agg_loss(pg_loss_max, maskf, loss_agg_mode)
-        clipped_sum = ((pg_losses2 > pg_losses).to(cd) * maskf).sum(-1).detach()
+    # The clipped PPO policy term is the row engine's clipped per-token loss at token level with no
+    # delta / KL: max(-A r, -A clamp(r)) = -min(A r, A clamp(r)), verl's dual clip its clip_c;
+    # pg_losses2 > pg_losses is exactly the engine's "region" clip indicator (clipped_policy:
+    # PyTorch, or one fused pass in kernels/grpo.py).
+    old = torch.where(valid, old_logp.detach().to(cd), zero)
+    inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
+    term = PolicyTerm("clipped", eps_low=low, eps_high=high, bias_correction=False, clip_c=clip_ratio_c)
+    rows = policy_rows(inputs, term, be)
+    pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
+    clipped_sum = rows["region_sum"]
+    if clip_ratio_c is not None:
+        with torch.no_grad():  # verl's pg_clipfrac_lower: the dual clip binds
+            ratio = torch.exp(logprobs_diff.detach())
+            pg_loss_max = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high))
+            lower = ((pg_loss_max > -adv * clip_ratio_c) & (adv < 0)).to(cd)
+            metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
     loss = pg_loss
 
     with torch.no_grad():
