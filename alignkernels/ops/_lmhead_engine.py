@@ -35,6 +35,7 @@ statistics. Nothing scales with ``N x V``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -73,9 +74,61 @@ class Transform(NamedTuple):
     temperature: float
 
 
+class HeadPrecision(NamedTuple):
+    """How the lm-head GEMMs take their operands (``head_precision=``; one row of
+    :data:`HEAD_PRECISIONS`). Every GEMM operand of the engine, of the three-GEMM head and of the
+    LoRA term is formed by :meth:`operand`, and every GEMM runs inside :meth:`gemms`.
+
+    * ``input``: on CUDA the operands keep their dtype (bf16 / fp16 tensor cores, fp32 output via
+      ``out_dtype``); fp32 GEMMs follow torch's global TF32 setting. On the CPU (no mixed-precision
+      GEMM) operands are widened to fp32, so there ``input`` computes what ``fp32`` does.
+    * ``fp32``: operands widened to fp32 (fp64 for fp64 inputs) slice by slice -- a weight *block*
+      ``[block, H]`` at a time, never a full fp32 copy of the weight -- and IEEE fp32 GEMMs on CUDA
+      (TF32 off for those GEMMs only): the numbers of an fp32 lm-head (vLLM ``head_dtype=float32``).
+    * ``tf32``: as ``fp32`` with TF32 tensor cores on for those GEMMs only (CUDA). The CPU has no
+      TF32: there it computes exactly ``fp32``."""
+
+    name: str
+    upcast: bool  # widen half operands to the compute dtype on CUDA too
+    tf32: bool | None  # CUDA fp32 GEMMs: TF32 on / off for the head's GEMMs; None leaves torch's setting
+
+    def operand(self, t: torch.Tensor, compute_dtype) -> torch.Tensor:
+        """A GEMM operand: ``t`` itself on CUDA in ``input`` mode, else ``t`` in the compute dtype
+        (``t`` itself when it already has it; a copy the size of ``t``, so callers pass slices)."""
+        return t if (t.is_cuda and not self.upcast) else t.to(compute_dtype)
+
+    @contextlib.contextmanager
+    def gemms(self, device):
+        """Scope in which the head's GEMMs run: sets ``torch.backends.cuda.matmul.allow_tf32`` for
+        ``fp32`` / ``tf32`` on CUDA and restores it on exit (no effect on the CPU)."""
+        if self.tf32 is None or torch.device(device).type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+HEAD_PRECISIONS = {p.name: p for p in (HeadPrecision("input", False, None), HeadPrecision("fp32", True, False),
+                                       HeadPrecision("tf32", True, True))}  # fmt: skip
+
+
+def head_precision(value) -> HeadPrecision:
+    """The :data:`HEAD_PRECISIONS` row named by ``head_precision=`` (TE / VE naming the argument)."""
+    if not isinstance(value, str):
+        raise TypeError(f"head_precision must be one of {tuple(HEAD_PRECISIONS)} (a str), got {value!r}")
+    if value not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision must be one of {tuple(HEAD_PRECISIONS)}, got {value!r}")
+    return HEAD_PRECISIONS[value]
+
+
 class Plan(NamedTuple):
     chunk_rows: int
     block_cols: int
+    precision: HeadPrecision = HEAD_PRECISIONS["input"]
 
 
 class HeadStats(NamedTuple):
@@ -175,13 +228,8 @@ class TorchFold:
     max_block = 1 << 14  # ATen's fused CPU reductions sum in fp32 lanes: blocks <= 16k columns keep 1e-6
 
     @staticmethod
-    def dx_dtype(weight_dtype, compute_dtype):
+    def dx_dtype(operand_dtype, compute_dtype):
         return compute_dtype
-
-    @staticmethod
-    def operands(hidden, compute_dtype):
-        """CPU has no mixed-precision GEMM: widen once to the compute dtype."""
-        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
 
     @staticmethod
     def tile(out, h, w_blk, bias_blk):
@@ -233,8 +281,8 @@ class TorchFold:
 
 class TritonFold:
     """Triton fold (``alignkernels.kernels.linear_logprobs``; CUDA tensors, or the interpreter). The
-    kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the weight's dtype
-    (the gradient GEMMs' operand dtype on the GPU)."""
+    kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the gradient GEMMs'
+    operand dtype (:meth:`dx_dtype`)."""
 
     NAME = "triton"
     FILLS = {"row_max": float("-inf"), "max_y": float("-inf"), "max_y_before_label": float("-inf"),
@@ -243,13 +291,10 @@ class TritonFold:
     max_block = None
 
     @staticmethod
-    def dx_dtype(weight_dtype, compute_dtype):
-        return weight_dtype
-
-    @staticmethod
-    def operands(hidden, compute_dtype):
-        """On CUDA, GEMMs take the inputs' dtype (tensor cores) and write fp32."""
-        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
+    def dx_dtype(operand_dtype, compute_dtype):
+        """``dx`` is a gradient GEMM's operand: written directly in the GEMM operand dtype
+        (``HeadPrecision.operand``: the input dtype on CUDA in ``input`` mode, else fp32)."""
+        return operand_dtype
 
     @staticmethod
     def tile(out, h, w_blk, bias_blk):
@@ -325,17 +370,23 @@ def _view(buf, shape):
 def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats,
                  lora: LoraHead | None = None) -> HeadStats:  # fmt: skip
     """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows. With
-    ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``)."""
+    ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``).
+    GEMM operands and mode: ``plan.precision`` (:class:`HeadPrecision`)."""
+    with plan.precision.gemms(hidden.device):
+        return _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora)
+
+
+def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cd = output_dtype(hidden.dtype)
     state = fold.new_state(n_rows, cd, hidden.device)
     if n_rows:
-        h = fold.operands(hidden, cd)
+        h = plan.precision.operand(hidden, cd)
         bias_cd = bias.to(cd) if bias is not None else None
         tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, hidden.device)
-        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into) if lora is not None else None
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into) if lora is not None else None
         for v0, v1, chunks in tiles(n_rows, vocab, plan):
-            w_blk = fold.operands(weight[v0:v1], cd)
+            w_blk = plan.precision.operand(weight[v0:v1], cd)
             b_blk = adapter.block(v0, v1) if adapter is not None else None
             for r0, r1 in chunks:
                 tile = _view(tile_buf, (r1 - r0, v1 - v0))
@@ -354,7 +405,13 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
 
     With ``lora``, ``needs`` has five flags ``(hidden, weight, bias, lora_A, lora_B)`` and the
     result two more entries ``(grad_lora_A | None, grad_lora_B | None)`` in the adapter's dtype;
-    ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``)."""
+    ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``). GEMM operands and mode:
+    ``plan.precision``, as forward."""
+    with plan.precision.gemms(hidden.device):
+        return _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora)
+
+
+def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora):
     n_rows, H = hidden.shape
     vocab = weight.shape[0]
     cd = output_dtype(hidden.dtype)
@@ -363,22 +420,22 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
     grad_hidden = torch.zeros(n_rows, H, dtype=cd, device=device) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
-    h = fold.operands(hidden, cd)
+    h = plan.precision.operand(hidden, cd)
     adapter = None
     if lora is not None:
-        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into, (need_h, *needs[3:]))
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into, (need_h, *needs[3:]))
     if n_rows == 0 or (g_logp is None and g_entropy is None):
         return (grad_hidden, grad_weight, grad_bias, *(adapter.finish(grad_hidden) if adapter is not None else ()))
     bias_cd = bias.to(cd) if bias is not None else None
     tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, device)
-    dx_dtype = fold.dx_dtype(weight.dtype, cd)
+    dx_dtype = fold.dx_dtype(h.dtype, cd)
     dx_buf = tile_buf if dx_dtype == cd else torch.empty(tile_buf.numel(), dtype=dx_dtype, device=device)
     w_acc_buf = None
     if need_w and weight.dtype != cd:
         w_acc_buf = torch.empty(min(plan.block_cols, vocab) * H, dtype=cd, device=device)
 
     for v0, v1, chunks in tiles(n_rows, vocab, plan):
-        w_blk = fold.operands(weight[v0:v1], cd)
+        w_blk = plan.precision.operand(weight[v0:v1], cd)
         b_blk = adapter.block(v0, v1) if adapter is not None else None
         if need_w:
             w_acc = grad_weight[v0:v1] if w_acc_buf is None else w_acc_buf[: (v1 - v0) * H].view(v1 - v0, H).zero_()
@@ -467,7 +524,7 @@ def validate_head(hidden, weight, labels, bias, temperature, logit_scale, softca
     return Transform(logit_scale, softcap, temperature), labels
 
 
-def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan:
+def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size, precision: str = "input") -> Plan:
     on_gpu = device.type == "cuda"
     chunk = chunk_size or (GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ROWS)
     chunk = max(1, min(chunk, n_rows))
@@ -476,7 +533,7 @@ def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan
         vocab_block_size = max(BLOCK_ALIGN, budget // chunk // BLOCK_ALIGN * BLOCK_ALIGN)
         if fold.max_block is not None:
             vocab_block_size = min(vocab_block_size, fold.max_block)
-    return Plan(chunk, min(vocab_block_size, vocab))
+    return Plan(chunk, min(vocab_block_size, vocab), head_precision(precision))
 
 
 class CompactRows(NamedTuple):

@@ -25,6 +25,7 @@ from ._lmhead_engine import (
     compact_rows,
     head_backward,
     head_forward,
+    head_precision as check_head_precision,
     make_plan,
     validate_head,
 )
@@ -115,6 +116,7 @@ def linear_logprobs(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     lora=None,
+    head_precision: str = "input",
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -160,6 +162,13 @@ def linear_logprobs(
             ``lora_A`` and ``lora_B`` get gradients; a frozen ``weight`` (``requires_grad=False``)
             costs no weight-gradient GEMM. With ``process_group=``, ``lora_B`` is this rank's
             ``[V_k, r]`` shard (rows matching ``weight``'s) and ``lora_A`` is replicated.
+        head_precision: the GEMMs' operands (``_lmhead_engine.HeadPrecision``): ``"input"``
+            (their dtype on CUDA, fp32 accumulation and output), ``"fp32"`` (half operands widened
+            to fp32 block by block -- never a full fp32 copy of the weight -- and IEEE fp32 GEMMs:
+            the numbers of an fp32 lm-head, vLLM's ``head_dtype=float32``), ``"tf32"`` (fp32
+            operands on TF32 tensor cores on CUDA; on the CPU, which has no TF32, exactly
+            ``"fp32"``). On the CPU ``"input"`` widens too (no mixed-precision GEMM there), so all
+            three give the same numbers. ``reference`` always widens (materialised fp32 logits).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -182,7 +191,9 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
+            head_precision=head_precision,
         )  # fmt: skip
+    precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     adapter = validate_lora(lora, hidden, weight)
     chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -196,13 +207,14 @@ def linear_logprobs(
         kwargs = dict(bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale, softcap=tr.softcap,
                       ignore_index=ignore_index)  # fmt: skip
         full_weight = effective_weight(weight, adapter)  # W + s·B·A: the materialised adapted head
-        if return_stats:
-            return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, full_weight, wide_labels, **kwargs))
-        return linear_logprobs_reference(hidden, full_weight, wide_labels, return_entropy=return_entropy, **kwargs)
+        with precision.gemms(hidden.device):  # the reference widens its operands: only the TF32 switch applies
+            if return_stats:
+                return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, full_weight, wide_labels, **kwargs))
+            return linear_logprobs_reference(hidden, full_weight, wide_labels, return_entropy=return_entropy, **kwargs)
 
     fold = FOLDS[backend]
     compact = compact_rows(hidden, wide_labels, ignore_index)
-    plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size)
+    plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size, precision.name)
     outs = LinearLogprobsFunction.apply(
         compact.hidden, weight, bias.contiguous() if bias is not None else None, compact.labels, tr, plan, fold,
         return_stats, *(adapter if adapter is not None else ()),
