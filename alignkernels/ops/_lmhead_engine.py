@@ -524,6 +524,29 @@ def validate_head(hidden, weight, labels, bias, temperature, logit_scale, softca
     return Transform(logit_scale, softcap, temperature), labels
 
 
+# batch_invariant=True: one tile shape whatever the batch (rows are padded to a multiple of the chunk)
+BATCH_INVARIANT_ROWS = {"cpu": 32, "cuda": 256}  # token rows per tile (other devices: the CPU's)
+BATCH_INVARIANT_BLOCK = 2048  # vocab entries per tile (the last block: V mod 2048, fixed by V)
+
+
+def batch_invariant_plan(fold, device, vocab, precision: str = "input") -> Plan:
+    """The fixed plan of ``batch_invariant=True``: every tile GEMM is ``[rows, H] x [H, block]`` (the
+    last vocab block ``V mod block`` wide), every fold sees that tile shape, the vocab blocks are
+    merged in one order -- whatever ``n_rows``, ``chunk_size`` or ``vocab_block_size``. With the rows
+    padded to a multiple of ``rows`` (:func:`pad_rows`) a row's results depend on its own inputs only."""
+    rows = BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
+    block = min(BATCH_INVARIANT_BLOCK, fold.max_block or BATCH_INVARIANT_BLOCK)
+    return Plan(rows, min(block, vocab), head_precision(precision))
+
+
+def pad_rows(x: torch.Tensor, multiple: int, value=0) -> torch.Tensor:
+    """``x`` (rows first) padded with ``value`` rows to a multiple of ``multiple`` (differentiable)."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_full((extra, *x.shape[1:]), value)])
+
+
 def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size, precision: str = "input") -> Plan:
     on_gpu = device.type == "cuda"
     chunk = chunk_size or (GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ROWS)

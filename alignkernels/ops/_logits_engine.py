@@ -78,11 +78,29 @@ def _row_chunks(logits, chunk_rows):
             yield o * inner + i0, o * inner + i1, outer[o, i0:i1]
 
 
-class TorchTokenKernels:
-    """The same algorithm in PyTorch over chunks of rows (``_softmax_torch`` holds the math)."""
+def _padded(x: torch.Tensor, rows: int | None, fill=0):
+    """``x`` (rows first) padded with ``fill`` to ``rows`` rows (``rows`` None: ``x`` itself)."""
+    if rows is None or x.shape[0] == rows:
+        return x
+    return torch.cat([x, torch.full((rows - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype, device=x.device)])
 
-    @staticmethod
-    def forward(logits, labels, temperature, ignore_index):
+
+class TorchTokenKernels:
+    """The same algorithm in PyTorch over chunks of rows (``_softmax_torch`` holds the math).
+
+    ``FIXED_ROWS`` None: chunks of ``TORCH_CHUNK_ELEMENTS // V`` rows, the last one shorter (results
+    are deterministic run to run; a row's bits may depend on the chunk shape it lands in, since ATen
+    may split a reduction differently for another number of rows). :class:`BatchInvariantTorchTokenKernels`
+    sets it: every chunk is padded to that many rows, so every ATen op sees one shape whatever the batch."""
+
+    FIXED_ROWS: int | None = None
+
+    @classmethod
+    def _chunk_rows(cls, V):
+        return cls.FIXED_ROWS or max(1, TORCH_CHUNK_ELEMENTS // V)
+
+    @classmethod
+    def forward(cls, logits, labels, temperature, ignore_index):
         cd = output_dtype(logits.dtype)
         V = logits.shape[-1]
         n_rows = labels.numel()
@@ -92,22 +110,23 @@ class TorchTokenKernels:
         in_range = (labels >= 0) & (labels < V)
         safe_labels = torch.where(in_range, labels, 0)
         work = None
-        for r0, r1, x in _row_chunks(logits, max(1, TORCH_CHUNK_ELEMENTS // V)):
-            y = x.to(cd, copy=True)
+        for r0, r1, x in _row_chunks(logits, cls._chunk_rows(V)):
+            n = r1 - r0
+            y = _padded(x.to(cd, copy=True), cls.FIXED_ROWS)
             if work is None or work.shape != y.shape:
                 work = torch.empty_like(y)
-            y_label = y.gather(1, safe_labels[r0:r1, None])
+            y_label = y.gather(1, _padded(safe_labels[r0:r1, None], cls.FIXED_ROWS))
             fold = fold_block(y, temperature, work)
             # logp = (z_label - row_max) - log_sum, centred (-inf for a -inf label logit)
             logp = log_prob(centred(y_label, fold.stats.row_max, temperature).squeeze(1), fold.stats.log_sum)
-            out[0, r0:r1] = torch.where(in_range[r0:r1], logp, float("nan"))
-            out[1, r0:r1], out[2, r0:r1], out[3, r0:r1] = fold.stats
+            out[0, r0:r1] = torch.where(in_range[r0:r1], logp[:n], float("nan"))
+            out[1, r0:r1], out[2, r0:r1], out[3, r0:r1] = (t[:n] for t in fold.stats)
         # Ignored rows keep their (finite) state: the backward then gives them exactly 0, never exp(z - 0)
         logp = torch.where(valid, out[0], 0.0)
         return logp, RowStats(out[1], out[2], torch.where(valid, out[3], 0.0))
 
-    @staticmethod
-    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+    @classmethod
+    def backward(cls, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
         cd = output_dtype(logits.dtype)
         V = logits.shape[-1]
         valid = labels != ignore_index
@@ -117,19 +136,29 @@ class TorchTokenKernels:
             g_logp = torch.zeros_like(stats.row_max)
         grad_rows = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device).view(-1, V)
         work = None
-        for r0, r1, x in _row_chunks(logits, max(1, TORCH_CHUNK_ELEMENTS // V)):
+        pad = lambda t: _padded(t, cls.FIXED_ROWS)  # noqa: E731 (padded rows: zero state, zero gradient)
+        for r0, r1, x in _row_chunks(logits, cls._chunk_rows(V)):
             r = slice(r0, r1)
-            zc = centred(x.to(cd), stats.row_max[r], temperature)
+            zc = centred(pad(x.to(cd)), pad(stats.row_max[r]), temperature)
             if work is None or work.shape != zc.shape:
                 work = torch.empty_like(zc)
-            dz = grad_from_centred_(zc, stats.log_sum[r], stats.entropy[r],
-                                    g_logp[r] if g_logp is not None else None,
-                                    g_entropy[r] if g_entropy is not None else None, labels[r], work)  # fmt: skip
+            dz = grad_from_centred_(zc, pad(stats.log_sum[r]), pad(stats.entropy[r]),
+                                    pad(g_logp[r]) if g_logp is not None else None,
+                                    pad(g_entropy[r]) if g_entropy is not None else None, pad(labels[r]),
+                                    work)[: r1 - r0]  # fmt: skip
             if temperature != 1.0:
                 dz.div_(temperature)  # d logits = dz / T
             dz.masked_fill_(~valid[r, None], 0.0)  # ignored rows: exactly 0, whatever their logits hold
             grad_rows[r0:r1] = dz
         return grad_rows.view(logits.shape)
+
+
+class BatchInvariantTorchTokenKernels(TorchTokenKernels):
+    """``batch_invariant=True`` on the torch backend: every chunk padded to ``FIXED_ROWS`` rows (ATen
+    sees one shape per ``V``), so a row's logp, entropy and gradient row are bitwise independent of
+    the batch around it. Costs at most ``FIXED_ROWS - 1`` padded rows per call."""
+
+    FIXED_ROWS = 16
 
 
 class CudaTokenKernels:
@@ -152,3 +181,7 @@ class CudaTokenKernels:
 assert ROW_STATS == RowStats._fields  # the kernels' saved-state layout is RowStats, field for field
 
 TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": TorchTokenKernels, "cuda": CudaTokenKernels}
+# batch_invariant=True: the Triton kernels are already one program per row with a block size fixed by
+# V (a row's bits never see another row); the torch chunks get one fixed shape. The CUDA kernels and
+# the eager reference are not proven batch invariant (refused by name in ``token_logprobs``).
+BATCH_INVARIANT_TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": BatchInvariantTorchTokenKernels}

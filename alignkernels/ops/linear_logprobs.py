@@ -19,14 +19,17 @@ import torch
 
 from .._utils import OpBackends, check_label_range, labels_checking_enabled, refuse_double_backward
 from ..reference import linear_logprobs_reference, linear_logprobs_stats_reference
+from .._utils import check_batch_invariant
 from ._lmhead_engine import (
     FOLDS,
+    batch_invariant_plan,
     check_positive_int,
     compact_rows,
     head_backward,
     head_forward,
     head_precision as check_head_precision,
     make_plan,
+    pad_rows,
     validate_head,
 )
 from ._lora import LoraHead, effective_weight, validate_lora
@@ -117,6 +120,7 @@ def linear_logprobs(
     vocab_size: int | None = None,
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -169,6 +173,16 @@ def linear_logprobs(
             operands on TF32 tensor cores on CUDA; on the CPU, which has no TF32, exactly
             ``"fp32"``). On the CPU ``"input"`` widens too (no mixed-precision GEMM there), so all
             three give the same numbers. ``reference`` always widens (materialised fp32 logits).
+        batch_invariant: each row's logp, entropy (and statistics) and its ``grad_hidden`` row are
+            bitwise independent of the other rows, the batch size and layout (padded or packed),
+            ``chunk_size`` / ``vocab_block_size`` and whether gradients are on: a fixed plan
+            (``_lmhead_engine.batch_invariant_plan``: 32 rows x 2048 vocab tiles on CPU, 256 rows on
+            CUDA), the valid rows padded to a multiple of the tile rows, so every GEMM (cuBLAS on
+            CUDA) and every fold runs at one shape and merges the vocab blocks in one order. Costs at
+            most one tile of padded rows per call. ``torch`` and ``triton`` only; ``reference``,
+            ``lora=`` and ``process_group=`` refuse it (``ValueError``). Without it results are
+            deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
+            change with the batch around it.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -181,7 +195,10 @@ def linear_logprobs(
     ``O(valid rows x H)`` fp32 for the hidden-gradient accumulator, whatever ``V``. One host sync
     to find the valid rows (and one for the label check).
     """
+    check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if batch_invariant:
+            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel lm_head)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -202,6 +219,9 @@ def linear_logprobs(
     vocab = weight.shape[0]
     if labels_checking_enabled(check_labels):
         check_label_range(wide_labels, vocab, ignore_index)
+    if batch_invariant and (backend not in FOLDS or adapter is not None):
+        raise ValueError("batch_invariant=True is implemented on the backends ('torch', 'triton') without lora=, "
+                         f"got backend={backend!r}" + (" with lora=" if adapter is not None else ""))  # fmt: skip
 
     if backend == "reference":
         kwargs = dict(bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale, softcap=tr.softcap,
@@ -214,11 +234,20 @@ def linear_logprobs(
 
     fold = FOLDS[backend]
     compact = compact_rows(hidden, wide_labels, ignore_index)
-    plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size, precision.name)
+    rows, row_labels = compact.hidden, compact.labels
+    if batch_invariant:  # one tile shape: the rows padded to whole tiles (label 0, results dropped)
+        plan = batch_invariant_plan(fold, hidden.device, vocab, precision.name)
+        rows, row_labels = pad_rows(rows, plan.chunk_rows), pad_rows(row_labels, plan.chunk_rows)
+    else:
+        plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size,
+                         precision.name)  # fmt: skip
     outs = LinearLogprobsFunction.apply(
-        compact.hidden, weight, bias.contiguous() if bias is not None else None, compact.labels, tr, plan, fold,
+        rows, weight, bias.contiguous() if bias is not None else None, row_labels, tr, plan, fold,
         return_stats, *(adapter if adapter is not None else ()),
     )  # fmt: skip
+    if rows is not compact.hidden:
+        n = compact.labels.shape[0]
+        outs = tuple(x[:n] if x is not None else None for x in outs)
     if return_stats:
         return LinearLogprobsOutput(*(compact.expand(x) for x in outs))
     if return_entropy:

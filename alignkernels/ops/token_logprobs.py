@@ -14,6 +14,7 @@ import torch
 
 from .._utils import (
     OpBackends,
+    check_batch_invariant,
     check_label_range,
     check_same_device,
     check_temperature,
@@ -23,7 +24,7 @@ from .._utils import (
     widen_labels,
 )
 from ..reference import token_logprobs_reference
-from ._logits_engine import TOKEN_KERNELS
+from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._softmax_torch import RowStats
 from .vocab_parallel import vocab_parallel_token_logprobs
 
@@ -37,10 +38,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
     ``(row_max, log_sum, entropy)``; backward recomputes p from it in one pass."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, backend):
-        logp, stats = TOKEN_KERNELS[backend].forward(logits, labels, temperature, ignore_index)
+    def forward(ctx, logits, labels, temperature, ignore_index, backend, kernels):
+        logp, stats = kernels.forward(logits, labels, temperature, ignore_index)
         ctx.save_for_backward(logits, labels, *stats)
-        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        ctx.temperature, ctx.ignore_index, ctx.backend, ctx.kernels = temperature, ignore_index, backend, kernels
         ctx.set_materialize_grads(False)
         return logp, torch.where(labels != ignore_index, stats.entropy, 0.0)
 
@@ -48,14 +49,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("token_logprobs", ctx.backend)
         if grad_logp is None and grad_entropy is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         logits, labels, *stats = ctx.saved_tensors
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-        grad_logits = TOKEN_KERNELS[ctx.backend].backward(
+        grad_logits = ctx.kernels.backward(
             logits, labels, RowStats(*stats), grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
         )
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def _validate(logits, labels, temperature, check_labels, ignore_index):
@@ -86,6 +87,7 @@ def token_logprobs(
     process_group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    batch_invariant: bool = False,
 ):
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the
     entropy of that distribution, without materialising the softmax.
@@ -112,12 +114,22 @@ def token_logprobs(
             vocabulary of ``vocab_size``; labels are global ids. Two O(N) all-reduces give every
             rank the full log-prob and entropy; backward is local. See
             ``alignkernels.ops.vocab_parallel`` and ``docs/DISTRIBUTED.md``.
+        batch_invariant: each row's logp, entropy and gradient row are bitwise independent of the
+            other rows, the batch size and layout (padded or packed) and whether gradients are on
+            (``torch``: chunks padded to one fixed row count; ``triton``: one program per row, block
+            size fixed by ``V`` -- already invariant). ``reference``, ``cuda`` and ``process_group=``
+            refuse it (``ValueError``). Without it every backend is deterministic run to run (same
+            inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when
+            the batch around it changes.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.
         Differentiable w.r.t. ``logits`` through both outputs.
     """
+    check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if batch_invariant:
+            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel logits)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
@@ -127,12 +139,19 @@ def token_logprobs(
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
+    kernels = TOKEN_KERNELS
+    if batch_invariant:
+        kernels = BATCH_INVARIANT_TOKEN_KERNELS
+        if backend not in kernels:
+            raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(kernels)}, "
+                             f"got backend={backend!r}")  # fmt: skip
     if backend == "reference":
         return token_logprobs_reference(
             logits, wide_labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     flat_labels = wide_labels.reshape(-1).contiguous()
-    logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend)
+    logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend,
+                                                kernels[backend])  # fmt: skip
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)
