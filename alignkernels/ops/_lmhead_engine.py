@@ -524,9 +524,10 @@ def validate_head(hidden, weight, labels, bias, temperature, logit_scale, softca
     return Transform(logit_scale, softcap, temperature), labels
 
 
-# batch_invariant=True: one tile shape whatever the batch (rows are padded to a multiple of the chunk)
-BATCH_INVARIANT_ROWS = {"cpu": 32, "cuda": 256}  # token rows per tile (other devices: the CPU's)
-BATCH_INVARIANT_BLOCK = 2048  # vocab entries per tile (the last block: V mod 2048, fixed by V)
+# batch_invariant=True: one tile shape whatever the batch (rows are padded to a multiple of the chunk).
+# The CPU tile is the default plan's for n >= 256 rows, so large batches pay only the padding.
+BATCH_INVARIANT_ROWS = {"cpu": CPU_CHUNK_ROWS, "cuda": 1024}  # token rows per tile (other devices: the CPU's)
+BATCH_INVARIANT_BLOCK = 1 << 14  # vocab entries per tile (the last block: V mod 16384, fixed by V)
 
 
 def batch_invariant_plan(fold, device, vocab, precision: str = "input") -> Plan:

@@ -88,16 +88,16 @@ def _padded(x: torch.Tensor, rows: int | None, fill=0):
 class TorchTokenKernels:
     """The same algorithm in PyTorch over chunks of rows (``_softmax_torch`` holds the math).
 
-    ``FIXED_ROWS`` None: chunks of ``TORCH_CHUNK_ELEMENTS // V`` rows, the last one shorter (results
-    are deterministic run to run; a row's bits may depend on the chunk shape it lands in, since ATen
-    may split a reduction differently for another number of rows). :class:`BatchInvariantTorchTokenKernels`
-    sets it: every chunk is padded to that many rows, so every ATen op sees one shape whatever the batch."""
+    Chunks of ``TORCH_CHUNK_ELEMENTS // V`` rows, the last one shorter: results are deterministic run
+    to run, but a row's bits may depend on the chunk shape it lands in (ATen may split a reduction
+    differently for another number of rows). :class:`BatchInvariantTorchTokenKernels` pads every
+    chunk (``PAD_CHUNKS``), so every ATen op sees one shape whatever the batch."""
 
-    FIXED_ROWS: int | None = None
+    PAD_CHUNKS = False  # pad the last (shorter) chunk to the chunk's rows
 
     @classmethod
     def _chunk_rows(cls, V):
-        return cls.FIXED_ROWS or max(1, TORCH_CHUNK_ELEMENTS // V)
+        return max(1, TORCH_CHUNK_ELEMENTS // V)
 
     @classmethod
     def forward(cls, logits, labels, temperature, ignore_index):
@@ -110,12 +110,14 @@ class TorchTokenKernels:
         in_range = (labels >= 0) & (labels < V)
         safe_labels = torch.where(in_range, labels, 0)
         work = None
-        for r0, r1, x in _row_chunks(logits, cls._chunk_rows(V)):
+        rows = cls._chunk_rows(V)
+        fixed = rows if cls.PAD_CHUNKS else None
+        for r0, r1, x in _row_chunks(logits, rows):
             n = r1 - r0
-            y = _padded(x.to(cd, copy=True), cls.FIXED_ROWS)
+            y = _padded(x.to(cd, copy=True), fixed)
             if work is None or work.shape != y.shape:
                 work = torch.empty_like(y)
-            y_label = y.gather(1, _padded(safe_labels[r0:r1, None], cls.FIXED_ROWS))
+            y_label = y.gather(1, _padded(safe_labels[r0:r1, None], fixed))
             fold = fold_block(y, temperature, work)
             # logp = (z_label - row_max) - log_sum, centred (-inf for a -inf label logit)
             logp = log_prob(centred(y_label, fold.stats.row_max, temperature).squeeze(1), fold.stats.log_sum)
@@ -136,8 +138,9 @@ class TorchTokenKernels:
             g_logp = torch.zeros_like(stats.row_max)
         grad_rows = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device).view(-1, V)
         work = None
-        pad = lambda t: _padded(t, cls.FIXED_ROWS)  # noqa: E731 (padded rows: zero state, zero gradient)
-        for r0, r1, x in _row_chunks(logits, cls._chunk_rows(V)):
+        rows = cls._chunk_rows(V)
+        pad = lambda t: _padded(t, rows if cls.PAD_CHUNKS else None)  # noqa: E731 (padded rows: zero state, zero gradient)
+        for r0, r1, x in _row_chunks(logits, rows):
             r = slice(r0, r1)
             zc = centred(pad(x.to(cd)), pad(stats.row_max[r]), temperature)
             if work is None or work.shape != zc.shape:
@@ -154,11 +157,17 @@ class TorchTokenKernels:
 
 
 class BatchInvariantTorchTokenKernels(TorchTokenKernels):
-    """``batch_invariant=True`` on the torch backend: every chunk padded to ``FIXED_ROWS`` rows (ATen
-    sees one shape per ``V``), so a row's logp, entropy and gradient row are bitwise independent of
-    the batch around it. Costs at most ``FIXED_ROWS - 1`` padded rows per call."""
+    """``batch_invariant=True`` on the torch backend: the default chunks (``TORCH_CHUNK_ELEMENTS // V``
+    rows, at most ``MAX_FIXED_ROWS``), every one -- the last included -- padded to that many rows, so
+    ATen sees one shape per ``V`` and a row's logp, entropy and gradient row are bitwise independent
+    of the batch around it. Costs at most one chunk of padded rows per call."""
 
-    FIXED_ROWS = 16
+    PAD_CHUNKS = True
+    MAX_FIXED_ROWS = 1024
+
+    @classmethod
+    def _chunk_rows(cls, V):
+        return min(max(1, TORCH_CHUNK_ELEMENTS // V), cls.MAX_FIXED_ROWS)
 
 
 class CudaTokenKernels:

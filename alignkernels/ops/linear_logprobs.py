@@ -176,10 +176,11 @@ def linear_logprobs(
         batch_invariant: each row's logp, entropy (and statistics) and its ``grad_hidden`` row are
             bitwise independent of the other rows, the batch size and layout (padded or packed),
             ``chunk_size`` / ``vocab_block_size`` and whether gradients are on: a fixed plan
-            (``_lmhead_engine.batch_invariant_plan``: 32 rows x 2048 vocab tiles on CPU, 256 rows on
-            CUDA), the valid rows padded to a multiple of the tile rows, so every GEMM (cuBLAS on
-            CUDA) and every fold runs at one shape and merges the vocab blocks in one order. Costs at
-            most one tile of padded rows per call. ``torch`` and ``triton`` only; ``reference``,
+            (``_lmhead_engine.batch_invariant_plan``: 256 rows x 16384 vocab tiles on CPU, 1024 rows
+            on CUDA; ``chunk_size`` / ``vocab_block_size`` are then not used), the valid rows padded
+            to a multiple of the tile rows, so every GEMM (cuBLAS on CUDA) and every fold runs at one
+            shape and merges the vocab blocks in one order. Costs at most one tile of padded rows per
+            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only; ``reference``,
             ``lora=`` and ``process_group=`` refuse it (``ValueError``). Without it results are
             deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
             change with the batch around it.

@@ -116,7 +116,7 @@ def token_logprobs(
             ``alignkernels.ops.vocab_parallel`` and ``docs/DISTRIBUTED.md``.
         batch_invariant: each row's logp, entropy and gradient row are bitwise independent of the
             other rows, the batch size and layout (padded or packed) and whether gradients are on
-            (``torch``: chunks padded to one fixed row count; ``triton``: one program per row, block
+            (``torch``: every chunk padded to the row count fixed by ``V``; ``triton``: one program per row, block
             size fixed by ``V`` -- already invariant). ``reference``, ``cuda`` and ``process_group=``
             refuse it (``ValueError``). Without it every backend is deterministic run to run (same
             inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when

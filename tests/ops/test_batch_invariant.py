@@ -104,28 +104,32 @@ def _check_property(op, backend, V, examples, seed):
 
 @pytest.mark.parametrize("backend,examples", [("torch", 30), ("triton", 6)])
 def test_linear_logprobs_rows_are_batch_invariant(backend, examples, monkeypatch):
-    """V = 300 over 128-column vocab blocks (the fixed block shrunk so several blocks are merged)."""
+    """V = 300 in 16-row x 128-column tiles (the fixed plan shrunk so that batches span 1-4 row tiles
+    and several vocab blocks are merged)."""
     monkeypatch.setattr(engine, "BATCH_INVARIANT_BLOCK", 128)
+    monkeypatch.setattr(engine, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
     _check_property("linear_logprobs", backend, 300, examples, seed=1)
 
 
 def test_linear_logprobs_rows_are_batch_invariant_default_plan():
-    """The shipped plan (32 x 2048 tiles on CPU): V = 2100 is one full block and a 52-wide one."""
-    _check_property("linear_logprobs", "torch", 2100, 12, seed=2)
+    """The shipped plan (256 x 16384 tiles on CPU): V = 16500 is one full block and a 116-wide one."""
+    _check_property("linear_logprobs", "torch", 16500, 8, seed=2)
 
 
 @pytest.mark.parametrize("backend,V,examples", [("torch", 97, 30), ("torch", 50000, 20), ("triton", 97, 6),
                                                 ("triton", 5000, 6)])  # fmt: skip
 def test_token_logprobs_rows_are_batch_invariant(backend, V, examples):
     """At V = 50 000 the default torch chunks (83 rows, the last one shorter) fail this property (a
-    lone row's results differ in their last bits from the same row in the pool); fixed 16-row chunks
-    do not."""
+    lone row's results differ in their last bits from the same row in the pool); the same chunks
+    padded to 83 rows do not."""
     _check_property("token_logprobs", backend, V, examples, seed=3)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_return_stats_and_half_inputs_are_batch_invariant(backend):
-    """bf16 inputs and TRL's extra statistics: a row alone equals the same row in a batch of 40."""
+def test_return_stats_and_half_inputs_are_batch_invariant(backend, monkeypatch):
+    """bf16 inputs and TRL's extra statistics: a row alone equals the same row in a batch of 40
+    (16-row tiles: the batch spans three)."""
+    monkeypatch.setattr(engine, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
     device = _device(backend)
     pool = _pool(300, device)
     h, w, y = pool["hidden"][:40].bfloat16(), pool["weight"].bfloat16(), pool["labels"][:40]
@@ -137,15 +141,20 @@ def test_return_stats_and_half_inputs_are_batch_invariant(backend):
 
 
 def test_padding_cost_is_at_most_one_tile():
-    """The padding is counted: n valid rows cost 2·ceil(n/32)·32·H·V forward FLOPs (at most one
-    32-row tile over the default path's 2·n·H·V)."""
+    """The padding is counted: n valid rows cost 2·ceil(n/R)·R·H·V forward FLOPs, R = 256 rows on the
+    CPU (at most one tile over the default path's 2·n·H·V)."""
     from alignkernels.flops import MatmulFlopCounter
 
-    pool = _pool(300, "cpu")
-    for n in (1, 32, 33, 64):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(40, H, generator=g)
+    for n in (1, 256, 257, 600):
+        hidden, labels = torch.randn(n, H, generator=g), torch.randint(0, 40, (n,), generator=g)
         with MatmulFlopCounter() as flops:
-            ak.linear_logprobs(pool["hidden"][:n], pool["weight"], pool["labels"][:n], batch_invariant=True)
-        assert flops.total == 2 * math.ceil(n / 32) * 32 * H * 300, (n, flops.by_op)
+            ak.linear_logprobs(hidden, weight, labels, batch_invariant=True)
+        assert flops.total == 2 * math.ceil(n / 256) * 256 * H * 40, (n, flops.by_op)
+        with MatmulFlopCounter() as flops:
+            ak.linear_logprobs(hidden, weight, labels)
+        assert flops.total == 2 * n * H * 40
 
 
 @pytest.mark.parametrize("op", ["token_logprobs", "linear_logprobs"])
