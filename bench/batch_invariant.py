@@ -1,7 +1,7 @@
 """``python -m bench.batch_invariant``: the cost of ``batch_invariant=True`` beside the default path.
 
-For ``linear_logprobs`` and ``token_logprobs`` (fp32, forward + backward through logp and entropy) it
-times both modes (median of ``--repeats`` wall-clock calls after one warm-up, interleaved so load
+For ``linear_logprobs`` and ``token_logprobs`` (fp32, forward + backward through logp and entropy to
+the input; the weight frozen) it times both modes (median of ``--repeats`` wall-clock calls after one warm-up, interleaved so load
 on a shared machine hits both alike), counts the matmul FLOPs each issues
 (``alignkernels.flops.MatmulFlopCounter``) and the padded rows, and writes
 ``bench/results/<device>/batch_invariant.json``; ``python -m bench.report`` renders it into
