@@ -22,6 +22,7 @@ from .._utils import as_rows, output_dtype
 from ..kernels._softmax import ROW_STATS
 from ..kernels.token_logprobs import pick_config, token_logprobs_bwd_kernel, token_logprobs_fwd_kernel
 from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, log_prob
+from ._support import Support, check_labels_kept
 
 # Rows per chunk in the torch backend: ~4M elements of fp32 temporaries per chunk.
 TORCH_CHUNK_ELEMENTS = 1 << 22
@@ -91,16 +92,31 @@ class TorchTokenKernels:
     Chunks of ``TORCH_CHUNK_ELEMENTS // V`` rows, the last one shorter: results are deterministic run
     to run, but a row's bits may depend on the chunk shape it lands in (ATen may split a reduction
     differently for another number of rows). :class:`BatchInvariantTorchTokenKernels` pads every
-    chunk (``PAD_CHUNKS``), so every ATen op sees one shape whatever the batch."""
+    chunk (``PAD_CHUNKS``), so every ATen op sees one shape whatever the batch. With ``support``
+    (``ops/_support.py``) each chunk's logits outside the kept set are ``−inf`` before the statistics
+    and in the backward's recompute: the distribution renormalised over the kept tokens."""
 
     PAD_CHUNKS = False  # pad the last (shorter) chunk to the chunk's rows
 
-    @classmethod
-    def _chunk_rows(cls, V):
+    def __init__(self, support: Support | None = None):
+        self.support = support
+
+    def with_support(self, support: Support | None):
+        return self if support is None else type(self)(support)
+
+    def _chunk_rows(self, V):
         return max(1, TORCH_CHUNK_ELEMENTS // V)
 
-    @classmethod
-    def forward(cls, logits, labels, temperature, ignore_index):
+    def _mask(self, y, n, r0, r1):
+        """Logits of rows ``r0:r1`` (the first ``n`` of ``y``) outside the kept set -> −inf; returns
+        the kept mask (None without ``support``)."""
+        if self.support is None:
+            return None
+        kept = self.support.kept(y[:n], r0, r1)
+        y[:n].masked_fill_(~kept, float("-inf"))
+        return kept
+
+    def forward(self, logits, labels, temperature, ignore_index):
         cd = output_dtype(logits.dtype)
         V = logits.shape[-1]
         n_rows = labels.numel()
@@ -109,12 +125,16 @@ class TorchTokenKernels:
         # Out-of-range labels (possible only with check_labels=False) give NaN, like the kernels.
         in_range = (labels >= 0) & (labels < V)
         safe_labels = torch.where(in_range, labels, 0)
+        label_kept = torch.ones(n_rows, dtype=torch.bool, device=logits.device)
         work = None
-        rows = cls._chunk_rows(V)
-        fixed = rows if cls.PAD_CHUNKS else None
+        rows = self._chunk_rows(V)
+        fixed = rows if self.PAD_CHUNKS else None
         for r0, r1, x in _row_chunks(logits, rows):
             n = r1 - r0
             y = _padded(x.to(cd, copy=True), fixed)
+            kept = self._mask(y, n, r0, r1)
+            if kept is not None:
+                label_kept[r0:r1] = kept.gather(1, safe_labels[r0:r1, None]).squeeze(1)
             if work is None or work.shape != y.shape:
                 work = torch.empty_like(y)
             y_label = y.gather(1, _padded(safe_labels[r0:r1, None], fixed))
@@ -123,12 +143,13 @@ class TorchTokenKernels:
             logp = log_prob(centred(y_label, fold.stats.row_max, temperature).squeeze(1), fold.stats.log_sum)
             out[0, r0:r1] = torch.where(in_range[r0:r1], logp[:n], float("nan"))
             out[1, r0:r1], out[2, r0:r1], out[3, r0:r1] = (t[:n] for t in fold.stats)
+        if self.support is not None and self.support.check:
+            check_labels_kept(label_kept, valid & in_range, self.support.shape)
         # Ignored rows keep their (finite) state: the backward then gives them exactly 0, never exp(z - 0)
         logp = torch.where(valid, out[0], 0.0)
         return logp, RowStats(out[1], out[2], torch.where(valid, out[3], 0.0))
 
-    @classmethod
-    def backward(cls, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+    def backward(self, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
         cd = output_dtype(logits.dtype)
         V = logits.shape[-1]
         valid = labels != ignore_index
@@ -138,11 +159,13 @@ class TorchTokenKernels:
             g_logp = torch.zeros_like(stats.row_max)
         grad_rows = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device).view(-1, V)
         work = None
-        rows = cls._chunk_rows(V)
-        pad = lambda t: _padded(t, rows if cls.PAD_CHUNKS else None)  # noqa: E731 (padded rows: zero state, zero gradient)
+        rows = self._chunk_rows(V)
+        pad = lambda t: _padded(t, rows if self.PAD_CHUNKS else None)  # noqa: E731 (padded rows: zero state, zero gradient)
         for r0, r1, x in _row_chunks(logits, rows):
             r = slice(r0, r1)
-            zc = centred(pad(x.to(cd)), pad(stats.row_max[r]), temperature)
+            y = pad(x.to(cd, copy=True))
+            self._mask(y, r1 - r0, r0, r1)
+            zc = centred(y, pad(stats.row_max[r]), temperature)
             if work is None or work.shape != zc.shape:
                 work = torch.empty_like(zc)
             dz = grad_from_centred_(zc, pad(stats.log_sum[r]), pad(stats.entropy[r]),
@@ -165,9 +188,8 @@ class BatchInvariantTorchTokenKernels(TorchTokenKernels):
     PAD_CHUNKS = True
     MAX_FIXED_ROWS = 1024
 
-    @classmethod
-    def _chunk_rows(cls, V):
-        return min(max(1, TORCH_CHUNK_ELEMENTS // V), cls.MAX_FIXED_ROWS)
+    def _chunk_rows(self, V):
+        return min(max(1, TORCH_CHUNK_ELEMENTS // V), self.MAX_FIXED_ROWS)
 
 
 class CudaTokenKernels:
@@ -189,8 +211,8 @@ class CudaTokenKernels:
 
 assert ROW_STATS == RowStats._fields  # the kernels' saved-state layout is RowStats, field for field
 
-TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": TorchTokenKernels, "cuda": CudaTokenKernels}
+TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": TorchTokenKernels(), "cuda": CudaTokenKernels}
 # batch_invariant=True: the Triton kernels are already one program per row with a block size fixed by
 # V (a row's bits never see another row); the torch chunks get one fixed shape. The CUDA kernels and
 # the eager reference are not proven batch invariant (refused by name in ``token_logprobs``).
-BATCH_INVARIANT_TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": BatchInvariantTorchTokenKernels}
+BATCH_INVARIANT_TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": BatchInvariantTorchTokenKernels()}

@@ -26,6 +26,7 @@ from .._utils import (
 from ..reference import token_logprobs_reference
 from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._softmax_torch import RowStats
+from ._support import check_labels_kept, validate_support
 from .vocab_parallel import vocab_parallel_token_logprobs
 
 TOKEN_LOGPROBS = OpBackends("token_logprobs", ("triton", "cuda", "torch", "reference"))
@@ -88,6 +89,8 @@ def token_logprobs(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
+    top_k: int | None = None,
 ):
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the
     entropy of that distribution, without materialising the softmax.
@@ -121,6 +124,15 @@ def token_logprobs(
             refuse it (``ValueError``). Without it every backend is deterministic run to run (same
             inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when
             the batch around it changes.
+        support: the sampler's kept tokens per row, a packed int32 bitmask of shape
+            ``labels.shape + (ceil(V/32),)``: token ``v`` kept when bit ``v % 32`` (least significant
+            first) of word ``v // 32`` is set (``alignkernels.ops._support.pack_bits`` packs a bool
+            mask). logp and entropy are then those of the distribution renormalised over the kept
+            set, differentiable (zero gradient outside it), streamed chunk by chunk (no ``[N, V]``
+            mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
+            logp ``-inf``). ``torch`` and ``reference`` backends (others: ``ValueError``).
+        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
+            ties), then as ``support``.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.
@@ -128,6 +140,8 @@ def token_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if support is not None or top_k is not None:
+            raise ValueError("support= / top_k= are not supported with process_group= (vocab-parallel logits)")
         if batch_invariant:
             raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel logits)")
         if vocab_start is None or vocab_size is None:
@@ -138,7 +152,12 @@ def token_logprobs(
             check_labels=check_labels,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
+    kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,
+                            labels_checking_enabled(check_labels))  # fmt: skip
     backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
+    if kept is not None and backend not in ("torch", "reference"):
+        raise ValueError(f"support= / top_k= are implemented on the backends ('torch', 'reference'), "
+                         f"got backend={backend!r}")  # fmt: skip
     kernels = TOKEN_KERNELS
     if batch_invariant:
         kernels = BATCH_INVARIANT_TOKEN_KERNELS
@@ -146,12 +165,20 @@ def token_logprobs(
             raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(kernels)}, "
                              f"got backend={backend!r}")  # fmt: skip
     if backend == "reference":
+        if kept is not None:  # the eager baseline: the whole [N, V] mask, logits outside it -inf
+            mask = kept.kept(logits.reshape(-1, logits.shape[-1]), 0, wide_labels.numel()).view(logits.shape)
+            if kept.check:
+                valid = (wide_labels != ignore_index).reshape(-1)
+                at_label = mask.reshape(-1, logits.shape[-1]).gather(1, wide_labels.reshape(-1, 1).clamp(min=0))
+                check_labels_kept(at_label.squeeze(1), valid, kept.shape)
+            logits = logits.masked_fill(~mask, float("-inf"))
         return token_logprobs_reference(
             logits, wide_labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     flat_labels = wide_labels.reshape(-1).contiguous()
+    row_kernels = kernels[backend].with_support(kept) if kept is not None else kernels[backend]
     logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend,
-                                                kernels[backend])  # fmt: skip
+                                                row_kernels)  # fmt: skip
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)
