@@ -28,6 +28,16 @@ every architecture with bf16 inputs and fp32 output (``out_dtype``); the price o
 extra write+read of the fp32 tile per GEMM (4 bytes/logit, ~10 % of a GEMM's time at H = 4096).
 On the CPU (torch fold) the folds are a few fused ATen passes over a cache-sized tile.
 
+GEMM operands (``head_precision=``, :class:`HeadPrecision` in the plan): on CUDA the inputs' dtype
+with fp32 output (``input``) or widened to fp32 slice by slice with TF32 off / on for these GEMMs only
+(``fp32`` / ``tf32``); the CPU always widens (no mixed-precision GEMM), so there the three agree.
+
+Batch invariance (``batch_invariant=True``, :func:`batch_invariant_plan`): one fixed plan whatever the
+batch (256 x 16384 tiles on CPU, 1024 rows on CUDA) and the valid rows padded to whole tiles
+(:func:`pad_rows`), so every GEMM and fold runs at one shape and the vocab blocks merge in one order:
+a row's results are bitwise independent of the rows around it. The default plan adapts the chunk to
+the number of rows, which is run-to-run deterministic but not batch invariant.
+
 Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two for the torch
 fold, plus a weight-dtype ``dx`` tile for half inputs in backward), a ``[block, H]`` fp32 grad_weight
 accumulator for half weights, a ``[valid rows, H]`` fp32 grad_hidden accumulator, and O(rows)

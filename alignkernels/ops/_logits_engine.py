@@ -8,6 +8,10 @@ backend with ``forward(logits, labels, temperature, ignore_index) -> (logp, RowS
 - ``torch``: the same algorithm in PyTorch over chunks of rows, so peak extra memory is
   O(chunk x V), not O(N x V); the math is ``_softmax_torch``'s.
 
+``batch_invariant=True`` uses :data:`BATCH_INVARIANT_TOKEN_KERNELS` (the torch chunks padded to one
+shape; the Triton kernels as they are: one program per row). ``support=`` / ``top_k=``
+(``ops/_support.py``) mask the torch path's chunks: logits outside the kept set are −inf.
+
 Every backend saves the centred row state ``RowStats(row_max, log_sum, entropy)`` and forms ``p``
 and ``z - Σp·z`` relative to ``row_max`` (see ``kernels/_softmax.py`` for the derivation). The
 backward of the state it is handed -- a shard's own or the merged global one (vocab parallel) --
