@@ -67,6 +67,7 @@ from ._softmax_torch import (
     raw_grad_,
     transform_,
 )
+from ._support import kept_block
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -250,9 +251,12 @@ class TorchFold:
         return torch.tensor(cls.FILLS, dtype=dtype, device=device)[:, None].repeat(1, n)
 
     @staticmethod
-    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
-        """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view)."""
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
+        """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view).
+        ``kept`` (``[rows, cols]`` bool, ``ops/_support.py``): logits outside it become −inf."""
         y = transform_(tile, tr.logit_scale, tr.softcap)
+        if kept is not None:
+            y.masked_fill_(~kept, float("-inf"))
         n_cols = y.shape[1]
         local = labels - vocab_start
         in_block = (local >= 0) & (local < n_cols)
@@ -281,9 +285,13 @@ class TorchFold:
         return HeadStats(logp, stats, extra)
 
     @staticmethod
-    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
-        """Raw tile (bias included; overwritten) -> ``dx = d loss / d raw logits`` (in ``work``)."""
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform,
+                 kept=None):  # fmt: skip
+        """Raw tile (bias included; overwritten) -> ``dx = d loss / d raw logits`` (in ``work``); ``kept``
+        as :meth:`forward` (p = 0, so dx = 0, outside it)."""
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
+        if kept is not None:
+            y.masked_fill_(~kept, float("-inf"))
         zc = centred(y, stats.row_max, tr.temperature)
         dz = grad_from_centred_(zc, stats.log_sum, stats.entropy, g_logp, g_entropy, labels - vocab_start, work)
         return raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)  # chain rule: z = f(x + b) / T
@@ -316,7 +324,8 @@ class TritonFold:
         return torch.tensor(fills, dtype=dtype, device=device)[:, None].repeat(1, n)
 
     @staticmethod
-    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
+        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
         linear_logprobs_fwd_kernel[(n_rows,)](
@@ -338,7 +347,9 @@ class TritonFold:
         return HeadStats(logp, stats, extra)
 
     @staticmethod
-    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform,
+                 kept=None):  # fmt: skip
+        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
         saved = torch.stack(tuple(stats))  # ROW_STATS order
@@ -350,6 +361,11 @@ class TritonFold:
             int(bias is not None), BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
         return dx
+
+
+def _no_support(kept):
+    if kept is not None:  # the ops refuse support= on triton before any tile runs
+        raise ValueError("support= is not implemented on the triton lm-head fold")
 
 
 assert ROW_STATS == RowStats._fields and TorchFold.FIELDS[:3] == RowStats._fields
@@ -378,15 +394,20 @@ def _view(buf, shape):
 
 
 def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats,
-                 lora: LoraHead | None = None) -> HeadStats:  # fmt: skip
+                 lora: LoraHead | None = None, support: torch.Tensor | None = None) -> HeadStats:  # fmt: skip
     """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows. With
     ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``).
-    GEMM operands and mode: ``plan.precision`` (:class:`HeadPrecision`)."""
+    GEMM operands and mode: ``plan.precision`` (:class:`HeadPrecision`). ``support`` (``[rows, W]``
+    int32 kept-token bits of the compact rows, ``ops/_support.py``): logits outside it are −inf."""
     with plan.precision.gemms(hidden.device):
-        return _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora)
+        return _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora, support)
 
 
-def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora):
+def _tile_kept(support, r0, r1, v0, v1):
+    return kept_block(support, r0, r1, v0, v1) if support is not None else None
+
+
+def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora, support):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cd = output_dtype(hidden.dtype)
     state = fold.new_state(n_rows, cd, hidden.device)
@@ -404,24 +425,25 @@ def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora
                 if adapter is not None:
                     adapter.add_to_tile(tile, slice(r0, r1), b_blk)
                 fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
-                             tr, want_stats)  # fmt: skip
+                             tr, want_stats, kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
     return fold.finalise(state, tr, vocab, want_stats)
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,
-                  needs, lora: LoraHead | None = None):  # fmt: skip
+                  needs, lora: LoraHead | None = None, support: torch.Tensor | None = None):  # fmt: skip
     """``(grad_hidden fp32 | None, grad_weight | None, grad_bias fp32 | None)`` for per-row upstream
     gradients ``g_logp`` / ``g_entropy`` (compute dtype, or None) of the state ``stats``.
 
     With ``lora``, ``needs`` has five flags ``(hidden, weight, bias, lora_A, lora_B)`` and the
     result two more entries ``(grad_lora_A | None, grad_lora_B | None)`` in the adapter's dtype;
     ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``). GEMM operands and mode:
-    ``plan.precision``, as forward."""
+    ``plan.precision``, and ``support``, as forward."""
     with plan.precision.gemms(hidden.device):
-        return _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora)
+        return _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora,
+                              support)  # fmt: skip
 
 
-def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora):
+def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora, support):
     n_rows, H = hidden.shape
     vocab = weight.shape[0]
     cd = output_dtype(hidden.dtype)
@@ -457,7 +479,8 @@ def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, p
                 adapter.add_to_tile(tile, rows, b_blk)
             dx = fold.backward(tile, _view(dx_buf, tile.shape), _view(work_buf, tile.shape), bias, weight, labels[rows],
                                RowStats(*(x[rows] for x in stats)), g_logp[rows] if g_logp is not None else None,
-                               g_entropy[rows] if g_entropy is not None else None, v0, tr)  # fmt: skip
+                               g_entropy[rows] if g_entropy is not None else None, v0, tr,
+                               kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
             dx_gemm = dx if dx.dtype == h.dtype else dx.to(h.dtype)
             if need_h:
                 addmm_into(grad_hidden[rows], dx_gemm, w_blk)  # grad_h[chunk] += dx @ W[block]

@@ -1,4 +1,5 @@
-"""The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (torch and reference).
+"""The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (torch and reference) and
+``support=`` on ``linear_logprobs`` (torch: the lm-head engine masks each tile, :func:`kept_block`).
 
 With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
 kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``
@@ -50,6 +51,20 @@ def unpack_bits(words: torch.Tensor, vocab: int) -> torch.Tensor:
         _SHIFTS[key] = torch.arange(32, dtype=torch.int32, device=words.device)
     bits = (words[:, :, None] >> _SHIFTS[key]) & 1  # arithmetic shift: the sign bit is masked off by & 1
     return bits.reshape(words.shape[0], -1)[:, :vocab].bool()
+
+
+def kept_block(bits: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> torch.Tensor:
+    """The ``[r1 - r0, v1 - v0]`` bool mask of one lm-head tile (rows ``r0:r1``, vocab ``v0:v1``),
+    unpacked from the words that cover it only."""
+    w0, w1 = v0 // 32, -(-v1 // 32)
+    cols = unpack_bits(bits[r0:r1, w0:w1], (w1 - w0) * 32)
+    return cols[:, v0 - 32 * w0 : v1 - 32 * w0]
+
+
+def label_bits(bits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each row's label (``[n]`` int64, clamped into range by the caller) is kept."""
+    words = bits.gather(1, (labels // 32)[:, None]).squeeze(1)
+    return ((words >> (labels % 32).to(torch.int32)) & 1).bool()
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

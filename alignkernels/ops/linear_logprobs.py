@@ -17,9 +17,14 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled, refuse_double_backward
+from .._utils import (
+    OpBackends,
+    check_batch_invariant,
+    check_label_range,
+    labels_checking_enabled,
+    refuse_double_backward,
+)
 from ..reference import linear_logprobs_reference, linear_logprobs_stats_reference
-from .._utils import check_batch_invariant
 from ._lmhead_engine import (
     FOLDS,
     batch_invariant_plan,
@@ -34,6 +39,7 @@ from ._lmhead_engine import (
 )
 from ._lora import LoraHead, effective_weight, validate_lora
 from ._softmax_torch import RowStats
+from ._support import check_labels_kept, label_bits, validate_support
 from .vocab_parallel import vocab_parallel_linear_logprobs
 
 LINEAR_LOGPROBS = OpBackends("linear_logprobs", ("triton", "torch", "reference"))
@@ -62,12 +68,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, tr, plan, fold, want_stats, lora_A=None, lora_B=None,
-                lora_scaling=None):  # fmt: skip
+                lora_scaling=None, support=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora=lora)
-        ctx.save_for_backward(hidden, weight, bias, labels, lora_A, lora_B, *out.stats)
+            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora=lora, support=support)
+        ctx.save_for_backward(hidden, weight, bias, labels, lora_A, lora_B, support, *out.stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.lora_scaling = tr, plan, fold, lora_scaling
         extra = out.extra if out.extra is not None else (None, None, None)
         lse = out.stats.row_max + out.stats.log_sum
@@ -77,25 +83,25 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
         refuse_double_backward("linear_logprobs", ctx.fold.NAME)
-        hidden, weight, bias, labels, lora_A, lora_B, *stats = ctx.saved_tensors
+        hidden, weight, bias, labels, lora_A, lora_B, support, *stats = ctx.saved_tensors
         lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[8:10]) if lora is not None else ())
         if (grad_logp is None and grad_entropy is None) or not any(needs):
-            return (None,) * 11
+            return (None,) * 12
         cd = stats[0].dtype
         g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
         g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
                 hidden, weight, bias, labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan, ctx.fold, needs,
-                lora=lora,
+                lora=lora, support=support,
             )  # fmt: skip
         grad_lora_A, grad_lora_B = grad_lora if grad_lora else (None, None)
         return (
             grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
             grad_weight,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            None, None, None, None, None, grad_lora_A, grad_lora_B, None,
+            None, None, None, None, None, grad_lora_A, grad_lora_B, None, None,
         )  # fmt: skip
 
 
@@ -121,6 +127,7 @@ def linear_logprobs(
     lora=None,
     head_precision: str = "input",
     batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -184,6 +191,11 @@ def linear_logprobs(
             ``lora=`` and ``process_group=`` refuse it (``ValueError``). Without it results are
             deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
             change with the batch around it.
+        support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
+            ``labels.shape + (ceil(V/32),)``): logp and entropy renormalised over the kept set, each
+            tile's logits outside it set to −inf (``ops/_support.py``; no ``[N, V]`` mask). A valid
+            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch``
+            backend only, without ``return_stats`` / ``process_group=`` (``ValueError`` otherwise).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -198,6 +210,8 @@ def linear_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if support is not None:
+            raise ValueError("support= is not supported with process_group= (vocab-parallel lm_head)")
         if batch_invariant:
             raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel lm_head)")
         if vocab_start is None or vocab_size is None:
@@ -220,6 +234,13 @@ def linear_logprobs(
     vocab = weight.shape[0]
     if labels_checking_enabled(check_labels):
         check_label_range(wide_labels, vocab, ignore_index)
+    kept = validate_support(support, None, wide_labels.shape, vocab, hidden.device, labels_checking_enabled(check_labels))
+    if kept is not None and (backend != "torch" or return_stats):
+        raise ValueError("support= is implemented on backend 'torch' without return_stats, "
+                         f"got backend={backend!r}" + (" with return_stats=True" if return_stats else ""))  # fmt: skip
+    if kept is not None and kept.check:
+        flat = wide_labels.reshape(-1)
+        check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab - 1)), flat != ignore_index, kept.shape)
     if batch_invariant and (backend not in FOLDS or adapter is not None):
         raise ValueError("batch_invariant=True is implemented on the backends ('torch', 'triton') without lora=, "
                          f"got backend={backend!r}" + (" with lora=" if adapter is not None else ""))  # fmt: skip
@@ -236,15 +257,19 @@ def linear_logprobs(
     fold = FOLDS[backend]
     compact = compact_rows(hidden, wide_labels, ignore_index)
     rows, row_labels = compact.hidden, compact.labels
+    bits = None
+    if kept is not None:
+        bits = kept.bits if compact.rows is None else kept.bits.index_select(0, compact.rows)
     if batch_invariant:  # one tile shape: the rows padded to whole tiles (label 0, results dropped)
         plan = batch_invariant_plan(fold, hidden.device, vocab, precision.name)
         rows, row_labels = pad_rows(rows, plan.chunk_rows), pad_rows(row_labels, plan.chunk_rows)
+        bits = pad_rows(bits, plan.chunk_rows, -1) if bits is not None else None  # padded rows keep all
     else:
         plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size,
                          precision.name)  # fmt: skip
     outs = LinearLogprobsFunction.apply(
         rows, weight, bias.contiguous() if bias is not None else None, row_labels, tr, plan, fold,
-        return_stats, *(adapter if adapter is not None else ()),
+        return_stats, *(adapter if adapter is not None else (None, None, None)), bits,
     )  # fmt: skip
     if rows is not compact.hidden:
         n = compact.labels.shape[0]

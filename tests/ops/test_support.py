@@ -170,3 +170,53 @@ def test_bad_arguments_are_named(kw, exc, match):
     logits, labels, _ = _data()
     with pytest.raises(exc, match=match):
         ak.token_logprobs(logits, labels, **{"backend": "torch", **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_logprobs(support=): each lm-head tile masked (torch)
+# ----------------------------------------------------------------------------------------------
+H = 16
+
+
+def _head_data(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    _, labels, keep = _data(seed)
+    return hidden, weight, labels, keep
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=4, vocab_block_size=40), dict(), dict(batch_invariant=True)])
+def test_linear_support_matches_fp64_masked_log_softmax(kw):
+    """Vocab blocks of 40 columns cut the 32-bit words: each tile unpacks only the words it covers."""
+    hidden, weight, labels, keep = _head_data()
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = ak.linear_logprobs(h, w, labels, support=pack_bits(keep), return_entropy=True, backend="torch",
+                                       temperature=0.8, **kw)  # fmt: skip
+    (logp.sum() + 0.7 * entropy.sum()).backward()
+    hd, wd = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    want_logp, want_entropy, _ = _fp64_masked(hd @ wd.T, labels, keep, 0.8)
+    ls = torch.log_softmax(((hd @ wd.T) / 0.8).masked_fill(~keep, float("-inf")), -1)
+    valid = labels != -100
+    ref = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0).sum() + 0.7 * torch.where(
+        valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0).sum()  # fmt: skip
+    ref.backward()
+    assert max_rel_error(logp, want_logp, floor=1.0) < 2e-6 and max_rel_error(entropy, want_entropy, floor=1.0) < 2e-6
+    assert max_rel_error(h.grad, hd.grad) < 2e-6 and max_rel_error(w.grad, wd.grad) < 2e-6
+    assert bool((w.grad[~keep[valid].any(0)] == 0).all()), "vocab rows kept by no valid token get no gradient"
+
+
+def test_linear_label_outside_support_and_refusals():
+    hidden, weight, labels, keep = _head_data()
+    keep[2, 0, labels[2, 0]] = False
+    with pytest.raises(ValueError, match=r"position \(2, 0\) is outside its row's support"):
+        ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch")
+    logp = ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch", check_labels=False)
+    assert logp[2, 0] == float("-inf") and bool(torch.isfinite(logp[1:2]).all())
+    bits = pack_bits(keep)
+    for kw, match in ((dict(backend="triton"), "support= is implemented on backend 'torch'"),
+                      (dict(backend="reference"), "support= is implemented on backend 'torch'"),
+                      (dict(backend="torch", return_stats=True), "with return_stats=True"),
+                      (dict(process_group=object(), vocab_start=0, vocab_size=V), "not supported with process_group="),
+                      (dict(backend="torch", support=bits[..., :2]), "support must have shape")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ak.linear_logprobs(hidden, weight, labels, **{"support": bits, "check_labels": False, **kw})
