@@ -39,7 +39,7 @@ a row's results are bitwise independent of the rows around it. The default plan 
 the number of rows, which is run-to-run deterministic but not batch invariant.
 
 Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two for the torch
-fold, plus a weight-dtype ``dx`` tile for half inputs in backward), a ``[block, H]`` fp32 grad_weight
+fold, plus a ``dx`` tile in the half GEMM operand dtype in backward), a ``[block, H]`` fp32 grad_weight
 accumulator for half weights, a ``[valid rows, H]`` fp32 grad_hidden accumulator, and O(rows)
 statistics. Nothing scales with ``N x V``.
 """

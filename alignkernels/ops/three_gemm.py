@@ -44,7 +44,7 @@ GEMMs run in the input dtype on CUDA (fp32 out via ``out_dtype``) and in fp32 (f
 
 Memory (besides inputs): the fp32 logits buffer ``chunk x V`` plus, on the torch path, one fp32
 work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap (``1 − tanh²``); on the triton
-path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
+path a ``chunk x V`` dz buffer in the GEMM operand dtype when that is half. The gradients exist from the
 forward on: ``grad_hidden`` ``[n, H]`` (fp32, written by GEMM 2 in fp32 and rounded to the input
 dtype once at the end), ``grad_weight`` ``[V, H]`` (fp32 accumulator for half weights, cast once at
 the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing scales with ``n x V``. With LoRA:
