@@ -210,6 +210,13 @@ def check_temperature(temperature) -> float:
     return temperature
 
 
+def check_batch_invariant(value) -> bool:
+    """``batch_invariant=`` must be a bool (a truthy string or tensor would silently switch modes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"batch_invariant must be a bool, got {value!r}")
+    return value
+
+
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
     """Outputs are fp32 for half/single inputs, fp64 for fp64 inputs (so gradcheck works)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

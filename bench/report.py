@@ -246,6 +246,24 @@ def _e2e_markdown(e2e: dict) -> list[str]:
     return out
 
 
+def _batch_invariant_markdown(data: dict) -> list[str]:
+    """``python -m bench.batch_invariant``'s cost of ``batch_invariant=True`` beside the default path."""
+    meta = data["meta"]
+    out = [f"`batch_invariant=True` vs the default path (`python -m bench.batch_invariant`: fp32, forward + backward to the input (frozen weight), "
+           f"backend torch, median of {data['rows'][0]['repeats'] if data['rows'] else '?'} interleaved calls; "
+           f"{meta.get('device_name')}, a CPU shared with other jobs, so ±10 % is noise; torch {meta.get('torch')}, "
+           f"commit {(meta.get('git_commit') or '?')[:7]}, {meta.get('timestamp')}):", "",
+           "| op | shape | default ms | batch_invariant ms | ratio | matmul FLOPs default → invariant | padded rows "
+           "(extra FLOPs and bytes of the row passes) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in data["rows"]:
+        flops = (f"{r['default_matmul_flops'] / 1e9:.2f} → {r['batch_invariant_matmul_flops'] / 1e9:.2f} G"
+                 if r["default_matmul_flops"] else "— (no GEMM)")  # fmt: skip
+        n = int(r["shape"].split()[0].removeprefix("N="))
+        out.append(f"| {r['op']} | {r['shape']} | {r['default_ms']:.0f} | {r['batch_invariant_ms']:.0f} | "
+                   f"{r['ratio']:.2f}x | {flops} | {r['padded_rows']} (+{100 * r['padded_rows'] / n:.1f} %) |")  # fmt: skip
+    return out
+
+
 def _static_markdown(static: dict) -> list[str]:
     from .static import cost_rows
 
@@ -278,9 +296,12 @@ def benchmarks_markdown(root: Path = RESULTS_ROOT) -> str:
     for folder in folders:
         results = folder / "results.json"
         session = folder / "SUMMARY.md"
-        if not (results.is_file() or session.is_file() or (folder / "e2e.json").is_file()):
+        invariant = folder / "batch_invariant.json"
+        if not (results.is_file() or session.is_file() or (folder / "e2e.json").is_file() or invariant.is_file()):
             continue
         name = folder.name
+        if invariant.is_file():
+            name = json.loads(invariant.read_text())["meta"]["device_name"]
         if results.is_file():
             data = json.loads(results.read_text())
             meta = data["meta"]
@@ -295,6 +316,8 @@ def benchmarks_markdown(root: Path = RESULTS_ROOT) -> str:
                       f"`bench/results/{folder.name}/`", "", markdown_tables(data), ""]  # fmt: skip
         if (folder / "e2e.json").is_file():
             parts += _e2e_markdown(json.loads((folder / "e2e.json").read_text())) + [""]
+        if invariant.is_file():
+            parts += _batch_invariant_markdown(json.loads(invariant.read_text())) + [""]
     static = Path(root) / "static" / "static_report.json"
     if static.is_file():
         parts += ["## Static kernel report", ""] + _static_markdown(json.loads(static.read_text())) + [""]

@@ -294,7 +294,7 @@ def test_bf16_grad_hidden_is_fp32_gemm_rounded_once(monkeypatch, head_path):
     from alignkernels.ops import _lmhead_engine as engine
 
     monkeypatch.setattr(engine, "mixed_mm_supported", lambda device: True)
-    monkeypatch.setattr(engine.TorchFold, "operands", staticmethod(lambda t, compute_dtype: t))
+    monkeypatch.setattr(engine.HeadPrecision, "operand", lambda self, t, compute_dtype: t)  # operands kept, as on CUDA
     g = torch.Generator().manual_seed(0)
     N, H, V = 6, 32, 288
     hidden = torch.randn(N, H, generator=g).bfloat16().requires_grad_()

@@ -37,6 +37,7 @@ import torch
 
 from .._utils import OpBackends, check_label_range, check_tensor, labels_checking_enabled, output_dtype
 from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
+from ..ops._lmhead_engine import head_precision as check_head_precision
 from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
 from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
@@ -95,6 +96,7 @@ def fused_linear_cross_entropy(
     chunk_size: int | None = None,
     check_labels: bool | None = None,
     lora=None,
+    head_precision: str = "input",
 ):
     """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
 
@@ -130,6 +132,8 @@ def fused_linear_cross_entropy(
             under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
         chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
+        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"``, the head GEMMs' operands (see
+            ``linear_logprobs``; the weight widened block by block, never whole).
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
             ``linear_logprobs``), fused into the same three GEMMs (contraction ``H + r``:
             ``alignkernels.ops._lora.LoraConcat``); ``lora_A`` and ``lora_B`` get gradients.
@@ -157,7 +161,7 @@ def fused_linear_cross_entropy(
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
     tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
-                                    check_labels, chunk_size)  # fmt: skip
+                                    check_labels, chunk_size, head_precision)  # fmt: skip
     adapter = validate_lora(lora, hidden, weight)
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
     cd = output_dtype(hidden.dtype)
@@ -172,7 +176,8 @@ def fused_linear_cross_entropy(
                                       minimum=0, valid_tokens=num_tokens).clamp(min=1)  # fmt: skip
 
     if backend == "reference":  # the eager baseline: the adapted head materialised (W + s·B·A)
-        logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
+        with check_head_precision(head_precision).gemms(hidden.device):  # the reference widens: TF32 switch only
+            logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
         logp = compact.mask(logp)
         loss = _sft_token_losses(logp, loss_type).sum() / denominator
         logp, entropy = logp.detach(), entropy.detach()
@@ -184,7 +189,7 @@ def fused_linear_cross_entropy(
             return TokenGrad(g / denominator)
 
         out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, adapter, tr, token_grad, backend,
-                              chunk_size)  # fmt: skip
+                              chunk_size, head_precision)  # fmt: skip
         loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if call is not None:
@@ -208,23 +213,24 @@ def _sft_token_losses(logp, loss_type):
 
 
 def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,
-                       chunk_size):  # fmt: skip
+                       chunk_size, precision):  # fmt: skip
     """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``.
     Run before the backend is resolved, so a bad tensor is named whatever the backend."""
     check_positive_int("chunk_size", chunk_size)
+    check_head_precision(precision)
     tr, labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     if labels_checking_enabled(check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
     return tr, labels
 
 
-def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size):
+def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size, precision):
     """The three-GEMM head over the compact rows (``adapter``: a validated ``LoraHead`` or None):
     ``(HeadOutputs, HeadCall | None)`` -- the gradients formed for whichever of hidden / weight / bias
     (/ lora_A / lora_B) requires grad (none in ``no_grad`` / ``inference_mode``: then only the logits
     GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
-    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size)
+    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size, precision)
     grad_mode = torch.is_grad_enabled()
     inputs = (compact.hidden, weight, bias) + (() if adapter is None else (adapter.lora_A, adapter.lora_B))
     needs = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
@@ -336,7 +342,7 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     path = _resolve_head_path(head_path, backends.op, reason)
     bias = head["bias"]
     tr, labels = _three_gemm_inputs(hidden, weight, token_ids, bias, head["temperature"], head["logit_scale"],
-                                    head["softcap"], None, False, head["chunk_size"])  # fmt: skip
+                                    head["softcap"], None, False, head["chunk_size"], head["head_precision"])  # fmt: skip
     adapter = validate_lora(head.get("lora"), hidden, weight)
     policy.validate(labels.shape, output_dtype(hidden.dtype), hidden.device)
     labels = _masked_labels(labels, policy.mask, ignore_index)
@@ -352,7 +358,8 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     compact = compact_rows(hidden, labels, ignore_index)
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
-    out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"])
+    out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"],
+                          head["head_precision"])  # fmt: skip
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
     if call is not None:
@@ -410,6 +417,7 @@ def fused_linear_grpo_loss(
     check_labels: bool | None = None,
     head_path: str = "auto",
     lora=None,
+    head_precision: str = "input",
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -429,6 +437,7 @@ def fused_linear_grpo_loss(
             ``ref_weight``/``ref_bias`` defaulting to the policy head) and they are computed here
             without gradient. Needed when ``beta != 0``.
         temperature, logit_scale, softcap: the logit transform (see ``linear_logprobs``).
+        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"`` (see ``linear_logprobs``).
         lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
             ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **grpo_kwargs: ``beta``, ``epsilon_low``, ``epsilon_high``, ``delta``, ``loss_type``,
@@ -468,7 +477,8 @@ def fused_linear_grpo_loss(
         ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
+                head_precision=head_precision)  # fmt: skip
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, _masked_labels(completion_ids, completion_mask, ignore_index),
                                           weight=weight, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
@@ -511,6 +521,7 @@ def fused_linear_dpo_loss(
     backend: str = "auto",
     check_labels: bool | None = None,
     lora=None,
+    head_precision: str = "input",
     **dpo_kwargs,
 ):
     """DPO-family loss straight from the policy's last hidden states of a concatenated batch.
@@ -527,6 +538,7 @@ def fused_linear_dpo_loss(
             ``precompute_ref_log_probs``), or ``[B, T]`` per-token. Or give ``ref_hidden``
             (``[2B, T, H]``; ``ref_weight``/``ref_bias`` default to the policy head) and they are
             computed here without gradient.
+        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"`` (see ``linear_logprobs``).
         lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
             ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
         **dpo_kwargs: ``beta``, ``loss_type`` (one or a list), ``loss_weights``,
@@ -541,7 +553,8 @@ def fused_linear_dpo_loss(
     if labels.dim() != 2 or labels.shape[0] % 2:
         raise ValueError(f"labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
+                head_precision=head_precision)  # fmt: skip
     out = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_stats=True, **head)
     B = labels.shape[0] // 2
     mask = labels != ignore_index
@@ -584,6 +597,7 @@ def fused_linear_ppo_loss(
     check_labels: bool | None = None,
     head_path: str = "auto",
     lora=None,
+    head_precision: str = "input",
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
@@ -601,7 +615,8 @@ def fused_linear_ppo_loss(
     checked, and autograd modes behave, as in :func:`fused_linear_grpo_loss`.
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
+                head_precision=head_precision)  # fmt: skip
     detached_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
 
     def loss_fn(logp, entropy, value_tensors=(values, old_values, returns)):

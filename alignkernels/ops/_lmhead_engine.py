@@ -28,13 +28,24 @@ every architecture with bf16 inputs and fp32 output (``out_dtype``); the price o
 extra write+read of the fp32 tile per GEMM (4 bytes/logit, ~10 % of a GEMM's time at H = 4096).
 On the CPU (torch fold) the folds are a few fused ATen passes over a cache-sized tile.
 
+GEMM operands (``head_precision=``, :class:`HeadPrecision` in the plan): on CUDA the inputs' dtype
+with fp32 output (``input``) or widened to fp32 slice by slice with TF32 off / on for these GEMMs only
+(``fp32`` / ``tf32``); the CPU always widens (no mixed-precision GEMM), so there the three agree.
+
+Batch invariance (``batch_invariant=True``, :func:`batch_invariant_plan`): one fixed plan whatever the
+batch (256 x 16384 tiles on CPU, 1024 rows on CUDA) and the valid rows padded to whole tiles
+(:func:`pad_rows`), so every GEMM and fold runs at one shape and the vocab blocks merge in one order:
+a row's results are bitwise independent of the rows around it. The default plan adapts the chunk to
+the number of rows, which is run-to-run deterministic but not batch invariant.
+
 Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two for the torch
-fold, plus a weight-dtype ``dx`` tile for half inputs in backward), a ``[block, H]`` fp32 grad_weight
+fold, plus a ``dx`` tile in the half GEMM operand dtype in backward), a ``[block, H]`` fp32 grad_weight
 accumulator for half weights, a ``[valid rows, H]`` fp32 grad_hidden accumulator, and O(rows)
 statistics. Nothing scales with ``N x V``.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import NamedTuple
@@ -56,6 +67,7 @@ from ._softmax_torch import (
     raw_grad_,
     transform_,
 )
+from ._support import kept_block
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -73,9 +85,61 @@ class Transform(NamedTuple):
     temperature: float
 
 
+class HeadPrecision(NamedTuple):
+    """How the lm-head GEMMs take their operands (``head_precision=``; one row of
+    :data:`HEAD_PRECISIONS`). Every GEMM operand of the engine, of the three-GEMM head and of the
+    LoRA term is formed by :meth:`operand`, and every GEMM runs inside :meth:`gemms`.
+
+    * ``input``: on CUDA the operands keep their dtype (bf16 / fp16 tensor cores, fp32 output via
+      ``out_dtype``); fp32 GEMMs follow torch's global TF32 setting. On the CPU (no mixed-precision
+      GEMM) operands are widened to fp32, so there ``input`` computes what ``fp32`` does.
+    * ``fp32``: operands widened to fp32 (fp64 for fp64 inputs) slice by slice -- a weight *block*
+      ``[block, H]`` at a time, never a full fp32 copy of the weight -- and IEEE fp32 GEMMs on CUDA
+      (TF32 off for those GEMMs only): the numbers of an fp32 lm-head (vLLM ``head_dtype=float32``).
+    * ``tf32``: as ``fp32`` with TF32 tensor cores on for those GEMMs only (CUDA). The CPU has no
+      TF32: there it computes exactly ``fp32``."""
+
+    name: str
+    upcast: bool  # widen half operands to the compute dtype on CUDA too
+    tf32: bool | None  # CUDA fp32 GEMMs: TF32 on / off for the head's GEMMs; None leaves torch's setting
+
+    def operand(self, t: torch.Tensor, compute_dtype) -> torch.Tensor:
+        """A GEMM operand: ``t`` itself on CUDA in ``input`` mode, else ``t`` in the compute dtype
+        (``t`` itself when it already has it; a copy the size of ``t``, so callers pass slices)."""
+        return t if (t.is_cuda and not self.upcast) else t.to(compute_dtype)
+
+    @contextlib.contextmanager
+    def gemms(self, device):
+        """Scope in which the head's GEMMs run: sets ``torch.backends.cuda.matmul.allow_tf32`` for
+        ``fp32`` / ``tf32`` on CUDA and restores it on exit (no effect on the CPU)."""
+        if self.tf32 is None or torch.device(device).type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+HEAD_PRECISIONS = {p.name: p for p in (HeadPrecision("input", False, None), HeadPrecision("fp32", True, False),
+                                       HeadPrecision("tf32", True, True))}  # fmt: skip
+
+
+def head_precision(value) -> HeadPrecision:
+    """The :data:`HEAD_PRECISIONS` row named by ``head_precision=`` (TE / VE naming the argument)."""
+    if not isinstance(value, str):
+        raise TypeError(f"head_precision must be one of {tuple(HEAD_PRECISIONS)} (a str), got {value!r}")
+    if value not in HEAD_PRECISIONS:
+        raise ValueError(f"head_precision must be one of {tuple(HEAD_PRECISIONS)}, got {value!r}")
+    return HEAD_PRECISIONS[value]
+
+
 class Plan(NamedTuple):
     chunk_rows: int
     block_cols: int
+    precision: HeadPrecision = HEAD_PRECISIONS["input"]
 
 
 class HeadStats(NamedTuple):
@@ -175,13 +239,8 @@ class TorchFold:
     max_block = 1 << 14  # ATen's fused CPU reductions sum in fp32 lanes: blocks <= 16k columns keep 1e-6
 
     @staticmethod
-    def dx_dtype(weight_dtype, compute_dtype):
+    def dx_dtype(operand_dtype, compute_dtype):
         return compute_dtype
-
-    @staticmethod
-    def operands(hidden, compute_dtype):
-        """CPU has no mixed-precision GEMM: widen once to the compute dtype."""
-        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
 
     @staticmethod
     def tile(out, h, w_blk, bias_blk):
@@ -192,9 +251,12 @@ class TorchFold:
         return torch.tensor(cls.FILLS, dtype=dtype, device=device)[:, None].repeat(1, n)
 
     @staticmethod
-    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
-        """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view)."""
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
+        """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view).
+        ``kept`` (``[rows, cols]`` bool, ``ops/_support.py``): logits outside it become −inf."""
         y = transform_(tile, tr.logit_scale, tr.softcap)
+        if kept is not None:
+            y.masked_fill_(~kept, float("-inf"))
         n_cols = y.shape[1]
         local = labels - vocab_start
         in_block = (local >= 0) & (local < n_cols)
@@ -223,9 +285,13 @@ class TorchFold:
         return HeadStats(logp, stats, extra)
 
     @staticmethod
-    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
-        """Raw tile (bias included; overwritten) -> ``dx = d loss / d raw logits`` (in ``work``)."""
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform,
+                 kept=None):  # fmt: skip
+        """Raw tile (bias included; overwritten) -> ``dx = d loss / d raw logits`` (in ``work``); ``kept``
+        as :meth:`forward` (p = 0, so dx = 0, outside it)."""
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
+        if kept is not None:
+            y.masked_fill_(~kept, float("-inf"))
         zc = centred(y, stats.row_max, tr.temperature)
         dz = grad_from_centred_(zc, stats.log_sum, stats.entropy, g_logp, g_entropy, labels - vocab_start, work)
         return raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)  # chain rule: z = f(x + b) / T
@@ -233,8 +299,8 @@ class TorchFold:
 
 class TritonFold:
     """Triton fold (``alignkernels.kernels.linear_logprobs``; CUDA tensors, or the interpreter). The
-    kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the weight's dtype
-    (the gradient GEMMs' operand dtype on the GPU)."""
+    kernel adds the bias; state fields are ``FOLD_STATE``; ``dx`` is written in the gradient GEMMs'
+    operand dtype (:meth:`dx_dtype`)."""
 
     NAME = "triton"
     FILLS = {"row_max": float("-inf"), "max_y": float("-inf"), "max_y_before_label": float("-inf"),
@@ -243,13 +309,10 @@ class TritonFold:
     max_block = None
 
     @staticmethod
-    def dx_dtype(weight_dtype, compute_dtype):
-        return weight_dtype
-
-    @staticmethod
-    def operands(hidden, compute_dtype):
-        """On CUDA, GEMMs take the inputs' dtype (tensor cores) and write fp32."""
-        return hidden if hidden.is_cuda else hidden.to(compute_dtype)
+    def dx_dtype(operand_dtype, compute_dtype):
+        """``dx`` is a gradient GEMM's operand: written directly in the GEMM operand dtype
+        (``HeadPrecision.operand``: the input dtype on CUDA in ``input`` mode, else fp32)."""
+        return operand_dtype
 
     @staticmethod
     def tile(out, h, w_blk, bias_blk):
@@ -261,7 +324,8 @@ class TritonFold:
         return torch.tensor(fills, dtype=dtype, device=device)[:, None].repeat(1, n)
 
     @staticmethod
-    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats):
+    def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
+        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
         linear_logprobs_fwd_kernel[(n_rows,)](
@@ -283,7 +347,9 @@ class TritonFold:
         return HeadStats(logp, stats, extra)
 
     @staticmethod
-    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform):
+    def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform,
+                 kept=None):  # fmt: skip
+        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
         saved = torch.stack(tuple(stats))  # ROW_STATS order
@@ -295,6 +361,11 @@ class TritonFold:
             int(bias is not None), BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
         return dx
+
+
+def _no_support(kept):
+    if kept is not None:  # the ops refuse support= on triton before any tile runs
+        raise ValueError("support= is not implemented on the triton lm-head fold")
 
 
 assert ROW_STATS == RowStats._fields and TorchFold.FIELDS[:3] == RowStats._fields
@@ -323,19 +394,30 @@ def _view(buf, shape):
 
 
 def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, want_stats,
-                 lora: LoraHead | None = None) -> HeadStats:  # fmt: skip
+                 lora: LoraHead | None = None, support: torch.Tensor | None = None) -> HeadStats:  # fmt: skip
     """Per-row ``logp``, ``RowStats`` (and the optional statistics) of the compact rows. With
-    ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``)."""
+    ``lora`` each raw tile also gets the adapter's ``s·(h·Aᵀ)·B[block]ᵀ`` (``ops/_lora.py``).
+    GEMM operands and mode: ``plan.precision`` (:class:`HeadPrecision`). ``support`` (``[rows, W]``
+    int32 kept-token bits of the compact rows, ``ops/_support.py``): logits outside it are −inf."""
+    with plan.precision.gemms(hidden.device):
+        return _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora, support)
+
+
+def _tile_kept(support, r0, r1, v0, v1):
+    return kept_block(support, r0, r1, v0, v1) if support is not None else None
+
+
+def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora, support):
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cd = output_dtype(hidden.dtype)
     state = fold.new_state(n_rows, cd, hidden.device)
     if n_rows:
-        h = fold.operands(hidden, cd)
+        h = plan.precision.operand(hidden, cd)
         bias_cd = bias.to(cd) if bias is not None else None
         tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, hidden.device)
-        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into) if lora is not None else None
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into) if lora is not None else None
         for v0, v1, chunks in tiles(n_rows, vocab, plan):
-            w_blk = fold.operands(weight[v0:v1], cd)
+            w_blk = plan.precision.operand(weight[v0:v1], cd)
             b_blk = adapter.block(v0, v1) if adapter is not None else None
             for r0, r1 in chunks:
                 tile = _view(tile_buf, (r1 - r0, v1 - v0))
@@ -343,18 +425,25 @@ def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, 
                 if adapter is not None:
                     adapter.add_to_tile(tile, slice(r0, r1), b_blk)
                 fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
-                             tr, want_stats)  # fmt: skip
+                             tr, want_stats, kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
     return fold.finalise(state, tr, vocab, want_stats)
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,
-                  needs, lora: LoraHead | None = None):  # fmt: skip
+                  needs, lora: LoraHead | None = None, support: torch.Tensor | None = None):  # fmt: skip
     """``(grad_hidden fp32 | None, grad_weight | None, grad_bias fp32 | None)`` for per-row upstream
     gradients ``g_logp`` / ``g_entropy`` (compute dtype, or None) of the state ``stats``.
 
     With ``lora``, ``needs`` has five flags ``(hidden, weight, bias, lora_A, lora_B)`` and the
     result two more entries ``(grad_lora_A | None, grad_lora_B | None)`` in the adapter's dtype;
-    ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``)."""
+    ``grad_hidden`` then includes the adapter's term (``ops/_lora.py``). GEMM operands and mode:
+    ``plan.precision``, and ``support``, as forward."""
+    with plan.precision.gemms(hidden.device):
+        return _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora,
+                              support)  # fmt: skip
+
+
+def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, plan, fold, needs, lora, support):
     n_rows, H = hidden.shape
     vocab = weight.shape[0]
     cd = output_dtype(hidden.dtype)
@@ -363,22 +452,22 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
     grad_hidden = torch.zeros(n_rows, H, dtype=cd, device=device) if need_h else None
     grad_weight = torch.zeros(weight.shape, dtype=weight.dtype, device=device) if need_w else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_b else None
-    h = fold.operands(hidden, cd)
+    h = plan.precision.operand(hidden, cd)
     adapter = None
     if lora is not None:
-        adapter = LoraTiles(lora, h, cd, lambda t: fold.operands(t, cd), addmm_into, (need_h, *needs[3:]))
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into, (need_h, *needs[3:]))
     if n_rows == 0 or (g_logp is None and g_entropy is None):
         return (grad_hidden, grad_weight, grad_bias, *(adapter.finish(grad_hidden) if adapter is not None else ()))
     bias_cd = bias.to(cd) if bias is not None else None
     tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, device)
-    dx_dtype = fold.dx_dtype(weight.dtype, cd)
+    dx_dtype = fold.dx_dtype(h.dtype, cd)
     dx_buf = tile_buf if dx_dtype == cd else torch.empty(tile_buf.numel(), dtype=dx_dtype, device=device)
     w_acc_buf = None
     if need_w and weight.dtype != cd:
         w_acc_buf = torch.empty(min(plan.block_cols, vocab) * H, dtype=cd, device=device)
 
     for v0, v1, chunks in tiles(n_rows, vocab, plan):
-        w_blk = fold.operands(weight[v0:v1], cd)
+        w_blk = plan.precision.operand(weight[v0:v1], cd)
         b_blk = adapter.block(v0, v1) if adapter is not None else None
         if need_w:
             w_acc = grad_weight[v0:v1] if w_acc_buf is None else w_acc_buf[: (v1 - v0) * H].view(v1 - v0, H).zero_()
@@ -390,7 +479,8 @@ def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entro
                 adapter.add_to_tile(tile, rows, b_blk)
             dx = fold.backward(tile, _view(dx_buf, tile.shape), _view(work_buf, tile.shape), bias, weight, labels[rows],
                                RowStats(*(x[rows] for x in stats)), g_logp[rows] if g_logp is not None else None,
-                               g_entropy[rows] if g_entropy is not None else None, v0, tr)  # fmt: skip
+                               g_entropy[rows] if g_entropy is not None else None, v0, tr,
+                               kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
             dx_gemm = dx if dx.dtype == h.dtype else dx.to(h.dtype)
             if need_h:
                 addmm_into(grad_hidden[rows], dx_gemm, w_blk)  # grad_h[chunk] += dx @ W[block]
@@ -467,7 +557,31 @@ def validate_head(hidden, weight, labels, bias, temperature, logit_scale, softca
     return Transform(logit_scale, softcap, temperature), labels
 
 
-def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan:
+# batch_invariant=True: one tile shape whatever the batch (rows are padded to a multiple of the chunk).
+# The CPU tile is the default plan's for n >= 256 rows, so large batches pay only the padding.
+BATCH_INVARIANT_ROWS = {"cpu": CPU_CHUNK_ROWS, "cuda": 1024}  # token rows per tile (other devices: the CPU's)
+BATCH_INVARIANT_BLOCK = 1 << 14  # vocab entries per tile (the last block: V mod 16384, fixed by V)
+
+
+def batch_invariant_plan(fold, device, vocab, precision: str = "input") -> Plan:
+    """The fixed plan of ``batch_invariant=True``: every tile GEMM is ``[rows, H] x [H, block]`` (the
+    last vocab block ``V mod block`` wide), every fold sees that tile shape, the vocab blocks are
+    merged in one order -- whatever ``n_rows``, ``chunk_size`` or ``vocab_block_size``. With the rows
+    padded to a multiple of ``rows`` (:func:`pad_rows`) a row's results depend on its own inputs only."""
+    rows = BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
+    block = min(BATCH_INVARIANT_BLOCK, fold.max_block or BATCH_INVARIANT_BLOCK)
+    return Plan(rows, min(block, vocab), head_precision(precision))
+
+
+def pad_rows(x: torch.Tensor, multiple: int, value=0) -> torch.Tensor:
+    """``x`` (rows first) padded with ``value`` rows to a multiple of ``multiple`` (differentiable)."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x
+    return torch.cat([x, x.new_full((extra, *x.shape[1:]), value)])
+
+
+def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size, precision: str = "input") -> Plan:
     on_gpu = device.type == "cuda"
     chunk = chunk_size or (GPU_CHUNK_ROWS if on_gpu else CPU_CHUNK_ROWS)
     chunk = max(1, min(chunk, n_rows))
@@ -476,7 +590,7 @@ def make_plan(fold, device, n_rows, vocab, chunk_size, vocab_block_size) -> Plan
         vocab_block_size = max(BLOCK_ALIGN, budget // chunk // BLOCK_ALIGN * BLOCK_ALIGN)
         if fold.max_block is not None:
             vocab_block_size = min(vocab_block_size, fold.max_block)
-    return Plan(chunk, min(vocab_block_size, vocab))
+    return Plan(chunk, min(vocab_block_size, vocab), head_precision(precision))
 
 
 class CompactRows(NamedTuple):

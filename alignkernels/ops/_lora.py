@@ -108,7 +108,7 @@ class LoraTiles:
     """The LoRA term of the lm-head engine's tiles, for one forward or backward pass over the
     compact rows ``h [n, H]`` (already the GEMM operand: compute dtype on CPU, input dtype on CUDA).
 
-    ``operand`` widens a parameter slice like the engine does for the weight (``fold.operands``);
+    ``operand`` widens a parameter slice like the engine does for the weight (``HeadPrecision.operand``);
     ``addmm_into(acc, a, b)`` is the engine's ``acc += a @ b`` accumulated in ``acc``'s dtype.
     ``needs = (grad_hidden, grad_A, grad_B)`` selects what :meth:`backward_tile` accumulates."""
 

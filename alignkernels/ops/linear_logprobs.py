@@ -17,19 +17,29 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, labels_checking_enabled, refuse_double_backward
+from .._utils import (
+    OpBackends,
+    check_batch_invariant,
+    check_label_range,
+    labels_checking_enabled,
+    refuse_double_backward,
+)
 from ..reference import linear_logprobs_reference, linear_logprobs_stats_reference
 from ._lmhead_engine import (
     FOLDS,
+    batch_invariant_plan,
     check_positive_int,
     compact_rows,
     head_backward,
     head_forward,
+    head_precision as check_head_precision,
     make_plan,
+    pad_rows,
     validate_head,
 )
 from ._lora import LoraHead, effective_weight, validate_lora
 from ._softmax_torch import RowStats
+from ._support import check_labels_kept, label_bits, validate_support
 from .vocab_parallel import vocab_parallel_linear_logprobs
 
 LINEAR_LOGPROBS = OpBackends("linear_logprobs", ("triton", "torch", "reference"))
@@ -58,12 +68,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, tr, plan, fold, want_stats, lora_A=None, lora_B=None,
-                lora_scaling=None):  # fmt: skip
+                lora_scaling=None, support=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora=lora)
-        ctx.save_for_backward(hidden, weight, bias, labels, lora_A, lora_B, *out.stats)
+            out = head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora=lora, support=support)
+        ctx.save_for_backward(hidden, weight, bias, labels, lora_A, lora_B, support, *out.stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.lora_scaling = tr, plan, fold, lora_scaling
         extra = out.extra if out.extra is not None else (None, None, None)
         lse = out.stats.row_max + out.stats.log_sum
@@ -73,25 +83,25 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy, *_):
         refuse_double_backward("linear_logprobs", ctx.fold.NAME)
-        hidden, weight, bias, labels, lora_A, lora_B, *stats = ctx.saved_tensors
+        hidden, weight, bias, labels, lora_A, lora_B, support, *stats = ctx.saved_tensors
         lora = LoraHead(lora_A, lora_B, ctx.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:3]) + (tuple(ctx.needs_input_grad[8:10]) if lora is not None else ())
         if (grad_logp is None and grad_entropy is None) or not any(needs):
-            return (None,) * 11
+            return (None,) * 12
         cd = stats[0].dtype
         g_logp = grad_logp.to(cd).contiguous() if grad_logp is not None else None
         g_entropy = grad_entropy.to(cd).contiguous() if grad_entropy is not None else None
         with torch.autocast(hidden.device.type, enabled=False):
             grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
                 hidden, weight, bias, labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan, ctx.fold, needs,
-                lora=lora,
+                lora=lora, support=support,
             )  # fmt: skip
         grad_lora_A, grad_lora_B = grad_lora if grad_lora else (None, None)
         return (
             grad_hidden.to(hidden.dtype) if grad_hidden is not None else None,
             grad_weight,
             grad_bias.to(bias.dtype) if grad_bias is not None else None,
-            None, None, None, None, None, grad_lora_A, grad_lora_B, None,
+            None, None, None, None, None, grad_lora_A, grad_lora_B, None, None,
         )  # fmt: skip
 
 
@@ -115,6 +125,9 @@ def linear_logprobs(
     vocab_start: int | None = None,
     vocab_size: int | None = None,
     lora=None,
+    head_precision: str = "input",
+    batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -160,6 +173,29 @@ def linear_logprobs(
             ``lora_A`` and ``lora_B`` get gradients; a frozen ``weight`` (``requires_grad=False``)
             costs no weight-gradient GEMM. With ``process_group=``, ``lora_B`` is this rank's
             ``[V_k, r]`` shard (rows matching ``weight``'s) and ``lora_A`` is replicated.
+        head_precision: the GEMMs' operands (``_lmhead_engine.HeadPrecision``): ``"input"``
+            (their dtype on CUDA, fp32 accumulation and output), ``"fp32"`` (half operands widened
+            to fp32 block by block -- never a full fp32 copy of the weight -- and IEEE fp32 GEMMs:
+            the numbers of an fp32 lm-head, vLLM's ``head_dtype=float32``), ``"tf32"`` (fp32
+            operands on TF32 tensor cores on CUDA; on the CPU, which has no TF32, exactly
+            ``"fp32"``). On the CPU ``"input"`` widens too (no mixed-precision GEMM there), so all
+            three give the same numbers. ``reference`` always widens (materialised fp32 logits).
+        batch_invariant: each row's logp, entropy (and statistics) and its ``grad_hidden`` row are
+            bitwise independent of the other rows, the batch size and layout (padded or packed),
+            ``chunk_size`` / ``vocab_block_size`` and whether gradients are on: a fixed plan
+            (``_lmhead_engine.batch_invariant_plan``: 256 rows x 16384 vocab tiles on CPU, 1024 rows
+            on CUDA; ``chunk_size`` / ``vocab_block_size`` are then not used), the valid rows padded
+            to a multiple of the tile rows, so every GEMM (cuBLAS on CUDA) and every fold runs at one
+            shape and merges the vocab blocks in one order. Costs at most one tile of padded rows per
+            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only; ``reference``,
+            ``lora=`` and ``process_group=`` refuse it (``ValueError``). Without it results are
+            deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
+            change with the batch around it.
+        support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
+            ``labels.shape + (ceil(V/32),)``): logp and entropy renormalised over the kept set, each
+            tile's logits outside it set to −inf (``ops/_support.py``; no ``[N, V]`` mask). A valid
+            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch``
+            backend only, without ``return_stats`` / ``process_group=`` (``ValueError`` otherwise).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -172,7 +208,12 @@ def linear_logprobs(
     ``O(valid rows x H)`` fp32 for the hidden-gradient accumulator, whatever ``V``. One host sync
     to find the valid rows (and one for the label check).
     """
+    check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if support is not None:
+            raise ValueError("support= is not supported with process_group= (vocab-parallel lm_head)")
+        if batch_invariant:
+            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel lm_head)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -182,7 +223,9 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
+            head_precision=head_precision,
         )  # fmt: skip
+    precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
     adapter = validate_lora(lora, hidden, weight)
     chunk_size = check_positive_int("chunk_size", chunk_size)
@@ -191,22 +234,46 @@ def linear_logprobs(
     vocab = weight.shape[0]
     if labels_checking_enabled(check_labels):
         check_label_range(wide_labels, vocab, ignore_index)
+    kept = validate_support(support, None, wide_labels.shape, vocab, hidden.device, labels_checking_enabled(check_labels))
+    if kept is not None and (backend != "torch" or return_stats):
+        raise ValueError("support= is implemented on backend 'torch' without return_stats, "
+                         f"got backend={backend!r}" + (" with return_stats=True" if return_stats else ""))  # fmt: skip
+    if kept is not None and kept.check:
+        flat = wide_labels.reshape(-1)
+        check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab - 1)), flat != ignore_index, kept.shape)
+    if batch_invariant and (backend not in FOLDS or adapter is not None):
+        raise ValueError("batch_invariant=True is implemented on the backends ('torch', 'triton') without lora=, "
+                         f"got backend={backend!r}" + (" with lora=" if adapter is not None else ""))  # fmt: skip
 
     if backend == "reference":
         kwargs = dict(bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale, softcap=tr.softcap,
                       ignore_index=ignore_index)  # fmt: skip
         full_weight = effective_weight(weight, adapter)  # W + s·B·A: the materialised adapted head
-        if return_stats:
-            return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, full_weight, wide_labels, **kwargs))
-        return linear_logprobs_reference(hidden, full_weight, wide_labels, return_entropy=return_entropy, **kwargs)
+        with precision.gemms(hidden.device):  # the reference widens its operands: only the TF32 switch applies
+            if return_stats:
+                return LinearLogprobsOutput(*linear_logprobs_stats_reference(hidden, full_weight, wide_labels, **kwargs))
+            return linear_logprobs_reference(hidden, full_weight, wide_labels, return_entropy=return_entropy, **kwargs)
 
     fold = FOLDS[backend]
     compact = compact_rows(hidden, wide_labels, ignore_index)
-    plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size)
+    rows, row_labels = compact.hidden, compact.labels
+    bits = None
+    if kept is not None:
+        bits = kept.bits if compact.rows is None else kept.bits.index_select(0, compact.rows)
+    if batch_invariant:  # one tile shape: the rows padded to whole tiles (label 0, results dropped)
+        plan = batch_invariant_plan(fold, hidden.device, vocab, precision.name)
+        rows, row_labels = pad_rows(rows, plan.chunk_rows), pad_rows(row_labels, plan.chunk_rows)
+        bits = pad_rows(bits, plan.chunk_rows, -1) if bits is not None else None  # padded rows keep all
+    else:
+        plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size,
+                         precision.name)  # fmt: skip
     outs = LinearLogprobsFunction.apply(
-        compact.hidden, weight, bias.contiguous() if bias is not None else None, compact.labels, tr, plan, fold,
-        return_stats, *(adapter if adapter is not None else ()),
+        rows, weight, bias.contiguous() if bias is not None else None, row_labels, tr, plan, fold,
+        return_stats, *(adapter if adapter is not None else (None, None, None)), bits,
     )  # fmt: skip
+    if rows is not compact.hidden:
+        n = compact.labels.shape[0]
+        outs = tuple(x[:n] if x is not None else None for x in outs)
     if return_stats:
         return LinearLogprobsOutput(*(compact.expand(x) for x in outs))
     if return_entropy:

@@ -44,7 +44,7 @@ GEMMs run in the input dtype on CUDA (fp32 out via ``out_dtype``) and in fp32 (f
 
 Memory (besides inputs): the fp32 logits buffer ``chunk x V`` plus, on the torch path, one fp32
 work buffer of the same shape (``e^(z−m)``, then dz) and a third with softcap (``1 − tanh²``); on the triton
-path a ``chunk x V`` dz buffer in the weight's dtype for half weights. The gradients exist from the
+path a ``chunk x V`` dz buffer in the GEMM operand dtype when that is half. The gradients exist from the
 forward on: ``grad_hidden`` ``[n, H]`` (fp32, written by GEMM 2 in fp32 and rounded to the input
 dtype once at the end), ``grad_weight`` ``[V, H]`` (fp32 accumulator for half weights, cast once at
 the end), ``grad_bias`` ``[V]``. O(n) statistics. Nothing scales with ``n x V``. With LoRA:
@@ -59,7 +59,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from .._utils import output_dtype, refuse_double_backward
-from ._lmhead_engine import Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
+from ._lmhead_engine import BLOCK_ALIGN, HeadPrecision, Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
 from ._lora import LoraConcat, LoraHead
 from ._lmhead_engine import make_plan as make_tile_plan
 from ._softmax_torch import fold_block, grad_from_centred_, log_prob, raw_grad_, transform_
@@ -68,6 +68,33 @@ from ._softmax_torch import fold_block, grad_from_centred_, log_prob, raw_grad_,
 GPU_BUFFER_ELEMENTS = 1 << 27  # 512 MB fp32
 CPU_BUFFER_ELEMENTS = 1 << 23  # 32 MB fp32: a few hundred rows at V = 32k
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
+# Elements of one widened weight block (when the GEMM operand is a wider copy of the weight: CPU, or
+# head_precision "fp32" / "tf32" on CUDA): the weight is widened [block, H] at a time, never whole.
+GPU_WEIGHT_BLOCK_ELEMENTS = 1 << 26
+CPU_WEIGHT_BLOCK_ELEMENTS = 1 << 22
+
+
+class WeightOperand:
+    """The weight as the three GEMMs' operand (``plan.precision``: :class:`HeadPrecision`). When the
+    operand has the weight's dtype it is the weight itself, one block; otherwise it is widened one
+    ``[block, H]`` row block at a time, per GEMM and chunk (2·V·H element conversions per chunk
+    against its 6·chunk·V·H FLOPs), so no full widened copy of the weight ever exists. GEMM 2 then
+    sums its ``dz[:, block] @ W[block]`` products block after block in fp32."""
+
+    def __init__(self, weight: torch.Tensor, compute_dtype, precision: HeadPrecision):
+        self.weight, self.cd, self.precision = weight, compute_dtype, precision
+        V, H = weight.shape
+        self.dtype = precision.operand(weight[:0], compute_dtype).dtype
+        if self.dtype == weight.dtype:
+            rows = V
+        else:
+            budget = GPU_WEIGHT_BLOCK_ELEMENTS if weight.is_cuda else CPU_WEIGHT_BLOCK_ELEMENTS
+            rows = max(BLOCK_ALIGN, budget // max(H, 1) // BLOCK_ALIGN * BLOCK_ALIGN)
+        self.bounds = [(v0, min(v0 + rows, V)) for v0 in range(0, V, rows)]
+
+    def __iter__(self):
+        for v0, v1 in self.bounds:
+            yield v0, v1, self.precision.operand(self.weight[v0:v1], self.cd)
 
 class ChunkStats(NamedTuple):
     """Per-row softmax state of a chunk (``_softmax_torch.RowStats``) and the per-token outputs (compute
@@ -153,13 +180,14 @@ class TritonHeadFold(TritonFold):
 HEAD_FOLDS = {"torch": TorchHeadFold, "triton": TritonHeadFold}
 
 
-def make_plan(fold, device: torch.device, n_rows: int, vocab: int, chunk_size: int | None) -> Plan:
+def make_plan(fold, device: torch.device, n_rows: int, vocab: int, chunk_size: int | None,
+              precision: str = "input") -> Plan:  # fmt: skip
     """The engine's plan with one vocabulary block (the whole row) and a chunk that keeps the
-    ``[chunk, V]`` buffer near ``*_BUFFER_ELEMENTS``."""
+    ``[chunk, V]`` buffer near ``*_BUFFER_ELEMENTS``; ``precision``: ``head_precision=``."""
     if chunk_size is None:
         budget = GPU_BUFFER_ELEMENTS if device.type == "cuda" else CPU_BUFFER_ELEMENTS
         chunk_size = min(max(budget // max(vocab, 1), MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
-    return make_tile_plan(fold, device, n_rows, vocab, chunk_size, vocab)
+    return make_tile_plan(fold, device, n_rows, vocab, chunk_size, vocab, precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,7 +221,13 @@ def three_gemm_head(
     and the stats run (2·n·H·V FLOPs, no gradient buffer, ``token_grad`` never called). ``valid [n]``
     (bool, optional) marks the rows that count: the others (ignored rows kept in place under
     ``torch.compile``, see ``_lmhead_engine.CompactRows``) get 0 outputs and a zero token gradient,
-    whatever ``token_grad`` says about them."""
+    whatever ``token_grad`` says about them. GEMM operands and mode: ``plan.precision``
+    (``_lmhead_engine.HeadPrecision``; :class:`WeightOperand`)."""
+    with plan.precision.gemms(hidden.device):
+        return _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora)
+
+
+def _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora) -> HeadOutputs:
     n, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
@@ -201,10 +235,14 @@ def three_gemm_head(
     need_h, need_w, need_b = needs[:3]
     need_A, need_B = (needs[3], needs[4]) if lora is not None else (False, False)
     need_b = need_b and bias is not None
-    h = fold.operands(hidden, cd)  # GEMM operands: the input dtype on CUDA (fp32 out), else cd
-    w = fold.operands(weight, cd)
-    cat = LoraConcat(lora, h, w, cd, lambda t: fold.operands(t, cd), addmm_into) if lora is not None else None
-    h_op, w_op = (cat.hu, cat.wb) if cat is not None else (h, w)  # [n, K], [V, K]: K = H (+ r)
+    precision = plan.precision
+    h = precision.operand(hidden, cd)  # GEMM operands (HeadPrecision): the input dtype on CUDA (fp32 out), else cd
+    cat = None
+    if lora is not None:
+        cat = LoraConcat(lora, h, precision.operand(weight, cd), cd, lambda t: precision.operand(t, cd), addmm_into)
+    h_op = cat.hu if cat is not None else h  # [n, K]: K = H (+ r)
+    # [V, K], as whole or as widened row blocks
+    w_op = WeightOperand(cat.wb, cd, precision) if cat is not None else WeightOperand(weight, cd, precision)
     K = h_op.shape[1]
     bias_cd = bias.to(cd) if bias is not None else None
     logp = torch.zeros(n, dtype=cd, device=device)
@@ -229,27 +267,30 @@ def three_gemm_head(
     elems = min(plan.chunk_rows, n) * V
     buf = torch.empty(elems, dtype=cd, device=device)
     work = torch.empty(elems, dtype=cd, device=device) if fold.needs_work else None
-    dx_dtype = fold.dx_dtype(weight.dtype, cd)
+    dx_dtype = fold.dx_dtype(h.dtype, cd)
     dx_buf = buf if dx_dtype == cd else torch.empty(elems, dtype=dx_dtype, device=device)
     for r0 in range(0, n, plan.chunk_rows):
         r1 = min(r0 + plan.chunk_rows, n)
         rows = slice(r0, r1)
         size = (r1 - r0) * V
         logits = buf[:size].view(r1 - r0, V)
-        fold.tile(logits, h_op[rows], w_op, bias_cd)  # GEMM 1 (the torch fold's addmm adds the bias)
+        for v0, v1, w_blk in w_op:  # GEMM 1 (the torch fold's addmm adds the bias)
+            fold.tile(logits[:, v0:v1], h_op[rows], w_blk, bias_cd[v0:v1] if bias_cd is not None else None)
         stats, dz = fold.step(logits, dx_buf[:size].view(r1 - r0, V), None if work is None else work[:size].view(r1 - r0, V),
                               bias, weight, labels[rows], tr, grad_of(rows))  # fmt: skip
         logp[rows], entropy[rows], is_top1[rows] = stats.logp, stats.entropy, stats.is_top1
         if dz is None:
             continue
         dz_gemm = dz if dz.dtype == h.dtype else dz.to(h.dtype)
-        if need_h:
-            mm_into(grad_h[rows], dz_gemm, w_op)  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B]; fp32 out)
-        elif d_u is not None:
+        if need_h or need_w:
+            for v0, v1, w_blk in w_op:
+                if need_h:  # GEMM 2: grad_h[chunk] = dz @ W  ([dz·W, dz·B]; fp32 out), summed over blocks
+                    (mm_into if v0 == 0 else addmm_into)(grad_h[rows], dz_gemm[:, v0:v1], w_blk)
+                if need_w:  # GEMM 3: grad_W += dzᵀ @ h[chunk]  ([.., dzᵀ·u])
+                    addmm_into(grad_w_acc[v0:v1], dz_gemm[:, v0:v1].t(), h_op[rows])
+        if not need_h and d_u is not None:
             mm_into(d_u[rows], dz_gemm, cat.b)  # dU[chunk] = dz @ B (lora_A trains, hidden does not; fp32 out)
-        if need_w:
-            addmm_into(grad_w_acc, dz_gemm.t(), h_op[rows])  # GEMM 3: grad_W += dzᵀ @ h[chunk]  ([.., dzᵀ·u])
-        elif grad_B_acc is not None:
+        if grad_B_acc is not None:
             addmm_into(grad_B_acc, dz_gemm.t(), cat.u[rows])  # frozen base: grad_B += dzᵀ @ u[chunk] only
         if need_b:
             grad_b += dz.sum(0, dtype=cd)  # grad_b += Σ_rows dz

@@ -14,6 +14,7 @@ import torch
 
 from .._utils import (
     OpBackends,
+    check_batch_invariant,
     check_label_range,
     check_same_device,
     check_temperature,
@@ -23,8 +24,9 @@ from .._utils import (
     widen_labels,
 )
 from ..reference import token_logprobs_reference
-from ._logits_engine import TOKEN_KERNELS
+from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._softmax_torch import RowStats
+from ._support import check_labels_kept, validate_support
 from .vocab_parallel import vocab_parallel_token_logprobs
 
 TOKEN_LOGPROBS = OpBackends("token_logprobs", ("triton", "cuda", "torch", "reference"))
@@ -37,10 +39,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
     ``(row_max, log_sum, entropy)``; backward recomputes p from it in one pass."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, backend):
-        logp, stats = TOKEN_KERNELS[backend].forward(logits, labels, temperature, ignore_index)
+    def forward(ctx, logits, labels, temperature, ignore_index, backend, kernels):
+        logp, stats = kernels.forward(logits, labels, temperature, ignore_index)
         ctx.save_for_backward(logits, labels, *stats)
-        ctx.temperature, ctx.ignore_index, ctx.backend = temperature, ignore_index, backend
+        ctx.temperature, ctx.ignore_index, ctx.backend, ctx.kernels = temperature, ignore_index, backend, kernels
         ctx.set_materialize_grads(False)
         return logp, torch.where(labels != ignore_index, stats.entropy, 0.0)
 
@@ -48,14 +50,14 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("token_logprobs", ctx.backend)
         if grad_logp is None and grad_entropy is None or not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         logits, labels, *stats = ctx.saved_tensors
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-        grad_logits = TOKEN_KERNELS[ctx.backend].backward(
+        grad_logits = ctx.kernels.backward(
             logits, labels, RowStats(*stats), grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
         )
-        return grad_logits, None, None, None, None
+        return grad_logits, None, None, None, None, None
 
 
 def _validate(logits, labels, temperature, check_labels, ignore_index):
@@ -86,6 +88,9 @@ def token_logprobs(
     process_group=None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
+    batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
+    top_k: int | None = None,
 ):
     """Log-probability of each label under ``softmax(logits / temperature)``, and optionally the
     entropy of that distribution, without materialising the softmax.
@@ -112,12 +117,33 @@ def token_logprobs(
             vocabulary of ``vocab_size``; labels are global ids. Two O(N) all-reduces give every
             rank the full log-prob and entropy; backward is local. See
             ``alignkernels.ops.vocab_parallel`` and ``docs/DISTRIBUTED.md``.
+        batch_invariant: each row's logp, entropy and gradient row are bitwise independent of the
+            other rows, the batch size and layout (padded or packed) and whether gradients are on
+            (``torch``: every chunk padded to the row count fixed by ``V``; ``triton``: one program per row, block
+            size fixed by ``V`` -- already invariant). ``reference``, ``cuda`` and ``process_group=``
+            refuse it (``ValueError``). Without it every backend is deterministic run to run (same
+            inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when
+            the batch around it changes.
+        support: the sampler's kept tokens per row, a packed int32 bitmask of shape
+            ``labels.shape + (ceil(V/32),)``: token ``v`` kept when bit ``v % 32`` (least significant
+            first) of word ``v // 32`` is set (``alignkernels.ops._support.pack_bits`` packs a bool
+            mask). logp and entropy are then those of the distribution renormalised over the kept
+            set, differentiable (zero gradient outside it), streamed chunk by chunk (no ``[N, V]``
+            mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
+            logp ``-inf``). ``torch`` and ``reference`` backends (others: ``ValueError``).
+        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
+            ties), then as ``support``.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.
         Differentiable w.r.t. ``logits`` through both outputs.
     """
+    check_batch_invariant(batch_invariant)
     if process_group is not None:
+        if support is not None or top_k is not None:
+            raise ValueError("support= / top_k= are not supported with process_group= (vocab-parallel logits)")
+        if batch_invariant:
+            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel logits)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
@@ -126,13 +152,33 @@ def token_logprobs(
             check_labels=check_labels,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
+    kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,
+                            labels_checking_enabled(check_labels))  # fmt: skip
     backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
+    if kept is not None and backend not in ("torch", "reference"):
+        raise ValueError(f"support= / top_k= are implemented on the backends ('torch', 'reference'), "
+                         f"got backend={backend!r}")  # fmt: skip
+    kernels = TOKEN_KERNELS
+    if batch_invariant:
+        kernels = BATCH_INVARIANT_TOKEN_KERNELS
+        if backend not in kernels:
+            raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(kernels)}, "
+                             f"got backend={backend!r}")  # fmt: skip
     if backend == "reference":
+        if kept is not None:  # the eager baseline: the whole [N, V] mask, logits outside it -inf
+            mask = kept.kept(logits.reshape(-1, logits.shape[-1]), 0, wide_labels.numel()).view(logits.shape)
+            if kept.check:
+                valid = (wide_labels != ignore_index).reshape(-1)
+                at_label = mask.reshape(-1, logits.shape[-1]).gather(1, wide_labels.reshape(-1, 1).clamp(min=0))
+                check_labels_kept(at_label.squeeze(1), valid, kept.shape)
+            logits = logits.masked_fill(~mask, float("-inf"))
         return token_logprobs_reference(
             logits, wide_labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
         )
     flat_labels = wide_labels.reshape(-1).contiguous()
-    logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend)
+    row_kernels = kernels[backend].with_support(kept) if kept is not None else kernels[backend]
+    logp, entropy = TokenLogprobsFunction.apply(logits, flat_labels, temperature, int(ignore_index), backend,
+                                                row_kernels)  # fmt: skip
     logp = logp.view(labels.shape)
     if return_entropy:
         return logp, entropy.view(labels.shape)

@@ -57,6 +57,7 @@ from ._lmhead_engine import (
     make_plan,
     validate_head,
 )
+from ._lmhead_engine import head_precision as head_precision_row
 from ._logits_engine import TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, log_prob, merge_terms, merged
@@ -401,6 +402,7 @@ def vocab_parallel_linear_logprobs(
     check_labels: bool | None = None,
     check_shards: bool = True,
     lora=None,
+    head_precision: str = "input",
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -419,8 +421,8 @@ def vocab_parallel_linear_logprobs(
         vocab_start, vocab_size, process_group: as :func:`vocab_parallel_token_logprobs`.
         bias_shard: optional ``[V_k]`` slice of the lm_head bias.
         temperature, logit_scale, softcap, ignore_index, return_entropy, chunk_size,
-            vocab_block_size, check_labels: as ``linear_logprobs`` (the logit transform is
-            elementwise, so it applies per shard unchanged).
+            vocab_block_size, check_labels, head_precision: as ``linear_logprobs`` (the logit
+            transform is elementwise, so it applies per shard unchanged).
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (the fold each rank runs on its shard).
         check_shards: verify the layout across ranks (see :func:`vocab_parallel_token_logprobs`).
         lora: ``(lora_A [r, H], lora_B_shard [V_k, r], scaling)``: a LoRA adapter on the head,
@@ -445,6 +447,7 @@ def vocab_parallel_linear_logprobs(
         if labels_checking_enabled(check_labels):
             check_label_range(wide, vocab_size, ignore_index)
         adapter = validate_lora(lora, hidden, weight_shard, weight_name="weight_shard")
+        head_precision_row(head_precision)
         return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide, adapter
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
@@ -459,7 +462,7 @@ def vocab_parallel_linear_logprobs(
     compact = compact_rows(hidden, wide_labels, ignore_index)  # host sync; same rows on every rank
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
-    plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb)
+    plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
         compact.hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,

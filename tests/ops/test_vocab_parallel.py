@@ -187,6 +187,33 @@ def _expect_error(fn, match):
     raise AssertionError(f"no ValueError/TypeError raised (expected one matching {match!r})")
 
 
+def check_head_precision(rank, world, shape=(2, 7), H=16):
+    """``head_precision`` on the vocab-parallel op: fp16 shards, every mode, against fp64 eager on the
+    upcast operands (the numbers of an fp32 lm-head); a bad value is refused by name on every rank."""
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+    bounds = SHARD_BOUNDS[world]
+    gen = torch.Generator().manual_seed(5)
+    hidden = torch.randn(*shape, H, generator=gen).half()
+    weight = (torch.randn(bounds[-1], H, generator=gen) * 0.5).half()
+    labels = _labels_in_every_shard(shape, bounds, -100, gen)
+    logsm = torch.log_softmax(hidden.double() @ weight.double().T, dim=-1)
+    valid = labels != -100
+    want_logp = torch.where(valid, logsm.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    want_entropy = torch.where(valid, -(logsm.exp() * logsm).sum(-1), 0.0)
+    start, size = _shard(bounds, rank)
+    for precision in ("input", "fp32", "tf32"):
+        logp, entropy = vocab_parallel_linear_logprobs(
+            hidden, weight[start:start + size], labels, vocab_start=start, vocab_size=bounds[-1], return_entropy=True,
+            chunk_size=4, vocab_block_size=16, head_precision=precision)  # fmt: skip
+        assert logp.dtype == torch.float32
+        _close(f"logp {precision}", logp.double(), want_logp, rtol=2e-6, atol=2e-6)
+        _close(f"entropy {precision}", entropy.double(), want_entropy, rtol=2e-6, atol=2e-6)
+    _expect_error(lambda: vocab_parallel_linear_logprobs(hidden, weight[start:start + size], labels, vocab_start=start,
+                                                         vocab_size=bounds[-1], head_precision="fp16"),
+                  "head_precision must be one of")  # fmt: skip
+
+
 def check_inconsistent_shards(rank, world):
     from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
 
@@ -571,6 +598,7 @@ def _checks_for(world):
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
+        checks["head_precision"] = lambda r: check_head_precision(r, world)
         checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)
         checks["fsdp2_dtensor_head"] = lambda r: check_fsdp2_dtensor_head(r, world)
     if world == 4:

@@ -1,0 +1,112 @@
+"""The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (torch and reference) and
+``support=`` on ``linear_logprobs`` (torch: the lm-head engine masks each tile, :func:`kept_block`).
+
+With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
+kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``
+(and the entropy of that renormalised distribution), or the importance ratio is biased.
+
+Algorithm: per chunk of rows, a ``[rows, V]`` bool mask of the kept tokens -- unpacked from the
+packed bitmask (token ``v`` kept when bit ``v % 32``, least significant first, of int32 word
+``v // 32`` is set; :func:`unpack_bits`), or the row's ``top_k`` largest logits (``torch.topk``, its
+tie-breaking) -- and the logits outside it set to ``−inf`` before the softmax statistics. The
+engines' ``−inf`` handling then gives exactly ``p = 0`` there, ``0·log 0 := 0`` in the entropy and a
+zero gradient: the renormalisation costs no extra formula. The backward recomputes the same mask.
+
+Memory: one ``[chunk, V]`` bool mask per chunk of the torch path; nothing of ``[N, V]``.
+Numerics: those of the engine on the masked logits (fp32 within ~1e-6 of fp64).
+A valid label outside its row's kept set is a ``ValueError`` naming the position (one host sync;
+``check_labels=False`` skips it and that row's logp is ``−inf``).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+
+class Support(NamedTuple):
+    """A validated kept set: ``bits`` ``[N, ceil(V/32)]`` int32 over the flattened rows, or ``top_k``."""
+
+    bits: torch.Tensor | None
+    top_k: int | None
+    check: bool  # raise on a valid label outside the kept set
+    shape: tuple  # the labels' shape (to name a position)
+
+    def kept(self, rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The ``[r1 - r0, V]`` bool mask of rows ``r0:r1`` whose logits are ``rows``."""
+        if self.bits is not None:
+            return unpack_bits(self.bits[r0:r1], rows.shape[-1])
+        mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
+        return mask.scatter_(1, rows.topk(self.top_k, dim=1).indices, True)
+
+
+_SHIFTS: dict = {}
+
+
+def unpack_bits(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[rows, W]`` int32 words -> ``[rows, vocab]`` bool, bit ``v % 32`` (LSB first) of word ``v // 32``."""
+    key = str(words.device)
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(32, dtype=torch.int32, device=words.device)
+    bits = (words[:, :, None] >> _SHIFTS[key]) & 1  # arithmetic shift: the sign bit is masked off by & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].bool()
+
+
+def kept_block(bits: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> torch.Tensor:
+    """The ``[r1 - r0, v1 - v0]`` bool mask of one lm-head tile (rows ``r0:r1``, vocab ``v0:v1``),
+    unpacked from the words that cover it only."""
+    w0, w1 = v0 // 32, -(-v1 // 32)
+    cols = unpack_bits(bits[r0:r1, w0:w1], (w1 - w0) * 32)
+    return cols[:, v0 - 32 * w0 : v1 - 32 * w0]
+
+
+def label_bits(bits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Whether each row's label (``[n]`` int64, clamped into range by the caller) is kept."""
+    words = bits.gather(1, (labels // 32)[:, None]).squeeze(1)
+    return ((words >> (labels % 32).to(torch.int32)) & 1).bool()
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`unpack_bits`: ``[..., V]`` bool -> ``[..., ceil(V/32)]`` int32 (e.g. a
+    sampler's kept mask into ``support=``)."""
+    V = mask.shape[-1]
+    W = math.ceil(V / 32)
+    padded = torch.zeros(*mask.shape[:-1], W * 32, dtype=torch.int64, device=mask.device)
+    padded[..., :V] = mask.long()
+    words = (padded.view(*mask.shape[:-1], W, 32) << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def validate_support(support, top_k, labels_shape, vocab: int, device, check: bool) -> Support | None:
+    """``support=`` / ``top_k=`` checked by name (TE / VE); None when neither is given."""
+    if support is None and top_k is None:
+        return None
+    if support is not None and top_k is not None:
+        raise ValueError("give support= (the sampler's kept tokens) or top_k=, not both")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int):
+            raise TypeError(f"top_k must be an int, got {top_k!r}")
+        if not 1 <= top_k <= vocab:
+            raise ValueError(f"top_k must be in [1, V={vocab}], got {top_k}")
+        return Support(None, top_k, check, tuple(labels_shape))
+    if not isinstance(support, torch.Tensor) or support.dtype != torch.int32:
+        what = support.dtype if isinstance(support, torch.Tensor) else type(support).__name__
+        raise TypeError(f"support must be an int32 tensor (packed bitmask [..., ceil(V/32)]), got {what}")
+    want = (*labels_shape, math.ceil(vocab / 32))
+    if tuple(support.shape) != want:
+        raise ValueError(f"support must have shape labels.shape + (ceil(V/32),) = {want}, got {tuple(support.shape)}")
+    if support.device != torch.device(device):
+        raise ValueError(f"all tensors must be on the same device: support is on {support.device}, logits on {device}")
+    return Support(support.reshape(-1, want[-1]), None, check, tuple(labels_shape))
+
+
+def check_labels_kept(label_kept: torch.Tensor, relevant: torch.Tensor, shape) -> None:
+    """``ValueError`` naming the first position whose (valid, in-range) label is not kept."""
+    bad = relevant & ~label_kept
+    if bool(bad.any().item()):
+        flat = int(bad.nonzero()[0, 0])
+        position = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), tuple(shape))) if shape else ()
+        raise ValueError(f"labels: the label at position {position} is outside its row's support (the sampler's "
+                         "kept tokens: support= / top_k=); its log-prob under the renormalised distribution "
+                         "is -inf (check_labels=False returns that)")  # fmt: skip

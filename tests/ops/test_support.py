@@ -1,0 +1,222 @@
+"""``support=`` (the sampler's kept tokens, packed int32 bitmask) and ``top_k=`` on ``token_logprobs``:
+log-probs and entropy of the distribution renormalised over the kept set, against an fp64 masked
+``log_softmax`` (values and gradients), on the torch and reference backends; streamed (no ``[N, V]``
+buffer); a label outside the set and every bad argument named."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import alignkernels as ak
+from alignkernels.ops import _logits_engine
+from alignkernels.ops._support import pack_bits, unpack_bits
+from helpers import max_rel_error
+
+B, T, V = 3, 5, 77
+
+
+def _data(seed=0, dtype=torch.float32, keep_p=0.4):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    keep = torch.rand(B, T, V, generator=g) < keep_p
+    keep[..., 31] = True  # bit 31: the int32 sign bit
+    keep.scatter_(-1, labels[..., None], True)
+    labels[0, 1] = labels[2, 4] = -100
+    return logits, labels, keep
+
+
+def _fp64_masked(logits, labels, keep, temperature):
+    """fp64 eager ``log_softmax`` over the kept tokens only: logp, entropy, and d(Σlogp + Σ0.7·H)/d logits."""
+    x = logits.detach().double().requires_grad_(True)
+    z = (x / temperature).masked_fill(~keep, float("-inf"))
+    ls = torch.log_softmax(z, -1)
+    valid = labels != -100
+    logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    entropy = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+    (logp.sum() + 0.7 * entropy.sum()).backward()
+    return logp.detach(), entropy.detach(), x.grad
+
+
+def _ours(logits, labels, backend, **kw):
+    x = logits.clone().requires_grad_(True)
+    logp, entropy = ak.token_logprobs(x, labels, return_entropy=True, backend=backend, **kw)
+    (logp.sum() + 0.7 * entropy.sum()).backward()
+    return logp.detach(), entropy.detach(), x.grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_support_matches_fp64_masked_log_softmax(backend, temperature):
+    logits, labels, keep = _data()
+    got = _ours(logits, labels, backend, support=pack_bits(keep), temperature=temperature)
+    want = _fp64_masked(logits, labels, keep, temperature)
+    for name, a, b in zip(("logp", "entropy"), got, want):
+        assert max_rel_error(a, b, floor=1.0) < 2e-6, name
+    assert max_rel_error(got[2], want[2]) < 2e-6
+    assert bool((got[2][~keep] == 0).all()), "no gradient outside the kept set"
+    assert bool((got[2][labels == -100] == 0).all())
+    # the renormalisation is not a no-op: the full-vocabulary log-probs differ
+    full = ak.token_logprobs(logits, labels, backend=backend, temperature=temperature)
+    assert (full - got[0]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("k", [1, 4, V])
+def test_top_k_matches_fp64_masked_log_softmax(backend, k):
+    logits, labels, _ = _data(seed=1)
+    keep = torch.zeros(B, T, V, dtype=torch.bool).scatter_(-1, logits.double().topk(k, -1).indices, True)
+    labels = torch.where(labels == -100, labels, logits.topk(k, -1).indices[..., -1])  # the k-th largest token
+    got = _ours(logits, labels, backend, top_k=k)
+    want = _fp64_masked(logits, labels, keep, 1.0)
+    for a, b in zip(got, want):
+        assert max_rel_error(a, b, floor=1.0) < 2e-6
+    if k == V:  # the whole vocabulary: plain token_logprobs
+        assert torch.allclose(got[0], ak.token_logprobs(logits, labels, backend=backend), rtol=0, atol=1e-6)
+    if k == 1:
+        assert bool((got[0] == 0).all()) and bool((got[1] == 0).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_bf16_logits(backend):
+    logits, labels, keep = _data(seed=2, dtype=torch.bfloat16)
+    got = _ours(logits, labels, backend, support=pack_bits(keep))
+    want = _fp64_masked(logits, labels, keep, 1.0)
+    assert max_rel_error(got[0], want[0], floor=1.0) < 2e-6 and max_rel_error(got[1], want[1], floor=1.0) < 2e-6
+    assert max_rel_error(got[2], want[2]) < 2.0**-8  # one bf16 rounding of the gradient
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_label_outside_support(backend):
+    logits, labels, keep = _data(seed=3)
+    keep[1, 2, labels[1, 2]] = False
+    with pytest.raises(ValueError, match=r"labels: the label at position \(1, 2\) is outside its row's support"):
+        ak.token_logprobs(logits, labels, support=pack_bits(keep), backend=backend)
+    logp = ak.token_logprobs(logits, labels, support=pack_bits(keep), backend=backend, check_labels=False)
+    assert logp[1, 2] == float("-inf")
+    keep[1, 2, labels[1, 2]] = True
+    other = ak.token_logprobs(logits, labels, support=pack_bits(keep), backend=backend)
+    rows = torch.ones(B, T, dtype=torch.bool)
+    rows[1, 2] = False
+    assert torch.equal(logp[rows], other[rows])
+    # top_k: a label outside the row's top k
+    with pytest.raises(ValueError, match="outside its row's support"):
+        ak.token_logprobs(logits, logits.argmin(-1), top_k=3, backend=backend)
+
+
+class Allocations(TorchDispatchMode):
+    """Element counts of the tensors ATen ops allocate (outputs whose storage is none of their inputs')."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}  # fmt: skip
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(o.numel())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["support", "top_k"])
+def test_streams_chunk_by_chunk(kind, monkeypatch):
+    """With 8-row chunks no tensor of N·V elements exists in the forward (the mask is per chunk)."""
+    monkeypatch.setattr(_logits_engine, "TORCH_CHUNK_ELEMENTS", 8 * V)
+    logits, labels, keep = _data(seed=4)
+    kw = dict(support=pack_bits(keep)) if kind == "support" else dict(top_k=7, check_labels=False)
+    with Allocations() as seen:
+        ak.token_logprobs(logits, labels, backend="torch", **kw)
+    assert 0 < max(seen.sizes) <= 8 * V * 32  # the unpacked [8, W, 32] bits at most
+    assert max(seen.sizes) < B * T * V
+
+
+def test_support_is_batch_invariant():
+    logits, labels, keep = _data(seed=5)
+    bits = pack_bits(keep)
+    full = ak.token_logprobs(logits, labels, support=bits, return_entropy=True, backend="torch", batch_invariant=True)
+    one = ak.token_logprobs(logits[2:, 3:4], labels[2:, 3:4], support=bits[2:, 3:4], return_entropy=True,
+                            backend="torch", batch_invariant=True)  # fmt: skip
+    assert torch.equal(one[0][0, 0], full[0][2, 3]) and torch.equal(one[1][0, 0], full[1][2, 3])
+
+
+def test_pack_unpack_round_trip():
+    g = torch.Generator().manual_seed(6)
+    for vocab in (1, 31, 32, 33, 100):
+        mask = torch.rand(4, vocab, generator=g) < 0.5
+        mask[:, -1] = True
+        bits = pack_bits(mask)
+        assert bits.dtype == torch.int32 and bits.shape == (4, -(-vocab // 32))
+        assert torch.equal(unpack_bits(bits, vocab), mask)
+        v = vocab - 1  # the documented layout: bit v % 32 of word v // 32
+        assert bool(((bits[:, v // 32] >> (v % 32)) & 1).bool().all())
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(support=torch.zeros(B, T, 3, dtype=torch.int64)), TypeError, "support must be an int32 tensor"),
+    (dict(support=[[0]]), TypeError, "support must be an int32 tensor"),
+    (dict(support=torch.zeros(B, T, 2, dtype=torch.int32)), ValueError, r"support must have shape .*\(3, 5, 3\)"),
+    (dict(support=torch.zeros(B * T, 3, dtype=torch.int32)), ValueError, "support must have shape"),
+    (dict(support=torch.zeros(B, T, 3, dtype=torch.int32), top_k=2), ValueError, "not both"),
+    (dict(top_k=0), ValueError, r"top_k must be in \[1, V=77\]"),
+    (dict(top_k=V + 1), ValueError, r"top_k must be in \[1, V=77\]"),
+    (dict(top_k=2.0), TypeError, "top_k must be an int"),
+    (dict(top_k=True), TypeError, "top_k must be an int"),
+    (dict(top_k=3, backend="triton"), ValueError, r"support= / top_k= are implemented on the backends \('torch', 'reference'\)"),
+    (dict(top_k=3, process_group=object(), vocab_start=0, vocab_size=V), ValueError, "not supported with process_group="),
+])  # fmt: skip
+def test_bad_arguments_are_named(kw, exc, match):
+    logits, labels, _ = _data()
+    with pytest.raises(exc, match=match):
+        ak.token_logprobs(logits, labels, **{"backend": "torch", **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_logprobs(support=): each lm-head tile masked (torch)
+# ----------------------------------------------------------------------------------------------
+H = 16
+
+
+def _head_data(seed=7):
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight = torch.randn(B, T, H, generator=g), torch.randn(V, H, generator=g) * 0.5
+    _, labels, keep = _data(seed)
+    return hidden, weight, labels, keep
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=4, vocab_block_size=40), dict(), dict(batch_invariant=True)])
+def test_linear_support_matches_fp64_masked_log_softmax(kw):
+    """Vocab blocks of 40 columns cut the 32-bit words: each tile unpacks only the words it covers."""
+    hidden, weight, labels, keep = _head_data()
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, entropy = ak.linear_logprobs(h, w, labels, support=pack_bits(keep), return_entropy=True, backend="torch",
+                                       temperature=0.8, **kw)  # fmt: skip
+    (logp.sum() + 0.7 * entropy.sum()).backward()
+    hd, wd = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    want_logp, want_entropy, _ = _fp64_masked(hd @ wd.T, labels, keep, 0.8)
+    ls = torch.log_softmax(((hd @ wd.T) / 0.8).masked_fill(~keep, float("-inf")), -1)
+    valid = labels != -100
+    ref = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0).sum() + 0.7 * torch.where(
+        valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0).sum()  # fmt: skip
+    ref.backward()
+    assert max_rel_error(logp, want_logp, floor=1.0) < 2e-6 and max_rel_error(entropy, want_entropy, floor=1.0) < 2e-6
+    assert max_rel_error(h.grad, hd.grad) < 2e-6 and max_rel_error(w.grad, wd.grad) < 2e-6
+    assert bool((w.grad[~keep[valid].any(0)] == 0).all()), "vocab rows kept by no valid token get no gradient"
+
+
+def test_linear_label_outside_support_and_refusals():
+    hidden, weight, labels, keep = _head_data()
+    keep[2, 0, labels[2, 0]] = False
+    with pytest.raises(ValueError, match=r"position \(2, 0\) is outside its row's support"):
+        ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch")
+    logp = ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch", check_labels=False)
+    assert logp[2, 0] == float("-inf") and bool(torch.isfinite(logp[1:2]).all())
+    bits = pack_bits(keep)
+    for kw, match in ((dict(backend="triton"), "support= is implemented on backend 'torch'"),
+                      (dict(backend="reference"), "support= is implemented on backend 'torch'"),
+                      (dict(backend="torch", return_stats=True), "with return_stats=True"),
+                      (dict(process_group=object(), vocab_start=0, vocab_size=V), "not supported with process_group="),
+                      (dict(backend="torch", support=bits[..., :2]), "support must have shape")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            ak.linear_logprobs(hidden, weight, labels, **{"support": bits, "check_labels": False, **kw})
