@@ -648,6 +648,7 @@ def fused_linear_verl_policy_loss(
     check_labels: bool | None = None,
     head_path: str = "auto",
     lora=None,
+    head_precision: str = "input",
     **verl_kwargs,
 ):
     """verl's policy loss (:func:`alignkernels.losses.verl_policy.verl_policy_loss`, ``loss_mode``,
@@ -660,7 +661,8 @@ def fused_linear_verl_policy_loss(
     (``gspo``, ``geo_mean``: sequence ratios; ``clip_cov``, ``kl_cov``: batch covariances).
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora)  # fmt: skip
+                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
+                head_precision=head_precision)  # fmt: skip
     loss_mode = verl_kwargs.get("loss_mode", "vanilla")
     row = VERL_POLICY_LOSSES.get(loss_mode) if isinstance(loss_mode, str) else None
     reason = None if row is None or row.token_separable else f"loss_mode={loss_mode!r} {row.not_separable}"
