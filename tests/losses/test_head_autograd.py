@@ -12,11 +12,10 @@ validation for both head paths.
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkernels as ak
 from alignkernels.flops import MatmulFlopCounter
-from helpers import TRITON_DEVICE
+from helpers import TRITON_DEVICE, NewBuffers
 
 B, T, H, V = 3, 6, 32, 97
 OPS = ["fused_linear_cross_entropy", "fused_linear_grpo_loss", "fused_linear_ppo_loss"]
@@ -69,24 +68,6 @@ def test_create_graph_is_the_one_double_backward_error(op, backend):
 # ---------------------------------------------------------------------------------------------
 # (b), (c) no_grad / inference_mode: the forward only
 # ---------------------------------------------------------------------------------------------
-class NewBuffers(TorchDispatchMode):
-    """Records the element count of every tensor an ATen op allocates (an output whose storage is
-    none of its inputs')."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}  # fmt: skip
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(o.numel())
-        return out
-
-
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 @pytest.mark.parametrize("op", OPS)
 def test_without_grad_the_head_costs_the_forward_only(op, mode):

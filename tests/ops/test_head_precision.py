@@ -10,12 +10,11 @@
 """
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkernels as ak
 from alignkernels.ops import three_gemm
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
-from helpers import TRITON_DEVICE, max_rel_error
+from helpers import TRITON_DEVICE, NewBuffers, max_rel_error
 
 N, H, V = 11, 32, 97
 PRECISIONS = ["input", "fp32", "tf32"]
@@ -116,27 +115,6 @@ def test_ppo_dpo_take_head_precision(op):
         _fused(op, hidden, weight, labels, backend="torch", head_precision="bf16")
 
 
-class NewBuffers(TorchDispatchMode):
-    """Records ``(numel, dtype)`` of every tensor an ATen op allocates (an output whose storage is
-    none of its inputs')."""
-
-    def __init__(self):
-        super().__init__()
-        self.buffers = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}  # fmt: skip
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.buffers.append((o.numel(), o.dtype))
-        return out
-
-    def largest_fp32(self):
-        return max((n for n, dt in self.buffers if dt == torch.float32), default=0)
-
-
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_no_full_fp32_weight_copy_linear_logprobs(precision, backend):
@@ -150,7 +128,7 @@ def test_no_full_fp32_weight_copy_linear_logprobs(precision, backend):
                                            head_precision=precision, vocab_block_size=32)  # fmt: skip
         (logp.sum() + entropy.sum()).backward()
     assert (V * H, torch.bfloat16) in watch.buffers
-    assert 0 < watch.largest_fp32() < V * H
+    assert 0 < watch.largest(torch.float32) < V * H
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -169,7 +147,7 @@ def test_no_full_fp32_weight_copy_fused_cross_entropy(precision, backend, monkey
     with NewBuffers() as watch:
         loss = ak.fused_linear_cross_entropy(h, weight, labels, backend=backend, head_precision=precision)
         loss.backward()
-    assert 0 < watch.largest_fp32() < V * H
+    assert 0 < watch.largest(torch.float32) < V * H
     assert max_rel_error(loss, whole, floor=1.0) < 1e-6
     assert max_rel_error(h.grad, h_whole.grad) < 2.0**-8
 

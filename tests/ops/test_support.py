@@ -4,12 +4,11 @@ log-probs and entropy of the distribution renormalised over the kept set, agains
 buffer); a label outside the set and every bad argument named."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import alignkernels as ak
 from alignkernels.ops import _logits_engine
 from alignkernels.ops._support import pack_bits, unpack_bits
-from helpers import max_rel_error
+from helpers import NewBuffers, max_rel_error
 
 B, T, V = 3, 5, 77
 
@@ -103,30 +102,13 @@ def test_label_outside_support(backend):
         ak.token_logprobs(logits, logits.argmin(-1), top_k=3, backend=backend)
 
 
-class Allocations(TorchDispatchMode):
-    """Element counts of the tensors ATen ops allocate (outputs whose storage is none of their inputs')."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(a, torch.Tensor)}  # fmt: skip
-        for o in torch.utils._pytree.tree_leaves(out):
-            if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(o.numel())
-        return out
-
-
 @pytest.mark.parametrize("kind", ["support", "top_k"])
 def test_streams_chunk_by_chunk(kind, monkeypatch):
     """With 8-row chunks no tensor of N·V elements exists in the forward (the mask is per chunk)."""
     monkeypatch.setattr(_logits_engine, "TORCH_CHUNK_ELEMENTS", 8 * V)
     logits, labels, keep = _data(seed=4)
     kw = dict(support=pack_bits(keep)) if kind == "support" else dict(top_k=7, check_labels=False)
-    with Allocations() as seen:
+    with NewBuffers() as seen:
         ak.token_logprobs(logits, labels, backend="torch", **kw)
     assert 0 < max(seen.sizes) <= 8 * V * 32  # the unpacked [8, W, 32] bits at most
     assert max(seen.sizes) < B * T * V
