@@ -28,9 +28,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import check_same_device, check_tensor, output_dtype
+from .._utils import check_same_device, output_dtype
 from .aggregation import GlobalBatch, aggregate_rows, lookup
-from .validation import check_number
+from .validation import check_number, check_token_tensors
 
 
 class ISGate(NamedTuple):
@@ -148,18 +148,7 @@ def openrlhf_policy_loss(
         raise ValueError(f"dual_clip must be > 1.0, got {dual_clip}")
     if not isinstance(token_level_loss, bool):
         raise TypeError(f"token_level_loss must be a bool, got {type(token_level_loss).__name__}")
-    check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    B, T = logp.shape
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_logp", rollout_logp)):
-        if t is not None:
-            check_tensor(name, t, floating=name != "mask")
-            if tuple(t.shape) != (B, T):
-                raise ValueError(f"{name} must have the shape of logp {(B, T)}, got {tuple(t.shape)}")
-    check_tensor("advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
+    B, T = check_token_tensors(logp, advantages, old_logp=old_logp, mask=mask, rollout_logp=rollout_logp)
     if correction.level != "off" and rollout_logp is None:
         raise ValueError(f"rollout_logp is required when is_correction level={correction.level!r}")
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, rollout_logp=rollout_logp)

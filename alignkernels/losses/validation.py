@@ -12,6 +12,8 @@ import numbers
 
 import torch
 
+from .._utils import check_tensor
+
 
 def check_count(name: str, value, *, minimum: int = 1) -> int:
     """``value`` as an int ``>= minimum``: ``TypeError`` for a bool, float, str, ...; ``ValueError``
@@ -76,3 +78,23 @@ def check_length_tensor(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must hold token counts (an integer or float tensor), got {t.dtype}")
     if t.numel() and bool((~(t >= 0)).any().item()):  # one host sync; NaN fails `>= 0` too
         raise ValueError(f"{name} must be token counts >= 0, got {t.tolist() if t.numel() <= 8 else t}")
+
+
+def check_token_tensors(logp, advantages, **tensors) -> tuple[int, int]:
+    """A policy loss's ``[B, T]`` inputs: ``logp`` floating ``[B, T]``; each of ``tensors`` (None skipped)
+    of that shape, floating unless it is ``mask``; ``advantages`` floating ``[B]``, ``[B, 1]`` or
+    ``[B, T]``. Errors name the argument. Returns ``(B, T)``."""
+    check_tensor("logp", logp, floating=True)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    B, T = logp.shape
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        check_tensor(name, t, floating=name != "mask")
+        if tuple(t.shape) != (B, T):
+            raise ValueError(f"{name} must have the shape of logp {(B, T)}, got {tuple(t.shape)}")
+    check_tensor("advantages", advantages, floating=True)
+    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
+        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
+    return B, T

@@ -38,10 +38,10 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_same_device, check_tensor, output_dtype
+from .._utils import OpBackends, check_same_device, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
-from .validation import check_number
+from .validation import check_number, check_token_tensors
 
 
 VERL_POLICY_LOSS = OpBackends("verl_policy_loss", ("triton", "torch", "reference"))
@@ -394,19 +394,7 @@ def verl_policy_loss(
     config = _check_config(row, config)
     lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     lookup(AGGREGATION_SEMANTICS, semantics, "semantics")
-    check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    B, T = logp.shape
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("rollout_is_weights", rollout_is_weights)):
-        if t is None:
-            continue
-        check_tensor(name, t, floating=name != "mask")
-        if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must have the shape of logp {(B, T)}, got {tuple(t.shape)}")
-    check_tensor("advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
+    B, T = check_token_tensors(logp, advantages, old_logp=old_logp, mask=mask, rollout_is_weights=rollout_is_weights)
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
                       rollout_is_weights=rollout_is_weights)  # fmt: skip
     be = VERL_POLICY_LOSS.resolve(backend, logp.device, logp.dtype)
