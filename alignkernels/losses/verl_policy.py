@@ -25,6 +25,11 @@ With ``r = exp(clamp(logp − old, ±20))`` (the clamp where verl has it), ``A``
   covariance;
 - ``geo_mean`` (GMPO): per sequence ``−Ā·exp(mean of sign(A)·min(sign(A)·lr, sign(A)·clip(lr, −ε_l,
   ε_h)))``, averaged over sequences.
+- ``bypass_mode``: ``old`` is the rollout policy's log-probs; a ``prepare`` stage (verl
+  ``rollout_corr_helper``, here ``verl_rollout_correction``) drops the tokens its rejection rules reject
+  (per token or whole sequences, from KL statistics of the detached log-ratio) and forms detached IS
+  weights (token or sequence, truncated or IcePop); then ``ppo_clip``: ``vanilla`` without weights, or
+  ``reinforce``: ``−w·A·logp``, aggregated over the kept tokens.
 
 Memory: eager PyTorch on ``[B, T]``, a few temporaries kept for autograd. Numerics: fp32 (fp64 for
 fp64 inputs); masked positions read 0 before any exp/log, so they never give NaN and get no
@@ -34,6 +39,7 @@ Tests: ``tests/frameworks/test_verl_policy_parity.py`` (each row vs verl's own r
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -41,10 +47,27 @@ import torch
 from .._utils import OpBackends, check_same_device, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
+from .kl import KL_ESTIMATORS
 from .validation import check_number, check_token_tensors
 
 
 VERL_POLICY_LOSS = OpBackends("verl_policy_loss", ("triton", "torch", "reference"))
+
+
+class RolloutCorrection(NamedTuple):
+    """verl's ``RolloutCorrectionConfig`` fields that ``loss_mode="bypass_mode"`` reads (verl's
+    defaults), in verl's formats: ``rollout_is_threshold`` a number (truncate above) or
+    ``"lower_upper"`` / ``(lower, upper)`` (zero outside); ``rollout_rs`` names of
+    ``REJECTION_OPTIONS``, comma-separated or a tuple; ``rollout_rs_threshold`` one spec shared by
+    every option or one per option (comma-separated or a tuple), a ``*_k1`` option's as ratio bounds
+    ``"lower_upper"`` / ``(lower, upper)`` or an upper bound whose reciprocal is the lower one."""
+
+    loss_type: str = "ppo_clip"  # or "reinforce"
+    rollout_is: str | None = "sequence"  # "token", "sequence" or None (no IS weights)
+    rollout_is_threshold: float | str | tuple = 2.0
+    rollout_is_batch_normalize: bool = False
+    rollout_rs: str | tuple[str, ...] | None = None
+    rollout_rs_threshold: float | str | tuple | None = None
 
 
 class VerlPolicyConfig(NamedTuple):
@@ -63,6 +86,7 @@ class VerlPolicyConfig(NamedTuple):
     kl_cov_ratio: float = 0.0002
     ppo_kl_coef: float = 0.1
     dro_beta: float | None = None
+    rollout_correction: RolloutCorrection | None = None  # bypass_mode's (verl: policy_loss.rollout_correction)
 
     @property
     def low(self) -> float:
@@ -103,6 +127,9 @@ class VerlPolicyLoss(NamedTuple):
     not_separable: str | None  # None: token-separable (three-GEMM head)
     # the clipped-policy row engine's term that computes it (Triton kernel, kernels/grpo.py), or None
     kernel: Callable[[VerlPolicyConfig], KernelTerm] | None
+    # a stage before the formula: (tokens, rollout_is_weights) -> (tokens with the loss mask it keeps,
+    # the weights multiplying the loss, metrics); bypass_mode's rollout correction and rejection
+    prepare: Callable[[PolicyTokens, torch.Tensor | None], tuple[PolicyTokens, torch.Tensor | None, dict]] | None = None
 
     @property
     def triton(self) -> bool:
@@ -264,6 +291,196 @@ def _geo_mean(t):
     return -seq_adv * ratio, metrics
 
 
+# ------------------------------------------------------ bypass_mode: rollout correction, rejection
+BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
+ROLLOUT_IS_LEVELS = ("token", "sequence")
+REJECTION_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")  # per token, or a sequence's sum / mean / max
+# verl's rollout_rs names: a level and a KL_ESTIMATORS row of d = rollout_logp − logp (k1 = −log r)
+REJECTION_OPTIONS = tuple(f"{level}_{k}" for level in REJECTION_LEVELS for k in ("k1", "k2", "k3")
+                          if (level, k) != ("seq_max", "k1"))  # fmt: skip
+SAFETY_BOUND = 20.0  # verl: log-ratios (token or summed) in ±20 before exp, and in the rejection statistics
+
+
+class Rejection(NamedTuple):
+    """One rejection option: keep a token (or its whole sequence) while ``lower ≤ stat ≤ upper``
+    (``k1``: bounds on the log-ratio, the logs of verl's ratio bounds; others: an upper bound)."""
+
+    level: str
+    estimator: str
+    lower: float | None
+    upper: float
+
+
+class CorrectionPlan(NamedTuple):
+    is_bounds: tuple[float | None, float] | None  # (lower or None: truncate; upper), None: no IS weights
+    rejections: tuple[Rejection, ...]
+
+
+def _one_of(names: tuple[str, ...], value, what: str) -> str:
+    return lookup({n: n for n in names}, value, what)
+
+
+def _bounds(name: str, spec, pair_ok: bool) -> tuple[float | None, float]:
+    """A threshold in verl's formats: a number, ``"upper"``, ``"lower_upper"`` or ``(lower, upper)``."""
+    if isinstance(spec, str):
+        try:
+            values = [float(part) for part in spec.strip().split("_", 1)]
+        except ValueError:
+            raise ValueError(f"{name} must be a number or 'lower_upper', got {spec!r}") from None
+    elif isinstance(spec, tuple) and len(spec) == 2:
+        values = [check_number(name, v) for v in spec]
+    else:
+        values = [check_number(name, spec)]
+    if len(values) == 2 and not pair_ok:
+        raise ValueError(f"{name} takes an upper bound only (no 'lower_upper'), got {spec!r}")
+    if not all(v > 0 and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} bounds must be finite numbers > 0, got {spec!r}")
+    if len(values) == 2 and values[0] > values[1]:
+        raise ValueError(f"{name} lower bound must be <= its upper bound, got {spec!r}")
+    return (values[0], values[1]) if len(values) == 2 else (None, values[0])
+
+
+def correction_plan(c: RolloutCorrection | None) -> CorrectionPlan:
+    """Validates a ``RolloutCorrection`` (errors name the field) into IS bounds and rejection rules."""
+    c = RolloutCorrection() if c is None else c
+    if not isinstance(c, RolloutCorrection):
+        raise TypeError(f"rollout_correction must be a RolloutCorrection, got {type(c).__name__}")
+    _one_of(BYPASS_LOSS_TYPES, c.loss_type, "rollout_correction.loss_type")
+    if c.rollout_is is not None:
+        _one_of(ROLLOUT_IS_LEVELS, c.rollout_is, "rollout_correction.rollout_is")
+    if not isinstance(c.rollout_is_batch_normalize, bool):
+        raise TypeError(f"rollout_correction.rollout_is_batch_normalize must be a bool, got "
+                        f"{c.rollout_is_batch_normalize!r}")  # fmt: skip
+    is_bounds = None
+    if c.rollout_is is not None and c.rollout_is_threshold is not None:
+        is_bounds = _bounds("rollout_correction.rollout_is_threshold", c.rollout_is_threshold, True)
+    names = c.rollout_rs
+    if names is None:
+        return CorrectionPlan(is_bounds, ())
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    elif isinstance(names, tuple) and all(isinstance(n, str) for n in names):
+        names = list(names)
+    else:
+        raise TypeError(f"rollout_correction.rollout_rs must be a str or a tuple of str, got {names!r}")
+    if not names:
+        raise ValueError("rollout_correction.rollout_rs names no option")
+    for n in names:
+        _one_of(REJECTION_OPTIONS, n, "rollout_correction.rollout_rs")
+    names = list(dict.fromkeys(names))
+    spec = c.rollout_rs_threshold
+    if spec is None:
+        raise ValueError("rollout_correction.rollout_rs_threshold is required when rollout_rs is set")
+    specs = [p.strip() for p in spec.split(",") if p.strip()] if isinstance(spec, str) else \
+        list(spec) if isinstance(spec, (tuple, list)) else [spec]  # fmt: skip
+    if len(specs) not in (1, len(names)):
+        raise ValueError(f"rollout_correction.rollout_rs_threshold must hold one threshold or one per option "
+                         f"({len(names)}), got {spec!r}")  # fmt: skip
+    rejections = []
+    for n, s in zip(names, specs * len(names) if len(specs) == 1 else specs):
+        level, k = n.rsplit("_", 1)
+        lower, upper = _bounds(f"rollout_correction.rollout_rs_threshold ({n})", s, pair_ok=k == "k1")
+        if k == "k1":  # ratio bounds, a lone upper bound's reciprocal the lower one; compared as logs
+            lower, upper = math.log(1.0 / upper if lower is None else lower), math.log(upper)
+        rejections.append(Rejection(level, k, lower, upper))
+    return CorrectionPlan(is_bounds, tuple(rejections))
+
+
+def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       correction: RolloutCorrection | None = None):  # fmt: skip
+    """verl's ``compute_rollout_correction_and_rejection_mask(logp, rollout_logp, mask, ...)``
+    (``rollout_corr_helper``), no gradient: ``(weights [B, T] or None, kept mask [B, T] bool,
+    metrics)``. With ``lr = logp − rollout_logp``:
+
+    - IS weights: ``token``: ``exp(clamp(lr, ±20))``; ``sequence``: ``exp(clamp(Σ lr, ±20))`` on every
+      token; truncated at the upper bound, or zero outside ``[lower, upper]`` (IcePop); optionally
+      divided by their batch mean (tokens, or sequences for ``sequence``) when it exceeds 1e-8;
+    - rejection: every option must pass; a statistic of ``d = −clamp(lr, ±20)`` (``k1 = d``,
+      ``k2 = d²/2``, ``k3 = e^−d − 1 + d``, the rows of ``losses/kl.py``) per token or per sequence.
+
+    Metrics (verl's names): ``rollout_corr/kl``, ``rollout_corr/k3_kl``, and with IS weights
+    ``rollout_corr/rollout_is_mean`` (before normalising) and ``rollout_corr/rollout_is_batch_norm_factor``,
+    with rejection ``rollout_corr/rollout_rs_masked_fraction``. A fully masked batch gives no
+    weight, no token and zero metrics (verl: ``ValueError``)."""
+    plan = correction_plan(correction)
+    check_token_tensors(logp, logp, rollout_logp=rollout_logp, mask=mask)
+    check_same_device(logp=logp, rollout_logp=rollout_logp, mask=mask)
+    valid = mask != 0
+    cd = output_dtype(logp.dtype)
+    zero = torch.zeros((), dtype=cd, device=logp.device)
+    with torch.no_grad():
+        lr = torch.where(valid, logp.detach().to(cd) - rollout_logp.detach().to(cd), zero)
+        return _correct(lr, valid, RolloutCorrection() if correction is None else correction, plan)
+
+
+def _correct(lr: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection, plan: CorrectionPlan):
+    """``verl_rollout_correction`` on a log-ratio that is 0 at masked positions (no grad)."""
+    maskf = valid.to(lr.dtype)
+    count = maskf.sum(-1)
+
+    def mean(x):  # over the valid tokens of the batch
+        return (x * maskf).sum() / maskf.sum().clamp(min=1.0)
+
+    metrics = {"rollout_corr/kl": mean(-lr), "rollout_corr/k3_kl": mean(torch.expm1(lr) - lr)}
+    weights = None
+    if plan.is_bounds is not None:
+        lower, upper = plan.is_bounds
+        level_lr = lr if c.rollout_is == "token" else lr.sum(-1, keepdim=True).expand_as(lr)
+        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)) * maskf
+        weights = raw.clamp(max=upper) if lower is None else torch.where((raw >= lower) & (raw <= upper), raw, 0.0)
+        metrics["rollout_corr/rollout_is_mean"] = mean(weights)
+        if c.rollout_is_batch_normalize:
+            if c.rollout_is == "token":
+                norm = mean(weights)
+            else:  # one weight per sequence that has tokens
+                rows = count > 0
+                norm = ((weights * maskf).sum(-1) / count.clamp(min=1.0))[rows].sum() / rows.sum().clamp(min=1)
+            norm = torch.where(norm > 1e-8, norm, torch.ones_like(norm))
+            weights = weights / norm
+            metrics["rollout_corr/rollout_is_batch_norm_factor"] = norm
+    if plan.rejections:
+        keep = torch.ones_like(valid)
+        d = -lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        for r in plan.rejections:
+            stat = torch.where(valid, KL_ESTIMATORS[r.estimator].value(d), 0.0)
+            if r.level == "seq_sum":
+                stat = stat.sum(-1, keepdim=True)
+            elif r.level == "seq_mean":
+                stat = stat.sum(-1, keepdim=True) / count.clamp(min=1.0).unsqueeze(-1)
+            elif r.level == "seq_max" and stat.shape[-1] > 0:  # a fully masked row: 0
+                stat = torch.where(valid, stat, -torch.inf).amax(-1, keepdim=True)
+                stat = torch.where(torch.isneginf(stat), 0.0, stat)
+            ok = stat <= r.upper if r.lower is None else (stat >= r.lower) & (stat <= r.upper)
+            keep = keep & ok
+        metrics["rollout_corr/rollout_rs_masked_fraction"] = mean((~keep).to(lr.dtype))
+        valid = valid & keep
+    return weights, valid, metrics
+
+
+def _bypass_prepare(t: PolicyTokens, rollout_is_weights):
+    """verl ``compute_policy_loss_bypass_mode``: ``old`` is the rollout policy's log-probs; the IS
+    weights (``reinforce`` only) and the rejection mask come from the current ``logp`` (detached)."""
+    if rollout_is_weights is not None:
+        raise ValueError("rollout_is_weights: loss_mode='bypass_mode' computes its IS weights from "
+                         "config.rollout_correction; pass None")  # fmt: skip
+    c = RolloutCorrection() if t.config.rollout_correction is None else t.config.rollout_correction
+    with torch.no_grad():
+        weights, valid, metrics = _correct(t.logp.detach() - t.old, t.valid, c, correction_plan(c))
+    zero = torch.zeros((), dtype=t.logp.dtype, device=t.logp.device)
+    tokens = PolicyTokens(torch.where(valid, t.logp, zero), torch.where(valid, t.old, zero),
+                          torch.where(valid, t.adv, zero), valid.to(t.maskf.dtype), valid, t.config)  # fmt: skip
+    return tokens, weights if c.loss_type == "reinforce" else None, metrics
+
+
+def _bypass(t):
+    """``ppo_clip``: ``vanilla`` (the ratio to the rollout policy is the IS correction);
+    ``reinforce``: ``−A·logp`` (the weights multiply it), verl ``compute_policy_loss_reinforce``."""
+    c = RolloutCorrection() if t.config.rollout_correction is None else t.config.rollout_correction
+    if c.loss_type == "ppo_clip":
+        return _vanilla(t)
+    return -t.adv * t.logp, {"actor/ppo_kl": _masked_mean(t.old - t.logp.detach(), t)}
+
+
 def _vanilla_kernel(c: VerlPolicyConfig) -> KernelTerm:
     return KernelTerm(PolicyTerm("clipped", eps_low=c.low, eps_high=c.high, bias_correction=False,
                                  clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c))  # fmt: skip
@@ -325,6 +542,11 @@ VERL_POLICY_LOSSES: dict[str, VerlPolicyLoss] = {
         VerlPolicyLoss("dppo_kl", _dppo(_binary_kl_region), "token", "trust region on binary KL(p_old, p); "
                        "sg(min(r, c))", "sg(truncated r) · A · logp", None, _CLIP_METRICS, None,
                        _dppo_kernel("binary_kl")),  # fmt: skip
+        VerlPolicyLoss("bypass_mode", _bypass, "token", f"ppo_clip: as vanilla; reinforce: none; rejection "
+                       "masks tokens", "ppo_clip: r · A; reinforce: sg(rollout IS weight) · A · logp", None,
+                       ("actor/ppo_kl", "rollout_corr/kl", "rollout_corr/k3_kl"),
+                       "its IS weights and rejection read whole sequences and the batch", None,
+                       prepare=_bypass_prepare),  # fmt: skip
     )
 }
 assert all(row.aggregation is None or row.aggregation in AGGREGATION_MODES for row in VERL_POLICY_LOSSES.values())
@@ -332,7 +554,8 @@ assert all(row.aggregation is None or row.aggregation in AGGREGATION_MODES for r
 
 def _check_config(row: VerlPolicyLoss, config: VerlPolicyConfig) -> VerlPolicyConfig:
     values = {name: check_number(name, getattr(config, name), allow_none=name in ("clip_ratio_low",
-              "clip_ratio_high", "clip_ratio_c", "dro_beta")) for name in VerlPolicyConfig._fields}  # fmt: skip
+              "clip_ratio_high", "clip_ratio_c", "dro_beta")) for name in VerlPolicyConfig._fields
+              if name != "rollout_correction"}  # fmt: skip
     for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high"):
         if values[name] is not None and not values[name] >= 0:
             raise ValueError(f"{name} must be >= 0, got {values[name]}")
@@ -343,7 +566,9 @@ def _check_config(row: VerlPolicyLoss, config: VerlPolicyConfig) -> VerlPolicyCo
         raise ValueError(f"clip_ratio_c must be > 1.0, got {values['clip_ratio_c']}")
     if row.name == "dro" and not (values["dro_beta"] is not None and values["dro_beta"] > 0):
         raise ValueError(f"dro_beta must be a number > 0 for loss_mode='dro', got {values['dro_beta']}")
-    return VerlPolicyConfig(**values)
+    if row.prepare is not None:
+        correction_plan(config.rollout_correction)
+    return VerlPolicyConfig(**values, rollout_correction=config.rollout_correction)
 
 
 def verl_policy_loss(
@@ -408,6 +633,10 @@ def verl_policy_loss(
     tokens = PolicyTokens(torch.where(valid, logp.to(cd), zero), torch.where(valid, old_logp.detach().to(cd), zero),
                           torch.where(valid, adv, zero), maskf, valid, config)  # fmt: skip
     isw = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights.detach().to(cd), zero)
+    extra_metrics = {}
+    if row.prepare is not None:
+        tokens, isw, extra_metrics = row.prepare(tokens, isw)
+        valid, maskf = tokens.valid, tokens.maskf
     if be == "triton" and row.triton:
         kernel = row.kernel(config)
         inputs = TokenInputs(tokens.logp, tokens.old if kernel.uses_old else None, None, tokens.adv, valid,
@@ -417,7 +646,7 @@ def verl_policy_loss(
             _, metrics = row.formula(tokens._replace(logp=tokens.logp.detach()))
         loss = aggregate_rows(rows["loss_sum"], rows["count"], T, row.aggregation or loss_agg_mode,
                               semantics=semantics, global_batch=global_batch)  # fmt: skip
-        return loss, metrics
+        return loss, {**metrics, **extra_metrics}
     loss, metrics = row.formula(tokens)
     if row.level == "sequence":
         if rollout_is_weights is not None:  # verl: the geometric mean of the token weights
@@ -431,5 +660,5 @@ def verl_policy_loss(
         loss_sum = torch.where(valid, loss, zero).mul(maskf).sum(-1)
         loss = aggregate_rows(loss_sum, maskf.sum(-1), T, row.aggregation or loss_agg_mode, semantics=semantics,
                               global_batch=global_batch)  # fmt: skip
-    return loss, {name: value.detach() for name, value in metrics.items()}
+    return loss, {name: value.detach() for name, value in {**metrics, **extra_metrics}.items()}
 

@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from alignkernels.losses.aggregation import GlobalBatch
-from alignkernels.losses.verl_policy import VERL_POLICY_LOSSES, VerlPolicyConfig, verl_policy_loss
+from alignkernels.losses.verl_policy import (
+    VERL_POLICY_LOSSES,
+    RolloutCorrection,
+    VerlPolicyConfig,
+    verl_policy_loss,
+    verl_rollout_correction,
+)
 
 # verl's token means divide by count + 1e-8: 1e-8 relative
 CLOSE = dict(rtol=1e-7, atol=1e-10)
-# bypass_mode dispatches into verl.trainer.ppo.rollout_corr_helper (rollout correction + rejection
-# sampling), not a formula of its own: not a row yet.
-NOT_ROWS = {"bypass_mode"}
+NOT_ROWS: set[str] = set()
 
 
 def _inputs(seed=0, B=6, T=9, empty_rows=(2,), scale=0.4, dtype=torch.float64):
@@ -30,13 +34,20 @@ def _inputs(seed=0, B=6, T=9, empty_rows=(2,), scale=0.4, dtype=torch.float64):
     return logp, old, adv, mask, isw
 
 
+def _verl_correction(c: RolloutCorrection) -> dict:
+    """Our ``RolloutCorrection`` in verl's string formats (tuples as comma-separated lists)."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else v for k, v in c._asdict().items()}
+
+
 def _verl_config(verl_core, cfg: VerlPolicyConfig, mode, global_batch=None):
+    from verl.trainer.config.algorithm import RolloutCorrectionConfig
     from verl.workers.config import ActorConfig, PolicyLossConfig
 
     extra = {} if cfg.clip_ratio_c is None else {"clip_ratio_c": cfg.clip_ratio_c}
+    correction = RolloutCorrectionConfig(**_verl_correction(cfg.rollout_correction or RolloutCorrection()))
     pl = PolicyLossConfig(loss_mode=mode, clip_cov_ratio=cfg.clip_cov_ratio, clip_cov_lb=cfg.clip_cov_lb,
                           clip_cov_ub=cfg.clip_cov_ub, kl_cov_ratio=cfg.kl_cov_ratio, ppo_kl_coef=cfg.ppo_kl_coef,
-                          dro_beta=cfg.dro_beta)  # fmt: skip
+                          dro_beta=cfg.dro_beta, rollout_correction=correction)  # fmt: skip
     actor = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=cfg.clip_ratio,
                         clip_ratio_low=cfg.low, clip_ratio_high=cfg.high, tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg,
                         policy_loss=pl, **extra)  # fmt: skip
@@ -62,11 +73,17 @@ def _both(verl_core, mode, cfg, logp, old, adv, mask, isw=None, agg="token-mean"
     return (ours, ours_m, ours_in), (theirs, theirs_m, theirs_in)
 
 
-def _assert_match(ours, theirs):
+def _assert_match(ours, theirs, metrics_subset=False):
+    """Loss, every metric, gradient; ``metrics_subset``: ours are a subset of verl's (bypass_mode's
+    rollout-correction diagnostics: the comparable few), every ``actor/*`` one included."""
     (loss, metrics, x), (t_loss, t_metrics, t_x) = ours, theirs
     torch.testing.assert_close(loss, t_loss, **CLOSE)
-    assert set(metrics) == set(t_metrics)
-    for name in t_metrics:
+    if metrics_subset:
+        assert set(metrics) <= set(t_metrics)
+        assert {m for m in metrics if m.startswith("actor/")} == {m for m in t_metrics if m.startswith("actor/")}
+    else:
+        assert set(metrics) == set(t_metrics)
+    for name in metrics:
         torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **CLOSE)
     loss.backward()
     t_loss.backward()
@@ -87,14 +104,19 @@ CONFIGS = {
     "cispo": VerlPolicyConfig(clip_ratio_low=0.2, clip_ratio_high=0.3),
     "dppo_tv": VerlPolicyConfig(clip_ratio=0.1, clip_ratio_c=2.0),
     "dppo_kl": VerlPolicyConfig(clip_ratio_low=0.02, clip_ratio_high=0.05, clip_ratio_c=2.0),
+    "bypass_mode": VerlPolicyConfig(rollout_correction=RolloutCorrection(
+        loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="seq_mean_k3",
+        rollout_rs_threshold=0.05)),
 }
+# bypass_mode computes its own IS weights (verl ignores rollout_is_weights there; ours refuses them)
+WEIGHTED = sorted(set(CONFIGS) - {"bypass_mode"})
 
 
 def test_every_registered_verl_policy_loss_is_a_row(verl_core):
     assert set(verl_core.POLICY_LOSS_REGISTRY) - NOT_ROWS == set(VERL_POLICY_LOSSES) == set(CONFIGS)
 
 
-@pytest.mark.parametrize("mode", sorted(CONFIGS))
+@pytest.mark.parametrize("mode", WEIGHTED)
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("with_is", [False, True])
 def test_policy_losses_match_verl_values_gradients_and_metrics(verl_core, mode, seed, with_is):
@@ -113,13 +135,14 @@ def test_aggregation_modes_match_verl(verl_core, mode, agg):
     _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg))
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "cispo", "gpg"])
+@pytest.mark.parametrize("mode", ["vanilla", "cispo", "gpg", "bypass_mode"])
 def test_global_batch_arguments_match_verl(verl_core, mode):
     logp, old, adv, mask, _ = _inputs(4)
     gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum() * 2 + 3), global_batch_size=13.0,
                      loss_scale_factor=16)  # fmt: skip
     for agg in ("token-mean", "seq-mean-token-mean"):
-        _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg, global_batch=gb))
+        _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg, global_batch=gb),
+                      metrics_subset=mode == "bypass_mode")  # fmt: skip
 
 
 def test_ratio_clamp_and_dual_clip_at_extreme_log_ratios(verl_core):
@@ -357,3 +380,121 @@ def test_fused_head_on_triton_matches_fp64(mode, triton_device):
     torch.testing.assert_close(loss.double().cpu(), e_loss, rtol=1e-5, atol=1e-7)
     for g, e in zip(grads, e_grads):
         torch.testing.assert_close(g.double().cpu(), e, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------- bypass_mode: rollout IS weights and rejection sampling
+BYPASS_CASES = {
+    "ppo_clip_default": RolloutCorrection(),
+    "ppo_clip_seq_max_k2": RolloutCorrection(rollout_rs="seq_max_k2", rollout_rs_threshold=0.3),
+    "reinforce_seq_tis": RolloutCorrection(loss_type="reinforce"),
+    "reinforce_token_tis": RolloutCorrection(loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5),
+    "reinforce_token_icepop_normalised": RolloutCorrection(loss_type="reinforce", rollout_is="token",
+                                                           rollout_is_threshold="0.8_1.5",
+                                                           rollout_is_batch_normalize=True),
+    "reinforce_seq_normalised_two_rejections": RolloutCorrection(
+        loss_type="reinforce", rollout_is_batch_normalize=True, rollout_rs="token_k1,seq_mean_k3",
+        rollout_rs_threshold="0.5_2.0,0.05"),
+    "reinforce_no_is_seq_sum_k1": RolloutCorrection(loss_type="reinforce", rollout_is=None, rollout_rs="seq_sum_k1",
+                                                    rollout_rs_threshold=3.0),
+    "reinforce_token_k2_k3": RolloutCorrection(loss_type="reinforce", rollout_is="token", rollout_rs=("token_k2",
+                                               "seq_sum_k3"), rollout_rs_threshold=(0.1, 0.5)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BYPASS_CASES))
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_bypass_mode_matches_verl(verl_core, case, agg):
+    """verl ``compute_policy_loss_bypass_mode`` with its ``RolloutCorrectionConfig``: REINFORCE with
+    token / sequence IS (truncated or IcePop, batch-normalised) and PPO-clip, under one or two rejection
+    rules: loss, gradient, ``actor/*`` metrics and the rollout-correction metrics we return."""
+    logp, old, adv, mask, _ = _inputs(13)
+    cfg = VerlPolicyConfig(rollout_correction=BYPASS_CASES[case])
+    grad = _assert_match(*_both(verl_core, "bypass_mode", cfg, logp, old, adv, mask, agg=agg), metrics_subset=True)
+    assert (grad[~mask] == 0).all()
+    _, metrics = verl_policy_loss(logp, old, adv, mask, loss_mode="bypass_mode", config=cfg)
+    if BYPASS_CASES[case].rollout_rs is not None:  # the rejection binds on some tokens, not all
+        assert 0 < metrics["rollout_corr/rollout_rs_masked_fraction"] < 0.9
+        rejected = mask & (grad == 0) & (adv != 0)
+        assert rejected.any()
+
+
+@pytest.mark.parametrize("case", sorted(BYPASS_CASES))
+def test_rollout_correction_matches_verl_helper(verl_core, case):
+    """``verl_rollout_correction`` = verl ``compute_rollout_correction_and_rejection_mask``: IS weights,
+    kept mask, metrics of the same names."""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    logp, old, _, mask, _ = _inputs(14, scale=0.6)
+    c = BYPASS_CASES[case]
+    weights, kept, metrics = verl_rollout_correction(logp, old, mask, c)
+    verl_c = _verl_correction(c)
+    del verl_c["loss_type"]
+    proto, t_mask, t_metrics = compute_rollout_correction_and_rejection_mask(logp, old, mask.to(logp.dtype), **verl_c)
+    assert (kept == (t_mask != 0)).all()
+    assert (weights is None) == (proto is None)
+    if weights is not None:
+        torch.testing.assert_close(weights, proto.batch["rollout_is_weights"], **CLOSE)
+    assert set(metrics) <= set(t_metrics) and {"rollout_corr/kl", "rollout_corr/k3_kl"} <= set(metrics)
+    for name in metrics:
+        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **CLOSE)
+
+
+def test_bypass_micro_batches_sum_to_the_global_batch_loss():
+    """Rejection and token IS per micro-batch, global denominators: the micro-batch losses add up to
+    the whole batch's loss (batch-normalised weights excepted: their mean is per batch, as verl)."""
+    logp, old, adv, mask, _ = _inputs(15, B=8)
+    cfg = VerlPolicyConfig(rollout_correction=BYPASS_CASES["reinforce_token_k2_k3"])
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        gb = GlobalBatch(batch_num_tokens=float(mask.sum()), global_batch_size=8.0, loss_scale_factor=9)
+        whole, _ = verl_policy_loss(logp, old, adv, mask, loss_mode="bypass_mode", config=cfg, loss_agg_mode=agg,
+                                    global_batch=gb)  # fmt: skip
+        parts = sum(verl_policy_loss(logp[s], old[s], adv[s], mask[s], loss_mode="bypass_mode", config=cfg,
+                                     loss_agg_mode=agg, global_batch=gb)[0] for s in (slice(0, 3), slice(3, 8)))  # fmt: skip
+        torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("case", ["reinforce_seq_normalised_two_rejections", "ppo_clip_seq_max_k2"])
+def test_bypass_mode_fp32_matches_fp64(case):
+    logp, old, adv, mask, _ = _inputs(16)
+    cfg = VerlPolicyConfig(rollout_correction=BYPASS_CASES[case])
+    x64, x32 = logp.clone().requires_grad_(True), logp.float().requires_grad_(True)
+    l64, m64 = verl_policy_loss(x64, old, adv, mask, loss_mode="bypass_mode", config=cfg)
+    l32, m32 = verl_policy_loss(x32, old.float(), adv.float(), mask, loss_mode="bypass_mode", config=cfg)
+    torch.testing.assert_close(l32.double(), l64, rtol=2e-6, atol=1e-7)
+    for name in m64:
+        torch.testing.assert_close(m32[name].double(), m64[name], rtol=2e-6, atol=1e-7)
+    l64.backward()
+    l32.backward()
+    torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("correction, error, match", [
+    (RolloutCorrection(loss_type="pg"), ValueError, "rollout_correction.loss_type must be one of ppo_clip"),
+    (RolloutCorrection(rollout_is="seq"), ValueError, "rollout_correction.rollout_is must be one of token"),
+    (RolloutCorrection(rollout_is_threshold="a_b"), ValueError, "rollout_is_threshold"),
+    (RolloutCorrection(rollout_is_threshold="2.0_0.5"), ValueError, "rollout_is_threshold lower bound"),
+    (RolloutCorrection(rollout_is_threshold=-1.0), ValueError, "rollout_is_threshold bounds"),
+    (RolloutCorrection(rollout_is_threshold=True), TypeError, "rollout_is_threshold"),
+    (RolloutCorrection(rollout_is_batch_normalize="yes"), TypeError, "rollout_is_batch_normalize"),
+    (RolloutCorrection(rollout_rs="token_k4", rollout_rs_threshold=1.0), ValueError, "rollout_rs must be one of"),
+    (RolloutCorrection(rollout_rs="seq_max_k1", rollout_rs_threshold=1.0), ValueError, "rollout_rs must be one of"),
+    (RolloutCorrection(rollout_rs=" , ", rollout_rs_threshold=1.0), ValueError, "rollout_rs names no option"),
+    (RolloutCorrection(rollout_rs=["token_k2"], rollout_rs_threshold=1.0), TypeError, "rollout_rs must be a str"),
+    (RolloutCorrection(rollout_rs="token_k2"), ValueError, "rollout_rs_threshold is required"),
+    (RolloutCorrection(rollout_rs="token_k2", rollout_rs_threshold="0.1_0.2"), ValueError, "upper bound only"),
+    (RolloutCorrection(rollout_rs="token_k2,token_k3,seq_max_k2", rollout_rs_threshold="1,2"), ValueError,
+     "one threshold or one per option"),
+    (RolloutCorrection(rollout_rs="token_k1", rollout_rs_threshold=0.0), ValueError, "token_k1"),
+    ({"loss_type": "reinforce"}, TypeError, "rollout_correction must be a RolloutCorrection"),
+])  # fmt: skip
+def test_bypass_mode_bad_corrections_are_named(correction, error, match):
+    logp, old, adv, mask, _ = _inputs(17)
+    with pytest.raises(error, match=match):
+        verl_policy_loss(logp, old, adv, mask, loss_mode="bypass_mode", rollout_correction=correction)
+
+
+def test_bypass_mode_refuses_given_is_weights():
+    """verl ignores ``rollout_is_weights`` in bypass_mode (it computes its own): ours says so."""
+    logp, old, adv, mask, isw = _inputs(18)
+    with pytest.raises(ValueError, match="rollout_is_weights.*bypass_mode"):
+        verl_policy_loss(logp, old, adv, mask, loss_mode="bypass_mode", rollout_is_weights=isw)
