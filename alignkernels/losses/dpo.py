@@ -10,7 +10,7 @@ hidden states) lives in ``linear_logprobs`` and the fused wrappers feed this mod
 With ``rc = π_c − ref_c`` and ``rr = π_r − ref_r`` (log-ratios), TRL first maps them through the
 f-divergence's f'(·) ("scores" s_c, s_r; identity for reverse KL), then ``Δ = s_c − s_r`` and:
 
-    sigmoid       −logσ(βΔ)
+    sigmoid       −logσ(βΔ);  cdpo=True: −(1−ε)logσ(βΔ) − ε logσ(−βΔ)     (cDPO, OpenRLHF DPOLoss)
     hinge         relu(1 − βΔ)
     ipo           (s_c/|c| − s_r/|r| − 1/(2β))²                        (lengths clamp ≥ 1)
     exo_pair      σ(βΔ)(logσ(βΔ) − log(1−ε)) + σ(−βΔ)(logσ(−βΔ) − log ε)   (ε = label_smoothing > 0)
@@ -118,14 +118,16 @@ def dpo_per_pair_losses(
     chosen_lengths=None,
     rejected_lengths=None,
     sft_chosen_logps=None,
+    cdpo: bool = False,
 ):
     """``[B]`` loss of one DPO loss type (TRL ``DPOTrainer._compute_loss``, the ``for loss_type``
-    loop body). All tensors already in the compute dtype; lengths as floats."""
+    loop body; ``cdpo``: ``sigmoid`` smoothed by ``label_smoothing`` as OpenRLHF ``DPOLoss``). All
+    tensors already in the compute dtype; lengths as floats."""
     chosen_logratios = chosen_logps - ref_chosen_logps
     rejected_logratios = rejected_logps - ref_rejected_logps
     delta = chosen_scores - rejected_scores
     if loss_type == "sigmoid":
-        return -F.logsigmoid(beta * delta)
+        return _smoothed_sigmoid_loss(delta, beta, label_smoothing) if cdpo else -F.logsigmoid(beta * delta)
     if loss_type == "hinge":
         return torch.relu(1 - beta * delta)
     if loss_type == "ipo":
@@ -214,7 +216,8 @@ def _normalize_loss_types(loss_type, loss_weights):
 
 
 def _check_config(
-    loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting
+    loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting,
+    cdpo=False,
 ):
     beta = check_number("beta", beta)
     if not beta > 0:
@@ -227,6 +230,12 @@ def _check_config(
             f"{sorted(F_DIVERGENCE_LOSS_TYPES)}; got {loss_types}. Use f_divergence_type='reverse_kl' with these."
         )
     label_smoothing = check_number("label_smoothing", label_smoothing)
+    if not isinstance(cdpo, bool):
+        raise TypeError(f"cdpo must be a bool, got {type(cdpo).__name__} {cdpo!r}")
+    if cdpo and "sigmoid" not in loss_types:
+        raise ValueError(f"cdpo=True smooths loss_type 'sigmoid' (cDPO); it is not among {loss_types}")
+    if cdpo and not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing (cDPO's label-flip probability) must be in [0, 1], got {label_smoothing}")
     if "exo_pair" in loss_types and not (0.0 < label_smoothing < 1.0):
         raise ValueError(
             f"loss_type 'exo_pair' needs 0 < label_smoothing < 1 (the EXO paper uses 1e-3), got {label_smoothing}"
@@ -298,6 +307,7 @@ def dpo_loss(
     pair_weights: torch.Tensor | None = None,
     sft_chosen_logps: torch.Tensor | None = None,
     validate_lengths: bool = True,
+    cdpo: bool = False,
 ):
     """DPO-family preference loss on summed sequence log-probs, exactly as TRL 1.16's DPOTrainer.
 
@@ -310,7 +320,8 @@ def dpo_loss(
         loss_type: one of ``DPO_LOSS_TYPES`` or a list of them (combined with ``loss_weights``).
         loss_weights: one float per loss type (default 1.0 each): ``loss = Σ_k w_k · mean(loss_k)``.
         label_smoothing: ε of ``robust`` (flip probability, in [0, 0.5)), ``exo_pair`` (> 0),
-            ``aot`` and ``aot_unpaired``. Other types ignore it (as in TRL 1.16, ``sigmoid`` too).
+            ``aot`` and ``aot_unpaired``. Other types ignore it (as in TRL 1.16, ``sigmoid`` too,
+            unless ``cdpo``).
         f_divergence_type: ``reverse_kl`` (DPO), ``forward_kl``, ``js_divergence``,
             ``alpha_divergence`` (f-DPO); only for the types in ``F_DIVERGENCE_LOSS_TYPES``.
         f_alpha_divergence_coef: α of ``alpha_divergence`` (TRL default 0.5).
@@ -327,6 +338,9 @@ def dpo_loss(
             carry LD-DPO weighting (default: ``policy_chosen_logps``).
         validate_lengths: check that the lengths are counts ``>= 0`` (one host sync); callers
             that computed them from masks pass False.
+        cdpo: conservative DPO (opt-in; TRL 1.16 has no such option): ``sigmoid`` becomes
+            ``−(1−ε)logσ(βΔ) − ε logσ(−βΔ)`` with ``ε = label_smoothing`` in [0, 1], as OpenRLHF's
+            ``DPOLoss(beta, label_smoothing)`` and the cDPO note (Mitchell, 2023).
 
     Returns:
         ``(loss, metrics)``: ``loss`` is a 0-dim fp32 (fp64 for fp64 inputs) tensor; ``metrics``
@@ -337,7 +351,7 @@ def dpo_loss(
     loss_types, weights = _normalize_loss_types(loss_type, loss_weights)
     weighting = bool(use_weighting) or pair_weights is not None
     beta, label_smoothing, f_alpha, tau = _check_config(
-        loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, weighting
+        loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, weighting, cdpo
     )
     _check_seq("policy_chosen_logps", policy_chosen_logps, None, None)
     shape, device = tuple(policy_chosen_logps.shape), policy_chosen_logps.device
@@ -404,6 +418,7 @@ def dpo_loss(
             chosen_lengths=clen,
             rejected_lengths=rlen,
             sft_chosen_logps=sft_pc,
+            cdpo=cdpo,
         )
         if pw is not None:
             per_pair = per_pair * pw
@@ -608,11 +623,13 @@ class DPOLoss(nn.Module):
         f_alpha_divergence_coef: float = 0.5,
         discopop_tau: float = 0.05,
         use_weighting: bool = False,
+        cdpo: bool = False,
     ):
         super().__init__()
         loss_types, weights = _normalize_loss_types(loss_type, loss_weights)
         _check_config(
-            loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting
+            loss_types, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, use_weighting,
+            cdpo,
         )
         self.config = dict(
             beta=beta,
@@ -623,6 +640,7 @@ class DPOLoss(nn.Module):
             f_alpha_divergence_coef=f_alpha_divergence_coef,
             discopop_tau=discopop_tau,
             use_weighting=use_weighting,
+            cdpo=cdpo,
         )
 
     def forward(self, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, **extra):

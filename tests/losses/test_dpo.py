@@ -501,3 +501,51 @@ def test_errors():
     with pytest.raises(ValueError, match="chosen_entropy"):
         dpo_loss_from_token_logps(torch.zeros(B, 4), torch.zeros(B, 4), x, x, torch.ones(B, 4), torch.ones(B, 4),
                                   chosen_entropy=torch.zeros(B, 3), rejected_entropy=torch.zeros(B, 4))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# cDPO (cdpo=True): label smoothing on sigmoid, opt-in (OpenRLHF DPOLoss; pinned against it in
+# tests/frameworks/test_openrlhf_dpo_parity.py)
+# --------------------------------------------------------------------------------------------
+def _cdpo_reference(pc, pr, rc, rr, beta, eps):
+    """cDPO in fp64 from its definition: the expected DPO loss when the label flips with probability ε."""
+    z = beta * ((pc - rc) - (pr - rr)).double()
+    return ((1 - eps) * -torch.nn.functional.logsigmoid(z) + eps * -torch.nn.functional.logsigmoid(-z)).mean()
+
+
+def test_cdpo_on_every_entry_point():
+    """``dpo_loss``, ``DPOLoss``, ``dpo_loss_from_token_logps`` and ``fused_linear_dpo_loss`` (its
+    keywords pass through) all take ``cdpo`` and agree with the fp64 definition."""
+    g = torch.Generator().manual_seed(21)
+    B, T, H, V = 4, 7, 16, 53
+    hidden = torch.randn(2 * B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.3
+    labels = torch.randint(0, V, (2 * B, T), generator=g)
+    labels[:, :2] = -100
+    rc, rr = -torch.rand(B, generator=g, dtype=torch.float64) * 20, -torch.rand(B, generator=g, dtype=torch.float64) * 20
+    kw = dict(beta=0.3, label_smoothing=0.2, cdpo=True)
+    fused, _ = alignkernels.fused_linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=rc, ref_rejected_logps=rr,
+                                                  backend="torch", **kw)  # fmt: skip
+    logp = torch.log_softmax(hidden @ weight.T, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    mask = labels != -100
+    tok, _ = dpo_loss_from_token_logps(logp[:B], logp[B:], rc, rr, mask[:B], mask[B:], **kw)
+    seq = torch.where(mask, logp, 0.0).sum(-1)
+    direct, _ = dpo_loss(seq[:B], seq[B:], rc, rr, **kw)
+    module, _ = DPOLoss(**kw)(seq[:B], seq[B:], rc, rr)
+    expected = _cdpo_reference(seq[:B], seq[B:], rc, rr, 0.3, 0.2)
+    for value in (fused, tok, direct, module):
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-13)
+    plain, _ = dpo_loss(seq[:B], seq[B:], rc, rr, beta=0.3, label_smoothing=0.2)  # TRL: smoothing ignored
+    torch.testing.assert_close(plain, _cdpo_reference(seq[:B], seq[B:], rc, rr, 0.3, 0.0), rtol=1e-12, atol=1e-13)
+
+
+def test_cdpo_bad_arguments_are_named():
+    x = torch.zeros(3)
+    with pytest.raises(TypeError, match="cdpo must be a bool"):
+        dpo_loss(x, x, x, x, cdpo="yes")
+    with pytest.raises(ValueError, match="cdpo=True smooths loss_type 'sigmoid'"):
+        dpo_loss(x, x, x, x, loss_type="hinge", cdpo=True)
+    with pytest.raises(ValueError, match="label_smoothing.*\\[0, 1\\]"):
+        dpo_loss(x, x, x, x, label_smoothing=1.5, cdpo=True)
+    with pytest.raises(ValueError, match="label_smoothing.*\\[0, 1\\]"):
+        DPOLoss(label_smoothing=-0.1, cdpo=True)
