@@ -135,14 +135,48 @@ def test_aggregation_modes_match_verl(verl_core, mode, agg):
     _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg))
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "cispo", "gpg", "bypass_mode"])
+@pytest.mark.parametrize("mode", sorted(CONFIGS))
 def test_global_batch_arguments_match_verl(verl_core, mode):
     logp, old, adv, mask, _ = _inputs(4)
+    if mode == "geo_mean":  # sequence-level advantages; verl's geo_mean ignores the global batch
+        adv = adv[:, :1].expand_as(adv).contiguous()
     gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum() * 2 + 3), global_batch_size=13.0,
                      loss_scale_factor=16)  # fmt: skip
-    for agg in ("token-mean", "seq-mean-token-mean"):
-        _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg, global_batch=gb),
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        _assert_match(*_both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg, global_batch=gb, seed=4),
                       metrics_subset=mode == "bypass_mode")  # fmt: skip
+
+
+# rows whose loss on a sequence reads other sequences: a batch covariance (clip_cov, kl_cov) or
+# verl's plain mean over the micro-batch's sequences (geo_mean)
+BATCH_COUPLED = {"clip_cov", "kl_cov", "geo_mean"}
+
+
+@pytest.mark.parametrize("mode", sorted(set(CONFIGS) - BATCH_COUPLED))
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm", "token-sum"])
+def test_micro_batches_sum_to_the_global_batch_loss(mode, agg):
+    """Under the global batch's denominators (``dp_size`` ranks each with its own micro-batches), the
+    micro-batch losses of every rank, divided by ``dp_size``, sum to the whole step's loss; the
+    gradients likewise (a fully masked row included)."""
+    logp, old, adv, mask, isw = _inputs(19, B=8, empty_rows=(2, 5))
+    isw = None if mode == "bypass_mode" else isw
+    gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum()), global_batch_size=float(mask.any(-1).sum()),
+                     loss_scale_factor=9)  # fmt: skip
+    x = logp.clone().requires_grad_(True)
+    whole, _ = verl_policy_loss(x, old, adv, mask, loss_mode=mode, config=CONFIGS[mode], loss_agg_mode=agg,
+                                rollout_is_weights=isw, semantics="verl",
+                                global_batch=gb._replace(dp_size=1))  # fmt: skip
+    whole.backward()
+    y = logp.clone().requires_grad_(True)
+    total = 0.0
+    for rows in torch.arange(8).chunk(4):  # 2 ranks x 2 micro-batches
+        part, _ = verl_policy_loss(y[rows], old[rows], adv[rows], mask[rows], loss_mode=mode, config=CONFIGS[mode],
+                                   loss_agg_mode=agg, rollout_is_weights=None if isw is None else isw[rows],
+                                   semantics="verl", global_batch=gb)  # fmt: skip
+        (part / gb.dp_size).backward()
+        total = total + part.detach() / gb.dp_size
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-12, atol=1e-14)
 
 
 def test_ratio_clamp_and_dual_clip_at_extreme_log_ratios(verl_core):
