@@ -86,6 +86,7 @@ class VerlPolicyConfig(NamedTuple):
     kl_cov_ratio: float = 0.0002
     ppo_kl_coef: float = 0.1
     dro_beta: float | None = None
+    entropy_coeff: float = 0.0  # ActorConfig.entropy_coeff: loss −= coeff · agg(entropy) (needs entropy=)
     rollout_correction: RolloutCorrection | None = None  # bypass_mode's (verl: policy_loss.rollout_correction)
 
     @property
@@ -583,11 +584,13 @@ def verl_policy_loss(
     rollout_is_weights: torch.Tensor | None = None,
     semantics: str = "verl",
     global_batch: GlobalBatch | None = None,
+    entropy: torch.Tensor | None = None,
     backend: str = "auto",
     **config_fields,
 ):
     """verl's ``get_policy_loss_fn(loss_mode)(old_log_prob, log_prob, advantages, response_mask,
-    loss_agg_mode, config, rollout_is_weights)`` (verl 0.9.1).
+    loss_agg_mode, config, rollout_is_weights)`` (verl 0.9.1); with ``entropy``, also the entropy
+    bonus of verl's actor loss (``verl.workers.utils.losses.ppo_loss``).
 
     Args:
         logp, old_logp, advantages, mask: ``[B, T]`` (``advantages`` also ``[B]``).
@@ -597,6 +600,10 @@ def verl_policy_loss(
             ``GlobalBatch(dp_size, batch_num_tokens, global_batch_size, loss_scale_factor)``);
             rows with a fixed aggregation (``sapo``, ``geo_mean``) ignore ``loss_agg_mode`` as verl.
         rollout_is_weights: ``[B, T]`` detached rollout-correction weights multiplying the loss.
+        entropy: ``[B, T]`` per-token entropies (differentiable): ``loss −= entropy_coeff ·
+            agg_loss(entropy, mask, loss_agg_mode, global_batch)``, the loss's own mode and global
+            batch (every row's, also where the policy term has a fixed aggregation, as verl), logged
+            as ``actor/entropy_loss``.
         backend: ``"auto"`` (Triton on CUDA tensors), ``"triton"``: rows with a ``kernel`` term
             (the token-separable ones: ``vanilla``, ``sapo``, ``gpg``, ``dro``, ``cispo``,
             ``dppo_tv``, ``dppo_kl``) run their loss and gradient in the fused clipped-policy
@@ -619,9 +626,12 @@ def verl_policy_loss(
     config = _check_config(row, config)
     lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     lookup(AGGREGATION_SEMANTICS, semantics, "semantics")
-    B, T = check_token_tensors(logp, advantages, old_logp=old_logp, mask=mask, rollout_is_weights=rollout_is_weights)
+    B, T = check_token_tensors(logp, advantages, old_logp=old_logp, mask=mask, rollout_is_weights=rollout_is_weights,
+                               entropy=entropy)  # fmt: skip
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                      rollout_is_weights=rollout_is_weights)  # fmt: skip
+                      rollout_is_weights=rollout_is_weights, entropy=entropy)  # fmt: skip
+    if entropy is None and config.entropy_coeff != 0.0:
+        raise ValueError(f"entropy ([B, T]) is required when entropy_coeff != 0, got {config.entropy_coeff}")
     be = VERL_POLICY_LOSS.resolve(backend, logp.device, logp.dtype)
 
     cd = output_dtype(logp.dtype)
@@ -634,8 +644,13 @@ def verl_policy_loss(
                           torch.where(valid, adv, zero), maskf, valid, config)  # fmt: skip
     isw = None if rollout_is_weights is None else torch.where(valid, rollout_is_weights.detach().to(cd), zero)
     extra_metrics = {}
+    if entropy is not None:  # over the response mask, before any rejection (verl)
+        entropy_loss = aggregate_rows(torch.where(valid, entropy.to(cd), zero).mul(maskf).sum(-1), maskf.sum(-1), T,
+                                      loss_agg_mode, semantics=semantics, global_batch=global_batch)  # fmt: skip
+        extra_metrics["actor/entropy_loss"] = entropy_loss
     if row.prepare is not None:
-        tokens, isw, extra_metrics = row.prepare(tokens, isw)
+        tokens, isw, correction_metrics = row.prepare(tokens, isw)
+        extra_metrics.update(correction_metrics)
         valid, maskf = tokens.valid, tokens.maskf
     if be == "triton" and row.triton:
         kernel = row.kernel(config)
@@ -646,7 +661,7 @@ def verl_policy_loss(
             _, metrics = row.formula(tokens._replace(logp=tokens.logp.detach()))
         loss = aggregate_rows(rows["loss_sum"], rows["count"], T, row.aggregation or loss_agg_mode,
                               semantics=semantics, global_batch=global_batch)  # fmt: skip
-        return loss, {**metrics, **extra_metrics}
+        return _entropy_bonus(loss, config, extra_metrics), {**metrics, **extra_metrics}
     loss, metrics = row.formula(tokens)
     if row.level == "sequence":
         if rollout_is_weights is not None:  # verl: the geometric mean of the token weights
@@ -660,5 +675,15 @@ def verl_policy_loss(
         loss_sum = torch.where(valid, loss, zero).mul(maskf).sum(-1)
         loss = aggregate_rows(loss_sum, maskf.sum(-1), T, row.aggregation or loss_agg_mode, semantics=semantics,
                               global_batch=global_batch)  # fmt: skip
+    loss = _entropy_bonus(loss, config, extra_metrics)
     return loss, {name: value.detach() for name, value in {**metrics, **extra_metrics}.items()}
+
+
+def _entropy_bonus(loss: torch.Tensor, config: VerlPolicyConfig, metrics: dict) -> torch.Tensor:
+    """``loss − entropy_coeff · entropy_loss`` where ``entropy=`` was given; the metric detached."""
+    if "actor/entropy_loss" not in metrics:
+        return loss
+    entropy_loss = metrics["actor/entropy_loss"]
+    metrics["actor/entropy_loss"] = entropy_loss.detach()
+    return loss - config.entropy_coeff * entropy_loss
 

@@ -532,3 +532,78 @@ def test_bypass_mode_refuses_given_is_weights():
     logp, old, adv, mask, isw = _inputs(18)
     with pytest.raises(ValueError, match="rollout_is_weights.*bypass_mode"):
         verl_policy_loss(logp, old, adv, mask, loss_mode="bypass_mode", rollout_is_weights=isw)
+
+
+# ------------------------------------------------- entropy bonus: the loss's own aggregation mode
+def _entropy_of(logits):
+    return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "sapo", "bypass_mode"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_entropy_bonus_matches_verl(verl_core, mode, agg):
+    """verl's actor loss (``verl.workers.utils.losses.ppo_loss``): ``pg_loss − entropy_coeff ·
+    agg_loss(entropy, response_mask, loss_agg_mode)``, verl's entropy from ``compute_entropy_loss``
+    (logits): values and gradients w.r.t. logp and the logits."""
+    logp, old, adv, mask, _ = _inputs(20)
+    logits = torch.randn(*mask.shape, 11, generator=torch.Generator().manual_seed(20), dtype=torch.float64)
+    cfg = CONFIGS[mode]._replace(entropy_coeff=0.03)
+    x, z = logp.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours, metrics = verl_policy_loss(x, old, adv, mask, loss_mode=mode, config=cfg, loss_agg_mode=agg,
+                                     entropy=_entropy_of(z))  # fmt: skip
+    _, (theirs_pg, _, t_x) = _both(verl_core, mode, CONFIGS[mode], logp, old, adv, mask, agg=agg)
+    t_z = logits.clone().requires_grad_(True)
+    t_entropy = verl_core.compute_entropy_loss(t_z, mask.to(logp.dtype), loss_agg_mode=agg)
+    theirs = theirs_pg - 0.03 * t_entropy
+    torch.testing.assert_close(ours, theirs, **CLOSE)
+    torch.testing.assert_close(metrics["actor/entropy_loss"], t_entropy.detach(), **CLOSE)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(x.grad, t_x.grad, **CLOSE)
+    torch.testing.assert_close(z.grad, t_z.grad, **CLOSE)
+    assert (z.grad[~mask] == 0).all()
+
+
+def test_entropy_bonus_under_the_global_batch_matches_verl(verl_core):
+    """With the global batch, verl aggregates the entropy with ``config.global_batch_info`` too."""
+    logp, old, adv, mask, _ = _inputs(21)
+    entropy = torch.rand(*mask.shape, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    entropy[~mask] = float("nan")  # padding never reaches the loss
+    gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum() * 2 + 3), global_batch_size=13.0,
+                     loss_scale_factor=16)  # fmt: skip
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        cfg = CONFIGS["cispo"]._replace(entropy_coeff=0.1)
+        ours, metrics = verl_policy_loss(logp, old, adv, mask, loss_mode="cispo", config=cfg, loss_agg_mode=agg,
+                                         global_batch=gb, entropy=entropy)  # fmt: skip
+        pg, _ = verl_core.get_policy_loss_fn("cispo")(old, logp, adv, mask.to(logp.dtype), agg,
+                                                     _verl_config(verl_core, cfg, "cispo", gb), None)  # fmt: skip
+        ent = verl_core.agg_loss(torch.nan_to_num(entropy), mask.to(logp.dtype), agg, **gb._asdict())
+        torch.testing.assert_close(ours, pg - 0.1 * ent, **CLOSE)
+        torch.testing.assert_close(metrics["actor/entropy_loss"], ent, **CLOSE)
+
+
+def test_entropy_bonus_needs_entropy_and_names_it():
+    logp, old, adv, mask, _ = _inputs(22)
+    with pytest.raises(ValueError, match="entropy .* required when entropy_coeff"):
+        verl_policy_loss(logp, old, adv, mask, entropy_coeff=0.01)
+    with pytest.raises(ValueError, match="entropy must have the shape"):
+        verl_policy_loss(logp, old, adv, mask, entropy=torch.zeros(6, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="entropy_coeff"):
+        verl_policy_loss(logp, old, adv, mask, entropy=logp, entropy_coeff="0.1")
+
+
+def test_entropy_bonus_on_the_triton_rows(triton_device):
+    logp, old, adv, mask, _ = _far_inputs(23)
+    entropy = torch.rand(*mask.shape, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    cfg = CONFIGS["vanilla"]._replace(entropy_coeff=0.05)
+    e64 = entropy.clone().requires_grad_(True)
+    l64, m64 = verl_policy_loss(logp, old, adv, mask, config=cfg, entropy=e64, backend="torch")
+    dev = dict(device=triton_device, dtype=torch.float32)
+    e32 = entropy.to(**dev).requires_grad_(True)
+    l32, m32 = verl_policy_loss(logp.to(**dev), old.to(**dev), adv.to(**dev), mask.to(triton_device), config=cfg,
+                                entropy=e32, backend="triton")  # fmt: skip
+    torch.testing.assert_close(l32.double().cpu(), l64, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(m32["actor/entropy_loss"].double().cpu(), m64["actor/entropy_loss"], rtol=2e-6, atol=1e-7)
+    l64.backward()
+    l32.backward()
+    torch.testing.assert_close(e32.grad.double().cpu(), e64.grad, rtol=2e-6, atol=1e-9)
