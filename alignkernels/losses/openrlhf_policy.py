@@ -195,7 +195,8 @@ def openrlhf_policy_loss(
                     keep = keep & valid.any(-1, keepdim=True)
                 coef = torch.where(keep, is_log_ratio.exp(), zero)
                 filtered = ~keep
-            metrics["is_filter_ratio"] = (filtered.to(cd).mean() if seq_level
+            # the share of filtered sequences (B = 0: 0, not NaN) or of filtered valid tokens
+            metrics["is_filter_ratio"] = (filtered.to(cd).sum() / max(filtered.numel(), 1) if seq_level
                                           else _masked_mean(filtered.to(cd), maskf))  # fmt: skip
             metrics["vllm_kl"] = _masked_mean(rollout - old, maskf)
         loss = coef * loss

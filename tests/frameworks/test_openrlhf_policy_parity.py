@@ -141,3 +141,16 @@ def test_bad_arguments_are_named(kwargs, error, match):
     kwargs = {"rollout_logp": rollout, **kwargs}
     with pytest.raises(error, match=match):
         openrlhf_policy_loss(logp, old, adv, mask, **kwargs)
+
+
+@pytest.mark.parametrize("corr", [ISCorrection(), *CORRECTIONS],
+                         ids=["off"] + [f"{c.level}-{c.mode}-{c.gating}" for c in CORRECTIONS])  # fmt: skip
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+def test_empty_batch_gives_zero_and_finite_metrics(corr, policy_loss_type):
+    x = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)
+    loss, metrics = openrlhf_policy_loss(x, x.detach(), torch.zeros(0, dtype=torch.float64),
+                                         torch.zeros(0, 5, dtype=torch.bool), rollout_logp=x.detach(),
+                                         is_correction=corr, policy_loss_type=policy_loss_type)  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and x.grad.shape == (0, 5)
+    assert all(torch.isfinite(v) for v in metrics.values()), metrics
