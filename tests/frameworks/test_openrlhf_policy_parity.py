@@ -154,3 +154,28 @@ def test_empty_batch_gives_zero_and_finite_metrics(corr, policy_loss_type):
     loss.backward()
     assert loss.item() == 0.0 and x.grad.shape == (0, 5)
     assert all(torch.isfinite(v) for v in metrics.values()), metrics
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("policy_loss_type", ["ppo", "gspo"])
+def test_micro_batches_sum_to_the_global_batch_loss(openrlhf_models, token_level_loss, policy_loss_type):
+    """OpenRLHF's global arguments, each micro-batch of 2 ranks pinned against ``PolicyLoss``: the
+    micro-batch losses (and gradients), divided by ``dp_size``, sum to the whole step's."""
+    logp, old, rollout, adv, mask = _inputs(5, B=8, empty_rows=(2, 5))
+    corr = ISCorrection("seq", "mask", "ratio", (0.5, 2.0))
+    gb = GlobalBatch(dp_size=2, batch_num_tokens=float(mask.sum()), global_batch_size=float(mask.any(-1).sum()))
+    kw = dict(token_level_loss=token_level_loss, policy_loss_type=policy_loss_type, is_correction=corr)
+    x = logp.clone().requires_grad_(True)
+    whole, _ = openrlhf_policy_loss(x, old, adv, mask, rollout_logp=rollout, global_batch=gb._replace(dp_size=1), **kw)
+    whole.backward()
+    y = logp.clone().requires_grad_(True)
+    total = 0.0
+    for rows in torch.arange(8).chunk(4):
+        _both(openrlhf_models, logp[rows], old[rows], rollout[rows], adv[rows], mask[rows], corr=corr, gb=gb,
+              token_level_loss=token_level_loss, policy_loss_type=policy_loss_type)  # fmt: skip
+        part, _ = openrlhf_policy_loss(y[rows], old[rows], adv[rows], mask[rows], rollout_logp=rollout[rows],
+                                       global_batch=gb, **kw)  # fmt: skip
+        (part / gb.dp_size).backward()
+        total = total + part.detach() / gb.dp_size
+    torch.testing.assert_close(total, whole.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-12, atol=1e-14)
