@@ -607,3 +607,32 @@ def test_entropy_bonus_on_the_triton_rows(triton_device):
     l64.backward()
     l32.backward()
     torch.testing.assert_close(e32.grad.double().cpu(), e64.grad, rtol=2e-6, atol=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore:.*compute_policy_loss' is deprecated:FutureWarning")
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-mean"])
+def test_ppo_loss_dual_clip_matches_verl_compute_policy_loss(verl_core, agg):
+    """verl's legacy ``compute_policy_loss(..., clip_ratio_c)`` is ``ppo_loss(clip_ratio_c=…)`` (no
+    fully masked row: ``ppo_loss`` aggregates with the classic semantics) and ``verl_policy_loss``'s
+    ``vanilla``: loss, clip fractions, gradient."""
+    from alignkernels.losses.ppo import ppo_loss
+
+    logp, old, adv, mask, _ = _far_inputs(24)
+    mask[2, 0] = True  # no fully masked row
+    x, y, z = (logp.clone().requires_grad_(True) for _ in range(3))
+    ours, metrics = ppo_loss(x, old, adv, mask, cliprange_low=0.2, cliprange_high=0.28, clip_ratio_c=2.5,
+                             loss_agg_mode=agg)  # fmt: skip
+    rows, _ = verl_policy_loss(z, old, adv, mask, config=VerlPolicyConfig(clip_ratio_low=0.2, clip_ratio_high=0.28,
+                                                                          clip_ratio_c=2.5), loss_agg_mode=agg)  # fmt: skip
+    theirs, clipfrac, _, clipfrac_lower = verl_core.compute_policy_loss(old, y, adv, mask.to(logp.dtype),
+                                                                        cliprange_low=0.2, cliprange_high=0.28,
+                                                                        clip_ratio_c=2.5, loss_agg_mode=agg)  # fmt: skip
+    assert float(clipfrac_lower) > 0  # the dual clip binds
+    for value in (ours, rows):
+        torch.testing.assert_close(value, theirs, **CLOSE)
+    torch.testing.assert_close(metrics["policy/clipfrac_avg"], clipfrac, **CLOSE)
+    torch.testing.assert_close(metrics["policy/clipfrac_lower"], clipfrac_lower, check_dtype=False, **CLOSE)
+    for value in (ours, rows, theirs):
+        value.backward()
+    torch.testing.assert_close(x.grad, y.grad, **CLOSE)
+    torch.testing.assert_close(z.grad, y.grad, **CLOSE)
