@@ -204,3 +204,49 @@ def test_fully_masked_micro_batch_gives_zero_where_stock_gives_nan():
         ours = orl_models.PolicyLoss()(x, old, adv, action_mask=mask)
         ours[0].backward()
     assert ours[0].item() == 0.0 and (x.grad == 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# apply(batch_invariant=, head_precision=): the consistency switches
+# ---------------------------------------------------------------------------------------------
+orl_utils = importlib.import_module("openrlhf.models.utils")  # loaded above, with the stand-in
+
+
+@pytest.mark.parametrize("seam", ["log_probs_from_logits", "compute_entropy"])
+def test_batch_invariant_seams_give_a_row_the_same_bits_alone_and_in_a_batch(seam, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    logits, labels, at = torch.randn(3, 17, 157, generator=g) * 4, torch.randint(0, 157, (3, 17), generator=g), 1
+    calls = []
+    real = ak_openrlhf.token_logprobs
+    monkeypatch.setattr(ak_openrlhf, "token_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ak_openrlhf.apply(batch_invariant=True, backend="torch")
+    fn = getattr(orl_utils, seam)
+    results = []
+    # row `at` alone, then inside the whole batch
+    for rows, pick in ((slice(at, at + 1), slice(None)), (slice(None), slice(at, at + 1))):
+        x = logits[rows].clone().requires_grad_(True)
+        out = fn(x, labels[rows], temperature=0.7) if seam == "log_probs_from_logits" else fn(x)
+        out.sum().backward()
+        results.append((out.detach()[pick], x.grad[pick]))
+    assert all(k["batch_invariant"] is True for k in calls) and len(calls) == 2
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_env_forms_of_the_switches(monkeypatch):
+    monkeypatch.setenv("ALIGNKERNELS_OPENRLHF", "1")
+    monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_LOSSES", "on")
+    monkeypatch.setenv("ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT", "1")
+    ak_openrlhf.worker_setup()
+    opts = ak_openrlhf.options()
+    assert (opts.losses, opts.batch_invariant, opts.head_precision) == (True, True, "input")
+    assert orl_models.PolicyLoss is not STOCK["PolicyLoss"]
+    ak_openrlhf.remove()
+    for name, bad, match in (("ALIGNKERNELS_OPENRLHF_HEAD_PRECISION", "fp16", "ALIGNKERNELS_OPENRLHF_HEAD_PRECISION"),
+                             ("ALIGNKERNELS_OPENRLHF_HEAD_PRECISION", "fp32", "head_precision='fp32'"),
+                             ("ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT", "maybe", "ALIGNKERNELS_OPENRLHF_BATCH")):  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setenv(name, bad)
+            with pytest.raises(ValueError, match=match):
+                ak_openrlhf.worker_setup()
+        assert not ak_openrlhf.is_applied()

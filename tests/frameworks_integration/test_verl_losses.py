@@ -233,3 +233,105 @@ def test_bad_config_is_named(config, error, match):
     with ak_verl.apply(losses=True):
         with pytest.raises(error, match=match):
             core_algos.get_policy_loss_fn("vanilla")(old, logp, adv, mask, "token-mean", config)
+
+
+# ---------------------------------------------------------------------------------------------
+# apply(batch_invariant=, head_precision=): the consistency switches reach every seam's op
+# ---------------------------------------------------------------------------------------------
+import verl.utils.experimental.torch_functional as verl_exp  # noqa: E402
+import verl.utils.kernel.linear_cross_entropy as verl_lce  # noqa: E402
+import verl.utils.torch_functional as verl_F  # noqa: E402
+
+
+def _row_alone_and_in_a_batch(fn, row_inputs, batch_inputs, at):
+    """Outputs and input-gradient of row ``at`` of ``batch_inputs`` (whose row ``at`` is ``row_inputs``)
+    and of ``row_inputs`` alone."""
+    results = []
+    for inputs in (row_inputs, batch_inputs):
+        x = inputs[0].clone().requires_grad_(True)
+        outs = fn(x, *inputs[1:])
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        sum(o.sum() for o in outs).backward()
+        pick = (lambda t: t) if inputs is row_inputs else (lambda t: t[at : at + 1])
+        results.append([pick(o.detach()) for o in outs] + [pick(x.grad)])
+    return results
+
+
+def _logits_problem(n=37, V=157, at=13):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, V, generator=g) * 4
+    labels = torch.randint(0, V, (n,), generator=g)
+    return (logits[at : at + 1], labels[at : at + 1]), (logits, labels), at
+
+
+def _head_problem(n=41, H=24, V=173, at=29):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(n, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.3
+    ids = torch.randint(0, V, (n,), generator=g)
+    return (hidden[at : at + 1], weight, ids[at : at + 1]), (hidden, weight, ids), at
+
+
+SEAMS = {
+    "logprobs_from_logits": (lambda lg, lb: verl_F.logprobs_from_logits(lg, lb), _logits_problem),
+    "entropy_from_logits": (lambda lg, lb: verl_F.entropy_from_logits(lg), _logits_problem),
+    "FusedLinearForPPO": (lambda h, w, i: verl_exp.FusedLinearForPPO()(h, w, i, temperature=0.7), _head_problem),
+    "linear_cross_entropy": (lambda h, w, i: verl_lce.linear_cross_entropy(h, w, i, 0.7), _head_problem),
+}
+
+
+@pytest.mark.parametrize("seam", sorted(SEAMS))
+def test_batch_invariant_seams_give_a_row_the_same_bits_alone_and_in_a_batch(seam):
+    fn, problem = SEAMS[seam]
+    row, batch, at = problem()
+    ak_verl.apply(batch_invariant=True, backend="torch")
+    alone, inside = _row_alone_and_in_a_batch(fn, row, batch, at)
+    assert ak_verl.adapter_calls() == 2
+    for a, b in zip(alone, inside):
+        assert torch.equal(a, b)
+
+
+class _Spy:
+    def __init__(self, monkeypatch, name):
+        self.calls = []
+        real = getattr(ak_verl, name)
+        monkeypatch.setattr(ak_verl, name, lambda *a, **k: self.calls.append(k) or real(*a, **k))
+
+
+@pytest.mark.parametrize("seam", sorted(SEAMS))
+def test_the_switches_reach_the_op(monkeypatch, seam):
+    fn, problem = SEAMS[seam]
+    fused = problem is _head_problem
+    spy = _Spy(monkeypatch, "linear_logprobs" if fused else "token_logprobs")
+    ak_verl.apply(batch_invariant=True, head_precision="fp32" if fused else "input")
+    fn(*problem()[0])
+    assert spy.calls and spy.calls[-1]["batch_invariant"] is True
+    if fused:
+        assert spy.calls[-1]["head_precision"] == "fp32"
+
+
+@pytest.mark.parametrize("seam", ["logprobs_from_logits", "entropy_from_logits"])
+def test_head_precision_is_refused_where_the_logits_exist_already(seam):
+    fn, problem = SEAMS[seam]
+    ak_verl.apply(head_precision="tf32")
+    with pytest.raises(ValueError, match=f"head_precision='tf32'.*{seam}.*use_fused_kernels"):
+        fn(*problem()[0])
+
+
+def test_env_forms_of_the_switches(monkeypatch):
+    monkeypatch.setenv("ALIGNKERNELS_VERL", "1")
+    monkeypatch.setenv("ALIGNKERNELS_VERL_LOSSES", "1")
+    monkeypatch.setenv("ALIGNKERNELS_VERL_BATCH_INVARIANT", "true")
+    monkeypatch.setenv("ALIGNKERNELS_VERL_HEAD_PRECISION", "fp32")
+    ak_verl.worker_setup()
+    opts = ak_verl.options()
+    assert (opts.losses, opts.batch_invariant, opts.head_precision) == (True, True, "fp32")
+    assert core_algos.POLICY_LOSS_REGISTRY["vanilla"] is not STOCK_REGISTRY["vanilla"]
+    ak_verl.remove()
+    for name, bad in (("ALIGNKERNELS_VERL_HEAD_PRECISION", "fp16"), ("ALIGNKERNELS_VERL_BATCH_INVARIANT", "maybe"),
+                      ("ALIGNKERNELS_VERL_LOSSES", "2")):  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setenv(name, bad)
+            with pytest.raises(ValueError, match=name):
+                ak_verl.worker_setup()
+        assert not ak_verl.is_applied()
