@@ -303,7 +303,8 @@ def apply(
     _STATE.install(lambda: _swaps(fused_forward, losses),
                    Options(backend, fused_forward, chunk_size, losses, batch_invariant, head_precision))  # fmt: skip
     if losses and _STATE.rebinding is not before:
-        logger.info("alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: %s", ", ".join(STOCK_CLASSES))
+        logger.info("alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: %s",
+                    ", ".join(STOCK_CLASSES))  # fmt: skip
     return _HANDLE
 
 

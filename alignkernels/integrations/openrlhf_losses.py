@@ -65,7 +65,8 @@ def policy_loss_class(stock: type, count: Callable[[], None]) -> type:
                 token_level_loss=self.token_level_loss, rollout_logp=rollout_log_probs, is_correction=correction,
                 global_batch=GlobalBatch(dp_size, batch_num_tokens, global_batch_size),
             )  # fmt: skip
-            return loss, metrics["clip_ratio"], metrics["ppo_kl"], metrics.get("vllm_kl"), metrics.get("is_filter_ratio")
+            return (loss, metrics["clip_ratio"], metrics["ppo_kl"], metrics.get("vllm_kl"),
+                    metrics.get("is_filter_ratio"))  # fmt: skip
 
     return PolicyLoss
 

@@ -383,9 +383,9 @@ def apply_from_env(*, required: bool = False) -> Patch | None:
     """Apply with options read from the environment (``ALIGNKERNELS_VERL_BACKEND``,
     ``ALIGNKERNELS_VERL_CHUNK_SIZE``, ``ALIGNKERNELS_VERL_VOCAB_BLOCK_SIZE``,
     ``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``, ``ALIGNKERNELS_VERL_LOSSES``,
-    ``ALIGNKERNELS_VERL_BATCH_INVARIANT``, ``ALIGNKERNELS_VERL_HEAD_PRECISION``) when ``ALIGNKERNELS_VERL`` is on, or when ``required``
-    and it is not explicitly off. Returns the patch, or ``None`` when nothing was applied. A bad value
-    is a ``ValueError`` naming the variable."""
+    ``ALIGNKERNELS_VERL_BATCH_INVARIANT``, ``ALIGNKERNELS_VERL_HEAD_PRECISION``) when ``ALIGNKERNELS_VERL``
+    is on, or when ``required`` and it is not explicitly off. Returns the patch, or ``None`` when
+    nothing was applied. A bad value is a ``ValueError`` naming the variable."""
     switch = env_switch(ENV_SWITCH)
     if not (switch or (required and switch is None)):
         return None

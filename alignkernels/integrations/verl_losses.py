@@ -32,8 +32,8 @@ Semantics: verl's values, gradients and metrics (fp64: 1e-7 relative, from verl'
 token-mean denominators), pinned for every swapped name in
 ``tests/frameworks_integration/test_verl_losses.py`` against the stock registry entry. Differences,
 on purpose: a fully masked micro-batch gives 0, not NaN; bad input is a ``ValueError`` /
-``TypeError`` naming the argument instead of an ``AssertionError``; ``clip_cov``'s random choice
-draws from the default generator exactly as verl's does. Memory and numerics: those of
+``TypeError`` naming the argument instead of an ``AssertionError``. ``clip_cov``'s random choice
+draws from the default generator as verl's does (same seed, same tokens). Memory and numerics: those of
 :mod:`alignkernels.losses.verl_policy` (eager ``[B, T]`` math; on CUDA tensors with
 ``backend="auto"`` the token-separable rows run the fused Triton row kernel).
 """
@@ -75,7 +75,8 @@ def verl_policy_config(loss_mode: str, config) -> VerlPolicyConfig:
         raise ValueError(f"config: verl's policy loss {loss_mode!r} needs the actor config (ActorConfig), got None")
     clip_ratio = _get(config, "clip_ratio")
     if clip_ratio is None:
-        raise TypeError(f"config must be verl's actor config with a clip_ratio (ActorConfig), got {type(config).__name__}")
+        raise TypeError(f"config must be verl's actor config with a clip_ratio (ActorConfig), "
+                        f"got {type(config).__name__}")
     fields = {"clip_ratio": clip_ratio, "clip_ratio_low": _get(config, "clip_ratio_low"),
               "clip_ratio_high": _get(config, "clip_ratio_high")}  # fmt: skip
     if loss_mode in _READS_CLIP_RATIO_C:
@@ -124,7 +125,8 @@ def policy_loss_fn(loss_mode: str, backend: Callable[[], str], count: Callable[[
 
     policy_loss.__name__ = policy_loss.__qualname__ = f"compute_policy_loss_{loss_mode}"
     policy_loss.__doc__ = (f"verl's ``{loss_mode}`` policy loss (``POLICY_LOSS_REGISTRY[{loss_mode!r}]``) on "
-                           "alignkernels.losses.verl_policy.verl_policy_loss: see alignkernels.integrations.verl_losses.")
+                           "alignkernels.losses.verl_policy.verl_policy_loss: see "
+                           "alignkernels.integrations.verl_losses.")
     return policy_loss
 
 
@@ -153,7 +155,9 @@ def make_kl_penalty(count: Callable[[], None]):
     return kl_penalty
 
 
-def loss_swaps(core_algos, backend: Callable[[], str], count: Callable[[], None]) -> tuple[list[Swap], list[str], list[str]]:
+def loss_swaps(
+    core_algos, backend: Callable[[], str], count: Callable[[], None]
+) -> tuple[list[Swap], list[str], list[str]]:
     """The swaps of ``apply(losses=True)`` on the loaded ``verl.trainer.ppo.core_algos`` module:
     ``(swaps, swapped registry names, registry names left stock)``."""
     registry = vars(core_algos).get("POLICY_LOSS_REGISTRY")

@@ -244,7 +244,8 @@ def test_env_forms_of_the_switches(monkeypatch):
     ak_openrlhf.remove()
     for name, bad, match in (("ALIGNKERNELS_OPENRLHF_HEAD_PRECISION", "fp16", "ALIGNKERNELS_OPENRLHF_HEAD_PRECISION"),
                              ("ALIGNKERNELS_OPENRLHF_HEAD_PRECISION", "fp32", "head_precision='fp32'"),
-                             ("ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT", "maybe", "ALIGNKERNELS_OPENRLHF_BATCH")):  # fmt: skip
+                             ("ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT", "maybe",
+                              "ALIGNKERNELS_OPENRLHF_BATCH")):  # fmt: skip
         with monkeypatch.context() as m:
             m.setenv(name, bad)
             with pytest.raises(ValueError, match=match):
