@@ -112,6 +112,29 @@ def test_patched_registry_entry_matches_stock(mode, with_is, agg, global_batch):
     torch.testing.assert_close(ours[2], stock[2], **CLOSE)
 
 
+@pytest.mark.parametrize("mode", ["vanilla", "cispo", "dppo_kl"])
+def test_apply_backend_reaches_the_policy_loss_rows(mode, triton_device, monkeypatch):
+    """``apply(losses=True, backend="triton")``: the token-separable rows run the fused row kernel
+    (fp32, the interpreter on CPU) and still match verl's stock function in fp64."""
+    import alignkernels.losses.verl_policy as verl_policy
+
+    kernel_calls = []
+    real = verl_policy.policy_rows_triton
+    monkeypatch.setattr(verl_policy, "policy_rows_triton", lambda *a, **k: kernel_calls.append(1) or real(*a, **k))
+    logp, old, adv, mask, isw = (t.to(triton_device) for t in _inputs(seed=9))
+    config = _config(mode)
+    stock = _call(STOCK_REGISTRY[mode], mode, logp, old, adv, mask, isw, "token-mean", config, 0)
+    f32 = [t.float() for t in (logp, old, adv)]
+    with ak_verl.apply(losses=True, backend="triton"):
+        ours = _call(core_algos.get_policy_loss_fn(mode), mode, f32[0], f32[1], f32[2], mask, isw.float(),
+                     "token-mean", config, 0)  # fmt: skip
+    assert ours[0].dtype == torch.float32 and kernel_calls == [1]
+    torch.testing.assert_close(ours[0].double(), stock[0], rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(ours[2].double(), stock[2], rtol=2e-6, atol=1e-7)
+    for name, value in stock[1].items():
+        assert math.isclose(ours[1][name], value, rel_tol=2e-6, abs_tol=1e-7)
+
+
 def test_every_policy_loss_row_is_swapped_and_the_rest_named_in_the_log(caplog):
     assert SWAPPED == sorted(VERL_POLICY_LOSSES)  # verl 0.9.1: every row is registered
     with caplog.at_level(logging.INFO, logger="alignkernels.integrations.verl"):
