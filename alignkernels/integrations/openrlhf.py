@@ -33,27 +33,35 @@ are scored (the other rows cost no FLOPs). Same outputs as the stock forward: ac
 causal-LM forward); a model family outside
 :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` raises ``UnsupportedModelError``.
 
-Not yet: ``apply(losses=True)`` raises ``NotImplementedError``.
+``apply(losses=True)`` also swaps ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`;
+``ValueLoss`` stays stock, named in the INFO log line). ``apply(batch_invariant=True)`` reaches the
+logits seams (``token_logprobs(batch_invariant=True)``); the fused ``Actor.forward`` and
+``head_precision`` other than ``"input"`` are refused with a ``ValueError`` naming the seam (see
+:func:`apply`).
 
 ``import openrlhf.models`` needs ``flash_attn`` (``openrlhf/models/ring_attn_utils.py`` imports it
 at module level); where it is missing :func:`apply` raises an ``ImportError`` saying so.
 
 Worker processes: :func:`worker_setup` is a Ray ``worker_process_setup_hook`` (applies unless
-``ALIGNKERNELS_OPENRLHF=0``); options from ``ALIGNKERNELS_OPENRLHF_BACKEND`` and
-``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
+``ALIGNKERNELS_OPENRLHF=0``); options from ``ALIGNKERNELS_OPENRLHF_BACKEND``,
+``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``, ``ALIGNKERNELS_OPENRLHF_LOSSES``,
+``ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT`` and ``ALIGNKERNELS_OPENRLHF_HEAD_PRECISION``
 (``docs/INTEGRATION.md``, "OpenRLHF").
 """
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import ModelOutput
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
+from alignkernels.integrations.openrlhf_losses import STOCK_CLASSES, loss_swaps
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
 from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
+from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
 from alignkernels.ops.token_logprobs import token_logprobs
 
 __all__ = [
@@ -76,6 +84,9 @@ __all__ = [
 # backends of token_logprobs an apply() may name
 LOGITS_BACKENDS = ("auto", "triton", "cuda", "torch", "reference")
 ENV_SWITCH = "ALIGNKERNELS_OPENRLHF"
+# backends of token_logprobs(batch_invariant=True)
+BATCH_INVARIANT_BACKENDS = ("auto", "triton", "torch")
+logger = logging.getLogger("alignkernels.integrations.openrlhf")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class Options:
     backend: str = "auto"
     fused_forward: bool = False
     chunk_size: int | None = None  # token rows per logits tile of the fused forward (None: the op default)
+    losses: bool = False  # swap PolicyLoss and DPOLoss (openrlhf_losses.py)
+    batch_invariant: bool = False  # the logits seams' token_logprobs(batch_invariant=True)
+    head_precision: str = "input"  # only "input": no OpenRLHF seam takes it (apply() refuses the others)
 
 
 _STATE = DropIn("openrlhf", Options())
@@ -112,7 +126,9 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperatur
     ``log softmax(logits / temperature)[label]``, fp32, shape of ``labels``; ``logits`` is not
     modified (OpenRLHF's divides it in place when ``temperature != 1``)."""
     _STATE.count()
-    return token_logprobs(logits, labels, temperature=temperature, backend=_STATE.options.backend)
+    opts = _STATE.options
+    return token_logprobs(logits, labels, temperature=temperature, backend=opts.backend,
+                          batch_invariant=opts.batch_invariant)  # fmt: skip
 
 
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -120,7 +136,9 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     dimension, fp32, differentiable, without materialising the softmax."""
     _STATE.count()
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs(logits, labels, return_entropy=True, backend=_STATE.options.backend)[1]
+    opts = _STATE.options
+    return token_logprobs(logits, labels, return_entropy=True, backend=opts.backend,
+                          batch_invariant=opts.batch_invariant)[1]  # fmt: skip
 
 
 @dataclass
@@ -193,10 +211,11 @@ def fused_actor_forward(
     return (action_log_probs, output) if return_output else action_log_probs
 
 
-def _swaps(fused_forward: bool) -> list[Swap]:
+def _swaps(fused_forward: bool, losses: bool = False) -> list[Swap]:
     try:
         utils = importlib.import_module("openrlhf.models.utils")
         actor = importlib.import_module("openrlhf.models.actor") if fused_forward else None
+        loss_module = importlib.import_module("openrlhf.models.loss") if losses else None
     except ImportError as e:
         raise ImportError(
             f"alignkernels.integrations.openrlhf needs openrlhf.models importable (OpenRLHF 0.11.2 imports flash_attn "
@@ -212,11 +231,42 @@ def _swaps(fused_forward: bool) -> list[Swap]:
         original = vars(actor.Actor)["forward"]
         _STOCK_ACTOR_FORWARD["forward"] = original
         swaps.append(Swap(original, fused_actor_forward, owners=(actor.Actor,)))
+    if losses:
+        swaps += loss_swaps(loss_module, _STATE.count)
     return swaps
 
 
+def _check_switches(backend, fused_forward, losses, batch_invariant, head_precision) -> None:
+    """Check the switches: an option no seam of this apply() can honour is a ``ValueError`` naming
+    the option and the seam."""
+    for name, value in (("losses", losses), ("batch_invariant", batch_invariant)):
+        if not isinstance(value, bool):
+            raise TypeError(f"apply(): {name} must be a bool, got {value!r}")
+    if not isinstance(head_precision, str) or head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"apply(): head_precision must be one of {tuple(HEAD_PRECISIONS)}, got {head_precision!r}")
+    if head_precision != "input":
+        raise ValueError(
+            f"apply(head_precision={head_precision!r}): no OpenRLHF seam can honour it: log_probs_from_logits / "
+            "compute_entropy get logits the model's lm_head already computed, and the fused Actor.forward "
+            "(fused_forward=True, integrations.transformers.causal_lm_logprobs) does not take head_precision"
+        )
+    if batch_invariant and fused_forward:
+        raise ValueError("apply(batch_invariant=True) cannot reach the fused Actor.forward (fused_forward=True, "
+                         "integrations.transformers.causal_lm_logprobs has no batch_invariant); use it without "
+                         "fused_forward (the log_probs_from_logits / compute_entropy seams)")  # fmt: skip
+    if batch_invariant and backend not in BATCH_INVARIANT_BACKENDS:
+        raise ValueError(f"apply(batch_invariant=True) needs backend in {BATCH_INVARIANT_BACKENDS} "
+                         f"(token_logprobs at log_probs_from_logits / compute_entropy), got {backend!r}")  # fmt: skip
+
+
 def apply(
-    *, backend: str = "auto", fused_forward: bool = False, chunk_size: int | None = None, losses: bool = False
+    *,
+    backend: str = "auto",
+    fused_forward: bool = False,
+    chunk_size: int | None = None,
+    losses: bool = False,
+    batch_invariant: bool = False,
+    head_precision: str = "input",
 ) -> Patch:
     """Make OpenRLHF compute its actor's log-probs and entropies with alignkernels (see the module
     docstring). Call in the process that runs the actor (a Ray worker: :func:`worker_setup`).
@@ -227,15 +277,15 @@ def apply(
             :func:`alignkernels.linear_logprobs`) backend.
         fused_forward: also replace ``Actor.forward`` by :func:`fused_actor_forward` (no logits).
         chunk_size: token rows per logits tile of the fused forward (``None``: the op default).
-        losses: not implemented yet: ``NotImplementedError``.
+        losses: also swap ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`);
+            ``ValueLoss`` stays stock. One INFO log line says what was swapped.
+        batch_invariant: ``log_probs_from_logits`` / ``compute_entropy`` give each token's result
+            bitwise independently of the batch around it (backends ``auto``, ``triton``, ``torch``);
+            refused with ``fused_forward=True``.
+        head_precision: only ``"input"``: no OpenRLHF seam computes the lm-head (``ValueError``).
 
     Returns a :class:`Patch` (``.remove()``, context manager).
     """
-    if losses:
-        raise NotImplementedError(
-            "alignkernels.integrations.openrlhf.apply(losses=True): swapping OpenRLHF's PolicyLoss / ValueLoss / "
-            "DPOLoss is not implemented yet; apply() without it swaps the log-prob and entropy functions"
-        )
     if not isinstance(backend, str) or backend not in LOGITS_BACKENDS:
         raise ValueError(f"apply(): backend must be one of {LOGITS_BACKENDS}, got {backend!r}")
     if not isinstance(fused_forward, bool):
@@ -246,9 +296,15 @@ def apply(
         raise ValueError(f"apply(): chunk_size must be a positive int or None, got {chunk_size!r}")
     if fused_forward and backend == "cuda":
         raise ValueError("apply(): backend='cuda' has no fused head (linear_logprobs); use 'auto' or 'triton'")
-    if _STATE.applied and _STATE.options.fused_forward != fused_forward:
+    _check_switches(backend, fused_forward, losses, batch_invariant, head_precision)
+    if _STATE.applied and (_STATE.options.fused_forward, _STATE.options.losses) != (fused_forward, losses):
         remove()  # the set of swaps changes: re-install
-    _STATE.install(lambda: _swaps(fused_forward), Options(backend, fused_forward, chunk_size))
+    before = _STATE.rebinding
+    _STATE.install(lambda: _swaps(fused_forward, losses),
+                   Options(backend, fused_forward, chunk_size, losses, batch_invariant, head_precision))  # fmt: skip
+    if losses and _STATE.rebinding is not before:
+        logger.info("alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: %s",
+                    ", ".join(STOCK_CLASSES))  # fmt: skip
     return _HANDLE
 
 
@@ -259,8 +315,9 @@ def remove() -> None:
 
 
 def apply_from_env(*, required: bool = False) -> Patch | None:
-    """Apply with the options of ``ALIGNKERNELS_OPENRLHF_BACKEND``, ``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``
-    and ``ALIGNKERNELS_OPENRLHF_CHUNK_SIZE``
+    """Apply with the options of ``ALIGNKERNELS_OPENRLHF_BACKEND``, ``ALIGNKERNELS_OPENRLHF_FUSED_FORWARD``,
+    ``ALIGNKERNELS_OPENRLHF_CHUNK_SIZE``, ``ALIGNKERNELS_OPENRLHF_LOSSES``, ``ALIGNKERNELS_OPENRLHF_BATCH_INVARIANT``
+    and ``ALIGNKERNELS_OPENRLHF_HEAD_PRECISION``
     when ``ALIGNKERNELS_OPENRLHF`` is on, or when ``required`` and it is not explicitly off; ``None`` when
     nothing was applied. A bad value is a ``ValueError`` naming the variable."""
     switch = env_switch(ENV_SWITCH)
@@ -270,6 +327,9 @@ def apply_from_env(*, required: bool = False) -> Patch | None:
         backend=env_choice(ENV_SWITCH + "_BACKEND", LOGITS_BACKENDS, "auto"),
         fused_forward=bool(env_switch(ENV_SWITCH + "_FUSED_FORWARD")),
         chunk_size=env_positive_int(ENV_SWITCH + "_CHUNK_SIZE"),
+        losses=bool(env_switch(ENV_SWITCH + "_LOSSES")),
+        batch_invariant=bool(env_switch(ENV_SWITCH + "_BATCH_INVARIANT")),
+        head_precision=env_choice(ENV_SWITCH + "_HEAD_PRECISION", tuple(HEAD_PRECISIONS), "input"),
     )
 
 

@@ -29,7 +29,9 @@ __all__ = ["Swap", "Rebinding", "DropIn", "Patch", "package_modules"]
 @dataclass(frozen=True)
 class Swap:
     """One rebinding: every module-level name bound to ``original`` gets ``replacement``, and so does
-    every attribute bound to it in ``owners`` (classes: a method such as ``Actor.forward``)."""
+    every attribute bound to it in ``owners`` (classes: a method such as ``Actor.forward``) and every
+    value bound to it in a ``dict`` owner (a registry such as verl's ``POLICY_LOSS_REGISTRY``, changed
+    in place: the same dict object)."""
 
     original: Any
     replacement: Any
@@ -42,6 +44,17 @@ def package_modules(package: str) -> list:
     return [m for n, m in sorted(list(sys.modules.items())) if (n == package or n.startswith(prefix)) and m is not None]
 
 
+def _table(owner) -> dict:
+    return owner if isinstance(owner, dict) else vars(owner)
+
+
+def _bind(owner, name, value) -> None:
+    if isinstance(owner, dict):
+        owner[name] = value
+    else:
+        setattr(owner, name, value)
+
+
 class Rebinding:
     """The swaps of one ``apply()`` over one package's loaded modules."""
 
@@ -51,11 +64,11 @@ class Rebinding:
 
     def _bindings(self, wanted_by_id):
         owners = package_modules(self.package) + [o for s in self.swaps for o in s.owners]
-        for module in owners:
-            for name, value in list(vars(module).items()):
+        for owner in {id(o): o for o in owners}.values():  # each owner once, in order
+            for name, value in list(_table(owner).items()):
                 swap = wanted_by_id.get(id(value))
                 if swap is not None:
-                    yield module, name, swap
+                    yield owner, name, swap
 
     def install(self) -> int:
         """Rebind every original to its replacement; returns how many names were rebound."""
@@ -63,11 +76,11 @@ class Rebinding:
         done = []
         try:
             for module, name, swap in list(self._bindings(by_original)):
-                setattr(module, name, swap.replacement)
+                _bind(module, name, swap.replacement)
                 done.append((module, name, swap))
         except BaseException:
             for module, name, swap in reversed(done):
-                setattr(module, name, swap.original)
+                _bind(module, name, swap.original)
             raise
         return len(done)
 
@@ -76,7 +89,7 @@ class Rebinding:
         by_replacement = {id(s.replacement): s for s in self.swaps}
         count = 0
         for module, name, swap in list(self._bindings(by_replacement)):
-            setattr(module, name, swap.original)
+            _bind(module, name, swap.original)
             count += 1
         return count
 

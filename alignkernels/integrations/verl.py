@@ -41,17 +41,26 @@ Worker processes: :func:`worker_setup` is a Ray ``worker_process_setup_hook``; t
 entry point :mod:`alignkernels.integrations.verl_plugin` applies when ``ALIGNKERNELS_VERL=1`` is set
 (nothing otherwise). Options from the environment: ``ALIGNKERNELS_VERL_BACKEND``,
 ``ALIGNKERNELS_VERL_CHUNK_SIZE``, ``ALIGNKERNELS_VERL_VOCAB_BLOCK_SIZE``,
-``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY`` (``docs/INTEGRATION.md``, "verl").
+``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``, ``ALIGNKERNELS_VERL_LOSSES``, ``ALIGNKERNELS_VERL_BATCH_INVARIANT``,
+``ALIGNKERNELS_VERL_HEAD_PRECISION`` (``docs/INTEGRATION.md``, "verl").
+
+Losses (``apply(losses=True)``): verl's policy-loss registry, ``agg_loss`` and ``kl_penalty`` on
+alignkernels' rows, see :mod:`alignkernels.integrations.verl_losses`. Train-inference consistency:
+``apply(batch_invariant=True)`` and ``apply(head_precision=)`` reach every seam's op (``apply``'s
+docstring says which seam takes which).
 """
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
+from alignkernels.integrations.verl_losses import loss_swaps
+from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
 from alignkernels.ops.linear_logprobs import linear_logprobs
 from alignkernels.ops.token_logprobs import token_logprobs
 from alignkernels.ops.vocab_parallel import gather_lm_head
@@ -87,6 +96,9 @@ class Options:
     chunk_size: int | None = None  # token rows per logits tile (None: the op default)
     vocab_block_size: int | None = None  # vocabulary columns per tile (None: the op default)
     linear_cross_entropy: bool = True  # rebind verl's Triton linear_cross_entropy too
+    losses: bool = False  # swap the policy-loss registry, agg_loss and kl_penalty (verl_losses.py)
+    batch_invariant: bool = False  # every seam's op with batch_invariant=True
+    head_precision: str = "input"  # the fused seams' linear_logprobs(head_precision=)
 
 
 _STATE = DropIn("verl", Options())
@@ -105,14 +117,35 @@ def options() -> Options:
 
 
 _count = _STATE.count
+logger = logging.getLogger("alignkernels.integrations.verl")
+
+
+def _logits_options(seam: str) -> dict:
+    """The options of the logits seams' ``token_logprobs`` call; ``head_precision`` cannot reach them
+    (the model's lm_head already made the logits): a ``ValueError`` naming the option and the seam."""
+    opts = _STATE.options
+    if opts.head_precision != "input":
+        raise ValueError(
+            f"alignkernels.integrations.verl.apply(head_precision={opts.head_precision!r}) cannot reach {seam}: it "
+            "gets logits the model's lm_head already computed. Use verl's fused head "
+            "(actor_rollout_ref.model.use_fused_kernels=True), or apply() without head_precision"
+        )
+    return dict(backend=opts.backend, batch_invariant=opts.batch_invariant)
+
+
+def _head_options() -> dict:
+    """The options of the fused seams' ``linear_logprobs`` call."""
+    opts = _STATE.options
+    return dict(backend=opts.backend, chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
+                batch_invariant=opts.batch_invariant, head_precision=opts.head_precision)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------
 # the replacements (verl's signatures)
 # ----------------------------------------------------------------------------------------------
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
+def _entropy(logits: torch.Tensor, seam: str) -> torch.Tensor:
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    return token_logprobs(logits, labels, return_entropy=True, backend=_STATE.options.backend)[1]
+    return token_logprobs(logits, labels, return_entropy=True, **_logits_options(seam))[1]
 
 
 def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_backward: bool = True) -> torch.Tensor:
@@ -120,14 +153,14 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, inplace_bac
     ``log softmax(logits)[label]``, fp32, shape of ``labels``. ``inplace_backward`` (flash-attn's
     option in verl) is accepted and has no effect: the op never writes into ``logits``."""
     _count()
-    return token_logprobs(logits, labels, backend=_STATE.options.backend)
+    return token_logprobs(logits, labels, **_logits_options("logprobs_from_logits"))
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """``verl.utils.torch_functional.entropy_from_logits``: entropy of ``softmax(logits)`` over the
     last dimension, fp32, differentiable, without materialising the softmax."""
     _count()
-    return _entropy(logits)
+    return _entropy(logits, "entropy_from_logits")
 
 
 def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
@@ -136,7 +169,7 @@ def entropy_from_logits_with_chunking(logits: torch.Tensor, chunk_size: int = 20
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"entropy_from_logits_with_chunking: chunk_size must be a positive int, got {chunk_size!r}")
     _count()
-    return _entropy(logits)
+    return _entropy(logits, "entropy_from_logits_with_chunking")
 
 
 class FusedLinearForPPO(torch.nn.Module):
@@ -162,11 +195,8 @@ class FusedLinearForPPO(torch.nn.Module):
         _count()
         weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
         hidden_states, weight = _autocast_operands(hidden_states, weight)
-        opts = _STATE.options
-        return linear_logprobs(
-            hidden_states, weight, input_ids, temperature=temperature, return_entropy=True, backend=opts.backend,
-            chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
-        )  # fmt: skip
+        return linear_logprobs(hidden_states, weight, input_ids, temperature=temperature, return_entropy=True,
+                               **_head_options())  # fmt: skip
 
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -211,11 +241,8 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     if isinstance(labels, torch.Tensor):
         labels = labels.reshape(-1)
     hidden, weight = _autocast_operands(hidden, weight)
-    opts = _STATE.options
-    logp, entropy = linear_logprobs(
-        hidden, weight, labels, temperature=temperature, return_entropy=True, backend=opts.backend,
-        chunk_size=opts.chunk_size, vocab_block_size=opts.vocab_block_size,
-    )  # fmt: skip
+    logp, entropy = linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True,
+                                    **_head_options())  # fmt: skip
     reduction = reduction.lower()
     if reduction == "sum":
         logp = logp.sum()
@@ -237,13 +264,21 @@ def _import_verl():
         torch_functional = importlib.import_module("verl.utils.torch_functional")
         experimental = importlib.import_module("verl.utils.experimental.torch_functional")
         kernel = importlib.import_module("verl.utils.kernel.linear_cross_entropy")
+        core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
     except ImportError as e:
         raise ImportError(f"alignkernels.integrations.verl needs verl (tested with 0.9.1) importable: {e}") from e
-    return torch_functional, experimental, kernel
+    return torch_functional, experimental, kernel, core_algos
+
+
+_LOSS_LOG = {}  # "swapped" / "stock": the policy-loss names of the last losses=True swaps
+
+
+def _loss_backend() -> str:
+    return _STATE.options.backend
 
 
 def _swaps(opts: Options) -> list[Swap]:
-    torch_functional, experimental, kernel = _import_verl()
+    torch_functional, experimental, kernel, core_algos = _import_verl()
     pairs = [
         (torch_functional, "logprobs_from_logits", logprobs_from_logits),
         (torch_functional, "entropy_from_logits", entropy_from_logits),
@@ -260,15 +295,23 @@ def _swaps(opts: Options) -> list[Swap]:
         if original is replacement:  # already ours (a verl module reloaded while applied): nothing to swap
             continue
         swaps.append(Swap(original, replacement))
+    if opts.losses:
+        loss, swapped, stock = loss_swaps(core_algos, _loss_backend, _count)
+        swaps += loss
+        _LOSS_LOG.update(swapped=swapped, stock=stock)
     return swaps
 
 
-def _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses) -> Options:
-    if losses:
-        raise NotImplementedError(
-            "alignkernels.integrations.verl.apply(losses=True): swapping verl's policy losses "
-            "(POLICY_LOSS_REGISTRY, agg_loss, kl_penalty) is not implemented yet; apply() without it swaps the head"
-        )
+def _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses, batch_invariant,
+                   head_precision) -> Options:  # fmt: skip
+    for name, value in (("losses", losses), ("batch_invariant", batch_invariant)):
+        if not isinstance(value, bool):
+            raise TypeError(f"apply(): {name} must be a bool, got {value!r}")
+    if not isinstance(head_precision, str) or head_precision not in HEAD_PRECISIONS:
+        raise ValueError(f"apply(): head_precision must be one of {tuple(HEAD_PRECISIONS)}, got {head_precision!r}")
+    if batch_invariant and backend == "reference":
+        raise ValueError("apply(): batch_invariant=True is not implemented on backend='reference' (token_logprobs and "
+                         "linear_logprobs, every verl seam): use 'auto', 'triton' or 'torch'")  # fmt: skip
     if not isinstance(backend, str) or backend not in HEAD_BACKENDS:
         raise ValueError(f"apply(): backend must be one of {HEAD_BACKENDS}, got {backend!r}")
     for name, value in (("chunk_size", chunk_size), ("vocab_block_size", vocab_block_size)):
@@ -278,7 +321,7 @@ def _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, 
             raise ValueError(f"apply(): {name} must be a positive int or None, got {value!r}")
     if not isinstance(linear_cross_entropy, bool):
         raise TypeError(f"apply(): linear_cross_entropy must be a bool, got {linear_cross_entropy!r}")
-    return Options(backend, chunk_size, vocab_block_size, linear_cross_entropy)
+    return Options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses, batch_invariant, head_precision)
 
 
 def apply(
@@ -288,13 +331,15 @@ def apply(
     vocab_block_size: int | None = None,
     linear_cross_entropy: bool = True,
     losses: bool = False,
+    batch_invariant: bool = False,
+    head_precision: str = "input",
 ) -> Patch:
     """Make verl compute its LM-head log-probs and entropies with alignkernels (see the module docstring).
 
     Call in the process that builds the actor engine, before building it (in a Ray worker: use
     :func:`worker_setup` or the ``verl.plugins`` entry point). Idempotent; the options of the last
-    call win (a call that changes ``linear_cross_entropy`` re-installs). A failed call (bad option,
-    verl missing) leaves verl as it was.
+    call win (a call that changes ``linear_cross_entropy`` or ``losses`` re-installs). A failed call
+    (bad option, verl missing) leaves verl as it was.
 
     Args:
         backend: ``"auto"``, ``"triton"``, ``"torch"`` or ``"reference"`` (of ``token_logprobs`` and
@@ -302,14 +347,28 @@ def apply(
         chunk_size, vocab_block_size: token rows and vocabulary columns of the fused head's logits
             tile (``None``: the op defaults).
         linear_cross_entropy: also rebind verl's Triton ``linear_cross_entropy``.
-        losses: not implemented yet: ``NotImplementedError``.
+        losses: also swap verl's losses (:mod:`alignkernels.integrations.verl_losses`): every
+            ``POLICY_LOSS_REGISTRY`` entry alignkernels matches exactly (in place; the others stay
+            stock and are named in the INFO log line), ``agg_loss`` and ``kl_penalty``.
+        batch_invariant: every seam computes each token's log-prob and entropy bitwise independently
+            of the batch around it (``token_logprobs`` / ``linear_logprobs(batch_invariant=True)``;
+            backends ``auto``, ``triton``, ``torch``; ``reference`` is refused).
+        head_precision: ``"input"``, ``"fp32"`` or ``"tf32"``: the fused seams' GEMM operands
+            (``FusedLinearForPPO``, ``linear_cross_entropy``). The logits seams cannot honour a value
+            other than ``"input"`` (the logits exist already): they raise ``ValueError`` when called.
 
     Returns a :class:`Patch` (``.remove()``, context manager).
     """
-    options = _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses)
-    if _STATE.applied and _STATE.options.linear_cross_entropy != options.linear_cross_entropy:
+    options = _check_options(backend, chunk_size, vocab_block_size, linear_cross_entropy, losses, batch_invariant,
+                             head_precision)  # fmt: skip
+    if _STATE.applied and (_STATE.options.linear_cross_entropy, _STATE.options.losses) != (
+            options.linear_cross_entropy, options.losses):  # fmt: skip
         remove()
+    before = _STATE.rebinding
     _STATE.install(lambda: _swaps(options), options)
+    if options.losses and _STATE.rebinding is not before:
+        logger.info("alignkernels: verl losses swapped: POLICY_LOSS_REGISTRY %s, agg_loss, kl_penalty; left stock: %s",
+                    ", ".join(_LOSS_LOG["swapped"]), ", ".join(_LOSS_LOG["stock"]) or "none")  # fmt: skip
     return _HANDLE
 
 
@@ -323,9 +382,10 @@ def remove() -> None:
 def apply_from_env(*, required: bool = False) -> Patch | None:
     """Apply with options read from the environment (``ALIGNKERNELS_VERL_BACKEND``,
     ``ALIGNKERNELS_VERL_CHUNK_SIZE``, ``ALIGNKERNELS_VERL_VOCAB_BLOCK_SIZE``,
-    ``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``) when ``ALIGNKERNELS_VERL`` is on, or when ``required``
-    and it is not explicitly off. Returns the patch, or ``None`` when nothing was applied. A bad value
-    is a ``ValueError`` naming the variable."""
+    ``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``, ``ALIGNKERNELS_VERL_LOSSES``,
+    ``ALIGNKERNELS_VERL_BATCH_INVARIANT``, ``ALIGNKERNELS_VERL_HEAD_PRECISION``) when ``ALIGNKERNELS_VERL``
+    is on, or when ``required`` and it is not explicitly off. Returns the patch, or ``None`` when
+    nothing was applied. A bad value is a ``ValueError`` naming the variable."""
     switch = env_switch(ENV_SWITCH)
     if not (switch or (required and switch is None)):
         return None
@@ -335,6 +395,9 @@ def apply_from_env(*, required: bool = False) -> Patch | None:
         chunk_size=env_positive_int(ENV_SWITCH + "_CHUNK_SIZE"),
         vocab_block_size=env_positive_int(ENV_SWITCH + "_VOCAB_BLOCK_SIZE"),
         linear_cross_entropy=True if lce is None else lce,
+        losses=bool(env_switch(ENV_SWITCH + "_LOSSES")),
+        batch_invariant=bool(env_switch(ENV_SWITCH + "_BATCH_INVARIANT")),
+        head_precision=env_choice(ENV_SWITCH + "_HEAD_PRECISION", tuple(HEAD_PRECISIONS), "input"),
     )
 
 

@@ -282,7 +282,11 @@ def test_remove_restores_every_binding_and_apply_is_idempotent():
         ({"chunk_size": 0}, ValueError, "chunk_size"),
         ({"chunk_size": 1.5}, TypeError, "chunk_size"),
         ({"fused_forward": True, "backend": "cuda"}, ValueError, "backend"),
-        ({"losses": True}, NotImplementedError, "losses=True"),
+        ({"losses": "yes"}, TypeError, "losses"),
+        ({"batch_invariant": 1}, TypeError, "batch_invariant"),
+        ({"head_precision": "fp32"}, ValueError, "head_precision.*log_probs_from_logits"),
+        ({"batch_invariant": True, "fused_forward": True}, ValueError, "batch_invariant.*Actor.forward"),
+        ({"batch_invariant": True, "backend": "cuda"}, ValueError, "batch_invariant"),
     ],
 )
 def test_bad_apply_names_the_argument_and_patches_nothing(kwargs, error, match):

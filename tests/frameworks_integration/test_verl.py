@@ -387,7 +387,10 @@ def test_adapter_calls_counts_every_replacement_and_resets_on_apply():
         ({"chunk_size": 2.5}, TypeError, "chunk_size"),
         ({"vocab_block_size": True}, TypeError, "vocab_block_size"),
         ({"linear_cross_entropy": "yes"}, TypeError, "linear_cross_entropy"),
-        ({"losses": True}, NotImplementedError, "losses=True"),
+        ({"losses": "yes"}, TypeError, "losses"),
+        ({"batch_invariant": 1}, TypeError, "batch_invariant"),
+        ({"head_precision": "fp64"}, ValueError, "head_precision"),
+        ({"batch_invariant": True, "backend": "reference"}, ValueError, "batch_invariant"),
     ],
 )
 def test_bad_apply_names_the_argument_and_patches_nothing(kwargs, error, match):
