@@ -20,7 +20,7 @@ import torch
 SHARD_BOUNDS = {2: [0, 40, 103], 4: [0, 17, 50, 71, 103]}
 V = 103
 FP32 = dict(rtol=2e-5, atol=2e-5)
-SPAWN_TIMEOUT_S = 150
+SPAWN_TIMEOUT_S = 600  # one spawn per world size runs every check (~60 s on an idle 2-core machine)
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +634,8 @@ _RESULTS: dict = {}
 
 
 def _run_world(world, tmp_path_factory):
+    if isinstance(_RESULTS.get(world), str):  # the spawn failed once: every check of that world reports it
+        pytest.fail(_RESULTS[world])
     if world not in _RESULTS:
         import torch.multiprocessing as mp
 
@@ -645,7 +647,8 @@ def _run_world(world, tmp_path_factory):
                 for p in ctx.processes:
                     if p.is_alive():
                         p.terminate()
-                pytest.fail(f"vocab-parallel workers (world size {world}) did not finish in {SPAWN_TIMEOUT_S} s")
+                _RESULTS[world] = f"vocab-parallel workers (world size {world}) did not finish in {SPAWN_TIMEOUT_S} s"
+                pytest.fail(_RESULTS[world])
         per_rank = []
         for r in range(world):
             with open(os.path.join(tmpdir, f"rank{r}.json")) as f:
