@@ -124,7 +124,7 @@ BAD_INPUTS = [
     ("grpo_loss", "logp-1d", _grpo(logp=torch.zeros(B)), ValueError, r"logp must be \[B, T\]"),
     ("grpo_loss", "logp-3d", _grpo(logp=torch.zeros(B, T, 1)), ValueError, r"logp must be \[B, T\]"),
     ("grpo_loss", "mask-shape", _grpo(mask=torch.ones(B, T + 1)), ValueError, "mask must have the shape"),
-    ("grpo_loss", "old-shape", _grpo(old_logp=torch.zeros(B, T - 1)), ValueError, "old_logp must have shape"),
+    ("grpo_loss", "old-shape", _grpo(old_logp=torch.zeros(B, T - 1)), ValueError, "old_logp must have (the )?shape"),
     ("grpo_loss", "int-old", _grpo(old_logp=torch.zeros(B, T, dtype=torch.long)), TypeError,
      "old_logp must be a floating"),
     ("grpo_loss", "adv-shape", _grpo(advantages=torch.zeros(B + 1)), ValueError, "advantages must have shape"),

@@ -21,6 +21,9 @@ configuration the gradient at the chunk's tokens is exact whatever the other tok
 is O(B·T) elementwise work per chunk, nothing next to a ``[chunk, V, H]`` GEMM. After the last
 chunk the loss and its metrics are computed once more from the finished log-probs.
 
+Every entry takes its lm-head options as one ``HeadOptions`` (``head=``) or its fields as keywords;
+``_run_head`` (three GEMMs) and ``linear_logprobs`` (four) read the same value.
+
 Validation does not depend on the path: the head's inputs (``validate_head``) and the loss's own
 checks (the loss evaluated once on placeholder per-token tensors, ``PolicyLoss.validate``) run
 before either head, and before the backend is resolved.
@@ -31,6 +34,7 @@ the forward on) and ``linear_logprobs``; plus O(B x T) per-token tensors.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -42,11 +46,11 @@ from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
 from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
 from .dpo import dpo_loss_from_token_logps
-from .grpo import grpo_loss
+from .grpo import PolicyConfig, grpo_loss
 from .policy_rows import POLICY_LOSS_TYPES
 from .verl_policy import VERL_POLICY_LOSSES, verl_policy_loss
-from .ppo import ppo_loss
-from .validation import check_num_items
+from .ppo import PPOConfig, ppo_loss
+from .validation import check_num_items, no_other_keywords, typed_value
 
 FUSED_LINEAR_CROSS_ENTROPY = OpBackends("fused_linear_cross_entropy", ("triton", "torch", "reference"))
 FUSED_LINEAR_GRPO_LOSS = OpBackends("fused_linear_grpo_loss", ("triton", "torch", "reference"))
@@ -54,6 +58,47 @@ FUSED_LINEAR_PPO_LOSS = OpBackends("fused_linear_ppo_loss", ("triton", "torch", 
 FUSED_LINEAR_VERL_POLICY_LOSS = OpBackends("fused_linear_verl_policy_loss", ("triton", "torch", "reference"))
 HEAD_PATHS = ("auto", "three_gemm", "four_gemm")
 SFT_LOSS_TYPES = ("nll", "dft")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HeadOptions:
+    """How a fused loss runs its lm head: ``linear_logprobs``' keywords besides the tensors, one field
+    a line (a new head keyword is one field: every fused entry takes it as ``head=`` or as a keyword,
+    and the four-GEMM path passes it to ``linear_logprobs``). Checked once, at construction, where a
+    tensor is not needed (the logit transform is checked with the tensors by ``validate_head``, the
+    adapter by ``validate_lora``). Every fused entry takes ``head=HeadOptions(...)`` or the fields as
+    keywords (not both)."""
+
+    temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    chunk_size: int | None = None
+    backend: str = "auto"
+    check_labels: bool | None = None
+    lora: tuple | None = None  # (lora_A [r, H], lora_B [V, r], scaling)
+    head_precision: str = "input"
+
+    def __post_init__(self):
+        check_positive_int("chunk_size", self.chunk_size)
+        check_head_precision(self.head_precision)
+
+    def keywords(self, **replaced) -> dict:
+        """The fields as ``linear_logprobs`` keywords (``replaced`` overriding some)."""
+        return {**{name: getattr(self, name) for name in self._fields}, **replaced}
+
+    @classmethod
+    def of(cls, function: str, head, keywords: dict, *, only_head: bool = False) -> "HeadOptions":
+        """``head``, or one built from the head fields popped off a fused entry's ``keywords``;
+        ``only_head``: anything else in ``keywords`` is a ``TypeError`` naming it."""
+        options = typed_value("head", cls, head, keywords)
+        if only_head:
+            no_other_keywords(function, keywords)
+        return options
+
+
+# the field names, as a NamedTuple lists them (``validation.typed_value``; plain data, which
+# torch.compile traces where it does not trace ``dataclasses.fields``)
+HeadOptions._fields = tuple(f.name for f in dataclasses.fields(HeadOptions))
 
 
 class FusedCrossEntropyOutput(NamedTuple):
@@ -85,18 +130,12 @@ def fused_linear_cross_entropy(
     bias: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    logit_scale: float = 1.0,
     return_entropy: bool = False,
     return_stats: bool = False,
     num_items_in_batch=None,
     loss_type: str = "nll",
-    backend: str = "auto",
-    chunk_size: int | None = None,
-    check_labels: bool | None = None,
-    lora=None,
-    head_precision: str = "input",
+    head: HeadOptions | None = None,
+    **head_keywords,
 ):
     """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
 
@@ -128,6 +167,9 @@ def fused_linear_cross_entropy(
         return_stats: return a :class:`FusedCrossEntropyOutput` (loss, logp, entropy, is_top1,
             num_tokens): what SFTTrainer logs, from the same pass.
         loss_type: ``"nll"`` or ``"dft"`` (TRL's ``SFTConfig.loss_type``).
+        head: a :class:`HeadOptions`, or its fields as keywords (not both; another keyword is a
+            ``TypeError``): ``temperature``, ``logit_scale``, ``softcap`` (the logit transform, see
+            ``linear_logprobs``) and:
         backend: ``"auto"``, ``"triton"`` (cuBLAS + the ``alignkernels.kernels.linear_logprobs`` kernels; CUDA, or CPU
             under ``TRITON_INTERPRET=1``), ``"torch"`` (CPU / anywhere), ``"reference"`` (eager).
         chunk_size: token rows per logits buffer (default: a ~32 MB fp32 buffer on CPU, ~512 MB on GPU).
@@ -160,10 +202,11 @@ def fused_linear_cross_entropy(
         raise ValueError(f"loss_type must be one of {SFT_LOSS_TYPES}, got {loss_type!r}")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError("num_items_in_batch is the denominator of reduction='mean'; it makes no sense with 'sum'")
-    tr, labels = _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index,
-                                    check_labels, chunk_size, head_precision)  # fmt: skip
-    adapter = validate_lora(lora, hidden, weight)
-    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
+    head = HeadOptions.of("fused_linear_cross_entropy", head, head_keywords, only_head=True)
+    tr, labels, adapter = _head_inputs(hidden, weight, labels, bias, head)
+    if labels_checking_enabled(head.check_labels):
+        check_label_range(labels, weight.shape[0], ignore_index)
+    backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(head.backend, hidden.device, hidden.dtype)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     num_tokens = compact.count()
@@ -176,7 +219,7 @@ def fused_linear_cross_entropy(
                                       minimum=0, valid_tokens=num_tokens).clamp(min=1)  # fmt: skip
 
     if backend == "reference":  # the eager baseline: the adapted head materialised (W + s·B·A)
-        with check_head_precision(head_precision).gemms(hidden.device):  # the reference widens: TF32 switch only
+        with check_head_precision(head.head_precision).gemms(hidden.device):  # the reference widens: TF32 switch only
             logp, entropy, is_top1 = _reference_head_stats(compact, effective_weight(weight, adapter), bias, tr)
         logp = compact.mask(logp)
         loss = _sft_token_losses(logp, loss_type).sum() / denominator
@@ -189,7 +232,7 @@ def fused_linear_cross_entropy(
             return TokenGrad(g / denominator)
 
         out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, adapter, tr, token_grad, backend,
-                              chunk_size, head_precision)  # fmt: skip
+                              head)  # fmt: skip
         loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if call is not None:
@@ -212,25 +255,22 @@ def _sft_token_losses(logp, loss_type):
     return torch.where(p > 0, -logp * p, torch.zeros((), dtype=logp.dtype, device=logp.device))
 
 
-def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, softcap, ignore_index, check_labels,
-                       chunk_size, precision):  # fmt: skip
-    """The lm-head engine's checks (those of ``linear_logprobs``); returns ``(Transform, labels int64)``.
-    Run before the backend is resolved, so a bad tensor is named whatever the backend."""
-    check_positive_int("chunk_size", chunk_size)
-    check_head_precision(precision)
-    tr, labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
-    if labels_checking_enabled(check_labels):
-        check_label_range(labels, weight.shape[0], ignore_index)
-    return tr, labels
+def _head_inputs(hidden, weight, labels, bias, head: HeadOptions):
+    """The lm-head engine's checks (those of ``linear_logprobs``) of the tensors and the transform:
+    ``(Transform, labels int64, the validated LoRA adapter or None)``. Run before the backend is
+    resolved, so a bad tensor is named whatever the backend."""
+    tr, labels = validate_head(hidden, weight, labels, bias, head.temperature, head.logit_scale, head.softcap)
+    return tr, labels, validate_lora(head.lora, hidden, weight)
 
 
-def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size, precision):
+def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, head: HeadOptions):
     """The three-GEMM head over the compact rows (``adapter``: a validated ``LoraHead`` or None):
     ``(HeadOutputs, HeadCall | None)`` -- the gradients formed for whichever of hidden / weight / bias
     (/ lora_A / lora_B) requires grad (none in ``no_grad`` / ``inference_mode``: then only the logits
     GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
-    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size, precision)
+    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], head.chunk_size,
+                     head.head_precision)  # fmt: skip
     grad_mode = torch.is_grad_enabled()
     inputs = (compact.hidden, weight, bias) + (() if adapter is None else (adapter.lora_A, adapter.lora_B))
     needs = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
@@ -262,7 +302,8 @@ def _masked_labels(labels, mask, ignore_index):
     return labels.masked_fill(~mask.bool(), ignore_index)
 
 
-def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, head, ignore_index):
+def _reference_token_logps(ref_hidden, labels, *, weight, bias, ref_weight, ref_bias, head: HeadOptions,
+                           ignore_index):  # fmt: skip
     """Per-token log-probs of the reference model from its hidden states (no gradient). Without
     ``ref_weight`` the reference shares the policy's head (weight and bias). A policy's ``lora=``
     adapter is never applied to the reference: it is the base head (PEFT's disabled adapter)."""
@@ -271,10 +312,10 @@ def _reference_token_logps(ref_hidden, labels, *, weight, ref_weight, ref_bias, 
         raise ValueError(f"ref_hidden must have shape {(*labels.shape, 'H')} (the policy's hidden states' leading "
                          f"dimensions), got {tuple(ref_hidden.shape)}")  # fmt: skip
     if ref_weight is None:
-        ref_weight, ref_bias = weight, head["bias"] if ref_bias is None else ref_bias
+        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
     with torch.no_grad():
-        kwargs = {k: v for k, v in head.items() if k not in ("bias", "lora")}
-        return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index, **kwargs)
+        return linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index,
+                               **head.keywords(lora=None))  # fmt: skip
 
 # --------------------------------------------------------------------------------------------
 # GRPO / PPO on the three-GEMM head: the per-token gradient of the loss itself, chunk by chunk
@@ -333,33 +374,29 @@ class PolicyLoss(NamedTuple):
             self.probe_fn(placeholder, placeholder)
 
 
-def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: PolicyLoss, *, reason, head_path, head,
-                      ignore_index):  # fmt: skip
+def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: PolicyLoss, *, reason, head_path,
+                      bias, head: HeadOptions, ignore_index):  # fmt: skip
     """GRPO / PPO from hidden states: masked tokens become ``ignore_index`` (never projected), then
     the three-GEMM head (``reason`` None: token-separable) or ``linear_logprobs`` + autograd.
     Every input is checked first, the same way on both paths. Returns ``(loss, metrics)`` with
     ``metrics["head_path"]``."""
     path = _resolve_head_path(head_path, backends.op, reason)
-    bias = head["bias"]
-    tr, labels = _three_gemm_inputs(hidden, weight, token_ids, bias, head["temperature"], head["logit_scale"],
-                                    head["softcap"], None, False, head["chunk_size"], head["head_precision"])  # fmt: skip
-    adapter = validate_lora(head.get("lora"), hidden, weight)
+    tr, labels, adapter = _head_inputs(hidden, weight, token_ids, bias, head)
     policy.validate(labels.shape, output_dtype(hidden.dtype), hidden.device)
     labels = _masked_labels(labels, policy.mask, ignore_index)
-    if labels_checking_enabled(head["check_labels"]):
+    if labels_checking_enabled(head.check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
-    backend = backends.resolve(head["backend"], hidden.device, hidden.dtype)
+    backend = backends.resolve(head.backend, hidden.device, hidden.dtype)
     if path == "four_gemm" or backend == "reference":
         logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True,
-                                        **{**head, "check_labels": False})  # fmt: skip
+                                        bias=bias, **head.keywords(check_labels=False))  # fmt: skip
         loss, metrics = policy.loss_fn(logp, entropy)
         metrics["head_path"] = "four_gemm"
         return loss, metrics
     compact = compact_rows(hidden, labels, ignore_index)
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
-    out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"],
-                          head["head_precision"])  # fmt: skip
+    out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head)
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
     if call is not None:
@@ -379,18 +416,22 @@ def _resolve_head_path(head_path, op, reason):
     return head_path
 
 
-def grpo_non_separable_reason(grpo_kwargs) -> str | None:
-    """Why a ``grpo_loss`` configuration's gradient w.r.t. a token's log-prob depends on other
-    tokens (then the three-GEMM head cannot form it per chunk), or None."""
-    if grpo_kwargs.get("importance_sampling_level", "token") != "token":
+def grpo_non_separable_reason(config) -> str | None:
+    """Why a ``grpo_loss`` configuration (a ``PolicyConfig``, or ``grpo_loss``'s keywords) makes the
+    gradient w.r.t. a token's log-prob depend on other tokens (then the three-GEMM head cannot form
+    it per chunk), or None."""
+    if not isinstance(config, PolicyConfig):
+        options = dict(config)
+        config = typed_value("config", PolicyConfig, options.pop("config", None), options)
+    if config.importance_sampling_level != "token":
         return "importance_sampling_level='sequence' (GSPO) has one ratio per sequence"
-    loss_type = grpo_kwargs.get("loss_type", "dapo")
+    loss_type = config.loss_type
     row = POLICY_LOSS_TYPES.get(loss_type) if isinstance(loss_type, str) else None
     if row is not None and not row.token_separable:  # an unknown name: grpo_loss's own error, later
         return f"loss_type={loss_type!r} {row.not_separable}"
-    if grpo_kwargs.get("top_entropy_quantile", 1.0) < 1.0:
+    if config.top_entropy_quantile < 1.0:
         return "top_entropy_quantile < 1 masks tokens by a quantile over all tokens' entropies"
-    if grpo_kwargs.get("off_policy_mask_threshold") is not None:
+    if config.off_policy_mask_threshold is not None:
         return "off_policy_mask_threshold masks sequences by their mean log-ratio"
     return None
 
@@ -408,16 +449,9 @@ def fused_linear_grpo_loss(
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
     ignore_index: int = -100,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-    check_labels: bool | None = None,
     head_path: str = "auto",
-    lora=None,
-    head_precision: str = "input",
+    head: HeadOptions | None = None,
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -436,18 +470,17 @@ def fused_linear_grpo_loss(
         ref_logp: ``[B, T]`` reference log-probs; or give ``ref_hidden`` (``[B, T, H]``, with
             ``ref_weight``/``ref_bias`` defaulting to the policy head) and they are computed here
             without gradient. Needed when ``beta != 0``.
-        temperature, logit_scale, softcap: the logit transform (see ``linear_logprobs``).
-        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"`` (see ``linear_logprobs``).
-        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
-            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
-        **grpo_kwargs: ``beta``, ``epsilon_low``, ``epsilon_high``, ``delta``, ``loss_type``,
-            ``importance_sampling_level``, ``max_completion_length``, ``num_items_in_batch``, ...
-            exactly as :func:`alignkernels.grpo_loss`.
-
+        head: a :class:`HeadOptions` (``temperature``, ``logit_scale``, ``softcap``, ``chunk_size``,
+            ``backend``, ``check_labels``, ``lora``, ``head_precision``; see ``linear_logprobs``), or
+            its fields as keywords (not both). ``lora``: ``(lora_A [r, H], lora_B [V, r], scaling)``, a
+            LoRA adapter on the policy's head, on either path (three GEMMs:
+            ``alignkernels.ops._lora.LoraConcat``), never applied to ``ref_hidden``'s reference head.
+        **grpo_kwargs: ``config`` or its fields (``beta``, ``epsilon_low``, ``epsilon_high``,
+            ``delta``, ``loss_type``, ``importance_sampling_level``, ...), ``state`` or its fields
+            (``max_completion_length``, ``num_items_in_batch``, ...), exactly as
+            :func:`alignkernels.grpo_loss`.
         head_path: ``"auto"`` (the table below), ``"three_gemm"`` (an error where not exact) or
             ``"four_gemm"``.
-        lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
-            ``linear_logprobs``); on either path (three GEMMs: ``alignkernels.ops._lora.LoraConcat``).
 
     Head path (``metrics["head_path"]``), with ``"auto"``:
 
@@ -476,20 +509,20 @@ def fused_linear_grpo_loss(
         ``(loss, metrics)`` from ``grpo_loss`` (its ``entropy`` metric included) plus
         ``metrics["head_path"]`` (a string: ``"three_gemm"`` or ``"four_gemm"``).
     """
-    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+    head = HeadOptions.of("fused_linear_grpo_loss", head, grpo_kwargs)
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, _masked_labels(completion_ids, completion_mask, ignore_index),
-                                          weight=weight, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
+                                          weight=weight, bias=bias, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
                                           ignore_index=ignore_index)  # fmt: skip
+    config = typed_value("config", PolicyConfig, grpo_kwargs.pop("config", None), grpo_kwargs)
 
     def loss_fn(logp, entropy):
-        return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, **grpo_kwargs)
+        return grpo_loss(logp, old_logp, ref_logp, advantages, completion_mask, entropy=entropy, config=config,
+                         **grpo_kwargs)  # fmt: skip
 
-    policy = PolicyLoss(loss_fn, loss_fn, old_logp, completion_mask, grpo_kwargs.get("entropy_coef", 0.0) != 0.0)
+    policy = PolicyLoss(loss_fn, loss_fn, old_logp, completion_mask, config.entropy_coef != 0.0)
     return _policy_head_loss(FUSED_LINEAR_GRPO_LOSS, hidden, weight, completion_ids, policy,
-                             reason=grpo_non_separable_reason(grpo_kwargs), head_path=head_path, head=head,
+                             reason=grpo_non_separable_reason(config), head_path=head_path, bias=bias, head=head,
                              ignore_index=ignore_index)  # fmt: skip
 
 
@@ -513,15 +546,8 @@ def fused_linear_dpo_loss(
     ref_weight: torch.Tensor | None = None,
     ref_bias: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
     ignore_index: int = -100,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-    check_labels: bool | None = None,
-    lora=None,
-    head_precision: str = "input",
+    head: HeadOptions | None = None,
     **dpo_kwargs,
 ):
     """DPO-family loss straight from the policy's last hidden states of a concatenated batch.
@@ -538,9 +564,8 @@ def fused_linear_dpo_loss(
             ``precompute_ref_log_probs``), or ``[B, T]`` per-token. Or give ``ref_hidden``
             (``[2B, T, H]``; ``ref_weight``/``ref_bias`` default to the policy head) and they are
             computed here without gradient.
-        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"`` (see ``linear_logprobs``).
-        lora: ``(lora_A, lora_B, scaling)``, a LoRA adapter on the policy's head (see
-            ``linear_logprobs``; never applied to ``ref_hidden``'s reference head).
+        head: a :class:`HeadOptions` or its fields as keywords (not both), as
+            :func:`fused_linear_grpo_loss`.
         **dpo_kwargs: ``beta``, ``loss_type`` (one or a list), ``loss_weights``,
             ``label_smoothing``, ``f_divergence_type``, ``ld_alpha``, ``use_weighting`` (WPO; the
             per-token ``log Σp²`` it needs comes from the same pass), ... exactly as
@@ -552,10 +577,9 @@ def fused_linear_dpo_loss(
     """
     if labels.dim() != 2 or labels.shape[0] % 2:
         raise ValueError(f"labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
-    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
-    out = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_stats=True, **head)
+    head = HeadOptions.of("fused_linear_dpo_loss", head, dpo_kwargs)
+    out = linear_logprobs(hidden, weight, labels, bias=bias, ignore_index=ignore_index, return_stats=True,
+                          **head.keywords())  # fmt: skip
     B = labels.shape[0] // 2
     mask = labels != ignore_index
     if (ref_chosen_logps is None) != (ref_rejected_logps is None):
@@ -563,8 +587,8 @@ def fused_linear_dpo_loss(
     if ref_chosen_logps is None:
         if ref_hidden is None:
             raise ValueError("fused_linear_dpo_loss needs ref_chosen_logps/ref_rejected_logps or ref_hidden")
-        ref = _reference_token_logps(ref_hidden, labels, weight=weight, ref_weight=ref_weight, ref_bias=ref_bias,
-                                          head=head, ignore_index=ignore_index)  # fmt: skip
+        ref = _reference_token_logps(ref_hidden, labels, weight=weight, bias=bias, ref_weight=ref_weight,
+                                     ref_bias=ref_bias, head=head, ignore_index=ignore_index)  # fmt: skip
         ref_chosen_logps, ref_rejected_logps = ref[:B], ref[B:]
     return dpo_loss_from_token_logps(
         out.logp[:B], out.logp[B:], ref_chosen_logps, ref_rejected_logps, mask[:B], mask[B:],
@@ -588,23 +612,17 @@ def fused_linear_ppo_loss(
     returns: torch.Tensor | None = None,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
     ignore_index: int = -100,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-    check_labels: bool | None = None,
     head_path: str = "auto",
-    lora=None,
-    head_precision: str = "input",
+    head: HeadOptions | None = None,
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
 
     The per-token log-probs and entropies of the valid response tokens, then
-    :func:`alignkernels.ppo_loss` (``cliprange``, ``cliprange_value``, ``vf_coef``, ``entropy_coef``,
-    ``loss_agg_mode``, ...). ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
+    :func:`alignkernels.ppo_loss` (``config`` or its fields: ``cliprange``, ``cliprange_value``,
+    ``vf_coef``, ``entropy_coef``, ``loss_agg_mode``, ...). Head options: ``head=HeadOptions(...)`` or
+    its fields as keywords, as :func:`fused_linear_grpo_loss`. ``hidden`` is ``[B, T, H]`` aligned with ``response_ids`` ``[B, T]``;
     ``values``/``old_values``/``returns`` are the value head's ``[B, T]`` tensors (the value head
     itself is cheap and stays in the caller's model; it gets its gradient through autograd).
 
@@ -614,20 +632,20 @@ def fused_linear_ppo_loss(
     the eager baseline); ``head_path="four_gemm"`` forces ``linear_logprobs`` + autograd. Inputs are
     checked, and autograd modes behave, as in :func:`fused_linear_grpo_loss`.
     """
-    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+    head = HeadOptions.of("fused_linear_ppo_loss", head, ppo_kwargs)
     detached_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
+    config = typed_value("config", PPOConfig, ppo_kwargs.pop("config", None), ppo_kwargs)
 
     def loss_fn(logp, entropy, value_tensors=(values, old_values, returns)):
-        return ppo_loss(logp, old_logp, advantages, mask, *value_tensors, entropy=entropy, **ppo_kwargs)
+        return ppo_loss(logp, old_logp, advantages, mask, *value_tensors, entropy=entropy, config=config,
+                        **ppo_kwargs)  # fmt: skip
 
     def probe_fn(logp, entropy):  # the value head gets its gradient from the final loss only
         return loss_fn(logp, entropy, detached_values)
 
-    policy = PolicyLoss(loss_fn, probe_fn, old_logp, mask, ppo_kwargs.get("entropy_coef", 0.0) != 0.0)
+    policy = PolicyLoss(loss_fn, probe_fn, old_logp, mask, config.entropy_coef != 0.0)
     return _policy_head_loss(FUSED_LINEAR_PPO_LOSS, hidden, weight, response_ids, policy, reason=None,
-                             head_path=head_path, head=head, ignore_index=ignore_index)
+                             head_path=head_path, bias=bias, head=head, ignore_index=ignore_index)
 
 
 def fused_linear_verl_policy_loss(
@@ -639,16 +657,9 @@ def fused_linear_verl_policy_loss(
     mask: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
     ignore_index: int = -100,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-    check_labels: bool | None = None,
     head_path: str = "auto",
-    lora=None,
-    head_precision: str = "input",
+    head: HeadOptions | None = None,
     **verl_kwargs,
 ):
     """verl's policy loss (:func:`alignkernels.losses.verl_policy.verl_policy_loss`, ``loss_mode``,
@@ -660,9 +671,7 @@ def fused_linear_verl_policy_loss(
     ``gpg``, ``dro``, ``cispo``, ``dppo_tv``, ``dppo_kl``) and ``"four_gemm"`` for the others
     (``gspo``, ``geo_mean``: sequence ratios; ``clip_cov``, ``kl_cov``: batch covariances).
     """
-    head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+    head = HeadOptions.of("fused_linear_verl_policy_loss", head, verl_kwargs)
     loss_mode = verl_kwargs.get("loss_mode", "vanilla")
     row = VERL_POLICY_LOSSES.get(loss_mode) if isinstance(loss_mode, str) else None
     reason = None if row is None or row.token_separable else f"loss_mode={loss_mode!r} {row.not_separable}"
@@ -672,4 +681,4 @@ def fused_linear_verl_policy_loss(
 
     policy = PolicyLoss(loss_fn, loss_fn, old_logp, mask, False)
     return _policy_head_loss(FUSED_LINEAR_VERL_POLICY_LOSS, hidden, weight, response_ids, policy, reason=reason,
-                             head_path=head_path, head=head, ignore_index=ignore_index)  # fmt: skip
+                             head_path=head_path, bias=bias, head=head, ignore_index=ignore_index)  # fmt: skip

@@ -34,6 +34,7 @@ import torch
 
 from .aggregation import AGGREGATION_MODES, GlobalBatch, aggregate_rows
 from .clipped_policy import POLICY_KINDS
+from .validation import check_count, check_num_items
 
 CLIP_METRICS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min",
                 "clip_ratio/high_max")  # fmt: skip
@@ -96,14 +97,39 @@ def policy_loss_type(name) -> PolicyLossType:
 
 
 class TrainerState(NamedTuple):
-    """What TRL's normalisation reads (``GRPOTrainer``'s state), validated by ``grpo_loss``."""
+    """What TRL's normalisation reads (``GRPOTrainer``'s state): ``grpo_loss``'s keywords of the same
+    names, validated by ``checked_state`` and ``with_num_items``."""
 
     gradient_accumulation_steps: int = 1
-    steps_per_generation: int = 1
+    steps_per_generation: int | None = None  # None: gradient_accumulation_steps (TRL's default)
     num_processes: int = 1
     training: bool = True
-    num_items_in_batch: torch.Tensor | None = None  # 0-d, compute dtype; None: the batch's own tokens
+    num_items_in_batch: int | torch.Tensor | None = None  # checked: 0-d, compute dtype; None: the batch's tokens
     max_completion_length: int | None = None
+
+
+def checked_state(state: TrainerState) -> TrainerState:
+    """The counts as ints >= 1 (TE / VE naming the field: 0, negative, bool or float would give a
+    zero, infinite or sign-flipped loss); ``steps_per_generation`` None -> GA."""
+    ga = check_count("gradient_accumulation_steps", state.gradient_accumulation_steps)
+    spg = state.steps_per_generation
+    return state._replace(
+        gradient_accumulation_steps=ga, steps_per_generation=ga if spg is None else check_count("steps_per_generation", spg),
+        num_processes=check_count("num_processes", state.num_processes), training=bool(state.training),
+        max_completion_length=None if state.max_completion_length is None else check_count(
+            "max_completion_length", state.max_completion_length),
+    )  # fmt: skip
+
+
+def with_num_items(state: TrainerState, mask: torch.Tensor, dtype: torch.dtype) -> TrainerState:
+    """``num_items_in_batch`` as a 0-d ``dtype`` tensor on ``mask``'s device. TRL clamps the count at
+    1: a count of 0 is what it passes when every completion of the generation batch is masked (e.g.
+    ``mask_truncated_completions``) -- right only if this batch has no valid token either."""
+    if state.num_items_in_batch is None:
+        return state
+    return state._replace(num_items_in_batch=check_num_items(
+        "num_items_in_batch", state.num_items_in_batch, device=mask.device, dtype=dtype, minimum=0,
+        valid_tokens=(mask != 0).sum()))  # fmt: skip
 
 
 def aggregate_policy_rows(row: PolicyLossType, loss_sum: torch.Tensor, count: torch.Tensor, horizon: int,

@@ -11,6 +11,10 @@ instead of NaN/raise.
 ``gae`` is never a Python loop over time: a Triton reverse affine scan on CUDA
 (``alignkernels.kernels.gae``), a vectorised blocked scan in PyTorch elsewhere, and the loop
 itself only in ``alignkernels.reference.gae_reference``.
+
+``ppo_loss`` takes its hyper-parameters as one ``PPOConfig`` (or its fields as keywords); its
+policy term is the shared row engine's clipped term (``clipped_policy.policy_rows``) reduced by the
+shared aggregation rows (``aggregation.aggregate_rows``); the value loss is TRL's.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from .aggregation import LOSS_AGG_MODES  # noqa: F401  (re-exported: the modes' 
 from .aggregation import AGGREGATION_MODES, GlobalBatch, aggregate, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows
 from .kl import kl_estimate
-from .validation import check_count, check_number
+from .validation import check_number, check_token_tensors, no_other_keywords, typed_value
 
 # "reference" is the same eager transcription of TRL/verl as "torch" for the loss; for gae it is
 # the Python loop over time (alignkernels.reference.gae_reference).
@@ -367,6 +371,19 @@ def agg_loss(
 # --------------------------------------------------------------------------------------------
 # PPO loss
 # --------------------------------------------------------------------------------------------
+class PPOConfig(NamedTuple):
+    """The hyper-parameters of ``ppo_loss``: its keywords, one field each (same names, same defaults)."""
+
+    cliprange: float = 0.2
+    cliprange_value: float | None = 0.2
+    vf_coef: float = 0.1
+    cliprange_low: float | None = None  # None: cliprange
+    cliprange_high: float | None = None  # None: cliprange
+    clip_ratio_c: float | None = None
+    loss_agg_mode: str = "token-mean"  # a row of AGGREGATION_MODES
+    entropy_coef: float = 0.0
+
+
 def ppo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -376,17 +393,11 @@ def ppo_loss(
     old_values: torch.Tensor | None = None,
     returns: torch.Tensor | None = None,
     *,
-    cliprange: float = 0.2,
-    cliprange_value: float | None = 0.2,
-    vf_coef: float = 0.1,
     value_mask: torch.Tensor | None = None,
-    cliprange_low: float | None = None,
-    cliprange_high: float | None = None,
-    clip_ratio_c: float | None = None,
-    loss_agg_mode: str = "token-mean",
     entropy: torch.Tensor | None = None,
-    entropy_coef: float = 0.0,
+    config: PPOConfig | None = None,
     backend: str = "auto",
+    **options,
 ):
     """PPO clipped policy loss (+ clipped value loss), as TRL PPOTrainer.train's minibatch step.
 
@@ -404,9 +415,12 @@ def ppo_loss(
         values, old_values, returns: ``[B, T]`` value predictions (differentiable), rollout
             values, and targets (``gae``'s returns). ``returns`` is required with ``values``.
         value_mask: mask of the value loss (TRL: ``~padding_mask_p1``); default ``mask``.
-        loss_agg_mode: verl's modes, ``"token-mean"`` (TRL) by default; applies to the policy
-            term and the entropy term (the value loss is TRL's token mean).
         entropy: ``[B, T]`` per-token entropies for the metric / the bonus.
+        config: a :class:`PPOConfig`, or its fields as keywords (not both): ``cliprange``,
+            ``cliprange_value``, ``vf_coef``, ``cliprange_low``, ``cliprange_high``,
+            ``clip_ratio_c`` (above), ``entropy_coef``, and ``loss_agg_mode``: verl's modes
+            (``AGGREGATION_MODES``), ``"token-mean"`` (TRL) by default; applies to the policy term
+            and the entropy term (the value loss is TRL's token mean).
         backend: ``PPO_LOSS.backends``: ``"auto"`` (Triton on CUDA tensors), ``"triton"`` (the
             policy term, dual clip included, runs in the fused clipped-policy kernels,
             ``alignkernels.kernels.grpo``, not twice differentiable), ``"torch"``/``"reference"``
@@ -421,96 +435,104 @@ def ppo_loss(
         ``val/clipfrac_avg``; ``policy/entropy_avg`` (masked mean) with ``entropy``;
         ``policy/clipfrac_lower`` (verl ``pg_clipfrac_lower``) with ``clip_ratio_c``.
     """
-    check_tensor("logp", logp, floating=True)
-    if logp.dim() != 2:
-        raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
+    config = typed_value("config", PPOConfig, config, options)
+    no_other_keywords("ppo_loss", options)
+    check_token_tensors(logp, advantages, old_logp=old_logp, mask=mask, values=values, old_values=old_values,
+                        returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
     check_tensor("old_logp", old_logp, floating=True)
-    _check_same_shape("logp", logp, old_logp=old_logp, mask=mask, values=values, old_values=old_values,
-                      returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
-    check_tensor("advantages", advantages, floating=True)
-    B, T = logp.shape
-    if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
-        raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
     check_same_device(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask, values=values,
                       old_values=old_values, returns=returns, value_mask=value_mask, entropy=entropy)  # fmt: skip
     if values is not None and returns is None:
         raise ValueError("returns is required when values is given (the value loss regresses values on returns)")
-    lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
-    for name, value in (("cliprange", cliprange), ("cliprange_value", cliprange_value),
-                        ("cliprange_low", cliprange_low), ("cliprange_high", cliprange_high)):  # fmt: skip
-        value = check_number(name, value, allow_none=name != "cliprange")
-        if value is not None and not value >= 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    clip_ratio_c = check_number("clip_ratio_c", clip_ratio_c, allow_none=True)
-    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(f"clip_ratio_c must be > 1.0 (dual clip), got {clip_ratio_c}")
-    vf_coef = check_number("vf_coef", vf_coef)
-    entropy_coef = check_number("entropy_coef", entropy_coef)
-    if entropy is None and entropy_coef != 0.0:
+    config = checked_ppo_config(config)
+    if entropy is None and config.entropy_coef != 0.0:
         raise ValueError("entropy is required when entropy_coef != 0")
     be = PPO_LOSS.resolve(backend, logp.device, logp.dtype)
-    low = cliprange if cliprange_low is None else cliprange_low
-    high = cliprange if cliprange_high is None else cliprange_high
-
-    cd = output_dtype(logp.dtype)
     valid = mask != 0
-    maskf = valid.to(cd)
-    zero = logp.new_zeros((), dtype=cd)
-    adv = advantages.detach().to(cd)
-    if adv.dim() == 1:
-        adv = adv.unsqueeze(1)
-    logprobs_diff = torch.where(valid, logp.to(cd) - old_logp.detach().to(cd), zero)
-    metrics = {}
-    # The clipped PPO policy term is the row engine's clipped per-token loss at token level with no
-    # delta / KL: max(-A r, -A clamp(r)) = -min(A r, A clamp(r)), verl's dual clip its clip_c;
-    # pg_losses2 > pg_losses is exactly the engine's "region" clip indicator (clipped_policy:
-    # PyTorch, or one fused pass in kernels/grpo.py).
-    old = torch.where(valid, old_logp.detach().to(cd), zero)
-    inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
-    term = PolicyTerm("clipped", eps_low=low, eps_high=high, bias_correction=False, clip_c=clip_ratio_c)
-    rows = policy_rows(inputs, term, be)
-    pg_loss = agg_rows(rows["loss_sum"], rows["count"], T, loss_agg_mode)
-    clipped_sum = rows["region_sum"]
-    if clip_ratio_c is not None:
-        with torch.no_grad():  # verl's pg_clipfrac_lower: the dual clip binds
-            ratio = torch.exp(logprobs_diff.detach())
-            pg_loss_max = torch.max(-adv * ratio, -adv * torch.clamp(ratio, 1.0 - low, 1.0 + high))
-            lower = ((pg_loss_max > -adv * clip_ratio_c) & (adv < 0)).to(cd)
-            metrics["policy/clipfrac_lower"] = masked_mean(lower, maskf)
-    loss = pg_loss
-
-    with torch.no_grad():
-        metrics["loss/policy_avg"] = pg_loss.detach()
-        metrics["policy/clipfrac_avg"] = agg_rows(clipped_sum, maskf.sum(-1), T, "token-mean")
-        d = logprobs_diff.detach()
-        metrics["policy/approxkl_avg"] = 0.5 * (d**2).mean()
-        metrics["val/ratio"] = torch.exp(d).mean()
-
+    loss, metrics = ppo_policy_loss(logp, old_logp, advantages, valid, config, be)
     if values is not None:
-        vmask = valid if value_mask is None else value_mask != 0
-        vmaskf = vmask.to(cd)
-        vpred = torch.where(vmask, values.to(cd), zero)
-        ret = torch.where(vmask, returns.detach().to(cd), zero)
-        vf_losses1 = torch.square(vpred - ret)
-        if old_values is not None and cliprange_value is not None:
-            ov = torch.where(vmask, old_values.detach().to(cd), zero)
-            vpredclipped = torch.clamp(vpred, ov - cliprange_value, ov + cliprange_value)
-            vf_losses2 = torch.square(vpredclipped - ret)
-            vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), vmaskf)
-            vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).to(cd), vmaskf)
-        else:
-            vf_loss = 0.5 * masked_mean(vf_losses1, vmaskf)
-            vf_clipfrac = torch.zeros((), dtype=cd, device=logp.device)
-        loss = loss + vf_coef * vf_loss
+        vf_loss, metrics["val/clipfrac_avg"] = ppo_value_loss(values, old_values, returns,
+                                                              valid if value_mask is None else value_mask != 0,
+                                                              config.cliprange_value)  # fmt: skip
+        loss = loss + config.vf_coef * vf_loss
         metrics["loss/value_avg"] = vf_loss.detach()
-        metrics["val/clipfrac_avg"] = vf_clipfrac.detach()
-
     if entropy is not None:
-        ent = torch.where(valid, entropy.to(cd), zero)
-        if entropy_coef != 0.0:
-            loss = loss - entropy_coef * agg_loss(ent, maskf, loss_agg_mode)
+        ent = torch.where(valid, entropy.to(loss.dtype), loss.new_zeros(()))
+        maskf = valid.to(loss.dtype)
+        if config.entropy_coef != 0.0:
+            loss = loss - config.entropy_coef * aggregate(ent, maskf, config.loss_agg_mode)
         metrics["policy/entropy_avg"] = masked_mean(ent.detach(), maskf)
     return loss, metrics
+
+
+def checked_ppo_config(config: PPOConfig) -> PPOConfig:
+    """Each hyper-parameter a number (TE naming it) in range (VE); ``cliprange_low`` /
+    ``cliprange_high`` None -> ``cliprange``."""
+    lookup(AGGREGATION_MODES, config.loss_agg_mode, "loss_agg_mode")
+    ranges = {}
+    for name in ("cliprange", "cliprange_value", "cliprange_low", "cliprange_high"):
+        ranges[name] = check_number(name, getattr(config, name), allow_none=name != "cliprange")
+        if ranges[name] is not None and not ranges[name] >= 0:
+            raise ValueError(f"{name} must be >= 0, got {ranges[name]}")
+    clip_ratio_c = check_number("clip_ratio_c", config.clip_ratio_c, allow_none=True)
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1.0 (dual clip), got {clip_ratio_c}")
+    for name in ("cliprange_low", "cliprange_high"):
+        ranges[name] = ranges["cliprange"] if ranges[name] is None else ranges[name]
+    return config._replace(clip_ratio_c=clip_ratio_c, vf_coef=check_number("vf_coef", config.vf_coef),
+                           entropy_coef=check_number("entropy_coef", config.entropy_coef), **ranges)  # fmt: skip
+
+
+def ppo_policy_loss(logp, old_logp, advantages, valid, config: PPOConfig, backend: str):
+    """The clipped policy term and its metrics. It is the row engine's clipped per-token loss at
+    token level with no delta / KL: ``max(-A r, -A clamp(r)) = -min(A r, A clamp(r))``, verl's dual
+    clip its ``clip_c``; ``pg_losses2 > pg_losses`` is exactly the engine's "region" clip indicator
+    (``losses/clipped_policy.py``: PyTorch, or one fused pass in ``kernels/grpo.py``), reduced by
+    ``losses/aggregation.py``."""
+    cd = output_dtype(logp.dtype)
+    zero = logp.new_zeros((), dtype=cd)
+    adv = advantages.detach().to(cd)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    old = torch.where(valid, old_logp.detach().to(cd), zero)
+    inputs = TokenInputs(torch.where(valid, logp.to(cd), zero), old, None, adv, valid)
+    term = PolicyTerm("clipped", eps_low=config.cliprange_low, eps_high=config.cliprange_high, bias_correction=False,
+                      clip_c=config.clip_ratio_c)  # fmt: skip
+    rows = policy_rows(inputs, term, backend)
+    T = logp.shape[1]
+    pg_loss = aggregate_rows(rows["loss_sum"], rows["count"], T, config.loss_agg_mode)
+    with torch.no_grad():
+        d = torch.where(valid, logp.detach().to(cd) - old, zero)
+        metrics = {
+            "loss/policy_avg": pg_loss.detach(),
+            "policy/clipfrac_avg": aggregate_rows(rows["region_sum"], rows["count"], T, "token-mean"),
+            "policy/approxkl_avg": 0.5 * (d**2).mean(),
+            "val/ratio": torch.exp(d).mean(),
+        }
+        if config.clip_ratio_c is not None:  # verl's pg_clipfrac_lower: the dual clip binds
+            ratio = torch.exp(d)
+            clipped = torch.clamp(ratio, 1.0 - config.cliprange_low, 1.0 + config.cliprange_high)
+            pg_loss_max = torch.max(-adv * ratio, -adv * clipped)
+            lower = ((pg_loss_max > -adv * config.clip_ratio_c) & (adv < 0)).to(cd)
+            metrics["policy/clipfrac_lower"] = masked_mean(lower, valid.to(cd))
+    return pg_loss, metrics
+
+
+def ppo_value_loss(values, old_values, returns, vmask, cliprange_value):
+    """TRL's clipped value loss ``0.5 * masked_mean(max((V - R)^2, (Vclip - R)^2))`` over ``vmask``
+    (unclipped without ``old_values`` or ``cliprange_value``) and its clip fraction (detached)."""
+    cd = output_dtype(values.dtype)
+    zero = values.new_zeros((), dtype=cd)
+    vmaskf = vmask.to(cd)
+    vpred = torch.where(vmask, values.to(cd), zero)
+    ret = torch.where(vmask, returns.detach().to(cd), zero)
+    vf_losses1 = torch.square(vpred - ret)
+    if old_values is None or cliprange_value is None:
+        return 0.5 * masked_mean(vf_losses1, vmaskf), torch.zeros((), dtype=cd, device=values.device)
+    ov = torch.where(vmask, old_values.detach().to(cd), zero)
+    vpredclipped = torch.clamp(vpred, ov - cliprange_value, ov + cliprange_value)
+    vf_losses2 = torch.square(vpredclipped - ret)
+    vf_clipfrac = masked_mean((vf_losses2 > vf_losses1).to(cd), vmaskf).detach()
+    return 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), vmaskf), vf_clipfrac
 
 
 class PPOLoss(nn.Module):
@@ -519,7 +541,9 @@ class PPOLoss(nn.Module):
 
     def __init__(self, **config):
         super().__init__()
-        lookup(AGGREGATION_MODES, config.get("loss_agg_mode", "token-mean"), "loss_agg_mode")
+        options = dict(config)
+        mode = typed_value("config", PPOConfig, options.pop("config", None), options).loss_agg_mode
+        lookup(AGGREGATION_MODES, mode, "loss_agg_mode")
         self.config = dict(config)
 
     def forward(self, logp, old_logp, advantages, mask, values=None, old_values=None, returns=None, **overrides):

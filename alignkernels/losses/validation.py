@@ -80,10 +80,11 @@ def check_length_tensor(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be token counts >= 0, got {t.tolist() if t.numel() <= 8 else t}")
 
 
-def check_token_tensors(logp, advantages, **tensors) -> tuple[int, int]:
+def check_token_tensors(logp, advantages, *, per_sequence: tuple[str, ...] = (), **tensors) -> tuple[int, int]:
     """A policy loss's ``[B, T]`` inputs: ``logp`` floating ``[B, T]``; each of ``tensors`` (None skipped)
-    of that shape, floating unless it is ``mask``; ``advantages`` floating ``[B]``, ``[B, 1]`` or
-    ``[B, T]``. Errors name the argument. Returns ``(B, T)``."""
+    of that shape (``[B, 1]`` too for the names in ``per_sequence``), floating unless its name ends in
+    ``mask``; ``advantages`` floating ``[B]``, ``[B, 1]`` or ``[B, T]``. Errors name the argument.
+    Returns ``(B, T)``."""
     check_tensor("logp", logp, floating=True)
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
@@ -91,10 +92,33 @@ def check_token_tensors(logp, advantages, **tensors) -> tuple[int, int]:
     for name, t in tensors.items():
         if t is None:
             continue
-        check_tensor(name, t, floating=name != "mask")
-        if tuple(t.shape) != (B, T):
-            raise ValueError(f"{name} must have the shape of logp {(B, T)}, got {tuple(t.shape)}")
+        check_tensor(name, t, floating=not name.endswith("mask"))
+        if tuple(t.shape) != (B, T) and not (name in per_sequence and tuple(t.shape) == (B, 1)):
+            extra = f" or {(B, 1)}" if name in per_sequence else ""
+            raise ValueError(f"{name} must have the shape of logp {(B, T)}{extra}, got {tuple(t.shape)}")
     check_tensor("advantages", advantages, floating=True)
     if tuple(advantages.shape) not in ((B,), (B, 1), (B, T)):
         raise ValueError(f"advantages must have shape ({B},) or {(B, T)}, got {tuple(advantages.shape)}")
     return B, T
+
+
+def typed_value(name: str, cls, value, keywords: dict):
+    """A typed value (a ``NamedTuple``, or a class listing its fields in ``_fields`` as one does) given
+    whole as ``name=`` or field by field as keywords: the entries of ``keywords`` named as its fields
+    are popped into a new ``cls``. Both
+    at once, or a ``value`` of another type, is a ``TypeError`` naming them (as Python's "multiple
+    values for argument")."""
+    given = {k: keywords.pop(k) for k in cls._fields if k in keywords}
+    if value is None:
+        return cls(**given)
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    if given:
+        raise TypeError(f"pass {name}= or its fields as keywords, not both: got {name}= and {', '.join(given)}=")
+    return value
+
+
+def no_other_keywords(function: str, keywords: dict) -> None:
+    """What ``typed_value`` left of a ``**keywords``: anything is Python's ``TypeError`` naming it."""
+    if keywords:
+        raise TypeError(f"{function}() got an unexpected keyword argument {next(iter(keywords))!r}")

@@ -7,7 +7,7 @@ import torch
 
 from alignkernels.losses.fused import fused_linear_grpo_loss, grpo_non_separable_reason
 from alignkernels.losses.grpo import GRPO_LOSS_TYPES, GRPOLoss, grpo_loss
-from alignkernels.losses.policy_rows import POLICY_LOSS_TYPES, TrainerState, aggregate_policy_rows
+from alignkernels.losses.policy_rows import POLICY_LOSS_TYPES, PolicyLossType, TrainerState, aggregate_policy_rows
 
 
 def _data(B=5, T=7, seed=0, dtype=torch.float64):
@@ -128,3 +128,55 @@ def test_the_docs_tables_are_the_rows():
             if name.strip() in VERL_POLICY_LOSSES:
                 seen[name.strip()] = (cells[2] == "yes", cells[3] != "—")
     assert seen == {name: (row.token_separable, row.triton) for name, row in VERL_POLICY_LOSSES.items()}
+
+
+def test_one_row_reaches_every_consumer(monkeypatch):
+    """The worked example of docs/ARCHITECTURE.md ("Adding a GRPO loss type"): a toy row -- the
+    clipped term summed over the batch's tokens (``token-sum``), token-separable, on the Triton
+    kernel -- registered in the table and nowhere else is taken by the dispatcher (torch and
+    Triton rows, against an fp64 formula written here), the validation (ratio levels), the
+    three-GEMM separability decision (and that head's gradient), and the docs renderer."""
+    from alignkernels.losses.policy_rows import markdown_table
+
+    toy = PolicyLossType("toy_sum", "clipped", ("token",), "clip(r, 1−ε_low, 1+ε_high)", "r multiplies A",
+                         "token-sum", "own", ("clip_ratio/low_mean",), None, True)  # fmt: skip
+    monkeypatch.setitem(POLICY_LOSS_TYPES, "toy_sum", toy)
+    logp, old, adv, mask = _data(seed=4)
+    m = mask.to(logp.dtype)
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    expected = -(torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a) * m).sum() / 2  # / GA
+
+    x = logp.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(x, old, None, adv, mask, loss_type="toy_sum", gradient_accumulation_steps=2,
+                              backend="torch")  # fmt: skip
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    assert list(metrics) == ["clip_ratio/low_mean"]
+    y = logp.clone().requires_grad_(True)
+    ref = -(torch.minimum(torch.exp(y - old) * a, torch.exp(y - old).clamp(0.8, 1.2) * a) * m).sum() / 2
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(ref, y)[0], rtol=1e-12, atol=1e-14)
+    f32 = [t.float() if t.is_floating_point() else t for t in (logp, old, adv, mask)]
+    triton, _ = grpo_loss(*f32[:2], None, *f32[2:], loss_type="toy_sum", gradient_accumulation_steps=2,
+                          backend="triton")  # fmt: skip
+    torch.testing.assert_close(triton.double(), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"importance_sampling_level must be one of \('token',\)"):
+        grpo_loss(logp, old, None, adv, mask, loss_type="toy_sum", importance_sampling_level="sequence")
+
+    assert grpo_non_separable_reason({"loss_type": "toy_sum"}) is None
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(5, 7, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64) * 0.3
+    ids = torch.randint(0, 50, (5, 7), generator=g)
+    grads = {}
+    for path in ("auto", "four_gemm"):
+        h = hidden.clone().requires_grad_(True)
+        out, fused_metrics = fused_linear_grpo_loss(h, weight, ids, adv, mask, old_logp=old, loss_type="toy_sum",
+                                                    backend="torch", head_path=path)  # fmt: skip
+        grads[fused_metrics["head_path"]] = (out.detach(), torch.autograd.grad(out, h)[0])
+    assert set(grads) == {"three_gemm", "four_gemm"}
+    for u, v in zip(grads["three_gemm"], grads["four_gemm"]):
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+
+    line = ("| `toy_sum` | clipped | clip(r, 1−ε_low, 1+ε_high) | r multiplies A | `token-sum` (own) | "
+            "`clip_ratio/low_mean` | yes | yes |")  # fmt: skip
+    assert line in markdown_table().splitlines()
