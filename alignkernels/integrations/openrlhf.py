@@ -33,8 +33,9 @@ are scored (the other rows cost no FLOPs). Same outputs as the stock forward: ac
 causal-LM forward); a model family outside
 :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` raises ``UnsupportedModelError``.
 
-``apply(losses=True)`` also swaps ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`;
-``ValueLoss`` stays stock, named in the INFO log line). ``apply(batch_invariant=True)`` reaches the
+``apply(losses=True)`` also swaps ``PolicyLoss``, ``ValueLoss``, ``DPOLoss`` and ``aggregate_loss``
+(:mod:`alignkernels.integrations.openrlhf_losses`; the INFO log line names them and the loss classes left
+stock). ``apply(batch_invariant=True)`` reaches the
 logits seams (``token_logprobs(batch_invariant=True)``); the fused ``Actor.forward`` and
 ``head_precision`` other than ``"input"`` are refused with a ``ValueError`` naming the seam (see
 :func:`apply`).
@@ -58,7 +59,7 @@ import torch
 from transformers.modeling_outputs import ModelOutput
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
-from alignkernels.integrations.openrlhf_losses import STOCK_CLASSES, loss_swaps
+from alignkernels.integrations.openrlhf_losses import loss_swaps
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
 from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
@@ -96,7 +97,7 @@ class Options:
     backend: str = "auto"
     fused_forward: bool = False
     chunk_size: int | None = None  # token rows per logits tile of the fused forward (None: the op default)
-    losses: bool = False  # swap PolicyLoss and DPOLoss (openrlhf_losses.py)
+    losses: bool = False  # swap PolicyLoss, ValueLoss, DPOLoss, aggregate_loss (openrlhf_losses.py)
     batch_invariant: bool = False  # the logits seams' token_logprobs(batch_invariant=True)
     head_precision: str = "input"  # only "input": no OpenRLHF seam takes it (apply() refuses the others)
 
@@ -211,6 +212,9 @@ def fused_actor_forward(
     return (action_log_probs, output) if return_output else action_log_probs
 
 
+_LOSS_LOG = {}  # "swapped" / "stock": the names of the last losses=True swaps
+
+
 def _swaps(fused_forward: bool, losses: bool = False) -> list[Swap]:
     try:
         utils = importlib.import_module("openrlhf.models.utils")
@@ -232,7 +236,9 @@ def _swaps(fused_forward: bool, losses: bool = False) -> list[Swap]:
         _STOCK_ACTOR_FORWARD["forward"] = original
         swaps.append(Swap(original, fused_actor_forward, owners=(actor.Actor,)))
     if losses:
-        swaps += loss_swaps(loss_module, _STATE.count)
+        loss, swapped, stock = loss_swaps(loss_module, _STATE.count)
+        swaps += loss
+        _LOSS_LOG.update(swapped=swapped, stock=stock)
     return swaps
 
 
@@ -277,8 +283,8 @@ def apply(
             :func:`alignkernels.linear_logprobs`) backend.
         fused_forward: also replace ``Actor.forward`` by :func:`fused_actor_forward` (no logits).
         chunk_size: token rows per logits tile of the fused forward (``None``: the op default).
-        losses: also swap ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`);
-            ``ValueLoss`` stays stock. One INFO log line says what was swapped.
+        losses: also swap ``PolicyLoss``, ``ValueLoss``, ``DPOLoss`` and ``aggregate_loss``
+            (:mod:`alignkernels.integrations.openrlhf_losses`). One INFO log line says what was swapped.
         batch_invariant: ``log_probs_from_logits`` / ``compute_entropy`` give each token's result
             bitwise independently of the batch around it (backends ``auto``, ``triton``, ``torch``);
             refused with ``fused_forward=True``.
@@ -303,8 +309,8 @@ def apply(
     _STATE.install(lambda: _swaps(fused_forward, losses),
                    Options(backend, fused_forward, chunk_size, losses, batch_invariant, head_precision))  # fmt: skip
     if losses and _STATE.rebinding is not before:
-        logger.info("alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: %s",
-                    ", ".join(STOCK_CLASSES))  # fmt: skip
+        logger.info("alignkernels: OpenRLHF losses swapped: %s; left stock: %s", ", ".join(_LOSS_LOG["swapped"]),
+                    ", ".join(_LOSS_LOG["stock"]) or "none")  # fmt: skip
     return _HANDLE
 
 
