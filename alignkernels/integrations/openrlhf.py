@@ -33,11 +33,13 @@ are scored (the other rows cost no FLOPs). Same outputs as the stock forward: ac
 causal-LM forward); a model family outside
 :data:`alignkernels.integrations.transformers.SUPPORTED_MODEL_TYPES` raises ``UnsupportedModelError``.
 
-``apply(losses=True)`` also swaps ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`;
-``ValueLoss`` stays stock, named in the INFO log line). ``apply(batch_invariant=True)`` reaches the
-logits seams (``token_logprobs(batch_invariant=True)``); the fused ``Actor.forward`` and
-``head_precision`` other than ``"input"`` are refused with a ``ValueError`` naming the seam (see
-:func:`apply`).
+``apply(losses=True)`` also swaps ``PolicyLoss``, ``ValueLoss``, ``DPOLoss`` and ``aggregate_loss``
+(:mod:`alignkernels.integrations.openrlhf_losses`; the INFO log line names them and the loss classes left
+stock). ``apply(batch_invariant=True)`` reaches the
+logits seams (``token_logprobs(batch_invariant=True)``) and the fused ``Actor.forward``
+(``linear_logprobs(batch_invariant=True)``); ``head_precision`` other than ``"input"`` needs the
+fused ``Actor.forward`` (the logits seams get logits that exist already: ``ValueError`` naming the
+seam, see :func:`apply`).
 
 ``import openrlhf.models`` needs ``flash_attn`` (``openrlhf/models/ring_attn_utils.py`` imports it
 at module level); where it is missing :func:`apply` raises an ``ImportError`` saying so.
@@ -58,7 +60,7 @@ import torch
 from transformers.modeling_outputs import ModelOutput
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
-from alignkernels.integrations.openrlhf_losses import STOCK_CLASSES, loss_swaps
+from alignkernels.integrations.openrlhf_losses import loss_swaps
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
 from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
@@ -96,9 +98,9 @@ class Options:
     backend: str = "auto"
     fused_forward: bool = False
     chunk_size: int | None = None  # token rows per logits tile of the fused forward (None: the op default)
-    losses: bool = False  # swap PolicyLoss and DPOLoss (openrlhf_losses.py)
-    batch_invariant: bool = False  # the logits seams' token_logprobs(batch_invariant=True)
-    head_precision: str = "input"  # only "input": no OpenRLHF seam takes it (apply() refuses the others)
+    losses: bool = False  # swap PolicyLoss, ValueLoss, DPOLoss, aggregate_loss (openrlhf_losses.py)
+    batch_invariant: bool = False  # token_logprobs / linear_logprobs(batch_invariant=True) at every seam
+    head_precision: str = "input"  # the fused Actor.forward's linear_logprobs(head_precision=)
 
 
 _STATE = DropIn("openrlhf", Options())
@@ -121,12 +123,21 @@ def is_applied() -> bool:
     return _STATE.applied
 
 
+def _refuse_head_precision(seam: str) -> Options:
+    """The options in effect; a ``ValueError`` where ``head_precision`` asks what a logits seam cannot do."""
+    opts = _STATE.options
+    if opts.head_precision != "input":
+        raise ValueError(f"apply(head_precision={opts.head_precision!r}) cannot reach {seam}: its logits were computed "
+                         "by the model's lm_head already; only the fused Actor.forward (fused_forward=True) honours it")
+    return opts
+
+
 def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """``openrlhf.models.utils.log_probs_from_logits`` on :func:`alignkernels.token_logprobs`:
     ``log softmax(logits / temperature)[label]``, fp32, shape of ``labels``; ``logits`` is not
     modified (OpenRLHF's divides it in place when ``temperature != 1``)."""
     _STATE.count()
-    opts = _STATE.options
+    opts = _refuse_head_precision("log_probs_from_logits")
     return token_logprobs(logits, labels, temperature=temperature, backend=opts.backend,
                           batch_invariant=opts.batch_invariant)  # fmt: skip
 
@@ -136,7 +147,7 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     dimension, fp32, differentiable, without materialising the softmax."""
     _STATE.count()
     labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
-    opts = _STATE.options
+    opts = _refuse_head_precision("compute_entropy")
     return token_logprobs(logits, labels, return_entropy=True, backend=opts.backend,
                           batch_invariant=opts.batch_invariant)[1]  # fmt: skip
 
@@ -201,7 +212,8 @@ def fused_actor_forward(
     out = causal_lm_logprobs(
         self.model, sequences, shift_labels=labels, temperature=self.temperature, attention_mask=attention_mask,
         position_ids=position_ids, return_entropy=return_entropy, backend=_STATE.options.backend,
-        chunk_size=_STATE.options.chunk_size,
+        chunk_size=_STATE.options.chunk_size, head_precision=_STATE.options.head_precision,
+        batch_invariant=_STATE.options.batch_invariant,
     )  # fmt: skip
     output = FusedActorOutput(entropy=out.entropy[:, :-1] if return_entropy else None)
     log_probs = out.logprobs[:, :-1]
@@ -209,6 +221,9 @@ def fused_actor_forward(
         return (log_probs, output) if return_output else log_probs
     action_log_probs = log_probs[:, -action_mask.shape[1] :] * action_mask.float()
     return (action_log_probs, output) if return_output else action_log_probs
+
+
+_LOSS_LOG = {}  # "swapped" / "stock": the names of the last losses=True swaps
 
 
 def _swaps(fused_forward: bool, losses: bool = False) -> list[Swap]:
@@ -232,7 +247,9 @@ def _swaps(fused_forward: bool, losses: bool = False) -> list[Swap]:
         _STOCK_ACTOR_FORWARD["forward"] = original
         swaps.append(Swap(original, fused_actor_forward, owners=(actor.Actor,)))
     if losses:
-        swaps += loss_swaps(loss_module, _STATE.count)
+        loss, swapped, stock = loss_swaps(loss_module, _STATE.count)
+        swaps += loss
+        _LOSS_LOG.update(swapped=swapped, stock=stock)
     return swaps
 
 
@@ -244,16 +261,11 @@ def _check_switches(backend, fused_forward, losses, batch_invariant, head_precis
             raise TypeError(f"apply(): {name} must be a bool, got {value!r}")
     if not isinstance(head_precision, str) or head_precision not in HEAD_PRECISIONS:
         raise ValueError(f"apply(): head_precision must be one of {tuple(HEAD_PRECISIONS)}, got {head_precision!r}")
-    if head_precision != "input":
+    if head_precision != "input" and not fused_forward:
         raise ValueError(
-            f"apply(head_precision={head_precision!r}): no OpenRLHF seam can honour it: log_probs_from_logits / "
-            "compute_entropy get logits the model's lm_head already computed, and the fused Actor.forward "
-            "(fused_forward=True, integrations.transformers.causal_lm_logprobs) does not take head_precision"
+            f"apply(head_precision={head_precision!r}): without fused_forward=True no OpenRLHF seam can honour it: "
+            "log_probs_from_logits / compute_entropy get logits the model's lm_head already computed"
         )
-    if batch_invariant and fused_forward:
-        raise ValueError("apply(batch_invariant=True) cannot reach the fused Actor.forward (fused_forward=True, "
-                         "integrations.transformers.causal_lm_logprobs has no batch_invariant); use it without "
-                         "fused_forward (the log_probs_from_logits / compute_entropy seams)")  # fmt: skip
     if batch_invariant and backend not in BATCH_INVARIANT_BACKENDS:
         raise ValueError(f"apply(batch_invariant=True) needs backend in {BATCH_INVARIANT_BACKENDS} "
                          f"(token_logprobs at log_probs_from_logits / compute_entropy), got {backend!r}")  # fmt: skip
@@ -277,12 +289,14 @@ def apply(
             :func:`alignkernels.linear_logprobs`) backend.
         fused_forward: also replace ``Actor.forward`` by :func:`fused_actor_forward` (no logits).
         chunk_size: token rows per logits tile of the fused forward (``None``: the op default).
-        losses: also swap ``PolicyLoss`` and ``DPOLoss`` (:mod:`alignkernels.integrations.openrlhf_losses`);
-            ``ValueLoss`` stays stock. One INFO log line says what was swapped.
-        batch_invariant: ``log_probs_from_logits`` / ``compute_entropy`` give each token's result
-            bitwise independently of the batch around it (backends ``auto``, ``triton``, ``torch``);
-            refused with ``fused_forward=True``.
-        head_precision: only ``"input"``: no OpenRLHF seam computes the lm-head (``ValueError``).
+        losses: also swap ``PolicyLoss``, ``ValueLoss``, ``DPOLoss`` and ``aggregate_loss``
+            (:mod:`alignkernels.integrations.openrlhf_losses`). One INFO log line says what was swapped.
+        batch_invariant: ``log_probs_from_logits`` / ``compute_entropy`` and the fused
+            ``Actor.forward`` give each token's result bitwise independently of the batch around it
+            (backends ``auto``, ``triton``, ``torch``; not with a LoRA ``lm_head`` in the fused forward).
+        head_precision: ``"input"``, ``"fp32"`` or ``"tf32"``: the fused ``Actor.forward``'s head
+            GEMM operands (``linear_logprobs(head_precision=)``); other values than ``"input"`` need
+            ``fused_forward=True`` (``ValueError``), and the logits seams raise ``ValueError`` if called.
 
     Returns a :class:`Patch` (``.remove()``, context manager).
     """
@@ -303,8 +317,8 @@ def apply(
     _STATE.install(lambda: _swaps(fused_forward, losses),
                    Options(backend, fused_forward, chunk_size, losses, batch_invariant, head_precision))  # fmt: skip
     if losses and _STATE.rebinding is not before:
-        logger.info("alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: %s",
-                    ", ".join(STOCK_CLASSES))  # fmt: skip
+        logger.info("alignkernels: OpenRLHF losses swapped: %s; left stock: %s", ", ".join(_LOSS_LOG["swapped"]),
+                    ", ".join(_LOSS_LOG["stock"]) or "none")  # fmt: skip
     return _HANDLE
 
 

@@ -315,6 +315,8 @@ def head_logprobs(
     recompute_in_backward=None,
     check_labels=None,
     lora: HeadLora | None = None,
+    head_precision="input",
+    batch_invariant=False,
 ):
     """``linear_logprobs`` of an ``lm_head``: ``(logp, entropy)`` or the full ``LinearLogprobsOutput``.
 
@@ -324,6 +326,7 @@ def head_logprobs(
     vocabulary columns of the logits tile. ``gather_params`` are the head's parameters as
     modules hold them; when they are ZeRO-3 partitioned (or ``recompute_in_backward=True``) the
     call goes through :class:`_RegatherHeadInBackward` so backward gathers them again.
+    ``head_precision`` / ``batch_invariant``: those of :func:`alignkernels.linear_logprobs`.
     """
     def compute(h, w, b):
         if compute_dtype is not None:
@@ -346,6 +349,8 @@ def head_logprobs(
             backend=backend,
             check_labels=check_labels,
             lora=lora_arg,
+            head_precision=head_precision,
+            batch_invariant=batch_invariant,
         )
         if return_stats:
             return tuple(out)
@@ -382,6 +387,8 @@ def causal_lm_logprobs(
     num_items_in_batch=None,
     chunk_size=None,
     backend: str = "auto",
+    head_precision: str = "input",
+    batch_invariant: bool = False,
     **backbone_kwargs,
 ) -> TokenLogprobsOutput:
     """Per-token log-probs (and entropy) of ``labels`` under ``model``, from its last hidden state.
@@ -393,7 +400,9 @@ def causal_lm_logprobs(
     transformed logits. ``backbone_kwargs``
     (``attention_mask``, ``position_ids``, ``inputs_embeds``, ...) go to the backbone. The head runs
     through :func:`alignkernels.linear_logprobs`: ``[B, T, V]`` logits are never materialised, and
-    only scored positions cost FLOPs. Call it on the unwrapped model only outside DDP/FSDP; under
+    only scored positions cost FLOPs; ``head_precision`` / ``batch_invariant`` are its options (the
+    head GEMMs' operands; each row's results bitwise independent of the batch around it, not with a
+    LoRA head). Call it on the unwrapped model only outside DDP/FSDP; under
     those wrappers call the patched ``model(..., return_token_logprobs=True)`` so their hooks run.
     """
     if (labels is None) == (shift_labels is None):
@@ -441,6 +450,8 @@ def causal_lm_logprobs(
         compute_dtype=compute_dtype,
         gather_params=(head.weight, getattr(head, "bias", None)),
         lora=lora,
+        head_precision=head_precision,
+        batch_invariant=batch_invariant,
     )
     mask = targets != ignore_index
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch

@@ -44,10 +44,10 @@ entry point :mod:`alignkernels.integrations.verl_plugin` applies when ``ALIGNKER
 ``ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY``, ``ALIGNKERNELS_VERL_LOSSES``, ``ALIGNKERNELS_VERL_BATCH_INVARIANT``,
 ``ALIGNKERNELS_VERL_HEAD_PRECISION`` (``docs/INTEGRATION.md``, "verl").
 
-Losses (``apply(losses=True)``): verl's policy-loss registry, ``agg_loss`` and ``kl_penalty`` on
-alignkernels' rows, see :mod:`alignkernels.integrations.verl_losses`. Train-inference consistency:
-``apply(batch_invariant=True)`` and ``apply(head_precision=)`` reach every seam's op (``apply``'s
-docstring says which seam takes which).
+Losses (``apply(losses=True)``): verl's policy-loss registry, ``agg_loss``, ``kl_penalty`` and
+``compute_value_loss`` on alignkernels' rows, see :mod:`alignkernels.integrations.verl_losses`.
+Train-inference consistency: ``apply(batch_invariant=True)`` and ``apply(head_precision=)`` reach every
+seam's op (``apply``'s docstring says which seam takes which).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ class Options:
     chunk_size: int | None = None  # token rows per logits tile (None: the op default)
     vocab_block_size: int | None = None  # vocabulary columns per tile (None: the op default)
     linear_cross_entropy: bool = True  # rebind verl's Triton linear_cross_entropy too
-    losses: bool = False  # swap the policy-loss registry, agg_loss and kl_penalty (verl_losses.py)
+    losses: bool = False  # swap the policy-loss registry, agg_loss, kl_penalty, compute_value_loss (verl_losses.py)
     batch_invariant: bool = False  # every seam's op with batch_invariant=True
     head_precision: str = "input"  # the fused seams' linear_logprobs(head_precision=)
 
@@ -349,7 +349,8 @@ def apply(
         linear_cross_entropy: also rebind verl's Triton ``linear_cross_entropy``.
         losses: also swap verl's losses (:mod:`alignkernels.integrations.verl_losses`): every
             ``POLICY_LOSS_REGISTRY`` entry alignkernels matches exactly (in place; the others stay
-            stock and are named in the INFO log line), ``agg_loss`` and ``kl_penalty``.
+            stock and are named in the INFO log line), ``agg_loss``, ``kl_penalty`` and
+            ``compute_value_loss``.
         batch_invariant: every seam computes each token's log-prob and entropy bitwise independently
             of the batch around it (``token_logprobs`` / ``linear_logprobs(batch_invariant=True)``;
             backends ``auto``, ``triton``, ``torch``; ``reference`` is refused).
@@ -367,7 +368,8 @@ def apply(
     before = _STATE.rebinding
     _STATE.install(lambda: _swaps(options), options)
     if options.losses and _STATE.rebinding is not before:
-        logger.info("alignkernels: verl losses swapped: POLICY_LOSS_REGISTRY %s, agg_loss, kl_penalty; left stock: %s",
+        logger.info("alignkernels: verl losses swapped: POLICY_LOSS_REGISTRY %s, agg_loss, kl_penalty, "
+                    "compute_value_loss; left stock: %s",
                     ", ".join(_LOSS_LOG["swapped"]), ", ".join(_LOSS_LOG["stock"]) or "none")  # fmt: skip
     return _HANDLE
 

@@ -195,6 +195,49 @@ def test_fused_actor_forward_matches_stock(return_entropy):
     assert "forward" in vars(orl_actor.Actor) and orl_actor.Actor.forward is not ak_openrlhf.fused_actor_forward
 
 
+def test_fused_actor_forward_takes_batch_invariant_and_head_precision(monkeypatch):
+    """``apply(fused_forward=True, batch_invariant=True, head_precision="fp32")``: both reach
+    ``linear_logprobs``; each row's action log-probs and entropy are the bits it gets alone (the tiny
+    backbone is itself row-independent), and still match stock (fp32)."""
+    import alignkernels.integrations.transformers as ak_transformers
+
+    calls = []
+    real = ak_transformers.linear_logprobs
+    monkeypatch.setattr(ak_transformers, "linear_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    actor = _actor(temperature=0.7)
+    g = torch.Generator().manual_seed(5)
+    sequences = torch.randint(0, 89, (5, 10), generator=g)
+    attention_mask = torch.ones_like(sequences)
+    attention_mask[0, :2] = 0
+    attention_mask[3, :1] = 0
+    action_mask = torch.ones(5, 4)
+    action_mask[1, -1] = 0
+
+    def run(rows):
+        with torch.no_grad():
+            logp, out = actor(sequences[rows], action_mask[rows], attention_mask[rows], return_output=True,
+                              return_entropy=True)  # fmt: skip
+        return logp, out.entropy
+
+    stock = run(slice(None))
+    ak_openrlhf.apply(fused_forward=True, batch_invariant=True, head_precision="fp32", backend="torch")
+    inside = run(slice(None))
+    assert [(k["batch_invariant"], k["head_precision"]) for k in calls] == [(True, "fp32")]
+    _assert_close(inside[0], stock[0])
+    _assert_close(inside[1], stock[1])
+    for row in range(5):
+        alone = run(slice(row, row + 1))
+        assert torch.equal(alone[0][0], inside[0][row]) and torch.equal(alone[1][0], inside[1][row])
+
+
+@pytest.mark.parametrize("seam", ["log_probs_from_logits", "compute_entropy"])
+def test_head_precision_is_refused_at_the_logits_seams(seam):
+    ak_openrlhf.apply(fused_forward=True, head_precision="tf32")
+    logits, labels = _logits((2, 5, 89)), torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"head_precision='tf32'.*{seam}.*fused_forward=True"):
+        getattr(orl_utils, seam)(*((logits, labels) if seam == "log_probs_from_logits" else (logits,)))
+
+
 class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the shape of every tensor an aten op returns (forward and backward)."""
 
@@ -285,7 +328,6 @@ def test_remove_restores_every_binding_and_apply_is_idempotent():
         ({"losses": "yes"}, TypeError, "losses"),
         ({"batch_invariant": 1}, TypeError, "batch_invariant"),
         ({"head_precision": "fp32"}, ValueError, "head_precision.*log_probs_from_logits"),
-        ({"batch_invariant": True, "fused_forward": True}, ValueError, "batch_invariant.*Actor.forward"),
         ({"batch_invariant": True, "backend": "cuda"}, ValueError, "batch_invariant"),
     ],
 )

@@ -1,10 +1,11 @@
 """``alignkernels.integrations.openrlhf.apply(losses=True)`` against OpenRLHF's stock loss classes
 (OpenRLHF 0.11.2, CPU, fp64).
 
-The classes a trainer builds after :func:`apply` (``openrlhf.models.PolicyLoss`` / ``DPOLoss``, the
-by-name bindings the trainers import) are called next to the stock classes captured before, with the
-same constructor arguments: loss, gradients and every returned statistic agree to 1e-7 relative
-(OpenRLHF's ``+1e-8`` in its sequence means). Also the exact restore, atomicity and the log line.
+The classes a trainer builds after :func:`apply` (``openrlhf.models.PolicyLoss`` / ``ValueLoss`` /
+``DPOLoss`` and ``aggregate_loss``, the by-name bindings the trainers import) are called next to the
+stock ones captured before, with the same constructor arguments: loss, gradients and every returned
+statistic agree to 1e-7 relative (OpenRLHF's ``+1e-8`` in its sequence means). Also the exact
+restore, atomicity and the log line.
 ``import openrlhf.models`` needs ``flash_attn``: a stand-in whose functions raise is installed for
 the import only (as in ``test_openrlhf.py``).
 """
@@ -48,7 +49,7 @@ def _import_openrlhf_loss():
 
 
 orl_models, orl_loss = _import_openrlhf_loss()
-STOCK = {name: getattr(orl_loss, name) for name in ("PolicyLoss", "DPOLoss", "ValueLoss")}
+STOCK = {name: getattr(orl_loss, name) for name in ("PolicyLoss", "DPOLoss", "ValueLoss", "aggregate_loss")}
 CLOSE = dict(rtol=1e-7, atol=1e-10)
 
 
@@ -129,9 +130,14 @@ def _run_dpo(cls, ctor, inputs):
     return loss.detach(), chosen_rewards, rejected_rewards, pc.grad, pr.grad
 
 
-@pytest.mark.parametrize("ctor", [dict(beta=0.1), dict(beta=0.5, ipo=True), dict(beta=0.1, label_smoothing=0.2,
-                                                                                      ipo=True)])  # fmt: skip
+DPO_CASES = [dict(beta=0.1), dict(beta=0.5, ipo=True), dict(beta=0.1, label_smoothing=0.2, ipo=True),
+             dict(beta=0.1, label_smoothing=0.1), dict(beta=0.3, label_smoothing=0.45),
+             dict(beta=0.2, label_smoothing=1.0)]
+
+
+@pytest.mark.parametrize("ctor", DPO_CASES)
 def test_patched_dpo_loss_matches_stock(ctor):
+    """Plain DPO, IPO (``label_smoothing`` ignored) and cDPO (``label_smoothing > 0``) run ours."""
     inputs = _dpo_inputs(3)
     stock = _run_dpo(STOCK["DPOLoss"], ctor, inputs)
     with ak_openrlhf.apply(losses=True):
@@ -143,26 +149,93 @@ def test_patched_dpo_loss_matches_stock(ctor):
         torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)
 
 
-def test_cdpo_runs_stock_and_says_so(caplog):
-    inputs = _dpo_inputs(4)
-    ctor = dict(beta=0.1, label_smoothing=0.1)
-    stock = _run_dpo(STOCK["DPOLoss"], ctor, inputs)
+@pytest.mark.parametrize("label_smoothing", [-0.1, 1.5, "0.1"])
+def test_cdpo_label_smoothing_outside_0_1_is_named(label_smoothing):
     with ak_openrlhf.apply(losses=True):
-        with caplog.at_level(logging.INFO, logger="alignkernels.integrations.openrlhf"):
-            ours = _run_dpo(orl_models.DPOLoss, ctor, inputs)
-        assert ak_openrlhf.adapter_calls() == 0
-    assert any("cDPO" in r.getMessage() and "own forward" in r.getMessage() for r in caplog.records)
-    for mine, theirs in zip(ours, stock):
-        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            orl_models.DPOLoss(0.1, label_smoothing)
+        orl_models.DPOLoss(0.1, 1.5, ipo=True)  # IPO ignores it, as OpenRLHF's
 
 
-def test_the_log_line_names_what_was_swapped_and_value_loss_stays_stock(caplog):
+def _value_inputs(seed=0, B=6, T=9, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(B, T, generator=g, dtype=dtype)
+    values = old + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)  # often beyond ±0.2 of old: the clip binds
+    returns = old + torch.randn(B, T, generator=g, dtype=dtype)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    mask[2] = False  # a fully masked sequence
+    return values, old, returns, mask
+
+
+@pytest.mark.parametrize("ctor", [dict(), dict(clip_eps=0.2), dict(clip_eps=0.2, token_level_loss=False),
+                                  dict(token_level_loss=False)], ids=lambda c: "-".join(f"{k}={v}" for k, v in
+                                                                                       c.items()) or "default")
+@pytest.mark.parametrize("global_batch", [False, True])
+def test_patched_value_loss_matches_stock(ctor, global_batch):
+    """``ValueLoss`` (as ``ppo_critic.py`` builds it) after apply: ``value_loss(semantics="openrlhf")``,
+    loss and gradient as stock for every constructor option."""
+    values, old, returns, mask = _value_inputs(len(ctor))
+    extra = dict(dp_size=2, batch_num_tokens=torch.tensor(float(mask.sum()) * 2 + 3), global_batch_size=11.0) \
+        if global_batch else {}  # fmt: skip
+
+    def run(cls):
+        x = values.clone().requires_grad_(True)
+        loss = cls(**ctor)(x, old, returns, action_mask=mask.to(values.dtype), **extra)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    stock, stock_grad = run(STOCK["ValueLoss"])
+    with ak_openrlhf.apply(losses=True):
+        assert orl_models.ValueLoss is not STOCK["ValueLoss"] and issubclass(orl_models.ValueLoss, STOCK["ValueLoss"])
+        ours, ours_grad = run(orl_models.ValueLoss)
+        assert ak_openrlhf.adapter_calls() == 1
+    torch.testing.assert_close(ours, stock, **CLOSE)
+    assert ours.dtype == stock.dtype
+    torch.testing.assert_close(ours_grad, stock_grad, **CLOSE)
+
+
+@pytest.mark.parametrize("token_level_loss", [True, False])
+@pytest.mark.parametrize("global_batch", [False, True])
+def test_aggregate_loss_matches_stock_through_the_by_name_binding(token_level_loss, global_batch):
+    """``ppo_actor.py`` imports ``aggregate_loss`` from ``openrlhf.models`` (the KL and entropy terms)."""
+    values, _, _, mask = _value_inputs(7)
+    kw = dict(token_level_loss=token_level_loss)
+    if global_batch:  # as get_loss_batch_info gives them: fp32 tensors
+        kw.update(dp_size=2, batch_num_tokens=torch.tensor(float(mask.sum()) * 2 + 3),
+                  global_batch_size=torch.tensor(11.0))  # fmt: skip
+    x = values.clone().requires_grad_(True)
+    stock = STOCK["aggregate_loss"](x, mask.to(values.dtype), **kw)
+    (stock_grad,) = torch.autograd.grad(stock, x)
+    with ak_openrlhf.apply(losses=True):
+        assert orl_models.aggregate_loss is orl_loss.aggregate_loss is not STOCK["aggregate_loss"]
+        ours = orl_models.aggregate_loss(x, mask.to(values.dtype), **kw)
+        assert ak_openrlhf.adapter_calls() == 1
+    (ours_grad,) = torch.autograd.grad(ours, x)
+    torch.testing.assert_close(ours, stock, **CLOSE)
+    torch.testing.assert_close(ours_grad, stock_grad, **CLOSE)
+
+
+def test_value_loss_fully_masked_gives_zero_where_stock_gives_nan():
+    values, old, returns, mask = _value_inputs(2)
+    mask = torch.zeros_like(mask)
+    assert torch.isnan(STOCK["ValueLoss"](0.2)(values, old, returns, action_mask=mask.to(values.dtype)))
+    with ak_openrlhf.apply(losses=True):
+        x = values.clone().requires_grad_(True)
+        ours = orl_models.ValueLoss(0.2)(x, old, returns, action_mask=mask)
+        ours.backward()
+    assert ours.item() == 0.0 and (x.grad == 0).all()
+
+
+def test_the_log_line_names_what_was_swapped_and_what_stays_stock(caplog):
     with caplog.at_level(logging.INFO, logger="alignkernels.integrations.openrlhf"):
         ak_openrlhf.apply(losses=True)
         ak_openrlhf.apply(losses=True)  # idempotent: no second line
     lines = [r.getMessage() for r in caplog.records if "losses swapped" in r.getMessage()]
-    assert lines == ["alignkernels: OpenRLHF losses swapped: PolicyLoss, DPOLoss; left stock: ValueLoss"]
-    assert orl_models.ValueLoss is STOCK["ValueLoss"]
+    assert lines == ["alignkernels: OpenRLHF losses swapped: PolicyLoss, ValueLoss, DPOLoss, aggregate_loss; "
+                     "left stock: GPTLMLoss, SFTLoss, PairWiseLoss, LogExpLoss"]  # fmt: skip
+    for name in ("PolicyLoss", "ValueLoss", "DPOLoss", "aggregate_loss"):
+        assert getattr(orl_models, name) is getattr(orl_loss, name) is not STOCK[name]
 
 
 def test_remove_restores_every_binding():

@@ -4,8 +4,9 @@ For every ``POLICY_LOSS_REGISTRY`` name that is swapped, ``get_policy_loss_fn(na
 :func:`apply` is called exactly as verl's actor calls it (keywords, verl's real ``ActorConfig`` with
 its ``global_batch_info``) next to the stock function captured before: loss, gradient w.r.t.
 ``log_prob`` and metrics (keys, Python floats) agree to 1e-7 relative (verl's ``+1e-8`` in its
-token-mean denominators). Also ``agg_loss`` / ``kl_penalty`` through their by-name bindings, the exact
-restore of the registry (same dict, same functions), atomicity, and the log line.
+token-mean denominators). Also ``agg_loss`` / ``kl_penalty`` / ``compute_value_loss`` through their
+by-name bindings, ``bypass_mode`` reading verl's ``rollout_correction`` config, the exact restore of
+the registry (same dict, same functions), atomicity, and the log line.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.importorskip("verl")
 
 import verl.trainer.ppo.core_algos as core_algos  # noqa: E402
 import verl.workers.utils.losses as verl_worker_losses  # noqa: E402
+from verl.trainer.config.algorithm import RolloutCorrectionConfig  # noqa: E402
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
 
 import alignkernels.integrations.verl as ak_verl  # noqa: E402
@@ -26,7 +28,8 @@ from alignkernels.losses.verl_policy import VERL_POLICY_LOSSES  # noqa: E402
 
 STOCK_REGISTRY = dict(core_algos.POLICY_LOSS_REGISTRY)
 STOCK = {"agg_loss": core_algos.agg_loss, "kl_penalty": core_algos.kl_penalty,
-         "compute_policy_loss_vanilla": core_algos.compute_policy_loss_vanilla}  # fmt: skip
+         "compute_policy_loss_vanilla": core_algos.compute_policy_loss_vanilla,
+         "compute_value_loss": core_algos.compute_value_loss}  # fmt: skip
 SWAPPED = sorted(set(STOCK_REGISTRY) & set(VERL_POLICY_LOSSES))
 CLOSE = dict(rtol=1e-7, atol=1e-10)
 
@@ -43,6 +46,9 @@ ACTOR = {
     "cispo": dict(clip_ratio_low=0.2, clip_ratio_high=0.3),
     "dppo_tv": dict(clip_ratio=0.1),  # clip_ratio_c: ActorConfig's 3.0, read through config.get
     "dppo_kl": dict(clip_ratio_low=0.02, clip_ratio_high=0.05, clip_ratio_c=2.0),
+    "bypass_mode": dict(clip_ratio=0.2, policy_loss=dict(rollout_correction=RolloutCorrectionConfig(
+        loss_type="reinforce", rollout_is="token", rollout_is_threshold=1.5, rollout_rs="seq_mean_k3",
+        rollout_rs_threshold=0.05))),
 }
 
 
@@ -53,9 +59,9 @@ def _always_remove():
     ak_verl.remove()
 
 
-def _config(mode, global_batch_info=None, loss_scale_factor=None):
+def _config(mode, global_batch_info=None, loss_scale_factor=None, **policy_loss):
     kw = dict(ACTOR[mode])
-    kw["policy_loss"] = PolicyLossConfig(loss_mode=mode, **kw.pop("policy_loss", {}))
+    kw["policy_loss"] = PolicyLossConfig(loss_mode=mode, **{**kw.pop("policy_loss", {}), **policy_loss})
     actor = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, **kw)
     if global_batch_info:
         actor.global_batch_info.update(global_batch_info, loss_scale_factor=loss_scale_factor)
@@ -105,11 +111,113 @@ def test_patched_registry_entry_matches_stock(mode, with_is, agg, global_batch):
         assert ak_verl.adapter_calls() == 1
     torch.testing.assert_close(ours[0], stock[0], **CLOSE)
     assert ours[0].dtype == stock[0].dtype
-    assert set(ours[1]) == set(stock[1])
-    for name, value in stock[1].items():
-        assert isinstance(ours[1][name], float)
-        assert math.isclose(ours[1][name], value, rel_tol=1e-7, abs_tol=1e-10), (name, ours[1][name], value)
+    _assert_metrics(ours[1], stock[1], mode)
     torch.testing.assert_close(ours[2], stock[2], **CLOSE)
+
+
+def _assert_metrics(ours, stock, mode):
+    """Same keys (``bypass_mode``: every ``actor/*`` key and a subset of verl's ``rollout_corr/*``
+    diagnostics), Python floats, values to 1e-7."""
+    if mode == "bypass_mode":
+        assert set(ours) <= set(stock) and {"rollout_corr/kl", "rollout_corr/k3_kl"} <= set(ours)
+        assert {n for n in ours if n.startswith("actor/")} == {n for n in stock if n.startswith("actor/")}
+    else:
+        assert set(ours) == set(stock)
+    for name, value in ours.items():
+        assert isinstance(value, float)
+        assert math.isclose(value, float(stock[name]), rel_tol=1e-7, abs_tol=1e-10), (name, value, stock[name])
+
+
+BYPASS = {  # verl's RolloutCorrectionConfig fields; every IS level, rejection level and loss type
+    "ppo_clip_default": dict(),
+    "ppo_clip_seq_max_k2": dict(rollout_rs="seq_max_k2", rollout_rs_threshold=0.3),
+    "reinforce_sequence_tis": dict(loss_type="reinforce"),
+    "reinforce_token_icepop_normalised": dict(loss_type="reinforce", rollout_is="token", rollout_is_threshold="0.8_1.5",
+                                              rollout_is_batch_normalize=True),
+    "reinforce_two_rejections": dict(loss_type="reinforce", rollout_rs="token_k1,seq_mean_k3",
+                                     rollout_rs_threshold="0.5_2.0,0.05"),
+    "reinforce_no_is_seq_sum_k1": dict(loss_type="reinforce", rollout_is=None, rollout_rs="seq_sum_k1",
+                                       rollout_rs_threshold=3.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BYPASS))
+@pytest.mark.parametrize("agg, global_batch", [("token-mean", False), ("seq-mean-token-sum", True)])
+def test_patched_bypass_mode_reads_verl_rollout_correction(case, agg, global_batch):
+    """``POLICY_LOSS_REGISTRY["bypass_mode"]`` after apply reads ``config.policy_loss.rollout_correction``
+    as verl's does (IS level and bounds, normalisation, rejection options, loss type) and ignores
+    ``rollout_is_weights`` as verl's does."""
+    logp, old, adv, mask, isw = _inputs(seed=len(case))
+    old[0, 1] = logp[0, 1] - 1.5  # a ratio e^1.5 in row 0: truncation, IcePop and rejection bind there
+    info = dict(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 3, global_batch_size=13) if global_batch else None
+    config = _config("bypass_mode", info, rollout_correction=RolloutCorrectionConfig(**BYPASS[case]))
+    args = ("bypass_mode", logp, old, adv, mask, isw, agg, config, 0)
+    stock = _call(STOCK_REGISTRY["bypass_mode"], *args)
+    with ak_verl.apply(losses=True):
+        ours = _call(core_algos.get_policy_loss_fn("bypass_mode"), *args)
+    torch.testing.assert_close(ours[0], stock[0], **CLOSE)
+    _assert_metrics(ours[1], stock[1], "bypass_mode")
+    torch.testing.assert_close(ours[2], stock[2], **CLOSE)
+
+
+def test_bypass_mode_without_rollout_correction_is_named():
+    logp, old, adv, mask, _ = _inputs(2)
+    config = _config("bypass_mode", rollout_correction=None)
+    with pytest.raises(ValueError, match="rollout_correction"):
+        STOCK_REGISTRY["bypass_mode"](old, logp, adv, mask, "token-mean", config)
+    with ak_verl.apply(losses=True):
+        with pytest.raises(ValueError, match="config.policy_loss.rollout_correction"):
+            core_algos.get_policy_loss_fn("bypass_mode")(old, logp, adv, mask, "token-mean", config)
+
+
+def _value_inputs(seed=0, B=6, T=9, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    old = torch.randn(B, T, generator=g, dtype=dtype)
+    vpreds = old + 0.4 * torch.randn(B, T, generator=g, dtype=dtype)  # beyond ±0.2 of old often: the clip binds
+    returns = old + torch.randn(B, T, generator=g, dtype=dtype)
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[:, 0] = True
+    mask[2] = False  # a fully masked sequence
+    return vpreds, returns, old, mask
+
+
+def _value_call(fn, vpreds, returns, old, mask, kw):
+    x = vpreds.clone().requires_grad_(True)
+    loss, clipfrac = fn(vpreds=x, returns=returns, values=old, response_mask=mask, **kw)
+    loss.backward()
+    return loss.detach(), clipfrac, x.grad
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+                                 "seq-mean-token-sum-norm"])  # fmt: skip
+@pytest.mark.parametrize("global_batch", [False, True])
+def test_compute_value_loss_matches_stock_through_the_by_name_binding(agg, global_batch):
+    """``verl/workers/utils/losses.py`` calls ``compute_value_loss`` by name: after apply it is ours
+    (``losses/value.py`` ``value_loss``, ``semantics="verl"``), loss, gradient and clip fraction as stock."""
+    vpreds, returns, old, mask = _value_inputs(len(agg))
+    kw = dict(cliprange_value=0.2, loss_agg_mode=agg)
+    if global_batch:
+        kw.update(dp_size=2, batch_num_tokens=int(mask.sum()) * 2 + 3, global_batch_size=13, loss_scale_factor=16)
+    stock = _value_call(STOCK["compute_value_loss"], vpreds, returns, old, mask, kw)
+    with ak_verl.apply(losses=True):
+        assert verl_worker_losses.compute_value_loss is not STOCK["compute_value_loss"]
+        ours = _value_call(verl_worker_losses.compute_value_loss, vpreds, returns, old, mask, kw)
+        assert ak_verl.adapter_calls() == 1
+    torch.testing.assert_close(ours[0], stock[0], **CLOSE)
+    assert ours[0].dtype == stock[0].dtype and ours[1].dtype == stock[1].dtype == torch.float32
+    assert 0 < stock[1].item() < 1
+    torch.testing.assert_close(ours[1], stock[1], rtol=1e-6, atol=1e-7)  # fp32 in both
+    torch.testing.assert_close(ours[2], stock[2], **CLOSE)
+
+
+def test_compute_value_loss_fully_masked_gives_zero_where_stock_gives_nan():
+    vpreds, returns, old, mask = _value_inputs(1)
+    mask = torch.zeros_like(mask)
+    stock, _ = STOCK["compute_value_loss"](vpreds, returns, old, mask, 0.2)
+    assert torch.isnan(stock)
+    with ak_verl.apply(losses=True):
+        ours = _value_call(verl_worker_losses.compute_value_loss, vpreds, returns, old, mask, dict(cliprange_value=0.2))
+    assert ours[0].item() == 0.0 and ours[1].item() == 0.0 and (ours[2] == 0).all()
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "cispo", "dppo_kl"])
@@ -135,20 +243,20 @@ def test_apply_backend_reaches_the_policy_loss_rows(mode, triton_device, monkeyp
         assert math.isclose(ours[1][name], value, rel_tol=2e-6, abs_tol=1e-7)
 
 
-def test_every_policy_loss_row_is_swapped_and_the_rest_named_in_the_log(caplog):
+def test_every_registry_entry_is_swapped_and_the_log_names_nothing_stock(caplog):
     assert SWAPPED == sorted(VERL_POLICY_LOSSES)  # verl 0.9.1: every row is registered
     with caplog.at_level(logging.INFO, logger="alignkernels.integrations.verl"):
         ak_verl.apply(losses=True)
     lines = [r.getMessage() for r in caplog.records if "verl losses swapped" in r.getMessage()]
     assert len(lines) == 1 and all(name in lines[0] for name in SWAPPED)
-    assert "left stock: bypass_mode" in lines[0]
+    assert "compute_value_loss" in lines[0] and lines[0].endswith("left stock: none")
     registry = core_algos.POLICY_LOSS_REGISTRY
-    assert {n for n in registry if registry[n] is not STOCK_REGISTRY[n]} == set(SWAPPED)
-    assert registry["bypass_mode"] is STOCK_REGISTRY["bypass_mode"]
+    assert {n for n in registry if registry[n] is not STOCK_REGISTRY[n]} == set(SWAPPED) == set(STOCK_REGISTRY)
     # the by-name bindings: bypass_mode's PPO-clip branch calls compute_policy_loss_vanilla by name
     assert core_algos.compute_policy_loss_vanilla is registry["vanilla"]
     assert verl_worker_losses.agg_loss is core_algos.agg_loss is not STOCK["agg_loss"]
     assert verl_worker_losses.kl_penalty is core_algos.kl_penalty is not STOCK["kl_penalty"]
+    assert verl_worker_losses.compute_value_loss is core_algos.compute_value_loss is not STOCK["compute_value_loss"]
     with caplog.at_level(logging.INFO, logger="alignkernels.integrations.verl"):
         ak_verl.apply(losses=True)  # idempotent: nothing re-installed, no second line
     assert sum("verl losses swapped" in r.getMessage() for r in caplog.records) == 1
@@ -161,6 +269,7 @@ def _assert_stock():
     for name, fn in STOCK.items():
         assert getattr(core_algos, name) is fn
     assert verl_worker_losses.agg_loss is STOCK["agg_loss"] and verl_worker_losses.kl_penalty is STOCK["kl_penalty"]
+    assert verl_worker_losses.compute_value_loss is STOCK["compute_value_loss"]
 
 
 def test_remove_restores_the_registry_exactly():

@@ -410,3 +410,62 @@ def test_bad_arguments_name_the_argument():
         model(input_ids, attention_mask=attention_mask, labels=labels, return_token_logprobs=True, temperature=0.0)
     with pytest.raises(TypeError, match="input_ids was passed both"):
         model(input_ids, input_ids=input_ids, labels=labels, return_token_logprobs=True)
+
+
+def _row_alone_and_in_the_batch(fn, hidden, at):
+    """``fn(hidden)`` -> tensors with a leading row dimension: row ``at``'s outputs and ``grad_hidden``
+    row computed alone and inside the whole batch."""
+    results = []
+    for rows in (slice(at, at + 1), slice(None)):
+        h = hidden[rows].clone().requires_grad_(True)
+        outs = fn(h, rows)
+        sum((o * (i + 1.5)).sum() for i, o in enumerate(outs)).backward()
+        pick = slice(None) if rows.start is not None else slice(at, at + 1)
+        results.append([o.detach()[pick] for o in outs] + [h.grad[pick]])
+    return results
+
+
+def test_head_logprobs_batch_invariant_gives_a_row_the_same_bits_alone_and_in_the_batch():
+    """``head_logprobs(batch_invariant=True)`` (the call of ``causal_lm_logprobs`` and the drop-ins),
+    ``torch`` backend (the Triton one is pinned in ``tests/ops``): a row's log-prob, entropy and
+    ``grad_hidden`` row are the bits it gets alone, and match fp64."""
+    from alignkernels.integrations.transformers import head_logprobs
+    from alignkernels.reference import linear_logprobs_reference
+
+    g = torch.Generator().manual_seed(2)
+    n, hidden_size, vocab = 37, 24, 173
+    hidden = torch.randn(n, hidden_size, generator=g)
+    weight = torch.randn(vocab, hidden_size, generator=g) * 0.5
+    targets = torch.randint(0, vocab, (n,), generator=g)
+    at = 29  # without batch_invariant its grad_hidden row differs in the last bits here
+
+    def fn(h, rows):
+        return head_logprobs(h, weight, None, targets[rows], temperature=0.7, backend="torch", head_precision="fp32",
+                             batch_invariant=True)  # fmt: skip
+
+    alone, inside = _row_alone_and_in_the_batch(fn, hidden, at)
+    for a, b in zip(alone, inside):
+        assert torch.equal(a, b)
+    logp, entropy = head_logprobs(hidden, weight, None, targets, temperature=0.7, batch_invariant=True)
+    expected = linear_logprobs_reference(hidden.double(), weight.double(), targets, temperature=0.7,
+                                         return_entropy=True)  # fmt: skip
+    torch.testing.assert_close(logp.double(), expected[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), expected[1], rtol=1e-6, atol=1e-6)
+
+
+def test_causal_lm_logprobs_passes_batch_invariant_and_head_precision_to_the_op(monkeypatch):
+    import alignkernels.integrations.transformers as ak_transformers
+
+    calls = []
+    real = ak_transformers.linear_logprobs
+    monkeypatch.setattr(ak_transformers, "linear_logprobs", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = tiny_causal_lm("qwen2")
+    input_ids, attention_mask, labels = batch()
+    ref_logp, ref_entropy, mask = reference_logprobs(model, input_ids, attention_mask, labels, 0.7)
+    out = causal_lm_logprobs(model, input_ids, labels, attention_mask=attention_mask, temperature=0.7,
+                             batch_invariant=True, head_precision="tf32", backend="torch")  # fmt: skip
+    assert [(k["batch_invariant"], k["head_precision"]) for k in calls] == [(True, "tf32")]
+    torch.testing.assert_close(out.logprobs, ref_logp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.entropy, ref_entropy, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="head_precision"):
+        causal_lm_logprobs(model, input_ids, labels, attention_mask=attention_mask, head_precision="fp16")
