@@ -40,7 +40,15 @@ from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
 from ..ops._lmhead_engine import head_precision as check_head_precision
 from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
+from ..ops.three_gemm import (
+    HEAD_FOLDS,
+    HeadCall,
+    HeadGradientFunction,
+    TokenGrad,
+    check_batch_invariant_head,
+    make_plan,
+    three_gemm_head,
+)
 from .dpo import dpo_loss_from_token_logps
 from .grpo import grpo_loss
 from .policy_rows import POLICY_LOSS_TYPES
@@ -97,6 +105,7 @@ def fused_linear_cross_entropy(
     check_labels: bool | None = None,
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
 ):
     """SFT cross-entropy straight from hidden states and the lm_head, in three GEMMs.
 
@@ -164,6 +173,7 @@ def fused_linear_cross_entropy(
                                     check_labels, chunk_size, head_precision)  # fmt: skip
     adapter = validate_lora(lora, hidden, weight)
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(backend, hidden.device, hidden.dtype)
+    check_batch_invariant_head(batch_invariant, backend, adapter)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     num_tokens = compact.count()
@@ -189,7 +199,7 @@ def fused_linear_cross_entropy(
             return TokenGrad(g / denominator)
 
         out, call = _run_head("fused_linear_cross_entropy", compact, weight, bias, adapter, tr, token_grad, backend,
-                              chunk_size, head_precision)  # fmt: skip
+                              chunk_size, head_precision, batch_invariant)  # fmt: skip
         loss = _sft_token_losses(out.logp, loss_type).sum() / denominator
         logp, entropy, is_top1 = out.logp, out.entropy, out.is_top1
         if call is not None:
@@ -224,13 +234,15 @@ def _three_gemm_inputs(hidden, weight, labels, bias, temperature, logit_scale, s
     return tr, labels
 
 
-def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size, precision):
+def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, chunk_size, precision,
+              batch_invariant=False):  # fmt: skip
     """The three-GEMM head over the compact rows (``adapter``: a validated ``LoraHead`` or None):
     ``(HeadOutputs, HeadCall | None)`` -- the gradients formed for whichever of hidden / weight / bias
     (/ lora_A / lora_B) requires grad (none in ``no_grad`` / ``inference_mode``: then only the logits
     GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
-    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size, precision)
+    plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], chunk_size, precision,
+                     batch_invariant)  # fmt: skip
     grad_mode = torch.is_grad_enabled()
     inputs = (compact.hidden, weight, bias) + (() if adapter is None else (adapter.lora_A, adapter.lora_B))
     needs = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
@@ -359,7 +371,7 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     fill = _fill_logp(policy.old_logp, policy.mask, hidden)
     probe = LossProbe(policy.probe_fn, compact.rows, labels.shape, fill, policy.uses_entropy)
     out, call = _run_head(backends.op, compact, weight, bias, adapter, tr, probe, backend, head["chunk_size"],
-                          head["head_precision"])  # fmt: skip
+                          head["head_precision"], check_batch_invariant_head(head["batch_invariant"], backend, adapter))
     logp, entropy = compact.expand(out.logp.to(fill.dtype)), compact.expand(out.entropy.to(fill.dtype))
     loss, metrics = policy.loss_fn(logp, entropy)
     if call is not None:
@@ -418,6 +430,7 @@ def fused_linear_grpo_loss(
     head_path: str = "auto",
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
     **grpo_kwargs,
 ):
     """GRPO-family loss straight from the policy's last hidden states.
@@ -478,7 +491,7 @@ def fused_linear_grpo_loss(
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+                head_precision=head_precision, batch_invariant=batch_invariant)  # fmt: skip
     if ref_logp is None and ref_hidden is not None:
         ref_logp = _reference_token_logps(ref_hidden, _masked_labels(completion_ids, completion_mask, ignore_index),
                                           weight=weight, ref_weight=ref_weight, ref_bias=ref_bias, head=head,
@@ -522,6 +535,7 @@ def fused_linear_dpo_loss(
     check_labels: bool | None = None,
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
     **dpo_kwargs,
 ):
     """DPO-family loss straight from the policy's last hidden states of a concatenated batch.
@@ -554,7 +568,7 @@ def fused_linear_dpo_loss(
         raise ValueError(f"labels must be [2B, T] (chosen rows then rejected rows), got {tuple(labels.shape)}")
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+                head_precision=head_precision, batch_invariant=batch_invariant)  # fmt: skip
     out = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_stats=True, **head)
     B = labels.shape[0] // 2
     mask = labels != ignore_index
@@ -598,6 +612,7 @@ def fused_linear_ppo_loss(
     head_path: str = "auto",
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
     **ppo_kwargs,
 ):
     """PPO policy (+ value) loss straight from the policy's last hidden states.
@@ -616,7 +631,7 @@ def fused_linear_ppo_loss(
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+                head_precision=head_precision, batch_invariant=batch_invariant)  # fmt: skip
     detached_values = [None if v is None else v.detach() for v in (values, old_values, returns)]
 
     def loss_fn(logp, entropy, value_tensors=(values, old_values, returns)):
@@ -649,6 +664,7 @@ def fused_linear_verl_policy_loss(
     head_path: str = "auto",
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
     **verl_kwargs,
 ):
     """verl's policy loss (:func:`alignkernels.losses.verl_policy.verl_policy_loss`, ``loss_mode``,
@@ -662,7 +678,7 @@ def fused_linear_verl_policy_loss(
     """
     head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                 chunk_size=chunk_size, backend=backend, check_labels=check_labels, lora=lora,
-                head_precision=head_precision)  # fmt: skip
+                head_precision=head_precision, batch_invariant=batch_invariant)  # fmt: skip
     loss_mode = verl_kwargs.get("loss_mode", "vanilla")
     row = VERL_POLICY_LOSSES.get(loss_mode) if isinstance(loss_mode, str) else None
     reason = None if row is None or row.token_separable else f"loss_mode={loss_mode!r} {row.not_separable}"
