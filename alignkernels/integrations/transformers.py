@@ -315,6 +315,8 @@ def head_logprobs(
     recompute_in_backward=None,
     check_labels=None,
     lora: HeadLora | None = None,
+    head_precision="input",
+    batch_invariant=False,
 ):
     """``linear_logprobs`` of an ``lm_head``: ``(logp, entropy)`` or the full ``LinearLogprobsOutput``.
 
@@ -346,6 +348,8 @@ def head_logprobs(
             backend=backend,
             check_labels=check_labels,
             lora=lora_arg,
+            head_precision=head_precision,
+            batch_invariant=batch_invariant,
         )
         if return_stats:
             return tuple(out)
