@@ -20,6 +20,8 @@ must be uniform (SFT) or match the probed gradient to 1e-6 relative (GRPO: same 
 op order), and zero on rows TRL discards; otherwise it recomputes the exact gradient through
 ``linear_logprobs`` (and logs it). So the result is always autograd's gradient of TRL's loss.
 
+``apply(head_precision=, batch_invariant=)`` reach the three-GEMM head's plan
+(``ops/three_gemm.make_plan``) and the recompute's ``linear_logprobs``.
 ``apply(backend=...)`` picks the head's fold (``torch`` / ``triton``) and the recompute's backend;
 ``reference`` has no three-GEMM head and takes the head-only drop-in. A PEFT LoRA ``lm_head``
 allowed by ``apply(allow_lora_lm_head=True)`` (routed to the call by

@@ -143,6 +143,9 @@ def fused_linear_cross_entropy(
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
         head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"``, the head GEMMs' operands (see
             ``linear_logprobs``; the weight widened block by block, never whole).
+        batch_invariant: per-token outputs and ``grad_hidden`` rows bitwise independent of the batch
+            (``alignkernels.ops.three_gemm.batch_invariant_plan``; the other fused losses: the same
+            keyword, on either head path). ``chunk_size`` is then not used.
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
             ``linear_logprobs``), fused into the same three GEMMs (contraction ``H + r``:
             ``alignkernels.ops._lora.LoraConcat``); ``lora_A`` and ``lora_B`` get gradients.

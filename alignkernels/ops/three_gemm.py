@@ -67,7 +67,6 @@ from ._lmhead_engine import (
     Transform,
     TritonFold,
     addmm_into,
-    batch_invariant_rows,
     head_precision,
     mm_into,
     pad_rows,
@@ -84,6 +83,8 @@ MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 # head_precision "fp32" / "tf32" on CUDA): the weight is widened [block, H] at a time, never whole.
 GPU_WEIGHT_BLOCK_ELEMENTS = 1 << 26
 CPU_WEIGHT_BLOCK_ELEMENTS = 1 << 22
+# batch_invariant=True: the default chunk for V (fixed by V), at most this many rows (bounds the padding)
+BATCH_INVARIANT_ROWS = {"cpu": 512, "cuda": 1024}
 
 
 class WeightOperand:
@@ -218,12 +219,15 @@ def make_plan(fold, device: torch.device, n_rows: int, vocab: int, chunk_size: i
 
 def batch_invariant_plan(device: torch.device, vocab: int, precision: str = "input") -> Plan:
     """The fixed plan of ``batch_invariant=True``: chunks of ``R`` rows, ``R`` fixed by the device and
-    ``V`` only -- the engine's tile rows (``_lmhead_engine.batch_invariant_rows``: 256 on the CPU,
-    1024 on CUDA), fewer when ``[R, V]`` would pass the buffer budget (``*_BUFFER_ELEMENTS // V``, at
-    least ``MIN_CHUNK_ROWS``) -- one vocabulary block, and ``padded``: :func:`three_gemm_head` pads
-    the rows to whole chunks, so GEMM 1, the fold, GEMM 2 (and GEMM 3) always run at one shape."""
+    ``V`` only: the default plan's chunk for ``V`` (``*_BUFFER_ELEMENTS // V``, at least
+    ``MIN_CHUNK_ROWS``), capped at :data:`BATCH_INVARIANT_ROWS` (512 on the CPU, 1024 on CUDA: at most
+    that many padded rows per call) -- one vocabulary block, and ``padded``: :func:`three_gemm_head`
+    pads the rows to whole chunks, so GEMM 1, the fold, GEMM 2 (and GEMM 3) always run at one shape.
+    (The default chunk, not a smaller one: on the CPU 256-row chunks ran ~40 % slower than 512 at
+    V = 16384, H = 256.)"""
     budget = GPU_BUFFER_ELEMENTS if torch.device(device).type == "cuda" else CPU_BUFFER_ELEMENTS
-    rows = min(batch_invariant_rows(device), max(MIN_CHUNK_ROWS, budget // max(vocab, 1)))
+    cap = BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
+    rows = min(cap, max(MIN_CHUNK_ROWS, budget // max(vocab, 1)), MAX_CHUNK_ROWS)
     return Plan(rows, vocab, head_precision(precision), padded=True)
 
 

@@ -15,6 +15,7 @@ import alignkernels.integrations.trl as ak_trl  # noqa: E402
 from alignkernels.integrations import transformers as ak_transformers  # noqa: E402
 from alignkernels.integrations import trl_fused_loss  # noqa: E402
 from alignkernels.ops import _lmhead_engine as engine  # noqa: E402
+from alignkernels.ops import three_gemm  # noqa: E402
 from alignkernels.reference import linear_logprobs_reference  # noqa: E402
 
 N, H, V = 40, 16, 97
@@ -23,6 +24,7 @@ N, H, V = 40, 16, 97
 @pytest.fixture(autouse=True)
 def _always_remove(monkeypatch):
     monkeypatch.setattr(engine, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})  # batches span 1-3 tiles
+    monkeypatch.setattr(three_gemm, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
     ak_trl.remove()
     yield
     ak_trl.remove()

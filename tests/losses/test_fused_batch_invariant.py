@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import alignkernels as ak
 from alignkernels.flops import MatmulFlopCounter
 from alignkernels.ops import _lmhead_engine as engine
+from alignkernels.ops import three_gemm
 from helpers import TRITON_DEVICE, max_rel_error
 
 POOL, H, V = 48, 16, 300
@@ -37,6 +38,7 @@ def small_tiles(monkeypatch):
     ``linear_logprobs``), 128-column vocabulary blocks (``linear_logprobs``: three blocks at V = 300)."""
     monkeypatch.setattr(engine, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
     monkeypatch.setattr(engine, "BATCH_INVARIANT_BLOCK", 128)
+    monkeypatch.setattr(three_gemm, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
 
 
 def _device(backend):
@@ -180,15 +182,15 @@ def test_weight_gradient_is_layout_invariant(backend, small_tiles):
 
 
 def test_padded_plan_flops_are_counted():
-    """The three-GEMM head pads the valid rows to whole chunks of R rows (R = 256 on the CPU at this V):
+    """The three-GEMM head pads the valid rows to whole chunks of R rows (R = 512 on the CPU at this V):
     ``6·ceil(n/R)·R·H·V`` matmul FLOPs with gradients, ``2·ceil(n/R)·R·H·V`` under ``no_grad``,
     against ``6·n·H·V`` / ``2·n·H·V`` by default."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(V, H, generator=g).requires_grad_(True)
-    for n in (1, 256, 300):
+    for n in (1, 512, 600):
         hidden = torch.randn(n, H, generator=g).requires_grad_(True)
         labels = torch.randint(0, V, (n,), generator=g)
-        padded = math.ceil(n / 256) * 256
+        padded = math.ceil(n / 512) * 512
         for invariant, rows in ((True, padded), (False, n)):
             with MatmulFlopCounter() as flops:
                 ak.fused_linear_cross_entropy(hidden, weight, labels, backend="torch", batch_invariant=invariant)
@@ -245,3 +247,30 @@ def test_refusals_are_named(loss):
     lora = (torch.zeros(2, H), torch.zeros(V, 2), 1.0)
     with pytest.raises(ValueError, match="batch_invariant=True .*lora="):
         call(batch_invariant=True, lora=lora)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_cross_entropy_rows_are_batch_invariant():
+    """On CUDA (cuBLAS GEMMs at the plan's one shape, Triton folds), bf16: a shuffled sub-batch of a
+    2000-token pool reproduces every token's logp, entropy and grad_hidden row bit for bit -- the check
+    that cuBLAS's kernel for that shape reduces every output tile in the same order."""
+    device = "cuda"
+    n, h, v = 2000, 1024, 32000
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, generator=g).bfloat16()
+    weight = (torch.randn(v, h, device=device, generator=g) * 0.03).bfloat16()
+    labels = torch.randint(0, v, (n,), device=device, generator=g)
+
+    def run(rows):
+        x = hidden[rows].clone().requires_grad_(True)
+        out = ak.fused_linear_cross_entropy(x, weight, labels[rows], reduction="sum", return_stats=True,
+                                            backend="triton", batch_invariant=True)  # fmt: skip
+        out.loss.backward()
+        return out.logp, out.entropy, x.grad
+
+    full = run(torch.arange(n, device=device))
+    perm = torch.randperm(n, device=device, generator=g)
+    for k in (1, 300, 1500):
+        part = run(perm[:k])
+        for name, got, want in zip(("logp", "entropy", "grad_hidden"), part, full):
+            assert torch.equal(got, want[perm[:k]]), (name, k)
