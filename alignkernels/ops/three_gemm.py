@@ -34,6 +34,14 @@ autograd, scaled by the upstream gradient of the loss. When no input needs a gra
 again (:class:`HeadCall` ``.recompute``); double backward is refused. Under ``torch.compile`` the
 ignored rows are not dropped but masked (``valid``): 0 outputs, zero token gradient.
 
+Batch invariance (``batch_invariant=True``: :func:`batch_invariant_plan`, ``plan.padded``): one chunk
+size fixed by the device and ``V`` (the default chunk, capped at 512 / 1024 rows), the valid rows padded
+to whole chunks (hidden 0, label 0, zero token gradient), so GEMM 1, the fold and GEMM 2 always run at
+one shape and a row's logp, entropy and ``grad_hidden`` row depend on that row alone. GEMM 3 and
+``grad_b`` reduce over rows: the padded rows add exact zeros, so they are bitwise the same for the
+same valid rows in the same order, but change with the set of rows (another micro-batch split).
+Cost: at most one chunk of padded rows, ``6·ceil(n/R)·R·H·V``.
+
 Backends: the folds of the lm-head engine (``_lmhead_engine``), with a vocabulary block of the
 whole ``V``: ``torch`` (:class:`TorchHeadFold`: fused ATen ops; CPU, fp64, anywhere) and ``triton``
 (:class:`TritonHeadFold`: steps 2 and 4 are the ``alignkernels.kernels.linear_logprobs`` kernels,
