@@ -437,8 +437,8 @@ def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcap
     if plan is None:
         return None
     policy, scored_rows = plan
-    call = CheckedHeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy, scored_rows,
-                           options.head_precision, options.batch_invariant)  # fmt: skip
+    call = CheckedHeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy,
+                           scored_rows, options.head_precision, options.batch_invariant)  # fmt: skip
     lora_A, lora_B = (lora.lora_A, lora.lora_B) if lora is not None else (None, None)
     logp, entropy, is_top1 = _CheckedHeadGradient.apply(hidden, weight, bias, lora_A, lora_B, targets, call)
     wanted = set(outputs or ())

@@ -121,9 +121,9 @@ def token_logprobs(
             other rows, the batch size and layout (padded or packed) and whether gradients are on
             (``torch``: every chunk padded to the row count fixed by ``V``; ``triton``: one program per row, block
             size fixed by ``V`` -- already invariant). ``reference`` and ``cuda`` refuse it
-            (``ValueError``); with ``process_group=`` the shards' sums are added in rank order. Without it every backend is deterministic run to run (same
-            inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when
-            the batch around it changes.
+            (``ValueError``); with ``process_group=`` the shards' sums are added in rank order.
+            Without it every backend is deterministic run to run (same inputs and shapes, same bits),
+            but on ``torch`` a row may differ in the last bits when the batch around it changes.
         support: the sampler's kept tokens per row, a packed int32 bitmask of shape
             ``labels.shape + (ceil(V/32),)``: token ``v`` kept when bit ``v % 32`` (least significant
             first) of word ``v // 32`` is set (``alignkernels.ops._support.pack_bits`` packs a bool

@@ -345,8 +345,9 @@ def vocab_parallel_token_logprobs(
         if labels_checking_enabled(check_labels):
             check_label_range(wide, vocab_size, ignore_index)
         impl = VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype)
-        if check_batch_invariant(batch_invariant) and impl not in BATCH_INVARIANT_TOKEN_KERNELS:
-            raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(BATCH_INVARIANT_TOKEN_KERNELS)}, "
+        invariant_backends = tuple(BATCH_INVARIANT_TOKEN_KERNELS)
+        if check_batch_invariant(batch_invariant) and impl not in invariant_backends:
+            raise ValueError(f"batch_invariant=True is implemented on the backends {invariant_backends}, "
                              f"got backend={impl!r}")  # fmt: skip
         return t, impl, wide
 

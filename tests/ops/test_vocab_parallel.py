@@ -622,6 +622,15 @@ def check_batch_invariant(rank, world, form, backend, examples):
                   alignkernels.token_logprobs(pool["x"], pool["labels"], return_entropy=True, backend="torch"))
         _close("pool logp", want[0][0], single[0])
         _close("pool entropy", want[1][0], single[1])
+        # the public ops hand batch_invariant=True to the vocab-parallel form (they used to refuse it)
+        public = (alignkernels.linear_logprobs(pool["x"][None], weight[start:start + size], pool["labels"][None],
+                                               process_group=torch.distributed.group.WORLD, vocab_start=start,
+                                               vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True)
+                  if form == "linear" else
+                  alignkernels.token_logprobs(pool["x"][None, :, start:start + size], pool["labels"][None],
+                                              process_group=torch.distributed.group.WORLD, vocab_start=start,
+                                              vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True))
+        assert torch.equal(public[0], want[0]) and torch.equal(public[1], want[1])
         rng = random.Random(5)  # same draws on every rank
         for _ in range(examples):
             n = rng.choice([1, 2, 15, 17, rng.randint(3, 39), 40])
