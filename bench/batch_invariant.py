@@ -1,6 +1,7 @@
 """``python -m bench.batch_invariant``: the cost of ``batch_invariant=True`` beside the default path.
 
-For ``linear_logprobs`` and ``token_logprobs`` (fp32, forward + backward through logp and entropy to
+For ``linear_logprobs``, ``token_logprobs`` and ``fused_linear_cross_entropy`` (fp32, forward +
+backward through logp and entropy -- the fused loss: through its loss, on the three-GEMM head -- to
 the input; the weight frozen) it times both modes (median of ``--repeats`` wall-clock calls after one warm-up, interleaved so load
 on a shared machine hits both alike), counts the matmul FLOPs each issues
 (``alignkernels.flops.MatmulFlopCounter``) and the padded rows, and writes
@@ -24,14 +25,16 @@ from alignkernels.flops import MatmulFlopCounter
 
 from .environment import capture, device_slug
 
-CASES = (("linear_logprobs", dict(N=1000, H=256, V=16384)), ("token_logprobs", dict(N=1000, V=32768)))
-TILE_ROWS = {"linear_logprobs": 256, "token_logprobs": 128}  # the fixed CPU tiles at these shapes (V = 32768: 4M // V)
+CASES = (("linear_logprobs", dict(N=1000, H=256, V=16384)), ("token_logprobs", dict(N=1000, V=32768)),
+         ("fused_linear_cross_entropy", dict(N=1000, H=256, V=16384)))
+# the fixed CPU tiles at these shapes (token_logprobs, V = 32768: 4M // V; the three-GEMM head: min(512, 8M // V))
+TILE_ROWS = {"linear_logprobs": 256, "token_logprobs": 128, "fused_linear_cross_entropy": 512}
 
 
 def _inputs(op, shape, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, shape["V"], (shape["N"],), generator=g)
-    if op == "linear_logprobs":
+    if op != "token_logprobs":
         return (torch.randn(shape["N"], shape["H"], generator=g), torch.randn(shape["V"], shape["H"], generator=g) / 16,
                 labels)  # fmt: skip
     return (torch.randn(shape["N"], shape["V"], generator=g) * 3, labels)
@@ -39,6 +42,9 @@ def _inputs(op, shape, seed=0):
 
 def _step(op, inputs, batch_invariant):
     leaf = inputs[0].clone().requires_grad_(True)
+    if op == "fused_linear_cross_entropy":  # the three-GEMM head: the loss's gradient formed in the forward
+        ak.fused_linear_cross_entropy(leaf, *inputs[1:], backend="torch", batch_invariant=batch_invariant).backward()
+        return
     fn = ak.linear_logprobs if op == "linear_logprobs" else ak.token_logprobs
     logp, entropy = fn(leaf, *inputs[1:], return_entropy=True, backend="torch", batch_invariant=batch_invariant)
     (logp.sum() + entropy.sum()).backward()

@@ -61,7 +61,7 @@ try:
 except ImportError:  # pragma: no cover - torch without distributed
     DTensor = None
 
-from alignkernels._utils import BACKENDS
+from alignkernels._utils import BACKENDS, check_batch_invariant
 from alignkernels.integrations import trl_fused_loss
 from alignkernels.integrations.forward_patch import InstanceForward
 from alignkernels.integrations.lora_head import base_layer, is_lora_linear, lora_for_weight, lora_of_head, routed_lora
@@ -79,6 +79,7 @@ from alignkernels.integrations.trl_reward import (
     unpatch_reward_model,
     wrap_reward_trainer_init,
 )
+from alignkernels.ops._lmhead_engine import head_precision as check_head_precision
 from alignkernels.ops.vocab_parallel import gather_lm_head
 
 __all__ = [
@@ -133,6 +134,8 @@ class _Options:
     vocab_block_size = None  # vocabulary columns per tile; None: from TRL's chunk_size
     fused_loss = False  # apply(fused_loss=True): see trl_fused_loss
     allow_lora_lm_head = False  # apply(allow_lora_lm_head=True): fuse a PEFT LoRA lm_head instead of TRL's refusal
+    head_precision = "input"  # apply(head_precision=): the head GEMMs' operands, on every head call
+    batch_invariant = False  # apply(batch_invariant=True): every head call on its fixed, padded plan
     calls = 0  # adapter calls since apply()
 
 
@@ -207,7 +210,9 @@ class LinearLogprobsAdapter:
         fused = trl_fused_loss.fused_head_outputs(
             hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs,
             is_zero3_partitioned(weight, bias),
-            trl_fused_loss.HeadOptions(chunk_size=_Options.chunk_size, backend=_Options.backend, lora=lora),
+            trl_fused_loss.HeadOptions(chunk_size=_Options.chunk_size, backend=_Options.backend, lora=lora,
+                                       head_precision=_Options.head_precision,
+                                       batch_invariant=_Options.batch_invariant),
         ) if _Options.fused_loss else None  # fmt: skip
         if fused is not None:  # apply(fused_loss=True): the loss's gradient formed in the head (trl_fused_loss)
             return fused
@@ -240,6 +245,8 @@ class LinearLogprobsAdapter:
             gather_params=(weight, bias),
             recompute_in_backward=is_zero3_partitioned(weight, bias),
             lora=lora,
+            head_precision=_Options.head_precision,
+            batch_invariant=_Options.batch_invariant,
             check_labels=False,  # TRL passes only valid labels (compacted, or clamped to 0): skip the host sync
         )
         if not want_stats:  # (logp, entropy or None): the statistics are not computed at all
@@ -406,6 +413,8 @@ def apply(
     vocab_block_size: int | None = None,
     fused_loss: bool = False,
     allow_lora_lm_head: bool = False,
+    head_precision: str = "input",
+    batch_invariant: bool = False,
 ) -> Patch:
     """Make TRL's trainers compute their LM head (and the reward head) with alignkernels.
 
@@ -435,6 +444,17 @@ def apply(
             three-GEMM head's GEMMs), so the adapter is trained. Still
             refused (:class:`UnsupportedModelError`): dropout > 0, several active adapters, DoRA,
             LoRA bias, merged adapters, non-LoRA tuners, ``cast_lm_head_to_fp32=True``, ZeRO-3.
+        head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"``, the head GEMMs' operands
+            (``linear_logprobs(head_precision=)``), on every head call: the head-only drop-in, the
+            fused loss's three GEMMs and its recompute.
+        batch_invariant: every head call with ``batch_invariant=True`` (``linear_logprobs``; the
+            fused loss's three-GEMM head on its fixed plan): a token's log-prob, entropy and
+            ``grad_hidden`` row are bitwise independent of the batch, the micro-batch split and the
+            padding around it -- so TRL's ``old_per_token_logps`` and the training pass agree bit for
+            bit when they see the token in different batches. Refused (``ValueError``, here) with
+            ``backend="reference"`` / ``"cuda"`` and with ``allow_lora_lm_head=True`` (the LoRA tiles
+            are not batch invariant). The reward-model drop-in runs no head op (the model's own
+            ``score`` layer): nothing there to pass it to.
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
     cannot reproduce: a PEFT adapter on ``lm_head`` (unless ``allow_lora_lm_head=True`` and a plain
@@ -449,6 +469,12 @@ def apply(
         raise ValueError(f"apply(): backend must be one of {BACKENDS}, got {backend!r}")
     _check_optional_positive_int("chunk_size", chunk_size)
     _check_optional_positive_int("vocab_block_size", vocab_block_size)
+    check_head_precision(head_precision)
+    check_batch_invariant(batch_invariant)
+    if batch_invariant and (backend not in ("auto", "torch", "triton") or allow_lora_lm_head):
+        raise ValueError("apply(): batch_invariant=True is implemented on the backends ('auto', 'torch', 'triton') "
+                         f"without allow_lora_lm_head=True, got backend={backend!r}"
+                         + (", allow_lora_lm_head=True" if allow_lora_lm_head else ""))  # fmt: skip
     _check_trl_version()
     _Options.allow_unknown_models = bool(allow_unknown_models)
     _Options.backend = backend
@@ -456,6 +482,8 @@ def apply(
     _Options.vocab_block_size = vocab_block_size
     _Options.fused_loss = bool(fused_loss)
     _Options.allow_lora_lm_head = bool(allow_lora_lm_head)
+    _Options.head_precision = head_precision
+    _Options.batch_invariant = batch_invariant
     if trainer is not None:
         _check_trainer(trainer)  # before patching anything: a failed apply(trainer) leaves TRL as it was
     if _ACTIVE is None:

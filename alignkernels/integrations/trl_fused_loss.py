@@ -20,6 +20,8 @@ must be uniform (SFT) or match the probed gradient to 1e-6 relative (GRPO: same 
 op order), and zero on rows TRL discards; otherwise it recomputes the exact gradient through
 ``linear_logprobs`` (and logs it). So the result is always autograd's gradient of TRL's loss.
 
+``apply(head_precision=, batch_invariant=)`` reach the three-GEMM head's plan
+(``ops/three_gemm.make_plan``) and the recompute's ``linear_logprobs``.
 ``apply(backend=...)`` picks the head's fold (``torch`` / ``triton``) and the recompute's backend;
 ``reference`` has no three-GEMM head and takes the head-only drop-in. A PEFT LoRA ``lm_head``
 allowed by ``apply(allow_lora_lm_head=True)`` (routed to the call by
@@ -59,12 +61,14 @@ _STATE = threading.local()
 
 class HeadOptions(NamedTuple):
     """What ``apply()`` says about each head call: token rows per chunk (None: the head's default),
-    the ``apply(backend=...)`` choice, and the LoRA adapter routed for this call's weight (None:
-    no adapter)."""
+    the ``apply(backend=...)`` choice, the LoRA adapter routed for this call's weight (None:
+    no adapter), ``apply(head_precision=)`` and ``apply(batch_invariant=)``."""
 
     chunk_size: int | None = None
     backend: str = "auto"
     lora: HeadLora | None = None
+    head_precision: str = "input"
+    batch_invariant: bool = False
 
 
 class SFTScope(NamedTuple):
@@ -325,6 +329,8 @@ class CheckedHeadCall(NamedTuple):
     lora_scaling: float | None
     policy: object
     scored_rows: torch.Tensor | None
+    head_precision: str = "input"
+    batch_invariant: bool = False  # the three-GEMM head on its fixed plan (ops/three_gemm.batch_invariant_plan)
 
 
 class _CheckedHeadGradient(torch.autograd.Function):
@@ -341,7 +347,8 @@ class _CheckedHeadGradient(torch.autograd.Function):
         if rows is not None:  # rows TRL zeroes afterwards: never projected
             h, t = hidden.index_select(0, rows), t.index_select(0, rows)
         fold = HEAD_FOLDS[call.backend]
-        plan = make_plan(fold, hidden.device, t.numel(), weight.shape[0], call.chunk_size)
+        plan = make_plan(fold, hidden.device, t.numel(), weight.shape[0], call.chunk_size, call.head_precision,
+                         call.batch_invariant)  # fmt: skip
         lora = LoraHead(lora_A, lora_B, call.lora_scaling) if lora_A is not None else None
         needs = tuple(ctx.needs_input_grad[:5] if lora is not None else ctx.needs_input_grad[:3])
         out = three_gemm_head(h, weight, bias, t, call.tr, call.policy.token_grad, plan, fold, needs, lora=lora)
@@ -390,7 +397,8 @@ class _CheckedHeadGradient(torch.autograd.Function):
             logp, entropy = linear_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], temperature=tr.temperature,
                                             logit_scale=tr.logit_scale, softcap=tr.softcap, return_entropy=True,
                                             chunk_size=call.chunk_size, backend=call.backend, check_labels=False,
-                                            lora=lora)  # fmt: skip
+                                            lora=lora, head_precision=call.head_precision,
+                                            batch_invariant=call.batch_invariant)  # fmt: skip
             total = (logp * grad_logp).sum()
             if grad_entropy is not None:
                 total = total + (entropy * grad_entropy).sum()
@@ -429,7 +437,8 @@ def sft_logprobs(hidden, weight, bias, targets, temperature, final_logit_softcap
     if plan is None:
         return None
     policy, scored_rows = plan
-    call = CheckedHeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy, scored_rows)
+    call = CheckedHeadCall(tr, options.chunk_size, backend, lora.scaling if lora is not None else None, policy,
+                           scored_rows, options.head_precision, options.batch_invariant)  # fmt: skip
     lora_A, lora_B = (lora.lora_A, lora.lora_B) if lora is not None else (None, None)
     logp, entropy, is_top1 = _CheckedHeadGradient.apply(hidden, weight, bias, lora_A, lora_B, targets, call)
     wanted = set(outputs or ())

@@ -39,12 +39,27 @@ from typing import NamedTuple
 
 import torch
 
-from .._utils import OpBackends, check_label_range, check_tensor, labels_checking_enabled, output_dtype
+from .._utils import (
+    OpBackends,
+    check_batch_invariant,
+    check_label_range,
+    check_tensor,
+    labels_checking_enabled,
+    output_dtype,
+)
 from ..ops._lmhead_engine import check_positive_int, compact_rows, validate_head
 from ..ops._lmhead_engine import head_precision as check_head_precision
 from ..ops._lora import effective_weight, validate_lora
 from ..ops.linear_logprobs import linear_logprobs
-from ..ops.three_gemm import HEAD_FOLDS, HeadCall, HeadGradientFunction, TokenGrad, make_plan, three_gemm_head
+from ..ops.three_gemm import (
+    HEAD_FOLDS,
+    HeadCall,
+    HeadGradientFunction,
+    TokenGrad,
+    check_batch_invariant_head,
+    make_plan,
+    three_gemm_head,
+)
 from .dpo import dpo_loss_from_token_logps
 from .grpo import PolicyConfig, grpo_loss
 from .policy_rows import POLICY_LOSS_TYPES
@@ -77,10 +92,12 @@ class HeadOptions:
     check_labels: bool | None = None
     lora: tuple | None = None  # (lora_A [r, H], lora_B [V, r], scaling)
     head_precision: str = "input"
+    batch_invariant: bool = False  # per-token outputs bitwise independent of the batch (``three_gemm.batch_invariant_plan``)
 
     def __post_init__(self):
         check_positive_int("chunk_size", self.chunk_size)
         check_head_precision(self.head_precision)
+        check_batch_invariant(self.batch_invariant)
 
     def keywords(self, **replaced) -> dict:
         """The fields as ``linear_logprobs`` keywords (``replaced`` overriding some)."""
@@ -176,6 +193,9 @@ def fused_linear_cross_entropy(
         check_labels: verify labels are in range (one sync); None follows ``ALIGNKERNELS_CHECK_LABELS``.
         head_precision: ``"input"`` / ``"fp32"`` / ``"tf32"``, the head GEMMs' operands (see
             ``linear_logprobs``; the weight widened block by block, never whole).
+        batch_invariant: per-token outputs and ``grad_hidden`` rows bitwise independent of the batch
+            (``alignkernels.ops.three_gemm.batch_invariant_plan``; the other fused losses: the same
+            field, on either head path). ``chunk_size`` is then not used.
         lora: ``(lora_A [r, H], lora_B [V, r], scaling)``, a LoRA adapter on the head (see
             ``linear_logprobs``), fused into the same three GEMMs (contraction ``H + r``:
             ``alignkernels.ops._lora.LoraConcat``); ``lora_A`` and ``lora_B`` get gradients.
@@ -207,6 +227,7 @@ def fused_linear_cross_entropy(
     if labels_checking_enabled(head.check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(head.backend, hidden.device, hidden.dtype)
+    check_batch_invariant_head(head.batch_invariant, backend, adapter)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     num_tokens = compact.count()
@@ -270,7 +291,7 @@ def _run_head(op, compact, weight, bias, adapter, tr, token_grad, backend, head:
     GEMM runs and the call is None), not yet attached."""
     fold = HEAD_FOLDS[backend]
     plan = make_plan(fold, compact.hidden.device, compact.labels.numel(), weight.shape[0], head.chunk_size,
-                     head.head_precision)  # fmt: skip
+                     head.head_precision, head.batch_invariant)  # fmt: skip
     grad_mode = torch.is_grad_enabled()
     inputs = (compact.hidden, weight, bias) + (() if adapter is None else (adapter.lora_A, adapter.lora_B))
     needs = tuple(grad_mode and x is not None and x.requires_grad for x in inputs)
@@ -387,6 +408,7 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     if labels_checking_enabled(head.check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
     backend = backends.resolve(head.backend, hidden.device, hidden.dtype)
+    check_batch_invariant_head(head.batch_invariant, backend, adapter)
     if path == "four_gemm" or backend == "reference":
         logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True,
                                         bias=bias, **head.keywords(check_labels=False))  # fmt: skip

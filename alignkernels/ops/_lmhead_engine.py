@@ -140,6 +140,7 @@ class Plan(NamedTuple):
     chunk_rows: int
     block_cols: int
     precision: HeadPrecision = HEAD_PRECISIONS["input"]
+    padded: bool = False  # batch_invariant=True: the rows are padded to whole chunks (every GEMM at one shape)
 
 
 class HeadStats(NamedTuple):
@@ -563,14 +564,18 @@ BATCH_INVARIANT_ROWS = {"cpu": CPU_CHUNK_ROWS, "cuda": 1024}  # token rows per t
 BATCH_INVARIANT_BLOCK = 1 << 14  # vocab entries per tile (the last block: V mod 16384, fixed by V)
 
 
+def batch_invariant_rows(device) -> int:
+    """Token rows per tile of ``batch_invariant=True`` on ``device`` (:data:`BATCH_INVARIANT_ROWS`)."""
+    return BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
+
+
 def batch_invariant_plan(fold, device, vocab, precision: str = "input") -> Plan:
     """The fixed plan of ``batch_invariant=True``: every tile GEMM is ``[rows, H] x [H, block]`` (the
     last vocab block ``V mod block`` wide), every fold sees that tile shape, the vocab blocks are
     merged in one order -- whatever ``n_rows``, ``chunk_size`` or ``vocab_block_size``. With the rows
     padded to a multiple of ``rows`` (:func:`pad_rows`) a row's results depend on its own inputs only."""
-    rows = BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
     block = min(BATCH_INVARIANT_BLOCK, fold.max_block or BATCH_INVARIANT_BLOCK)
-    return Plan(rows, min(block, vocab), head_precision(precision))
+    return Plan(batch_invariant_rows(device), min(block, vocab), head_precision(precision), padded=True)
 
 
 def pad_rows(x: torch.Tensor, multiple: int, value=0) -> torch.Tensor:

@@ -187,8 +187,9 @@ def linear_logprobs(
             on CUDA; ``chunk_size`` / ``vocab_block_size`` are then not used), the valid rows padded
             to a multiple of the tile rows, so every GEMM (cuBLAS on CUDA) and every fold runs at one
             shape and merges the vocab blocks in one order. Costs at most one tile of padded rows per
-            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only; ``reference``,
-            ``lora=`` and ``process_group=`` refuse it (``ValueError``). Without it results are
+            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only; ``reference``
+            and ``lora=`` refuse it (``ValueError``); with ``process_group=`` the shards' sums are
+            added in rank order (``ops/vocab_parallel.py``). Without it results are
             deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
             change with the batch around it.
         support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
@@ -212,8 +213,6 @@ def linear_logprobs(
     if process_group is not None:
         if support is not None:
             raise ValueError("support= is not supported with process_group= (vocab-parallel lm_head)")
-        if batch_invariant:
-            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel lm_head)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -223,7 +222,7 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
-            head_precision=head_precision,
+            head_precision=head_precision, batch_invariant=batch_invariant,
         )  # fmt: skip
     precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)

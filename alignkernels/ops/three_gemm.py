@@ -34,6 +34,14 @@ autograd, scaled by the upstream gradient of the loss. When no input needs a gra
 again (:class:`HeadCall` ``.recompute``); double backward is refused. Under ``torch.compile`` the
 ignored rows are not dropped but masked (``valid``): 0 outputs, zero token gradient.
 
+Batch invariance (``batch_invariant=True``: :func:`batch_invariant_plan`, ``plan.padded``): one chunk
+size fixed by the device and ``V`` (the default chunk, capped at 512 / 1024 rows), the valid rows padded
+to whole chunks (hidden 0, label 0, zero token gradient), so GEMM 1, the fold and GEMM 2 always run at
+one shape and a row's logp, entropy and ``grad_hidden`` row depend on that row alone. GEMM 3 and
+``grad_b`` reduce over rows: the padded rows add exact zeros, so they are bitwise the same for the
+same valid rows in the same order, but change with the set of rows (another micro-batch split).
+Cost: at most one chunk of padded rows, ``6·ceil(n/R)·R·H·V``.
+
 Backends: the folds of the lm-head engine (``_lmhead_engine``), with a vocabulary block of the
 whole ``V``: ``torch`` (:class:`TorchHeadFold`: fused ATen ops; CPU, fp64, anywhere) and ``triton``
 (:class:`TritonHeadFold`: steps 2 and 4 are the ``alignkernels.kernels.linear_logprobs`` kernels,
@@ -58,8 +66,19 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .._utils import output_dtype, refuse_double_backward
-from ._lmhead_engine import BLOCK_ALIGN, HeadPrecision, Plan, TorchFold, Transform, TritonFold, addmm_into, mm_into
+from .._utils import check_batch_invariant, output_dtype, refuse_double_backward
+from ._lmhead_engine import (
+    BLOCK_ALIGN,
+    HeadPrecision,
+    Plan,
+    TorchFold,
+    Transform,
+    TritonFold,
+    addmm_into,
+    head_precision,
+    mm_into,
+    pad_rows,
+)
 from ._lora import LoraConcat, LoraHead
 from ._lmhead_engine import make_plan as make_tile_plan
 from ._softmax_torch import fold_block, grad_from_centred_, log_prob, raw_grad_, transform_
@@ -72,6 +91,8 @@ MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 16, 8192
 # head_precision "fp32" / "tf32" on CUDA): the weight is widened [block, H] at a time, never whole.
 GPU_WEIGHT_BLOCK_ELEMENTS = 1 << 26
 CPU_WEIGHT_BLOCK_ELEMENTS = 1 << 22
+# batch_invariant=True: the default chunk for V (fixed by V), at most this many rows (bounds the padding)
+BATCH_INVARIANT_ROWS = {"cpu": 512, "cuda": 1024}
 
 
 class WeightOperand:
@@ -180,14 +201,42 @@ class TritonHeadFold(TritonFold):
 HEAD_FOLDS = {"torch": TorchHeadFold, "triton": TritonHeadFold}
 
 
+def check_batch_invariant_head(batch_invariant, backend: str, lora=None) -> bool:
+    """``batch_invariant=`` of an op on this head: a bool (``TypeError``), and ``True`` only on the
+    backends with a fold (:data:`HEAD_FOLDS`) and without ``lora=`` (``ValueError``, the words of
+    ``linear_logprobs``'s refusal). Returns it."""
+    check_batch_invariant(batch_invariant)
+    if batch_invariant and (backend not in HEAD_FOLDS or lora is not None):
+        raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(HEAD_FOLDS)} without lora=, "
+                         f"got backend={backend!r}" + (" with lora=" if lora is not None else ""))  # fmt: skip
+    return batch_invariant
+
+
 def make_plan(fold, device: torch.device, n_rows: int, vocab: int, chunk_size: int | None,
-              precision: str = "input") -> Plan:  # fmt: skip
+              precision: str = "input", batch_invariant: bool = False) -> Plan:  # fmt: skip
     """The engine's plan with one vocabulary block (the whole row) and a chunk that keeps the
-    ``[chunk, V]`` buffer near ``*_BUFFER_ELEMENTS``; ``precision``: ``head_precision=``."""
+    ``[chunk, V]`` buffer near ``*_BUFFER_ELEMENTS``; ``precision``: ``head_precision=``.
+    ``batch_invariant``: :func:`batch_invariant_plan` (``n_rows`` and ``chunk_size`` not used)."""
+    if batch_invariant:
+        return batch_invariant_plan(device, vocab, precision)
     if chunk_size is None:
         budget = GPU_BUFFER_ELEMENTS if device.type == "cuda" else CPU_BUFFER_ELEMENTS
         chunk_size = min(max(budget // max(vocab, 1), MIN_CHUNK_ROWS), MAX_CHUNK_ROWS)
     return make_tile_plan(fold, device, n_rows, vocab, chunk_size, vocab, precision)
+
+
+def batch_invariant_plan(device: torch.device, vocab: int, precision: str = "input") -> Plan:
+    """The fixed plan of ``batch_invariant=True``: chunks of ``R`` rows, ``R`` fixed by the device and
+    ``V`` only: the default plan's chunk for ``V`` (``*_BUFFER_ELEMENTS // V``, at least
+    ``MIN_CHUNK_ROWS``), capped at :data:`BATCH_INVARIANT_ROWS` (512 on the CPU, 1024 on CUDA: at most
+    that many padded rows per call) -- one vocabulary block, and ``padded``: :func:`three_gemm_head`
+    pads the rows to whole chunks, so GEMM 1, the fold, GEMM 2 (and GEMM 3) always run at one shape.
+    (The default chunk, not a smaller one: on the CPU 256-row chunks ran ~40 % slower than 512 at
+    V = 16384, H = 256.)"""
+    budget = GPU_BUFFER_ELEMENTS if torch.device(device).type == "cuda" else CPU_BUFFER_ELEMENTS
+    cap = BATCH_INVARIANT_ROWS.get(torch.device(device).type, BATCH_INVARIANT_ROWS["cpu"])
+    rows = min(cap, max(MIN_CHUNK_ROWS, budget // max(vocab, 1)), MAX_CHUNK_ROWS)
+    return Plan(rows, vocab, head_precision(precision), padded=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,9 +271,39 @@ def three_gemm_head(
     (bool, optional) marks the rows that count: the others (ignored rows kept in place under
     ``torch.compile``, see ``_lmhead_engine.CompactRows``) get 0 outputs and a zero token gradient,
     whatever ``token_grad`` says about them. GEMM operands and mode: ``plan.precision``
-    (``_lmhead_engine.HeadPrecision``; :class:`WeightOperand`)."""
+    (``_lmhead_engine.HeadPrecision``; :class:`WeightOperand`).
+
+    ``plan.padded`` (:func:`batch_invariant_plan`): the rows are padded to whole chunks first
+    (:func:`_padded_head`), so a row's logp, entropy, is_top1 and ``grads.hidden`` row are bitwise
+    functions of its own hidden state, label and token gradient. ``grads.weight`` / ``grads.bias``
+    are sums over rows: bitwise the same for the same valid rows in the same order (whatever
+    padding, packing or ignored rows surround them), not for another set of rows. No ``lora``."""
+    if plan.padded and lora is not None:
+        raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
     with plan.precision.gemms(hidden.device):
+        if plan.padded:
+            return _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid)
         return _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora)
+
+
+def _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid) -> HeadOutputs:
+    """:func:`_three_gemm_head` on the rows padded to a multiple of ``plan.chunk_rows`` (hidden 0,
+    label 0, ``valid`` False: zero token gradient, so their ``dz`` rows are 0 and add exact zeros to
+    GEMM 3 and ``grad_b``); ``token_grad`` sees the real rows only; outputs cut back to ``n`` rows."""
+    n = hidden.shape[0]
+    rows = plan.chunk_rows
+    real = torch.ones(n, dtype=torch.bool, device=hidden.device) if valid is None else valid
+
+    def padded_grad(chunk: slice, stats: ChunkStats) -> TokenGrad:
+        k = max(0, min(chunk.stop, n) - chunk.start)  # real rows of this chunk (the padding is last)
+        grad = token_grad(slice(chunk.start, chunk.start + k), ChunkStats(*(x[:k] for x in stats)))
+        pad = stats.logp.shape[0] - k
+        return TokenGrad(*(None if g is None else torch.cat([g, g.new_zeros(pad)]) for g in grad))
+
+    out = _three_gemm_head(pad_rows(hidden, rows), weight, bias, pad_rows(labels, rows), tr, padded_grad, plan, fold,
+                           needs, pad_rows(real, rows, False), None)  # fmt: skip
+    grads = out.grads._replace(hidden=None if out.grads.hidden is None else out.grads.hidden[:n])
+    return HeadOutputs(out.logp[:n], out.entropy[:n], out.is_top1[:n], grads)
 
 
 def _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora) -> HeadOutputs:

@@ -120,10 +120,10 @@ def token_logprobs(
         batch_invariant: each row's logp, entropy and gradient row are bitwise independent of the
             other rows, the batch size and layout (padded or packed) and whether gradients are on
             (``torch``: every chunk padded to the row count fixed by ``V``; ``triton``: one program per row, block
-            size fixed by ``V`` -- already invariant). ``reference``, ``cuda`` and ``process_group=``
-            refuse it (``ValueError``). Without it every backend is deterministic run to run (same
-            inputs and shapes, same bits), but on ``torch`` a row may differ in the last bits when
-            the batch around it changes.
+            size fixed by ``V`` -- already invariant). ``reference`` and ``cuda`` refuse it
+            (``ValueError``); with ``process_group=`` the shards' sums are added in rank order.
+            Without it every backend is deterministic run to run (same inputs and shapes, same bits),
+            but on ``torch`` a row may differ in the last bits when the batch around it changes.
         support: the sampler's kept tokens per row, a packed int32 bitmask of shape
             ``labels.shape + (ceil(V/32),)``: token ``v`` kept when bit ``v % 32`` (least significant
             first) of word ``v // 32`` is set (``alignkernels.ops._support.pack_bits`` packs a bool
@@ -142,14 +142,12 @@ def token_logprobs(
     if process_group is not None:
         if support is not None or top_k is not None:
             raise ValueError("support= / top_k= are not supported with process_group= (vocab-parallel logits)")
-        if batch_invariant:
-            raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel logits)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
             logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            check_labels=check_labels,
+            check_labels=check_labels, batch_invariant=batch_invariant,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,

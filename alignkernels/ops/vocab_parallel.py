@@ -23,6 +23,16 @@ Algorithm (no new kernels; every rank runs the single-device backends on its sha
    ``grad_weight``/``grad_bias`` stay local and ``grad_hidden`` (a partial sum over the shard's
    vocabulary) is all-reduced (SUM, fp32) across the group: ``N_valid x H`` floats.
 
+Batch invariance (``batch_invariant=True``): each rank runs the single-device op's fixed plan on its
+shard (the logits form: ``_logits_engine.BATCH_INVARIANT_TOKEN_KERNELS``; the linear form:
+``_lmhead_engine.batch_invariant_plan``, rows padded to whole tiles), and every cross-rank SUM
+(step 2's packed terms, the backward's ``grad_hidden``) becomes an all-gather of the ranks' partial
+results added in rank order 0, 1, ..., W-1 on every rank (:func:`_sum_in_rank_order`): a collective's
+own reduction order (ring / tree, split by buffer size) would depend on where a row sits in the
+buffer. The MAX all-reduce is exact. A row's logp, entropy and ``grad_hidden`` row are then bitwise
+independent of the batch, for a fixed layout of shards. Cost: the all-gathers move ``W`` times the
+all-reduces' numbers (``W·3N`` forward, ``W·N·H`` backward) and hold them at once.
+
 Every rank must compute the same downstream loss (so the upstream gradients agree), as in
 Megatron-LM; each call and each backward is a collective (every rank calls it, same order).
 
@@ -39,6 +49,7 @@ import torch.distributed as dist
 
 from .._utils import (
     OpBackends,
+    check_batch_invariant,
     check_label_range,
     check_same_device,
     check_temperature,
@@ -50,15 +61,17 @@ from .._utils import (
 )
 from ._lmhead_engine import (
     FOLDS,
+    batch_invariant_plan,
     check_positive_int,
     compact_rows,
     head_backward,
     head_forward,
     make_plan,
+    pad_rows,
     validate_head,
 )
 from ._lmhead_engine import head_precision as head_precision_row
-from ._logits_engine import TOKEN_KERNELS
+from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, log_prob, merge_terms, merged
 
@@ -189,17 +202,38 @@ def _local_labels(labels, vocab_start, shard_size, ignore_index):
     return torch.where(owned, local, other), owned
 
 
+def _sum_in_rank_order(t: torch.Tensor, process_group) -> torch.Tensor:
+    """``t`` summed over the group's ranks, the terms added in rank order on every rank (one
+    all-gather; ``batch_invariant=True``): each element's sum is the same whatever the buffer holds
+    around it, unlike an all-reduce whose algorithm may split the buffer by size."""
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, t.contiguous(), group=process_group)
+    total = parts[0].clone()
+    for part in parts[1:]:
+        total += part
+    return total
+
+
+def _all_reduce_sum(t: torch.Tensor, process_group, rank_order: bool) -> torch.Tensor:
+    """SUM over the group: an all-reduce in place, or :func:`_sum_in_rank_order` (a new tensor)."""
+    if rank_order:
+        return _sum_in_rank_order(t, process_group)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+    return t
+
+
 # --------------------------------------------------------------------------------------------
 # The combine step: the one place where shard statistics become global log-probs and entropies
 # --------------------------------------------------------------------------------------------
-def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, process_group):
+def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, process_group, rank_order=False):
     """Per row: this shard's ``logp_k`` (meaningful where it owns the label) and centred state
     ``stats_k``. Returns the global ``(logp, RowStats)`` on every rank (``_softmax_torch``'s merge,
     summed across ranks instead of over a local dim).
 
     Two all-reduces: MAX of ``row_max_k`` (N floats), then one SUM of the packed
     ``[Σ_k e^(z-M), Σ_k (z-M) e^(z-M) (entropy only), z_label - M (owner only)]`` (2-3 N floats).
-    The owner's ``z_label - M = logp_k + log_sum_k + (row_max_k - M)``: centred, no digit lost."""
+    The owner's ``z_label - M = logp_k + log_sum_k + (row_max_k - M)``: centred, no digit lost.
+    ``rank_order``: the SUM as :func:`_sum_in_rank_order` (``batch_invariant=True``)."""
     zero = torch.zeros((), dtype=stats_k.row_max.dtype, device=stats_k.row_max.device)
     # ignored rows: finite dummies (backends may leave 0 / garbage there)
     part = RowStats(*(torch.where(valid, x, zero) for x in stats_k))
@@ -208,7 +242,7 @@ def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, proce
     terms = merge_terms(part, row_max)
     label_centred = torch.where(owned, logp_k + part.log_sum + (part.row_max - row_max), zero)
     packed = torch.cat((terms if want_entropy else terms[:1], label_centred[None]))
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=process_group)
+    packed = _all_reduce_sum(packed, process_group, rank_order)
     total = packed[:2] if want_entropy else torch.stack((packed[0], torch.zeros_like(packed[0])))
     stats = merged(row_max, total)
     return log_prob(packed[-1], stats.log_sum), stats
@@ -223,10 +257,10 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, local_labels, owned, valid, temperature, ignore_index, backend, want_entropy,
-                process_group):  # fmt: skip
-        kernels = TOKEN_KERNELS[backend]
+                process_group, batch_invariant=False):  # fmt: skip
+        kernels = (BATCH_INVARIANT_TOKEN_KERNELS if batch_invariant else TOKEN_KERNELS)[backend]
         logp_k, stats_k = kernels.forward(logits, local_labels, temperature, ignore_index)
-        logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group)
+        logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group, batch_invariant)
         ctx.save_for_backward(logits, local_labels, *stats)
         ctx.temperature, ctx.ignore_index, ctx.kernels, ctx.backend = temperature, ignore_index, kernels, backend
         ctx.set_materialize_grads(False)
@@ -236,7 +270,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("vocab_parallel_token_logprobs", ctx.backend)
-        none = (None,) * 8
+        none = (None,) * 9
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
         logits, local_labels, *stats = ctx.saved_tensors
@@ -262,6 +296,7 @@ def vocab_parallel_token_logprobs(
     backend: str = "auto",
     check_labels: bool | None = None,
     check_shards: bool = True,
+    batch_invariant: bool = False,
 ):
     """``token_logprobs`` for logits sharded over the vocabulary across ``process_group``.
 
@@ -285,6 +320,9 @@ def vocab_parallel_token_logprobs(
         check_labels: range check of the global labels (as ``token_logprobs``).
         check_shards: verify the layout across ranks (one small all-gather and a host sync; see the
             module docstring). Turn off once a training loop's layout is known to be right.
+        batch_invariant: each row's logp, entropy and gradient row bitwise independent of the other
+            rows (``token_logprobs``'s fixed chunks on each shard, the shards' sums added in rank
+            order: module docstring). ``torch`` and ``triton`` only (``ValueError`` otherwise).
 
     Returns:
         ``logp`` (fp32; fp64 for fp64 logits; shape of ``labels``) or ``(logp, entropy)``, the same
@@ -306,7 +344,12 @@ def vocab_parallel_token_logprobs(
         t = check_temperature(temperature)
         if labels_checking_enabled(check_labels):
             check_label_range(wide, vocab_size, ignore_index)
-        return t, VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype), wide
+        impl = VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype)
+        invariant_backends = tuple(BATCH_INVARIANT_TOKEN_KERNELS)
+        if check_batch_invariant(batch_invariant) and impl not in invariant_backends:
+            raise ValueError(f"batch_invariant=True is implemented on the backends {invariant_backends}, "
+                             f"got backend={impl!r}")  # fmt: skip
+        return t, impl, wide
 
     shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
     t, impl, wide_labels = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start,
@@ -316,7 +359,7 @@ def vocab_parallel_token_logprobs(
     valid = flat_labels != ignore_index
     logp, entropy = VocabParallelTokenLogprobsFunction.apply(
         logits_shard, local_labels.contiguous(), owned, valid, t, int(ignore_index), impl, bool(return_entropy),
-        process_group,
+        process_group, batch_invariant,
     )  # fmt: skip
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -338,7 +381,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora)
         logp, stats = _combine_shards(out.logp, out.stats, owned, torch.ones_like(owned), want_entropy,
-                                      process_group)  # fmt: skip
+                                      process_group, plan.padded)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
         ctx.lora_scaling = lora_scaling
@@ -375,8 +418,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_lora_A = grad_lora_A.to(lora_A.dtype)
         if needs[0]:
             # grad_hidden = Σ_k dz_k @ W_k: this rank holds one term of the sum (fp32 accumulator)
-            dist.all_reduce(grad_hidden, op=dist.ReduceOp.SUM, group=ctx.process_group)
-            grad_hidden = grad_hidden.to(hidden.dtype)
+            grad_hidden = _all_reduce_sum(grad_hidden, ctx.process_group, ctx.plan.padded).to(hidden.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None)
@@ -403,6 +445,7 @@ def vocab_parallel_linear_logprobs(
     check_shards: bool = True,
     lora=None,
     head_precision: str = "input",
+    batch_invariant: bool = False,
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -429,6 +472,10 @@ def vocab_parallel_linear_logprobs(
             ``lora_A`` replicated, ``lora_B`` sharded like ``weight_shard`` (see ``linear_logprobs``).
             Every rank passes an adapter (or none) alike; ``grad_lora_A`` is all-reduced (SUM) like
             ``grad_hidden``, ``grad_lora_B`` stays local.
+        batch_invariant: each row's logp, entropy and ``grad_hidden`` row bitwise independent of the
+            other rows, the batch layout, ``chunk_size`` / ``vocab_block_size`` and whether gradients
+            are on: ``linear_logprobs``'s fixed plan on each shard (rows padded to whole tiles), the
+            shards' sums added in rank order (module docstring). ``torch`` / ``triton``, no ``lora=``.
 
     Returns:
         ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
@@ -448,6 +495,8 @@ def vocab_parallel_linear_logprobs(
             check_label_range(wide, vocab_size, ignore_index)
         adapter = validate_lora(lora, hidden, weight_shard, weight_name="weight_shard")
         head_precision_row(head_precision)
+        if check_batch_invariant(batch_invariant) and adapter is not None:
+            raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
         return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide, adapter
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
@@ -462,12 +511,20 @@ def vocab_parallel_linear_logprobs(
     compact = compact_rows(hidden, wide_labels, ignore_index)  # host sync; same rows on every rank
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
-    plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
+    rows = compact.hidden
+    if batch_invariant:  # one tile shape on every shard: the rows padded to whole tiles (owned nowhere, dropped)
+        plan = batch_invariant_plan(fold, hidden.device, shard, head_precision)
+        rows, local_labels, owned = (pad_rows(x, plan.chunk_rows, fill) for x, fill in
+                                     ((rows, 0), (local_labels, 0), (owned, False)))  # fmt: skip
+    else:
+        plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
-        compact.hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
+        rows, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
         *(adapter if adapter is not None else ()),
     )  # fmt: skip
+    n = compact.labels.shape[0]
+    logp, entropy = logp[:n], entropy[:n]
     return (compact.expand(logp), compact.expand(entropy)) if return_entropy else compact.expand(logp)
 
 

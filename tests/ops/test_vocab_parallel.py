@@ -578,6 +578,100 @@ def check_masked_vocabulary(rank, world):
         assert torch.isneginf(logp[[0, 2, 3]]).all() and torch.isfinite(x.grad).all() and torch.isfinite(h.grad).all()
 
 
+def check_batch_invariant(rank, world, form, backend, examples):
+    """``batch_invariant=True``: a pool of 40 tokens computed as one batch, then sub-batches (1..40
+    tokens, shuffled, packed ``[1, n]`` or padded ``[B, T]`` with junk inputs and -100 labels, any
+    ``chunk_size`` / ``vocab_block_size``, gradients on or off; the same draws on every rank) give
+    every token's logp, entropy and gradient row (``grad_hidden``; the logits form: the shard's
+    ``grad_logits`` row) bit for bit. 16-row tiles, so the batches span one to three tiles."""
+    import random
+
+    import alignkernels
+    from alignkernels.ops import _lmhead_engine as engine
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    bounds = SHARD_BOUNDS[world]
+    start, size = _shard(bounds, rank)
+    gen = torch.Generator().manual_seed(21)
+    pool_n, H = 40, 16
+    weight = torch.randn(V, H, generator=gen) * 0.5
+    pool = dict(x=torch.randn(pool_n, H, generator=gen) if form == "linear" else torch.randn(pool_n, V, generator=gen) * 3,
+                labels=torch.randint(0, V, (pool_n,), generator=gen), g_logp=torch.randn(pool_n, generator=gen),
+                g_ent=torch.randn(pool_n, generator=gen))  # fmt: skip
+
+    def run(x, labels, g_logp, g_ent, grad, **kw):
+        leaf = (x if form == "linear" else x[..., start:start + size]).clone().requires_grad_(grad)
+        if form == "linear":
+            out = vocab_parallel_linear_logprobs(leaf, weight[start:start + size], labels, vocab_start=start,
+                                                 vocab_size=V, return_entropy=True, backend=backend,
+                                                 batch_invariant=True, **kw)  # fmt: skip
+        else:
+            out = vocab_parallel_token_logprobs(leaf, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                backend=backend, batch_invariant=True)  # fmt: skip
+        if not grad:
+            return out[0], out[1], None
+        ((out[0] * g_logp).sum() + (out[1] * g_ent).sum()).backward()
+        return out[0].detach(), out[1].detach(), leaf.grad
+
+    saved = engine.BATCH_INVARIANT_ROWS
+    engine.BATCH_INVARIANT_ROWS = {"cpu": 16, "cuda": 16}
+    try:
+        want = run(pool["x"][None], pool["labels"][None], pool["g_logp"][None], pool["g_ent"][None], True)
+        single = (alignkernels.linear_logprobs(pool["x"], weight, pool["labels"], return_entropy=True, backend="torch")
+                  if form == "linear" else
+                  alignkernels.token_logprobs(pool["x"], pool["labels"], return_entropy=True, backend="torch"))
+        _close("pool logp", want[0][0], single[0])
+        _close("pool entropy", want[1][0], single[1])
+        # the public ops hand batch_invariant=True to the vocab-parallel form (they used to refuse it)
+        public = (alignkernels.linear_logprobs(pool["x"][None], weight[start:start + size], pool["labels"][None],
+                                               process_group=torch.distributed.group.WORLD, vocab_start=start,
+                                               vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True)
+                  if form == "linear" else
+                  alignkernels.token_logprobs(pool["x"][None, :, start:start + size], pool["labels"][None],
+                                              process_group=torch.distributed.group.WORLD, vocab_start=start,
+                                              vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True))
+        assert torch.equal(public[0], want[0]) and torch.equal(public[1], want[1])
+        rng = random.Random(5)  # same draws on every rank
+        for _ in range(examples):
+            n = rng.choice([1, 2, 15, 17, rng.randint(3, 39), 40])
+            idx = rng.sample(range(pool_n), n)
+            if rng.random() < 0.5:
+                shape, pos = (1, n), [(0, i) for i in range(n)]
+            else:
+                B = rng.randint(1, n)
+                T = -(-n // B) + rng.randint(0, 3)
+                shape, pos = (B, T), sorted(rng.sample([(b, t) for b in range(B) for t in range(T)], n))
+            junk = torch.Generator().manual_seed(rng.randint(0, 2**31))
+            x = torch.randn(*shape, pool["x"].shape[-1], generator=junk) * 5
+            labels = torch.full(shape, -100)
+            g_logp, g_ent = torch.randn(shape, generator=junk), torch.randn(shape, generator=junk)
+            for (b, t), i in zip(pos, idx):
+                x[b, t], labels[b, t] = pool["x"][i], pool["labels"][i]
+                g_logp[b, t], g_ent[b, t] = pool["g_logp"][i], pool["g_ent"][i]
+            grad = rng.random() < 0.6
+            kw = dict(chunk_size=rng.choice([None, 1, 5]), vocab_block_size=rng.choice([None, 16])) if form == "linear" else {}
+            logp, ent, gx = run(x, labels, g_logp, g_ent, grad, **kw)
+            bs, ts = zip(*pos)
+            what = f"n={n} shape={shape} grad={grad} {kw}"
+            assert torch.equal(logp[bs, ts], want[0][0, idx]), what
+            assert torch.equal(ent[bs, ts], want[1][0, idx]), what
+            assert bool((logp[labels == -100] == 0).all()), what
+            if grad:
+                assert torch.equal(gx[bs, ts], want[2][0, idx]), what
+                assert bool((gx[labels == -100] == 0).all()), what
+    finally:
+        engine.BATCH_INVARIANT_ROWS = saved
+    if form == "linear":  # refused by name on every rank
+        lora = (torch.zeros(2, H), torch.zeros(size, 2), 1.0)
+        _expect_error(lambda: vocab_parallel_linear_logprobs(pool["x"], weight[start:start + size], pool["labels"],
+                                                             vocab_start=start, vocab_size=V, lora=lora,
+                                                             batch_invariant=True),
+                      "batch_invariant=True is not supported with lora=")  # fmt: skip
+        _expect_error(lambda: vocab_parallel_linear_logprobs(pool["x"], weight[start:start + size], pool["labels"],
+                                                             vocab_start=start, vocab_size=V, batch_invariant=1),
+                      "batch_invariant must be a bool")  # fmt: skip
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -595,12 +689,16 @@ def _checks_for(world):
         "edge_cases": lambda r: check_edge_cases(r, world),
         "logp_entropy_bounds": lambda r: check_logp_entropy_bounds(r, world),
         "masked_vocabulary": lambda r: check_masked_vocabulary(r, world),
+        "batch_invariant_linear": lambda r: check_batch_invariant(r, world, "linear", "torch", 10 if world == 2 else 4),
+        "batch_invariant_token": lambda r: check_batch_invariant(r, world, "token", "torch", 10 if world == 2 else 4),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
         checks["head_precision"] = lambda r: check_head_precision(r, world)
         checks["ddp_grpo"] = lambda r: check_data_parallel_grpo(r, world)
         checks["fsdp2_dtensor_head"] = lambda r: check_fsdp2_dtensor_head(r, world)
+        checks["batch_invariant_linear_triton"] = lambda r: check_batch_invariant(r, world, "linear", "triton", 2)
+        checks["batch_invariant_token_triton"] = lambda r: check_batch_invariant(r, world, "token", "triton", 2)
     if world == 4:
         checks["tp_dp_subgroups"] = lambda r: check_tp_dp_subgroups(r, world)
     return checks
