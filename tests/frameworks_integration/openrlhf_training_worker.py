@@ -1,0 +1,127 @@
+"""OpenRLHF 0.11.2's ``ActorPPOTrainer.training_step`` for a few steps on CPU, stock and patched, in a
+process of its own (the stand-ins of ``openrlhf_stand_ins.py`` and the patches stay out of pytest's).
+
+    python openrlhf_training_worker.py OUT.pt CONFIG
+
+For the configuration ``CONFIG`` (a key of :data:`CONFIGS`), runs the same 3 steps three times from
+the same initial weights — ``stock``, ``swap`` (``alignkernels.integrations.openrlhf.apply()``) and
+``fused`` (``apply(fused_forward=True)``) — and saves per run: the metrics each step returns
+(policy / entropy / KL loss, gradient norm), the action log-probs and entropy the actor's forward
+gave at each step (a forward hook on the ``Actor``), the final parameters, and
+``adapter_calls()``. ``tests/frameworks_integration/test_openrlhf_training.py`` compares them.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openrlhf_stand_ins import CPUStrategy, import_ppo_actor, ppo_args  # noqa: E402
+
+STEPS = 3
+B, PROMPT, RESPONSE, V = 3, 6, 5, 97
+
+
+class Config(NamedTuple):
+    model_type: str  # "qwen2" or "llama"
+    tie_word_embeddings: bool
+    temperature: float
+    entropy_coef: float | None  # None: OpenRLHF does not ask the forward for the entropy
+    kl_use_loss: bool
+    loss_agg_mode: str
+
+
+CONFIGS = {
+    "qwen2_untied_entropy_kl": Config("qwen2", False, 0.7, 0.01, True, "token-mean"),
+    "llama_tied_no_entropy": Config("llama", True, 1.0, None, False, "seq-mean-token-mean"),
+}
+
+
+def _model(config: Config):
+    import transformers
+
+    common = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa")  # fmt: skip
+    hf_config = (transformers.Qwen2Config if config.model_type == "qwen2" else transformers.LlamaConfig)(**common)
+    torch.manual_seed(0)
+    model_class = transformers.Qwen2ForCausalLM if config.model_type == "qwen2" else transformers.LlamaForCausalLM
+    return model_class(hf_config).float()
+
+
+def _experiences(ppo_actor, actor):
+    """One batch per step: left-padded prompts, responses that end early (masked tail), old /
+    reference log-probs near the initial policy's (so the PPO clip and the KL term are active)."""
+    from openrlhf.trainer.ppo_utils.experience import Experience
+
+    out = []
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        sequences = torch.randint(0, V, (B, PROMPT + RESPONSE), generator=g)
+        attention_mask = torch.ones_like(sequences)
+        attention_mask[0, :2] = 0  # left padding
+        action_mask = torch.ones(B, RESPONSE, dtype=torch.bool)
+        action_mask[1, -2:] = False  # a response that ended early
+        attention_mask[1, -2:] = 0
+        with torch.no_grad():
+            logp = actor(sequences, action_mask, attention_mask)
+        out.append(Experience(
+            sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
+            action_log_probs=logp + 0.3 * torch.randn(logp.shape, generator=g),
+            base_action_log_probs=logp + 0.2 * torch.randn(logp.shape, generator=g),
+            advantages=torch.randn(B, RESPONSE, generator=g),
+        ))  # fmt: skip
+    return out
+
+
+def _run(ppo_actor, config: Config, experiences):
+    args = ppo_args(entropy_coef=config.entropy_coef, kl_use_loss=config.kl_use_loss, kl_init_coef=0.05,
+                    kl_estimator="k3", loss_agg_mode=config.loss_agg_mode)  # fmt: skip
+    strategy = CPUStrategy(args)
+    actor = ppo_actor.Actor(_model(config), temperature=config.temperature)
+    actor.packing_samples = False  # set by Actor.__init__ only when it loads the model itself
+    # SGD, not DeepSpeed's Adam: Adam's normalisation turns a gradient that is zero in exact arithmetic
+    # (the k_proj bias: softmax is shift invariant) into a full +-lr step of its rounding noise, so the
+    # parameters would compare noise, not the gradients (seen: 1.5e-4 apart after 3 AdamW steps)
+    optimizer = torch.optim.SGD(actor.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = ppo_actor.ActorPPOTrainer(strategy, actor, None, optimizer, scheduler, micro_train_batch_size=B)
+    forwards = []
+    actor.register_forward_hook(lambda module, inputs, output: forwards.append(output))
+    steps = []
+    for step, experience in enumerate(copy.deepcopy(experiences)):
+        status = trainer.training_step(experience, kl_ctl=0.05, step=step)
+        (logp, output), = forwards[-1:]  # fmt: skip
+        metrics = {k: float(v) for k, v in status["metrics"].items()
+                   if k in ("policy_loss", "entropy_loss", "kl", "actor_grad_norm", "ppo_kl", "ppo_clip_ratio")}  # fmt: skip
+        entropy = getattr(output, "entropy", None)
+        steps.append({"metrics": metrics, "logp": logp.detach().clone(),
+                      "entropy": None if entropy is None else entropy.detach().clone()})  # fmt: skip
+    assert len(forwards) == STEPS, len(forwards)
+    return {"steps": steps, "params": {n: p.detach().clone() for n, p in actor.named_parameters()}}
+
+
+def main(out_path: str, config_name: str) -> None:
+    import alignkernels.integrations.openrlhf as ak_openrlhf
+
+    config = CONFIGS[config_name]
+    ppo_actor = import_ppo_actor()
+    actor = ppo_actor.Actor(_model(config), temperature=config.temperature)
+    actor.packing_samples = False
+    experiences = _experiences(ppo_actor, actor)
+    results = {"initial": {n: p.detach().clone() for n, p in ppo_actor.Actor(_model(config)).named_parameters()}}
+    results["stock"] = _run(ppo_actor, config, experiences)
+    for name, options in (("swap", {}), ("fused", {"fused_forward": True})):
+        with ak_openrlhf.apply(**options):
+            results[name] = _run(ppo_actor, config, experiences)
+            results[name]["adapter_calls"] = ak_openrlhf.adapter_calls()
+            results[name]["forward_is_fused"] = ppo_actor.Actor.forward is ak_openrlhf.fused_actor_forward
+    results["config"] = config._asdict()
+    torch.save(results, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
