@@ -26,6 +26,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -112,6 +113,19 @@ def ppo_args(*, entropy_coef=None, kl_use_loss=False, kl_init_coef=0.01, kl_esti
         ds=ns(packing_samples=False),
         vllm=ns(sync_backend="nccl"),
     )  # fmt: skip
+
+
+def write_stand_in_packages(root, tops=("flash_attn",)) -> None:
+    """The stand-ins of the packages ``tops`` as source files under ``root`` (for processes that
+    cannot run :func:`stand_in_modules` first: Ray workers, with ``root`` on their ``PYTHONPATH``)."""
+    for name, functions in STAND_INS.items():
+        if name.partition(".")[0] not in tops:
+            continue
+        folder = Path(root, *name.split("."))
+        folder.mkdir(parents=True, exist_ok=True)
+        body = "".join(f"def {fn}(*args, **kwargs):\n    raise RuntimeError('stand-in {name}.{fn}: not available')\n"
+                       for fn in functions)  # fmt: skip
+        (folder / "__init__.py").write_text(f'"""Stand-in of {name} (tests/frameworks_integration/openrlhf_stand_ins.py)."""\n' + body)
 
 
 class CPUStrategy:
