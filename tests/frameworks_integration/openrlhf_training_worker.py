@@ -8,10 +8,13 @@ the same initial weights — ``stock``, ``swap`` (``alignkernels.integrations.op
 ``fused`` (``apply(fused_forward=True)``) — and saves per run: the metrics each step returns
 (policy / entropy / KL loss, gradient norm), the action log-probs and entropy the actor's forward
 gave at each step (a forward hook on the ``Actor``), the final parameters, and
-``adapter_calls()``. ``tests/frameworks_integration/test_openrlhf_training.py`` compares them.
+``adapter_calls()``. Then one step at N = 160 tokens, stock and fused, under a dispatch mode that
+records every ``[>= N/4, V]`` tensor (``token_by_vocab``).
+``tests/frameworks_integration/test_openrlhf_training.py`` compares them.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 from pathlib import Path
@@ -52,18 +55,18 @@ def _model(config: Config):
     return model_class(hf_config).float()
 
 
-def _experiences(ppo_actor, actor):
+def _experiences(actor, steps=STEPS, batch=B, prompt=PROMPT, response=RESPONSE):
     """One batch per step: left-padded prompts, responses that end early (masked tail), old /
     reference log-probs near the initial policy's (so the PPO clip and the KL term are active)."""
     from openrlhf.trainer.ppo_utils.experience import Experience
 
     out = []
     g = torch.Generator().manual_seed(1)
-    for _ in range(STEPS):
-        sequences = torch.randint(0, V, (B, PROMPT + RESPONSE), generator=g)
+    for _ in range(steps):
+        sequences = torch.randint(0, V, (batch, prompt + response), generator=g)
         attention_mask = torch.ones_like(sequences)
         attention_mask[0, :2] = 0  # left padding
-        action_mask = torch.ones(B, RESPONSE, dtype=torch.bool)
+        action_mask = torch.ones(batch, response, dtype=torch.bool)
         action_mask[1, -2:] = False  # a response that ended early
         attention_mask[1, -2:] = 0
         with torch.no_grad():
@@ -72,12 +75,46 @@ def _experiences(ppo_actor, actor):
             sequences=sequences, attention_mask=attention_mask, action_mask=action_mask,
             action_log_probs=logp + 0.3 * torch.randn(logp.shape, generator=g),
             base_action_log_probs=logp + 0.2 * torch.randn(logp.shape, generator=g),
-            advantages=torch.randn(B, RESPONSE, generator=g),
+            advantages=torch.randn(batch, response, generator=g),
         ))  # fmt: skip
     return out
 
 
-def _run(ppo_actor, config: Config, experiences):
+class TokenByVocab(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every tensor an ATen op returns (forward, backward, optimizer step) that has the
+    vocabulary as a dimension and at least ``rows`` rows' worth of elements: a ``[rows, V]`` tile."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and V in t.shape and t.numel() // V >= self.rows:
+                self.found.append((str(func), tuple(t.shape)))
+        return out
+
+
+def _watch(ppo_actor, config: Config, options) -> list:
+    """One training step at N = 4 x 40 tokens (under ``apply(**options)`` unless ``None``) under
+    :class:`TokenByVocab` with rows = N / 4 (more than H = 32, so the ``[V, H]`` head and its gradient
+    do not count)."""
+    import alignkernels.integrations.openrlhf as ak_openrlhf
+
+    actor = ppo_actor.Actor(_model(config), temperature=config.temperature)
+    actor.packing_samples = False
+    (experience,) = _experiences(actor, steps=1, batch=4, prompt=20, response=20)
+    watch = TokenByVocab(rows=4 * 40 // 4)
+    with contextlib.ExitStack() as stack:
+        if options is not None:
+            stack.enter_context(ak_openrlhf.apply(**options))
+        _run(ppo_actor, config, [experience], watch=watch)
+    return watch.found
+
+
+def _run(ppo_actor, config: Config, experiences, watch=None):
     args = ppo_args(entropy_coef=config.entropy_coef, kl_use_loss=config.kl_use_loss, kl_init_coef=0.05,
                     kl_estimator="k3", loss_agg_mode=config.loss_agg_mode)  # fmt: skip
     strategy = CPUStrategy(args)
@@ -93,14 +130,15 @@ def _run(ppo_actor, config: Config, experiences):
     actor.register_forward_hook(lambda module, inputs, output: forwards.append(output))
     steps = []
     for step, experience in enumerate(copy.deepcopy(experiences)):
-        status = trainer.training_step(experience, kl_ctl=0.05, step=step)
+        with watch or contextlib.nullcontext():
+            status = trainer.training_step(experience, kl_ctl=0.05, step=step)
         (logp, output), = forwards[-1:]  # fmt: skip
         metrics = {k: float(v) for k, v in status["metrics"].items()
                    if k in ("policy_loss", "entropy_loss", "kl", "actor_grad_norm", "ppo_kl", "ppo_clip_ratio")}  # fmt: skip
         entropy = getattr(output, "entropy", None)
         steps.append({"metrics": metrics, "logp": logp.detach().clone(),
                       "entropy": None if entropy is None else entropy.detach().clone()})  # fmt: skip
-    assert len(forwards) == STEPS, len(forwards)
+    assert len(forwards) == len(experiences), len(forwards)
     return {"steps": steps, "params": {n: p.detach().clone() for n, p in actor.named_parameters()}}
 
 
@@ -111,7 +149,7 @@ def main(out_path: str, config_name: str) -> None:
     ppo_actor = import_ppo_actor()
     actor = ppo_actor.Actor(_model(config), temperature=config.temperature)
     actor.packing_samples = False
-    experiences = _experiences(ppo_actor, actor)
+    experiences = _experiences(actor)
     results = {"initial": {n: p.detach().clone() for n, p in ppo_actor.Actor(_model(config)).named_parameters()}}
     results["stock"] = _run(ppo_actor, config, experiences)
     for name, options in (("swap", {}), ("fused", {"fused_forward": True})):
@@ -120,6 +158,8 @@ def main(out_path: str, config_name: str) -> None:
             results[name]["adapter_calls"] = ak_openrlhf.adapter_calls()
             results[name]["forward_is_fused"] = ppo_actor.Actor.forward is ak_openrlhf.fused_actor_forward
     results["config"] = config._asdict()
+    results["token_by_vocab"] = {"stock": _watch(ppo_actor, config, None),
+                                 "fused": _watch(ppo_actor, config, {"fused_forward": True, "chunk_size": 16})}  # fmt: skip
     torch.save(results, out_path)
 
 

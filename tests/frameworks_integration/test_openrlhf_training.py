@@ -7,7 +7,7 @@ log-prob / entropy swap) and ``apply(fused_forward=True)`` (no logits). Each run
 of its own (``openrlhf_training_worker.py``; the stand-ins for ``flash_attn``, ``vllm`` and the
 DeepSpeed strategy are in ``openrlhf_stand_ins.py``). Compared per step: the losses, KL and gradient
 norm the step returns, the action log-probs and entropy of the actor's forward; after 3 steps: every
-parameter.
+parameter. And a dispatch-mode watch over one whole fused training step: no ``[N, V]`` tensor.
 """
 from __future__ import annotations
 
@@ -59,3 +59,13 @@ def test_training_steps_match_stock(runs, case):
         assert max_rel_error(ours["params"][name], value) <= TOL, name
     # the steps moved the weights (so the comparison above compares training, not the initial state)
     assert max(max_rel_error(value, runs["initial"][name]) for name, value in stock["params"].items()) > 1e-2
+
+
+@pytest.mark.slow
+def test_fused_training_step_never_holds_token_by_vocab_tensors(runs):
+    """A whole ``training_step`` (forward, PolicyLoss, KL / entropy terms, backward, optimizer step) at
+    N = 160 tokens, V = 97: no ATen op returns a tensor with the vocabulary as a dimension and N / 4
+    rows under ``apply(fused_forward=True, chunk_size=16)``; the same watch sees the logits in stock."""
+    found = runs["token_by_vocab"]
+    assert any(shape[-1] == 97 and len(shape) >= 2 for _, shape in found["stock"])
+    assert not found["fused"], found["fused"][:5]
