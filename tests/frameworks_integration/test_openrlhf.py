@@ -2,21 +2,20 @@
 
 ``import openrlhf.models`` needs ``flash_attn`` (imported at module level by
 ``openrlhf/models/ring_attn_utils.py``, used only by the packed / ring-attention path): a stand-in
-module whose functions raise is installed for the import, then removed. Parity: values and every
-gradient within 2e-6 relative of OpenRLHF's (fp32 vs fp32), and close to an fp64 eager computation.
+module whose functions raise is installed for the import, then removed (``openrlhf_stand_ins.py``).
+Parity: values and every gradient within 2e-6 relative of OpenRLHF's (fp32 vs fp32), and close to an
+fp64 eager computation.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib.machinery
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from helpers import max_rel_error
+from frameworks_integration.openrlhf_stand_ins import STAND_INS, stand_in_modules
 
 pytest.importorskip("openrlhf")
 transformers = pytest.importorskip("transformers")
@@ -24,36 +23,12 @@ transformers = pytest.importorskip("transformers")
 import alignkernels.integrations.openrlhf as ak_openrlhf  # noqa: E402
 
 TOL = 2e-6
-_FLASH_ATTN_STAND_IN = {
-    "flash_attn": {},
-    "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
-    "flash_attn.utils": {},
-    "flash_attn.utils.distributed": ("all_gather",),
-}
-
-
-def _not_available(*args, **kwargs):
-    raise RuntimeError("flash_attn stand-in of tests/frameworks_integration/test_openrlhf.py: not available")
 
 
 def _import_openrlhf_models():
-    if "openrlhf.models.actor" in sys.modules:
-        return sys.modules["openrlhf.models.actor"], sys.modules["openrlhf.models.utils"]
-    added = []
-    if "flash_attn" not in sys.modules:
-        for name, functions in _FLASH_ATTN_STAND_IN.items():
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            for fn in functions:
-                setattr(module, fn, _not_available)
-            sys.modules[name] = module
-            added.append(name)
-    try:
+    with stand_in_modules(tuple(name for name in STAND_INS if name.startswith("flash_attn"))):
         import openrlhf.models.actor as actor
         import openrlhf.models.utils as utils
-    finally:
-        for name in added:
-            del sys.modules[name]
     return actor, utils
 
 
