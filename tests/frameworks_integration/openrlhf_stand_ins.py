@@ -8,7 +8,9 @@
 - The DeepSpeed strategy (``openrlhf.utils.deepspeed.DeepspeedStrategy``) calls CUDA in
   ``setup_distributed`` and wraps the model in a DeepSpeed engine: :class:`CPUStrategy` is the
   surface ``ActorPPOTrainer.training_step`` calls (``backward``, ``optimizer_step``,
-  ``get_grad_norm``, ``ring_attn_group``, ``args``) on one process, with a plain torch optimizer.
+  ``get_grad_norm``, ``ring_attn_group``, ``args``) on one process, with a plain torch optimizer;
+  :class:`EngineStrategy` the same around a real ``DeepSpeedEngine`` (one gloo rank), with
+  OpenRLHF's own ``backward`` / ``optimizer_step`` / ``get_grad_norm``.
 - ``openrlhf.trainer.ray.ppo_actor`` binds ``torch_dist_barrier_and_cuda_sync`` by name and calls it
   in ``ActorPPOTrainer.__init__`` (a ``torch.distributed`` barrier and ``torch.cuda.synchronize``):
   :func:`import_ppo_actor` rebinds it there to a no-op (one process, no CUDA stream to wait for),
@@ -152,3 +154,24 @@ class CPUStrategy:
 
     def get_grad_norm(self, model):
         return self.grad_norm
+
+
+class EngineStrategy(CPUStrategy):
+    """For an ``Actor`` whose ``model`` is a ``DeepSpeedEngine`` (what OpenRLHF's strategy makes of it):
+    OpenRLHF's own ``DeepspeedStrategy.backward`` / ``optimizer_step`` / ``get_grad_norm``
+    (``engine.backward``, ``engine.step``, ``engine.get_global_grad_norm``)."""
+
+    def backward(self, loss, model, optimizer, **kwargs):
+        from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+        DeepspeedStrategy.backward(self, loss, model, optimizer)
+
+    def optimizer_step(self, optimizer, model, scheduler, name="model", **kwargs):
+        from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+        DeepspeedStrategy.optimizer_step(self, optimizer, model, scheduler, name=name)
+
+    def get_grad_norm(self, model):
+        from openrlhf.utils.deepspeed import DeepspeedStrategy
+
+        return DeepspeedStrategy.get_grad_norm(self, model)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -23,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from openrlhf_stand_ins import CPUStrategy, import_ppo_actor, ppo_args  # noqa: E402
+from openrlhf_stand_ins import CPUStrategy, EngineStrategy, import_ppo_actor, ppo_args  # noqa: E402
 
 STEPS = 3
 B, PROMPT, RESPONSE, V = 3, 6, 5, 97
@@ -36,11 +38,13 @@ class Config(NamedTuple):
     entropy_coef: float | None  # None: OpenRLHF does not ask the forward for the entropy
     kl_use_loss: bool
     loss_agg_mode: str
+    zero_stage: int | None = None  # a DeepSpeed engine around the model (one gloo rank), as OpenRLHF's strategy
 
 
 CONFIGS = {
     "qwen2_untied_entropy_kl": Config("qwen2", False, 0.7, 0.01, True, "token-mean"),
-    "llama_tied_no_entropy": Config("llama", True, 1.0, None, False, "seq-mean-token-mean"),
+    "qwen2_deepspeed_zero2": Config("qwen2", False, 0.7, 0.01, True, "token-mean", zero_stage=2),
+    "llama_tied_no_entropy_zero3": Config("llama", True, 1.0, None, False, "seq-mean-token-mean", zero_stage=3),
 }
 
 
@@ -114,6 +118,17 @@ def _watch(ppo_actor, config: Config, options) -> list:
     return watch.found
 
 
+def _parameters(actor) -> dict:
+    """Every parameter, whole (ZeRO-3 partitions them: gathered for the copy)."""
+    params = list(actor.parameters())
+    if hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return {n: p.detach().clone() for n, p in actor.named_parameters()}
+    return {n: p.detach().clone() for n, p in actor.named_parameters()}
+
+
 def _run(ppo_actor, config: Config, experiences, watch=None):
     args = ppo_args(entropy_coef=config.entropy_coef, kl_use_loss=config.kl_use_loss, kl_init_coef=0.05,
                     kl_estimator="k3", loss_agg_mode=config.loss_agg_mode)  # fmt: skip
@@ -125,6 +140,14 @@ def _run(ppo_actor, config: Config, experiences, watch=None):
     # parameters would compare noise, not the gradients (seen: 1.5e-4 apart after 3 AdamW steps)
     optimizer = torch.optim.SGD(actor.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if config.zero_stage is not None:  # as DeepspeedStrategy._ds_init_train_model: actor.model = the engine
+        import deepspeed
+
+        strategy = EngineStrategy(args)
+        ds_config = {"train_micro_batch_size_per_gpu": B, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": config.zero_stage}, "zero_allow_untested_optimizer": True}  # fmt: skip
+        actor.model, optimizer, _, _ = deepspeed.initialize(model=actor.model, optimizer=optimizer, config=ds_config)
+    initial = _parameters(actor)
     trainer = ppo_actor.ActorPPOTrainer(strategy, actor, None, optimizer, scheduler, micro_train_batch_size=B)
     forwards = []
     actor.register_forward_hook(lambda module, inputs, output: forwards.append(output))
@@ -139,19 +162,27 @@ def _run(ppo_actor, config: Config, experiences, watch=None):
         steps.append({"metrics": metrics, "logp": logp.detach().clone(),
                       "entropy": None if entropy is None else entropy.detach().clone()})  # fmt: skip
     assert len(forwards) == len(experiences), len(forwards)
-    return {"steps": steps, "params": {n: p.detach().clone() for n, p in actor.named_parameters()}}
+    return {"steps": steps, "initial": initial, "params": _parameters(actor)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(out_path: str, config_name: str) -> None:
     import alignkernels.integrations.openrlhf as ak_openrlhf
 
     config = CONFIGS[config_name]
+    if config.zero_stage is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     ppo_actor = import_ppo_actor()
     actor = ppo_actor.Actor(_model(config), temperature=config.temperature)
     actor.packing_samples = False
     experiences = _experiences(actor)
-    results = {"initial": {n: p.detach().clone() for n, p in ppo_actor.Actor(_model(config)).named_parameters()}}
-    results["stock"] = _run(ppo_actor, config, experiences)
+    results = {"stock": _run(ppo_actor, config, experiences)}
     for name, options in (("swap", {}), ("fused", {"fused_forward": True})):
         with ak_openrlhf.apply(**options):
             results[name] = _run(ppo_actor, config, experiences)
