@@ -8,7 +8,9 @@ the same initial weights — ``stock``, ``swap`` (``alignkernels.integrations.op
 ``fused`` (``apply(fused_forward=True)``) — and saves per run: the metrics each step returns
 (policy / entropy / KL loss, gradient norm), the action log-probs and entropy the actor's forward
 gave at each step (a forward hook on the ``Actor``), the final parameters, and
-``adapter_calls()``. Then one step at N = 160 tokens, stock and fused, under a dispatch mode that
+``adapter_calls()``. Configurations with ``zero_stage`` wrap the model in a real ``DeepSpeedEngine``
+(one gloo rank) and step through OpenRLHF's own strategy methods (``EngineStrategy``). Then one step
+at N = 160 tokens, stock and fused, under a dispatch mode that
 records every ``[>= N/4, V]`` tensor (``token_by_vocab``).
 ``tests/frameworks_integration/test_openrlhf_training.py`` compares them.
 """
