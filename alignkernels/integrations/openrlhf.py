@@ -24,7 +24,10 @@ fp32 whatever the logits dtype (OpenRLHF returns bf16 for bf16 logits).
 :func:`alignkernels.linear_logprobs` (through
 :func:`alignkernels.integrations.transformers.causal_lm_logprobs`, the model's own lm_head and logit
 transform), so ``[B, T, V]`` logits never exist; without ``return_entropy`` only the action positions
-are scored (the other rows cost no FLOPs). Same outputs as the stock forward: action log-probs
+are scored (the other rows cost no FLOPs). The call still goes through ``actor.model`` — in OpenRLHF
+the ``DeepSpeedEngine`` around the model, whose forward registers ZeRO's backward prologue on its
+outputs — with the model's forward patched (:func:`~alignkernels.integrations.transformers.patch_causal_lm`)
+for that call only. Same outputs as the stock forward: action log-probs
 (or all log-probs with ``return_logprobs``), and with ``return_output`` an output carrying ``entropy``
 (``[B, T-1]``) but no ``logits``. Calls that ask for the logits (no ``action_mask`` and no
 ``return_logprobs``: OpenRLHF's generation-side callers) run the stock forward. Refused with
@@ -54,6 +57,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +66,13 @@ from transformers.modeling_outputs import ModelOutput
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
 from alignkernels.integrations.openrlhf_losses import loss_swaps
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
-from alignkernels.integrations.transformers import causal_lm_logprobs, check_supported, unwrap_model
+from alignkernels.integrations.transformers import (
+    CausalLMForward,
+    check_supported,
+    patch_causal_lm,
+    unpatch_causal_lm,
+    unwrap_model,
+)
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
 from alignkernels.ops.token_logprobs import token_logprobs
 
@@ -163,12 +173,21 @@ class FusedActorOutput(ModelOutput):
 _STOCK_ACTOR_FORWARD = {}  # "forward": openrlhf's Actor.forward, set when fused_forward=True is installed
 
 
+def _hf_model(actor) -> torch.nn.Module:
+    """The Hugging Face model under ``actor.model``: OpenRLHF's DeepSpeed strategy replaces
+    ``actor.model`` by the ``DeepSpeedEngine`` around it (``_ds_init_train_model`` in
+    ``openrlhf/utils/deepspeed/deepspeed.py``), whose ``.module`` is the model."""
+    engine = getattr(sys.modules.get("deepspeed.runtime.engine"), "DeepSpeedEngine", None)  # loaded if in use
+    model = actor.model.module if engine is not None and isinstance(actor.model, engine) else actor.model
+    return unwrap_model(model)
+
+
 def _fused_forward_refusal(actor, mm_inputs) -> str | None:
     if getattr(actor, "packing_samples", False):
         return "packed samples / ring attention (packing_samples=True)"
     if mm_inputs or getattr(actor, "is_vlm", False):
         return "VLM inputs"
-    if getattr(getattr(unwrap_model(actor.model), "config", None), "output_router_logits", False):
+    if getattr(getattr(_hf_model(actor), "config", None), "output_router_logits", False):
         return "an MoE model with output_router_logits (its aux loss comes from the causal-LM forward)"
     return None
 
@@ -200,7 +219,8 @@ def fused_actor_forward(
         )
     if return_entropy and not return_output:
         raise ValueError("Actor.forward: return_entropy=True needs return_output=True (as OpenRLHF asserts)")
-    check_supported(self.model)
+    model = _hf_model(self)
+    check_supported(model)
     _STATE.count()
     position_ids = attention_mask.long().cumsum(-1) - 1
     position_ids.masked_fill_(attention_mask == 0, 1)
@@ -209,12 +229,22 @@ def fused_actor_forward(
         scored = torch.zeros_like(labels, dtype=torch.bool)
         scored[:, -action_mask.shape[1] - 1 : -1] = True
         labels = labels.masked_fill(~scored, -100)
-    out = causal_lm_logprobs(
-        self.model, sequences, shift_labels=labels, temperature=self.temperature, attention_mask=attention_mask,
-        position_ids=position_ids, return_entropy=return_entropy, backend=_STATE.options.backend,
-        chunk_size=_STATE.options.chunk_size, head_precision=_STATE.options.head_precision,
-        batch_invariant=_STATE.options.batch_invariant,
-    )  # fmt: skip
+    # through self.model's own call, so that a wrapper's forward runs (DeepSpeed's engine registers the
+    # ZeRO backward prologue on its outputs there): the model's forward is patched for this call only
+    previous = CausalLMForward.installed(model)
+    saved = None if previous is None else (previous.temperature, previous.backend)
+    patch_causal_lm(model, backend=_STATE.options.backend, temperature=self.temperature)
+    try:
+        out = self.model(
+            sequences, return_token_logprobs=True, shift_labels=labels, attention_mask=attention_mask,
+            position_ids=position_ids, return_entropy=return_entropy, chunk_size=_STATE.options.chunk_size,
+            head_precision=_STATE.options.head_precision, batch_invariant=_STATE.options.batch_invariant,
+        )  # fmt: skip
+    finally:
+        if previous is None:
+            unpatch_causal_lm(model)
+        else:  # the caller's own patch_causal_lm: its options back
+            previous.temperature, previous.backend = saved
     output = FusedActorOutput(entropy=out.entropy[:, :-1] if return_entropy else None)
     log_probs = out.logprobs[:, :-1]
     if action_mask is None:  # return_logprobs

@@ -2,20 +2,20 @@
 
 ``import openrlhf.models`` needs ``flash_attn`` (imported at module level by
 ``openrlhf/models/ring_attn_utils.py``, used only by the packed / ring-attention path): a stand-in
-module whose functions raise is installed for the import, then removed. Parity: values and every
-gradient within 2e-6 relative of OpenRLHF's (fp32 vs fp32), and close to an fp64 eager computation.
+module whose functions raise is installed for the import, then removed (``openrlhf_stand_ins.py``).
+Parity: values and every gradient within 2e-6 relative of OpenRLHF's (fp32 vs fp32), and close to an
+fp64 eager computation.
 """
 from __future__ import annotations
 
-import importlib.machinery
+import contextlib
 import os
-import sys
-import types
 
 import pytest
 import torch
 
 from helpers import max_rel_error
+from frameworks_integration.openrlhf_stand_ins import STAND_INS, stand_in_modules
 
 pytest.importorskip("openrlhf")
 transformers = pytest.importorskip("transformers")
@@ -23,36 +23,12 @@ transformers = pytest.importorskip("transformers")
 import alignkernels.integrations.openrlhf as ak_openrlhf  # noqa: E402
 
 TOL = 2e-6
-_FLASH_ATTN_STAND_IN = {
-    "flash_attn": {},
-    "flash_attn.bert_padding": ("index_first_axis", "pad_input", "rearrange", "unpad_input"),
-    "flash_attn.utils": {},
-    "flash_attn.utils.distributed": ("all_gather",),
-}
-
-
-def _not_available(*args, **kwargs):
-    raise RuntimeError("flash_attn stand-in of tests/frameworks_integration/test_openrlhf.py: not available")
 
 
 def _import_openrlhf_models():
-    if "openrlhf.models.actor" in sys.modules:
-        return sys.modules["openrlhf.models.actor"], sys.modules["openrlhf.models.utils"]
-    added = []
-    if "flash_attn" not in sys.modules:
-        for name, functions in _FLASH_ATTN_STAND_IN.items():
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            for fn in functions:
-                setattr(module, fn, _not_available)
-            sys.modules[name] = module
-            added.append(name)
-    try:
+    with stand_in_modules(tuple(name for name in STAND_INS if name.startswith("flash_attn"))):
         import openrlhf.models.actor as actor
         import openrlhf.models.utils as utils
-    finally:
-        for name in added:
-            del sys.modules[name]
     return actor, utils
 
 
@@ -274,6 +250,43 @@ def test_fused_actor_forward_never_holds_token_by_vocab_tensors():
     found = run()
     assert ak_openrlhf.adapter_calls() == 1
     assert not found, found[:5]
+
+
+@pytest.mark.slow
+def test_bf16_fused_forward_exact_on_the_bf16_operands_stock_rounds_its_logits():
+    """A bf16 model (DeepSpeed's bf16 casts the whole model): stock ``Actor.forward`` upcasts bf16
+    logits, already rounded to 8 bits, so its log-probs and entropy are ~1e-2 from fp64 of the same bf16
+    hidden states and head (the swap, fed those logits, cannot undo it); the fused forward keeps the
+    tile in fp32: ~1e-6 (numbers in ``docs/INTEGRATION.md``, "OpenRLHF drop-in")."""
+    config = transformers.Qwen2Config(
+        vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 3.0 / 32**0.5)  # logits of std ~3
+    model = model.to(torch.bfloat16)
+    actor = orl_actor.Actor(model, temperature=0.7)
+    actor.packing_samples = False
+    sequences, attention_mask, action_mask = _actor_batch()
+    with torch.no_grad():
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        hidden = model.model(sequences, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        z = (hidden.double() @ model.lm_head.weight.double().T)[:, :-1] / 0.7
+        labels = sequences[:, 1:]
+        ref_logp = torch.log_softmax(z, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)[:, -4:] * action_mask
+        ref_entropy = -(torch.softmax(z, -1) * torch.log_softmax(z, -1)).sum(-1)
+
+        def errors(**options):
+            with ak_openrlhf.apply(**options) if options.pop("patched", True) else contextlib.nullcontext():
+                logp, out = actor(sequences, action_mask, attention_mask, return_output=True, return_entropy=True)
+            assert logp.dtype == out.entropy.dtype == torch.float32
+            return max_rel_error(logp, ref_logp, floor=1.0), max_rel_error(out.entropy, ref_entropy, floor=1.0)
+
+        stock, swap, fused = errors(patched=False), errors(), errors(fused_forward=True)
+    assert max(fused) <= 1e-5, fused
+    assert min(stock) >= 1e-3 and min(swap) >= 1e-3, (stock, swap)  # the bf16 logits' rounding is seen
 
 
 def test_fused_actor_forward_logprobs_and_logits_callers():
