@@ -202,7 +202,7 @@ def run_one(trainer: str, mode: str, seq_len: int, batch_size: int, vocab_size: 
         row["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         row["memory_kind"] = "peak RSS of the process"
     else:
-        row["memory_kind"] = "torch.cuda.max_memory_allocated"
+        row.setdefault("memory_kind", "torch.cuda.max_memory_allocated")
     return row
 
 

@@ -12,8 +12,9 @@ no-padding layout: nested jagged ``input_ids`` / ``position_ids`` / ``loss_mask`
 engine's switches as non-tensor data (:func:`engine_batch`); the loss is a policy-gradient term plus an
 entropy bonus over the global token count (:func:`policy_loss`), so both engine outputs reach the gradient.
 
-Memory of the benchmark: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU (each
-mode runs in a fresh process, ``bench/e2e.py``): verl's imports and the model are in it, identical across modes.
+Memory of the benchmark: the peak over the measured steps above the level before them (allocated bytes on
+CUDA; resident set on CPU, ``VmHWM`` reset through ``/proc/self/clear_refs``), so the weights, verl's imports
+and the compile caches are out of it; each mode runs in a fresh process (``bench/e2e.py``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+
+from .harness import CpuRssProbe, CudaProbe
 
 VERL_MODES = ("verl", "alignkernels", "alignkernels_fused")
 
@@ -234,8 +237,11 @@ def verl_step_benchmark(mode: str, *, seq_len: int = 1024, batch_size: int = 2, 
     ``"alignkernels"`` (the same after ``alignkernels.integrations.verl.apply()``) or
     ``"alignkernels_fused"`` (``use_fused_kernels`` after ``apply()``: the ``[N, V]`` logits never exist;
     verl's own fused path fails on this untied FSDP2 head). Sets up and tears down verl's platform, the
-    process group and the patch itself (``python -m bench --e2e`` gives each mode a fresh process). Returns ``trainer, mode, device, dtype, batch_size, seq_len, step_time_s``
-    (median of ``steps`` after ``warmup``), ``peak_memory_bytes`` (CUDA; ``None`` on CPU) and ``loss``."""
+    process group and the patch itself (``python -m bench --e2e`` gives each mode a fresh process).
+    Returns ``trainer, mode, device, dtype, batch_size, seq_len, step_time_s`` (median of ``steps`` after
+    ``warmup``), ``peak_memory_bytes`` over the measured steps above the level before them (weights,
+    optimizer, verl's imports and compile caches excluded: ``bench.harness``'s ``CudaProbe`` /
+    ``CpuRssProbe``), ``memory_kind`` and ``loss``."""
     if mode not in VERL_MODES:
         raise ValueError(f"mode must be one of {VERL_MODES}, got {mode!r}")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -267,8 +273,8 @@ def verl_step_benchmark(mode: str, *, seq_len: int = 1024, batch_size: int = 2, 
         for _ in range(warmup):
             train_step(engine, batch())
         sync()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
+        probe = CudaProbe(device) if device.type == "cuda" else CpuRssProbe()
+        probe.start()
         times, loss = [], None
         for _ in range(steps):
             data = batch()
@@ -278,10 +284,12 @@ def verl_step_benchmark(mode: str, *, seq_len: int = 1024, batch_size: int = 2, 
             sync()
             times.append(time.perf_counter() - t0)
             loss = float(torch.as_tensor(result["loss"]).sum()) if loss is None else loss
+        peak = probe.peak()
         torch.distributed.destroy_process_group()
         ak_verl.remove()
     return dict(
         trainer="verl", mode=mode, device=str(device), dtype=setup.dtype, batch_size=batch_size, seq_len=seq_len,
-        step_time_s=statistics.median(times), loss=loss,
-        peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        step_time_s=statistics.median(times), loss=loss, peak_memory_bytes=peak,
+        memory_kind="peak allocated above the pre-step level" if device.type == "cuda" else
+        "peak RSS above the pre-step level (VmHWM reset)",
     )  # fmt: skip
