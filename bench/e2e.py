@@ -1,6 +1,8 @@
 """``python -m bench --e2e``: one training step of a small Qwen2-style model (from a config, no
 download) under GRPO and DPO -- eager full logits vs stock TRL (its own fused lm-head) vs TRL with
-``alignkernels.integrations.trl.apply()``: step time and peak memory (:func:`e2e_step_benchmark`).
+``alignkernels.integrations.trl.apply()``: step time and peak memory (:func:`e2e_step_benchmark`);
+and, where verl is installed, one step of verl's FSDP2 engine, stock vs ``alignkernels.integrations.verl.apply()``
+(logits path and fused head: ``bench/e2e_verl.py``).
 
 GPU: ``torch.cuda.max_memory_allocated``. CPU: each (trainer, mode) runs in a fresh process and
 reports its peak RSS (the model and inputs included, identical across modes).
@@ -9,6 +11,7 @@ Writes ``bench/results/<device>/e2e.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import statistics
@@ -18,6 +21,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from .e2e_verl import VERL_MODES
 
 RESULTS_ROOT = Path(__file__).resolve().parent / "results"
 E2E_MODES = ("eager", "trl", "alignkernels")
@@ -185,20 +190,27 @@ def e2e_step_benchmark(
 
 
 def run_one(trainer: str, mode: str, seq_len: int, batch_size: int, vocab_size: int, device: str, steps: int) -> dict:
-    (row,) = e2e_step_benchmark(trainer, modes=(mode,), seq_len=seq_len, batch_size=batch_size,
-                                vocab_size=vocab_size, device=device, steps=steps, warmup=1)  # fmt: skip
+    if trainer == "verl":
+        from .e2e_verl import verl_step_benchmark
+
+        row = verl_step_benchmark(mode, seq_len=seq_len, batch_size=batch_size, vocab_size=vocab_size, device=device,
+                                  steps=steps, warmup=1)  # fmt: skip
+    else:
+        (row,) = e2e_step_benchmark(trainer, modes=(mode,), seq_len=seq_len, batch_size=batch_size,
+                                    vocab_size=vocab_size, device=device, steps=steps, warmup=1)  # fmt: skip
     if row.get("peak_memory_bytes") is None:
         row["peak_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         row["memory_kind"] = "peak RSS of the process"
     else:
-        row["memory_kind"] = "torch.cuda.max_memory_allocated"
+        row.setdefault("memory_kind", "torch.cuda.max_memory_allocated")
     return row
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench --e2e", description=__doc__.splitlines()[0])
-    p.add_argument("--trainers", default="grpo,dpo")
-    p.add_argument("--modes", default="eager,trl,alignkernels")
+    p.add_argument("--trainers", default="grpo,dpo" + (",verl" if importlib.util.find_spec("verl") else ""))
+    p.add_argument("--modes", default="eager,trl,alignkernels", help="modes of the TRL trainers (grpo, dpo)")
+    p.add_argument("--verl-modes", default=",".join(VERL_MODES), help="modes of the verl engine step")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 8192 on GPU, 1024 on CPU)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--vocab-size", type=int, default=None, help="default 151936 on GPU, 32000 on CPU")
@@ -224,7 +236,7 @@ def main(argv=None) -> int:
         console = Console(width=max(console.width, 160))
     rows = []
     for trainer in args.trainers.split(","):
-        for mode in args.modes.split(","):
+        for mode in (args.verl_modes if trainer == "verl" else args.modes).split(","):
             with console.status(f"{trainer} / {mode}: one step at seq_len={seq_len}, V={vocab} on {device}"):
                 t0 = time.perf_counter()
                 cmd = [sys.executable, "-m", "bench.e2e", "--worker", trainer, mode, "--seq-len", str(seq_len),
@@ -242,7 +254,7 @@ def main(argv=None) -> int:
             rows.append(row)
 
     table = Table(title=f"One training step, seq_len={seq_len}, V={vocab}, {device_name(torch.device(device))}")
-    for col in ("trainer", "mode", "step time", "peak memory", "memory vs stock TRL", "memory vs eager"):
+    for col in ("trainer", "mode", "step time", "peak memory", "memory vs stock TRL / verl", "memory vs eager"):
         table.add_column(col)
     for r in rows:
         if r["status"] != "ok":
@@ -251,7 +263,8 @@ def main(argv=None) -> int:
         ref = {m["mode"]: m for m in rows if m["trainer"] == r["trainer"] and m["status"] == "ok"}
         ratio = lambda base: f"{r['peak_memory_bytes'] / ref[base]['peak_memory_bytes']:.2f}x" if base in ref else "-"  # noqa: E731
         table.add_row(r["trainer"], r["mode"], f"{r['step_time_s'] * 1e3:.0f} ms",
-                      f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", ratio("trl"), ratio("eager"))  # fmt: skip
+                      f"{r['peak_memory_bytes'] / 2**20:.0f} MiB", ratio("verl" if r["trainer"] == "verl" else "trl"),
+                      ratio("eager"))  # fmt: skip
     console.print(table)
     out = args.out or RESULTS_ROOT / device_slug(torch.device(device)) / "e2e.json"
     out.parent.mkdir(parents=True, exist_ok=True)

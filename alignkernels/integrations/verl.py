@@ -191,12 +191,21 @@ class FusedLinearForPPO(torch.nn.Module):
         self.chunk_size = chunk_size
         self.impl_backend = impl_backend
 
-    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0):
+    def forward(self, hidden_states, vocab_weights, input_ids, temperature=1.0, *, return_sum_pi_squared=False):
+        """``return_sum_pi_squared=True`` adds a third output, Σπ² = Σ_v softmax(h·Wᵀ / T)_v² of
+        ``input_ids``' shape (fp32, no gradient): what verl's logits path computes with
+        ``verl.utils.torch_functional.calculate_sum_pi_squared_from_logits`` on the scaled logits, here
+        from the same logits tiles (``linear_logprobs(..., return_stats=True)``, ``exp(log_sum_sq_probs)``)."""
+        if not isinstance(return_sum_pi_squared, bool):
+            raise TypeError(f"FusedLinearForPPO: return_sum_pi_squared must be a bool, got {return_sum_pi_squared!r}")
         _count()
         weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
         hidden_states, weight = _autocast_operands(hidden_states, weight)
-        return linear_logprobs(hidden_states, weight, input_ids, temperature=temperature, return_entropy=True,
-                               **_head_options())  # fmt: skip
+        out = linear_logprobs(hidden_states, weight, input_ids, temperature=temperature, return_entropy=True,
+                              return_stats=return_sum_pi_squared, **_head_options())  # fmt: skip
+        if return_sum_pi_squared:
+            return out.logp, out.entropy, out.log_sum_sq_probs.exp()
+        return out
 
 
 _REDUCTIONS = ("none", "sum", "mean")

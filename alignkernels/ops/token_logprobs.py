@@ -40,7 +40,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, ignore_index, backend, kernels):
-        logp, stats = kernels.forward(logits, labels, temperature, ignore_index)
+        # fp32 sums whatever autocast is active (as LinearLogprobsFunction): the torch backend's
+        # torch.linalg.vecdot would run in bf16 under CPU autocast (entropy ~1e-2 off)
+        with torch.autocast(logits.device.type, enabled=False):
+            logp, stats = kernels.forward(logits, labels, temperature, ignore_index)
         ctx.save_for_backward(logits, labels, *stats)
         ctx.temperature, ctx.ignore_index, ctx.backend, ctx.kernels = temperature, ignore_index, backend, kernels
         ctx.set_materialize_grads(False)
@@ -54,9 +57,10 @@ class TokenLogprobsFunction(torch.autograd.Function):
         logits, labels, *stats = ctx.saved_tensors
         grad_logp = grad_logp.contiguous() if grad_logp is not None else None
         grad_entropy = grad_entropy.contiguous() if grad_entropy is not None else None
-        grad_logits = ctx.kernels.backward(
-            logits, labels, RowStats(*stats), grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
-        )
+        with torch.autocast(logits.device.type, enabled=False):
+            grad_logits = ctx.kernels.backward(
+                logits, labels, RowStats(*stats), grad_logp, grad_entropy, ctx.temperature, ctx.ignore_index
+            )
         return grad_logits, None, None, None, None, None
 
 
