@@ -40,6 +40,13 @@ class Support(NamedTuple):
         mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
         return mask.scatter_(1, rows.topk(self.top_k, dim=1).indices, True)
 
+    def row_bits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ``[N, ceil(V/32)]`` int32 words (last dim contiguous) of every row of ``logits [..., V]``:
+        the given bits, or the ``top_k`` set packed (:func:`top_k_bits`) -- what the Triton kernels read."""
+        if self.bits is None:
+            return top_k_bits(logits, self.top_k)
+        return self.bits if self.bits.stride(-1) == 1 else self.bits.contiguous()
+
 
 _SHIFTS: dict = {}
 
@@ -75,6 +82,16 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     padded = torch.zeros(*mask.shape[:-1], W * 32, dtype=torch.int64, device=mask.device)
     padded[..., :V] = mask.long()
     words = (padded.view(*mask.shape[:-1], W, 32) << torch.arange(32, device=mask.device)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def top_k_bits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Each row's ``k`` largest logits (``torch.topk``, its ties) packed as ``[rows, ceil(V/32)]`` int32
+    words, from the ``[rows, k]`` indices: nothing of ``[N, V]`` besides the ``V/32`` words per row."""
+    V = logits.shape[-1]
+    idx = logits.topk(k, dim=-1).indices.reshape(-1, k)
+    words = torch.zeros(idx.shape[0], math.ceil(V / 32), dtype=torch.int64, device=logits.device)
+    words.scatter_add_(1, idx // 32, torch.ones_like(idx) << (idx % 32))  # distinct tokens, distinct bits: sum = OR
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
