@@ -18,7 +18,7 @@ offsets are int64: N·V passes 2^31 at 16k tokens x 152k vocab.
 
 The sampler's kept set (``support=``, ``alignkernels/ops/_support.py``): with ``has_support`` each
 program also reads its row's packed int32 bits (``[N, ceil(V/32)]``, bit ``v % 32`` LSB first of
-word ``v // 32``; ``V/8`` bytes per row, ~1/16 of bf16 logits) tile by tile (:func:`kept_logits`),
+word ``v // 32``; ``V/8`` bytes per row, ~1/16 of bf16 logits) tile by tile (``_softmax.kept_logits``),
 and every logit outside the set is ``-inf`` before the online statistics and in the backward's
 recompute: ``p = 0`` there, so logp, entropy and gradient are those of the distribution
 renormalised over the kept set with no other formula. A label outside it gets ``-inf`` (the torch
@@ -39,6 +39,7 @@ from ._softmax import (
     centred_stats,
     finalise,
     grad_centred,
+    kept_logits,
     log_prob,
     merge_stats,
 )
@@ -59,16 +60,6 @@ def _row_start(logits_ptr, row, rows_per_outer, stride_outer, stride_inner):
     """Pointer to row ``row`` (int64) of the logits: the [outer, inner] decomposition of the
     flattened leading dims."""
     return logits_ptr + (row // rows_per_outer) * stride_outer + (row % rows_per_outer) * stride_inner
-
-
-@triton.jit
-def kept_logits(y, support_row_ptr, cols, in_row, has_support):
-    """``y`` with every column outside the row's kept set (bit ``cols % 32`` of word ``cols // 32`` at
-    ``support_row_ptr``) set to ``-inf``; ``y`` itself when ``has_support`` is 0 (nothing read)."""
-    if has_support:
-        words = tl.load(support_row_ptr + cols // 32, mask=in_row, other=0)
-        y = tl.where(((words >> (cols % 32)) & 1) != 0, y, float("-inf"))
-    return y
 
 
 @triton.jit

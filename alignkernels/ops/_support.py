@@ -1,5 +1,6 @@
 """The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (torch and reference) and
-``support=`` on ``linear_logprobs`` (torch: the lm-head engine masks each tile, :func:`kept_block`).
+``support=`` on ``linear_logprobs`` (torch and Triton: the lm-head engine hands each tile's words to the
+fold, :class:`TileBits`).
 
 With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
 kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``
@@ -12,7 +13,9 @@ tie-breaking) -- and the logits outside it set to ``−inf`` before the softmax 
 engines' ``−inf`` handling then gives exactly ``p = 0`` there, ``0·log 0 := 0`` in the entropy and a
 zero gradient: the renormalisation costs no extra formula. The backward recomputes the same mask.
 
-Memory: one ``[chunk, V]`` bool mask per chunk of the torch path; nothing of ``[N, V]``.
+Memory: one ``[chunk, V]`` bool mask per chunk of the torch path (one ``[chunk, block]`` mask per
+lm-head tile); the Triton kernels read the packed words in place (``top_k``: packed once, ``V/32``
+words per row, :func:`top_k_bits`); nothing of ``[N, V]``.
 Numerics: those of the engine on the masked logits (fp32 within ~1e-6 of fp64).
 A valid label outside its row's kept set is a ``ValueError`` naming the position (one host sync;
 ``check_labels=False`` skips it and that row's logp is ``−inf``).
@@ -60,12 +63,21 @@ def unpack_bits(words: torch.Tensor, vocab: int) -> torch.Tensor:
     return bits.reshape(words.shape[0], -1)[:, :vocab].bool()
 
 
-def kept_block(bits: torch.Tensor, r0: int, r1: int, v0: int, v1: int) -> torch.Tensor:
-    """The ``[r1 - r0, v1 - v0]`` bool mask of one lm-head tile (rows ``r0:r1``, vocab ``v0:v1``),
-    unpacked from the words that cover it only."""
-    w0, w1 = v0 // 32, -(-v1 // 32)
-    cols = unpack_bits(bits[r0:r1, w0:w1], (w1 - w0) * 32)
-    return cols[:, v0 - 32 * w0 : v1 - 32 * w0]
+class TileBits(NamedTuple):
+    """The kept set of one lm-head tile, as the folds take it (``ops/_lmhead_engine.py``): ``words``
+    ``[rows, ceil(V/32)]`` int32 of the tile's rows (the whole vocabulary's words), columns ``v0:v1``.
+    The torch fold unpacks :meth:`mask`; the Triton fold hands ``words`` to its kernels, which read
+    the words of the columns they touch (``kernels/_softmax.py`` ``kept_logits``)."""
+
+    words: torch.Tensor
+    v0: int
+    v1: int
+
+    def mask(self) -> torch.Tensor:
+        """The ``[rows, v1 - v0]`` bool mask, unpacked from the words that cover the columns only."""
+        w0, w1 = self.v0 // 32, -(-self.v1 // 32)
+        cols = unpack_bits(self.words[:, w0:w1], (w1 - w0) * 32)
+        return cols[:, self.v0 - 32 * w0 : self.v1 - 32 * w0]
 
 
 def label_bits(bits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -194,8 +194,9 @@ def linear_logprobs(
         support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
             ``labels.shape + (ceil(V/32),)``): logp and entropy renormalised over the kept set, each
             tile's logits outside it set to −inf (``ops/_support.py``; no ``[N, V]`` mask). A valid
-            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch``
-            backend only, without ``return_stats`` / ``process_group=`` (``ValueError`` otherwise).
+            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch`` and
+            ``triton`` backends (the Triton fold reads the packed words per tile), without
+            ``return_stats`` / ``process_group=`` (``ValueError`` otherwise).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -235,8 +236,8 @@ def linear_logprobs(
     if labels_checking_enabled(check_labels):
         check_label_range(wide_labels, vocab, ignore_index)
     kept = validate_support(support, None, wide_labels.shape, vocab, hidden.device, labels_checking_enabled(check_labels))
-    if kept is not None and (backend != "torch" or return_stats):
-        raise ValueError("support= is implemented on backend 'torch' without return_stats, "
+    if kept is not None and (backend not in FOLDS or return_stats):
+        raise ValueError(f"support= is implemented on the backends {tuple(FOLDS)} without return_stats, "
                          f"got backend={backend!r}" + (" with return_stats=True" if return_stats else ""))  # fmt: skip
     if kept is not None and kept.check:
         flat = wide_labels.reshape(-1)

@@ -254,12 +254,13 @@ def _head_data(seed=7):
     return hidden, weight, labels, keep
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("kw", [dict(chunk_size=4, vocab_block_size=40), dict(), dict(batch_invariant=True)])
-def test_linear_support_matches_fp64_masked_log_softmax(kw):
-    """Vocab blocks of 40 columns cut the 32-bit words: each tile unpacks only the words it covers."""
+def test_linear_support_matches_fp64_masked_log_softmax(kw, backend):
+    """Vocab blocks of 40 columns cut the 32-bit words: each tile reads only the words it covers."""
     hidden, weight, labels, keep = _head_data()
     h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
-    logp, entropy = ak.linear_logprobs(h, w, labels, support=pack_bits(keep), return_entropy=True, backend="torch",
+    logp, entropy = ak.linear_logprobs(h, w, labels, support=pack_bits(keep), return_entropy=True, backend=backend,
                                        temperature=0.8, **kw)  # fmt: skip
     (logp.sum() + 0.7 * entropy.sum()).backward()
     hd, wd = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
@@ -274,18 +275,43 @@ def test_linear_support_matches_fp64_masked_log_softmax(kw):
     assert bool((w.grad[~keep[valid].any(0)] == 0).all()), "vocab rows kept by no valid token get no gradient"
 
 
-def test_linear_label_outside_support_and_refusals():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_label_outside_support_and_refusals(backend):
     hidden, weight, labels, keep = _head_data()
     keep[2, 0, labels[2, 0]] = False
     with pytest.raises(ValueError, match=r"position \(2, 0\) is outside its row's support"):
-        ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch")
-    logp = ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend="torch", check_labels=False)
+        ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend=backend)
+    logp = ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend=backend, check_labels=False)
     assert logp[2, 0] == float("-inf") and bool(torch.isfinite(logp[1:2]).all())
     bits = pack_bits(keep)
-    for kw, match in ((dict(backend="triton"), "support= is implemented on backend 'torch'"),
-                      (dict(backend="reference"), "support= is implemented on backend 'torch'"),
-                      (dict(backend="torch", return_stats=True), "with return_stats=True"),
+    for kw, match in ((dict(backend="reference"), r"support= is implemented on the backends \('torch', 'triton'\)"),
+                      (dict(backend=backend, return_stats=True), "with return_stats=True"),
                       (dict(process_group=object(), vocab_start=0, vocab_size=V), "not supported with process_group="),
-                      (dict(backend="torch", support=bits[..., :2]), "support must have shape")):  # fmt: skip
+                      (dict(backend=backend, support=bits[..., :2]), "support must have shape")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ak.linear_logprobs(hidden, weight, labels, **{"support": bits, "check_labels": False, **kw})
+
+
+@pytest.mark.parametrize("block", [16, 48, 300])  # tiles of half a word, 1.5 words, the whole vocabulary
+def test_linear_triton_fold_support_tiles_as_torch(block):
+    """The Triton fold with ``support`` on tiles that cut the 32-bit words, bias, softcap and a label
+    outside the set (unchecked): the torch fold's values and gradients (2e-6), zero ``grad_weight`` rows for
+    tokens no valid row keeps."""
+    hidden, weight, labels, keep = _head_data(seed=11)
+    bias = torch.randn(V, generator=torch.Generator().manual_seed(12)) * 0.3
+    keep[..., 60:70] = False  # tokens kept by no row (bar a label)
+    keep.scatter_(-1, labels.clamp(min=0)[..., None], True)
+    keep[1, 3, labels[1, 3]] = False
+    outs = []
+    for backend in ("triton", "torch"):
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
+        logp, entropy = ak.linear_logprobs(h, w, labels, bias=b, support=pack_bits(keep), return_entropy=True,
+                                           backend=backend, softcap=3.0, check_labels=False, chunk_size=4,
+                                           vocab_block_size=block)  # fmt: skip
+        (torch.where(torch.isfinite(logp), logp, 0.0).sum() + 0.7 * entropy.sum()).backward()
+        outs.append((logp.detach(), entropy.detach(), h.grad, w.grad, b.grad))
+    assert outs[0][0][1, 3] == float("-inf")
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+    unused = ~keep[labels != -100].any(0)
+    assert bool(unused.any()) and bool((outs[0][3][unused] == 0).all()) and bool((outs[0][4][unused] == 0).all())
