@@ -33,10 +33,10 @@ from ._support import Support, check_labels_kept, label_bits
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
-class TritonTokenKernels:
-    """``alignkernels.kernels.token_logprobs`` launchers. With ``support`` (``ops/_support.py``) the
-    kernels read each row's packed kept-token bits (``Support.row_bits``: the caller's, or the
-    ``top_k`` set packed once) and mask the logits outside them to −inf tile by tile."""
+class PackedSupportKernels:
+    """What the kernel launchers (Triton, CUDA) share for ``support`` (``ops/_support.py``): they hand the
+    kernels each row's packed kept-token words (``Support.row_bits``: the caller's, or the ``top_k`` set
+    packed once), checked against the labels first, and the kernels mask the logits outside them to −inf."""
 
     def __init__(self, support: Support | None = None):
         self.support = support
@@ -55,6 +55,10 @@ class TritonTokenKernels:
             kept = label_bits(bits, torch.where(in_range, labels, 0))
             check_labels_kept(kept, (labels != ignore_index) & in_range, self.support.shape)
         return bits, 1
+
+
+class TritonTokenKernels(PackedSupportKernels):
+    """``alignkernels.kernels.token_logprobs`` launchers."""
 
     def forward(self, logits, labels, temperature, ignore_index):
         rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
@@ -217,26 +221,27 @@ class BatchInvariantTorchTokenKernels(TorchTokenKernels):
         return min(max(1, TORCH_CHUNK_ELEMENTS // V), self.MAX_FIXED_ROWS)
 
 
-class CudaTokenKernels:
-    """The hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend``."""
+class CudaTokenKernels(PackedSupportKernels):
+    """The hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend``; ``support`` as the
+    Triton launchers (the packed words handed to the kernels, labels checked first)."""
 
-    @staticmethod
-    def forward(logits, labels, temperature, ignore_index):
+    def forward(self, logits, labels, temperature, ignore_index):
+        bits = self._bits(logits, labels, ignore_index)[0] if self.support is not None and labels.numel() else None
         logp, row_max, log_sum, entropy = _cuda_backend.token_logprobs_forward(logits, labels, temperature,
-                                                                               ignore_index)  # fmt: skip
+                                                                               ignore_index, support=bits)  # fmt: skip
         return logp, RowStats(row_max, log_sum, entropy)
 
-    @staticmethod
-    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+    def backward(self, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+        bits = self.support.row_bits(logits) if self.support is not None and labels.numel() else None
         return _cuda_backend.token_logprobs_backward(
             logits, labels, stats.row_max, stats.log_sum, stats.entropy, grad_logp, grad_entropy, temperature,
-            ignore_index,
+            ignore_index, support=bits,
         )  # fmt: skip
 
 
 assert ROW_STATS == RowStats._fields  # the kernels' saved-state layout is RowStats, field for field
 
-TOKEN_KERNELS = {"triton": TritonTokenKernels(), "torch": TorchTokenKernels(), "cuda": CudaTokenKernels}
+TOKEN_KERNELS = {"triton": TritonTokenKernels(), "torch": TorchTokenKernels(), "cuda": CudaTokenKernels()}
 # batch_invariant=True: the Triton kernels are already one program per row with a block size fixed by
 # V (a row's bits never see another row); the torch chunks get one fixed shape. The CUDA kernels and
 # the eager reference are not proven batch invariant (refused by name in ``token_logprobs``).

@@ -130,8 +130,7 @@ def token_logprobs(
             mask). logp and entropy are then those of the distribution renormalised over the kept
             set, differentiable (zero gradient outside it), streamed chunk by chunk (no ``[N, V]``
             mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
-            logp ``-inf``). ``triton`` (the packed words read tile by tile), ``torch`` and ``reference``
-            backends (``cuda``: ``ValueError``).
+            logp ``-inf``). Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
         top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
             ties), then as ``support``.
 
@@ -156,9 +155,6 @@ def token_logprobs(
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,
                             labels_checking_enabled(check_labels))  # fmt: skip
     backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
-    if kept is not None and backend not in ("triton", "torch", "reference"):
-        raise ValueError(f"support= / top_k= are implemented on the backends ('triton', 'torch', 'reference'), "
-                         f"got backend={backend!r}")  # fmt: skip
     kernels = TOKEN_KERNELS
     if batch_invariant:
         kernels = BATCH_INVARIANT_TOKEN_KERNELS
