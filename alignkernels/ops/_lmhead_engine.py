@@ -67,7 +67,7 @@ from ._softmax_torch import (
     raw_grad_,
     transform_,
 )
-from ._support import TileBits
+from ._support import TileBits, TopK, ids_to_words, merge_top_k
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -431,6 +431,28 @@ def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora
                 fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
                              tr, want_stats, kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
     return fold.finalise(state, tr, vocab, want_stats)
+
+
+def head_top_k(hidden, weight, bias, tr: Transform, plan: Plan, k: int) -> torch.Tensor:
+    """``top_k=`` formed in the trainer: the ``[rows, ceil(V/32)]`` int32 words of each row's ``k`` largest
+    transformed logits ``y = f(h·Wᵀ + b)`` (the temperature keeps the order), ties to the lowest token ids
+    (``ops/_support.py`` ``merge_top_k``). One extra GEMM pass over the plan's tiles, with the torch
+    transform whatever the fold; memory: one tile and a running ``[rows, k]`` (values, ids) per chunk."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    cd = output_dtype(hidden.dtype)
+    runs: dict[int, TopK | None] = {}
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), plan.precision.gemms(hidden.device):
+        h = plan.precision.operand(hidden, cd)
+        bias_cd = bias.to(cd) if bias is not None else None
+        tile_buf = _buffers(TorchFold, plan, n_rows, vocab, cd, hidden.device)[0] if n_rows else None
+        for v0, v1, chunks in tiles(n_rows, vocab, plan):
+            w_blk = plan.precision.operand(weight[v0:v1], cd)
+            for r0, r1 in chunks:
+                tile = _view(tile_buf, (r1 - r0, v1 - v0))
+                TorchFold.tile(tile, h[r0:r1], w_blk, bias_cd[v0:v1] if bias is not None else None)
+                runs[r0] = merge_top_k(runs.get(r0), transform_(tile, tr.logit_scale, tr.softcap), v0, k)
+    ids = [runs[r0].ids for r0 in sorted(runs)]
+    return ids_to_words(torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int64, device=hidden.device), vocab)
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,

@@ -8,8 +8,10 @@ kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − l
 
 Algorithm: per chunk of rows, a ``[rows, V]`` bool mask of the kept tokens -- unpacked from the
 packed bitmask (token ``v`` kept when bit ``v % 32``, least significant first, of int32 word
-``v // 32`` is set; :func:`unpack_bits`), or the row's ``top_k`` largest logits (``torch.topk``, its
-tie-breaking) -- and the logits outside it set to ``−inf`` before the softmax statistics. The
+``v // 32`` is set; :func:`unpack_bits`), or the row's ``top_k`` largest logits (:func:`first_k_largest`:
+exactly ``k``, ties at the ``k``-th value to the lowest token ids, on every backend and in the lm-head's
+streaming top-k, :func:`merge_top_k`) -- and the logits outside it set to ``−inf`` before the softmax
+statistics. The
 engines' ``−inf`` handling then gives exactly ``p = 0`` there, ``0·log 0 := 0`` in the entropy and a
 zero gradient: the renormalisation costs no extra formula. The backward recomputes the same mask.
 
@@ -40,8 +42,7 @@ class Support(NamedTuple):
         """The ``[r1 - r0, V]`` bool mask of rows ``r0:r1`` whose logits are ``rows``."""
         if self.bits is not None:
             return unpack_bits(self.bits[r0:r1], rows.shape[-1])
-        mask = torch.zeros(rows.shape, dtype=torch.bool, device=rows.device)
-        return mask.scatter_(1, rows.topk(self.top_k, dim=1).indices, True)
+        return first_k_largest(rows, self.top_k)
 
     def row_bits(self, logits: torch.Tensor) -> torch.Tensor:
         """The ``[N, ceil(V/32)]`` int32 words (last dim contiguous) of every row of ``logits [..., V]``:
@@ -97,13 +98,72 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def top_k_bits(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Each row's ``k`` largest logits (``torch.topk``, its ties) packed as ``[rows, ceil(V/32)]`` int32
-    words, from the ``[rows, k]`` indices: nothing of ``[N, V]`` besides the ``V/32`` words per row."""
+def first_k_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """``[rows, cols]`` bool: each row's ``k`` largest values, ties at the ``k``-th value going to the
+    first columns (the lowest token ids) -- exactly ``k`` per row, whatever ``torch.topk`` does with ties."""
+    kth = values.topk(k, dim=1).values[:, -1:]
+    ties = values == kth
+    room = k - (values > kth).sum(1, keepdim=True)
+    return (values > kth) | (ties & (ties.cumsum(1) <= room))
+
+
+def top_k_bits(logits: torch.Tensor, k: int, chunk_elements: int = 1 << 22) -> torch.Tensor:
+    """Each row's ``k`` largest logits (:func:`first_k_largest`) packed as ``[rows, ceil(V/32)]`` int32
+    words, ``chunk_elements // V`` rows at a time: nothing of ``[N, V]`` besides the ``V/32`` words per row."""
     V = logits.shape[-1]
-    idx = logits.topk(k, dim=-1).indices.reshape(-1, k)
-    words = torch.zeros(idx.shape[0], math.ceil(V / 32), dtype=torch.int64, device=logits.device)
-    words.scatter_add_(1, idx // 32, torch.ones_like(idx) << (idx % 32))  # distinct tokens, distinct bits: sum = OR
+    step = max(1, chunk_elements // V)
+    words = [pack_bits(first_k_largest(rows[r : r + step], k))
+             for rows in _row_views(logits) for r in range(0, rows.shape[0], step)]  # fmt: skip
+    return torch.cat(words) if words else torch.zeros(0, math.ceil(V / 32), dtype=torch.int32, device=logits.device)
+
+
+def _row_views(x: torch.Tensor):
+    """``[rows, V]`` views covering ``x [..., V]`` in row order, without copying a strided input
+    (``logits[:, :-1]``)."""
+    if x.dim() <= 2 or x.is_contiguous():
+        yield x.reshape(-1, x.shape[-1])
+        return
+    for sub in x.unbind(0):
+        yield from _row_views(sub)
+
+
+class TopK(NamedTuple):
+    """The running ``k`` largest values of each row and their token ids (ascending among equal values),
+    over the vocabulary blocks seen so far: the lm-head's streaming ``top_k`` (``[rows, <= k]``)."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+
+
+def merge_top_k(run: TopK | None, values: torch.Tensor, v0: int, k: int) -> TopK:
+    """Merge the block ``values [rows, cols]`` (token ids ``v0 …``, after every id in ``run``) into ``run``:
+    the same set as :func:`first_k_largest` over the whole row (ties to the lowest ids), since the
+    running entries come first and stay in id order."""
+    ids = torch.arange(v0, v0 + values.shape[1], device=values.device).expand(values.shape[0], -1)
+    if run is not None:
+        values, ids = torch.cat((run.values, values), 1), torch.cat((run.ids, ids), 1)
+    if values.shape[1] <= k:
+        return TopK(values.clone(), ids.clone())
+    keep = first_k_largest(values, k)
+    return TopK(values[keep].view(-1, k), ids[keep].view(-1, k))
+
+
+def ids_to_words(ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    """``[rows, k]`` distinct token ids per row -> their ``[rows, ceil(V/32)]`` int32 words."""
+    words = torch.zeros(ids.shape[0], math.ceil(vocab / 32), dtype=torch.int64, device=ids.device)
+    words.scatter_add_(1, ids // 32, torch.ones_like(ids) << (ids % 32))  # distinct tokens, distinct bits: sum = OR
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def shard_words(bits: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """The words of the vocabulary slice ``[start, start + size)`` (a vocab-parallel shard) of the global
+    words ``bits`` ``[rows, ceil(V/32)]``: bit ``j`` of the result is bit ``start + j`` of the input (a
+    funnel shift of two consecutive words; ``[rows, ceil(size/32)]`` int32, bits past ``size`` clear)."""
+    w0, r = divmod(start, 32)
+    n = -(-size // 32)
+    u = torch.cat((bits.long() & 0xFFFFFFFF, bits.new_zeros(bits.shape[0], 1, dtype=torch.int64)), 1)  # + a guard word
+    words = (u[:, w0 : w0 + n] >> r) | ((u[:, w0 + 1 : w0 + n + 1] << (32 - r)) & 0xFFFFFFFF)
+    words[:, -1] &= (1 << (size - 32 * (n - 1))) - 1
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 

@@ -140,8 +140,8 @@ def token_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if support is not None or top_k is not None:
-            raise ValueError("support= / top_k= are not supported with process_group= (vocab-parallel logits)")
+        if top_k is not None:
+            raise ValueError("top_k= is not supported with process_group= (vocab-parallel logits; pass support=)")
         if batch_invariant:
             raise ValueError("batch_invariant=True is not supported with process_group= (vocab-parallel logits)")
         if vocab_start is None or vocab_size is None:
@@ -149,7 +149,7 @@ def token_logprobs(
         return vocab_parallel_token_logprobs(
             logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            check_labels=check_labels,
+            check_labels=check_labels, support=support,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,

@@ -26,6 +26,12 @@ Algorithm (no new kernels; every rank runs the single-device backends on its sha
 Every rank must compute the same downstream loss (so the upstream gradients agree), as in
 Megatron-LM; each call and each backward is a collective (every rank calls it, same order).
 
+The sampler's kept set (``support=``, ``ops/_support.py``): every rank takes the GLOBAL packed words
+``[..., ceil(V/32)]`` (replicated like the labels: what a sampler returns, whatever the tensor-parallel
+layout), checks the labels against them, and cuts its own slice's words (``shard_words``: a funnel shift,
+``V/32`` words per row); the local pass then masks the shard's logits outside the set, and the combine
+and backward are unchanged (a shard with no kept token in a row contributes no mass).
+
 Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
 call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the
 same labels (a fingerprint) and the same ``requires_grad`` for ``hidden``, and that no rank
@@ -61,6 +67,7 @@ from ._lmhead_engine import head_precision as head_precision_row
 from ._logits_engine import TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, log_prob, merge_terms, merged
+from ._support import Support, check_labels_kept, label_bits, shard_words, validate_support
 
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
@@ -214,6 +221,24 @@ def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, proce
     return log_prob(packed[-1], stats.log_sum), stats
 
 
+def _global_support(support, labels, vocab_size, device, check_labels, ignore_index) -> Support | None:
+    """``support=`` validated against the global vocabulary, its labels checked (inside the agreed
+    validation: every rank raises alike)."""
+    kept = validate_support(support, None, labels.shape, vocab_size, device, labels_checking_enabled(check_labels))
+    if kept is not None and kept.check:
+        flat = labels.reshape(-1)
+        check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab_size - 1)), flat != ignore_index, kept.shape)
+    return kept
+
+
+def _shard_support(kept: Support | None, vocab_start: int, shard: int, rows=None) -> Support | None:
+    """This shard's kept set (labels already checked globally); ``rows``: the compact rows to keep."""
+    if kept is None:
+        return None
+    bits = kept.bits if rows is None else kept.bits.index_select(0, rows)
+    return Support(shard_words(bits, vocab_start, shard), None, False, kept.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Logits form
 # --------------------------------------------------------------------------------------------
@@ -223,8 +248,8 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, local_labels, owned, valid, temperature, ignore_index, backend, want_entropy,
-                process_group):  # fmt: skip
-        kernels = TOKEN_KERNELS[backend]
+                process_group, support=None):  # fmt: skip
+        kernels = TOKEN_KERNELS[backend].with_support(support)  # support: this shard's words
         logp_k, stats_k = kernels.forward(logits, local_labels, temperature, ignore_index)
         logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group)
         ctx.save_for_backward(logits, local_labels, *stats)
@@ -236,7 +261,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("vocab_parallel_token_logprobs", ctx.backend)
-        none = (None,) * 8
+        none = (None,) * 9
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
         logits, local_labels, *stats = ctx.saved_tensors
@@ -262,6 +287,7 @@ def vocab_parallel_token_logprobs(
     backend: str = "auto",
     check_labels: bool | None = None,
     check_shards: bool = True,
+    support: torch.Tensor | None = None,
 ):
     """``token_logprobs`` for logits sharded over the vocabulary across ``process_group``.
 
@@ -285,6 +311,8 @@ def vocab_parallel_token_logprobs(
         check_labels: range check of the global labels (as ``token_logprobs``).
         check_shards: verify the layout across ranks (one small all-gather and a host sync; see the
             module docstring). Turn off once a training loop's layout is known to be right.
+        support: the sampler's kept tokens as ``token_logprobs(support=)``: the GLOBAL packed words
+            ``labels.shape + (ceil(vocab_size/32),)``, identical on every rank (each cuts its slice).
 
     Returns:
         ``logp`` (fp32; fp64 for fp64 logits; shape of ``labels``) or ``(logp, entropy)``, the same
@@ -306,17 +334,19 @@ def vocab_parallel_token_logprobs(
         t = check_temperature(temperature)
         if labels_checking_enabled(check_labels):
             check_label_range(wide, vocab_size, ignore_index)
-        return t, VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype), wide
+        kept = _global_support(support, wide, vocab_size, logits_shard.device, check_labels, ignore_index)
+        return t, VOCAB_PARALLEL_TOKEN_LOGPROBS.resolve(backend, logits_shard.device, logits_shard.dtype), wide, kept
 
     shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
-    t, impl, wide_labels = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start,
-                                        shard, vocab_size, labels, False)  # fmt: skip
+    t, impl, wide_labels, kept = _run_checked(validate, process_group, check_shards, (logits_shard, labels),
+                                              vocab_start, shard, vocab_size, labels, False)  # fmt: skip
     flat_labels = wide_labels.reshape(-1)
     local_labels, owned = _local_labels(flat_labels, vocab_start, shard, int(ignore_index))
     valid = flat_labels != ignore_index
+    local_support = _shard_support(kept, vocab_start, shard)
     logp, entropy = VocabParallelTokenLogprobsFunction.apply(
         logits_shard, local_labels.contiguous(), owned, valid, t, int(ignore_index), impl, bool(return_entropy),
-        process_group,
+        process_group, local_support,
     )  # fmt: skip
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -332,16 +362,16 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group,
-                lora_A=None, lora_B=None, lora_scaling=None):  # fmt: skip
+                lora_A=None, lora_B=None, lora_scaling=None, support=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora)
+        with torch.autocast(hidden.device.type, enabled=False):  # support: this shard's words of the compact rows
+            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora, support=support)
         logp, stats = _combine_shards(out.logp, out.stats, owned, torch.ones_like(owned), want_entropy,
                                       process_group)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
-        ctx.lora_scaling = lora_scaling
+        ctx.lora_scaling, ctx.support = lora_scaling, support
         ctx.backend = fold.NAME
         return logp, stats.entropy.clone()
 
@@ -364,7 +394,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             with torch.autocast(hidden.device.type, enabled=False):
                 grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
                     hidden, weight, bias, local_labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan,
-                    ctx.fold, needs, lora=lora,
+                    ctx.fold, needs, lora=lora, support=ctx.support,
                 )  # fmt: skip
             if grad_lora:
                 grad_lora_A, grad_lora_B = grad_lora
@@ -379,7 +409,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None)
+        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None, None)
 
 
 def vocab_parallel_linear_logprobs(
@@ -403,6 +433,7 @@ def vocab_parallel_linear_logprobs(
     check_shards: bool = True,
     lora=None,
     head_precision: str = "input",
+    support: torch.Tensor | None = None,
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -429,6 +460,7 @@ def vocab_parallel_linear_logprobs(
             ``lora_A`` replicated, ``lora_B`` sharded like ``weight_shard`` (see ``linear_logprobs``).
             Every rank passes an adapter (or none) alike; ``grad_lora_A`` is all-reduced (SUM) like
             ``grad_hidden``, ``grad_lora_B`` stays local.
+        support: the GLOBAL packed kept-token words, as :func:`vocab_parallel_token_logprobs`.
 
     Returns:
         ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
@@ -448,14 +480,16 @@ def vocab_parallel_linear_logprobs(
             check_label_range(wide, vocab_size, ignore_index)
         adapter = validate_lora(lora, hidden, weight_shard, weight_name="weight_shard")
         head_precision_row(head_precision)
-        return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide, adapter
+        kept = _global_support(support, wide, vocab_size, hidden.device, check_labels, ignore_index)
+        impl = VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype)
+        return tr, impl, cs, vb, wide, adapter, kept
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
     requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
     lora_a = lora[0] if isinstance(lora, (tuple, list)) and lora else None
     if isinstance(lora_a, torch.Tensor):  # the grad_lora_A all-reduce needs every rank: agree on it too
         requires_grad = int(requires_grad) + 2 + 4 * int(lora_a.requires_grad)
-    tr, impl, cs, vb, wide_labels, adapter = _run_checked(
+    tr, impl, cs, vb, wide_labels, adapter, kept = _run_checked(
         validate, process_group, check_shards, (hidden, weight_shard, labels), vocab_start, shard, vocab_size, labels,
         requires_grad,
     )  # fmt: skip
@@ -463,10 +497,11 @@ def vocab_parallel_linear_logprobs(
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
     plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
+    local_support = _shard_support(kept, vocab_start, shard, compact.rows)
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
         compact.hidden, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
-        *(adapter if adapter is not None else ()),
+        *(adapter if adapter is not None else (None, None, None)), local_support.bits if local_support else None,
     )  # fmt: skip
     return (compact.expand(logp), compact.expand(entropy)) if return_entropy else compact.expand(logp)
 

@@ -1,7 +1,8 @@
 """``support=`` (the sampler's kept tokens, packed int32 bitmask) and ``top_k=`` on ``token_logprobs``:
 log-probs and entropy of the distribution renormalised over the kept set, against an fp64 masked
 ``log_softmax`` (values and gradients), on the triton (interpreter), torch and reference backends
-(cuda: ``tests/cuemu/test_token_logprobs.py``); streamed (no ``[N, V]`` buffer); a label outside the set and every bad argument named."""
+(cuda: ``tests/cuemu/test_token_logprobs.py``; vocab-parallel: ``tests/ops/test_vocab_parallel.py``);
+streamed (no ``[N, V]`` buffer); a label outside the set and every bad argument named."""
 import pytest
 import torch
 
@@ -278,9 +279,8 @@ def test_linear_label_outside_support_and_refusals(backend):
     logp = ak.linear_logprobs(hidden, weight, labels, support=pack_bits(keep), backend=backend, check_labels=False)
     assert logp[2, 0] == float("-inf") and bool(torch.isfinite(logp[1:2]).all())
     bits = pack_bits(keep)
-    for kw, match in ((dict(backend="reference"), r"support= is implemented on the backends \('torch', 'triton'\)"),
+    for kw, match in ((dict(backend="reference"), r"support= / top_k= are implemented on .*\('torch', 'triton'\)"),
                       (dict(backend=backend, return_stats=True), "with return_stats=True"),
-                      (dict(process_group=object(), vocab_start=0, vocab_size=V), "not supported with process_group="),
                       (dict(backend=backend, support=bits[..., :2]), "support must have shape")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             ak.linear_logprobs(hidden, weight, labels, **{"support": bits, "check_labels": False, **kw})
@@ -309,3 +309,85 @@ def test_linear_triton_fold_support_tiles_as_torch(block):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
     unused = ~keep[labels != -100].any(0)
     assert bool(unused.any()) and bool((outs[0][3][unused] == 0).all()) and bool((outs[0][4][unused] == 0).all())
+
+
+# ----------------------------------------------------------------------------------------------
+# linear_logprobs(top_k=): the kept set formed in the trainer, streamed over the vocabulary blocks
+# ----------------------------------------------------------------------------------------------
+def _first_k_ids(row, k):
+    """The spec, written out: sort by (value descending, token id ascending), keep the first k ids."""
+    order = sorted(range(len(row)), key=lambda v: (-row[v], v))
+    return set(order[:k])
+
+
+def _keep_top_k(z, k):
+    flat = z.reshape(-1, z.shape[-1]).tolist()
+    keep = torch.zeros(len(flat), z.shape[-1], dtype=torch.bool)
+    for r, row in enumerate(flat):
+        keep[r, list(_first_k_ids(row, k))] = True
+    return keep.view(z.shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw", [dict(chunk_size=4, vocab_block_size=40), dict(), dict(batch_invariant=True)])
+def test_linear_top_k_matches_fp64_masked_log_softmax(kw, backend):
+    """A running top-k per row across vocab blocks of 40 (the k-th token often in a later block):
+    values and gradients of fp64 masked ``log_softmax`` over each row's 9 largest logits."""
+    hidden, weight, labels, _ = _head_data(seed=13)
+    z64 = hidden.double() @ weight.double().T
+    keep = _keep_top_k(z64, 9)
+    labels = torch.where(labels == -100, labels, torch.where(keep, z64, float("inf")).argmin(-1))  # the 9th largest
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with NewBuffers() as seen:
+        logp, entropy = ak.linear_logprobs(h, w, labels, top_k=9, return_entropy=True, backend=backend,
+                                           temperature=0.8, **kw)  # fmt: skip
+    (logp.sum() + 0.7 * entropy.sum()).backward()
+    hd, wd = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    ls = torch.log_softmax(((hd @ wd.T) / 0.8).masked_fill(~keep, float("-inf")), -1)
+    valid = labels != -100
+    want_logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    want_entropy = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+    (want_logp.sum() + 0.7 * want_entropy.sum()).backward()
+    assert max_rel_error(logp, want_logp, floor=1.0) < 2e-6 and max_rel_error(entropy, want_entropy, floor=1.0) < 2e-6
+    assert max_rel_error(h.grad, hd.grad) < 2e-6 and max_rel_error(w.grad, wd.grad) < 2e-6
+    if "chunk_size" in kw:  # tiles of 4 x 40: nothing of [N, V] (the running top-k is [4, 9 + 40])
+        assert max(seen.sizes) < B * T * V / 2, "no [N, V] buffer"
+    with pytest.raises(ValueError, match=r"position \(0, 0\) is outside its row's support"):
+        ak.linear_logprobs(hidden, weight, torch.where(valid, z64.argmin(-1), -100), top_k=9, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("k", [3, 6])
+def test_top_k_ties_go_to_the_lowest_token_ids_on_every_path(k):
+    """Integer hidden states and weights (exact logits, many equal values, ties across vocab blocks):
+    ``token_logprobs(top_k=)`` on every backend and ``linear_logprobs(top_k=)`` streamed over blocks of 16
+    keep the same set, the k largest with ties at the k-th value to the lowest ids (the written-out spec)."""
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randint(-2, 3, (B, T, 4), generator=g).float()
+    weight = torch.randint(-1, 2, (V, 4), generator=g).float()
+    z = hidden @ weight.T
+    keep = _keep_top_k(z, k)
+    assert bool(((z == torch.where(keep, z, float("inf")).amin(-1, keepdim=True)) & ~keep).any()), "ties cut by k"
+    labels = torch.where(keep, torch.arange(V), -1).amax(-1)  # the kept token with the highest id
+    labels[0, 1] = -100
+    want = _fp64_masked(z, labels, keep, 1.0)[:2]
+    got = [ak.token_logprobs(z, labels, top_k=k, backend=b, return_entropy=True) for b in BACKENDS]
+    got += [ak.linear_logprobs(hidden, weight, labels, top_k=k, backend=b, return_entropy=True, vocab_block_size=16,
+                               chunk_size=4) for b in ("torch", "triton")]  # fmt: skip
+    for logp, entropy in got:
+        assert max_rel_error(logp, want[0], floor=1.0) < 2e-6 and max_rel_error(entropy, want[1], floor=1.0) < 2e-6
+
+
+def test_linear_top_k_refusals():
+    hidden, weight, labels, _ = _head_data()
+    lora = (torch.zeros(2, H), torch.zeros(V, 2), 1.0)
+    for kw, exc, match in ((dict(top_k=3, lora=lora), ValueError, "top_k= is not supported with lora="),
+                           (dict(top_k=3, return_stats=True), ValueError, "with return_stats=True"),
+                           (dict(top_k=3, backend="reference"), ValueError, "support= / top_k= are implemented"),
+                           (dict(top_k=3, process_group=object(), vocab_start=0, vocab_size=V), ValueError,
+                            "top_k= is not supported with process_group="),
+                           (dict(top_k=0), ValueError, r"top_k must be in \[1, V=77\]"),
+                           (dict(top_k=2.5), TypeError, "top_k must be an int"),
+                           (dict(top_k=3, support=pack_bits(torch.ones(B, T, V, dtype=torch.bool))), ValueError,
+                            "not both")):  # fmt: skip
+        with pytest.raises(exc, match=match):
+            ak.linear_logprobs(hidden, weight, labels, **{"backend": "torch", "check_labels": False, **kw})
