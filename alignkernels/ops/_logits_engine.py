@@ -69,7 +69,8 @@ class TritonTokenKernels(PackedSupportKernels):
             block_v, num_warps = pick_config(logits.shape[-1])
             token_logprobs_fwd_kernel[(n_rows,)](
                 rows, labels, logp, stats, bits, bits.stride(0), logits.shape[-1], rows_per_outer, stride_outer,
-                stride_inner, 1.0 / temperature, ignore_index, has_support, BLOCK_V=block_v, num_warps=num_warps,
+                stride_inner, 1.0 / temperature, ignore_index, HAS_SUPPORT=bool(has_support), BLOCK_V=block_v,
+                num_warps=num_warps,
             )  # fmt: skip
         return logp, RowStats(*stats.unbind(0))
 
@@ -84,7 +85,7 @@ class TritonTokenKernels(PackedSupportKernels):
             block_v, num_warps = pick_config(logits.shape[-1])
             token_logprobs_bwd_kernel[(n_rows,)](
                 rows, labels, saved, grads, grad_logits, bits, bits.stride(0), logits.shape[-1], rows_per_outer,
-                stride_outer, stride_inner, 1.0 / temperature, ignore_index, int(self.support is not None),
+                stride_outer, stride_inner, 1.0 / temperature, ignore_index, HAS_SUPPORT=self.support is not None,
                 HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
                 BLOCK_V=block_v, num_warps=num_warps,
             )  # fmt: skip
