@@ -1,6 +1,7 @@
-"""The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (torch and reference) and
-``support=`` on ``linear_logprobs`` (torch and Triton: the lm-head engine hands each tile's words to the
-fold, :class:`TileBits`).
+"""The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (every backend: the torch
+chunks' mask, the Triton and CUDA kernels reading the packed words per tile) and on ``linear_logprobs``
+(torch and Triton: the lm-head engine hands each tile's words to the fold, :class:`TileBits`; ``top_k``
+streamed, :func:`merge_top_k`); ``support=`` on the vocab-parallel forms (:func:`shard_words`).
 
 With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
 kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``
@@ -11,13 +12,14 @@ packed bitmask (token ``v`` kept when bit ``v % 32``, least significant first, o
 ``v // 32`` is set; :func:`unpack_bits`), or the row's ``top_k`` largest logits (:func:`first_k_largest`:
 exactly ``k``, ties at the ``k``-th value to the lowest token ids, on every backend and in the lm-head's
 streaming top-k, :func:`merge_top_k`) -- and the logits outside it set to ``−inf`` before the softmax
-statistics. The
-engines' ``−inf`` handling then gives exactly ``p = 0`` there, ``0·log 0 := 0`` in the entropy and a
-zero gradient: the renormalisation costs no extra formula. The backward recomputes the same mask.
+statistics. The engines' ``−inf`` handling then gives exactly ``p = 0`` there, ``0·log 0 := 0`` in the entropy and a
+zero gradient: the renormalisation costs no extra formula. The backward recomputes the same mask
+(``linear_logprobs(top_k=)``: reuses the words formed in the forward).
 
 Memory: one ``[chunk, V]`` bool mask per chunk of the torch path (one ``[chunk, block]`` mask per
-lm-head tile); the Triton kernels read the packed words in place (``top_k``: packed once, ``V/32``
-words per row, :func:`top_k_bits`); nothing of ``[N, V]``.
+lm-head tile); the Triton and CUDA kernels read the packed words in place (``top_k``: packed once,
+``V/32`` words per row, :func:`top_k_bits`); the lm-head's ``top_k`` keeps ``[chunk, k]`` (values,
+ids) per chunk across the vocabulary blocks; nothing of ``[N, V]``.
 Numerics: those of the engine on the masked logits (fp32 within ~1e-6 of fp64).
 A valid label outside its row's kept set is a ``ValueError`` naming the position (one host sync;
 ``check_labels=False`` skips it and that row's logp is ``−inf``).
