@@ -180,7 +180,22 @@ def _logits_rows(logits):
 # ---------------------------------------------------------------------------------------------
 # token_logprobs
 # ---------------------------------------------------------------------------------------------
-def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int):
+def _check_support(support, n_rows, V):
+    """``support`` (the sampler's kept tokens, ``ops/_support.py``): None, or int32 ``[n_rows, ceil(V/32)]``
+    with a contiguous last dim. Returns ``(address, row stride)``, ``(0, 0)`` for None."""
+    if support is None:
+        return 0, 0
+    _check_is_tensor("support", support)
+    if support.dtype != torch.int32:
+        raise TypeError(f"support must be an int32 tensor, got {support.dtype}")
+    words = -(-V // 32)
+    if tuple(support.shape) != (n_rows, words) or support.stride(-1) != 1:
+        raise ValueError(f"support must be [{n_rows}, {words}] with a contiguous last dim, got shape "
+                         f"{tuple(support.shape)} strides {support.stride()}")  # fmt: skip
+    return support.data_ptr(), support.stride(0)
+
+
+def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int, support=None):
     """Forward of ``token_logprobs`` on the CUDA kernels.
 
     Args:
@@ -195,14 +210,16 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
         ``(z_label - row_max) - log_sum``, the row max of ``z``, ``log Σ e^(z - row_max)`` (so
         ``logsumexp = row_max + log_sum``) and the entropy ``log_sum - Σp·(z - row_max)``; all 0 on
         ignored rows; ``logp`` is NaN for a label outside ``[0, V)`` (never an out-of-bounds
-        read). Same numbers as the Triton kernels.
+        read). Same numbers as the Triton kernels. With ``support`` (int32 ``[N, ceil(V/32)]`` kept-token
+        words) the logits outside each row's kept set count as ``-inf``: the renormalised distribution.
     """
     _check_logits(logits)
     V = logits.shape[-1]
     n_rows = logits.numel() // V
     _check_index("labels", labels)
     _check_flat("labels", labels, n_rows)
-    device = _check_cuda_devices(logits=logits, labels=labels)
+    support_ptr, support_stride = _check_support(support, n_rows, V)
+    device = _check_cuda_devices(logits=logits, labels=labels, support=support)
     temperature = float(temperature)
     if not temperature > 0.0 or temperature == float("inf"):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
@@ -216,7 +233,8 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
                 logits=rows.data_ptr(), logits_dtype=_FLOAT_CODES[rows.dtype],
                 labels=labels.data_ptr(), labels_dtype=_INDEX_CODES[labels.dtype],
                 logp=logp.data_ptr(), row_max=row_max.data_ptr(), log_sum=log_sum.data_ptr(),
-                entropy=entropy.data_ptr(), n_rows=n_rows, vocab=V, rows_per_outer=rows_per_outer,
+                entropy=entropy.data_ptr(), support=support_ptr, support_stride=support_stride, n_rows=n_rows,
+                vocab=V, rows_per_outer=rows_per_outer,
                 stride_outer=stride_outer, stride_inner=stride_inner, inv_temperature=1.0 / temperature,
                 ignore_index=int(ignore_index), device=_device_index(device), stream=stream,
             )  # fmt: skip
@@ -224,13 +242,14 @@ def token_logprobs_forward(logits, labels, temperature: float, ignore_index: int
 
 
 def token_logprobs_backward(logits, labels, row_max, log_sum, entropy, grad_logp, grad_entropy,
-                            temperature: float, ignore_index: int):
+                            temperature: float, ignore_index: int, support=None):
     """Backward of ``token_logprobs``: ``grad_logits`` (contiguous, shape and dtype of ``logits``).
 
     ``dlogits_i = [g_logp (onehot_i - p_i) - g_H p_i (z_i - Σp·z)] / T`` with
     ``p = exp((z - row_max) - log_sum)`` and ``z - Σp·z = (z - row_max) - (log_sum - entropy)``
     (``row_max``, ``log_sum``, ``entropy``: fp32 ``[N]`` from the forward), never from one fp32
     logsumexp. Either upstream gradient may be ``None`` (zero); ignored rows get a zero gradient.
+    ``support`` as the forward (zero gradient outside the kept set).
     """
     _check_logits(logits)
     V = logits.shape[-1]
@@ -247,9 +266,10 @@ def token_logprobs_backward(logits, labels, row_max, log_sum, entropy, grad_logp
                 raise ValueError(f"{name} must have {n_rows} elements, got shape {tuple(g.shape)}")
             g = g.reshape(n_rows).to(torch.float32).contiguous()  # no copy for the usual fp32 [N]
         grads[name] = g
+    support_ptr, support_stride = _check_support(support, n_rows, V)
     device = _check_cuda_devices(
         logits=logits, labels=labels, row_max=row_max, log_sum=log_sum, entropy=entropy,
-        grad_logp=grads["grad_logp"], grad_entropy=grads["grad_entropy"],
+        grad_logp=grads["grad_logp"], grad_entropy=grads["grad_entropy"], support=support,
     )  # fmt: skip
     temperature = float(temperature)
     ext, stream = _ready(device)
@@ -264,7 +284,8 @@ def token_logprobs_backward(logits, labels, row_max, log_sum, entropy, grad_logp
                 row_max=row_max.data_ptr(), log_sum=log_sum.data_ptr(), entropy=entropy.data_ptr(),
                 grad_logp=g_logp.data_ptr() if g_logp is not None else 0,
                 grad_entropy=g_entropy.data_ptr() if g_entropy is not None else 0,
-                grad_logits=grad_logits.data_ptr(), n_rows=n_rows, vocab=V, rows_per_outer=rows_per_outer,
+                grad_logits=grad_logits.data_ptr(), support=support_ptr, support_stride=support_stride,
+                n_rows=n_rows, vocab=V, rows_per_outer=rows_per_outer,
                 stride_outer=stride_outer, stride_inner=stride_inner, inv_temperature=1.0 / temperature,
                 ignore_index=int(ignore_index), device=_device_index(device), stream=stream,
             )  # fmt: skip

@@ -24,18 +24,22 @@ enum IndexCode : int { kInt32 = 0, kInt64 = 1 };
 //   logp[r] = (z[label] − row_max) − log_sum,  entropy[r] = log_sum − Σ softmax(z)·(z − row_max).
 // Rows whose label equals ignore_index are not read and get 0 in all four outputs; a label
 // outside [0, V) gives logp = NaN (never an out-of-bounds read). Outputs are fp32 [n_rows].
+// support: 0, or the sampler's kept tokens, int32 [n_rows, ceil(V/32)] words (row stride
+// support_stride; bit v % 32, LSB first, of word v / 32): logits outside them count as -inf
+// (the distribution renormalised over the kept set; a label outside it: logp = -inf).
 void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype, uint64_t logp,
-                            uint64_t row_max, uint64_t log_sum, uint64_t entropy, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
+                            uint64_t row_max, uint64_t log_sum, uint64_t entropy, uint64_t support,
+                            int64_t support_stride, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
                             int64_t stride_outer, int64_t stride_inner, double inv_temperature, int64_t ignore_index,
                             int device, uint64_t stream);
 
 // grad_logits[r, i] = [g_logp (onehot_i - p_i) - g_H p_i (z_i - Σp·z)] * inv_temperature, written
 // contiguous [n_rows, V] in the dtype of logits; 0 on ignored rows. p and z − Σp·z are formed from
 // the forward's (row_max, log_sum, entropy). grad_logp / grad_entropy are fp32 [n_rows] device
-// addresses, or 0 when that upstream gradient is absent (treated as zero).
+// addresses, or 0 when that upstream gradient is absent (treated as zero). support as forward.
 void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype,
                              uint64_t row_max, uint64_t log_sum, uint64_t entropy, uint64_t grad_logp, uint64_t grad_entropy, uint64_t grad_logits,
-                             int64_t n_rows, int64_t vocab, int64_t rows_per_outer, int64_t stride_outer,
+                             uint64_t support, int64_t support_stride, int64_t n_rows, int64_t vocab, int64_t rows_per_outer, int64_t stride_outer,
                              int64_t stride_inner, double inv_temperature, int64_t ignore_index, int device,
                              uint64_t stream);
 

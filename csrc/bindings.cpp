@@ -22,12 +22,14 @@ PYBIND11_MODULE(_C, m) {
   m.attr("INT64") = static_cast<int>(alignkernels::kInt64);
 
   m.def("token_logprobs_forward", &alignkernels::token_logprobs_forward, "logits"_a, "logits_dtype"_a, "labels"_a,
-        "labels_dtype"_a, "logp"_a, "row_max"_a, "log_sum"_a, "entropy"_a, "n_rows"_a, "vocab"_a,
+        "labels_dtype"_a, "logp"_a, "row_max"_a, "log_sum"_a, "entropy"_a, "support"_a, "support_stride"_a, "n_rows"_a,
+        "vocab"_a,
         "rows_per_outer"_a, "stride_outer"_a, "stride_inner"_a, "inv_temperature"_a, "ignore_index"_a, "device"_a,
         "stream"_a,
         "Per-row log p(label), row max, log Σe^(z-max) and entropy of softmax(logits * inv_temperature) (fp32).");
   m.def("token_logprobs_backward", &alignkernels::token_logprobs_backward, "logits"_a, "logits_dtype"_a, "labels"_a,
-        "labels_dtype"_a, "row_max"_a, "log_sum"_a, "entropy"_a, "grad_logp"_a, "grad_entropy"_a, "grad_logits"_a, "n_rows"_a,
+        "labels_dtype"_a, "row_max"_a, "log_sum"_a, "entropy"_a, "grad_logp"_a, "grad_entropy"_a, "grad_logits"_a,
+        "support"_a, "support_stride"_a, "n_rows"_a,
         "vocab"_a, "rows_per_outer"_a, "stride_outer"_a, "stride_inner"_a, "inv_temperature"_a, "ignore_index"_a,
         "device"_a, "stream"_a, "Gradient of token_logprobs w.r.t. the logits (grad_logp / grad_entropy may be 0).");
   m.def("gather_last", &alignkernels::gather_last, "x"_a, "elem_size"_a, "index"_a, "index_dtype"_a, "out"_a,

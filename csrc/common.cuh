@@ -73,6 +73,16 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t rows_per_oute
   return (row / rows_per_outer) * stride_outer + (row % rows_per_outer) * stride_inner;
 }
 
+// The sampler's kept tokens of one row (support=, alignkernels/ops/_support.py): packed int32 words,
+// token v kept when bit v % 32 (least significant first) of word v / 32 is set; null: all kept.
+// mask() gives -inf outside the set, so the softmax sees p = 0 there (the renormalised distribution).
+struct KeptSet {
+  const int32_t* words;
+  __device__ __forceinline__ float mask(float x, int64_t col) const {
+    return (words == nullptr || ((words[col >> 5] >> (col & 31)) & 1) != 0) ? x : -INFINITY;
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
 // Host-side helpers
 // ---------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@
 // strided share of the row with 16-byte loads (UNROLL packs in flight), keeping the centred
 // online state (m, s, t) of softmax.cuh; the group then merges the states by shuffles (+ shared memory
 // across warps). Offsets are int64 throughout (N·V passes 2^31 at 16k tokens x 152k vocab).
+//
+// The sampler's kept set (support=): with a non-null `support` ([n_rows, ceil(V/32)] int32 words, row
+// stride support_stride) every logit outside the row's set is read as -inf (common.cuh KeptSet), in
+// the forward's statistics, at the label and in the backward: logp, entropy and gradient of the
+// distribution renormalised over the kept tokens (V/8 extra bytes read per row).
 
 #include "softmax.cuh"
 
@@ -29,7 +34,7 @@ __device__ __forceinline__ int64_t load_label(const void* labels, bool labels_in
 // Partial online stats of one thread over its share of row[0, V): lanes `lane`, `lane + GROUP`, ...
 template <typename T, int GROUP>
 __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V, float inv_temperature,
-                                                         int lane) {
+                                                         int lane, KeptSet kept) {
   constexpr int kVec = Pack16<T>::kSize;
   OnlineStats st = empty_stats();
   const int64_t head = misaligned_head<T>(row, V);
@@ -37,11 +42,11 @@ __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V
   const int64_t tail_start = head + n_packs * kVec;
   // Unaligned head and ragged tail (< kVec elements each), element by element.
   for (int64_t i = lane; i < head; i += GROUP) {
-    const float x[1] = {to_float(row[i])};
+    const float x[1] = {kept.mask(to_float(row[i]), i)};
     stats_add(st, x, inv_temperature);
   }
   for (int64_t i = tail_start + lane; i < V; i += GROUP) {
-    const float x[1] = {to_float(row[i])};
+    const float x[1] = {kept.mask(to_float(row[i]), i)};
     stats_add(st, x, inv_temperature);
   }
   const T* body = row + head;  // 16-byte aligned
@@ -56,9 +61,10 @@ __device__ __forceinline__ OnlineStats row_stats_partial(const T* row, int64_t V
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const bool in_row = p0 + int64_t(u) * GROUP < n_packs;
+      const int64_t col0 = head + (p0 + int64_t(u) * GROUP) * kVec;
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
-        x[u * kVec + k] = in_row ? to_float(packs[u].v[k]) : -INFINITY;
+        x[u * kVec + k] = in_row ? kept.mask(to_float(packs[u].v[k]), col0 + k) : -INFINITY;
       }
     }
     stats_add(st, x, inv_temperature);
@@ -70,7 +76,8 @@ template <typename T, int THREADS_PER_ROW, int ROWS_PER_BLOCK>
 __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     token_logprobs_fwd_kernel(const T* __restrict__ logits, const void* __restrict__ labels, bool labels_int64,
                               float* __restrict__ logp, float* __restrict__ row_max_out,
-                              float* __restrict__ log_sum_out, float* __restrict__ entropy_out, int64_t n_rows,
+                              float* __restrict__ log_sum_out, float* __restrict__ entropy_out,
+                              const int32_t* __restrict__ support, int64_t support_stride, int64_t n_rows,
                               int64_t V, int64_t rows_per_outer, int64_t stride_outer, int64_t stride_inner,
                               float inv_temperature, int64_t ignore_index) {
   static_assert(ROWS_PER_BLOCK == 1 || THREADS_PER_ROW == 32, "several rows per block means one warp per row");
@@ -89,7 +96,8 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
     return;
   }
   const T* row_ptr = logits + row_offset(row, rows_per_outer, stride_outer, stride_inner);
-  OnlineStats st = row_stats_partial<T, THREADS_PER_ROW>(row_ptr, V, inv_temperature, lane);
+  const KeptSet kept{support != nullptr ? support + row * support_stride : nullptr};
+  OnlineStats st = row_stats_partial<T, THREADS_PER_ROW>(row_ptr, V, inv_temperature, lane, kept);
   if constexpr (THREADS_PER_ROW <= 32) {
     st = stats_warp_allreduce<THREADS_PER_ROW>(st);
   } else {
@@ -99,7 +107,8 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
   const RowSoftmax soft = finalize(st);
   // A label outside [0, V) (only possible with the range check disabled) yields NaN, never an
   // out-of-bounds read.
-  logp[row] = (label >= 0 && label < V) ? log_prob(soft, to_float(row_ptr[label]), inv_temperature) : NAN;
+  logp[row] = (label >= 0 && label < V) ? log_prob(soft, kept.mask(to_float(row_ptr[label]), label), inv_temperature)
+                                        : NAN;
   row_max_out[row] = soft.row_max;
   log_sum_out[row] = soft.log_sum;
   entropy_out[row] = soft.entropy;
@@ -111,7 +120,8 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
                               const float* __restrict__ row_max, const float* __restrict__ log_sum,
                               const float* __restrict__ entropy,
                               const float* __restrict__ grad_logp, const float* __restrict__ grad_entropy,
-                              T* __restrict__ grad_logits, int64_t n_rows, int64_t V, int64_t rows_per_outer,
+                              T* __restrict__ grad_logits, const int32_t* __restrict__ support,
+                              int64_t support_stride, int64_t n_rows, int64_t V, int64_t rows_per_outer,
                               int64_t stride_outer, int64_t stride_inner, float inv_temperature,
                               int64_t ignore_index) {
   static_assert(ROWS_PER_BLOCK == 1 || THREADS_PER_ROW == 32, "several rows per block means one warp per row");
@@ -136,6 +146,7 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
   }
 
   const T* row_ptr = logits + row_offset(row, rows_per_outer, stride_outer, stride_inner);
+  const KeptSet kept{support != nullptr ? support + row * support_stride : nullptr};  // p = 0 outside it
   const SoftmaxGrad c(RowSoftmax{row_max[row], log_sum[row], entropy[row]},
                       grad_logp != nullptr ? grad_logp[row] : 0.f, grad_entropy != nullptr ? grad_entropy[row] : 0.f,
                       inv_temperature, label);
@@ -148,10 +159,10 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
   const int64_t n_packs = (V - head) / kVec;
   const int64_t tail_start = head + n_packs * kVec;
   for (int64_t i = lane; i < head; i += THREADS_PER_ROW) {
-    grad_row[i] = from_float<T>(c.grad(to_float(row_ptr[i]), i));
+    grad_row[i] = from_float<T>(c.grad(kept.mask(to_float(row_ptr[i]), i), i));
   }
   for (int64_t i = tail_start + lane; i < V; i += THREADS_PER_ROW) {
-    grad_row[i] = from_float<T>(c.grad(to_float(row_ptr[i]), i));
+    grad_row[i] = from_float<T>(c.grad(kept.mask(to_float(row_ptr[i]), i), i));
   }
   for (int64_t p0 = lane; p0 < n_packs; p0 += int64_t(THREADS_PER_ROW) * kUnroll) {
     Pack16<T> packs[kUnroll];
@@ -167,7 +178,9 @@ __global__ void __launch_bounds__(THREADS_PER_ROW* ROWS_PER_BLOCK)
         Pack16<T> out;
         const int64_t col0 = head + p * kVec;
 #pragma unroll
-        for (int k = 0; k < kVec; ++k) out.v[k] = from_float<T>(c.grad(to_float(packs[u].v[k]), col0 + k));
+        for (int k = 0; k < kVec; ++k) {
+          out.v[k] = from_float<T>(c.grad(kept.mask(to_float(packs[u].v[k]), col0 + k), col0 + k));
+        }
         store_pack(grad_row + col0, out);
       }
     }
@@ -200,6 +213,8 @@ struct ForwardLaunch {
   float* row_max;
   float* log_sum;
   float* entropy;
+  const int32_t* support;
+  int64_t support_stride;
   int64_t n_rows, V, rows_per_outer, stride_outer, stride_inner;
   float inv_temperature;
   int64_t ignore_index;
@@ -208,8 +223,8 @@ struct ForwardLaunch {
   template <typename T, int TPR, int RPB>
   void launch() const {
     token_logprobs_fwd_kernel<T, TPR, RPB><<<grid_for<TPR, RPB>(n_rows), TPR * RPB, 0, stream>>>(
-        static_cast<const T*>(logits), labels, labels_int64, logp, row_max, log_sum, entropy, n_rows, V, rows_per_outer,
-        stride_outer, stride_inner, inv_temperature, ignore_index);
+        static_cast<const T*>(logits), labels, labels_int64, logp, row_max, log_sum, entropy, support, support_stride,
+        n_rows, V, rows_per_outer, stride_outer, stride_inner, inv_temperature, ignore_index);
   }
 };
 
@@ -223,6 +238,8 @@ struct BackwardLaunch {
   const float* grad_logp;
   const float* grad_entropy;
   void* grad_logits;
+  const int32_t* support;
+  int64_t support_stride;
   int64_t n_rows, V, rows_per_outer, stride_outer, stride_inner;
   float inv_temperature;
   int64_t ignore_index;
@@ -232,8 +249,8 @@ struct BackwardLaunch {
   void launch() const {
     token_logprobs_bwd_kernel<T, TPR, RPB><<<grid_for<TPR, RPB>(n_rows), TPR * RPB, 0, stream>>>(
         static_cast<const T*>(logits), labels, labels_int64, row_max, log_sum, entropy, grad_logp, grad_entropy,
-        static_cast<T*>(grad_logits), n_rows, V, rows_per_outer, stride_outer, stride_inner, inv_temperature,
-        ignore_index);
+        static_cast<T*>(grad_logits), support, support_stride, n_rows, V, rows_per_outer, stride_outer, stride_inner,
+        inv_temperature, ignore_index);
   }
 };
 
@@ -285,7 +302,8 @@ void check_rows(int64_t n_rows, int64_t V, int64_t rows_per_outer) {
 }  // namespace
 
 void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype, uint64_t logp,
-                            uint64_t row_max, uint64_t log_sum, uint64_t entropy, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
+                            uint64_t row_max, uint64_t log_sum, uint64_t entropy, uint64_t support,
+                            int64_t support_stride, int64_t n_rows, int64_t vocab, int64_t rows_per_outer,
                             int64_t stride_outer, int64_t stride_inner, double inv_temperature, int64_t ignore_index,
                             int device, uint64_t stream) {
   check_rows(n_rows, vocab, rows_per_outer);
@@ -294,7 +312,8 @@ void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, 
   const ForwardLaunch launcher{reinterpret_cast<const void*>(logits), reinterpret_cast<const void*>(labels),
                                labels_are_int64(labels_dtype),
                                reinterpret_cast<float*>(logp), reinterpret_cast<float*>(row_max),
-                               reinterpret_cast<float*>(log_sum), reinterpret_cast<float*>(entropy), n_rows, vocab, rows_per_outer, stride_outer,
+                               reinterpret_cast<float*>(log_sum), reinterpret_cast<float*>(entropy),
+                               reinterpret_cast<const int32_t*>(support), support_stride, n_rows, vocab, rows_per_outer, stride_outer,
                                stride_inner, static_cast<float>(inv_temperature), ignore_index, as_stream(stream)};
   dispatch(logits_dtype, vocab, launcher);
   check_cuda(cudaGetLastError(), "token_logprobs forward launch");
@@ -302,7 +321,7 @@ void token_logprobs_forward(uint64_t logits, int logits_dtype, uint64_t labels, 
 
 void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels, int labels_dtype,
                              uint64_t row_max, uint64_t log_sum, uint64_t entropy, uint64_t grad_logp, uint64_t grad_entropy, uint64_t grad_logits,
-                             int64_t n_rows, int64_t vocab, int64_t rows_per_outer, int64_t stride_outer,
+                             uint64_t support, int64_t support_stride, int64_t n_rows, int64_t vocab, int64_t rows_per_outer, int64_t stride_outer,
                              int64_t stride_inner, double inv_temperature, int64_t ignore_index, int device,
                              uint64_t stream) {
   check_rows(n_rows, vocab, rows_per_outer);
@@ -313,7 +332,8 @@ void token_logprobs_backward(uint64_t logits, int logits_dtype, uint64_t labels,
                                 reinterpret_cast<const float*>(row_max), reinterpret_cast<const float*>(log_sum),
                                 reinterpret_cast<const float*>(entropy),
                                 reinterpret_cast<const float*>(grad_logp), reinterpret_cast<const float*>(grad_entropy),
-                                reinterpret_cast<void*>(grad_logits), n_rows, vocab, rows_per_outer, stride_outer,
+                                reinterpret_cast<void*>(grad_logits), reinterpret_cast<const int32_t*>(support),
+                                support_stride, n_rows, vocab, rows_per_outer, stride_outer,
                                 stride_inner, static_cast<float>(inv_temperature), ignore_index, as_stream(stream)};
   dispatch(logits_dtype, vocab, launcher);
   check_cuda(cudaGetLastError(), "token_logprobs backward launch");

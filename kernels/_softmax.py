@@ -140,3 +140,15 @@ def grad_centred(zc, is_label, log_sum, entropy, g_logp, g_entropy):
     dev = zc - (log_sum - entropy)  # z - Σ p·z
     dz = tl.where(p == 0.0, 0.0, -p * (g_logp + g_entropy * dev))
     return dz + tl.where(is_label, g_logp, 0.0)
+
+
+@triton.jit
+def kept_logits(y, support_row_ptr, cols, in_row, has_support):
+    """The sampler's kept set (``support=``, ``alignkernels/ops/_support.py``): ``y`` with every column
+    outside the row's kept set (bit ``cols % 32`` of word ``cols // 32`` at
+    ``support_row_ptr``) set to ``-inf``; ``y`` itself when ``has_support`` is false (nothing read; a
+    constexpr or a program-uniform runtime flag)."""
+    if has_support:
+        words = tl.load(support_row_ptr + cols // 32, mask=in_row, other=0)
+        y = tl.where(((words >> (cols % 32)) & 1) != 0, y, float("-inf"))
+    return y

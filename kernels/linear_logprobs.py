@@ -25,6 +25,12 @@ arguments, not constexprs: the branches are uniform per program, cost nothing ne
 traffic, and keep the number of compiled variants (``COMPILE_CASES``) small. Without a bias the
 launcher passes the weight as a never-read placeholder pointer, so ``bias_ptr`` always has the
 weight's dtype. No ``tl.dot`` (interpreter-safe).
+
+The sampler's kept set (``support=``): with ``has_support`` (runtime flag, like the others) each
+program reads its row's packed int32 words (``[rows, ceil(V/32)]``, global vocabulary ids
+``vocab_start + col``) for the columns it touches and sets the logits outside the set to ``-inf``
+(``_softmax.kept_logits``) before the statistics and in the backward's recompute; the label's logit
+too (a label outside the set: logp ``-inf``). ``V/8`` extra bytes read per row and tile pass.
 """
 import triton
 import triton.language as tl
@@ -39,6 +45,7 @@ from ._softmax import (
     centred,
     centred_stats,
     grad_centred,
+    kept_logits,
     merge_stats,
     transform,
 )
@@ -80,6 +87,8 @@ def linear_logprobs_fwd_kernel(
     labels_ptr,  # [rows] int64 labels of the chunk (never ignore_index: rows were compacted)
     state_ptr,  # [len(FOLD_STATE), rows] fp32 in/out, field stride state_stride
     state_stride,
+    support_ptr,  # [rows, ceil(V/32)] int32 kept-token words (row stride support_stride), read if has_support
+    support_stride,
     vocab_start,
     n_cols,
     logit_scale,
@@ -87,10 +96,12 @@ def linear_logprobs_fwd_kernel(
     inv_temperature,
     has_bias,
     compute_stats,
+    has_support,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * tile_stride
+    support_row_ptr = support_ptr + row * support_stride
     state = state_ptr + row
     local_label = tl.load(labels_ptr + row) - vocab_start  # label's column in this tile
 
@@ -107,6 +118,7 @@ def linear_logprobs_fwd_kernel(
         in_tile = cols < n_cols
         y, _ = _load_transformed(row_ptr, bias_ptr, cols, in_tile, vocab_start, logit_scale, softcap, has_bias)
         y = tl.where(in_tile, y, float("-inf"))
+        y = kept_logits(y, support_row_ptr, vocab_start + cols, in_tile, has_support)
         m_b, s_b, t_b, e = centred_stats(y, inv_temperature)
         m, s, t, a_old, a_block = merge_stats(m, s, t, m_b, s_b, t_b)
         if compute_stats:
@@ -129,6 +141,7 @@ def linear_logprobs_fwd_kernel(
     if (local_label >= 0) & (local_label < n_cols):
         y_label, _ = _load_transformed(row_ptr, bias_ptr, local_label, local_label < n_cols, vocab_start,
                                        logit_scale, softcap, has_bias)  # fmt: skip
+        y_label = kept_logits(y_label, support_row_ptr, vocab_start + local_label, local_label < n_cols, has_support)
         tl.store(state + LABEL_Y * state_stride, y_label)
         tl.store(state + LABEL_CENTRED * state_stride,
                  centred(y_label, inv_temperature, tl.where(m == float("-inf"), 0.0, m)))
@@ -149,12 +162,15 @@ def linear_logprobs_bwd_kernel(
     saved_ptr,  # [len(ROW_STATS), rows] fp32 row state from forward, field stride row_stride
     grads_ptr,  # [2, rows] (``GRADS``) fp32 upstream gradients (zeros where none), field stride row_stride
     row_stride,
+    support_ptr,  # as forward
+    support_stride,
     vocab_start,
     n_cols,
     logit_scale,
     softcap,
     inv_temperature,
     has_bias,
+    has_support,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -162,6 +178,7 @@ def linear_logprobs_bwd_kernel(
     in_tile = cols < n_cols
     y, dy_dx = _load_transformed(tile_ptr + row * tile_stride, bias_ptr, cols, in_tile, vocab_start, logit_scale,
                                  softcap, has_bias)  # fmt: skip
+    y = kept_logits(y, support_ptr + row * support_stride, vocab_start + cols, in_tile, has_support)  # p = 0 outside
     m = tl.load(saved_ptr + ROW_MAX * row_stride + row)
     log_sum = tl.load(saved_ptr + LOG_SUM * row_stride + row)
     entropy = tl.load(saved_ptr + ENTROPY * row_stride + row)
@@ -180,18 +197,18 @@ def _compile_cases():
     The tile is always fp32; the bias pointer (or its placeholder, the weight) and ``dx`` have the
     weight's dtype."""
     cases = []
-    scalars = dict(vocab_start="i32", n_cols="i32", logit_scale="fp32", softcap="fp32",
-                   inv_temperature="fp32", has_bias="i32")  # fmt: skip
+    scalars = dict(support_ptr="*i32", support_stride="i32", vocab_start="i32", n_cols="i32", logit_scale="fp32",
+                   softcap="fp32", inv_temperature="fp32", has_bias="i32")  # fmt: skip
     for dtype in ("fp32", "bf16", "fp16"):
         for block_v, num_warps in LINEAR_LOGPROBS_CONFIGS:
             fwd_sig = dict(tile_ptr="*fp32", tile_stride="i32", bias_ptr=f"*{dtype}", labels_ptr="*i64",
                            state_ptr="*fp32", state_stride="i32", **scalars, compute_stats="i32",
-                           BLOCK_V="constexpr")  # fmt: skip
+                           has_support="i32", BLOCK_V="constexpr")  # fmt: skip
             cases.append(dict(kernel=linear_logprobs_fwd_kernel, signature=fwd_sig,
                               constexprs=dict(BLOCK_V=block_v), num_warps=num_warps))  # fmt: skip
             bwd_sig = dict(tile_ptr="*fp32", tile_stride="i32", dx_ptr=f"*{dtype}", dx_stride="i32",
                            bias_ptr=f"*{dtype}", labels_ptr="*i64", saved_ptr="*fp32", grads_ptr="*fp32",
-                           row_stride="i32", **scalars, BLOCK_V="constexpr")  # fmt: skip
+                           row_stride="i32", **scalars, has_support="i32", BLOCK_V="constexpr")  # fmt: skip
             cases.append(dict(kernel=linear_logprobs_bwd_kernel, signature=bwd_sig,
                               constexprs=dict(BLOCK_V=block_v), num_warps=num_warps))  # fmt: skip
     return cases

@@ -67,7 +67,7 @@ from ._softmax_torch import (
     raw_grad_,
     transform_,
 )
-from ._support import kept_block
+from ._support import TileBits, TopK, ids_to_words, merge_top_k
 
 # Default token rows per chunk and fp32 elements per logits tile.
 GPU_CHUNK_ROWS = 4096
@@ -254,10 +254,10 @@ class TorchFold:
     @staticmethod
     def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
         """Fold the raw tile (bias included; overwritten) into ``state`` (a [fields, rows] view).
-        ``kept`` (``[rows, cols]`` bool, ``ops/_support.py``): logits outside it become −inf."""
+        ``kept`` (:class:`TileBits` of the tile, ``ops/_support.py``): logits outside it become −inf."""
         y = transform_(tile, tr.logit_scale, tr.softcap)
         if kept is not None:
-            y.masked_fill_(~kept, float("-inf"))
+            y.masked_fill_(~kept.mask(), float("-inf"))
         n_cols = y.shape[1]
         local = labels - vocab_start
         in_block = (local >= 0) & (local < n_cols)
@@ -292,7 +292,7 @@ class TorchFold:
         as :meth:`forward` (p = 0, so dx = 0, outside it)."""
         y, dy_dx = transform_(tile, tr.logit_scale, tr.softcap, keep_derivative=True)
         if kept is not None:
-            y.masked_fill_(~kept, float("-inf"))
+            y.masked_fill_(~kept.mask(), float("-inf"))
         zc = centred(y, stats.row_max, tr.temperature)
         dz = grad_from_centred_(zc, stats.log_sum, stats.entropy, g_logp, g_entropy, labels - vocab_start, work)
         return raw_grad_(dz, dy_dx, tr.logit_scale, tr.temperature)  # chain rule: z = f(x + b) / T
@@ -326,13 +326,14 @@ class TritonFold:
 
     @staticmethod
     def forward(tile, work, bias, weight, labels, state, vocab_start, tr: Transform, want_stats, kept=None):
-        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
+        words = _words(kept, tile.device)
         linear_logprobs_fwd_kernel[(n_rows,)](
             tile, tile.stride(0), bias if bias is not None else weight, labels, state, state.stride(0),
-            vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0), 1.0 / tr.temperature,
-            int(bias is not None), int(want_stats), BLOCK_V=block_v, num_warps=num_warps,
+            words, words.stride(0), vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0),
+            1.0 / tr.temperature, int(bias is not None), int(want_stats), int(kept is not None),
+            BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
 
     @staticmethod
@@ -350,23 +351,26 @@ class TritonFold:
     @staticmethod
     def backward(tile, dx, work, bias, weight, labels, stats: RowStats, g_logp, g_entropy, vocab_start, tr: Transform,
                  kept=None):  # fmt: skip
-        _no_support(kept)
         n_rows, n_cols = tile.shape
         block_v, num_warps = pick_config(n_cols)
+        words = _words(kept, tile.device)
         saved = torch.stack(tuple(stats))  # ROW_STATS order
         zeros = torch.zeros_like(stats.row_max)
         grads = torch.stack((g_logp if g_logp is not None else zeros, g_entropy if g_entropy is not None else zeros))
         linear_logprobs_bwd_kernel[(n_rows, -(-n_cols // block_v))](
             tile, tile.stride(0), dx, dx.stride(0), bias if bias is not None else weight, labels, saved, grads, n_rows,
-            vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0), 1.0 / tr.temperature,
-            int(bias is not None), BLOCK_V=block_v, num_warps=num_warps,
+            words, words.stride(0), vocab_start, n_cols, float(tr.logit_scale), float(tr.softcap or 0.0),
+            1.0 / tr.temperature, int(bias is not None), int(kept is not None), BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
         return dx
 
 
-def _no_support(kept):
-    if kept is not None:  # the ops refuse support= on triton before any tile runs
-        raise ValueError("support= is not implemented on the triton lm-head fold")
+def _words(kept: TileBits | None, device) -> torch.Tensor:
+    """The tile rows' kept-token words for the Triton kernels (last dim contiguous), or a never-read
+    int32 placeholder (``has_support`` 0)."""
+    if kept is None:
+        return torch.zeros(1, 1, dtype=torch.int32, device=device)
+    return kept.words if kept.words.stride(-1) == 1 else kept.words.contiguous()
 
 
 assert ROW_STATS == RowStats._fields and TorchFold.FIELDS[:3] == RowStats._fields
@@ -405,7 +409,7 @@ def head_forward(hidden, weight, bias, labels, tr: Transform, plan: Plan, fold, 
 
 
 def _tile_kept(support, r0, r1, v0, v1):
-    return kept_block(support, r0, r1, v0, v1) if support is not None else None
+    return TileBits(support[r0:r1], v0, v1) if support is not None else None
 
 
 def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora, support):
@@ -428,6 +432,28 @@ def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora
                 fold.forward(tile, _view(work_buf, tile.shape), bias, weight, labels[r0:r1], state[:, r0:r1], v0,
                              tr, want_stats, kept=_tile_kept(support, r0, r1, v0, v1))  # fmt: skip
     return fold.finalise(state, tr, vocab, want_stats)
+
+
+def head_top_k(hidden, weight, bias, tr: Transform, plan: Plan, k: int) -> torch.Tensor:
+    """``top_k=`` formed in the trainer: the ``[rows, ceil(V/32)]`` int32 words of each row's ``k`` largest
+    transformed logits ``y = f(h·Wᵀ + b)`` (the temperature keeps the order), ties to the lowest token ids
+    (``ops/_support.py`` ``merge_top_k``). One extra GEMM pass over the plan's tiles, with the torch
+    transform whatever the fold; memory: one tile and a running ``[rows, k]`` (values, ids) per chunk."""
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    cd = output_dtype(hidden.dtype)
+    runs: dict[int, TopK | None] = {}
+    with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False), plan.precision.gemms(hidden.device):
+        h = plan.precision.operand(hidden, cd)
+        bias_cd = bias.to(cd) if bias is not None else None
+        tile_buf = _buffers(TorchFold, plan, n_rows, vocab, cd, hidden.device)[0] if n_rows else None
+        for v0, v1, chunks in tiles(n_rows, vocab, plan):
+            w_blk = plan.precision.operand(weight[v0:v1], cd)
+            for r0, r1 in chunks:
+                tile = _view(tile_buf, (r1 - r0, v1 - v0))
+                TorchFold.tile(tile, h[r0:r1], w_blk, bias_cd[v0:v1] if bias is not None else None)
+                runs[r0] = merge_top_k(runs.get(r0), transform_(tile, tr.logit_scale, tr.softcap), v0, k)
+    ids = [runs[r0].ids for r0 in sorted(runs)]
+    return ids_to_words(torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int64, device=hidden.device), vocab)
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,

@@ -10,7 +10,8 @@ backend with ``forward(logits, labels, temperature, ignore_index) -> (logp, RowS
 
 ``batch_invariant=True`` uses :data:`BATCH_INVARIANT_TOKEN_KERNELS` (the torch chunks padded to one
 shape; the Triton kernels as they are: one program per row). ``support=`` / ``top_k=``
-(``ops/_support.py``) mask the torch path's chunks: logits outside the kept set are −inf.
+(``ops/_support.py``) mask the torch path's chunks and the Triton kernels' tiles (the packed bits read
+per tile): logits outside the kept set are −inf.
 
 Every backend saves the centred row state ``RowStats(row_max, log_sum, entropy)`` and forms ``p``
 and ``z - Σp·z`` relative to ``row_max`` (see ``kernels/_softmax.py`` for the derivation). The
@@ -26,40 +27,65 @@ from .._utils import as_rows, output_dtype
 from ..kernels._softmax import ROW_STATS
 from ..kernels.token_logprobs import pick_config, token_logprobs_bwd_kernel, token_logprobs_fwd_kernel
 from ._softmax_torch import RowStats, centred, fold_block, grad_from_centred_, log_prob
-from ._support import Support, check_labels_kept
+from ._support import Support, check_labels_kept, label_bits
 
 # Rows per chunk in the torch backend: ~4M elements of fp32 temporaries per chunk.
 TORCH_CHUNK_ELEMENTS = 1 << 22
 
 
-class TritonTokenKernels:
+class PackedSupportKernels:
+    """What the kernel launchers (Triton, CUDA) share for ``support`` (``ops/_support.py``): they hand the
+    kernels each row's packed kept-token words (``Support.row_bits``: the caller's, or the ``top_k`` set
+    packed once), checked against the labels first, and the kernels mask the logits outside them to −inf."""
+
+    def __init__(self, support: Support | None = None):
+        self.support = support
+
+    def with_support(self, support: Support | None):
+        return self if support is None else type(self)(support)
+
+    def _bits(self, logits, labels, ignore_index):
+        """``(bits [N, W] int32, has_support)``: the kept set's words (checked against the labels), or a
+        never-read placeholder."""
+        if self.support is None:
+            return torch.zeros(1, 1, dtype=torch.int32, device=logits.device), 0
+        bits = self.support.row_bits(logits)
+        if self.support.check:
+            in_range = (labels >= 0) & (labels < logits.shape[-1])
+            kept = label_bits(bits, torch.where(in_range, labels, 0))
+            check_labels_kept(kept, (labels != ignore_index) & in_range, self.support.shape)
+        return bits, 1
+
+
+class TritonTokenKernels(PackedSupportKernels):
     """``alignkernels.kernels.token_logprobs`` launchers."""
 
-    @staticmethod
-    def forward(logits, labels, temperature, ignore_index):
+    def forward(self, logits, labels, temperature, ignore_index):
         rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
         logp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
         stats = torch.empty(len(ROW_STATS), n_rows, dtype=torch.float32, device=logits.device)
         if n_rows:
+            bits, has_support = self._bits(logits, labels, ignore_index)
             block_v, num_warps = pick_config(logits.shape[-1])
             token_logprobs_fwd_kernel[(n_rows,)](
-                rows, labels, logp, stats, logits.shape[-1], rows_per_outer, stride_outer, stride_inner,
-                1.0 / temperature, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+                rows, labels, logp, stats, bits, bits.stride(0), logits.shape[-1], rows_per_outer, stride_outer,
+                stride_inner, 1.0 / temperature, ignore_index, HAS_SUPPORT=bool(has_support), BLOCK_V=block_v,
+                num_warps=num_warps,
             )  # fmt: skip
         return logp, RowStats(*stats.unbind(0))
 
-    @staticmethod
-    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+    def backward(self, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
         rows, n_rows, rows_per_outer, stride_outer, stride_inner = as_rows(logits)
         grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         if n_rows:
             saved = torch.stack(stats)  # ROW_STATS order (RowStats has the same fields)
             present = [g for g in (grad_logp, grad_entropy) if g is not None]
             grads = torch.stack([g.float() if g is not None else present[0].float() for g in (grad_logp, grad_entropy)])
+            bits = self.support.row_bits(logits) if self.support is not None else saved.new_zeros(1, 1, dtype=torch.int32)
             block_v, num_warps = pick_config(logits.shape[-1])
             token_logprobs_bwd_kernel[(n_rows,)](
-                rows, labels, saved, grads, grad_logits, logits.shape[-1], rows_per_outer, stride_outer, stride_inner,
-                1.0 / temperature, ignore_index,
+                rows, labels, saved, grads, grad_logits, bits, bits.stride(0), logits.shape[-1], rows_per_outer,
+                stride_outer, stride_inner, 1.0 / temperature, ignore_index, HAS_SUPPORT=self.support is not None,
                 HAS_GRAD_LOGP=grad_logp is not None, HAS_GRAD_ENTROPY=grad_entropy is not None,
                 BLOCK_V=block_v, num_warps=num_warps,
             )  # fmt: skip
@@ -196,27 +222,28 @@ class BatchInvariantTorchTokenKernels(TorchTokenKernels):
         return min(max(1, TORCH_CHUNK_ELEMENTS // V), self.MAX_FIXED_ROWS)
 
 
-class CudaTokenKernels:
-    """The hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend``."""
+class CudaTokenKernels(PackedSupportKernels):
+    """The hand-written kernels in ``csrc/`` through ``alignkernels._cuda_backend``; ``support`` as the
+    Triton launchers (the packed words handed to the kernels, labels checked first)."""
 
-    @staticmethod
-    def forward(logits, labels, temperature, ignore_index):
+    def forward(self, logits, labels, temperature, ignore_index):
+        bits = self._bits(logits, labels, ignore_index)[0] if self.support is not None and labels.numel() else None
         logp, row_max, log_sum, entropy = _cuda_backend.token_logprobs_forward(logits, labels, temperature,
-                                                                               ignore_index)  # fmt: skip
+                                                                               ignore_index, support=bits)  # fmt: skip
         return logp, RowStats(row_max, log_sum, entropy)
 
-    @staticmethod
-    def backward(logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+    def backward(self, logits, labels, stats: RowStats, grad_logp, grad_entropy, temperature, ignore_index):
+        bits = self.support.row_bits(logits) if self.support is not None and labels.numel() else None
         return _cuda_backend.token_logprobs_backward(
             logits, labels, stats.row_max, stats.log_sum, stats.entropy, grad_logp, grad_entropy, temperature,
-            ignore_index,
+            ignore_index, support=bits,
         )  # fmt: skip
 
 
 assert ROW_STATS == RowStats._fields  # the kernels' saved-state layout is RowStats, field for field
 
-TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": TorchTokenKernels(), "cuda": CudaTokenKernels}
+TOKEN_KERNELS = {"triton": TritonTokenKernels(), "torch": TorchTokenKernels(), "cuda": CudaTokenKernels()}
 # batch_invariant=True: the Triton kernels are already one program per row with a block size fixed by
 # V (a row's bits never see another row); the torch chunks get one fixed shape. The CUDA kernels and
 # the eager reference are not proven batch invariant (refused by name in ``token_logprobs``).
-BATCH_INVARIANT_TOKEN_KERNELS = {"triton": TritonTokenKernels, "torch": BatchInvariantTorchTokenKernels()}
+BATCH_INVARIANT_TOKEN_KERNELS = {"triton": TritonTokenKernels(), "torch": BatchInvariantTorchTokenKernels()}

@@ -33,6 +33,7 @@ from ._lmhead_engine import (
     head_backward,
     head_forward,
     head_precision as check_head_precision,
+    head_top_k,
     make_plan,
     pad_rows,
     validate_head,
@@ -128,6 +129,7 @@ def linear_logprobs(
     head_precision: str = "input",
     batch_invariant: bool = False,
     support: torch.Tensor | None = None,
+    top_k: int | None = None,
 ):
     """Log-probability of each label under ``softmax(z)``, ``z = transform(hidden @ weight.T + bias)``,
     computed tile by tile: the ``[N, V]`` logits never exist.
@@ -195,8 +197,14 @@ def linear_logprobs(
         support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
             ``labels.shape + (ceil(V/32),)``): logp and entropy renormalised over the kept set, each
             tile's logits outside it set to −inf (``ops/_support.py``; no ``[N, V]`` mask). A valid
-            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch``
-            backend only, without ``return_stats`` / ``process_group=`` (``ValueError`` otherwise).
+            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch`` and
+            ``triton`` backends (the Triton fold reads the packed words per tile), without
+            ``return_stats`` (``ValueError``); with ``process_group=`` the global words, each rank
+            cutting its slice (``ops/vocab_parallel.py``).
+        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits, ties at the
+            ``k``-th value to the lowest token ids (as ``token_logprobs(top_k=)``), streamed with a
+            running top-k per row over the vocabulary blocks (one extra forward GEMM pass; the words,
+            ``V/32`` per row, are kept for the backward). Not with ``lora=`` / ``process_group=``.
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -211,8 +219,8 @@ def linear_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if support is not None:
-            raise ValueError("support= is not supported with process_group= (vocab-parallel lm_head)")
+        if top_k is not None:
+            raise ValueError("top_k= is not supported with process_group= (vocab-parallel lm_head; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -222,7 +230,7 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
-            head_precision=head_precision, batch_invariant=batch_invariant,
+            head_precision=head_precision, batch_invariant=batch_invariant, support=support,
         )  # fmt: skip
     precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)
@@ -233,11 +241,14 @@ def linear_logprobs(
     vocab = weight.shape[0]
     if labels_checking_enabled(check_labels):
         check_label_range(wide_labels, vocab, ignore_index)
-    kept = validate_support(support, None, wide_labels.shape, vocab, hidden.device, labels_checking_enabled(check_labels))
-    if kept is not None and (backend != "torch" or return_stats):
-        raise ValueError("support= is implemented on backend 'torch' without return_stats, "
+    kept = validate_support(support, top_k, wide_labels.shape, vocab, hidden.device,
+                            labels_checking_enabled(check_labels))  # fmt: skip
+    if kept is not None and (backend not in FOLDS or return_stats):
+        raise ValueError(f"support= / top_k= are implemented on the backends {tuple(FOLDS)} without return_stats, "
                          f"got backend={backend!r}" + (" with return_stats=True" if return_stats else ""))  # fmt: skip
-    if kept is not None and kept.check:
+    if kept is not None and kept.top_k is not None and adapter is not None:
+        raise ValueError("top_k= is not supported with lora= (pass the kept tokens as support=)")
+    if kept is not None and kept.check and kept.bits is not None:
         flat = wide_labels.reshape(-1)
         check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab - 1)), flat != ignore_index, kept.shape)
     if batch_invariant and (backend not in FOLDS or adapter is not None):
@@ -257,7 +268,7 @@ def linear_logprobs(
     compact = compact_rows(hidden, wide_labels, ignore_index)
     rows, row_labels = compact.hidden, compact.labels
     bits = None
-    if kept is not None:
+    if kept is not None and kept.bits is not None:
         bits = kept.bits if compact.rows is None else kept.bits.index_select(0, compact.rows)
     if batch_invariant:  # one tile shape: the rows padded to whole tiles (label 0, results dropped)
         plan = batch_invariant_plan(fold, hidden.device, vocab, precision.name)
@@ -266,6 +277,11 @@ def linear_logprobs(
     else:
         plan = make_plan(fold, hidden.device, compact.labels.numel(), vocab, chunk_size, vocab_block_size,
                          precision.name)  # fmt: skip
+    if kept is not None and kept.top_k is not None:  # the kept set formed here: one extra GEMM pass
+        bits = head_top_k(rows, weight, bias, tr, plan, kept.top_k)
+        if kept.check:
+            in_set = compact.expand(label_bits(bits[: compact.labels.shape[0]], compact.labels))
+            check_labels_kept(in_set.reshape(-1), wide_labels.reshape(-1) != ignore_index, kept.shape)
     outs = LinearLogprobsFunction.apply(
         rows, weight, bias.contiguous() if bias is not None else None, row_labels, tr, plan, fold,
         return_stats, *(adapter if adapter is not None else (None, None, None)), bits,

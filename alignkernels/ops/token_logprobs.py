@@ -134,7 +134,7 @@ def token_logprobs(
             mask). logp and entropy are then those of the distribution renormalised over the kept
             set, differentiable (zero gradient outside it), streamed chunk by chunk (no ``[N, V]``
             mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
-            logp ``-inf``). ``torch`` and ``reference`` backends (others: ``ValueError``).
+            logp ``-inf``). Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
         top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
             ties), then as ``support``.
 
@@ -144,22 +144,19 @@ def token_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if support is not None or top_k is not None:
-            raise ValueError("support= / top_k= are not supported with process_group= (vocab-parallel logits)")
+        if top_k is not None:
+            raise ValueError("top_k= is not supported with process_group= (vocab-parallel logits; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
             logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            check_labels=check_labels, batch_invariant=batch_invariant,
+            check_labels=check_labels, batch_invariant=batch_invariant, support=support,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,
                             labels_checking_enabled(check_labels))  # fmt: skip
     backend = TOKEN_LOGPROBS.resolve(backend, logits.device, logits.dtype)
-    if kept is not None and backend not in ("torch", "reference"):
-        raise ValueError(f"support= / top_k= are implemented on the backends ('torch', 'reference'), "
-                         f"got backend={backend!r}")  # fmt: skip
     kernels = TOKEN_KERNELS
     if batch_invariant:
         kernels = BATCH_INVARIANT_TOKEN_KERNELS

@@ -36,6 +36,12 @@ all-reduces' numbers (``W·3N`` forward, ``W·N·H`` backward) and hold them at 
 Every rank must compute the same downstream loss (so the upstream gradients agree), as in
 Megatron-LM; each call and each backward is a collective (every rank calls it, same order).
 
+The sampler's kept set (``support=``, ``ops/_support.py``): every rank takes the GLOBAL packed words
+``[..., ceil(V/32)]`` (replicated like the labels: what a sampler returns, whatever the tensor-parallel
+layout), checks the labels against them, and cuts its own slice's words (``shard_words``: a funnel shift,
+``V/32`` words per row); the local pass then masks the shard's logits outside the set, and the combine
+and backward are unchanged (a shard with no kept token in a row contributes no mass).
+
 Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
 call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the
 same labels (a fingerprint) and the same ``requires_grad`` for ``hidden``, and that no rank
@@ -74,6 +80,7 @@ from ._lmhead_engine import head_precision as head_precision_row
 from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, log_prob, merge_terms, merged
+from ._support import Support, check_labels_kept, label_bits, shard_words, validate_support
 
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
@@ -248,6 +255,24 @@ def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, proce
     return log_prob(packed[-1], stats.log_sum), stats
 
 
+def _global_support(support, labels, vocab_size, device, check_labels, ignore_index) -> Support | None:
+    """``support=`` validated against the global vocabulary, its labels checked (inside the agreed
+    validation: every rank raises alike)."""
+    kept = validate_support(support, None, labels.shape, vocab_size, device, labels_checking_enabled(check_labels))
+    if kept is not None and kept.check:
+        flat = labels.reshape(-1)
+        check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab_size - 1)), flat != ignore_index, kept.shape)
+    return kept
+
+
+def _shard_support(kept: Support | None, vocab_start: int, shard: int, rows=None) -> Support | None:
+    """This shard's kept set (labels already checked globally); ``rows``: the compact rows to keep."""
+    if kept is None:
+        return None
+    bits = kept.bits if rows is None else kept.bits.index_select(0, rows)
+    return Support(shard_words(bits, vocab_start, shard), None, False, kept.shape)
+
+
 # --------------------------------------------------------------------------------------------
 # Logits form
 # --------------------------------------------------------------------------------------------
@@ -257,8 +282,9 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, local_labels, owned, valid, temperature, ignore_index, backend, want_entropy,
-                process_group, batch_invariant=False):  # fmt: skip
+                process_group, batch_invariant=False, support=None):  # fmt: skip
         kernels = (BATCH_INVARIANT_TOKEN_KERNELS if batch_invariant else TOKEN_KERNELS)[backend]
+        kernels = kernels.with_support(support)  # support: this shard's words
         logp_k, stats_k = kernels.forward(logits, local_labels, temperature, ignore_index)
         logp, stats = _combine_shards(logp_k, stats_k, owned, valid, want_entropy, process_group, batch_invariant)
         ctx.save_for_backward(logits, local_labels, *stats)
@@ -270,7 +296,7 @@ class VocabParallelTokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         refuse_double_backward("vocab_parallel_token_logprobs", ctx.backend)
-        none = (None,) * 9
+        none = (None,) * 10
         if (grad_logp is None and grad_entropy is None) or not ctx.needs_input_grad[0]:
             return (None, *none)
         logits, local_labels, *stats = ctx.saved_tensors
@@ -297,6 +323,7 @@ def vocab_parallel_token_logprobs(
     check_labels: bool | None = None,
     check_shards: bool = True,
     batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
 ):
     """``token_logprobs`` for logits sharded over the vocabulary across ``process_group``.
 
@@ -323,6 +350,8 @@ def vocab_parallel_token_logprobs(
         batch_invariant: each row's logp, entropy and gradient row bitwise independent of the other
             rows (``token_logprobs``'s fixed chunks on each shard, the shards' sums added in rank
             order: module docstring). ``torch`` and ``triton`` only (``ValueError`` otherwise).
+        support: the sampler's kept tokens as ``token_logprobs(support=)``: the GLOBAL packed words
+            ``labels.shape + (ceil(vocab_size/32),)``, identical on every rank (each cuts its slice).
 
     Returns:
         ``logp`` (fp32; fp64 for fp64 logits; shape of ``labels``) or ``(logp, entropy)``, the same
@@ -349,17 +378,19 @@ def vocab_parallel_token_logprobs(
         if check_batch_invariant(batch_invariant) and impl not in invariant_backends:
             raise ValueError(f"batch_invariant=True is implemented on the backends {invariant_backends}, "
                              f"got backend={impl!r}")  # fmt: skip
-        return t, impl, wide
+        kept = _global_support(support, wide, vocab_size, logits_shard.device, check_labels, ignore_index)
+        return t, impl, wide, kept
 
     shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
-    t, impl, wide_labels = _run_checked(validate, process_group, check_shards, (logits_shard, labels), vocab_start,
-                                        shard, vocab_size, labels, False)  # fmt: skip
+    t, impl, wide_labels, kept = _run_checked(validate, process_group, check_shards, (logits_shard, labels),
+                                              vocab_start, shard, vocab_size, labels, False)  # fmt: skip
     flat_labels = wide_labels.reshape(-1)
     local_labels, owned = _local_labels(flat_labels, vocab_start, shard, int(ignore_index))
     valid = flat_labels != ignore_index
+    local_support = _shard_support(kept, vocab_start, shard)
     logp, entropy = VocabParallelTokenLogprobsFunction.apply(
         logits_shard, local_labels.contiguous(), owned, valid, t, int(ignore_index), impl, bool(return_entropy),
-        process_group, batch_invariant,
+        process_group, batch_invariant, local_support,
     )  # fmt: skip
     logp = logp.view(labels.shape)
     return (logp, entropy.view(labels.shape)) if return_entropy else logp
@@ -375,16 +406,16 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group,
-                lora_A=None, lora_B=None, lora_scaling=None):  # fmt: skip
+                lora_A=None, lora_B=None, lora_scaling=None, support=None):  # fmt: skip
         ctx.set_materialize_grads(False)
         lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora)
+        with torch.autocast(hidden.device.type, enabled=False):  # support: this shard's words of the compact rows
+            out = head_forward(hidden, weight, bias, local_labels, tr, plan, fold, False, lora=lora, support=support)
         logp, stats = _combine_shards(out.logp, out.stats, owned, torch.ones_like(owned), want_entropy,
                                       process_group, plan.padded)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
-        ctx.lora_scaling = lora_scaling
+        ctx.lora_scaling, ctx.support = lora_scaling, support
         ctx.backend = fold.NAME
         return logp, stats.entropy.clone()
 
@@ -407,7 +438,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             with torch.autocast(hidden.device.type, enabled=False):
                 grad_hidden, grad_weight, grad_bias, *grad_lora = head_backward(
                     hidden, weight, bias, local_labels, RowStats(*stats), g_logp, g_entropy, ctx.tr, ctx.plan,
-                    ctx.fold, needs, lora=lora,
+                    ctx.fold, needs, lora=lora, support=ctx.support,
                 )  # fmt: skip
             if grad_lora:
                 grad_lora_A, grad_lora_B = grad_lora
@@ -421,7 +452,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_hidden = _all_reduce_sum(grad_hidden, ctx.process_group, ctx.plan.padded).to(hidden.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None)
+        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None, None)
 
 
 def vocab_parallel_linear_logprobs(
@@ -446,6 +477,7 @@ def vocab_parallel_linear_logprobs(
     lora=None,
     head_precision: str = "input",
     batch_invariant: bool = False,
+    support: torch.Tensor | None = None,
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -476,6 +508,7 @@ def vocab_parallel_linear_logprobs(
             other rows, the batch layout, ``chunk_size`` / ``vocab_block_size`` and whether gradients
             are on: ``linear_logprobs``'s fixed plan on each shard (rows padded to whole tiles), the
             shards' sums added in rank order (module docstring). ``torch`` / ``triton``, no ``lora=``.
+        support: the GLOBAL packed kept-token words, as :func:`vocab_parallel_token_logprobs`.
 
     Returns:
         ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
@@ -497,14 +530,16 @@ def vocab_parallel_linear_logprobs(
         head_precision_row(head_precision)
         if check_batch_invariant(batch_invariant) and adapter is not None:
             raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
-        return tr, VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype), cs, vb, wide, adapter
+        kept = _global_support(support, wide, vocab_size, hidden.device, check_labels, ignore_index)
+        impl = VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype)
+        return tr, impl, cs, vb, wide, adapter, kept
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
     requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
     lora_a = lora[0] if isinstance(lora, (tuple, list)) and lora else None
     if isinstance(lora_a, torch.Tensor):  # the grad_lora_A all-reduce needs every rank: agree on it too
         requires_grad = int(requires_grad) + 2 + 4 * int(lora_a.requires_grad)
-    tr, impl, cs, vb, wide_labels, adapter = _run_checked(
+    tr, impl, cs, vb, wide_labels, adapter, kept = _run_checked(
         validate, process_group, check_shards, (hidden, weight_shard, labels), vocab_start, shard, vocab_size, labels,
         requires_grad,
     )  # fmt: skip
@@ -512,16 +547,19 @@ def vocab_parallel_linear_logprobs(
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
     rows = compact.hidden
+    local_support = _shard_support(kept, vocab_start, shard, compact.rows)
     if batch_invariant:  # one tile shape on every shard: the rows padded to whole tiles (owned nowhere, dropped)
         plan = batch_invariant_plan(fold, hidden.device, shard, head_precision)
         rows, local_labels, owned = (pad_rows(x, plan.chunk_rows, fill) for x, fill in
                                      ((rows, 0), (local_labels, 0), (owned, False)))  # fmt: skip
+        if local_support is not None:  # padded rows keep every token
+            local_support = local_support._replace(bits=pad_rows(local_support.bits, plan.chunk_rows, -1))
     else:
         plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
         rows, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
-        *(adapter if adapter is not None else ()),
+        *(adapter if adapter is not None else (None, None, None)), local_support.bits if local_support else None,
     )  # fmt: skip
     n = compact.labels.shape[0]
     logp, entropy = logp[:n], entropy[:n]

@@ -240,3 +240,70 @@ def test_logp_nonpositive_and_entropy_nonnegative(emulated, dtype):
             for temperature in (1e-4, 1e-2, 0.7, 1e3):
                 logp, ent, _, _, _ = run_cuda(x.to(dtype), labels, temperature, torch.ones(rows), torch.ones(rows))
                 assert (logp <= 0).all() and (ent >= 0).all(), (offset, spread, temperature, logp.max(), ent.min())
+
+
+# ----------------------------------------------------------------------------------------------
+# support= (the sampler's kept tokens, packed int32 words) on the CUDA kernels
+# ----------------------------------------------------------------------------------------------
+def _masked_reference(logits, labels, keep, temperature, g_logp, g_entropy):
+    """fp64 eager ``log_softmax`` over the kept tokens only: logp, entropy and the gradient."""
+    x = logits.detach().double().requires_grad_(True)
+    ls = torch.log_softmax((x / temperature).masked_fill(~keep, float("-inf")), -1)
+    valid = labels != -100
+    logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ent = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+    (grad,) = torch.autograd.grad((logp * g_logp.double()).sum() + (ent * g_entropy.double()).sum(), x)
+    return logp, ent, grad
+
+
+@pytest.mark.parametrize("rows,V,dtype,sliced", [(5, 77, torch.float32, False), (4, 301, torch.bfloat16, True),
+                                                 (2, 3001, torch.float32, True)])  # fmt: skip
+def test_support_matches_fp64_masked_log_softmax(emulated, rows, V, dtype, sliced):
+    """Warp-per-row and block-per-row configs, 16-byte packs whose columns cross the 32-bit words,
+    misaligned row starts (``logits[:, :-1]``), an ignored row: values and gradients of the
+    renormalised distribution, exactly zero gradient outside the kept set."""
+    from alignkernels.ops._support import pack_bits
+
+    g = torch.Generator().manual_seed(V)
+    logits = (torch.randn(rows, 3, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (rows, 3), generator=g)
+    keep = torch.rand(rows, 3, V, generator=g) < 0.3
+    keep.scatter_(-1, labels[..., None], True)
+    labels[0, 1] = -100
+    if sliced:
+        logits, labels, keep = logits[:, :-1], labels[:, :-1], keep[:, :-1]
+    g_logp, g_ent = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = token_logprobs(x, labels, temperature=0.8, return_entropy=True, backend="cuda",
+                               support=pack_bits(keep))  # fmt: skip
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    ref_logp, ref_ent, ref_grad = _masked_reference(logits, labels, keep, 0.8, g_logp, g_ent)
+    torch.testing.assert_close(logp.double(), ref_logp, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(ent.double(), ref_ent, rtol=2e-6, atol=2e-6)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=rtol, atol=atol * ref_grad.abs().max().item())
+    assert bool((x.grad[~keep] == 0).all()) and bool((x.grad[labels == -100] == 0).all())
+    assert emulated.stats()["launches"] > 0
+
+
+def test_support_label_outside_and_top_k_as_torch(emulated):
+    """A label outside its row's set (``check_labels=False``: logp ``-inf``) and ``top_k=``: the torch
+    backend's values and gradients; the label check names the position."""
+    from alignkernels.ops._support import pack_bits
+
+    logits, labels = make(6, 90, torch.float32, seed=11)
+    keep = torch.rand(6, 90, generator=torch.Generator().manual_seed(12)) < 0.4
+    keep[torch.arange(6), labels.clamp(min=0)] = True  # rows 0 and 3 are ignored
+    keep[4, labels[4]] = False
+    with pytest.raises(ValueError, match=r"position \(4,\) is outside its row's support"):
+        token_logprobs(logits, labels, support=pack_bits(keep), backend="cuda")
+    for kw in (dict(support=pack_bits(keep), check_labels=False), dict(top_k=7, check_labels=False)):
+        outs = []
+        for backend in ("cuda", "torch"):
+            x = logits.clone().requires_grad_(True)
+            logp, ent = token_logprobs(x, labels, return_entropy=True, backend=backend, **kw)
+            (torch.where(torch.isfinite(logp), logp, 0.0).sum() + 0.5 * ent.sum()).backward()
+            outs.append((logp.detach(), ent.detach(), x.grad))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+        assert bool(torch.isneginf(outs[0][0]).any())  # a label outside the kept set: -inf, as torch

@@ -672,6 +672,60 @@ def check_batch_invariant(rank, world, form, backend, examples):
                       "batch_invariant must be a bool")  # fmt: skip
 
 
+def check_support(rank, world):
+    """``support=`` (the sampler's kept tokens, GLOBAL packed words on every rank; shard bounds 17, 50, 71
+    cut the 32-bit words) on both forms, torch and triton: logp, entropy and every gradient as fp64 masked
+    ``log_softmax`` on one process; rows whose kept tokens all sit on another shard; a label outside the
+    set is the same ``ValueError`` on every rank."""
+    from alignkernels.ops._support import pack_bits
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(21)
+    full = torch.randn(2, 6, V, generator=gen) * 3
+    labels = _labels_in_every_shard((2, 6), SHARD_BOUNDS[world], -100, gen)
+    keep = torch.rand(2, 6, V, generator=gen) < 0.3
+    keep[0, 0] = False
+    keep[0, 0, 60:64] = True  # one row's whole set on one shard
+    keep.scatter_(-1, labels.clamp(min=0)[..., None], True)
+    bits = pack_bits(keep)
+    hidden, weight = torch.randn(2, 6, 8, generator=gen), torch.randn(V, 8, generator=gen) / 3
+    valid = labels != -100
+
+    def fp64(logits_fn, *inputs):
+        xs = [t.double().requires_grad_(True) for t in inputs]
+        ls = torch.log_softmax(logits_fn(*xs).masked_fill(~keep, float("-inf")), -1)
+        logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        ent = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        return logp, ent, [x.grad for x in xs]
+
+    want = fp64(lambda x: x, full)
+    want_l = fp64(lambda h, w: h @ w.T, hidden, weight)
+    for backend in ("torch", "triton"):
+        x = full[..., start:start + size].clone().requires_grad_(True)
+        logp, ent = vocab_parallel_token_logprobs(x, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                  backend=backend, support=bits)  # fmt: skip
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        _close(f"{backend} token logp", logp.double(), want[0])
+        _close(f"{backend} token entropy", ent.double(), want[1])
+        _close(f"{backend} token grad", x.grad.double(), want[2][0][..., start:start + size])
+        h, w = hidden.clone().requires_grad_(True), weight[start:start + size].clone().requires_grad_(True)
+        logp, ent = vocab_parallel_linear_logprobs(h, w, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                   backend=backend, support=bits)  # fmt: skip
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        _close(f"{backend} linear logp", logp.double(), want_l[0])
+        _close(f"{backend} linear entropy", ent.double(), want_l[1])
+        _close(f"{backend} linear grad_hidden", h.grad.double(), want_l[2][0])
+        _close(f"{backend} linear grad_weight", w.grad.double(), want_l[2][1][start:start + size])
+    keep[1, 4, labels[1, 4]] = False
+    for fn in (lambda: vocab_parallel_token_logprobs(full[..., start:start + size], labels, vocab_start=start,
+                                                     vocab_size=V, support=pack_bits(keep)),
+               lambda: vocab_parallel_linear_logprobs(hidden, weight[start:start + size], labels, vocab_start=start,
+                                                      vocab_size=V, support=pack_bits(keep))):  # fmt: skip
+        _expect_error(fn, r"position \(1, 4\) is outside its row's support")
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -691,6 +745,7 @@ def _checks_for(world):
         "masked_vocabulary": lambda r: check_masked_vocabulary(r, world),
         "batch_invariant_linear": lambda r: check_batch_invariant(r, world, "linear", "torch", 10 if world == 2 else 4),
         "batch_invariant_token": lambda r: check_batch_invariant(r, world, "token", "torch", 10 if world == 2 else 4),
+        "support": lambda r: check_support(r, world),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
