@@ -484,15 +484,18 @@ def _bypass(t):
 
 def _vanilla_kernel(c: VerlPolicyConfig) -> KernelTerm:
     return KernelTerm(PolicyTerm("clipped", eps_low=c.low, eps_high=c.high, bias_correction=False,
-                                 clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c))  # fmt: skip
+                                 clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _cispo_kernel(c: VerlPolicyConfig) -> KernelTerm:
-    return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False))
+    return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _sapo_kernel(c: VerlPolicyConfig) -> KernelTerm:
-    return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False))
+    return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _dro_kernel(c: VerlPolicyConfig) -> KernelTerm:  # weight clamp(r, 1, 1) = 1, + β/2 · lr²
@@ -503,7 +506,7 @@ def _dppo_kernel(region: str):
     def kernel(c: VerlPolicyConfig) -> KernelTerm:
         return KernelTerm(PolicyTerm("cispo", eps_high=20.0 if c.clip_ratio_c is None else c.clip_ratio_c,
                                      trust_region=region, region_low=c.low, region_high=c.high,
-                                     bias_correction=False))  # fmt: skip
+                                     bias_correction=False, log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
     return kernel
 
@@ -608,8 +611,7 @@ def verl_policy_loss(
             (the token-separable ones: ``vanilla``, ``sapo``, ``gpg``, ``dro``, ``cispo``,
             ``dppo_tv``, ``dppo_kl``) run their loss and gradient in the fused clipped-policy
             kernels (``kernels/grpo.py``; the metrics from the PyTorch formula without gradient;
-            not twice differentiable; no ±20 log-ratio clamp there: values differ by at most
-            ``|A|·e^-20`` per token where ``|logp − old| > 20``), the other rows in PyTorch;
+            not twice differentiable; the ±20 log-ratio clamp as verl's), the other rows in PyTorch;
             ``"torch"`` / ``"reference"``: eager.
 
     Returns:
