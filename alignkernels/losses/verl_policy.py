@@ -48,7 +48,7 @@ from .._utils import OpBackends, check_same_device, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
 from .kl import KL_ESTIMATORS
-from .validation import check_number, check_token_tensors
+from .validation import check_number, check_token_tensors, no_other_keywords, typed_value
 
 
 VERL_POLICY_LOSS = OpBackends("verl_policy_loss", ("triton", "torch", "reference"))
@@ -619,12 +619,8 @@ def verl_policy_loss(
         verl's names (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``).
     """
     row = lookup(VERL_POLICY_LOSSES, loss_mode, "loss_mode")
-    if config is not None and config_fields:
-        raise TypeError("pass config or its fields as keywords, not both")
-    try:
-        config = config if config is not None else VerlPolicyConfig(**config_fields)
-    except TypeError as e:
-        raise TypeError(f"unknown verl policy option: {e}; valid: {', '.join(VerlPolicyConfig._fields)}") from None
+    config = typed_value("config", VerlPolicyConfig, config, config_fields)
+    no_other_keywords("verl_policy_loss", config_fields)
     config = _check_config(row, config)
     lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     lookup(AGGREGATION_SEMANTICS, semantics, "semantics")
