@@ -48,6 +48,7 @@ from .._utils import OpBackends, check_same_device, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
 from .kl import KL_ESTIMATORS
+from .rollout_metrics import SAFETY_BOUND, ISWeights, RejectionStat, is_metrics, offpolicy_metrics, rejection_metrics
 from .validation import check_number, check_token_tensors, no_other_keywords, typed_value
 
 
@@ -299,7 +300,6 @@ REJECTION_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")  # per token, or 
 # verl's rollout_rs names: a level and a KL_ESTIMATORS row of d = rollout_logp − logp (k1 = −log r)
 REJECTION_OPTIONS = tuple(f"{level}_{k}" for level in REJECTION_LEVELS for k in ("k1", "k2", "k3")
                           if (level, k) != ("seq_max", "k1"))  # fmt: skip
-SAFETY_BOUND = 20.0  # verl: log-ratios (token or summed) in ±20 before exp, and in the rejection statistics
 
 
 class Rejection(NamedTuple):
@@ -399,10 +399,10 @@ def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     - rejection: every option must pass; a statistic of ``d = −clamp(lr, ±20)`` (``k1 = d``,
       ``k2 = d²/2``, ``k3 = e^−d − 1 + d``, the rows of ``losses/kl.py``) per token or per sequence.
 
-    Metrics (verl's names): ``rollout_corr/kl``, ``rollout_corr/k3_kl``, and with IS weights
-    ``rollout_corr/rollout_is_mean`` (before normalising) and ``rollout_corr/rollout_is_batch_norm_factor``,
-    with rejection ``rollout_corr/rollout_rs_masked_fraction``. A fully masked batch gives no
-    weight, no token and zero metrics (verl: ``ValueError``)."""
+    Metrics: every key of verl's (``rollout_corr/`` + the names of ``losses/rollout_metrics.py``:
+    off-policy perplexities / KL / χ², the IS weights' spread before normalising and
+    ``rollout_is_batch_norm_factor``, each rejection option's statistics and masked fractions). A
+    fully masked batch gives no weight, no token and zero metrics (verl: ``ValueError``)."""
     plan = correction_plan(correction)
     check_token_tensors(logp, logp, rollout_logp=rollout_logp, mask=mask)
     check_same_device(logp=logp, rollout_logp=rollout_logp, mask=mask)
@@ -410,26 +410,29 @@ def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     cd = output_dtype(logp.dtype)
     zero = torch.zeros((), dtype=cd, device=logp.device)
     with torch.no_grad():
-        lr = torch.where(valid, logp.detach().to(cd) - rollout_logp.detach().to(cd), zero)
-        return _correct(lr, valid, RolloutCorrection() if correction is None else correction, plan)
+        logp, rollout_logp = (torch.where(valid, t.detach().to(cd), zero) for t in (logp, rollout_logp))
+        return _correct(logp, rollout_logp, valid, RolloutCorrection() if correction is None else correction, plan)
 
 
-def _correct(lr: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection, plan: CorrectionPlan):
-    """``verl_rollout_correction`` on a log-ratio that is 0 at masked positions (no grad)."""
+def _correct(logp: torch.Tensor, rollout_logp: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection,
+             plan: CorrectionPlan):  # fmt: skip
+    """``verl_rollout_correction`` on log-probs that are 0 at masked positions (no grad); the metrics
+    from ``losses/rollout_metrics.py``, prefixed ``rollout_corr/``."""
+    lr = logp - rollout_logp
     maskf = valid.to(lr.dtype)
     count = maskf.sum(-1)
 
     def mean(x):  # over the valid tokens of the batch
         return (x * maskf).sum() / maskf.sum().clamp(min=1.0)
 
-    metrics = {"rollout_corr/kl": mean(-lr), "rollout_corr/k3_kl": mean(torch.expm1(lr) - lr)}
+    metrics = offpolicy_metrics(logp, rollout_logp, maskf)
     weights = None
     if plan.is_bounds is not None:
         lower, upper = plan.is_bounds
-        level_lr = lr if c.rollout_is == "token" else lr.sum(-1, keepdim=True).expand_as(lr)
-        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)) * maskf
+        level_lr = lr if c.rollout_is == "token" else lr.sum(-1, keepdim=True)
+        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(lr) * maskf
         weights = raw.clamp(max=upper) if lower is None else torch.where((raw >= lower) & (raw <= upper), raw, 0.0)
-        metrics["rollout_corr/rollout_is_mean"] = mean(weights)
+        metrics.update(is_metrics(ISWeights(weights, raw, level_lr, c.rollout_is == "sequence", lower, upper), maskf))
         if c.rollout_is_batch_normalize:
             if c.rollout_is == "token":
                 norm = mean(weights)
@@ -438,24 +441,28 @@ def _correct(lr: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection, plan: 
                 norm = ((weights * maskf).sum(-1) / count.clamp(min=1.0))[rows].sum() / rows.sum().clamp(min=1)
             norm = torch.where(norm > 1e-8, norm, torch.ones_like(norm))
             weights = weights / norm
-            metrics["rollout_corr/rollout_is_batch_norm_factor"] = norm
+            metrics["rollout_is_batch_norm_factor"] = norm
     if plan.rejections:
         keep = torch.ones_like(valid)
         d = -lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        options = []
         for r in plan.rejections:
             stat = torch.where(valid, KL_ESTIMATORS[r.estimator].value(d), 0.0)
             if r.level == "seq_sum":
                 stat = stat.sum(-1, keepdim=True)
             elif r.level == "seq_mean":
                 stat = stat.sum(-1, keepdim=True) / count.clamp(min=1.0).unsqueeze(-1)
-            elif r.level == "seq_max" and stat.shape[-1] > 0:  # a fully masked row: 0
-                stat = torch.where(valid, stat, -torch.inf).amax(-1, keepdim=True)
+            elif r.level == "seq_max":  # a fully masked row: 0
+                stat = torch.where(valid, stat, -torch.inf).amax(-1, keepdim=True) if stat.shape[-1] else \
+                    stat.new_zeros(stat.shape[0], 1)  # fmt: skip
                 stat = torch.where(torch.isneginf(stat), 0.0, stat)
-            ok = stat <= r.upper if r.lower is None else (stat >= r.lower) & (stat <= r.upper)
+            ok = (stat <= r.upper if r.lower is None else (stat >= r.lower) & (stat <= r.upper)).expand_as(valid)
             keep = keep & ok
-        metrics["rollout_corr/rollout_rs_masked_fraction"] = mean((~keep).to(lr.dtype))
+            options.append(RejectionStat(f"{r.level}_{r.estimator}", stat.expand_as(lr),
+                                         None if r.level == "token" else stat[:, 0], ok, r.lower, r.upper))  # fmt: skip
+        metrics.update(rejection_metrics(tuple(options), keep, maskf))
         valid = valid & keep
-    return weights, valid, metrics
+    return weights, valid, {f"rollout_corr/{name}": value for name, value in metrics.items()}
 
 
 def _bypass_prepare(t: PolicyTokens, rollout_is_weights):
@@ -466,7 +473,7 @@ def _bypass_prepare(t: PolicyTokens, rollout_is_weights):
                          "config.rollout_correction; pass None")  # fmt: skip
     c = RolloutCorrection() if t.config.rollout_correction is None else t.config.rollout_correction
     with torch.no_grad():
-        weights, valid, metrics = _correct(t.logp.detach() - t.old, t.valid, c, correction_plan(c))
+        weights, valid, metrics = _correct(t.logp.detach(), t.old, t.valid, c, correction_plan(c))
     zero = torch.zeros((), dtype=t.logp.dtype, device=t.logp.device)
     tokens = PolicyTokens(torch.where(valid, t.logp, zero), torch.where(valid, t.old, zero),
                           torch.where(valid, t.adv, zero), valid.to(t.maskf.dtype), valid, t.config)  # fmt: skip
