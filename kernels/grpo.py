@@ -130,7 +130,8 @@ def _log_ratio(lp, old, params):
     lr = lp - old
     bound = params[P_LOG_RATIO_CLAMP]
     keep = tl.where((lr >= -bound) & (lr <= bound), 1.0, 0.0)
-    return tl.minimum(tl.maximum(lr, -bound), bound), keep
+    # selects, not tl.minimum / tl.maximum: a NaN log-ratio stays NaN (GPU fmin / fmax would drop it)
+    return tl.where(lr < -bound, -bound, tl.where(lr > bound, bound, lr)), keep
 
 
 @triton.jit

@@ -22,7 +22,7 @@ at 1 instead of verl's ``+ 1e-8`` (1e-8 relative), the effective sample size is 
 (verl divides by ``mean + 1e-8``) and 0 when every weight is 0; the clipped std is computed in two
 passes (verl's ``E[x²] − E[x]²`` over ``count + 1e-8`` is off by up to ``|x|·√(1e-8/n)`` ~ 1e-5 where
 the std is 0); a batch with no valid token or no row
-gives 0 for every metric (verl raises). Memory: a few ``[B, T]`` temporaries, no gradient.
+gives finite metrics (empty reductions 0; verl raises). Memory: a few ``[B, T]`` temporaries, no gradient.
 Tests: ``tests/frameworks/test_rollout_metrics_parity.py`` (every key and value vs verl's helper).
 """
 from __future__ import annotations

@@ -402,7 +402,7 @@ def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     Metrics: every key of verl's (``rollout_corr/`` + the names of ``losses/rollout_metrics.py``:
     off-policy perplexities / KL / χ², the IS weights' spread before normalising and
     ``rollout_is_batch_norm_factor``, each rejection option's statistics and masked fractions). A
-    fully masked batch gives no weight, no token and zero metrics (verl: ``ValueError``)."""
+    fully masked batch gives no weight, no token and finite metrics (verl: ``ValueError``)."""
     plan = correction_plan(correction)
     check_token_tensors(logp, logp, rollout_logp=rollout_logp, mask=mask)
     check_same_device(logp=logp, rollout_logp=rollout_logp, mask=mask)
