@@ -15,12 +15,14 @@ matching strides (token stride 0 broadcasts a ``[B, 1]`` column along T), ``para
 scalars named by ``PARAMS``. The per-row statistics are the columns named by ``ROW_STATS``.
 
 Per valid token (``m_t = mask_t != 0``; invalid tokens read as 0 and contribute nothing),
-with ``lr = logp - old_logp``, ``coef = exp(lr)`` (token level) or the row's
-``exp(sum(m*lr) / max(n, 1))`` (sequence level, computed by a first pass over the row):
+with ``lr = clamp(logp - old_logp, -L, L)`` (``L = log_ratio_clamp``, +inf when off; verl's ±20),
+``coef = exp(lr)`` (token level) or the row's ``exp(sum(m*lr) / max(n, 1))`` (sequence level,
+computed by a first pass over the row):
 
     clipped (kind 0): c2 = clamp(coef, 1-eps_low, 1+eps_high); c1 = min(coef, delta)
                       pol = -min(c1*A, c2*A)
-                      DUAL_CLIP: for A < 0, pol = min(pol, -A*clip_c)   (verl's dual-clip PPO)
+                      DUAL_CLIP: for A < 0, pol = min(pol, -A*clip_c)   (verl's dual-clip PPO;
+                        ``dual_sum`` counts the tokens where the cap binds, verl's pg_clipfrac_lower)
     cispo   (kind 1): pol = -cl * A * logp, cl = min(coef, eps_high) (detached)
                       CISPO_LOWER: cl = min(max(coef, ratio_min), eps_high)  (verl's two-sided CISPO)
                       TRUST_REGION 1 / 2: cl *= keep, keep (detached) = verl DPPO's region on
@@ -40,8 +42,9 @@ the gradient on its closed interval):
     d pol / d logp (direct) = cispo: -cl*A (+ quad*(logp - old) with QUADRATIC)
     d_coef   = w*isr * d pol/d coef + beta * bias * kl                (through coef)
     d_direct = w*isr * (cispo ? -min(coef, eps_high)*A : 0) + beta * (1 - exp(ref - logp)) * (bias ? coef : 1)
-    token level:    d logp_t = g_b * m_t * (d_coef_t * coef_t + d_direct_t)
-    sequence level: d logp_t = g_b * m_t * (d_direct_t + coef_b / max(n_b, 1) * sum_s m_s * d_coef_s)
+    token level:    d logp_t = g_b * m_t * (d_coef_t * coef_t * k_t + d_direct_t)
+    sequence level: d logp_t = g_b * m_t * (d_direct_t + k_t * coef_b / max(n_b, 1) * sum_s m_s * d_coef_s)
+    (k_t = [-L <= logp_t - old_t <= L]: the clamp passes the gradient on its closed interval)
 
 Memory model: bandwidth/launch bound. Forward reads up to 7 fp32 values per token (logp, old,
 ref, A, mask, w, isr; absent ones are not loaded) and writes ``N_ROW_STATS`` floats per row;
@@ -60,21 +63,21 @@ TOKEN_INPUTS = ("logp", "old", "ref", "adv", "mask", "weight", "is_ratio")
 OPTIONAL_INPUTS = ("old", "ref", "weight", "is_ratio")
 # fp32 scalars, in the order of the ``params`` tuple.
 PARAMS = ("beta", "eps_low", "eps_high", "delta", "tau_pos", "tau_neg", "clip_c", "ratio_min", "region_low",
-          "region_high", "quad")
+          "region_high", "quad", "log_ratio_clamp")
 # Columns of the per-row statistics written by the forward kernel.
-ROW_STATS = ("loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef")
+ROW_STATS = ("loss_sum", "count", "kl_sum", "low_sum", "high_sum", "region_sum", "cispo_sum", "coef", "dual_sum")
 N_ROW_STATS = len(ROW_STATS)
 LOSS_KINDS = {"clipped": 0, "cispo": 1, "sapo": 2}
 
 # Tuple positions as compile-time constants (Triton indexes tuples with constexprs).
 IN_LOGP, IN_OLD, IN_REF, IN_ADV, IN_MASK, IN_WEIGHT, IN_IS_RATIO = (tl.constexpr(i) for i in range(len(TOKEN_INPUTS)))
 (P_BETA, P_EPS_LOW, P_EPS_HIGH, P_DELTA, P_TAU_POS, P_TAU_NEG, P_CLIP_C, P_RATIO_MIN, P_REGION_LOW, P_REGION_HIGH,
- P_QUAD) = (tl.constexpr(i) for i in range(len(PARAMS)))  # fmt: skip
+ P_QUAD, P_LOG_RATIO_CLAMP) = (tl.constexpr(i) for i in range(len(PARAMS)))  # fmt: skip
 STATS_PER_ROW = tl.constexpr(N_ROW_STATS)
 (STAT_LOSS_SUM, STAT_COUNT, STAT_KL_SUM, STAT_LOW_SUM, STAT_HIGH_SUM, STAT_REGION_SUM, STAT_CISPO_SUM,
- STAT_COEF) = (tl.constexpr(i) for i in range(N_ROW_STATS))  # fmt: skip
-assert TOKEN_INPUTS.index("is_ratio") == IN_IS_RATIO.value and PARAMS.index("quad") == P_QUAD.value
-assert ROW_STATS.index("coef") == STAT_COEF.value and STAT_LOSS_SUM.value == 0  # the launcher splits column 0 off
+ STAT_COEF, STAT_DUAL_SUM) = (tl.constexpr(i) for i in range(N_ROW_STATS))  # fmt: skip
+assert TOKEN_INPUTS.index("is_ratio") == IN_IS_RATIO.value and PARAMS.index("log_ratio_clamp") == P_LOG_RATIO_CLAMP.value
+assert ROW_STATS.index("dual_sum") == STAT_DUAL_SUM.value and STAT_LOSS_SUM.value == 0  # the launcher splits column 0 off
 
 
 def input_flags(present) -> dict:
@@ -121,6 +124,17 @@ def _load_tile(
 
 
 @triton.jit
+def _log_ratio(lp, old, params):
+    """``(clamp(lp - old, -L, L), k)``: the clamped log-ratio and 1 where the clamp passes the
+    gradient (its closed interval), else 0; ``L = +inf``: no clamp."""
+    lr = lp - old
+    bound = params[P_LOG_RATIO_CLAMP]
+    keep = tl.where((lr >= -bound) & (lr <= bound), 1.0, 0.0)
+    # selects, not tl.minimum / tl.maximum: a NaN log-ratio stays NaN (GPU fmin / fmax would drop it)
+    return tl.where(lr < -bound, -bound, tl.where(lr > bound, bound, lr)), keep
+
+
+@triton.jit
 def _trust_region(lp, old, adv, params, TRUST_REGION: tl.constexpr):
     """1 inside verl DPPO's trust region, 0 outside: A > 0 bounds the rise of the token's
     probability by region_high, A <= 0 its fall by region_low; TV on p - p_old (1), or the binary
@@ -143,10 +157,11 @@ def _token_terms(
     DUAL_CLIP: tl.constexpr, CISPO_LOWER: tl.constexpr, TRUST_REGION: tl.constexpr, QUADRATIC: tl.constexpr,
 ):  # fmt: skip
     """Per-token loss, its parts and derivatives (see the module docstring):
-    ``(ptl, klc, c1, d_coef, d_direct)``."""
+    ``(ptl, klc, c1, d_coef, d_direct, dual)`` (``dual``: 1 where the dual-clip cap binds)."""
     beta = params[P_BETA]
     eps_high = params[P_EPS_HIGH]
     c1 = coef
+    dual = 0.0 * lp
     if LOSS_KIND == 0:  # clipped
         c2 = tl.minimum(tl.maximum(coef, 1.0 - params[P_EPS_LOW]), 1.0 + eps_high)
         c1 = tl.minimum(coef, params[P_DELTA])
@@ -162,6 +177,7 @@ def _token_terms(
             cap = -adv * params[P_CLIP_C]
             dd = tl.where(pol < cap, 1.0, tl.where(pol == cap, 0.5, 0.0))
             dpol_dcoef = tl.where(adv < 0, dd * dpol_dcoef, dpol_dcoef)
+            dual = tl.where((adv < 0) & (pol > cap), 1.0, 0.0)
             pol = tl.where(adv < 0, tl.minimum(pol, cap), pol)
         dpol_direct = 0.0 * lp
     elif LOSS_KIND == 1:  # cispo: the clamped ratio is a constant, d/dlogp of -cl*A*logp = -cl*A
@@ -194,12 +210,12 @@ def _token_terms(
         d_coef = scale * dpol_dcoef
         d_direct = scale * dpol_direct + beta * (1.0 - e)
     ptl = pol * scale + beta * klc
-    return ptl, klc, c1, d_coef, d_direct
+    return ptl, klc, c1, d_coef, d_direct, dual
 
 
 @triton.jit
 def _row_seq_coef(
-    inputs, row_strides, token_strides, row, T,
+    inputs, row_strides, token_strides, row, T, params,
     HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_IS_RATIO: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):  # fmt: skip
@@ -210,7 +226,8 @@ def _row_seq_coef(
         offs = start + tl.arange(0, BLOCK_T)
         m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                  HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
-        lr_sum += tl.sum(tl.where(m, lp - old, 0.0), axis=0)
+        lr, _keep = _log_ratio(lp, old, params)
+        lr_sum += tl.sum(tl.where(m, lr, 0.0), axis=0)
         n += tl.sum(m.to(tl.float32), axis=0)
     return tl.exp(lr_sum / tl.maximum(n, 1.0)), n
 
@@ -228,7 +245,7 @@ def grpo_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     seq_coef = 1.0
     if SEQUENCE:
-        seq_coef, _n = _row_seq_coef(inputs, row_strides, token_strides, row, T,
+        seq_coef, _n = _row_seq_coef(inputs, row_strides, token_strides, row, T, params,
                                      HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO, BLOCK_T)  # fmt: skip
     eps_low = params[P_EPS_LOW]
     eps_high = params[P_EPS_HIGH]
@@ -239,6 +256,7 @@ def grpo_fwd_kernel(
     high_sum = 0.0
     region_sum = 0.0
     cispo_sum = 0.0
+    dual_sum = 0.0
     for start in range(0, T, BLOCK_T):
         offs = start + tl.arange(0, BLOCK_T)
         m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
@@ -246,8 +264,9 @@ def grpo_fwd_kernel(
         if SEQUENCE:
             coef = seq_coef + 0.0 * lp
         else:
-            coef = tl.exp(lp - old)
-        ptl, klc, c1, d_coef, d_direct = _token_terms(
+            lr, _keep = _log_ratio(lp, old, params)
+            coef = tl.exp(lr)
+        ptl, klc, c1, d_coef, d_direct, dual = _token_terms(
             lp, old, ref, adv, coef, scale, params,
             LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
         )  # fmt: skip
@@ -262,6 +281,7 @@ def grpo_fwd_kernel(
         high_sum += tl.sum(tl.where(m & high, 1.0, 0.0), axis=0)
         region_sum += tl.sum(tl.where(m & (low | high), 1.0, 0.0), axis=0)
         cispo_sum += tl.sum(tl.where(m & (coef > eps_high) & (adv > 0), 1.0, 0.0), axis=0)
+        dual_sum += tl.sum(mf * dual, axis=0)
     out = stats_ptr + row * STATS_PER_ROW
     tl.store(out + STAT_LOSS_SUM, loss_sum)
     tl.store(out + STAT_COUNT, count)
@@ -271,6 +291,7 @@ def grpo_fwd_kernel(
     tl.store(out + STAT_REGION_SUM, region_sum)
     tl.store(out + STAT_CISPO_SUM, cispo_sum)
     tl.store(out + STAT_COEF, seq_coef)
+    tl.store(out + STAT_DUAL_SUM, dual_sum)
 
 
 @triton.jit
@@ -289,13 +310,13 @@ def grpo_bwd_kernel(
     seq_coef = 1.0
     coef_sum = 0.0  # sequence level: sum_s m_s * d_coef_s, times coef / max(n, 1)
     if SEQUENCE:
-        seq_coef, n = _row_seq_coef(inputs, row_strides, token_strides, row, T,
+        seq_coef, n = _row_seq_coef(inputs, row_strides, token_strides, row, T, params,
                                     HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO, BLOCK_T)  # fmt: skip
         for start in range(0, T, BLOCK_T):
             offs = start + tl.arange(0, BLOCK_T)
             m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                      HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
-            ptl, klc, c1, d_coef, d_direct = _token_terms(
+            ptl, klc, c1, d_coef, d_direct, dual = _token_terms(
                 lp, old, ref, adv, seq_coef + 0.0 * lp, scale, params,
                 LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
             )  # fmt: skip
@@ -307,18 +328,20 @@ def grpo_bwd_kernel(
         m, lp, old, ref, adv, scale = _load_tile(inputs, row_strides, token_strides, row, offs, T,
                                                  HAS_OLD, HAS_REF, HAS_WEIGHT, HAS_IS_RATIO)  # fmt: skip
         if SEQUENCE:
-            ptl, klc, c1, d_coef, d_direct = _token_terms(
+            ptl, klc, c1, d_coef, d_direct, dual = _token_terms(
                 lp, old, ref, adv, seq_coef + 0.0 * lp, scale, params,
                 LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
             )  # fmt: skip
-            d = d_direct + coef_sum
+            _lr, keep = _log_ratio(lp, old, params)
+            d = d_direct + coef_sum * keep
         else:
-            coef = tl.exp(lp - old)
-            ptl, klc, c1, d_coef, d_direct = _token_terms(
+            lr, keep = _log_ratio(lp, old, params)
+            coef = tl.exp(lr)
+            ptl, klc, c1, d_coef, d_direct, dual = _token_terms(
                 lp, old, ref, adv, coef, scale, params,
                 LOSS_KIND, BIAS_CORRECTION, DUAL_CLIP, CISPO_LOWER, TRUST_REGION, QUADRATIC,
             )  # fmt: skip
-            d = d_coef * coef + d_direct  # d coef / d logp = coef (token level)
+            d = d_coef * coef * keep + d_direct  # d coef / d logp = coef (token level, inside the clamp)
         tl.store(grad_logp_ptr + row * T + offs, tl.where(m, g * d, 0.0), mask=offs < T)
 
 

@@ -29,7 +29,7 @@ import torch
 from .._utils import check_same_device, check_tensor, output_dtype
 from .aggregation import lookup as lookup_row
 from .ppo import gae, masked_whiten
-from .validation import check_count, check_number
+from .validation import check_count, check_number, no_other_keywords, typed_value
 
 SCALE_REWARDS = ("group", "batch", "none")
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
@@ -506,13 +506,8 @@ def estimate_advantages(
         differentiable (computed under ``no_grad``, as verl does).
     """
     row = lookup_row(ADVANTAGE_ESTIMATORS, estimator, "estimator")
-    if config is None:
-        unknown = set(options) - set(AdvantageConfig._fields)
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; options: {', '.join(AdvantageConfig._fields)}")
-        config = AdvantageConfig(**options)
-    elif options:
-        raise TypeError("give either config= or its fields as keywords, not both")
+    config = typed_value("config", AdvantageConfig, config, options)
+    no_other_keywords("estimate_advantages", options)
     if config.epsilon is None:
         config = config._replace(epsilon=row.epsilon)
     if not check_number("epsilon", config.epsilon) >= 0:

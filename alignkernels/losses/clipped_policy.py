@@ -1,5 +1,5 @@
 """The clipped-policy row engine shared by GRPO and PPO: the per-token policy loss (clipped ratio
-with optional dual clip, CISPO with an optional lower clamp, SAPO, VESPO), the k3 KL, the token
+with optional dual clip and ±L log-ratio clamp, CISPO with an optional lower clamp, SAPO, VESPO), the k3 KL, the token
 weights, reduced to per-row sums over valid tokens. The policy-loss rows (``losses/policy_rows.py``,
 ``losses/verl_policy.py``) name the ``PolicyTerm`` they run.
 
@@ -62,6 +62,7 @@ class PolicyTerm(NamedTuple):
     region_low: float = 0.2  # its bounds on a fall (A <= 0) / rise (A > 0) of the token's probability
     region_high: float = 0.2
     quad: float | None = None  # cispo: + quad/2 * (logp - old)^2 (verl DRO)
+    log_ratio_clamp: float | None = None  # the log-ratio clamped to [-L, L] before exp (verl: 20), None: off
 
 
 @torch.no_grad()
@@ -93,6 +94,8 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
     adv = inputs.adv
     old = logp.detach() if inputs.old is None else inputs.old
     log_ratio = logp - old
+    if term.log_ratio_clamp is not None:
+        log_ratio = torch.clamp(log_ratio, -term.log_ratio_clamp, term.log_ratio_clamp)
     if term.sequence:
         log_importance_weights = ((log_ratio * maskf).sum(-1) / maskf.sum(-1).clamp(min=1.0)).unsqueeze(-1)
     else:
@@ -106,6 +109,7 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
         if term.bias_correction:
             per_token_kl = per_token_kl * coef_1
 
+    dual = None
     if term.kind == "cispo":
         clamped_ratios = torch.clamp(coef_1, min=term.ratio_min, max=term.eps_high).detach()
         if term.trust_region is not None:
@@ -119,7 +123,9 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
             coef_1 = torch.clamp(coef_1, max=term.delta)
         per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
         if term.clip_c is not None:  # dual clip (verl compute_policy_loss_vanilla)
-            per_token_loss = torch.where(adv < 0, torch.min(-adv * term.clip_c, per_token_loss), per_token_loss)
+            cap = -adv * term.clip_c
+            dual = (adv < 0) & (per_token_loss.detach() > cap)  # the cap binds: verl's pg_clipfrac_lower
+            per_token_loss = torch.where(adv < 0, torch.min(cap, per_token_loss), per_token_loss)
     elif term.kind == "sapo":
         temperatures = torch.where(adv > 0, term.tau_pos, term.tau_neg)
         soft_coef_1 = torch.sigmoid(temperatures * (coef_1 - 1)) * 4 / temperatures
@@ -146,6 +152,7 @@ def policy_rows_torch(inputs: TokenInputs, term: PolicyTerm, vespo_weights: torc
         rows["region_sum"] = (torch.maximum(low, high) * maskf).sum(-1)
         rows["cispo_sum"] = (((c1 > term.eps_high) & (adv > 0)).to(cd).expand(B, T) * maskf).sum(-1)
         rows["coef"] = torch.exp(log_importance_weights.detach()[:, 0]) if term.sequence else None
+        rows["dual_sum"] = maskf.new_zeros(B) if dual is None else (dual.to(cd).expand(B, T) * maskf).sum(-1)
     return rows
 
 
@@ -197,7 +204,8 @@ def _kernel_launch(inputs: TokenInputs, maskf: torch.Tensor, term: PolicyTerm) -
               "clip_c": float("inf") if term.clip_c is None else term.clip_c,
               "ratio_min": float("-inf") if term.ratio_min is None else term.ratio_min,
               "region_low": term.region_low, "region_high": term.region_high,
-              "quad": 0.0 if term.quad is None else term.quad}  # fmt: skip
+              "quad": 0.0 if term.quad is None else term.quad,
+              "log_ratio_clamp": float("inf") if term.log_ratio_clamp is None else term.log_ratio_clamp}  # fmt: skip
     flags = dict(kern.input_flags([name for name in kern.OPTIONAL_INPUTS if name in views]),
                  LOSS_KIND=kern.LOSS_KINDS[term.kind], SEQUENCE=bool(term.sequence),
                  BIAS_CORRECTION=bool(term.bias_correction), DUAL_CLIP=term.clip_c is not None,

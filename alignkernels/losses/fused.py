@@ -63,7 +63,7 @@ from ..ops.three_gemm import (
 from .dpo import dpo_loss_from_token_logps
 from .grpo import PolicyConfig, grpo_loss
 from .policy_rows import POLICY_LOSS_TYPES
-from .verl_policy import VERL_POLICY_LOSSES, verl_policy_loss
+from .verl_policy import VERL_POLICY_LOSSES, VerlPolicyConfig, verl_policy_loss
 from .ppo import PPOConfig, ppo_loss
 from .validation import check_num_items, no_other_keywords, typed_value
 
@@ -692,15 +692,26 @@ def fused_linear_verl_policy_loss(
     ``VERL_POLICY_LOSSES`` that are token-separable (``not_separable`` None: ``vanilla``, ``sapo``,
     ``gpg``, ``dro``, ``cispo``, ``dppo_tv``, ``dppo_kl``) and ``"four_gemm"`` for the others
     (``gspo``, ``geo_mean``: sequence ratios; ``clip_cov``, ``kl_cov``: batch covariances).
+
+    Entropy bonus: with ``entropy_coeff != 0`` (a keyword or ``config.entropy_coeff``) the head's own
+    per-token entropy, from the same pass, is ``verl_policy_loss(entropy=)`` (differentiable; on the
+    three-GEMM head its gradient is formed per chunk with the log-prob's); ``entropy=`` is refused.
     """
+    if "entropy" in verl_kwargs:
+        raise ValueError("entropy: fused_linear_verl_policy_loss computes the entropy from the lm head; set "
+                         "entropy_coeff (or config.entropy_coeff) instead of passing entropy=")  # fmt: skip
+    config = verl_kwargs.get("config")
+    coeff = config.entropy_coeff if isinstance(config, VerlPolicyConfig) else verl_kwargs.get("entropy_coeff", 0.0)
+    with_entropy = coeff != 0.0  # a bad value reaches verl_policy_loss, which names it
     head = HeadOptions.of("fused_linear_verl_policy_loss", head, verl_kwargs)
     loss_mode = verl_kwargs.get("loss_mode", "vanilla")
     row = VERL_POLICY_LOSSES.get(loss_mode) if isinstance(loss_mode, str) else None
     reason = None if row is None or row.token_separable else f"loss_mode={loss_mode!r} {row.not_separable}"
 
     def loss_fn(logp, entropy):
-        return verl_policy_loss(logp, old_logp, advantages, mask, **verl_kwargs)
+        return verl_policy_loss(logp, old_logp, advantages, mask, entropy=entropy if with_entropy else None,
+                                **verl_kwargs)  # fmt: skip
 
-    policy = PolicyLoss(loss_fn, loss_fn, old_logp, mask, False)
+    policy = PolicyLoss(loss_fn, loss_fn, old_logp, mask, with_entropy)
     return _policy_head_loss(FUSED_LINEAR_VERL_POLICY_LOSS, hidden, weight, response_ids, policy, reason=reason,
                              head_path=head_path, bias=bias, head=head, ignore_index=ignore_index)  # fmt: skip

@@ -150,6 +150,8 @@ class PolicyConfig(NamedTuple):
     top_entropy_quantile: float = 1.0
     entropy_coef: float = 0.0
     entropy_aggregation: str = "trl"  # a name of ENTROPY_AGGREGATIONS
+    clip_ratio_c: float | None = None  # dual clip (verl), clipped rows only; None: off (TRL)
+    log_ratio_clamp: float | None = None  # logp - old in [-L, L] before exp (verl: 20); None: off (TRL)
 
     @property
     def sequence(self) -> bool:
@@ -235,6 +237,12 @@ def grpo_loss(
             ``1 - q`` quantile (q = 1 keeps all).
         entropy_coef: entropy bonus ``loss -= coef * agg(entropy)`` over the kept tokens (TRL's
             static coefficient; for adaptive control pass the current coefficient).
+        clip_ratio_c: dual clip (verl ``compute_policy_loss_vanilla``), rows whose term is ``clipped``
+            only, a number > 1: for ``A < 0`` the per-token loss is capped at ``-A * clip_ratio_c``;
+            logs ``clip_ratio/dual_clip_mean`` (verl's ``pg_clipfrac_lower``). Default None: off (TRL).
+        log_ratio_clamp: a number > 0: ``logp - old_logp`` is clamped to ``[-L, L]`` per token before
+            the exponential (and before GSPO's sequence mean), no gradient outside (verl's ``L = 20``).
+            Default None: off (TRL).
         entropy_aggregation: how ``agg`` reduces the entropy (``ENTROPY_AGGREGATIONS``): ``"trl"``
             (default, TRL): token mean ``/ GA``; ``"loss"``: the loss type's own aggregation and
             normaliser, as the policy loss (verl: ``agg_loss(entropy, mask, loss_agg_mode)``).
@@ -251,7 +259,8 @@ def grpo_loss(
         ``(loss, metrics)``: 0-d fp32 loss (fp64 for fp64 ``logp``); metrics dict of detached
         0-d tensors with TRL's names: ``kl`` (beta != 0), ``entropy`` (entropy given),
         ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``,
-        ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped loss types), ``cispo_clip_ratio``,
+        ``clip_ratio/low_min``, ``clip_ratio/high_max`` (clipped loss types), ``clip_ratio/dual_clip_mean``
+        (``clip_ratio_c``), ``cispo_clip_ratio``,
         ``vespo/phi_seq_mean``, ``policy_loss`` and ``entropy_coef`` (entropy bonus on).
     """
     config = typed_value("config", PolicyConfig, config, options)
@@ -277,6 +286,9 @@ def checked_config(config: PolicyConfig, row: PolicyLossType) -> PolicyConfig:
         raise ValueError(f"importance_sampling_level must be one of {row.ratio} for loss_type={row.name!r}, "
                          f"got {config.importance_sampling_level!r}")  # fmt: skip
     lookup(ENTROPY_AGGREGATIONS, config.entropy_aggregation, "entropy_aggregation")
+    if config.clip_ratio_c is not None and row.term != "clipped":
+        raise ValueError(f"clip_ratio_c (dual clip) applies to the clipped loss types, not loss_type={row.name!r} "
+                         f"(term {row.term!r})")  # fmt: skip
     numbers = {name: check_number(name, getattr(config, name), allow_none=name in OPTIONAL_NUMBERS)
                for name in NUMBERS}  # fmt: skip
     for name in ("epsilon_low", "epsilon_high", "delta"):
@@ -285,6 +297,10 @@ def checked_config(config: PolicyConfig, row: PolicyLossType) -> PolicyConfig:
     for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
         if not numbers[name] > 0:
             raise ValueError(f"{name} must be > 0 (SAPO divides by it), got {numbers[name]}")
+    if numbers["clip_ratio_c"] is not None and not numbers["clip_ratio_c"] > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual clip), got {numbers['clip_ratio_c']}")
+    if numbers["log_ratio_clamp"] is not None and not numbers["log_ratio_clamp"] > 0:
+        raise ValueError(f"log_ratio_clamp must be > 0, got {numbers['log_ratio_clamp']}")
     if not 0.0 <= numbers["top_entropy_quantile"] <= 1.0:
         raise ValueError(f"top_entropy_quantile must be in [0, 1], got {numbers['top_entropy_quantile']}")
     if numbers["epsilon_high"] is None:
@@ -294,8 +310,8 @@ def checked_config(config: PolicyConfig, row: PolicyLossType) -> PolicyConfig:
 
 NUMBERS = ("beta", "epsilon_low", "epsilon_high", "delta", "sapo_temperature_pos", "sapo_temperature_neg",
            "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg", "off_policy_mask_threshold",
-           "top_entropy_quantile", "entropy_coef")  # fmt: skip
-OPTIONAL_NUMBERS = ("epsilon_high", "delta", "off_policy_mask_threshold")
+           "top_entropy_quantile", "entropy_coef", "clip_ratio_c", "log_ratio_clamp")  # fmt: skip
+OPTIONAL_NUMBERS = ("epsilon_high", "delta", "off_policy_mask_threshold", "clip_ratio_c", "log_ratio_clamp")
 
 
 def _check_tensors(t: GRPOTensors, row: PolicyLossType, config: PolicyConfig, state: TrainerState) -> None:
@@ -371,7 +387,8 @@ def policy_term(row: PolicyLossType, config: PolicyConfig) -> PolicyTerm:
     return PolicyTerm(
         kind=row.term, sequence=config.sequence, beta=config.beta, bias_correction=config.use_bias_correction_kl,
         eps_low=config.epsilon_low, eps_high=config.epsilon_high, delta=config.delta,
-        tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg,
+        tau_pos=config.sapo_temperature_pos, tau_neg=config.sapo_temperature_neg, clip_c=config.clip_ratio_c,
+        log_ratio_clamp=config.log_ratio_clamp,
     )  # fmt: skip
 
 
@@ -425,6 +442,8 @@ def _grpo_metrics(rows, row: PolicyLossType, config: PolicyConfig, tokens: GRPOT
         metrics["kl"] = rows["kl_sum"].sum() / total
     if ent is not None:
         metrics["entropy"] = (ent * maskf).sum() / total
+    if config.clip_ratio_c is not None:  # verl's pg_clipfrac_lower: a token mean
+        metrics["clip_ratio/dual_clip_mean"] = rows["dual_sum"].sum() / total
     if not row.metrics:
         return metrics
     n_seq = max(float(B), 1.0)

@@ -508,12 +508,8 @@ def ppo_policy_loss(logp, old_logp, advantages, valid, config: PPOConfig, backen
             "policy/approxkl_avg": 0.5 * (d**2).mean(),
             "val/ratio": torch.exp(d).mean(),
         }
-        if config.clip_ratio_c is not None:  # verl's pg_clipfrac_lower: the dual clip binds
-            ratio = torch.exp(d)
-            clipped = torch.clamp(ratio, 1.0 - config.cliprange_low, 1.0 + config.cliprange_high)
-            pg_loss_max = torch.max(-adv * ratio, -adv * clipped)
-            lower = ((pg_loss_max > -adv * config.clip_ratio_c) & (adv < 0)).to(cd)
-            metrics["policy/clipfrac_lower"] = masked_mean(lower, valid.to(cd))
+        if config.clip_ratio_c is not None:  # verl's pg_clipfrac_lower: the row engine's dual-clip count
+            metrics["policy/clipfrac_lower"] = aggregate_rows(rows["dual_sum"], rows["count"], T, "token-mean")
     return pg_loss, metrics
 
 

@@ -48,7 +48,8 @@ from .._utils import OpBackends, check_same_device, output_dtype
 from .aggregation import AGGREGATION_MODES, AGGREGATION_SEMANTICS, GlobalBatch, aggregate_rows, lookup
 from .clipped_policy import PolicyTerm, TokenInputs, policy_rows_triton
 from .kl import KL_ESTIMATORS
-from .validation import check_number, check_token_tensors
+from .rollout_metrics import SAFETY_BOUND, ISWeights, RejectionStat, is_metrics, offpolicy_metrics, rejection_metrics
+from .validation import check_number, check_token_tensors, no_other_keywords, typed_value
 
 
 VERL_POLICY_LOSS = OpBackends("verl_policy_loss", ("triton", "torch", "reference"))
@@ -299,7 +300,6 @@ REJECTION_LEVELS = ("token", "seq_sum", "seq_mean", "seq_max")  # per token, or 
 # verl's rollout_rs names: a level and a KL_ESTIMATORS row of d = rollout_logp − logp (k1 = −log r)
 REJECTION_OPTIONS = tuple(f"{level}_{k}" for level in REJECTION_LEVELS for k in ("k1", "k2", "k3")
                           if (level, k) != ("seq_max", "k1"))  # fmt: skip
-SAFETY_BOUND = 20.0  # verl: log-ratios (token or summed) in ±20 before exp, and in the rejection statistics
 
 
 class Rejection(NamedTuple):
@@ -399,10 +399,10 @@ def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     - rejection: every option must pass; a statistic of ``d = −clamp(lr, ±20)`` (``k1 = d``,
       ``k2 = d²/2``, ``k3 = e^−d − 1 + d``, the rows of ``losses/kl.py``) per token or per sequence.
 
-    Metrics (verl's names): ``rollout_corr/kl``, ``rollout_corr/k3_kl``, and with IS weights
-    ``rollout_corr/rollout_is_mean`` (before normalising) and ``rollout_corr/rollout_is_batch_norm_factor``,
-    with rejection ``rollout_corr/rollout_rs_masked_fraction``. A fully masked batch gives no
-    weight, no token and zero metrics (verl: ``ValueError``)."""
+    Metrics: every key of verl's (``rollout_corr/`` + the names of ``losses/rollout_metrics.py``:
+    off-policy perplexities / KL / χ², the IS weights' spread before normalising and
+    ``rollout_is_batch_norm_factor``, each rejection option's statistics and masked fractions). A
+    fully masked batch gives no weight, no token and finite metrics (verl: ``ValueError``)."""
     plan = correction_plan(correction)
     check_token_tensors(logp, logp, rollout_logp=rollout_logp, mask=mask)
     check_same_device(logp=logp, rollout_logp=rollout_logp, mask=mask)
@@ -410,26 +410,29 @@ def verl_rollout_correction(logp: torch.Tensor, rollout_logp: torch.Tensor, mask
     cd = output_dtype(logp.dtype)
     zero = torch.zeros((), dtype=cd, device=logp.device)
     with torch.no_grad():
-        lr = torch.where(valid, logp.detach().to(cd) - rollout_logp.detach().to(cd), zero)
-        return _correct(lr, valid, RolloutCorrection() if correction is None else correction, plan)
+        logp, rollout_logp = (torch.where(valid, t.detach().to(cd), zero) for t in (logp, rollout_logp))
+        return _correct(logp, rollout_logp, valid, RolloutCorrection() if correction is None else correction, plan)
 
 
-def _correct(lr: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection, plan: CorrectionPlan):
-    """``verl_rollout_correction`` on a log-ratio that is 0 at masked positions (no grad)."""
+def _correct(logp: torch.Tensor, rollout_logp: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection,
+             plan: CorrectionPlan):  # fmt: skip
+    """``verl_rollout_correction`` on log-probs that are 0 at masked positions (no grad); the metrics
+    from ``losses/rollout_metrics.py``, prefixed ``rollout_corr/``."""
+    lr = logp - rollout_logp
     maskf = valid.to(lr.dtype)
     count = maskf.sum(-1)
 
     def mean(x):  # over the valid tokens of the batch
         return (x * maskf).sum() / maskf.sum().clamp(min=1.0)
 
-    metrics = {"rollout_corr/kl": mean(-lr), "rollout_corr/k3_kl": mean(torch.expm1(lr) - lr)}
+    metrics = offpolicy_metrics(logp, rollout_logp, maskf)
     weights = None
     if plan.is_bounds is not None:
         lower, upper = plan.is_bounds
-        level_lr = lr if c.rollout_is == "token" else lr.sum(-1, keepdim=True).expand_as(lr)
-        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)) * maskf
+        level_lr = lr if c.rollout_is == "token" else lr.sum(-1, keepdim=True)
+        raw = torch.exp(level_lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(lr) * maskf
         weights = raw.clamp(max=upper) if lower is None else torch.where((raw >= lower) & (raw <= upper), raw, 0.0)
-        metrics["rollout_corr/rollout_is_mean"] = mean(weights)
+        metrics.update(is_metrics(ISWeights(weights, raw, level_lr, c.rollout_is == "sequence", lower, upper), maskf))
         if c.rollout_is_batch_normalize:
             if c.rollout_is == "token":
                 norm = mean(weights)
@@ -438,24 +441,28 @@ def _correct(lr: torch.Tensor, valid: torch.Tensor, c: RolloutCorrection, plan: 
                 norm = ((weights * maskf).sum(-1) / count.clamp(min=1.0))[rows].sum() / rows.sum().clamp(min=1)
             norm = torch.where(norm > 1e-8, norm, torch.ones_like(norm))
             weights = weights / norm
-            metrics["rollout_corr/rollout_is_batch_norm_factor"] = norm
+            metrics["rollout_is_batch_norm_factor"] = norm
     if plan.rejections:
         keep = torch.ones_like(valid)
         d = -lr.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+        options = []
         for r in plan.rejections:
             stat = torch.where(valid, KL_ESTIMATORS[r.estimator].value(d), 0.0)
             if r.level == "seq_sum":
                 stat = stat.sum(-1, keepdim=True)
             elif r.level == "seq_mean":
                 stat = stat.sum(-1, keepdim=True) / count.clamp(min=1.0).unsqueeze(-1)
-            elif r.level == "seq_max" and stat.shape[-1] > 0:  # a fully masked row: 0
-                stat = torch.where(valid, stat, -torch.inf).amax(-1, keepdim=True)
+            elif r.level == "seq_max":  # a fully masked row: 0
+                stat = torch.where(valid, stat, -torch.inf).amax(-1, keepdim=True) if stat.shape[-1] else \
+                    stat.new_zeros(stat.shape[0], 1)  # fmt: skip
                 stat = torch.where(torch.isneginf(stat), 0.0, stat)
-            ok = stat <= r.upper if r.lower is None else (stat >= r.lower) & (stat <= r.upper)
+            ok = (stat <= r.upper if r.lower is None else (stat >= r.lower) & (stat <= r.upper)).expand_as(valid)
             keep = keep & ok
-        metrics["rollout_corr/rollout_rs_masked_fraction"] = mean((~keep).to(lr.dtype))
+            options.append(RejectionStat(f"{r.level}_{r.estimator}", stat.expand_as(lr),
+                                         None if r.level == "token" else stat[:, 0], ok, r.lower, r.upper))  # fmt: skip
+        metrics.update(rejection_metrics(tuple(options), keep, maskf))
         valid = valid & keep
-    return weights, valid, metrics
+    return weights, valid, {f"rollout_corr/{name}": value for name, value in metrics.items()}
 
 
 def _bypass_prepare(t: PolicyTokens, rollout_is_weights):
@@ -466,7 +473,7 @@ def _bypass_prepare(t: PolicyTokens, rollout_is_weights):
                          "config.rollout_correction; pass None")  # fmt: skip
     c = RolloutCorrection() if t.config.rollout_correction is None else t.config.rollout_correction
     with torch.no_grad():
-        weights, valid, metrics = _correct(t.logp.detach() - t.old, t.valid, c, correction_plan(c))
+        weights, valid, metrics = _correct(t.logp.detach(), t.old, t.valid, c, correction_plan(c))
     zero = torch.zeros((), dtype=t.logp.dtype, device=t.logp.device)
     tokens = PolicyTokens(torch.where(valid, t.logp, zero), torch.where(valid, t.old, zero),
                           torch.where(valid, t.adv, zero), valid.to(t.maskf.dtype), valid, t.config)  # fmt: skip
@@ -484,15 +491,18 @@ def _bypass(t):
 
 def _vanilla_kernel(c: VerlPolicyConfig) -> KernelTerm:
     return KernelTerm(PolicyTerm("clipped", eps_low=c.low, eps_high=c.high, bias_correction=False,
-                                 clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c))  # fmt: skip
+                                 clip_c=3.0 if c.clip_ratio_c is None else c.clip_ratio_c,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _cispo_kernel(c: VerlPolicyConfig) -> KernelTerm:
-    return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False))
+    return KernelTerm(PolicyTerm("cispo", eps_high=1 + c.high, ratio_min=1 - c.low, bias_correction=False,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _sapo_kernel(c: VerlPolicyConfig) -> KernelTerm:
-    return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False))
+    return KernelTerm(PolicyTerm("sapo", tau_pos=c.tau_pos, tau_neg=c.tau_neg, bias_correction=False,
+                                 log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
 
 def _dro_kernel(c: VerlPolicyConfig) -> KernelTerm:  # weight clamp(r, 1, 1) = 1, + β/2 · lr²
@@ -503,7 +513,7 @@ def _dppo_kernel(region: str):
     def kernel(c: VerlPolicyConfig) -> KernelTerm:
         return KernelTerm(PolicyTerm("cispo", eps_high=20.0 if c.clip_ratio_c is None else c.clip_ratio_c,
                                      trust_region=region, region_low=c.low, region_high=c.high,
-                                     bias_correction=False))  # fmt: skip
+                                     bias_correction=False, log_ratio_clamp=SAFETY_BOUND))  # fmt: skip
 
     return kernel
 
@@ -608,8 +618,7 @@ def verl_policy_loss(
             (the token-separable ones: ``vanilla``, ``sapo``, ``gpg``, ``dro``, ``cispo``,
             ``dppo_tv``, ``dppo_kl``) run their loss and gradient in the fused clipped-policy
             kernels (``kernels/grpo.py``; the metrics from the PyTorch formula without gradient;
-            not twice differentiable; no ±20 log-ratio clamp there: values differ by at most
-            ``|A|·e^-20`` per token where ``|logp − old| > 20``), the other rows in PyTorch;
+            not twice differentiable; the ±20 log-ratio clamp as verl's), the other rows in PyTorch;
             ``"torch"`` / ``"reference"``: eager.
 
     Returns:
@@ -617,12 +626,8 @@ def verl_policy_loss(
         verl's names (``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower``).
     """
     row = lookup(VERL_POLICY_LOSSES, loss_mode, "loss_mode")
-    if config is not None and config_fields:
-        raise TypeError("pass config or its fields as keywords, not both")
-    try:
-        config = config if config is not None else VerlPolicyConfig(**config_fields)
-    except TypeError as e:
-        raise TypeError(f"unknown verl policy option: {e}; valid: {', '.join(VerlPolicyConfig._fields)}") from None
+    config = typed_value("config", VerlPolicyConfig, config, config_fields)
+    no_other_keywords("verl_policy_loss", config_fields)
     config = _check_config(row, config)
     lookup(AGGREGATION_MODES, loss_agg_mode, "loss_agg_mode")
     lookup(AGGREGATION_SEMANTICS, semantics, "semantics")

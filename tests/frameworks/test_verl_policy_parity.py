@@ -83,8 +83,9 @@ def _assert_match(ours, theirs, metrics_subset=False):
         assert {m for m in metrics if m.startswith("actor/")} == {m for m in t_metrics if m.startswith("actor/")}
     else:
         assert set(metrics) == set(t_metrics)
-    for name in metrics:
-        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **CLOSE)
+    for name in metrics:  # verl's std: E[x²] − E[x]² over count + 1e-8, ~1e-5 off where it is 0 (losses/rollout_metrics.py)
+        close = dict(CLOSE, atol=2e-5) if name.endswith("_std") else CLOSE
+        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **close)
     loss.backward()
     t_loss.backward()
     assert torch.isfinite(x.grad).all()
@@ -468,9 +469,10 @@ def test_rollout_correction_matches_verl_helper(verl_core, case):
     assert (weights is None) == (proto is None)
     if weights is not None:
         torch.testing.assert_close(weights, proto.batch["rollout_is_weights"], **CLOSE)
-    assert set(metrics) <= set(t_metrics) and {"rollout_corr/kl", "rollout_corr/k3_kl"} <= set(metrics)
-    for name in metrics:
-        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **CLOSE)
+    assert set(metrics) == set(t_metrics)  # every diagnostic (was: the comparable few)
+    for name in metrics:  # verl's std: E[x²] − E[x]² over count + 1e-8, ~1e-5 off where it is 0 (losses/rollout_metrics.py)
+        close = dict(CLOSE, atol=2e-5) if name.endswith("_std") else CLOSE
+        torch.testing.assert_close(metrics[name].item(), float(t_metrics[name]), **close)
 
 
 def test_bypass_micro_batches_sum_to_the_global_batch_loss():
