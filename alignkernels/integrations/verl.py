@@ -22,9 +22,13 @@ The seams (verl 0.9.1), each rebound by :mod:`alignkernels.integrations.rebind` 
   with :func:`alignkernels.ops.vocab_parallel.gather_lm_head` (``grad_reduce="avg"``) first.
 - ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` (the Triton ``use_fused_kernels``
   backend; CUDA only in verl) → :func:`linear_cross_entropy` on ``linear_logprobs`` (process group of
-  one rank or none). With a tensor-parallel group of several ranks it raises ``NotImplementedError``:
-  verl's kernel returns each rank's *partial* ``grad_hidden`` for Megatron to reduce, the
-  vocab-parallel op of alignkernels all-reduces it; ``apply(linear_cross_entropy=False)`` keeps
+  one rank or none). With a tensor-parallel group of ``W`` ranks (Megatron, bound at import in
+  ``verl/models/mcore/model_forward_fused.py`` and ``model_forward_1f1b_overlap.py``) it runs
+  :func:`alignkernels.ops.vocab_parallel.vocab_parallel_linear_logprobs` as verl's kernel
+  (``verl/utils/kernel/kernels.py``) does: each rank passes the replicated ``hidden`` and its
+  ``[V/W, H]`` shard holding the ids from ``rank x V/W``; every rank gets the log-probs and entropies
+  of the global distribution; ``grad_weight`` is the shard's, ``grad_hidden`` the rank's partial term
+  (``grad_hidden="partial"``), which Megatron reduces. ``apply(linear_cross_entropy=False)`` keeps
   verl's kernel.
 
 Semantics: the same values and gradients as verl's functions (fp32: ~1e-6 relative, pinned in
@@ -63,7 +67,7 @@ from alignkernels.integrations.verl_losses import loss_swaps
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
 from alignkernels.ops.linear_logprobs import linear_logprobs
 from alignkernels.ops.token_logprobs import token_logprobs
-from alignkernels.ops.vocab_parallel import gather_lm_head
+from alignkernels.ops.vocab_parallel import gather_lm_head, vocab_parallel_linear_logprobs
 
 __all__ = [
     "apply",
@@ -230,28 +234,36 @@ def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="non
     ``hidden [..., H]``, ``weight [V, H]``, ``labels [...]`` → ``(logprobs, entropy)``, flattened to
     ``[N]`` as verl's kernel returns them; ``reduction="sum"`` / ``"mean"`` reduces the log-probs to a
     scalar (the entropy stays per token), as verl's. ``dist_process_group`` of one rank (or None) is
-    the single-device op; several ranks (Megatron tensor parallel) raise ``NotImplementedError``:
-    see the module docstring."""
+    the single-device op; with several ranks (Megatron tensor parallel) ``weight`` is this rank's
+    ``[V/W, H]`` vocabulary shard and the call is the vocab-parallel op: see the module docstring."""
     if not isinstance(reduction, str) or reduction.lower() not in _REDUCTIONS:
         raise ValueError(f"linear_cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    group_size = 1
     if dist_process_group is not None:
         import torch.distributed as dist
 
-        if dist.get_world_size(dist_process_group) > 1:
-            raise NotImplementedError(
-                "alignkernels' verl linear_cross_entropy with a tensor-parallel dist_process_group of "
-                f"{dist.get_world_size(dist_process_group)} ranks: verl's kernel returns each rank's partial "
-                "grad_hidden for Megatron to reduce, alignkernels' vocab-parallel op all-reduces it. Keep verl's "
-                "kernel with apply(linear_cross_entropy=False) (ALIGNKERNELS_VERL_LINEAR_CROSS_ENTROPY=0)"
-            )
+        group_size = dist.get_world_size(dist_process_group)
     _count()
     if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1:
         hidden = hidden.reshape(-1, hidden.shape[-1])
     if isinstance(labels, torch.Tensor):
         labels = labels.reshape(-1)
     hidden, weight = _autocast_operands(hidden, weight)
-    logp, entropy = linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True,
-                                    **_head_options())  # fmt: skip
+    if group_size == 1:
+        logp, entropy = linear_logprobs(hidden, weight, labels, temperature=temperature, return_entropy=True,
+                                        **_head_options())  # fmt: skip
+    else:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"linear_cross_entropy: weight must be a tensor, got {type(weight).__name__}")
+        if weight.dim() != 2:
+            raise ValueError(f"linear_cross_entropy: weight must be this rank's [V/W, H] vocabulary shard (2-D), "
+                             f"got shape {tuple(weight.shape)}")  # fmt: skip
+        shard = weight.shape[0]  # verl's layout: equal shards, rank k holds the ids [k·shard, (k+1)·shard)
+        logp, entropy = vocab_parallel_linear_logprobs(
+            hidden, weight, labels, vocab_start=dist.get_rank(dist_process_group) * shard,
+            vocab_size=group_size * shard, process_group=dist_process_group, temperature=temperature,
+            return_entropy=True, grad_hidden="partial", **_head_options(),
+        )  # fmt: skip
     reduction = reduction.lower()
     if reduction == "sum":
         logp = logp.sum()

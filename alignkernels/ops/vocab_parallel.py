@@ -21,7 +21,9 @@ Algorithm (no new kernels; every rank runs the single-device backends on its sha
    ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)`` for the shard's columns (``p = e^{z - lse}``,
    ``Σp·z = lse - entropy``), one-hot only on the rank owning the label. For the linear form
    ``grad_weight``/``grad_bias`` stay local and ``grad_hidden`` (a partial sum over the shard's
-   vocabulary) is all-reduced (SUM, fp32) across the group: ``N_valid x H`` floats.
+   vocabulary) is all-reduced (SUM, fp32) across the group: ``N_valid x H`` floats. With
+   ``grad_hidden="partial"`` that all-reduce is skipped and each rank returns its own term
+   ``dz_k @ W_k`` (a Megatron column-parallel linear's input gradient, which Megatron reduces itself).
 
 Batch invariance (``batch_invariant=True``): each rank runs the single-device op's fixed plan on its
 shard (the logits form: ``_logits_engine.BATCH_INVARIANT_TOKEN_KERNELS``; the linear form:
@@ -85,6 +87,17 @@ from ._support import Support, check_labels_kept, label_bits, shard_words, valid
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
 VOCAB_PARALLEL_LINEAR_LOGPROBS = OpBackends("vocab_parallel_linear_logprobs", ("triton", "torch"))
+# vocab_parallel_linear_logprobs(grad_hidden=): the full gradient (all-reduced SUM) or this rank's term of it
+GRAD_HIDDEN_MODES = ("reduced", "partial")
+
+
+def _reduce_grad_hidden(value) -> bool:
+    """``grad_hidden=`` validated by name: True for ``"reduced"`` (the backward all-reduces it)."""
+    if not isinstance(value, str):
+        raise TypeError(f"grad_hidden must be one of {GRAD_HIDDEN_MODES} (a str), got {value!r}")
+    if value not in GRAD_HIDDEN_MODES:
+        raise ValueError(f"grad_hidden must be one of {GRAD_HIDDEN_MODES}, got {value!r}")
+    return value == "reduced"
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +170,9 @@ def _agree(process_group, device, local_error, vocab_start, shard_size, vocab_si
         raise ValueError("labels differ across ranks: vocab-parallel inputs need identical (replicated) "
                          "labels on every rank of the process group")  # fmt: skip
     if len({row[_GRAD] for row in table}) != 1:
-        raise ValueError("hidden.requires_grad differs across ranks (or lora= / lora_A.requires_grad does): the "
-                         "backward all-reduces of grad_hidden (grad_lora_A) need every rank to take part")  # fmt: skip
+        raise ValueError("hidden.requires_grad differs across ranks (or lora= / lora_A.requires_grad / grad_hidden= "
+                         "does): the backward all-reduces of grad_hidden (grad_lora_A) need every rank to take "
+                         "part")  # fmt: skip
     slices = sorted((row[_START], row[_SIZE], r) for r, row in enumerate(table))
     expected = 0
     for start, size, rank in slices:
@@ -406,7 +420,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, local_labels, owned, tr, plan, fold, want_entropy, process_group,
-                lora_A=None, lora_B=None, lora_scaling=None, support=None):  # fmt: skip
+                lora_A=None, lora_B=None, lora_scaling=None, support=None, reduce_grad_hidden=True):  # fmt: skip
         ctx.set_materialize_grads(False)
         lora = LoraHead(lora_A, lora_B, lora_scaling) if lora_A is not None else None
         with torch.autocast(hidden.device.type, enabled=False):  # support: this shard's words of the compact rows
@@ -415,7 +429,7 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
                                       process_group, plan.padded)  # fmt: skip
         ctx.save_for_backward(hidden, weight, bias, local_labels, lora_A, lora_B, *stats)
         ctx.tr, ctx.plan, ctx.fold, ctx.has_entropy, ctx.process_group = tr, plan, fold, want_entropy, process_group
-        ctx.lora_scaling, ctx.support = lora_scaling, support
+        ctx.lora_scaling, ctx.support, ctx.reduce_grad_hidden = lora_scaling, support, reduce_grad_hidden
         ctx.backend = fold.NAME
         return logp, stats.entropy.clone()
 
@@ -449,10 +463,12 @@ class VocabParallelLinearLogprobsFunction(torch.autograd.Function):
             grad_lora_A = grad_lora_A.to(lora_A.dtype)
         if needs[0]:
             # grad_hidden = Σ_k dz_k @ W_k: this rank holds one term of the sum (fp32 accumulator)
-            grad_hidden = _all_reduce_sum(grad_hidden, ctx.process_group, ctx.plan.padded).to(hidden.dtype)
+            if ctx.reduce_grad_hidden:
+                grad_hidden = _all_reduce_sum(grad_hidden, ctx.process_group, ctx.plan.padded)
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None, None)
+        return (grad_hidden, grad_weight, grad_bias, *none, grad_lora_A, grad_lora_B, None, None, None)
 
 
 def vocab_parallel_linear_logprobs(
@@ -478,6 +494,7 @@ def vocab_parallel_linear_logprobs(
     head_precision: str = "input",
     batch_invariant: bool = False,
     support: torch.Tensor | None = None,
+    grad_hidden: str = "reduced",
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -509,12 +526,18 @@ def vocab_parallel_linear_logprobs(
             are on: ``linear_logprobs``'s fixed plan on each shard (rows padded to whole tiles), the
             shards' sums added in rank order (module docstring). ``torch`` / ``triton``, no ``lora=``.
         support: the GLOBAL packed kept-token words, as :func:`vocab_parallel_token_logprobs`.
+        grad_hidden: ``"reduced"`` (default): ``hidden`` gets the full gradient, all-reduced.
+            ``"partial"``: ``hidden`` gets this rank's term ``dz_k @ W_k`` only, no communication in
+            the backward (``grad_lora_A`` is still all-reduced): for a caller that reduces it itself,
+            as Megatron's column-parallel linear does (``alignkernels.integrations.verl.linear_cross_entropy``).
+            The same value on every rank.
 
     Returns:
         ``logp`` or ``(logp, entropy)`` (fp32; fp64 for fp64 inputs; shape of ``labels``), the
         same on every rank. Gradients: ``weight_shard``/``bias_shard`` get their own slice
         (local), ``hidden`` gets the full gradient (all-reduced SUM over the group in fp32:
-        ``N_valid x H`` numbers per backward -- the only O(N·H) communication).
+        ``N_valid x H`` numbers per backward -- the only O(N·H) communication), or with
+        ``grad_hidden="partial"`` this rank's term of it.
     """
     _group_size(process_group)
 
@@ -532,14 +555,15 @@ def vocab_parallel_linear_logprobs(
             raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
         kept = _global_support(support, wide, vocab_size, hidden.device, check_labels, ignore_index)
         impl = VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype)
-        return tr, impl, cs, vb, wide, adapter, kept
+        return tr, impl, cs, vb, wide, adapter, kept, _reduce_grad_hidden(grad_hidden)
 
     shard = weight_shard.shape[0] if isinstance(weight_shard, torch.Tensor) and weight_shard.dim() else 0
     requires_grad = isinstance(hidden, torch.Tensor) and hidden.requires_grad
     lora_a = lora[0] if isinstance(lora, (tuple, list)) and lora else None
     if isinstance(lora_a, torch.Tensor):  # the grad_lora_A all-reduce needs every rank: agree on it too
         requires_grad = int(requires_grad) + 2 + 4 * int(lora_a.requires_grad)
-    tr, impl, cs, vb, wide_labels, adapter, kept = _run_checked(
+    requires_grad = int(requires_grad) + 8 * int(isinstance(grad_hidden, str) and grad_hidden == "partial")
+    tr, impl, cs, vb, wide_labels, adapter, kept, reduce_grad_hidden = _run_checked(
         validate, process_group, check_shards, (hidden, weight_shard, labels), vocab_start, shard, vocab_size, labels,
         requires_grad,
     )  # fmt: skip
@@ -560,6 +584,7 @@ def vocab_parallel_linear_logprobs(
         rows, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
         *(adapter if adapter is not None else (None, None, None)), local_support.bits if local_support else None,
+        reduce_grad_hidden,
     )  # fmt: skip
     n = compact.labels.shape[0]
     logp, entropy = logp[:n], entropy[:n]

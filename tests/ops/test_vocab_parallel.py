@@ -176,6 +176,54 @@ def check_linear_lora(rank, world, backend="torch", shape=(2, 7), H=8, r=3):
                   "lora= / lora_A.requires_grad")  # fmt: skip
 
 
+def check_linear_grad_hidden_partial(rank, world, shape=(2, 9), H=16):
+    """``grad_hidden="partial"``: the same logp / entropy / grad_weight as fp64, and ``hidden`` gets this
+    rank's term ``dz_k @ W_k`` of the fp64 gradient (the ranks' terms sum to the full one), on the default
+    and the batch-invariant plans; a bad value or a choice that differs across ranks is refused by name."""
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs
+    from alignkernels.reference import token_logprobs_reference
+
+    bounds = SHARD_BOUNDS[world]
+    gen = torch.Generator().manual_seed(31)
+    hidden = torch.randn(*shape, H, generator=gen)
+    weight = torch.randn(bounds[-1], H, generator=gen) * 0.5
+    labels = _labels_in_every_shard(shape, bounds, -100, gen)
+    g_logp, g_ent = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    # fp64: dz = d loss / d logits, then grad_hidden = dz @ W = Σ_k dz_k @ W_k and grad_weight = dzᵀ h
+    logits = (hidden.double() @ weight.double().T).requires_grad_(True)
+    want_logp, want_ent = token_logprobs_reference(logits, labels, temperature=0.7, return_entropy=True)
+    ((want_logp * g_logp).sum() + (want_ent * g_ent).sum()).backward()
+    start, size = _shard(bounds, rank)
+    dz_k, w_k = logits.grad[..., start : start + size], weight.double()[start : start + size]
+    want_term, want_full = dz_k @ w_k, logits.grad @ weight.double()
+    want_grad_w = dz_k.reshape(-1, size).T @ hidden.double().reshape(-1, H)
+    tol = dict(rtol=2e-6, atol=2e-6)
+    for batch_invariant in (False, True):
+        h = hidden.clone().requires_grad_(True)
+        w = weight[start : start + size].clone().requires_grad_(True)
+        logp, ent = vocab_parallel_linear_logprobs(h, w, labels, vocab_start=start, vocab_size=bounds[-1], temperature=0.7,
+                                                   return_entropy=True, chunk_size=5, vocab_block_size=16,
+                                                   batch_invariant=batch_invariant, grad_hidden="partial")  # fmt: skip
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        _close(f"logp (batch_invariant={batch_invariant})", logp.double(), want_logp.detach(), **tol)
+        _close(f"entropy (batch_invariant={batch_invariant})", ent.double(), want_ent.detach(), **tol)
+        _close(f"grad_hidden term (batch_invariant={batch_invariant})", h.grad.double(), want_term, **tol)
+        _close(f"grad_weight (batch_invariant={batch_invariant})", w.grad.double(), want_grad_w, **tol)
+        total = h.grad.clone()
+        torch.distributed.all_reduce(total)
+        _close(f"Σ_k grad_hidden terms (batch_invariant={batch_invariant})", total.double(), want_full, **tol)
+    w = weight[start : start + size]
+    for bad, match in (("full", r"grad_hidden must be one of \('reduced', 'partial'\), got 'full'"),
+                       (True, r"grad_hidden must be one of .* \(a str\), got True")):  # fmt: skip
+        _expect_error(lambda: vocab_parallel_linear_logprobs(hidden, w, labels, vocab_start=start, vocab_size=bounds[-1],
+                                                             grad_hidden=bad), match)  # fmt: skip
+    # one rank partial, the others reduced: the reduced ranks would wait in the backward's all-reduce
+    mixed = "partial" if rank == 0 else "reduced"
+    _expect_error(lambda: vocab_parallel_linear_logprobs(hidden.clone().requires_grad_(True), w, labels, vocab_start=start,
+                                                         vocab_size=bounds[-1], grad_hidden=mixed),
+                  r"requires_grad / grad_hidden= does")  # fmt: skip
+
+
 def _expect_error(fn, match):
     import re
 
@@ -738,6 +786,7 @@ def _checks_for(world):
                                                                                with_entropy=False),  # fmt: skip
         "linear_triton": lambda r: check_linear_logprobs(r, world, backend="triton", shape=(2, 6), H=8),
         "linear_lora": lambda r: check_linear_lora(r, world),
+        "linear_grad_hidden_partial": lambda r: check_linear_grad_hidden_partial(r, world),
         "inconsistent_shards": lambda r: check_inconsistent_shards(r, world),
         "communication_volume": lambda r: check_communication_volume(r, world),
         "edge_cases": lambda r: check_edge_cases(r, world),
