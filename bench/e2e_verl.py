@@ -201,7 +201,8 @@ def engine_batch(lengths, vocab: int, seed: int, setup: EngineSetup, *, prompt_l
         },
         non_tensor_dict={
             "temperature": temperature, "use_remove_padding": setup.remove_padding, "use_fused_kernels": setup.fused,
-            "calculate_entropy": True, "calculate_sum_pi_squared": setup.sum_pi_squared, "use_dynamic_bsz": False, "micro_batch_size_per_gpu": setup.micro_batch_size,
+            "calculate_entropy": True, "calculate_sum_pi_squared": setup.sum_pi_squared,
+            "use_dynamic_bsz": False, "micro_batch_size_per_gpu": setup.micro_batch_size,
             "return_model_output": True, "pad_token_id": 0,
         },
     )  # fmt: skip

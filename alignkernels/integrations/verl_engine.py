@@ -198,7 +198,7 @@ def engine_swaps(transformer_impl, hooks: EngineHooks) -> list[Swap]:
             if sum_pi_squared is not None:
                 outs = (*outs, sum_pi_squared)
         outs = [torch.nested.nested_tensor_from_jagged(x, cu_seqlens) for x in outs]
-        keys = ["log_probs"] + (["entropy"] if flags.entropy else []) + (["sum_pi_squared"] if flags.sum_pi_squared else [])
+        keys = ["log_probs"] + ["entropy"] * flags.entropy + ["sum_pi_squared"] * flags.sum_pi_squared
         return dict(zip(keys, outs))
 
     return [Swap(stock_outputs, prepare_model_outputs, owners=(cls,)), Swap(stock_step, forward_step, owners=(cls,))]

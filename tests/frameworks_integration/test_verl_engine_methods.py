@@ -60,8 +60,9 @@ def _inputs(remove_padding, entropy, sum_pi_squared, seed=0):
     if remove_padding:
         logits = torch.randn(1, nnz + STATIC_PAD, V, generator=g) * 3
         per_token = torch.cat([t.expand(n) for t, n in zip(temps, LENGTHS)] + [torch.ones(STATIC_PAD)])
-        args = {"temperature_is_one": False, "input_ids_rmpad_rolled": torch.cat([rolled, torch.zeros(STATIC_PAD).long()]),
-                "temperature_rmpad": per_token, "pad_size": STATIC_PAD}  # fmt: skip
+        labels = torch.cat([rolled, torch.zeros(STATIC_PAD, dtype=torch.long)])
+        args = {"temperature_is_one": False, "input_ids_rmpad_rolled": labels, "temperature_rmpad": per_token,
+                "pad_size": STATIC_PAD}  # fmt: skip
     else:
         logits = torch.randn(B, L, V, generator=g) * 3
         args = {"temperature_is_one": False, "input_ids_rmpad_rolled": rolled, "temperature": temps}

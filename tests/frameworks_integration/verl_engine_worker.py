@@ -7,8 +7,8 @@ a config, ``sdpa``, fp32, ``use_torch_compile=True``, plain SGD). Each case trai
 then after ``alignkernels.integrations.verl.apply()`` (called before the engine is built: the engine
 compiles its entropy function at construction). Per step it records the loss, the per-token log-probs and
 entropies (and Σπ² in the ``sum_pi_squared_*`` cases) the engine returned, and the parameters before and
-after; the patched run also counts ``token_logprobs`` calls (:class:`TokenLogprobsSpy`); ``python verl_engine_worker.py OUT
-CASE...`` writes them with ``torch.save`` to ``OUT/<case>.pt`` (or the traceback to ``OUT/<case>.err``).
+after; the patched run also counts ``token_logprobs`` calls (:class:`TokenLogprobsSpy`);
+``python verl_engine_worker.py OUT CASE...`` writes them with ``torch.save`` to ``OUT/<case>.pt`` (or the traceback to ``OUT/<case>.err``).
 Its own process keeps verl's global state (platform, process group, compiled functions, patched model
 classes) out of the test session.
 """
@@ -67,7 +67,8 @@ def train(path: str, remove_padding: bool, fused: bool, steps: int = STEPS, sum_
     setup = e2e_verl.EngineSetup(remove_padding=remove_padding, fused=fused, sum_pi_squared=sum_pi_squared)
     with e2e_verl.model_class_forward_restored():
         engine = e2e_verl.build_engine(path, setup)
-        out = {"loss": [], "log_probs": [], "entropy": [], "sum_pi_squared": [], "initial": full_parameters(engine.module)}
+        out = {"loss": [], "log_probs": [], "entropy": [], "sum_pi_squared": []}
+        out["initial"] = full_parameters(engine.module)
         for step in range(steps):
             result = e2e_verl.train_step(engine, e2e_verl.engine_batch(LENGTHS, VOCAB, 1000 + step, setup))
             out["loss"].append(torch.tensor(result["loss"], dtype=torch.float64).sum())
