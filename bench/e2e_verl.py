@@ -41,6 +41,7 @@ class EngineSetup(NamedTuple):
     lr: float = 0.05  # plain SGD
     micro_batch_size: int = 2  # sequences per micro-batch (use_dynamic_bsz off)
     dtype: str = "fp32"  # FSDP mixed-precision param dtype ("fp32": the engine skips autocast)
+    sum_pi_squared: bool = False  # the batches ask for calculate_sum_pi_squared (model_output["sum_pi_squared"])
 
 
 def use_cpu_platform() -> None:
@@ -200,7 +201,8 @@ def engine_batch(lengths, vocab: int, seed: int, setup: EngineSetup, *, prompt_l
         },
         non_tensor_dict={
             "temperature": temperature, "use_remove_padding": setup.remove_padding, "use_fused_kernels": setup.fused,
-            "calculate_entropy": True, "use_dynamic_bsz": False, "micro_batch_size_per_gpu": setup.micro_batch_size,
+            "calculate_entropy": True, "calculate_sum_pi_squared": setup.sum_pi_squared,
+            "use_dynamic_bsz": False, "micro_batch_size_per_gpu": setup.micro_batch_size,
             "return_model_output": True, "pad_token_id": 0,
         },
     )  # fmt: skip

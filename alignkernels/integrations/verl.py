@@ -14,6 +14,11 @@ The seams (verl 0.9.1), each rebound by :mod:`alignkernels.integrations.rebind` 
   ``token_logprobs(..., return_entropy=True)``: the softmax never exists, the entropy's gradient is
   the op's. The FSDP engine wraps the chosen function in ``torch.compile`` **when it is built**, so
   :func:`apply` must run before the engine is constructed (the worker hooks below do).
+- ``FSDPEngineWithLMHead.prepare_model_outputs`` / ``.forward_step`` (the FSDP engine's methods,
+  class attributes): on the logits path log-prob and entropy in one ``token_logprobs`` pass instead of
+  the two above; ``calculate_sum_pi_squared`` with ``use_fused_kernels`` (refused by verl) from the
+  fused head's tiles. :mod:`alignkernels.integrations.verl_engine` says what runs where. :func:`apply`
+  imports verl's FSDP engine module, which resolves verl's platform (``VERL_PLATFORM``): select it first.
 - ``verl.utils.experimental.torch_functional.FusedLinearForPPO`` (``use_fused_kernels`` with the torch
   or liger backend; imported lazily by ``verl/models/transformers/dense_common.py`` and the VLM
   forwards) → :class:`FusedLinearForPPO` on :func:`alignkernels.linear_logprobs`: ``[N, V]`` logits
@@ -63,6 +68,7 @@ import torch
 
 from alignkernels.integrations.activation import env_choice, env_positive_int, env_switch
 from alignkernels.integrations.rebind import DropIn, Patch, Swap
+from alignkernels.integrations.verl_engine import SUM_PI_SQUARED, EngineHooks, engine_swaps
 from alignkernels.integrations.verl_losses import loss_swaps
 from alignkernels.ops._lmhead_engine import HEAD_PRECISIONS
 from alignkernels.ops.linear_logprobs import linear_logprobs
@@ -203,13 +209,20 @@ class FusedLinearForPPO(torch.nn.Module):
         if not isinstance(return_sum_pi_squared, bool):
             raise TypeError(f"FusedLinearForPPO: return_sum_pi_squared must be a bool, got {return_sum_pi_squared!r}")
         _count()
+        # verl's model forward never passes return_sum_pi_squared: the swapped engine asks through
+        # SUM_PI_SQUARED (alignkernels/integrations/verl_engine.py) and takes the value from there
+        stats = return_sum_pi_squared or SUM_PI_SQUARED.wanted
         weight, _ = gather_lm_head(vocab_weights, None, grad_reduce="avg")
         hidden_states, weight = _autocast_operands(hidden_states, weight)
         out = linear_logprobs(hidden_states, weight, input_ids, temperature=temperature, return_entropy=True,
-                              return_stats=return_sum_pi_squared, **_head_options())  # fmt: skip
+                              return_stats=stats, **_head_options())  # fmt: skip
+        if not stats:
+            return out
+        sum_pi_squared = out.log_sum_sq_probs.exp()
         if return_sum_pi_squared:
-            return out.logp, out.entropy, out.log_sum_sq_probs.exp()
-        return out
+            return out.logp, out.entropy, sum_pi_squared
+        SUM_PI_SQUARED.put(sum_pi_squared)
+        return out.logp, out.entropy
 
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -288,7 +301,12 @@ def _import_verl():
         core_algos = importlib.import_module("verl.trainer.ppo.core_algos")
     except ImportError as e:
         raise ImportError(f"alignkernels.integrations.verl needs verl (tested with 0.9.1) importable: {e}") from e
-    return torch_functional, experimental, kernel, core_algos
+    try:  # resolves verl's platform (verl.utils.device): select it (VERL_PLATFORM) before apply()
+        engine = importlib.import_module("verl.workers.engine.fsdp.transformer_impl")
+    except ImportError as e:  # no FSDP engine to swap: its methods stay verl's (two passes on the logits seams)
+        logger.info("alignkernels: verl's FSDP engine not importable, its methods stay stock: %s", e)
+        engine = None
+    return torch_functional, experimental, kernel, core_algos, engine
 
 
 _LOSS_LOG = {}  # "swapped" / "stock": the policy-loss names of the last losses=True swaps
@@ -299,7 +317,7 @@ def _loss_backend() -> str:
 
 
 def _swaps(opts: Options) -> list[Swap]:
-    torch_functional, experimental, kernel, core_algos = _import_verl()
+    torch_functional, experimental, kernel, core_algos, engine = _import_verl()
     pairs = [
         (torch_functional, "logprobs_from_logits", logprobs_from_logits),
         (torch_functional, "entropy_from_logits", entropy_from_logits),
@@ -316,6 +334,8 @@ def _swaps(opts: Options) -> list[Swap]:
         if original is replacement:  # already ours (a verl module reloaded while applied): nothing to swap
             continue
         swaps.append(Swap(original, replacement))
+    if engine is not None:
+        swaps += engine_swaps(engine, EngineHooks(logits_options=_logits_options, count=_count))
     if opts.losses:
         loss, swapped, stock = loss_swaps(core_algos, _loss_backend, _count)
         swaps += loss

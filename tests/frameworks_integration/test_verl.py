@@ -426,6 +426,23 @@ def test_bad_apply_names_the_argument_and_patches_nothing(kwargs, error, match):
     assert verl_F.logprobs_from_logits is STOCK["logprobs_from_logits"]
 
 
+def test_apply_swaps_the_fsdp_engine_methods_and_remove_restores_them():
+    """``FSDPEngineWithLMHead.prepare_model_outputs`` / ``.forward_step`` (class attributes) become the
+    one-pass / Σπ² ones (``alignkernels/integrations/verl_engine.py``) and come back on ``remove()``;
+    the value-head engine keeps its own ``prepare_model_outputs``."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead, FSDPEngineWithValueHead
+
+    stock = {n: vars(FSDPEngineWithLMHead)[n] for n in ("prepare_model_outputs", "forward_step")}
+    value_head = vars(FSDPEngineWithValueHead)["prepare_model_outputs"]
+    with ak_verl.apply():
+        for name, original in stock.items():
+            swapped = vars(FSDPEngineWithLMHead)[name]
+            assert swapped is not original and swapped.__module__ == "alignkernels.integrations.verl_engine"
+        assert vars(FSDPEngineWithValueHead)["prepare_model_outputs"] is value_head
+    for name, original in stock.items():
+        assert vars(FSDPEngineWithLMHead)[name] is original
+
+
 def test_bad_options_after_apply_keep_the_previous_patch():
     ak_verl.apply(chunk_size=16)
     with pytest.raises(ValueError, match="backend"):

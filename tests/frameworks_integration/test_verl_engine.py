@@ -6,7 +6,10 @@ verl's global state stays out of this process. Per case and step: the loss, the 
 entropies the engine returns, and after the last step every parameter, patched vs stock within 2e-6
 relative (plain SGD, so parameters differ only through the gradients). The untied fused case has no
 stock fused run to compare with (verl's fails on the FSDP2-sharded head, checked): verl's logits path
-is its reference.
+is its reference. On the logits path the patched engine makes one ``token_logprobs`` pass per
+micro-batch for log-prob and entropy (counted by a spy; verl's method makes two). Σπ²
+(``calculate_sum_pi_squared``): on the fused path, which verl refuses (checked), against verl's
+logits-path ``calculate_sum_pi_squared_from_logits``; on the padded logits path, verl's own beside the one pass.
 """
 from __future__ import annotations
 
@@ -62,11 +65,13 @@ def test_engine_three_steps_patched_matches_stock(runs, name):
     result = _case(runs, name)
     stock, patched = result["stock"], result["patched"]
     case = worker.CASES[name]
-    # every forward went through alignkernels: per micro-batch one fused head call, or log-probs + entropy
+    # every forward went through alignkernels: per micro-batch one fused head call, or one token_logprobs
+    # pass for log-probs and entropy together (verl's method: logprobs_from_logits + entropy_from_logits)
     micro_batches = worker.STEPS * len(worker.LENGTHS) // 2
-    assert result["adapter_calls"] == micro_batches * (1 if case.fused else 2)
+    assert result["adapter_calls"] == micro_batches
+    assert result["token_logprobs_calls"] == (0 if case.fused else micro_batches)
     for step in range(worker.STEPS):
-        for key in ("log_probs", "entropy"):
+        for key in ("log_probs", "entropy") + (("sum_pi_squared",) if case.sum_pi_squared else ()):
             assert patched[key][step].shape == (TOKENS,)
             err = max_rel_error(patched[key][step].double(), stock[key][step].double())
             assert err <= TOL, (key, step, err)
@@ -86,3 +91,16 @@ def test_engine_stock_fused_fails_on_untied_head_ours_runs(runs):
     patched engine gathers it and trains (compared above with verl's logits path)."""
     result = _case(runs, "fused_untied")
     assert "DTensor" in result["stock_fused_error"], result["stock_fused_error"]
+
+
+@pytest.mark.slow
+def test_engine_sum_pi_squared_on_fused_path_verl_refuses_ours_runs(runs):
+    """verl's engine refuses ``calculate_sum_pi_squared`` with ``use_fused_kernels``; patched, the fused
+    head gives ``model_output["sum_pi_squared"]`` (compared above with verl's logits path), a probability
+    mass in (0, 1] that varies from token to token."""
+    result = _case(runs, "sum_pi_squared_fused")
+    assert "calculate_sum_pi_squared=True is not supported" in result["stock_fused_error"], result["stock_fused_error"]
+    for value in result["patched"]["sum_pi_squared"]:
+        assert value.shape == (TOKENS,) and value.dtype == torch.float32
+        assert bool((value > 0).all()) and bool((value <= 1 + 1e-6).all())
+        assert value.max() - value.min() > 0.1

@@ -67,3 +67,24 @@ def test_fused_sum_pi_squared_flag_must_be_a_bool():
     ak_verl.apply()
     with pytest.raises(TypeError, match="return_sum_pi_squared must be a bool"):
         verl_exp.FusedLinearForPPO()(hidden, weight, ids, return_sum_pi_squared="yes")
+
+
+def test_fused_head_answers_the_engine_request_with_two_outputs():
+    """verl's model forward calls the head without a Σπ² argument and unpacks two outputs: inside the
+    swapped engine's request scope (``alignkernels/integrations/verl_engine.py``) the head still returns
+    two and leaves Σπ² for ``prepare_model_outputs``; outside it, nothing is left."""
+    from alignkernels.integrations.verl_engine import SUM_PI_SQUARED
+
+    hidden, weight, ids = _inputs((2, 7))
+    ak_verl.apply()
+    head = verl_exp.FusedLinearForPPO()
+    want = head(hidden, weight, ids, 0.8, return_sum_pi_squared=True)
+    with SUM_PI_SQUARED.scope(True):
+        outputs = head(hidden, weight, ids, 0.8)
+        assert len(outputs) == 2
+        assert torch.equal(outputs[0], want[0]) and torch.equal(outputs[1], want[1])
+        assert torch.equal(SUM_PI_SQUARED.take(), want[2])
+    with SUM_PI_SQUARED.scope(False):
+        head(hidden, weight, ids, 0.8)
+        with pytest.raises(NotImplementedError, match="impl_backend='torch'"):
+            SUM_PI_SQUARED.take()  # the engine's clear refusal when the fused forward left no Σπ²
