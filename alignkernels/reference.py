@@ -21,11 +21,14 @@ def token_logprobs_reference(logits, labels, *, temperature=1.0, ignore_index=-1
     Ignored positions (``labels == ignore_index``) give 0 in both outputs. The softmax is
     shift-invariant, so the logits are centred on their row max before the division: ``x/T`` in
     fp32 would round ``z`` itself (``ulp(1e6) = 0.06`` at offset 1e4 and ``T = 0.01``).
+    A row whose logits are all ``-inf`` (``support=`` with no kept token) has no distribution: logp
+    ``-inf``, entropy 0, gradient 0 (its log-softmax is taken as ``-inf`` everywhere, never NaN).
     """
     x = logits.to(output_dtype(logits.dtype))
     row_max = x.detach().amax(-1, keepdim=True)
+    no_mass = torch.isneginf(row_max)
     z = (x - torch.where(torch.isinf(row_max), 0.0, row_max)) / temperature
-    logsm = F.log_softmax(z, dim=-1)
+    logsm = F.log_softmax(torch.where(no_mass, 0.0, z), dim=-1).masked_fill(no_mass, float("-inf"))
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)

@@ -19,6 +19,9 @@
 // where rounding z = x/T first would not. Forward and backward form d with the same expression.
 // An empty set (or one holding only −inf) is m = −inf, s = t = 0; every update keeps that state
 // NaN-free: −inf − −inf never reaches an exp, 0·−inf never reaches a sum.
+// A whole row with no mass (every logit −inf: a support= row with no kept token, common.cuh KeptSet)
+// has no distribution; its limit, as in alignkernels/ops/_softmax_torch.py: log_sum = −inf, H = 0
+// (finalize), log p = −inf (log_prob), a gradient of exactly 0, the label's column included (SoftmaxGrad).
 #pragma once
 
 #include "common.cuh"
@@ -119,12 +122,13 @@ struct RowSoftmax {
 // true value never adds error. Written as selects, not fmaxf/fminf (those drop a NaN): NaN stays NaN.
 __device__ __forceinline__ RowSoftmax finalize(const OnlineStats& st) {
   const float log_sum = logf(st.s);
-  const float entropy = log_sum - st.t / st.s;
+  const float entropy = st.s == 0.f ? 0.f : log_sum - st.t / st.s;  // no mass: H = 0 (log_sum = -inf)
   return RowSoftmax{st.m, log_sum, entropy < 0.f ? 0.f : entropy};
 }
 
 // log p(label) relative to the max: (z_label − row_max) − log_sum, for the label's logit x; at most 0.
 __device__ __forceinline__ float log_prob(const RowSoftmax& row, float x, float inv_temperature) {
+  if (row.log_sum == -INFINITY) return -INFINITY;  // no mass (row_max = -inf): never (-inf) - (-inf)
   const float logp = centred(x, inv_temperature, row.row_max) - row.log_sum;
   return logp > 0.f ? 0.f : logp;
 }
@@ -143,8 +147,10 @@ struct SoftmaxGrad {
 
   __device__ __forceinline__ SoftmaxGrad(const RowSoftmax& row, float g_logp_, float g_entropy_, float inv_t,
                                          int64_t label_)
-      : row_max(row.row_max), log_sum(row.log_sum), centred_mean(row.log_sum - row.entropy), g_logp(g_logp_),
-        g_entropy(g_entropy_), inv_temperature(inv_t), label(label_) {}
+      : row_max(row.row_max), log_sum(row.log_sum), centred_mean(row.log_sum - row.entropy),
+        // no mass (log_sum = -inf): every p is NaN or 0 and skipped in grad(), and no one-hot either
+        g_logp(row.log_sum == -INFINITY ? 0.f : g_logp_), g_entropy(g_entropy_), inv_temperature(inv_t),
+        label(label_) {}
 
   __device__ __forceinline__ float grad(float x, int64_t col) const {
     const float d = centred(x, inv_temperature, row_max);  // z_i − row_max

@@ -19,6 +19,9 @@ Two partials (m1, s1, t1), (m2, s2, t2) merge on ``m = max(m1, m2)`` with ``a_i 
 ``s = a1 s1 + a2 s2`` and, since ``z - m = (z - m_i) + (m_i - m)``,
 ``t = a1 (t1 + (m1 - m) s1) + a2 (t2 + (m2 - m) s2)``.
 A partial with no mass (``m_i = -inf``, ``s_i = 0``) contributes exactly 0 (never ``0 * inf``).
+A whole row with no mass (every logit ``-inf``: a ``support=`` row with no kept token) has no
+distribution; its limit, as in ``alignkernels/ops/_softmax_torch.py``: ``log_sum = -inf``, ``H = 0``
+(``finalise``), ``logp = -inf`` (``log_prob``), a gradient of exactly 0 (``grad_centred``).
 
 Gradient (``grad_centred``), with ``zc = z - m``:
 
@@ -117,9 +120,9 @@ def merge_stats(m1, s1, t1, m2, s2, t2):
 @triton.jit
 def finalise(s, t):
     """``(log_sum, H)`` from a row's merged ``s``, ``t``: ``log_sum = log s``, ``H = log s - t/s``, at
-    least 0 (see :func:`log_prob`)."""
+    least 0 (see :func:`log_prob`); a row with no mass (``s = 0``): ``log_sum = -inf``, ``H = 0``."""
     log_sum = tl.log(s)
-    entropy = log_sum - t / s
+    entropy = tl.where(s == 0.0, 0.0, log_sum - t / s)
     return log_sum, tl.where(entropy < 0.0, 0.0, entropy)  # NaN stays NaN (not tl.maximum: it drops NaN)
 
 
@@ -127,19 +130,21 @@ def finalise(s, t):
 def log_prob(label_centred, log_sum):
     """``logp = (z_label - m) - log_sum``, at most 0: ``logp <= 0`` and ``H >= 0`` hold exactly, while the
     roundings of ``exp``/``log`` can put either one ulp on the wrong side of 0 in a peaked row
-    (``p_label ≈ 1``); moving them towards the true value never adds error. NaN stays NaN."""
-    logp = label_centred - log_sum
+    (``p_label ≈ 1``); moving them towards the true value never adds error. NaN stays NaN. A row
+    with no mass (``log_sum = -inf``) gives ``-inf``, where the difference would be NaN."""
+    logp = tl.where(log_sum == float("-inf"), float("-inf"), label_centred - log_sum)
     return tl.where(logp > 0.0, 0.0, logp)
 
 
 @triton.jit
 def grad_centred(zc, is_label, log_sum, entropy, g_logp, g_entropy):
     """``dz = g_logp (onehot - p) - g_H p (z - Σp·z)`` from centred logits ``zc = z - m`` (see the
-    module docstring); exactly 0 where ``p = 0`` (``z = -inf``)."""
+    module docstring); exactly 0 where ``p = 0`` (``z = -inf``) and on a whole row with no mass
+    (``log_sum = -inf``; its ``zc`` may be NaN, ``-inf - (-inf)``), the label's column included."""
     p = tl.exp(zc - log_sum)
     dev = zc - (log_sum - entropy)  # z - Σ p·z
     dz = tl.where(p == 0.0, 0.0, -p * (g_logp + g_entropy * dev))
-    return dz + tl.where(is_label, g_logp, 0.0)
+    return tl.where(log_sum == float("-inf"), 0.0, dz + tl.where(is_label, g_logp, 0.0))
 
 
 @triton.jit

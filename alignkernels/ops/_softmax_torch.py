@@ -30,6 +30,11 @@ to an ulp: the roundings of ``exp``/``log`` can put ``zc_label - log_sum`` or ``
 the wrong side of 0 (a peaked row, ``p_label ≈ 1``), so both are clamped where they are formed (NaN stays
 NaN). Moving them *towards* the true value never adds error.
 
+A row with no mass (every logit ``-inf``: a ``support=`` row with no kept token, ``ops/_support.py``)
+has ``log_sum = -inf`` and no distribution at all; its limit is that of any label outside the kept set:
+``logp = -inf`` (:func:`log_prob`), ``H = 0`` (:func:`merged`, :func:`fold_block`) and a gradient of
+exactly 0 on every logit, the label's included (:func:`grad_from_centred_`): no NaN anywhere.
+
 Gradient (:func:`grad_from_centred_`), with ``zc = z - row_max``: ``p = e^(zc - log_sum)``,
 ``z - Σp·z = zc - (log_sum - H)``, ``dz = g_logp (onehot - p) - g_H p (z - Σp·z)``; the chain rule
 to the raw logit (:func:`raw_grad_`) multiplies by ``1/T`` and the transform's derivative.
@@ -71,8 +76,9 @@ def transform_(x: torch.Tensor, logit_scale: float, softcap: float | None, keep_
 
 
 def log_prob(label_centred: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
-    """``logp = (z_label - row_max) - log_sum``, at most 0 (``-inf`` for a masked label, NaN stays)."""
-    return torch.clamp(label_centred - log_sum, max=0.0)
+    """``logp = (z_label - row_max) - log_sum``, at most 0 (``-inf`` for a masked label and for a row with
+    no mass, ``log_sum = -inf``, where the difference would be NaN; NaN stays)."""
+    return torch.where(torch.isneginf(log_sum), float("-inf"), torch.clamp(label_centred - log_sum, max=0.0))
 
 
 def non_negative(entropy: torch.Tensor) -> torch.Tensor:
@@ -159,8 +165,12 @@ def grad_from_centred_(zc, log_sum, entropy, g_logp, g_entropy, label_cols, work
     """In place: centred logits ``zc = z - row_max [rows, cols]`` -> ``dz`` (returned in ``work``).
 
     ``g_logp`` / ``g_entropy``: per-row upstream gradients or ``None`` (not both); ``label_cols``:
-    each row's label column in this block, or an out-of-block value (no one-hot there)."""
+    each row's label column in this block, or an out-of-block value (no one-hot there). A row with no
+    mass (``log_sum = -inf``, every ``zc = -inf``) gets exactly 0: its ``p`` is formed against
+    ``log_sum = 0`` (``e^(-inf) = 0``, never ``e^(-inf + inf)``) and it has no one-hot."""
     zc.clamp_(min=_NO_MASS)  # z = -inf: p = 0 and every product finite
+    has_mass = ~torch.isneginf(log_sum)
+    log_sum = torch.where(has_mass, log_sum, 0.0)
     p = torch.sub(zc, log_sum[:, None], out=work).exp_()  # p = e^(zc - log_sum)
     if g_entropy is not None:
         # g_logp + g_H (z - Σp·z) = g_H·zc + (g_logp - g_H (log_sum - H))   (zc centred: no cancellation)
@@ -171,7 +181,7 @@ def grad_from_centred_(zc, log_sum, entropy, g_logp, g_entropy, label_cols, work
         dz = p.mul_(-g_logp[:, None])
     if g_logp is not None:  # + g_logp · onehot
         n_cols = dz.shape[1]
-        in_block = (label_cols >= 0) & (label_cols < n_cols)
+        in_block = (label_cols >= 0) & (label_cols < n_cols) & has_mass
         dz.scatter_add_(1, label_cols.clamp(0, n_cols - 1)[:, None], torch.where(in_block, g_logp, 0.0)[:, None])
     return dz
 

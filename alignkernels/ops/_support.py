@@ -23,6 +23,14 @@ ids) per chunk across the vocabulary blocks; nothing of ``[N, V]``.
 Numerics: those of the engine on the masked logits (fp32 within ~1e-6 of fp64).
 A valid label outside its row's kept set is a ``ValueError`` naming the position (one host sync;
 ``check_labels=False`` skips it and that row's logp is ``−inf``).
+A row with no kept token at all (so its label is outside; ``check_labels=False``): the renormalised
+distribution does not exist; every backend gives its limit, the value of any label outside the set --
+logp ``−inf``, entropy 0, every gradient exactly 0 (the label's column included), no NaN. The softmax
+cores own it (a row with no mass, ``log_sum = −inf``: ``ops/_softmax_torch.py`` ``log_prob`` /
+``grad_from_centred_``, ``kernels/_softmax.py`` ``finalise`` / ``log_prob`` / ``grad_centred``,
+``csrc/softmax.cuh``, ``alignkernels/reference.py`` ``token_logprobs_reference``), so a row of all
+``−inf`` logits gets the same; vocab-parallel: only a row empty on every shard (one empty shard contributes
+no mass).
 """
 from __future__ import annotations
 

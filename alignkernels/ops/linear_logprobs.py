@@ -197,7 +197,8 @@ def linear_logprobs(
         support: the sampler's kept tokens, as ``token_logprobs(support=)`` (packed int32 bitmask
             ``labels.shape + (ceil(V/32),)``): logp and entropy renormalised over the kept set, each
             tile's logits outside it set to −inf (``ops/_support.py``; no ``[N, V]`` mask). A valid
-            label outside the set is a ``ValueError`` (``check_labels=False``: −inf). ``torch`` and
+            label outside the set is a ``ValueError`` (``check_labels=False``: −inf; a row with no kept
+            token: logp −inf, entropy 0, gradient 0). ``torch`` and
             ``triton`` backends (the Triton fold reads the packed words per tile), without
             ``return_stats`` (``ValueError``); with ``process_group=`` the global words, each rank
             cutting its slice (``ops/vocab_parallel.py``).

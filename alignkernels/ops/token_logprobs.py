@@ -134,7 +134,8 @@ def token_logprobs(
             mask). logp and entropy are then those of the distribution renormalised over the kept
             set, differentiable (zero gradient outside it), streamed chunk by chunk (no ``[N, V]``
             mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
-            logp ``-inf``). Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
+            logp ``-inf``; a row with no kept token at all: logp ``-inf``, entropy 0, gradient 0).
+            Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
         top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
             ties), then as ``support``.
 

@@ -42,7 +42,8 @@ The sampler's kept set (``support=``, ``ops/_support.py``): every rank takes the
 ``[..., ceil(V/32)]`` (replicated like the labels: what a sampler returns, whatever the tensor-parallel
 layout), checks the labels against them, and cuts its own slice's words (``shard_words``: a funnel shift,
 ``V/32`` words per row); the local pass then masks the shard's logits outside the set, and the combine
-and backward are unchanged (a shard with no kept token in a row contributes no mass).
+and backward are unchanged (a shard with no kept token in a row contributes no mass; a row with none on
+any shard has no mass at all: logp ``-inf``, entropy 0, gradient 0, as on one process).
 
 Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
 call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the

@@ -307,3 +307,33 @@ def test_support_label_outside_and_top_k_as_torch(emulated):
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
         assert bool(torch.isneginf(outs[0][0]).any())  # a label outside the kept set: -inf, as torch
+
+
+@pytest.mark.parametrize("rows,V,dtype", [(6, 77, torch.float32), (4, 3001, torch.bfloat16)])  # warp / block per row
+def test_support_row_with_no_kept_token(emulated, rows, V, dtype):
+    """A row with no kept token (``check_labels=False``): logp ``-inf``, entropy 0, a gradient row of
+    exactly 0 (the label's column included), no NaN -- the torch and Triton backends' limit
+    (``tests/ops/test_support.py``); the other rows as fp64 masked ``log_softmax``."""
+    from alignkernels.ops._support import pack_bits
+
+    logits, labels = make(rows, V, dtype, seed=V)  # rows 0 and 3 are ignored
+    g = torch.Generator().manual_seed(V + 1)
+    keep = torch.rand(rows, V, generator=g) < 0.3
+    keep[torch.arange(rows), labels.clamp(min=0)] = True
+    keep[1] = False
+    keep[3] = False  # also ignored: 0, as any ignored row
+    empty = torch.zeros(rows, dtype=torch.bool)
+    empty[1] = True
+    g_logp, g_ent = torch.randn(rows, generator=g), torch.randn(rows, generator=g)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = token_logprobs(x, labels, return_entropy=True, backend="cuda", support=pack_bits(keep),
+                               check_labels=False, temperature=0.8)  # fmt: skip
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    assert logp[1] == float("-inf") and ent[1] == 0 and bool((x.grad[1] == 0).all())
+    assert not any(bool(t.isnan().any()) for t in (logp, ent, x.grad))
+    others = torch.where(empty, -100, labels)
+    ref_logp, ref_ent, ref_grad = _masked_reference(logits, others, keep, 0.8, g_logp, g_ent)
+    torch.testing.assert_close(logp[~empty].double(), ref_logp[~empty], rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(ent[~empty].double(), ref_ent[~empty], rtol=2e-6, atol=2e-6)
+    rtol, atol = GRAD_TOL[dtype]
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=rtol, atol=atol * ref_grad.abs().max().item())

@@ -391,3 +391,101 @@ def test_linear_top_k_refusals():
                             "not both")):  # fmt: skip
         with pytest.raises(exc, match=match):
             ak.linear_logprobs(hidden, weight, labels, **{"backend": "torch", "check_labels": False, **kw})
+
+
+# ----------------------------------------------------------------------------------------------
+# A row with no kept token at all (check_labels=False): one limit on every backend -- logp -inf (as any
+# label outside the set), entropy 0, every gradient exactly 0, no NaN; the other rows untouched
+# ----------------------------------------------------------------------------------------------
+EMPTY = [(0, 3), (2, 0), (2, 4)]  # (2, 4) is also an ignored position: 0, as any ignored row
+
+
+def _with_empty_rows(seed):
+    logits, labels, keep = _data(seed)
+    for b, t in EMPTY:
+        keep[b, t] = False
+    empty = ~keep.any(-1) & (labels != -100)
+    assert int(empty.sum()) == 2
+    return logits, labels, keep, empty
+
+
+def _fp64_other_rows(logits_fn, inputs, labels, keep, empty, g_logp, g_ent):
+    """fp64 masked ``log_softmax`` of the rows that keep something (the empty rows ignored): logp,
+    entropy and the gradients of ``Σ g_logp·logp + Σ g_ent·H`` w.r.t. ``inputs``."""
+    xs = [t.detach().double().requires_grad_(True) for t in inputs]
+    ls = torch.log_softmax(logits_fn(*xs).masked_fill(~keep, float("-inf")), -1)
+    valid = (labels != -100) & ~empty
+    logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+    ent = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+    grads = torch.autograd.grad((logp * g_logp).sum() + (ent * g_ent).sum(), xs)
+    return logp, ent, grads
+
+
+EMPTY_ROW_BACKENDS = {"triton": ("triton", {}), "triton_tiles16": ("triton", {}), "torch": ("torch", {}),
+                      "torch_batch_invariant": ("torch", dict(batch_invariant=True)), "reference": ("reference", {})}
+
+
+@pytest.mark.parametrize("outputs", ["logp", "entropy", "both"])  # which outputs the loss uses
+@pytest.mark.parametrize("variant", list(EMPTY_ROW_BACKENDS))
+def test_row_with_no_kept_token_is_minus_inf_zero_zero(variant, outputs, monkeypatch):
+    """Two rows with no kept token (and an ignored one): the label check names the first; unchecked,
+    logp ``-inf``, entropy 0 and a zero gradient row (upstream gradients nonzero), no NaN; the other rows
+    within 2e-6 of fp64 masked ``log_softmax``."""
+    backend, kw = EMPTY_ROW_BACKENDS[variant]
+    if variant == "triton_tiles16":  # tiles of half a word: several empty tiles per row
+        monkeypatch.setattr(_logits_engine, "pick_config", lambda _: (16, 1))
+    logits, labels, keep, empty = _with_empty_rows(seed=13)
+    g = torch.Generator().manual_seed(14)
+    g_logp = torch.randn(B, T, generator=g) if outputs != "entropy" else torch.zeros(B, T)
+    g_ent = torch.randn(B, T, generator=g) if outputs != "logp" else torch.zeros(B, T)
+    with pytest.raises(ValueError, match=r"position \(0, 3\) is outside its row's support"):
+        ak.token_logprobs(logits, labels, support=pack_bits(keep), backend=backend, **kw)
+    x = logits.clone().requires_grad_(True)
+    logp, ent = ak.token_logprobs(x, labels, support=pack_bits(keep), return_entropy=True, backend=backend,
+                                  check_labels=False, temperature=0.8, **kw)  # fmt: skip
+    used = {"logp": [(logp, g_logp)], "entropy": [(ent, g_ent)], "both": [(logp, g_logp), (ent, g_ent)]}[outputs]
+    torch.autograd.backward([o for o, _ in used], [w for _, w in used])
+    assert bool(torch.isneginf(logp[empty]).all()), logp[empty]
+    assert bool((ent[empty] == 0).all()) and bool((x.grad[empty] == 0).all())
+    assert not any(bool(t.isnan().any()) for t in (logp, ent, x.grad))
+    want_logp, want_ent, (want_grad,) = _fp64_other_rows(lambda z: z / 0.8, [logits], labels, keep, empty,
+                                                         g_logp.double(), g_ent.double())  # fmt: skip
+    assert max_rel_error(logp[~empty], want_logp[~empty], floor=1.0) < 2e-6
+    assert max_rel_error(ent[~empty], want_ent[~empty], floor=1.0) < 2e-6
+    assert max_rel_error(x.grad[~empty], want_grad[~empty]) < 2e-6
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_row_of_minus_inf_logits_is_the_same_limit(backend):
+    """The rule is the softmax cores', not ``support``'s: a row whose logits are all ``-inf`` (no
+    ``support=``) has no mass either and gets logp ``-inf``, entropy 0, gradient 0."""
+    logits, labels, _ = _data(seed=15)
+    logits[1, 2] = float("-inf")
+    x = logits.clone().requires_grad_(True)
+    logp, ent = ak.token_logprobs(x, labels, return_entropy=True, backend=backend)
+    torch.autograd.backward([logp, ent], [torch.ones(B, T), torch.ones(B, T)])
+    assert logp[1, 2] == float("-inf") and ent[1, 2] == 0 and bool((x.grad[1, 2] == 0).all())
+    assert not any(bool(t.isnan().any()) for t in (logp, ent, x.grad))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kw", [dict(chunk_size=4, vocab_block_size=40), dict(), dict(batch_invariant=True)])
+def test_linear_row_with_no_kept_token_is_minus_inf_zero_zero(kw, backend):
+    """``linear_logprobs``: the empty rows' logp ``-inf``, entropy 0, ``grad_hidden`` rows 0; they add
+    nothing to ``grad_weight``; the other rows as fp64 masked ``log_softmax``."""
+    hidden, weight, _, _ = _head_data(seed=16)
+    _, labels, keep, empty = _with_empty_rows(seed=16)
+    g = torch.Generator().manual_seed(17)
+    g_logp, g_ent = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    logp, ent = ak.linear_logprobs(h, w, labels, support=pack_bits(keep), return_entropy=True, backend=backend,
+                                   check_labels=False, temperature=0.8, **kw)  # fmt: skip
+    torch.autograd.backward([logp, ent], [g_logp, g_ent])
+    assert bool(torch.isneginf(logp[empty]).all()) and bool((ent[empty] == 0).all())
+    assert bool((h.grad[empty] == 0).all())
+    assert not any(bool(t.isnan().any()) for t in (logp, ent, h.grad, w.grad))
+    want_logp, want_ent, (want_h, want_w) = _fp64_other_rows(lambda a, b: (a @ b.T) / 0.8, [hidden, weight], labels,
+                                                             keep, empty, g_logp.double(), g_ent.double())  # fmt: skip
+    assert max_rel_error(logp[~empty], want_logp[~empty], floor=1.0) < 2e-6
+    assert max_rel_error(ent[~empty], want_ent[~empty], floor=1.0) < 2e-6
+    assert max_rel_error(h.grad, want_h) < 2e-6 and max_rel_error(w.grad, want_w) < 2e-6

@@ -774,6 +774,63 @@ def check_support(rank, world):
         _expect_error(fn, r"position \(1, 4\) is outside its row's support")
 
 
+def check_support_empty_row(rank, world):
+    """A row with no kept token on any shard (``check_labels=False``): logp ``-inf``, entropy 0, every
+    gradient 0, on both forms, torch and triton, as on one process (``tests/ops/test_support.py``); rows
+    empty on some shards only are the usual case (fp64); a label outside its row's set on a shard that keeps
+    nothing of that row: ``-inf`` (was NaN: that shard's ``-inf - (-inf)``)."""
+    from alignkernels.ops._support import pack_bits
+    from alignkernels.ops.vocab_parallel import vocab_parallel_linear_logprobs, vocab_parallel_token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(31)
+    full = torch.randn(2, 6, V, generator=gen) * 3
+    labels = _labels_in_every_shard((2, 6), SHARD_BOUNDS[world], -100, gen)
+    keep = torch.rand(2, 6, V, generator=gen) < 0.3
+    keep.scatter_(-1, labels.clamp(min=0)[..., None], True)
+    labels[0, 1], labels[1, 2] = 20, 5
+    keep[0, 1] = False  # no kept token anywhere
+    keep[1, 2] = False
+    keep[1, 2, 60:64] = True  # kept tokens on one shard only, the label (5) on the first shard, outside the set
+    bits = pack_bits(keep)
+    hidden, weight = torch.randn(2, 6, 8, generator=gen), torch.randn(V, 8, generator=gen) / 3
+    g_logp, g_ent = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
+    g_logp[1, 2] = g_ent[1, 2] = 0.0  # the label-outside row: values checked, not its gradient
+    others = labels.clone()
+    others[0, 1] = others[1, 2] = -100
+    valid = others != -100
+
+    def fp64(logits_fn, *inputs):
+        xs = [t.double().requires_grad_(True) for t in inputs]
+        ls = torch.log_softmax(logits_fn(*xs).masked_fill(~keep, float("-inf")), -1)
+        logp = torch.where(valid, ls.gather(-1, others.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        ent = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+        ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+        return logp, ent, [x.grad for x in xs]
+
+    want = fp64(lambda x: x, full)
+    want_l = fp64(lambda h, w: h @ w.T, hidden, weight)
+    for backend in ("torch", "triton"):
+        x = full[..., start:start + size].clone().requires_grad_(True)
+        h, w = hidden.clone().requires_grad_(True), weight[start:start + size].clone().requires_grad_(True)
+        token = vocab_parallel_token_logprobs(x, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                              backend=backend, support=bits, check_labels=False)  # fmt: skip
+        linear = vocab_parallel_linear_logprobs(h, w, labels, vocab_start=start, vocab_size=V, return_entropy=True,
+                                                backend=backend, support=bits, check_labels=False)  # fmt: skip
+        for form, (logp, ent), leaf, w_want in (("token", token, x, want), ("linear", linear, h, want_l)):
+            torch.autograd.backward([logp, ent], [g_logp, g_ent])
+            what = f"{backend} {form}"
+            assert logp[0, 1] == float("-inf") and ent[0, 1] == 0, (what, logp[0, 1], ent[0, 1])
+            assert bool((leaf.grad[0, 1] == 0).all()), what
+            assert logp[1, 2] == float("-inf"), (what, logp[1, 2])
+            assert not any(bool(t.isnan().any()) for t in (logp, ent, leaf.grad)), what
+            _close(f"{what} logp", logp[valid].double(), w_want[0][valid])
+            _close(f"{what} entropy", ent[valid].double(), w_want[1][valid])
+        _close(f"{backend} token grad", x.grad.double(), want[2][0][..., start:start + size])
+        _close(f"{backend} linear grad_hidden", h.grad.double(), want_l[2][0])
+        _close(f"{backend} linear grad_weight", w.grad.double(), want_l[2][1][start:start + size])
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -795,6 +852,7 @@ def _checks_for(world):
         "batch_invariant_linear": lambda r: check_batch_invariant(r, world, "linear", "torch", 10 if world == 2 else 4),
         "batch_invariant_token": lambda r: check_batch_invariant(r, world, "token", "torch", 10 if world == 2 else 4),
         "support": lambda r: check_support(r, world),
+        "support_empty_row": lambda r: check_support_empty_row(r, world),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
