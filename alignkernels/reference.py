@@ -98,8 +98,13 @@ def linear_logprobs_stats_reference(
     if bias is not None:
         logits = logits + bias.to(cd)
     z = transform_logits(logits, logit_scale=logit_scale, softcap=softcap, temperature=temperature)
-    lse = torch.logsumexp(z, dim=-1)
-    logsm = z - lse.unsqueeze(-1)
+    # a row whose logits are all -inf has no distribution: logp -inf, entropy 0, log Σp² -inf, lse -inf,
+    # gradient 0 (its logits are replaced by zeros before logsumexp, whose backward would be NaN there)
+    no_mass = torch.isneginf(z.detach().amax(-1, keepdim=True))
+    z_safe = torch.where(no_mass, 0.0, z)
+    lse = torch.logsumexp(z_safe, dim=-1)
+    logsm = torch.where(no_mass, float("-inf"), z_safe - lse.unsqueeze(-1))
+    lse = torch.where(no_mass.squeeze(-1), float("-inf"), lse)
     p = logsm.exp()
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()

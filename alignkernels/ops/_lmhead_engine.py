@@ -62,6 +62,7 @@ from ._softmax_torch import (
     fold_block,
     grad_from_centred_,
     log_prob,
+    log_sum_sq_probs,
     merge_pair,
     merged,
     raw_grad_,
@@ -281,7 +282,7 @@ class TorchFold:
         logp = log_prob(centred(state[7][:, None], stats.row_max, tr.temperature).squeeze(1), stats.log_sum)
         extra = None
         if want_stats:  # log Σp² = log q - 2 log_sum
-            extra = (state[3].log() - 2 * stats.log_sum, state[4] / vocab,
+            extra = (log_sum_sq_probs(state[3], stats.log_sum), state[4] / vocab,
                      label_is_top1(state[7], state[5], state[6], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 
@@ -344,7 +345,7 @@ class TritonFold:
         logp = log_prob(f["label_centred"], log_sum)  # the kernel's own z - m (its 1/T, its fma)
         extra = None
         if want_stats:
-            extra = (f["sum_sq_exp"].log() - 2 * log_sum, f["sum_z"] / vocab,
+            extra = (log_sum_sq_probs(f["sum_sq_exp"], log_sum), f["sum_z"] / vocab,
                      label_is_top1(f["label_y"], f["max_y"], f["max_y_before_label"], logp))  # fmt: skip
         return HeadStats(logp, stats, extra)
 

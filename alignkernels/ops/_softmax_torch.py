@@ -81,6 +81,12 @@ def log_prob(label_centred: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor
     return torch.where(torch.isneginf(log_sum), float("-inf"), torch.clamp(label_centred - log_sum, max=0.0))
 
 
+def log_sum_sq_probs(sum_sq_exp: torch.Tensor, log_sum: torch.Tensor) -> torch.Tensor:
+    """``log Σ p² = log Σ e^{2(z - m)} - 2·log_sum`` (TRL's statistic); ``-inf`` for a row with no mass
+    (``log_sum = -inf``: ``Σ p²`` over an empty distribution is 0), where the difference would be NaN."""
+    return torch.where(torch.isneginf(log_sum), float("-inf"), sum_sq_exp.log() - 2 * log_sum)
+
+
 def non_negative(entropy: torch.Tensor) -> torch.Tensor:
     """An entropy (or a partial one) formed as ``log s - t/s``, at least 0 (NaN stays NaN)."""
     return torch.clamp(entropy, min=0.0)

@@ -489,3 +489,20 @@ def test_linear_row_with_no_kept_token_is_minus_inf_zero_zero(kw, backend):
     assert max_rel_error(logp[~empty], want_logp[~empty], floor=1.0) < 2e-6
     assert max_rel_error(ent[~empty], want_ent[~empty], floor=1.0) < 2e-6
     assert max_rel_error(h.grad, want_h) < 2e-6 and max_rel_error(w.grad, want_w) < 2e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_linear_stats_of_a_head_with_no_mass(backend):
+    """``linear_logprobs(return_stats=True)`` with every logit ``-inf`` (a ``-inf`` bias): the same limit
+    in every statistic -- logp ``-inf``, entropy 0, ``log Σp²`` ``-inf`` (``Σp²`` over nothing is 0; it
+    was NaN on every backend), ``lse`` ``-inf``, never top-1 -- and zero gradients, no NaN."""
+    hidden, weight, _, _ = _head_data(seed=18)
+    labels = torch.randint(0, weight.shape[0], hidden.shape[:-1], generator=torch.Generator().manual_seed(18))
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    bias = torch.full((weight.shape[0],), float("-inf"))
+    out = ak.linear_logprobs(h, w, labels, bias=bias, return_stats=True, backend=backend)
+    (out.logp.sum() + out.entropy.sum()).backward()
+    assert bool(torch.isneginf(out.logp).all()) and bool((out.entropy == 0).all())
+    assert bool(torch.isneginf(out.log_sum_sq_probs).all()) and bool(torch.isneginf(out.lse).all())
+    assert not bool(out.is_top1.any())
+    assert bool((h.grad == 0).all()) and bool((w.grad == 0).all())
