@@ -36,12 +36,6 @@ orl_actor, orl_utils = _import_openrlhf_models()
 STOCK = {"log_probs_from_logits": orl_utils.log_probs_from_logits, "compute_entropy": orl_utils.compute_entropy}
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_openrlhf.remove()
-    yield
-    ak_openrlhf.remove()
-
 
 def _logits(shape, seed=0):
     g = torch.Generator().manual_seed(seed)

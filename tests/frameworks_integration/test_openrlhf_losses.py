@@ -53,12 +53,6 @@ STOCK = {name: getattr(orl_loss, name) for name in ("PolicyLoss", "DPOLoss", "Va
 CLOSE = dict(rtol=1e-7, atol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_openrlhf.remove()
-    yield
-    ak_openrlhf.remove()
-
 
 def _assert_stock():
     for name, cls in STOCK.items():

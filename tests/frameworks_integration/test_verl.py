@@ -37,12 +37,6 @@ STOCK = {
 TOL = 2e-6
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_verl.remove()
-    yield
-    ak_verl.remove()
-
 
 def _logits(shape, seed=0, temperature=0.7):
     g = torch.Generator().manual_seed(seed)

@@ -21,12 +21,6 @@ STOCK = {"logp": verl_F.logprobs_from_logits, "entropy": verl_F.entropy_from_log
 TOL = 1e-5  # ours: fp32 sums over the bf16 inputs
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_verl.remove()
-    yield
-    ak_verl.remove()
-
 
 def _fp64(z64, labels):
     ls = torch.log_softmax(z64, -1)

@@ -27,12 +27,6 @@ LENGTHS = (5, 9, 3)
 STATIC_PAD = 2  # verl's pad_to_length bucket pad at the tail of the packed row
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_verl.remove()
-    yield
-    ak_verl.remove()
-
 
 def _engine(entropy_checkpointing=False):
     """What ``prepare_model_outputs`` reads of the engine (sequence parallel off)."""

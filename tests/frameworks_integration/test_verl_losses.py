@@ -52,12 +52,6 @@ ACTOR = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_verl.remove()
-    yield
-    ak_verl.remove()
-
 
 def _config(mode, global_batch_info=None, loss_scale_factor=None, **policy_loss):
     kw = dict(ACTOR[mode])

@@ -21,12 +21,6 @@ import alignkernels.integrations.verl as ak_verl  # noqa: E402
 TOL = 2e-6
 
 
-@pytest.fixture(autouse=True)
-def _always_remove():
-    ak_verl.remove()
-    yield
-    ak_verl.remove()
-
 
 def _inputs(shape, H=24, V=113, seed=0, scale=0.8):
     g = torch.Generator().manual_seed(seed)
