@@ -220,8 +220,6 @@ def linear_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if top_k is not None:
-            raise ValueError("top_k= is not supported with process_group= (vocab-parallel lm_head; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -231,7 +229,7 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
-            head_precision=head_precision, batch_invariant=batch_invariant, support=support,
+            head_precision=head_precision, batch_invariant=batch_invariant, support=support, top_k=top_k,
         )  # fmt: skip
     precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)

@@ -145,14 +145,12 @@ def token_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if top_k is not None:
-            raise ValueError("top_k= is not supported with process_group= (vocab-parallel logits; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
             logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            check_labels=check_labels, batch_invariant=batch_invariant, support=support,
+            check_labels=check_labels, batch_invariant=batch_invariant, support=support, top_k=top_k,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,
