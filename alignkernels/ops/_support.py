@@ -1,7 +1,8 @@
 """The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (every backend: the torch
 chunks' mask, the Triton and CUDA kernels reading the packed words per tile) and on ``linear_logprobs``
 (torch and Triton: the lm-head engine hands each tile's words to the fold, :class:`TileBits`; ``top_k``
-streamed, :func:`merge_top_k`); ``support=`` on the vocab-parallel forms (:func:`shard_words`).
+streamed, :func:`merge_top_k`); ``support=`` / ``top_k=`` on the vocab-parallel forms (:func:`shard_words`;
+``top_k``: each shard's candidates, :func:`shard_top_k`, the global pick, :func:`pick_top_k`).
 
 With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
 kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``

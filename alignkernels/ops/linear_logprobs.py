@@ -205,7 +205,8 @@ def linear_logprobs(
         top_k: form the kept set in the trainer: each row's ``top_k`` largest logits, ties at the
             ``k``-th value to the lowest token ids (as ``token_logprobs(top_k=)``), streamed with a
             running top-k per row over the vocabulary blocks (one extra forward GEMM pass; the words,
-            ``V/32`` per row, are kept for the backward). Not with ``lora=`` / ``process_group=``.
+            ``V/32`` per row, are kept for the backward). Not with ``lora=``. With ``process_group=``
+            the same global set: each shard's candidates, one all-gather (``ops/vocab_parallel.py``).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with

@@ -136,8 +136,9 @@ def token_logprobs(
             mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
             logp ``-inf``; a row with no kept token at all: logp ``-inf``, entropy 0, gradient 0).
             Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
-        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
-            ties), then as ``support``.
+        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits, ties at the
+            ``k``-th value to the lowest token ids, then as ``support``. With ``process_group=`` the same
+            global set: each shard's candidates, one all-gather (``ops/vocab_parallel.py``).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.

@@ -44,6 +44,13 @@ layout), checks the labels against them, and cuts its own slice's words (``shard
 ``V/32`` words per row); the local pass then masks the shard's logits outside the set, and the combine
 and backward are unchanged (a shard with no kept token in a row contributes no mass; a row with none on
 any shard has no mass at all: logp ``-inf``, entropy 0, gradient 0, as on one process).
+``top_k=`` forms that set across the shards (:func:`_top_k_support`): each rank takes its shard's
+``min(k, V_k)`` best per row with their GLOBAL ids (``_support.shard_top_k`` on the logits;
+``_lmhead_engine.head_top_k_candidates`` streaming the shard's vocabulary blocks), one all-gather of
+``[N, k]`` (values, ids) per rank, and every rank picks the same global ``k`` best from that table, ties
+at the ``k``-th value to the lowest global ids (``_support.pick_top_k``): the set ``top_k=`` gives on one
+process, whatever the shard layout or rank order. Then the GLOBAL words, the labels' check and the path
+of ``support=``. Exact comparisons only: with ``batch_invariant=True`` the set is batch invariant too.
 
 Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
 call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the

@@ -864,7 +864,8 @@ def check_top_k(rank, world):
         return logp, ent, [x.grad for x in xs]
 
     for k in (3, 5, widest + 3):  # widest + 3: wider than every shard
-        for form, logits_fn, inputs in (("token", lambda x: x, (full,)), ("linear", lambda h, w: h @ w.T, (hidden, weight))):
+        forms = (("token", lambda x: x, (full,)), ("linear", lambda h, w: h @ w.T, (hidden, weight)))
+        for form, logits_fn, inputs in forms:
             logits = logits_fn(*inputs)
             keep = kept_set(logits, k)
             labels = torch.multinomial(keep.view(-1, V).double(), 1, generator=gen).view(2, 5)
@@ -884,8 +885,8 @@ def check_top_k(rank, world):
                 else:
                     h, w = hidden.float().requires_grad_(True), weight[start:start + size].float().requires_grad_(True)
                     h1, w1 = hidden.float().requires_grad_(True), weight.float().requires_grad_(True)
-                    run = lambda a, b, **kw: linear_logprobs(a, b, labels, temperature=temp, return_entropy=True,  # noqa: E731
-                                                             backend=backend, top_k=k, **kw)  # fmt: skip
+                    run = lambda a, b, **kw: linear_logprobs(  # noqa: E731
+                        a, b, labels, temperature=temp, return_entropy=True, backend=backend, top_k=k, **kw)  # fmt: skip
                     leaves, one_leaves, cut = [h, w], [h1, w1], [lambda g: g, lambda g: g[start:start + size]]
                     got, ref = run(h, w, process_group=group, vocab_start=start, vocab_size=V), run(h1, w1)
                 if k == 5 and backend == "torch":  # the same set on batch_invariant=True's fixed plan (padded rows)
