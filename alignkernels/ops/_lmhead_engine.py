@@ -440,6 +440,13 @@ def head_top_k(hidden, weight, bias, tr: Transform, plan: Plan, k: int) -> torch
     transformed logits ``y = f(h·Wᵀ + b)`` (the temperature keeps the order), ties to the lowest token ids
     (``ops/_support.py`` ``merge_top_k``). One extra GEMM pass over the plan's tiles, with the torch
     transform whatever the fold; memory: one tile and a running ``[rows, k]`` (values, ids) per chunk."""
+    return ids_to_words(head_top_k_candidates(hidden, weight, bias, tr, plan, k, 0).ids, weight.shape[0])
+
+
+def head_top_k_candidates(hidden, weight, bias, tr: Transform, plan: Plan, k: int, v0: int) -> TopK:
+    """:func:`head_top_k`'s running top-k after the last vocabulary block: each row's ``min(k, V)`` largest
+    transformed logits and their token ids (``v0 …`` for the weight's rows: a vocab-parallel shard's
+    candidates, ``ops/vocab_parallel.py``), ``[rows, min(k, V)]``."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     cd = output_dtype(hidden.dtype)
     runs: dict[int, TopK | None] = {}
@@ -447,14 +454,16 @@ def head_top_k(hidden, weight, bias, tr: Transform, plan: Plan, k: int) -> torch
         h = plan.precision.operand(hidden, cd)
         bias_cd = bias.to(cd) if bias is not None else None
         tile_buf = _buffers(TorchFold, plan, n_rows, vocab, cd, hidden.device)[0] if n_rows else None
-        for v0, v1, chunks in tiles(n_rows, vocab, plan):
-            w_blk = plan.precision.operand(weight[v0:v1], cd)
+        for v0_blk, v1, chunks in tiles(n_rows, vocab, plan):
+            w_blk = plan.precision.operand(weight[v0_blk:v1], cd)
             for r0, r1 in chunks:
-                tile = _view(tile_buf, (r1 - r0, v1 - v0))
-                TorchFold.tile(tile, h[r0:r1], w_blk, bias_cd[v0:v1] if bias is not None else None)
-                runs[r0] = merge_top_k(runs.get(r0), transform_(tile, tr.logit_scale, tr.softcap), v0, k)
-    ids = [runs[r0].ids for r0 in sorted(runs)]
-    return ids_to_words(torch.cat(ids) if ids else torch.zeros(0, k, dtype=torch.int64, device=hidden.device), vocab)
+                tile = _view(tile_buf, (r1 - r0, v1 - v0_blk))
+                TorchFold.tile(tile, h[r0:r1], w_blk, bias_cd[v0_blk:v1] if bias is not None else None)
+                runs[r0] = merge_top_k(runs.get(r0), transform_(tile, tr.logit_scale, tr.softcap), v0 + v0_blk, k)
+    if not runs:
+        empty = torch.zeros(0, min(k, vocab), dtype=torch.int64, device=hidden.device)
+        return TopK(empty.to(cd), empty)
+    return TopK(torch.cat([runs[r0].values for r0 in sorted(runs)]), torch.cat([runs[r0].ids for r0 in sorted(runs)]))
 
 
 def head_backward(hidden, weight, bias, labels, stats: RowStats, g_logp, g_entropy, tr: Transform, plan: Plan, fold,

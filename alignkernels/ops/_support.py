@@ -1,7 +1,8 @@
 """The sampler's kept tokens: ``support=`` / ``top_k=`` on ``token_logprobs`` (every backend: the torch
 chunks' mask, the Triton and CUDA kernels reading the packed words per tile) and on ``linear_logprobs``
 (torch and Triton: the lm-head engine hands each tile's words to the fold, :class:`TileBits`; ``top_k``
-streamed, :func:`merge_top_k`); ``support=`` on the vocab-parallel forms (:func:`shard_words`).
+streamed, :func:`merge_top_k`); ``support=`` / ``top_k=`` on the vocab-parallel forms (:func:`shard_words`;
+``top_k``: each shard's candidates, :func:`shard_top_k`, the global pick, :func:`pick_top_k`).
 
 With top-k / top-p sampling the sampler draws from the distribution renormalised over the tokens it
 kept; the trainer's log-prob must be taken over the same set, ``logp = z_y − log Σ_{v kept} e^{z_v}``
@@ -125,6 +126,32 @@ def top_k_bits(logits: torch.Tensor, k: int, chunk_elements: int = 1 << 22) -> t
     words = [pack_bits(first_k_largest(rows[r : r + step], k))
              for rows in _row_views(logits) for r in range(0, rows.shape[0], step)]  # fmt: skip
     return torch.cat(words) if words else torch.zeros(0, math.ceil(V / 32), dtype=torch.int32, device=logits.device)
+
+
+def shard_top_k(logits: torch.Tensor, k: int, v0: int, chunk_elements: int = 1 << 22) -> "TopK":
+    """Each row's ``min(k, V)`` largest logits of ``logits [..., V]`` (token ids ``v0 …``: a vocabulary
+    shard) in the compute dtype, as (values, ids) ``[rows, min(k, V)]`` (:func:`merge_top_k`: ties to the
+    lowest ids), ``chunk_elements // V`` rows at a time: the vocab-parallel ``top_k``'s local candidates."""
+    V = logits.shape[-1]
+    step = max(1, chunk_elements // V)
+    cd = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    runs = [merge_top_k(None, rows[r : r + step].to(cd), v0, k)
+            for rows in _row_views(logits) for r in range(0, rows.shape[0], step)]  # fmt: skip
+    if not runs:
+        empty = torch.zeros(0, min(k, V), device=logits.device)
+        return TopK(empty.to(cd), empty.long())
+    return TopK(torch.cat([t.values for t in runs]), torch.cat([t.ids for t in runs]))
+
+
+def pick_top_k(values: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``[rows, k]`` ids of each row's ``k`` best candidates ``values``/``ids`` ``[rows, m]`` (distinct
+    ids in any order, ``m >= k``), ties at the ``k``-th value to the lowest ids: :func:`first_k_largest`
+    on the candidates put in id order. Over the union of every shard's :func:`shard_top_k` this is the
+    global :func:`first_k_largest` (a token among the row's ``k`` best is among its shard's ``k`` best)."""
+    order = ids.argsort(dim=1, stable=True)
+    ids = ids.gather(1, order)
+    keep = first_k_largest(values.gather(1, order), k)
+    return ids[keep].view(-1, k)
 
 
 def _row_views(x: torch.Tensor):

@@ -205,7 +205,8 @@ def linear_logprobs(
         top_k: form the kept set in the trainer: each row's ``top_k`` largest logits, ties at the
             ``k``-th value to the lowest token ids (as ``token_logprobs(top_k=)``), streamed with a
             running top-k per row over the vocabulary blocks (one extra forward GEMM pass; the words,
-            ``V/32`` per row, are kept for the backward). Not with ``lora=`` / ``process_group=``.
+            ``V/32`` per row, are kept for the backward). Not with ``lora=``. With ``process_group=``
+            the same global set: each shard's candidates, one all-gather (``ops/vocab_parallel.py``).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 inputs; shape of ``labels``), or ``(logp, entropy)`` with
@@ -220,8 +221,6 @@ def linear_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if top_k is not None:
-            raise ValueError("top_k= is not supported with process_group= (vocab-parallel lm_head; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel lm_head) needs vocab_start= and vocab_size= (global V)")
         if return_stats:
@@ -231,7 +230,7 @@ def linear_logprobs(
             bias_shard=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ignore_index=ignore_index, return_entropy=return_entropy, chunk_size=chunk_size,
             vocab_block_size=vocab_block_size, backend=backend, check_labels=check_labels, lora=lora,
-            head_precision=head_precision, batch_invariant=batch_invariant, support=support,
+            head_precision=head_precision, batch_invariant=batch_invariant, support=support, top_k=top_k,
         )  # fmt: skip
     precision = check_head_precision(head_precision)
     tr, wide_labels = validate_head(hidden, weight, labels, bias, temperature, logit_scale, softcap)

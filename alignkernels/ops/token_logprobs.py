@@ -136,8 +136,9 @@ def token_logprobs(
             mask). A valid label outside its row's set is a ``ValueError`` (``check_labels=False``:
             logp ``-inf``; a row with no kept token at all: logp ``-inf``, entropy 0, gradient 0).
             Every backend (``triton`` and ``cuda`` read the packed words tile by tile).
-        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits (``torch.topk``
-            ties), then as ``support``.
+        top_k: form the kept set in the trainer: each row's ``top_k`` largest logits, ties at the
+            ``k``-th value to the lowest token ids, then as ``support``. With ``process_group=`` the same
+            global set: each shard's candidates, one all-gather (``ops/vocab_parallel.py``).
 
     Returns:
         ``logp`` (fp32, fp64 for fp64 logits; shape of ``labels``), or ``(logp, entropy)``.
@@ -145,14 +146,12 @@ def token_logprobs(
     """
     check_batch_invariant(batch_invariant)
     if process_group is not None:
-        if top_k is not None:
-            raise ValueError("top_k= is not supported with process_group= (vocab-parallel logits; pass support=)")
         if vocab_start is None or vocab_size is None:
             raise ValueError("process_group= (vocab-parallel logits) needs vocab_start= and vocab_size= (global V)")
         return vocab_parallel_token_logprobs(
             logits, labels, vocab_start=vocab_start, vocab_size=vocab_size, process_group=process_group,
             temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy, backend=backend,
-            check_labels=check_labels, batch_invariant=batch_invariant, support=support,
+            check_labels=check_labels, batch_invariant=batch_invariant, support=support, top_k=top_k,
         )  # fmt: skip
     temperature, wide_labels = _validate(logits, labels, temperature, check_labels, ignore_index)
     kept = validate_support(support, top_k, wide_labels.shape, logits.shape[-1], logits.device,

@@ -44,6 +44,13 @@ layout), checks the labels against them, and cuts its own slice's words (``shard
 ``V/32`` words per row); the local pass then masks the shard's logits outside the set, and the combine
 and backward are unchanged (a shard with no kept token in a row contributes no mass; a row with none on
 any shard has no mass at all: logp ``-inf``, entropy 0, gradient 0, as on one process).
+``top_k=`` forms that set across the shards (:func:`_top_k_support`): each rank takes its shard's
+``min(k, V_k)`` best per row with their GLOBAL ids (``_support.shard_top_k`` on the logits;
+``_lmhead_engine.head_top_k_candidates`` streaming the shard's vocabulary blocks), one all-gather of
+``[N, k]`` (values, ids) per rank, and every rank picks the same global ``k`` best from that table, ties
+at the ``k``-th value to the lowest global ids (``_support.pick_top_k``): the set ``top_k=`` gives on one
+process, whatever the shard layout or rank order. Then the GLOBAL words, the labels' check and the path
+of ``support=``. Exact comparisons only: with ``batch_invariant=True`` the set is batch invariant too.
 
 Consistency checks (``check_shards=True``, default): one all-gather of a few int64 per rank per
 call verifies that the slices tile ``[0, V)``, that every rank has the same number of rows, the
@@ -83,7 +90,18 @@ from ._lmhead_engine import head_precision as head_precision_row
 from ._logits_engine import BATCH_INVARIANT_TOKEN_KERNELS, TOKEN_KERNELS
 from ._lora import LoraHead, validate_lora
 from ._softmax_torch import RowStats, log_prob, merge_terms, merged
-from ._support import Support, check_labels_kept, label_bits, shard_words, validate_support
+from ._lmhead_engine import head_top_k_candidates
+from ._support import (
+    Support,
+    TopK,
+    check_labels_kept,
+    ids_to_words,
+    label_bits,
+    pick_top_k,
+    shard_top_k,
+    shard_words,
+    validate_support,
+)
 
 # The single-device backends each rank can run on its shard (no eager "reference": it cannot be split).
 VOCAB_PARALLEL_TOKEN_LOGPROBS = OpBackends("vocab_parallel_token_logprobs", ("triton", "cuda", "torch"))
@@ -270,14 +288,41 @@ def _combine_shards(logp_k, stats_k: RowStats, owned, valid, want_entropy, proce
     return log_prob(packed[-1], stats.log_sum), stats
 
 
-def _global_support(support, labels, vocab_size, device, check_labels, ignore_index) -> Support | None:
-    """``support=`` validated against the global vocabulary, its labels checked (inside the agreed
-    validation: every rank raises alike)."""
-    kept = validate_support(support, None, labels.shape, vocab_size, device, labels_checking_enabled(check_labels))
-    if kept is not None and kept.check:
-        flat = labels.reshape(-1)
-        check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab_size - 1)), flat != ignore_index, kept.shape)
+def _global_support(support, top_k, labels, vocab_size, device, check_labels, ignore_index) -> Support | None:
+    """``support=`` / ``top_k=`` validated against the global vocabulary; ``support``'s labels checked
+    (inside the agreed validation: every rank raises alike; ``top_k``'s after :func:`_top_k_support`)."""
+    kept = validate_support(support, top_k, labels.shape, vocab_size, device, labels_checking_enabled(check_labels))
+    if kept is not None and kept.bits is not None:
+        _check_kept_labels(kept, labels.reshape(-1), vocab_size, ignore_index)
     return kept
+
+
+def _check_kept_labels(kept: Support, labels, vocab_size, ignore_index) -> None:
+    """``ValueError`` naming the first valid label (``[n]``, the GLOBAL words' rows) outside its kept set."""
+    if kept.check:
+        check_labels_kept(label_bits(kept.bits, labels.clamp(0, vocab_size - 1)), labels != ignore_index, kept.shape)
+
+
+def _top_k_support(local: TopK, kept: Support, vocab_size: int, process_group) -> Support:
+    """``top_k=`` across the shards: this rank's candidates ``local`` (each row's ``min(k, V_k)`` best,
+    GLOBAL ids) -> the GLOBAL words of each row's ``k`` best on every rank (``ops/_support.py``
+    ``pick_top_k``: ties at the ``k``-th value to the lowest global ids, as ``first_k_largest`` on the
+    whole row). One all-gather of ``[2, rows, k]`` int64 per rank (the values' bits and the ids; a
+    shard narrower than ``k`` pads with ``-inf`` at ids past ``V``, never picked: the real candidates
+    number ``≥ k``). Every rank picks from the same table, so every rank gets the same set."""
+    k = kept.top_k
+    values, ids = local
+    rows, pad = ids.shape[0], k - ids.shape[1]
+    if pad:
+        values = torch.cat((values, values.new_full((rows, pad), float("-inf"))), 1)
+        ids = torch.cat((ids, vocab_size + torch.arange(pad, device=ids.device).expand(rows, -1)), 1)
+    as_int = torch.int64 if values.dtype == torch.float64 else torch.int32
+    packed = torch.stack((values.contiguous().view(as_int).long(), ids))
+    table = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(table, packed, group=process_group)
+    table = torch.cat(table, 2)
+    chosen = pick_top_k(table[0].to(as_int).view(values.dtype), table[1], k)
+    return Support(ids_to_words(chosen, vocab_size), None, kept.check, kept.shape)
 
 
 def _shard_support(kept: Support | None, vocab_start: int, shard: int, rows=None) -> Support | None:
@@ -339,6 +384,7 @@ def vocab_parallel_token_logprobs(
     check_shards: bool = True,
     batch_invariant: bool = False,
     support: torch.Tensor | None = None,
+    top_k: int | None = None,
 ):
     """``token_logprobs`` for logits sharded over the vocabulary across ``process_group``.
 
@@ -367,6 +413,10 @@ def vocab_parallel_token_logprobs(
             order: module docstring). ``torch`` and ``triton`` only (``ValueError`` otherwise).
         support: the sampler's kept tokens as ``token_logprobs(support=)``: the GLOBAL packed words
             ``labels.shape + (ceil(vocab_size/32),)``, identical on every rank (each cuts its slice).
+        top_k: the kept set formed here, as ``token_logprobs(top_k=)``: each row's ``top_k`` largest
+            logits over the GLOBAL vocabulary, ties at the ``k``-th value to the lowest global ids --
+            the same set as on one process. Each rank's ``min(k, V_k)`` best per row, one all-gather
+            of ``[N, k]`` (values, ids) per rank, the same pick on every rank, then as ``support``.
 
     Returns:
         ``logp`` (fp32; fp64 for fp64 logits; shape of ``labels``) or ``(logp, entropy)``, the same
@@ -393,7 +443,7 @@ def vocab_parallel_token_logprobs(
         if check_batch_invariant(batch_invariant) and impl not in invariant_backends:
             raise ValueError(f"batch_invariant=True is implemented on the backends {invariant_backends}, "
                              f"got backend={impl!r}")  # fmt: skip
-        kept = _global_support(support, wide, vocab_size, logits_shard.device, check_labels, ignore_index)
+        kept = _global_support(support, top_k, wide, vocab_size, logits_shard.device, check_labels, ignore_index)
         return t, impl, wide, kept
 
     shard = logits_shard.shape[-1] if isinstance(logits_shard, torch.Tensor) and logits_shard.dim() else 0
@@ -402,6 +452,9 @@ def vocab_parallel_token_logprobs(
     flat_labels = wide_labels.reshape(-1)
     local_labels, owned = _local_labels(flat_labels, vocab_start, shard, int(ignore_index))
     valid = flat_labels != ignore_index
+    if kept is not None and kept.top_k is not None:  # the raw logits' order (the temperature keeps it)
+        kept = _top_k_support(shard_top_k(logits_shard, kept.top_k, vocab_start), kept, vocab_size, process_group)
+        _check_kept_labels(kept, flat_labels, vocab_size, ignore_index)
     local_support = _shard_support(kept, vocab_start, shard)
     logp, entropy = VocabParallelTokenLogprobsFunction.apply(
         logits_shard, local_labels.contiguous(), owned, valid, t, int(ignore_index), impl, bool(return_entropy),
@@ -496,6 +549,7 @@ def vocab_parallel_linear_logprobs(
     batch_invariant: bool = False,
     support: torch.Tensor | None = None,
     grad_hidden: str = "reduced",
+    top_k: int | None = None,
 ):
     """``linear_logprobs`` with the lm_head sharded over the vocabulary across ``process_group``
     (column-parallel lm_head): no rank ever holds ``[N, V]`` logits or the full ``[V, H]`` weight.
@@ -527,6 +581,10 @@ def vocab_parallel_linear_logprobs(
             are on: ``linear_logprobs``'s fixed plan on each shard (rows padded to whole tiles), the
             shards' sums added in rank order (module docstring). ``torch`` / ``triton``, no ``lora=``.
         support: the GLOBAL packed kept-token words, as :func:`vocab_parallel_token_logprobs`.
+        top_k: each row's ``top_k`` largest transformed logits over the GLOBAL vocabulary, ties to
+            the lowest global ids (as ``linear_logprobs(top_k=)``): each rank streams its shard's
+            candidates over its vocabulary blocks (one extra GEMM pass, ``_lmhead_engine.head_top_k_candidates``),
+            then as :func:`vocab_parallel_token_logprobs`'s ``top_k``. Not with ``lora=``.
         grad_hidden: ``"reduced"`` (default): ``hidden`` gets the full gradient, all-reduced.
             ``"partial"``: ``hidden`` gets this rank's term ``dz_k @ W_k`` only, no communication in
             the backward (``grad_lora_A`` is still all-reduced): for a caller that reduces it itself,
@@ -554,7 +612,9 @@ def vocab_parallel_linear_logprobs(
         head_precision_row(head_precision)
         if check_batch_invariant(batch_invariant) and adapter is not None:
             raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
-        kept = _global_support(support, wide, vocab_size, hidden.device, check_labels, ignore_index)
+        kept = _global_support(support, top_k, wide, vocab_size, hidden.device, check_labels, ignore_index)
+        if kept is not None and kept.top_k is not None and adapter is not None:
+            raise ValueError("top_k= is not supported with lora= (pass the kept tokens as support=)")
         impl = VOCAB_PARALLEL_LINEAR_LOGPROBS.resolve(backend, hidden.device, hidden.dtype)
         return tr, impl, cs, vb, wide, adapter, kept, _reduce_grad_hidden(grad_hidden)
 
@@ -572,22 +632,30 @@ def vocab_parallel_linear_logprobs(
     local_labels, owned = _local_labels(compact.labels, vocab_start, shard, int(ignore_index))
     fold = FOLDS[impl]
     rows = compact.hidden
-    local_support = _shard_support(kept, vocab_start, shard, compact.rows)
+    n = compact.labels.shape[0]
     if batch_invariant:  # one tile shape on every shard: the rows padded to whole tiles (owned nowhere, dropped)
         plan = batch_invariant_plan(fold, hidden.device, shard, head_precision)
         rows, local_labels, owned = (pad_rows(x, plan.chunk_rows, fill) for x, fill in
                                      ((rows, 0), (local_labels, 0), (owned, False)))  # fmt: skip
-        if local_support is not None:  # padded rows keep every token
-            local_support = local_support._replace(bits=pad_rows(local_support.bits, plan.chunk_rows, -1))
     else:
         plan = make_plan(fold, hidden.device, compact.labels.numel(), shard, cs, vb, head_precision)
+    if kept is not None and kept.top_k is not None:  # the kept set of the compact rows, formed here
+        local = head_top_k_candidates(rows, weight_shard, bias_shard, tr, plan, kept.top_k, vocab_start)
+        kept = _top_k_support(TopK(local.values[:n], local.ids[:n]), kept, vocab_size, process_group)
+        if kept.check:  # the same verdict on every rank (the same words everywhere)
+            in_set = compact.expand(label_bits(kept.bits, compact.labels.clamp(0, vocab_size - 1)))
+            check_labels_kept(in_set.reshape(-1), wide_labels.reshape(-1) != ignore_index, kept.shape)
+        local_support = _shard_support(kept, vocab_start, shard)
+    else:
+        local_support = _shard_support(kept, vocab_start, shard, compact.rows)
+    if batch_invariant and local_support is not None:  # padded rows keep every token
+        local_support = local_support._replace(bits=pad_rows(local_support.bits, plan.chunk_rows, -1))
     logp, entropy = VocabParallelLinearLogprobsFunction.apply(
         rows, weight_shard, bias_shard.contiguous() if bias_shard is not None else None,
         local_labels.contiguous(), owned, tr, plan, fold, bool(return_entropy), process_group,
         *(adapter if adapter is not None else (None, None, None)), local_support.bits if local_support else None,
         reduce_grad_hidden,
     )  # fmt: skip
-    n = compact.labels.shape[0]
     logp, entropy = logp[:n], entropy[:n]
     return (compact.expand(logp), compact.expand(entropy)) if return_entropy else compact.expand(logp)
 

@@ -150,7 +150,6 @@ def test_pack_unpack_round_trip():
     (dict(top_k=V + 1), ValueError, r"top_k must be in \[1, V=77\]"),
     (dict(top_k=2.0), TypeError, "top_k must be an int"),
     (dict(top_k=True), TypeError, "top_k must be an int"),
-    (dict(top_k=3, process_group=object(), vocab_start=0, vocab_size=V), ValueError, "not supported with process_group="),
 ])  # fmt: skip
 def test_bad_arguments_are_named(kw, exc, match):
     logits, labels, _ = _data()
@@ -383,8 +382,6 @@ def test_linear_top_k_refusals():
     for kw, exc, match in ((dict(top_k=3, lora=lora), ValueError, "top_k= is not supported with lora="),
                            (dict(top_k=3, return_stats=True), ValueError, "with return_stats=True"),
                            (dict(top_k=3, backend="reference"), ValueError, "support= / top_k= are implemented"),
-                           (dict(top_k=3, process_group=object(), vocab_start=0, vocab_size=V), ValueError,
-                            "top_k= is not supported with process_group="),
                            (dict(top_k=0), ValueError, r"top_k must be in \[1, V=77\]"),
                            (dict(top_k=2.5), TypeError, "top_k must be an int"),
                            (dict(top_k=3, support=pack_bits(torch.ones(B, T, V, dtype=torch.bool))), ValueError,

@@ -831,6 +831,91 @@ def check_support_empty_row(rank, world):
         _close(f"{backend} linear grad_weight", w.grad.double(), want_l[2][1][start:start + size])
 
 
+def check_top_k(rank, world):
+    """``top_k=`` with ``process_group=`` on both forms (torch and triton; through ``token_logprobs`` /
+    ``linear_logprobs``): integer logits (exact ties everywhere, planted ties across the shard boundaries),
+    ``k`` cutting inside a tie that crosses a boundary and ``k`` wider than a shard: logp, entropy and
+    gradients equal to the single-process ``top_k=`` op and to fp64 masked ``log_softmax`` whose kept set is
+    a stable descending sort (ties to the lowest global ids); a label outside the set names its position."""
+    import torch.distributed as dist
+    from alignkernels import linear_logprobs, token_logprobs
+
+    start, size = _shard(SHARD_BOUNDS[world], rank)
+    gen = torch.Generator().manual_seed(41)
+    full = torch.randint(-3, 4, (2, 5, V), generator=gen).double()
+    planted = sorted({b + d for b in SHARD_BOUNDS[2][1:-1] + SHARD_BOUNDS[4][1:-1] for d in (-1, 0)})
+    full[0, 0, planted] = 10.0  # 16 17 39 40 49 50 70 71: k = 3 cuts at 39|40, k = 5 at 49|50
+    hidden = torch.randint(-2, 3, (2, 5, 8), generator=gen).double()
+    weight = torch.randint(-2, 3, (V, 8), generator=gen).double()
+    group, temp = dist.group.WORLD, 0.7
+    widest = max(b - a for a, b in zip(SHARD_BOUNDS[world][:-1], SHARD_BOUNDS[world][1:]))
+
+    def kept_set(logits, k):  # the k best by (value descending, id ascending)
+        order = torch.sort(-logits, dim=-1, stable=True).indices[..., :k]
+        return torch.zeros(logits.shape, dtype=torch.bool).scatter_(-1, order, True)
+
+    def fp64(logits_fn, inputs, keep, labels):
+        xs = [t.clone().requires_grad_(True) for t in inputs]
+        ls = torch.log_softmax((logits_fn(*xs) / temp).masked_fill(~keep, float("-inf")), -1)
+        valid = labels != -100
+        logp = torch.where(valid, ls.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1), 0.0)
+        ent = torch.where(valid, -(ls.exp() * torch.where(keep, ls, 0.0)).sum(-1), 0.0)
+        (logp.sum() + 0.5 * ent.sum()).backward()
+        return logp, ent, [x.grad for x in xs]
+
+    for k in (3, 5, widest + 3):  # widest + 3: wider than every shard
+        forms = (("token", lambda x: x, (full,)), ("linear", lambda h, w: h @ w.T, (hidden, weight)))
+        for form, logits_fn, inputs in forms:
+            logits = logits_fn(*inputs)
+            keep = kept_set(logits, k)
+            labels = torch.multinomial(keep.view(-1, V).double(), 1, generator=gen).view(2, 5)
+            labels[1, 4] = -100
+            if form == "token":  # the last kept planted tie
+                labels[0, 0] = planted[min(k, len(planted)) - 1]
+            want = fp64(logits_fn, inputs, keep, labels)
+            for backend in ("torch", "triton") if k != 3 else ("torch",):  # the interpreter is the slow part
+                what = f"{form} {backend} k={k}"
+                if form == "token":
+                    x = full[..., start:start + size].float().requires_grad_(True)
+                    one = full.float().requires_grad_(True)
+                    run = lambda t, **kw: token_logprobs(t, labels, temperature=temp, return_entropy=True,  # noqa: E731
+                                                         backend=backend, top_k=k, **kw)  # fmt: skip
+                    leaves, one_leaves, cut = [x], [one], [lambda g: g[..., start:start + size]]
+                    got, ref = run(x, process_group=group, vocab_start=start, vocab_size=V), run(one)
+                else:
+                    h, w = hidden.float().requires_grad_(True), weight[start:start + size].float().requires_grad_(True)
+                    h1, w1 = hidden.float().requires_grad_(True), weight.float().requires_grad_(True)
+                    run = lambda a, b, **kw: linear_logprobs(  # noqa: E731
+                        a, b, labels, temperature=temp, return_entropy=True, backend=backend, top_k=k, **kw)  # fmt: skip
+                    leaves, one_leaves, cut = [h, w], [h1, w1], [lambda g: g, lambda g: g[start:start + size]]
+                    got, ref = run(h, w, process_group=group, vocab_start=start, vocab_size=V), run(h1, w1)
+                if k == 5 and backend == "torch":  # the same set on batch_invariant=True's fixed plan (padded rows)
+                    inv = run(*(leaf.detach() for leaf in leaves), process_group=group, vocab_start=start, vocab_size=V,
+                              batch_invariant=True)  # fmt: skip
+                    _close(f"{what} batch_invariant logp", inv[0], got[0].detach())
+                for outs in (got, ref):
+                    (outs[0].sum() + 0.5 * outs[1].sum()).backward()
+                for i, name in enumerate(("logp", "entropy")):
+                    _close(f"{what} {name} vs one process", got[i], ref[i])
+                    _close(f"{what} {name} vs fp64", got[i].double(), want[i])
+                for leaf, one_leaf, c, g64 in zip(leaves, one_leaves, cut, want[2]):
+                    _close(f"{what} grad vs one process", leaf.grad, c(one_leaf.grad))
+                    _close(f"{what} grad vs fp64", leaf.grad.double(), c(g64))
+    labels[1, 0] = int((~keep[1, 0]).nonzero()[0])
+    _expect_error(lambda: linear_logprobs(hidden.float(), weight[start:start + size].float(), labels, top_k=k,
+                                          process_group=group, vocab_start=start, vocab_size=V),
+                  r"position \(1, 0\) is outside its row's support")  # fmt: skip
+    keep = kept_set(full, 5)
+    labels = torch.multinomial(keep.view(-1, V).double(), 1, generator=gen).view(2, 5)
+    labels[1, 0] = int((~keep[1, 0]).nonzero()[0])
+    _expect_error(lambda: token_logprobs(full[..., start:start + size].float(), labels, top_k=5, process_group=group,
+                                         vocab_start=start, vocab_size=V),
+                  r"position \(1, 0\) is outside its row's support")  # fmt: skip
+    _expect_error(lambda: token_logprobs(full[..., start:start + size].float(), labels, top_k=V + 1,
+                                         process_group=group, vocab_start=start, vocab_size=V),
+                  r"top_k must be in \[1, V=103\]")  # fmt: skip
+
+
 def _checks_for(world):
     checks = {
         "token_fp32": lambda r: check_token_logprobs(r, world),
@@ -853,6 +938,7 @@ def _checks_for(world):
         "batch_invariant_token": lambda r: check_batch_invariant(r, world, "token", "torch", 10 if world == 2 else 4),
         "support": lambda r: check_support(r, world),
         "support_empty_row": lambda r: check_support_empty_row(r, world),
+        "top_k": lambda r: check_top_k(r, world),
     }
     if world == 2:
         checks["precision_large_logits"] = lambda r: check_precision(r, world)
