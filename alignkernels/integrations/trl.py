@@ -452,8 +452,8 @@ def apply(
             ``grad_hidden`` row are bitwise independent of the batch, the micro-batch split and the
             padding around it -- so TRL's ``old_per_token_logps`` and the training pass agree bit for
             bit when they see the token in different batches. Refused (``ValueError``, here) with
-            ``backend="reference"`` / ``"cuda"`` and with ``allow_lora_lm_head=True`` (the LoRA tiles
-            are not batch invariant). The reward-model drop-in runs no head op (the model's own
+            ``backend="reference"`` / ``"cuda"``; with ``allow_lora_lm_head=True`` the adapter's GEMMs
+            run on the same fixed plan (``ops/_lora.py``). The reward-model drop-in runs no head op (the model's own
             ``score`` layer): nothing there to pass it to.
 
     Raises :class:`UnsupportedModelError` (a ``ValueError``) for a configuration the fused head
@@ -471,10 +471,9 @@ def apply(
     _check_optional_positive_int("vocab_block_size", vocab_block_size)
     check_head_precision(head_precision)
     check_batch_invariant(batch_invariant)
-    if batch_invariant and (backend not in ("auto", "torch", "triton") or allow_lora_lm_head):
-        raise ValueError("apply(): batch_invariant=True is implemented on the backends ('auto', 'torch', 'triton') "
-                         f"without allow_lora_lm_head=True, got backend={backend!r}"
-                         + (", allow_lora_lm_head=True" if allow_lora_lm_head else ""))  # fmt: skip
+    if batch_invariant and backend not in ("auto", "torch", "triton"):
+        raise ValueError("apply(): batch_invariant=True is implemented on the backends ('auto', 'torch', 'triton'), "
+                         f"got backend={backend!r}")  # fmt: skip
     _check_trl_version()
     _Options.allow_unknown_models = bool(allow_unknown_models)
     _Options.backend = backend

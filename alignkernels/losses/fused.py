@@ -227,7 +227,7 @@ def fused_linear_cross_entropy(
     if labels_checking_enabled(head.check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
     backend = FUSED_LINEAR_CROSS_ENTROPY.resolve(head.backend, hidden.device, hidden.dtype)
-    check_batch_invariant_head(head.batch_invariant, backend, adapter)
+    check_batch_invariant_head(head.batch_invariant, backend)
     cd = output_dtype(hidden.dtype)
     compact = compact_rows(hidden, labels, ignore_index)
     num_tokens = compact.count()
@@ -408,7 +408,7 @@ def _policy_head_loss(backends: OpBackends, hidden, weight, token_ids, policy: P
     if labels_checking_enabled(head.check_labels):
         check_label_range(labels, weight.shape[0], ignore_index)
     backend = backends.resolve(head.backend, hidden.device, hidden.dtype)
-    check_batch_invariant_head(head.batch_invariant, backend, adapter)
+    check_batch_invariant_head(head.batch_invariant, backend)
     if path == "four_gemm" or backend == "reference":
         logp, entropy = linear_logprobs(hidden, weight, labels, ignore_index=ignore_index, return_entropy=True,
                                         bias=bias, **head.keywords(check_labels=False))  # fmt: skip

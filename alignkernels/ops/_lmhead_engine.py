@@ -35,8 +35,9 @@ with fp32 output (``input``) or widened to fp32 slice by slice with TF32 off / o
 Batch invariance (``batch_invariant=True``, :func:`batch_invariant_plan`): one fixed plan whatever the
 batch (256 x 16384 tiles on CPU, 1024 rows on CUDA) and the valid rows padded to whole tiles
 (:func:`pad_rows`), so every GEMM and fold runs at one shape and the vocab blocks merge in one order:
-a row's results are bitwise independent of the rows around it. The default plan adapts the chunk to
-the number of rows, which is run-to-run deterministic but not batch invariant.
+a row's results are bitwise independent of the rows around it (with ``lora=`` too: the adapter's thin
+GEMMs ``u = s·h·Aᵀ`` and ``grad_h += s·dU·A`` run per chunk, ``ops/_lora.py`` ``LoraTiles``). The
+default plan adapts the chunk to the number of rows, which is run-to-run deterministic but not batch invariant.
 
 Memory (besides inputs and their gradients): one fp32 tile (``chunk x block``; two for the torch
 fold, plus a ``dx`` tile in the half GEMM operand dtype in backward), a ``[block, H]`` fp32 grad_weight
@@ -421,7 +422,8 @@ def _head_forward(hidden, weight, bias, labels, tr, plan, fold, want_stats, lora
         h = plan.precision.operand(hidden, cd)
         bias_cd = bias.to(cd) if bias is not None else None
         tile_buf, work_buf = _buffers(fold, plan, n_rows, vocab, cd, hidden.device)
-        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into) if lora is not None else None
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into,
+                            plan.chunk_rows) if lora is not None else None  # fmt: skip
         for v0, v1, chunks in tiles(n_rows, vocab, plan):
             w_blk = plan.precision.operand(weight[v0:v1], cd)
             b_blk = adapter.block(v0, v1) if adapter is not None else None
@@ -492,7 +494,8 @@ def _head_backward(hidden, weight, bias, labels, stats, g_logp, g_entropy, tr, p
     h = plan.precision.operand(hidden, cd)
     adapter = None
     if lora is not None:
-        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into, (need_h, *needs[3:]))
+        adapter = LoraTiles(lora, h, cd, lambda t: plan.precision.operand(t, cd), addmm_into, plan.chunk_rows,
+                            (need_h, *needs[3:]))  # fmt: skip
     if n_rows == 0 or (g_logp is None and g_entropy is None):
         return (grad_hidden, grad_weight, grad_bias, *(adapter.finish(grad_hidden) if adapter is not None else ()))
     bias_cd = bias.to(cd) if bias is not None else None

@@ -5,15 +5,17 @@ A LoRA-adapted head computes raw logits ``x = h·Wᵀ + s·(h·Aᵀ)·Bᵀ (+ b)
 the logit transform (logit_scale, softcap, temperature) then applies to ``x`` as without LoRA.
 
 Algorithm (one thin extra GEMM per tile, nothing of size ``[N, V]`` or ``[V, H]``):
-- Forward: ``u = s·h·Aᵀ`` (``[n, r]``) once for the compact rows; each logits tile
+- Forward: ``u = s·h·Aᵀ`` (``[n, r]``) for the compact rows, one GEMM per chunk of the plan's rows
+  (:func:`lora_activation`: with ``batch_invariant=True``'s padded rows every one at the same shape,
+  so a row's ``u`` is independent of the batch); each logits tile
   ``h[chunk]·W[block]ᵀ`` gets ``u[chunk]·B[block]ᵀ`` added in place (``addmm`` into the same fp32
   buffer) before the fold sees it. Torch and Triton folds consume that tile unchanged.
 - Backward, with ``dx = d loss / d x`` the tile the fold returns:
   ``dh = dx·W + s·dx·B·A``;  ``dA = s·(dx·B)ᵀ·h``;  ``dB = dxᵀ·u``.
   Per tile: ``dU[chunk] += dx·B[block]`` (``[n, r]``, summed over vocab blocks) and
-  ``grad_B[block] += dxᵀ·u[chunk]``; after the last tile one thin GEMM each:
-  ``grad_h += s·dU·A`` and ``grad_A = s·dUᵀ·h``. ``u`` is recomputed in backward (``n·r·H`` FLOPs)
-  rather than saved.
+  ``grad_B[block] += dxᵀ·u[chunk]``; after the last tile ``grad_h += s·dU·A`` (one GEMM per
+  chunk, :func:`add_lora_grad_hidden`) and ``grad_A = s·dUᵀ·h`` (a sum over rows, one GEMM).
+  ``u`` is recomputed in backward (``n·r·H`` FLOPs) rather than saved.
 - The base weight's gradient GEMM runs only when the weight requires grad (a frozen base costs
   nothing extra: the engine skips ``grad_W`` entirely).
 
@@ -95,13 +97,27 @@ def effective_weight(weight: torch.Tensor, lora: LoraHead | None) -> torch.Tenso
     return weight + lora.scaling * (lora.lora_B @ lora.lora_A)
 
 
-def lora_activation(lora: LoraHead, h: torch.Tensor, compute_dtype, operand, addmm_into) -> torch.Tensor:
+def lora_activation(lora: LoraHead, h: torch.Tensor, compute_dtype, operand, addmm_into,
+                    chunk_rows: int) -> torch.Tensor:  # fmt: skip
     """``u = s·h·Aᵀ`` (``[n, r]``): the adapter's low-rank activation of the compact rows ``h`` (the
-    GEMM operand), accumulated in ``compute_dtype`` and returned in ``h``'s dtype (rounded once)."""
+    GEMM operand), accumulated in ``compute_dtype`` and returned in ``h``'s dtype (rounded once).
+    One ``[chunk_rows, H] x [H, r]`` GEMM per chunk of the plan (the last one shorter unless the rows
+    are padded to whole chunks), so a row's ``u`` does not depend on how many rows come with it."""
     u = torch.zeros(h.shape[0], lora.lora_A.shape[0], dtype=compute_dtype, device=h.device)
-    addmm_into(u, h, operand(lora.lora_A).t())
+    a_t = operand(lora.lora_A).t()
+    for r0 in range(0, h.shape[0], chunk_rows):
+        addmm_into(u[r0 : r0 + chunk_rows], h[r0 : r0 + chunk_rows], a_t)
     u.mul_(lora.scaling)
     return u if u.dtype == h.dtype else u.to(h.dtype)
+
+
+def add_lora_grad_hidden(grad_h: torch.Tensor, d_u: torch.Tensor, lora: LoraHead, chunk_rows: int) -> None:
+    """``grad_h += s·dU·A`` in place (``dh = dx·W + s·(dx·B)·A``), one ``[chunk_rows, r] x [r, H]``
+    GEMM per chunk of the plan, like :func:`lora_activation`."""
+    a = lora.lora_A.to(grad_h.dtype)
+    d_u = d_u.to(grad_h.dtype)
+    for r0 in range(0, grad_h.shape[0], chunk_rows):
+        grad_h[r0 : r0 + chunk_rows].addmm_(d_u[r0 : r0 + chunk_rows], a, alpha=lora.scaling)
 
 
 class LoraTiles:
@@ -112,12 +128,13 @@ class LoraTiles:
     ``addmm_into(acc, a, b)`` is the engine's ``acc += a @ b`` accumulated in ``acc``'s dtype.
     ``needs = (grad_hidden, grad_A, grad_B)`` selects what :meth:`backward_tile` accumulates."""
 
-    def __init__(self, lora: LoraHead, h: torch.Tensor, compute_dtype, operand, addmm_into,
+    def __init__(self, lora: LoraHead, h: torch.Tensor, compute_dtype, operand, addmm_into, chunk_rows: int,
                  needs=(False, False, False)):  # fmt: skip
         self.lora, self.operand, self.cd, self.addmm_into = lora, operand, compute_dtype, addmm_into
+        self.chunk_rows = chunk_rows
         self.need_h, self.need_A, self.need_B = needs
         n_rows, rank = h.shape[0], lora.lora_A.shape[0]
-        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into)
+        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into, chunk_rows)
         self.h = h
         self.d_u = torch.zeros(n_rows, rank, dtype=compute_dtype, device=h.device) \
             if (self.need_h or self.need_A) else None  # fmt: skip
@@ -146,7 +163,7 @@ class LoraTiles:
         grad_A = None
         if grad_hidden is not None:
             # dh = dx·W + s·(dx·B)·A: the second term summed over all vocab blocks is s·dU·A
-            grad_hidden.addmm_(self.d_u, self.lora.lora_A.to(self.cd), alpha=s)
+            add_lora_grad_hidden(grad_hidden, self.d_u, self.lora, self.chunk_rows)
         if self.need_A:
             # z = ... + s·h·Aᵀ·Bᵀ  =>  dA = s·(dx·B)ᵀ·h = s·dUᵀ·h
             d_u = self.d_u if self.d_u.dtype == self.h.dtype else self.d_u.to(self.h.dtype)
@@ -174,9 +191,11 @@ class LoraConcat:
     Memory: ``hu`` ``[n, H + r]`` and ``wb`` ``[V, H + r]`` in the GEMM operand dtype -- a copy of the
     head weight for the duration of the call (the price of one GEMM instead of two per step)."""
 
-    def __init__(self, lora: LoraHead, h: torch.Tensor, w: torch.Tensor, compute_dtype, operand, addmm_into):
+    def __init__(self, lora: LoraHead, h: torch.Tensor, w: torch.Tensor, compute_dtype, operand, addmm_into,
+                 chunk_rows: int):  # fmt: skip
         self.lora, self.cd, self.addmm_into, self.h = lora, compute_dtype, addmm_into, h
-        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into)
+        self.chunk_rows = chunk_rows
+        self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into, chunk_rows)
         self.b = operand(lora.lora_B).to(w.dtype)
         self.hu = torch.cat([h, self.u], dim=1)
         self.wb = torch.cat([w, self.b], dim=1)
@@ -197,7 +216,7 @@ class LoraConcat:
         if grad_hu is not None:
             # dh = dz·W + s·(dz·B)·A
             grad_h = grad_hu[:, :width].to(self.cd).contiguous()
-            grad_h.addmm_(d_u.to(self.cd), self.lora.lora_A.to(self.cd), alpha=s)
+            add_lora_grad_hidden(grad_h, d_u, self.lora, self.chunk_rows)
         grad_A = None
         if need_A:
             # z = ... + s·h·Aᵀ·Bᵀ  =>  dA = s·(dz·B)ᵀ·h = s·dUᵀ·h

@@ -189,8 +189,9 @@ def linear_logprobs(
             on CUDA; ``chunk_size`` / ``vocab_block_size`` are then not used), the valid rows padded
             to a multiple of the tile rows, so every GEMM (cuBLAS on CUDA) and every fold runs at one
             shape and merges the vocab blocks in one order. Costs at most one tile of padded rows per
-            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only; ``reference``
-            and ``lora=`` refuse it (``ValueError``); with ``process_group=`` the shards' sums are
+            call (FLOPs ``2·ceil(n/256)·256·H·V`` forward on CPU). ``torch`` and ``triton`` only, ``reference``
+            refuses it (``ValueError``); with ``lora=`` the adapter's thin GEMMs run per tile of the
+            padded rows too (``ops/_lora.py``); with ``process_group=`` the shards' sums are
             added in rank order (``ops/vocab_parallel.py``). Without it results are
             deterministic run to run (same inputs and shapes, same bits) but a row's last bits may
             change with the batch around it.
@@ -251,9 +252,9 @@ def linear_logprobs(
     if kept is not None and kept.check and kept.bits is not None:
         flat = wide_labels.reshape(-1)
         check_labels_kept(label_bits(kept.bits, flat.clamp(0, vocab - 1)), flat != ignore_index, kept.shape)
-    if batch_invariant and (backend not in FOLDS or adapter is not None):
-        raise ValueError("batch_invariant=True is implemented on the backends ('torch', 'triton') without lora=, "
-                         f"got backend={backend!r}" + (" with lora=" if adapter is not None else ""))  # fmt: skip
+    if batch_invariant and backend not in FOLDS:
+        raise ValueError(f"batch_invariant=True is implemented on the backends ('torch', 'triton'), "
+                         f"got backend={backend!r}")  # fmt: skip
 
     if backend == "reference":
         kwargs = dict(bias=bias, temperature=tr.temperature, logit_scale=tr.logit_scale, softcap=tr.softcap,

@@ -37,7 +37,8 @@ ignored rows are not dropped but masked (``valid``): 0 outputs, zero token gradi
 Batch invariance (``batch_invariant=True``: :func:`batch_invariant_plan`, ``plan.padded``): one chunk
 size fixed by the device and ``V`` (the default chunk, capped at 512 / 1024 rows), the valid rows padded
 to whole chunks (hidden 0, label 0, zero token gradient), so GEMM 1, the fold and GEMM 2 always run at
-one shape and a row's logp, entropy and ``grad_hidden`` row depend on that row alone. GEMM 3 and
+one shape and a row's logp, entropy and ``grad_hidden`` row depend on that row alone (with ``lora=``
+too: ``LoraConcat``'s ``[V, H + r]`` operand has a fixed shape and its thin GEMMs run per chunk). GEMM 3 and
 ``grad_b`` reduce over rows: the padded rows add exact zeros, so they are bitwise the same for the
 same valid rows in the same order, but change with the set of rows (another micro-batch split).
 Cost: at most one chunk of padded rows, ``6·ceil(n/R)·R·H·V``.
@@ -201,14 +202,14 @@ class TritonHeadFold(TritonFold):
 HEAD_FOLDS = {"torch": TorchHeadFold, "triton": TritonHeadFold}
 
 
-def check_batch_invariant_head(batch_invariant, backend: str, lora=None) -> bool:
+def check_batch_invariant_head(batch_invariant, backend: str) -> bool:
     """``batch_invariant=`` of an op on this head: a bool (``TypeError``), and ``True`` only on the
-    backends with a fold (:data:`HEAD_FOLDS`) and without ``lora=`` (``ValueError``, the words of
-    ``linear_logprobs``'s refusal). Returns it."""
+    backends with a fold (:data:`HEAD_FOLDS`) (``ValueError``, the words of ``linear_logprobs``'s
+    refusal), with or without ``lora=``. Returns it."""
     check_batch_invariant(batch_invariant)
-    if batch_invariant and (backend not in HEAD_FOLDS or lora is not None):
-        raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(HEAD_FOLDS)} without lora=, "
-                         f"got backend={backend!r}" + (" with lora=" if lora is not None else ""))  # fmt: skip
+    if batch_invariant and backend not in HEAD_FOLDS:
+        raise ValueError(f"batch_invariant=True is implemented on the backends {tuple(HEAD_FOLDS)}, "
+                         f"got backend={backend!r}")  # fmt: skip
     return batch_invariant
 
 
@@ -277,16 +278,15 @@ def three_gemm_head(
     (:func:`_padded_head`), so a row's logp, entropy, is_top1 and ``grads.hidden`` row are bitwise
     functions of its own hidden state, label and token gradient. ``grads.weight`` / ``grads.bias``
     are sums over rows: bitwise the same for the same valid rows in the same order (whatever
-    padding, packing or ignored rows surround them), not for another set of rows. No ``lora``."""
-    if plan.padded and lora is not None:
-        raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
+    padding, packing or ignored rows surround them), not for another set of rows (so are the
+    adapter's ``grads.lora_A`` / ``lora_B``; its thin GEMMs run per chunk, ``LoraConcat``)."""
     with plan.precision.gemms(hidden.device):
         if plan.padded:
-            return _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid)
+            return _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora)
         return _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora)
 
 
-def _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid) -> HeadOutputs:
+def _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs, valid, lora) -> HeadOutputs:
     """:func:`_three_gemm_head` on the rows padded to a multiple of ``plan.chunk_rows`` (hidden 0,
     label 0, ``valid`` False: zero token gradient, so their ``dz`` rows are 0 and add exact zeros to
     GEMM 3 and ``grad_b``); ``token_grad`` sees the real rows only; outputs cut back to ``n`` rows."""
@@ -301,7 +301,7 @@ def _padded_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, needs
         return TokenGrad(*(None if g is None else torch.cat([g, g.new_zeros(pad)]) for g in grad))
 
     out = _three_gemm_head(pad_rows(hidden, rows), weight, bias, pad_rows(labels, rows), tr, padded_grad, plan, fold,
-                           needs, pad_rows(real, rows, False), None)  # fmt: skip
+                           needs, pad_rows(real, rows, False), lora)  # fmt: skip
     grads = out.grads._replace(hidden=None if out.grads.hidden is None else out.grads.hidden[:n])
     return HeadOutputs(out.logp[:n], out.entropy[:n], out.is_top1[:n], grads)
 
@@ -318,7 +318,8 @@ def _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, n
     h = precision.operand(hidden, cd)  # GEMM operands (HeadPrecision): the input dtype on CUDA (fp32 out), else cd
     cat = None
     if lora is not None:
-        cat = LoraConcat(lora, h, precision.operand(weight, cd), cd, lambda t: precision.operand(t, cd), addmm_into)
+        cat = LoraConcat(lora, h, precision.operand(weight, cd), cd, lambda t: precision.operand(t, cd), addmm_into,
+                         plan.chunk_rows)  # fmt: skip
     h_op = cat.hu if cat is not None else h  # [n, K]: K = H (+ r)
     # [V, K], as whole or as widened row blocks
     w_op = WeightOperand(cat.wb, cd, precision) if cat is not None else WeightOperand(weight, cd, precision)

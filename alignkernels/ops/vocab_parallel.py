@@ -579,7 +579,7 @@ def vocab_parallel_linear_logprobs(
         batch_invariant: each row's logp, entropy and ``grad_hidden`` row bitwise independent of the
             other rows, the batch layout, ``chunk_size`` / ``vocab_block_size`` and whether gradients
             are on: ``linear_logprobs``'s fixed plan on each shard (rows padded to whole tiles), the
-            shards' sums added in rank order (module docstring). ``torch`` / ``triton``, no ``lora=``.
+            shards' sums added in rank order (module docstring). ``torch`` / ``triton``, ``lora=`` too.
         support: the GLOBAL packed kept-token words, as :func:`vocab_parallel_token_logprobs`.
         top_k: each row's ``top_k`` largest transformed logits over the GLOBAL vocabulary, ties to
             the lowest global ids (as ``linear_logprobs(top_k=)``): each rank streams its shard's
@@ -610,8 +610,7 @@ def vocab_parallel_linear_logprobs(
             check_label_range(wide, vocab_size, ignore_index)
         adapter = validate_lora(lora, hidden, weight_shard, weight_name="weight_shard")
         head_precision_row(head_precision)
-        if check_batch_invariant(batch_invariant) and adapter is not None:
-            raise ValueError("batch_invariant=True is not supported with lora= (a LoRA adapter on the head)")
+        check_batch_invariant(batch_invariant)
         kept = _global_support(support, top_k, wide, vocab_size, hidden.device, check_labels, ignore_index)
         if kept is not None and kept.top_k is not None and adapter is not None:
             raise ValueError("top_k= is not supported with lora= (pass the kept tokens as support=)")

@@ -3,7 +3,8 @@ every op the TRL seam calls -- the head-only drop-in (``LinearLogprobsAdapter`` 
 and the fused loss (``apply(fused_loss=True)``: the three-GEMM head and its exact recompute) -- and a
 token's outputs and ``grad_hidden`` row are then bitwise those of the same token in another batch
 (TRL's old-policy pass and its training pass see a token in different micro-batches). Options the
-seam cannot honour are refused by name at ``apply()``, leaving TRL untouched."""
+seam cannot honour are refused by name at ``apply()``, leaving TRL untouched. With a LoRA ``lm_head``
+(``apply(allow_lora_lm_head=True)``) the same property holds, the adapter's GEMMs on the fixed plan."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,7 @@ pytest.importorskip("trl")
 
 import alignkernels.integrations.trl as ak_trl  # noqa: E402
 from alignkernels.integrations import transformers as ak_transformers  # noqa: E402
+from alignkernels.integrations.lora_head import HeadLora  # noqa: E402
 from alignkernels.integrations import trl_fused_loss  # noqa: E402
 from alignkernels.ops import _lmhead_engine as engine  # noqa: E402
 from alignkernels.ops import three_gemm  # noqa: E402
@@ -57,19 +59,28 @@ def _fused_sft(hidden, weight, bias, targets):
     return logp.detach(), entropy.detach(), is_top1, grad
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["", "lora"])
 @pytest.mark.parametrize("call", [_head_only, _fused_sft], ids=["head_only", "fused_loss"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_apply_batch_invariant_rows_match_across_batches(call, backend, monkeypatch):
+def test_apply_batch_invariant_rows_match_across_batches(call, backend, lora, monkeypatch):
     """The pool of 40 rows as one call, then shuffled sub-batches of 1, 7, 17 and 33 rows: every row's
-    logp, entropy, is_top1 and grad_hidden bit for bit; the pool's values within 2e-6 of fp64."""
+    logp, entropy, is_top1 and grad_hidden bit for bit; the pool's values within 2e-6 of fp64. ``lora``:
+    a trainable rank-3 adapter on the head, as the seam finds it for a PEFT ``lm_head`` (``lora_for_weight``)."""
     heads = []
     original = trl_fused_loss.three_gemm_head
     monkeypatch.setattr(trl_fused_loss, "three_gemm_head", lambda *a, **k: heads.append(a[6]) or original(*a, **k))
-    ak_trl.apply(fused_loss=call is _fused_sft, backend=backend, batch_invariant=True)
+    ak_trl.apply(fused_loss=call is _fused_sft, backend=backend, batch_invariant=True, allow_lora_lm_head=lora)
     hidden, weight, bias, targets = _pool()
+    head_weight = weight
+    if lora:
+        g = torch.Generator().manual_seed(5)
+        adapter = HeadLora((torch.randn(3, H, generator=g) * 0.3).requires_grad_(),
+                           (torch.randn(V, 3, generator=g) * 0.3).requires_grad_(), 0.7, "default")  # fmt: skip
+        monkeypatch.setattr(ak_trl, "lora_for_weight", lambda w: adapter if w is weight else None)
+        head_weight = weight + 0.7 * (adapter.lora_B @ adapter.lora_A).detach()  # the adapted head, for fp64
     full = call(hidden, weight, bias, targets)
-    ref = linear_logprobs_reference(hidden.double(), weight.double(), targets, bias=bias.double(), temperature=0.9,
-                                    return_entropy=True)  # fmt: skip
+    ref = linear_logprobs_reference(hidden.double(), head_weight.double(), targets, bias=bias.double(),
+                                    temperature=0.9, return_entropy=True)  # fmt: skip
     assert (full[0].double() - ref[0]).abs().max() < 2e-6 * max(1.0, ref[0].abs().max().item())
     assert (full[1].double() - ref[1]).abs().max() < 2e-6 * max(1.0, ref[1].abs().max().item())
     perm = torch.randperm(N, generator=torch.Generator().manual_seed(1))
@@ -112,7 +123,6 @@ def test_apply_passes_both_options_to_every_op(fused_loss, monkeypatch):
     (dict(batch_invariant="yes"), TypeError, "batch_invariant must be a bool"),
     (dict(batch_invariant=True, backend="reference"), ValueError, r"batch_invariant=True .* backend='reference'"),
     (dict(batch_invariant=True, backend="cuda"), ValueError, r"batch_invariant=True .* backend='cuda'"),
-    (dict(batch_invariant=True, allow_lora_lm_head=True), ValueError, r"batch_invariant=True .*allow_lora_lm_head"),
     (dict(head_precision="fp16"), ValueError, "head_precision must be one of"),
     (dict(head_precision=32), TypeError, "head_precision must be one of"),
 ])  # fmt: skip

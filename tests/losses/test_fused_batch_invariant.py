@@ -9,7 +9,8 @@ outputs and gradient row bit for bit. The losses are taken in configurations who
 gradient depends on that token only (``reduction="sum"``; ``dapo`` with a fixed
 ``num_items_in_batch``; ``loss_agg_mode="token-sum"``), so a token's gradient row is a function of
 the token alone and may be compared. Three-GEMM head (``ops/three_gemm.py``
-``batch_invariant_plan``) and four-GEMM head (``linear_logprobs``), torch and triton (interpreter).
+``batch_invariant_plan``) and four-GEMM head (``linear_logprobs``), torch and triton (interpreter),
+also with a trainable LoRA adapter on the head (``lora=``; ``ops/_lora.py`` ``LoraConcat`` / ``LoraTiles``).
 
 The weight gradient is a sum over rows: it is promised (and checked) bitwise equal only for the
 same valid rows in the same order, whatever padding / packing / ``chunk_size`` surrounds them.
@@ -53,7 +54,12 @@ def _pool(device, seed=0):
     true_logp = torch.log_softmax(hidden.double() @ weight.double().T, -1).gather(1, labels[:, None]).squeeze(1)
     old_logp = (true_logp + 0.3 * torch.randn(POOL, generator=g, dtype=torch.float64)).float()  # some ratios clip
     adv = torch.randn(POOL, generator=g)
-    return {k: v.to(device) for k, v in dict(hidden=hidden, weight=weight, labels=labels, old=old_logp, adv=adv).items()}
+    lora_A, lora_B = torch.randn(3, H, generator=g) * 0.3, torch.randn(V, 3, generator=g) * 0.3  # rank 3, with lora=
+    return {k: v.to(device) for k, v in dict(hidden=hidden, weight=weight, labels=labels, old=old_logp, adv=adv,
+                                             lora_A=lora_A, lora_B=lora_B).items()}  # fmt: skip
+
+
+LORA_SCALING = 0.7
 
 
 @st.composite
@@ -107,10 +113,13 @@ def _ce(h, w, x, backend, kw):
     return out.loss, dict(logp=out.logp, entropy=out.entropy, is_top1=out.is_top1)
 
 
-def _run(loss, pool, x, backend, grad, chunk_size=None, weight_grad=False):
+def _run(loss, pool, x, backend, grad, chunk_size=None, weight_grad=False, lora=False):
     h = x["hidden"].clone().requires_grad_(grad)
     w = pool["weight"].clone().requires_grad_(grad and weight_grad)
     kw = dict(batch_invariant=True, chunk_size=chunk_size)
+    if lora:  # the adapter trains (its gradient GEMMs run too)
+        kw["lora"] = (pool["lora_A"].clone().requires_grad_(grad), pool["lora_B"].clone().requires_grad_(grad),
+                      LORA_SCALING)  # fmt: skip
     if grad:
         value, per_token = LOSSES[loss](h, w, x, backend, kw)
         value.backward()
@@ -120,10 +129,10 @@ def _run(loss, pool, x, backend, grad, chunk_size=None, weight_grad=False):
     return per_token, None, None
 
 
-def _check(loss, backend, lay, full):
+def _check(loss, backend, lay, full, lora=False):
     pool, (want, want_grad) = full
     x = _batch(pool, lay)
-    per_token, gh, _ = _run(loss, pool, x, backend, lay["grad"], lay["chunk_size"])
+    per_token, gh, _ = _run(loss, pool, x, backend, lay["grad"], lay["chunk_size"], lora=lora)
     b, t = zip(*lay["pos"])
     what = f"{loss} {backend} n={len(lay['idx'])} shape={lay['shape']} grad={lay['grad']} chunk={lay['chunk_size']}"
     for name, got in per_token.items():
@@ -137,19 +146,21 @@ def _check(loss, backend, lay, full):
 _FULL: dict = {}
 
 
-def _full(loss, backend):
-    """The pool as one packed batch (cached per loss and backend); its values checked against fp64."""
-    if (loss, backend) not in _FULL:
+def _full(loss, backend, lora=False):
+    """The pool as one packed batch (cached per loss, backend and lora); its values checked against fp64."""
+    if (loss, backend, lora) not in _FULL:
         pool = _pool(_device(backend))
         lay = dict(idx=list(range(POOL)), shape=(1, POOL), pos=[(0, i) for i in range(POOL)], seed=0)
-        per_token, gh, _ = _run(loss, pool, _batch(pool, lay), backend, True)
+        per_token, gh, _ = _run(loss, pool, _batch(pool, lay), backend, True, lora=lora)
         if "logp" in per_token:  # the bits compared below are the right ones: fp64 eager reference
+            ref_lora = dict(lora=(pool["lora_A"].cpu().double(), pool["lora_B"].cpu().double(), LORA_SCALING)) \
+                if lora else {}  # fmt: skip
             ref = ak.linear_logprobs(pool["hidden"].cpu().double(), pool["weight"].cpu().double(), pool["labels"].cpu(),
-                                     return_entropy=True, backend="reference")  # fmt: skip
+                                     return_entropy=True, backend="reference", **ref_lora)  # fmt: skip
             assert max_rel_error(per_token["logp"][0], ref[0], floor=1.0) < 2e-6
             assert max_rel_error(per_token["entropy"][0], ref[1], floor=1.0) < 2e-6
-        _FULL[(loss, backend)] = pool, (per_token, gh)
-    return _FULL[(loss, backend)]
+        _FULL[(loss, backend, lora)] = pool, (per_token, gh)
+    return _FULL[(loss, backend, lora)]
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -164,6 +175,16 @@ def test_fused_loss_rows_are_batch_invariant_torch(loss, lay, small_tiles):
 @settings(max_examples=3, **SETTINGS)
 def test_fused_loss_rows_are_batch_invariant_triton(loss, lay, small_tiles):
     _check(loss, "triton", lay, _full(loss, "triton"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "grpo_dapo", "grpo_four_gemm"])
+@given(lay=layouts())
+@settings(max_examples=4, **SETTINGS)
+def test_fused_loss_rows_are_batch_invariant_with_lora(loss, backend, lay, small_tiles):
+    """A LoRA adapter on the head: three-GEMM head (``LoraConcat``, K = H + r, ``u`` per chunk of the
+    padded rows) and four-GEMM head (``LoraTiles``)."""
+    _check(loss, backend, lay, _full(loss, backend, lora=True), lora=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -244,9 +265,9 @@ def test_refusals_are_named(loss):
         call(batch_invariant="yes")
     with pytest.raises(ValueError, match=r"batch_invariant=True is implemented on the backends .* got backend='reference'"):
         call(batch_invariant=True, backend="reference")
-    lora = (torch.zeros(2, H), torch.zeros(V, 2), 1.0)
-    with pytest.raises(ValueError, match="batch_invariant=True .*lora="):
-        call(batch_invariant=True, lora=lora)
+    lora = (torch.zeros(2, H), torch.zeros(V, 2), 1.0)  # lora= runs (test_..._with_lora), not on reference
+    with pytest.raises(ValueError, match=r"batch_invariant=True is implemented on .* got backend='reference'"):
+        call(batch_invariant=True, lora=lora, backend="reference")
 
 
 @pytest.mark.gpu

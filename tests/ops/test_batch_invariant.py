@@ -5,7 +5,8 @@ Property: a pool of 64 tokens, each with its own upstream gradient, is computed 
 then random sub-batches (1..64 tokens, shuffled, packed ``[1, n]`` or padded ``[B, T]`` with
 ``ignore_index`` padding holding junk hidden states / logits, random ``chunk_size`` /
 ``vocab_block_size``, gradients on or off) must reproduce every token's values and gradient row bit
-for bit. Torch and Triton (the interpreter on CPU). The default path's promise (run-to-run
+for bit. Torch and Triton (the interpreter on CPU), with and without a LoRA adapter on the head
+(``lora=``: its thin GEMMs run per tile of the padded rows, ``ops/_lora.py``). The default path's promise (run-to-run
 determinism) is ``tests/test_determinism.py``'s.
 """
 import math
@@ -25,14 +26,18 @@ def _device(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
 
 
-def _pool(V, device, seed=0):
+def _pool(V, device, seed=0, rank=3):
     g = torch.Generator().manual_seed(seed)
-    return dict(hidden=torch.randn(POOL, H, generator=g).to(device),
+    pool = dict(hidden=torch.randn(POOL, H, generator=g).to(device),
                 weight=(torch.randn(V, H, generator=g) * 0.5).to(device),
                 logits=(torch.randn(POOL, V, generator=g) * 3).to(device),
                 labels=torch.randint(0, V, (POOL,), generator=g).to(device),
                 g_logp=torch.randn(POOL, generator=g).to(device),
                 g_entropy=torch.randn(POOL, generator=g).to(device))  # fmt: skip
+    # a trainable LoRA adapter on the head (lora_A [r, H], lora_B [V, r], scaling), used with lora=True
+    pool["lora"] = ((torch.randn(rank, H, generator=g) * 0.3).to(device).requires_grad_(),
+                    (torch.randn(V, rank, generator=g) * 0.3).to(device).requires_grad_(), 0.7)  # fmt: skip
+    return pool
 
 
 def _layout(idx, rng, pool, key):
@@ -70,17 +75,21 @@ def _run(op, pool, inputs, labels, g_logp, g_entropy, grad, backend, **kw):
     return logp.detach(), entropy.detach(), gx
 
 
-def _check_property(op, backend, V, examples, seed):
+def _check_property(op, backend, V, examples, seed, lora=False):
     device = _device(backend)
     pool = _pool(V, device)
     key = "hidden" if op == "linear_logprobs" else "logits"
     rng = random.Random(seed)
+    adapter = dict(lora=pool["lora"]) if lora else {}
     full = _run(op, pool, pool[key][None], pool["labels"][None], pool["g_logp"][None], pool["g_entropy"][None],
-                True, backend)  # fmt: skip
+                True, backend, **adapter)  # fmt: skip
     want_logp, want_entropy, want_grad = full[0][0], full[1][0], full[2][0]
     # the pool's own values are right (fp64 reference), so bitwise equality below is about the right bits
+    ref_lora = {}
+    if lora:
+        ref_lora = dict(lora=(*(t.detach().cpu().double() for t in pool["lora"][:2]), pool["lora"][2]))
     ref = ak.linear_logprobs(pool["hidden"].cpu().double(), pool["weight"].cpu().double(), pool["labels"].cpu(),
-                             return_entropy=True, backend="reference") if op == "linear_logprobs" else \
+                             return_entropy=True, backend="reference", **ref_lora) if op == "linear_logprobs" else \
         ak.token_logprobs(pool["logits"].cpu().double(), pool["labels"].cpu(), return_entropy=True, backend="reference")
     assert max_rel_error(want_logp, ref[0], floor=1.0) < 2e-6 and max_rel_error(want_entropy, ref[1], floor=1.0) < 2e-6
     for _ in range(examples):
@@ -90,7 +99,8 @@ def _check_property(op, backend, V, examples, seed):
         grad = rng.random() < 0.6
         kw = {}
         if op == "linear_logprobs":
-            kw = dict(chunk_size=rng.choice([None, 1, 5, 64]), vocab_block_size=rng.choice([None, 128, 256]))
+            kw = dict(chunk_size=rng.choice([None, 1, 5, 64]), vocab_block_size=rng.choice([None, 128, 256]),
+                      **adapter)  # fmt: skip
         logp, entropy, gx = _run(op, pool, inputs, labels, g_logp, g_entropy, grad, backend, **kw)
         b, t = zip(*pos)
         what = f"n={n} shape={tuple(labels.shape)} grad={grad} {kw}"
@@ -102,18 +112,20 @@ def _check_property(op, backend, V, examples, seed):
             assert bool((gx[labels == -100] == 0).all()), what
 
 
+@pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("backend,examples", [("torch", 30), ("triton", 6)])
-def test_linear_logprobs_rows_are_batch_invariant(backend, examples, monkeypatch):
+def test_linear_logprobs_rows_are_batch_invariant(backend, examples, lora, monkeypatch):
     """V = 300 in 16-row x 128-column tiles (the fixed plan shrunk so that batches span 1-4 row tiles
-    and several vocab blocks are merged)."""
+    and several vocab blocks are merged); ``lora``: a rank-3 adapter on the head, trainable."""
     monkeypatch.setattr(engine, "BATCH_INVARIANT_BLOCK", 128)
     monkeypatch.setattr(engine, "BATCH_INVARIANT_ROWS", {"cpu": 16, "cuda": 16})
-    _check_property("linear_logprobs", backend, 300, examples, seed=1)
+    _check_property("linear_logprobs", backend, 300, examples, seed=1, lora=lora)
 
 
-def test_linear_logprobs_rows_are_batch_invariant_default_plan():
+@pytest.mark.parametrize("lora", [False, True])
+def test_linear_logprobs_rows_are_batch_invariant_default_plan(lora):
     """The shipped plan (256 x 16384 tiles on CPU): V = 16500 is one full block and a 116-wide one."""
-    _check_property("linear_logprobs", "torch", 16500, 8, seed=2)
+    _check_property("linear_logprobs", "torch", 16500, 8, seed=2, lora=lora)
 
 
 @pytest.mark.parametrize("backend,V,examples", [("torch", 97, 30), ("torch", 50000, 20), ("triton", 97, 6),
@@ -166,7 +178,7 @@ def test_refusals_are_named(op):
         call(batch_invariant=True, backend="reference")
     with pytest.raises(TypeError, match="batch_invariant must be a bool"):
         call(batch_invariant="yes")
-    if op == "linear_logprobs":
+    if op == "linear_logprobs":  # lora= with batch_invariant=True runs (the property tests above); not on reference
         lora = (torch.zeros(2, H), torch.zeros(97, 2), 1.0)
-        with pytest.raises(ValueError, match="batch_invariant=True .* with lora="):
-            call(batch_invariant=True, lora=lora, backend="torch")
+        with pytest.raises(ValueError, match=r"batch_invariant=True is implemented on the backends .*'reference'"):
+            call(batch_invariant=True, lora=lora, backend="reference")

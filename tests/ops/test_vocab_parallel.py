@@ -626,12 +626,13 @@ def check_masked_vocabulary(rank, world):
         assert torch.isneginf(logp[[0, 2, 3]]).all() and torch.isfinite(x.grad).all() and torch.isfinite(h.grad).all()
 
 
-def check_batch_invariant(rank, world, form, backend, examples):
+def check_batch_invariant(rank, world, form, backend, examples, lora=False):
     """``batch_invariant=True``: a pool of 40 tokens computed as one batch, then sub-batches (1..40
     tokens, shuffled, packed ``[1, n]`` or padded ``[B, T]`` with junk inputs and -100 labels, any
     ``chunk_size`` / ``vocab_block_size``, gradients on or off; the same draws on every rank) give
     every token's logp, entropy and gradient row (``grad_hidden``; the logits form: the shard's
-    ``grad_logits`` row) bit for bit. 16-row tiles, so the batches span one to three tiles."""
+    ``grad_logits`` row) bit for bit. 16-row tiles, so the batches span one to three tiles.
+    ``lora``: with a trainable rank-3 adapter on the head (``lora_B`` sharded like the weight)."""
     import random
 
     import alignkernels
@@ -646,9 +647,14 @@ def check_batch_invariant(rank, world, form, backend, examples):
     pool = dict(x=torch.randn(pool_n, H, generator=gen) if form == "linear" else torch.randn(pool_n, V, generator=gen) * 3,
                 labels=torch.randint(0, V, (pool_n,), generator=gen), g_logp=torch.randn(pool_n, generator=gen),
                 g_ent=torch.randn(pool_n, generator=gen))  # fmt: skip
+    adapter = {}
+    if lora:
+        lora_A, lora_B = torch.randn(3, H, generator=gen) * 0.3, torch.randn(V, 3, generator=gen) * 0.3
+        adapter = dict(lora=(lora_A.requires_grad_(), lora_B[start:start + size].clone().requires_grad_(), 0.7))
 
     def run(x, labels, g_logp, g_ent, grad, **kw):
         leaf = (x if form == "linear" else x[..., start:start + size]).clone().requires_grad_(grad)
+        kw.update(adapter)
         if form == "linear":
             out = vocab_parallel_linear_logprobs(leaf, weight[start:start + size], labels, vocab_start=start,
                                                  vocab_size=V, return_entropy=True, backend=backend,
@@ -665,7 +671,9 @@ def check_batch_invariant(rank, world, form, backend, examples):
     engine.BATCH_INVARIANT_ROWS = {"cpu": 16, "cuda": 16}
     try:
         want = run(pool["x"][None], pool["labels"][None], pool["g_logp"][None], pool["g_ent"][None], True)
-        single = (alignkernels.linear_logprobs(pool["x"], weight, pool["labels"], return_entropy=True, backend="torch")
+        single_lora = dict(lora=(lora_A.detach(), lora_B, 0.7)) if lora else {}
+        single = (alignkernels.linear_logprobs(pool["x"], weight, pool["labels"], return_entropy=True, backend="torch",
+                                               **single_lora)
                   if form == "linear" else
                   alignkernels.token_logprobs(pool["x"], pool["labels"], return_entropy=True, backend="torch"))
         _close("pool logp", want[0][0], single[0])
@@ -673,7 +681,8 @@ def check_batch_invariant(rank, world, form, backend, examples):
         # the public ops hand batch_invariant=True to the vocab-parallel form (they used to refuse it)
         public = (alignkernels.linear_logprobs(pool["x"][None], weight[start:start + size], pool["labels"][None],
                                                process_group=torch.distributed.group.WORLD, vocab_start=start,
-                                               vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True)
+                                               vocab_size=V, return_entropy=True, backend=backend, batch_invariant=True,
+                                               **adapter)
                   if form == "linear" else
                   alignkernels.token_logprobs(pool["x"][None, :, start:start + size], pool["labels"][None],
                                               process_group=torch.distributed.group.WORLD, vocab_start=start,
@@ -710,11 +719,6 @@ def check_batch_invariant(rank, world, form, backend, examples):
     finally:
         engine.BATCH_INVARIANT_ROWS = saved
     if form == "linear":  # refused by name on every rank
-        lora = (torch.zeros(2, H), torch.zeros(size, 2), 1.0)
-        _expect_error(lambda: vocab_parallel_linear_logprobs(pool["x"], weight[start:start + size], pool["labels"],
-                                                             vocab_start=start, vocab_size=V, lora=lora,
-                                                             batch_invariant=True),
-                      "batch_invariant=True is not supported with lora=")  # fmt: skip
         _expect_error(lambda: vocab_parallel_linear_logprobs(pool["x"], weight[start:start + size], pool["labels"],
                                                              vocab_start=start, vocab_size=V, batch_invariant=1),
                       "batch_invariant must be a bool")  # fmt: skip
@@ -936,6 +940,8 @@ def _checks_for(world):
         "masked_vocabulary": lambda r: check_masked_vocabulary(r, world),
         "batch_invariant_linear": lambda r: check_batch_invariant(r, world, "linear", "torch", 10 if world == 2 else 4),
         "batch_invariant_token": lambda r: check_batch_invariant(r, world, "token", "torch", 10 if world == 2 else 4),
+        "batch_invariant_linear_lora": lambda r: check_batch_invariant(r, world, "linear", "torch",
+                                                                       6 if world == 2 else 3, lora=True),
         "support": lambda r: check_support(r, world),
         "support_empty_row": lambda r: check_support_empty_row(r, world),
         "top_k": lambda r: check_top_k(r, world),
