@@ -188,17 +188,19 @@ class LoraConcat:
     (the same formulas as :class:`LoraTiles`). ``operand`` widens a parameter like the engine does
     for the weight; ``addmm_into(acc, a, b)`` is the engine's ``acc += a @ b`` in ``acc``'s dtype.
 
-    Memory: ``hu`` ``[n, H + r]`` and ``wb`` ``[V, H + r]`` in the GEMM operand dtype -- a copy of the
-    head weight for the duration of the call (the price of one GEMM instead of two per step)."""
+    Memory: ``hu`` ``[n, H + r]`` in the GEMM operand dtype and ``wb`` ``[V, H + r]`` in the weight's
+    dtype -- a copy of the head weight for the duration of the call (the price of one GEMM instead of
+    two per step), widened in row blocks like the weight alone (never a whole fp32 copy of a half weight)."""
 
     def __init__(self, lora: LoraHead, h: torch.Tensor, w: torch.Tensor, compute_dtype, operand, addmm_into,
                  chunk_rows: int):  # fmt: skip
         self.lora, self.cd, self.addmm_into, self.h = lora, compute_dtype, addmm_into, h
         self.chunk_rows = chunk_rows
         self.u = lora_activation(lora, h, compute_dtype, operand, addmm_into, chunk_rows)
-        self.b = operand(lora.lora_B).to(w.dtype)
+        self.b = operand(lora.lora_B).to(h.dtype)  # [V, r] GEMM operand of the thin dU = dz·B
         self.hu = torch.cat([h, self.u], dim=1)
-        self.wb = torch.cat([w, self.b], dim=1)
+        # in the weight's own dtype: the head widens it in row blocks as it does W alone
+        self.wb = torch.cat([w, lora.lora_B.to(w.dtype)], dim=1)
 
     @property
     def rank(self) -> int:

@@ -318,7 +318,7 @@ def _three_gemm_head(hidden, weight, bias, labels, tr, token_grad, plan, fold, n
     h = precision.operand(hidden, cd)  # GEMM operands (HeadPrecision): the input dtype on CUDA (fp32 out), else cd
     cat = None
     if lora is not None:
-        cat = LoraConcat(lora, h, precision.operand(weight, cd), cd, lambda t: precision.operand(t, cd), addmm_into,
+        cat = LoraConcat(lora, h, weight, cd, lambda t: precision.operand(t, cd), addmm_into,
                          plan.chunk_rows)  # fmt: skip
     h_op = cat.hu if cat is not None else h  # [n, K]: K = H (+ r)
     # [V, K], as whole or as widened row blocks

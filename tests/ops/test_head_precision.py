@@ -183,3 +183,28 @@ def test_bad_head_precision_is_named(op, bad, exc):
             ak.linear_logprobs(hidden, weight, labels, head_precision=bad)
         else:
             _fused(op, hidden, weight, labels, head_precision=bad)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_no_full_fp32_weight_copy_fused_cross_entropy_with_lora(precision, monkeypatch):
+    """With a LoRA head the three-GEMM head concatenates ``[W, B]`` in the weight's dtype and widens it
+    in row blocks like the plain head: no ``[V, H + r]`` (or ``[V, H]``) fp32 buffer; the loss and
+    grad_hidden as with one block."""
+    hidden, weight, labels = _data(torch.bfloat16, "cpu")
+    r = 3
+    g = torch.Generator().manual_seed(5)
+    lora_A = (torch.randn(r, H, generator=g) * 0.1).to(torch.bfloat16)
+    lora_B = (torch.randn(V, r, generator=g) * 0.1).to(torch.bfloat16)
+    lora = (lora_A, lora_B, 2.0)
+    h_whole = hidden.clone().requires_grad_(True)
+    whole = ak.fused_linear_cross_entropy(h_whole, weight, labels, backend="torch", head_precision=precision, lora=lora)
+    whole.backward()
+    monkeypatch.setattr(three_gemm, "CPU_WEIGHT_BLOCK_ELEMENTS", 32 * H)
+    monkeypatch.setattr(three_gemm, "BLOCK_ALIGN", 16)
+    h = hidden.clone().requires_grad_(True)
+    with NewBuffers() as watch:
+        loss = ak.fused_linear_cross_entropy(h, weight, labels, backend="torch", head_precision=precision, lora=lora)
+        loss.backward()
+    assert 0 < watch.largest(torch.float32) < V * H
+    assert max_rel_error(loss, whole, floor=1.0) < 1e-6
+    assert max_rel_error(h.grad, h_whole.grad) < 2.0**-8
