@@ -30,6 +30,20 @@ def max_rel_error(actual, expected, floor=0.0):
     return (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
 
 
+class ReturnedShapes(TorchDispatchMode):
+    """Records the shape of every tensor an ATen op returns inside the ``with`` block (forward and
+    backward): how tests show that a path never holds ``[N, V]`` logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
 class NewBuffers(TorchDispatchMode):
     """Records ``(numel, dtype)`` of every tensor an ATen op allocates inside the ``with`` block (an output
     whose storage is none of its inputs'): how tests show that a path never forms a ``[V, H]`` gradient,

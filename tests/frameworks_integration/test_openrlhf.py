@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from helpers import max_rel_error
+from helpers import ReturnedShapes, max_rel_error
 from frameworks_integration.openrlhf_stand_ins import STAND_INS, stand_in_modules
 
 pytest.importorskip("openrlhf")
@@ -208,18 +208,6 @@ def test_head_precision_is_refused_at_the_logits_seams(seam):
         getattr(orl_utils, seam)(*((logits, labels) if seam == "log_probs_from_logits" else (logits,)))
 
 
-class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
 
 def test_fused_actor_forward_never_holds_token_by_vocab_tensors():
     """A training-step call (action log-probs + entropy, backward): no aten op returns a tensor with
@@ -233,7 +221,7 @@ def test_fused_actor_forward_never_holds_token_by_vocab_tensors():
     assert n_rows > 32  # the lm_head weight does not count
 
     def run():
-        recorder = _ShapeRecorder()
+        recorder = ReturnedShapes()
         with recorder:
             logp, out = actor(sequences, action_mask, attention_mask, return_output=True, return_entropy=True)
             (logp.sum() + out.entropy.sum()).backward()

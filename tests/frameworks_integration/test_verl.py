@@ -16,7 +16,7 @@ import types
 import pytest
 import torch
 
-from helpers import max_rel_error
+from helpers import ReturnedShapes, max_rel_error
 
 verl = pytest.importorskip("verl")
 transformers = pytest.importorskip("transformers")
@@ -206,18 +206,6 @@ def test_linear_cross_entropy_can_stay_stock():
     assert verl_lce.linear_cross_entropy is ak_verl.linear_cross_entropy
 
 
-class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
-
 
 def _logits_sized(shapes, vocab, n_rows):
     return [s for s in shapes if vocab in s and len(s) >= 2 and torch.Size(s).numel() // vocab >= n_rows]
@@ -232,7 +220,7 @@ def test_fused_head_never_holds_token_by_vocab_tensors(seam):
     assert n_rows > 32  # the [V, H] weight and its gradient do not count
 
     def run(fn):
-        recorder = _ShapeRecorder()
+        recorder = ReturnedShapes()
         with recorder:
             lp, ent = fn()
             (lp.sum() + ent.sum()).backward()

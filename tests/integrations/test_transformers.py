@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import ReturnedShapes
+
 transformers = pytest.importorskip("transformers")
 
 from alignkernels.integrations.transformers import (  # noqa: E402
@@ -240,20 +242,6 @@ def test_unsupported_configs_raise_at_patch_time():
         patch_causal_lm(tiny_causal_lm("llama"), temperature=0.0)
 
 
-class _ShapeRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the shape of every tensor any aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
 
 def _vocab_sized(shapes, n_tokens):
     # anything with a vocab-sized dim and >= n_tokens rows of it would be (a large share of) the logits
@@ -267,14 +255,14 @@ def test_patched_forward_never_allocates_full_logits():
     labels = input_ids.clone()
     n_tokens = input_ids.numel() // 4  # a quarter of B*T (> H, so the [V, H] weight does not count)
     assert n_tokens > H
-    recorder = _ShapeRecorder()
+    recorder = ReturnedShapes()
     with recorder:
         out = causal_lm_logprobs(model, input_ids, labels, chunk_size=8)
         (out.logprobs.sum() + out.entropy.sum()).backward()
     assert recorder.shapes, "dispatch mode recorded nothing"
     assert not _vocab_sized(recorder.shapes, n_tokens), _vocab_sized(recorder.shapes, n_tokens)[:5]
     # the detector does fire on the model's ordinary forward
-    recorder = _ShapeRecorder()
+    recorder = ReturnedShapes()
     with recorder, torch.no_grad():
         model(input_ids=input_ids)
     assert _vocab_sized(recorder.shapes, n_tokens)

@@ -16,6 +16,8 @@ import math
 import pytest
 import torch
 
+from helpers import ReturnedShapes
+
 transformers = pytest.importorskip("transformers")
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -485,16 +487,6 @@ def test_apply_rebinds_every_reference_and_remove_restores():
     assert vars(model)["forward"].__func__.__code__.co_name == "_fused_forward"
 
 
-class _RecordShapes(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes.extend(tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-        return out
-
 
 def test_patched_fused_forward_never_allocates_full_logits():
     """TRL's fused forward + backward, patched: no tensor holds logits for a quarter of the tokens."""
@@ -509,14 +501,14 @@ def test_patched_fused_forward_never_allocates_full_logits():
     labels[:, :10] = -100
     n_rows = B * T // 4
     assert n_rows > model.config.hidden_size  # the [V, H] weight is not mistaken for logits
-    recorder = _RecordShapes()
+    recorder = ReturnedShapes()
     with recorder:
         out = model(input_ids=input_ids, labels=labels, fused_lm_head=True)
         (out.log_probs.sum() + out.entropy.sum()).backward()
     big = [s for s in recorder.shapes if VOCAB in s and len(s) >= 2 and torch.Size(s).numel() // VOCAB >= n_rows]
     assert not big, big[:5]
     # and the recorder does see the full logits of the ordinary forward
-    recorder = _RecordShapes()
+    recorder = ReturnedShapes()
     with recorder, torch.no_grad():
         model(input_ids=input_ids)
     assert any(s == (B, T, VOCAB) for s in recorder.shapes)
@@ -524,7 +516,7 @@ def test_patched_fused_forward_never_allocates_full_logits():
 
 def _tile_widths(fn, n_rows):
     """Widths of every [n_rows, w] tensor created while ``fn()`` runs (forward and backward)."""
-    recorder = _RecordShapes()
+    recorder = ReturnedShapes()
     with recorder:
         fn()
     return {s[1] for s in recorder.shapes if len(s) == 2 and s[0] == n_rows}
