@@ -99,12 +99,7 @@ def test_actor_forward_uses_the_swap_and_matches_stock():
     """``Actor.forward`` (the by-name imports of ``openrlhf.models.actor``): action log-probs, entropy
     and every parameter gradient equal stock, left padding included."""
     actor = _actor(temperature=0.7)
-    g = torch.Generator().manual_seed(4)
-    sequences = torch.randint(0, 89, (2, 10), generator=g)
-    attention_mask = torch.ones_like(sequences)
-    attention_mask[0, :2] = 0
-    action_mask = torch.ones(2, 4)
-    action_mask[1, -1] = 0
+    sequences, attention_mask, action_mask = _actor_batch()
 
     def run():
         actor.zero_grad()
